@@ -1,0 +1,172 @@
+"""Fashion-MNIST as in-memory tensors: decoded once, normalised once, served by indexing.
+
+Per-sample PIL decoding and ToTensor make the d2l pipeline several times slower than the training
+itself; here an epoch's batches are slices of one float tensor, on the training device.
+"""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torchvision.datasets import FashionMNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import extract_archive
+
+from mlp.errors import UserError, check
+
+CLASS_NAMES = list(FashionMNIST.classes)
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+INSTALL_HINT = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+EVAL_BATCH_SIZE = 2048  # evaluation keeps no activations for backward, so larger batches cost nothing extra
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """Fashion-MNIST is in none of the places we look, and downloading it failed."""
+
+
+class CorruptDatasetError(UserError, ValueError):
+    """A Fashion-MNIST file exists but does not hold what its name promises."""
+
+
+def _find_in(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files in `folder`, each as found (uncompressed preferred over .gz), or None if any is missing."""
+    found = {}
+    for key, name in FILES.items():
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
+    """Paths of the four IDX files: in data_dir, then the Debian package's folder, then via torchvision's download."""
+    data_dir = Path(data_dir).expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DatasetNotFoundError(f"data_dir {data_dir} is a file, not a folder; pass a folder with --data.data_dir")
+    places = [data_dir, data_dir / "FashionMNIST" / "raw", DEBIAN_DIR]
+    for folder in places:
+        found = _find_in(folder)
+        if found:
+            return found
+    try:
+        FashionMNIST(data_dir, download=True)
+    except Exception as error:  # torchvision raises several kinds; all mean "not downloaded"
+        download_error = f"{type(error).__name__}: {error}".splitlines()[0]
+    else:
+        return _find_in(data_dir / "FashionMNIST" / "raw")
+    tried = "\n".join(f"  - {folder}" for folder in places)
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST not found. Looked for {', '.join(FILES.values())} (or .gz) in:\n{tried}\n"
+        f"  - torchvision download into {data_dir} failed ({download_error})\n"
+        f"Install it with:\n  {INSTALL_HINT}\n"
+        f"or put the four files in a folder and pass --data.data_dir FOLDER."
+    )
+
+
+def read_idx(path: Path, cache_dir: Path) -> Tensor:
+    """The tensor in an IDX file, decoded by torchvision; a .gz is decompressed once into cache_dir first."""
+    try:
+        if path.suffix == ".gz":
+            plain = cache_dir / path.stem
+            if not plain.is_file():
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    extract_archive(str(path), str(cache_dir))
+                except BaseException:
+                    plain.unlink(missing_ok=True)  # never leave a half-written cache behind
+                    raise
+            path = plain
+        return read_label_file(str(path)) if "labels" in path.name else read_image_file(str(path))
+    except (OSError, EOFError, RuntimeError, AssertionError, ValueError, TypeError) as error:
+        raise CorruptDatasetError(f"{path}: cannot be read as an IDX file ({type(error).__name__}: {error})") from None
+
+
+def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Tensor, Tensor]:
+    """uint8 images (N, 28, 28) and int64 labels (N,) of the 'train' or 'test' split, checked for consistency."""
+    image_file, label_file = files[f"{split}_images"], files[f"{split}_labels"]
+    images, labels = read_idx(image_file, cache_dir), read_idx(label_file, cache_dir)
+    if images.shape[1:] != (28, 28):
+        raise CorruptDatasetError(f"{image_file}: expected 28x28 images, found shape {tuple(images.shape)}")
+    if len(images) != len(labels):
+        raise CorruptDatasetError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels")
+    if len(labels) and labels.max() >= len(CLASS_NAMES):
+        raise CorruptDatasetError(f"{label_file}: labels must be 0-9, found {labels.max().item()}")
+    return images, labels
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST with a fixed-seed validation split carved from the training images.
+
+    The test images are loaded only for `trainer.test`, so model selection never sees them.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 256,
+        val_size: int = 5000,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+        check(val_size >= 1, f"val_size must be >= 1 (the validation split picks hyperparameters), got {val_size}")
+        check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.train_set = self.val_set = self.test_set = None
+
+    def setup(self, stage: str) -> None:
+        data_dir = Path(self.hparams.data_dir).expanduser()
+        cache_dir = data_dir / "FashionMNIST" / "raw"
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if self.train_set is None:
+            self.files = locate_fashion_mnist(data_dir)
+            images, labels = load_split(self.files, "train", cache_dir)
+            check(
+                self.hparams.val_size < len(images),
+                f"val_size must be below the {len(images)} training images, got {self.hparams.val_size}",
+            )
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.seed))
+            val_idx, train_idx = order[: self.hparams.val_size], order[self.hparams.val_size :]
+            # Statistics of the training split alone, so nothing about validation or test leaks into the inputs.
+            pixels = images[train_idx].float().div_(255)
+            self.mean, self.std = pixels.mean().item(), pixels.std().item()
+            self.train_set = self._dataset(images[train_idx], labels[train_idx], device)
+            self.val_set = self._dataset(images[val_idx], labels[val_idx], device)
+        if stage == "test" and self.test_set is None:
+            self.test_set = self._dataset(*load_split(self.files, "test", cache_dir), device)
+
+    def _dataset(self, images: Tensor, labels: Tensor, device: torch.device) -> TensorDataset:
+        inputs = (images.reshape(len(images), -1).float().div_(255) - self.mean) / self.std
+        return TensorDataset(inputs.to(device), labels.to(device))
+
+    def _loader(self, dataset: TensorDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # The sampler yields a list of indices per batch and the dataset answers with one gather,
+        # instead of collating batch_size single samples.
+        order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        return DataLoader(
+            dataset,
+            sampler=BatchSampler(order, batch_size, drop_last=False),
+            batch_size=None,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, max(self.hparams.batch_size, EVAL_BATCH_SIZE), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, max(self.hparams.batch_size, EVAL_BATCH_SIZE), shuffle=False)

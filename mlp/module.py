@@ -1,0 +1,144 @@
+"""The LightningModule: owns the loss, the metrics and the optimiser; the network itself lives in net.py."""
+
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from mlp.data import CLASS_NAMES
+from mlp.errors import check
+from mlp.net import MLP, InitScheme
+from mlp.plots import predictions_figure
+
+NUM_CLASSES = len(CLASS_NAMES)
+
+
+class MLPClassifier(L.LightningModule):
+    """Classifies flattened 28x28 images into 10 classes with a from-scratch MLP.
+
+    Args:
+        depth: hidden layers (0 is softmax regression).
+        width: units in each hidden layer.
+        init: weight init scheme, see `mlp.net.init_weight`.
+        optimizer: "sgd" (with momentum/nesterov) or "adam".
+        lr: learning rate; with the one-cycle schedule, the peak learning rate.
+        momentum: SGD momentum (Adam's beta1 ignores it).
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: L2 penalty coefficient.
+        schedule: "onecycle" (warm up, then anneal to ~0), "cosine" (anneal from lr) or "constant".
+    """
+
+    def __init__(
+        self,
+        depth: int = 2,
+        width: int = 512,
+        init: InitScheme = "kaiming",
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+    ) -> None:
+        super().__init__()
+        check(depth >= 0, f"depth (hidden layers) must be >= 0, got {depth}")
+        check(width >= 1, f"width (hidden units) must be >= 1, got {width}")
+        check(lr > 0 and lr == lr and lr != float("inf"), f"lr must be a positive finite number, got {lr}")
+        check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        check(not (nesterov and optimizer == "sgd" and momentum == 0), "nesterov needs momentum > 0")
+        self.save_hyperparameters()
+        self.net = MLP(784, depth, width, NUM_CLASSES, init)
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y), logits.argmax(dim=1), y
+
+    def on_train_start(self) -> None:
+        # The sanity-check validation ran on an untrained net; it must not count as the best so far.
+        self.val_acc_best.reset()
+        if isinstance(self.logger, TensorBoardLogger):
+            # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
+            data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
+            self.logger.log_hyperparams({**self.hparams, **data_hparams}, {"hp_metric": 0.0})
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_examples, self.epoch_start = 0, time.perf_counter()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, preds, y = self.model_step(batch)
+        self.epoch_examples += len(y)
+        self.train_acc.update(preds, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning's ThroughputMonitor synchronises the GPU on every step; one reading per epoch is enough.
+        self.log("train/examples_per_sec", self.epoch_examples / (time.perf_counter() - self.epoch_start))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, preds, y = self.model_step(batch)
+        self.val_acc.update(preds, y)
+        self.log("val/loss", loss, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.val_acc.reset()
+        self.val_acc_best.update(acc)
+        self.log("val/acc", acc, prog_bar=True)
+        # TensorBoard's HParams tab compares runs by `hp_metric`.
+        self.log("hp_metric", self.val_acc_best.compute())
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, preds, y = self.model_step(batch)
+        self.test_acc.update(preds, y)
+        self.test_confusion.update(preds, y)
+        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+        if batch_idx == 0:
+            self.test_examples = (batch[0][:32], preds[:32], y[:32])
+
+    def on_test_epoch_end(self) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            confusion_figure, _ = self.test_confusion.plot(labels=CLASS_NAMES)
+            confusion_figure.set_size_inches(9, 9)
+            self.logger.experiment.add_figure("test/confusion_matrix", confusion_figure)
+            self.logger.experiment.add_figure("test/predictions", predictions_figure(*self.test_examples))
+        self.test_confusion.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "constant":
+            return optimizer
+        steps = self.trainer.estimated_stepping_batches
+        if hp.schedule == "onecycle":
+            # Momentum stays what the `momentum` flag says instead of cycling with the learning rate.
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=hp.lr, total_steps=steps, cycle_momentum=False
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,32 @@
+"""Train the from-scratch MLP on Fashion-MNIST, then test the best checkpoint (by val/acc) once.
+
+    python scripts/fit.py --model.depth 2 --model.width 512 --trainer.max_epochs 20
+    python scripts/fit.py --help
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlp.errors import UserError  # noqa: E402
+
+
+def main(args: list[str] | None = None) -> dict[str, float]:
+    from mlp.cli import build_cli
+
+    cli = build_cli(args)
+    trainer = cli.trainer
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    (results,) = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+    print(f"test accuracy {results['test/acc']:.4f} (best checkpoint: {best or 'none, the final weights'})")
+    print(f"logs: {trainer.log_dir}  (tensorboard --logdir {Path(trainer.log_dir).parent.parent})")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")

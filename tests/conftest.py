@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny, learnable Fashion-MNIST look-alikes written as real IDX files."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlp.data import DEBIAN_DIR, FILES
+
+
+def write_idx(path: Path, data: torch.Tensor) -> None:
+    """Write a uint8 tensor in the IDX format (big-endian header: magic 0x0000 08 ndim, then each dim)."""
+    header = struct.pack(">I", 0x0800 + data.dim()) + b"".join(struct.pack(">I", n) for n in data.shape)
+    payload = header + data.to(torch.uint8).contiguous().numpy().tobytes()
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class k lights up the k-th horizontal band, plus noise: easy but not trivial to learn."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 120, (n, 28, 28), generator=g)
+    for k in range(10):
+        images[labels == k, 2 * k + 4 : 2 * k + 6, :] += 130
+    return images.clamp(0, 255).to(torch.uint8), labels.to(torch.uint8)
+
+
+def write_synthetic_dataset(folder: Path, n_train: int = 800, n_test: int = 200, gz: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        images, labels = synthetic_split(n, seed)
+        write_idx(folder / (FILES[f"{split}_images"] + suffix), images)
+        write_idx(folder / (FILES[f"{split}_labels"] + suffix), labels)
+    return folder
+
+
+@pytest.fixture
+def synthetic_dir(tmp_path: Path) -> Path:
+    """A data_dir holding 800 training and 200 test synthetic images as .gz IDX files."""
+    return write_synthetic_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make torchvision's download fail at once, as it does on an offline machine."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr("mlp.data.FashionMNIST", refuse)
+
+
+def real_data_available() -> bool:
+    return all((DEBIAN_DIR / f"{name}.gz").is_file() for name in FILES.values())

@@ -1,0 +1,98 @@
+"""The Fashion-MNIST data module on tiny IDX files written by the fixtures: no network, no real data."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlp.data import (
+    FILES,
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    FashionMNISTDataModule,
+    locate_fashion_mnist,
+)
+from tests.conftest import real_data_available, write_synthetic_dataset
+
+
+def prepared(data_dir: Path, stage: str = "test", **kwargs) -> FashionMNISTDataModule:
+    data = FashionMNISTDataModule(data_dir=str(data_dir), **{"val_size": 100, "batch_size": 32, **kwargs})
+    data.setup(stage)
+    return data
+
+
+def test_split_sizes_and_test_set_kept_apart(synthetic_dir):
+    data = prepared(synthetic_dir)
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (700, 100, 200)
+
+
+def test_split_is_deterministic_for_a_seed_and_changes_with_it(synthetic_dir):
+    first, again, other = (prepared(synthetic_dir, seed=s).val_set.tensors[0] for s in (0, 0, 1))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_train_and_validation_images_are_disjoint(synthetic_dir):
+    data = prepared(synthetic_dir)
+    train, val = data.train_set.tensors[0], data.val_set.tensors[0]
+    overlap = (torch.cdist(val, train) == 0).any(dim=1)
+    assert not overlap.any()
+
+
+def test_inputs_are_flat_standardised_floats_and_labels_are_classes(synthetic_dir):
+    data = prepared(synthetic_dir)
+    x, y = data.train_set.tensors
+    assert x.dtype == torch.float32 and x.shape[1] == 784
+    assert y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
+    assert x.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert x.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_batches_cover_the_training_set_once_per_epoch(synthetic_dir):
+    data = prepared(synthetic_dir, stage="fit")
+    batches = list(data.train_dataloader())
+    assert [len(y) for _, y in batches] == [32] * 21 + [28]
+    seen = torch.cat([x for x, _ in batches])
+    assert torch.equal(seen.sort(dim=0).values, data.train_set.tensors[0].sort(dim=0).values)
+
+
+@pytest.mark.parametrize("layout", ["plain", "gz", "torchvision"])
+def test_finds_files_in_data_dir_layouts(tmp_path, layout, no_download):
+    folder = tmp_path / "FashionMNIST" / "raw" if layout == "torchvision" else tmp_path
+    write_synthetic_dataset(folder, gz=layout == "gz")
+    found = locate_fashion_mnist(tmp_path)
+    assert set(found) == set(FILES)
+    assert all(path.parent == folder for path in found.values())
+    assert len(prepared(tmp_path).test_set) == 200
+
+
+def test_falls_back_to_the_debian_folder(tmp_path, monkeypatch, no_download):
+    debian = write_synthetic_dataset(tmp_path / "debian")
+    monkeypatch.setattr("mlp.data.DEBIAN_DIR", debian)
+    found = locate_fashion_mnist(tmp_path / "empty")
+    assert all(path.parent == debian for path in found.values())
+
+
+def test_missing_dataset_names_the_places_tried_and_the_install_command(tmp_path, monkeypatch, no_download):
+    monkeypatch.setattr("mlp.data.DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(DatasetNotFoundError) as error:
+        locate_fashion_mnist(tmp_path / "empty")
+    message = str(error.value)
+    assert str(tmp_path / "empty") in message and str(tmp_path / "nowhere") in message
+    assert "apt-get install -y dataset-fashion-mnist" in message
+    assert "download" in message
+
+
+def test_corrupt_file_is_named_in_the_error(synthetic_dir):
+    labels = synthetic_dir / (FILES["train_labels"] + ".gz")
+    labels.write_bytes(labels.read_bytes()[:40])  # a truncated gzip stream
+    with pytest.raises(CorruptDatasetError, match="train-labels-idx1-ubyte"):
+        prepared(synthetic_dir)
+
+
+@pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_has_its_published_sizes(tmp_path):
+    shutil.rmtree(tmp_path)
+    data = prepared(tmp_path, val_size=5000)
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (55000, 5000, 10000)

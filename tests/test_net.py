@@ -1,0 +1,101 @@
+"""The from-scratch network against its PyTorch references."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mlp.module import MLPClassifier
+from mlp.net import MLP, init_weight, relu
+
+
+def test_relu_matches_torch_relu_in_value_and_gradient():
+    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    x.data[:3] = torch.tensor([0.0, -0.0, 1e-12], dtype=torch.float64)
+    x_ref.data[:3] = x.data[:3]
+    ours, reference = relu(x), torch.relu(x_ref)
+    assert torch.equal(ours, reference)
+    ours.sum().backward()
+    reference.sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("depth, width", [(0, 7), (1, 256), (2, 512), (5, 3)])
+def test_shapes_and_parameter_count(depth, width):
+    net = MLP(784, depth, width, 10)
+    sizes = [784] + [width] * depth + [10]
+    expected = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
+    assert sum(p.numel() for p in net.parameters()) == expected
+    assert len(net.params) == 2 * (depth + 1)
+    assert net(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_forward_equals_a_linear_relu_stack_with_the_same_weights():
+    net = MLP(12, 2, 8, 3).double()
+    reference = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for layer, (w, b) in zip(reference[0::2], net.layers):
+            layer.weight.copy_(w.T)  # nn.Linear stores (out, in)
+            layer.bias.copy_(b)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(net(x), reference(x))
+
+
+def test_module_holds_only_explicit_parameters():
+    model = MLPClassifier(depth=3, width=16)
+    library_layers = (nn.Linear, nn.ReLU, nn.Conv2d, nn.Bilinear)
+    assert not [m for m in model.modules() if isinstance(m, library_layers)]
+    assert isinstance(model.net.params, nn.ParameterList)
+
+
+def test_package_source_uses_no_library_layers_or_relu():
+    banned = ("nn.Linear", "nn.ReLU", "F.relu", "torch.relu", "functional.relu")
+    package = Path(__file__).resolve().parent.parent / "mlp"
+    offending = [
+        f"{path.name}: {word}" for path in package.glob("*.py") for word in banned if word in path.read_text()
+    ]
+    assert offending == []
+
+
+def test_autograd_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    net = MLP(6, 2, 5, 3).double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(net(x), y)
+
+    loss().backward()
+    eps = 1e-6
+    for p in net.parameters():
+        numeric = torch.zeros_like(p)
+        for i in range(p.numel()):
+            original = p.data.view(-1)[i].item()
+            p.data.view(-1)[i] = original + eps
+            up = loss().item()
+            p.data.view(-1)[i] = original - eps
+            down = loss().item()
+            p.data.view(-1)[i] = original
+            numeric.view(-1)[i] = (up - down) / (2 * eps)
+        torch.testing.assert_close(p.grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "scheme, fan_in, fan_out, std",
+    [("normal", 400, 300, 0.01), ("kaiming", 400, 300, (2 / 400) ** 0.5), ("xavier", 400, 300, (2 / 700) ** 0.5)],
+)
+def test_init_scheme_std(scheme, fan_in, fan_out, std):
+    torch.manual_seed(0)
+    w = init_weight(fan_in, fan_out, scheme)
+    assert w.shape == (fan_in, fan_out)
+    assert abs(w.mean().item()) < 0.05 * std
+    assert w.std().item() == pytest.approx(std, rel=0.02)
+
+
+def test_kaiming_init_matches_torch_kaiming_normal_statistics():
+    torch.manual_seed(0)
+    ours = init_weight(500, 400, "kaiming")
+    reference = nn.init.kaiming_normal_(torch.empty(400, 500), nonlinearity="relu")  # (out, in)
+    assert ours.std().item() == pytest.approx(reference.std().item(), rel=0.02)

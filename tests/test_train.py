@@ -1,0 +1,66 @@
+"""scripts/fit.py end to end: on synthetic data in seconds, and briefly on the real Fashion-MNIST."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import real_data_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import fit  # noqa: E402
+
+
+def fit_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"--data.data_dir={data_dir}",
+        f"--trainer.logger.init_args.save_dir={log_dir}",
+        "--data.val_size=100",
+        "--data.batch_size=32",
+        "--trainer.max_epochs=3",
+        "--progress_bar.refresh_rate=0",
+        *extra,
+    ]
+
+
+def test_fit_trains_tests_and_writes_logs_checkpoints_and_config(synthetic_dir, tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    results = fit.main(fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=32"))
+
+    assert results["test/acc"] > 0.9  # the bands are easy to tell apart; an untrained net scores ~0.1
+    run = log_dir / "fit" / "version_0"
+    assert (run / "config.yaml").read_text().count("width: 32") == 1
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(name.startswith("epoch") for name in checkpoints)
+
+    events = EventAccumulator(str(run)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "hp_metric",
+                "test/acc", "test/loss", "train/examples_per_sec"}
+    assert expected <= scalars
+    assert {"test/confusion_matrix", "test/predictions"} <= set(events.Tags()["images"])
+    best_val = max(e.value for e in events.Scalars("val/acc"))
+    assert events.Scalars("hp_metric")[-1].value == pytest.approx(best_val)
+
+    printed = capsys.readouterr().out
+    assert f"test accuracy {results['test/acc']:.4f}" in printed
+    assert str(run) in printed
+
+
+def test_checkpoint_reloads_alone(synthetic_dir, tmp_path):
+    from mlp.module import MLPClassifier
+
+    log_dir = tmp_path / "logs"
+    fit.main(fit_args(synthetic_dir, log_dir, "--model.depth=2", "--model.width=16", "--trainer.max_epochs=1"))
+    model = MLPClassifier.load_from_checkpoint(log_dir / "fit" / "version_0" / "checkpoints" / "last.ckpt")
+    assert (model.hparams.depth, model.hparams.width) == (2, 16)
+
+
+@pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+def test_one_epoch_on_real_fashion_mnist_beats_80_percent(tmp_path):
+    shutil.rmtree(tmp_path)
+    args = fit_args(tmp_path / "data", tmp_path / "logs", "--model.depth=1", "--model.width=256", "--trainer.max_epochs=1")
+    results = fit.main([*args, "--data.val_size=5000", "--data.batch_size=256"])
+    assert results["test/acc"] > 0.80
