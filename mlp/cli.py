@@ -3,7 +3,11 @@
 scripts/fit.py and scripts/tune.py both build their runs here, so a flag means the same in both.
 """
 
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+import sys
+import warnings
+
+from lightning import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlp.data import FashionMNISTDataModule
@@ -34,20 +38,35 @@ class MLPCLI(LightningCLI):
         )
 
 
-def build_cli(args: list[str] | None = None, run_name: str = "fit") -> MLPCLI:
+def divergence_guard() -> EarlyStopping:
+    """Stops training as soon as the validation loss is NaN or infinite, and at no other time."""
+    return EarlyStopping(monitor="val/loss", check_finite=True, patience=sys.maxsize, check_on_train_epoch_end=False)
+
+
+def divergence_message(trainer: Trainer) -> str | None:
+    """Why the divergence guard stopped training, or None if it did not."""
+    guard = trainer.early_stopping_callback
+    return guard.stopping_reason_message if guard is not None else None
+
+
+def build_cli(args: list[str] | None = None) -> MLPCLI:
     """Parse `args` (sys.argv when None) and instantiate the Trainer, model and data module without running."""
-    return MLPCLI(
-        MLPClassifier,
-        FashionMNISTDataModule,
-        run=False,
-        args=args,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "max_epochs": 20,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": LOG_DIR, "name": run_name, "default_hp_metric": False},
+    with warnings.catch_warnings():
+        # tune.py's own flags stay in sys.argv while its trials pass their fit flags as `args`.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return MLPCLI(
+            MLPClassifier,
+            FashionMNISTDataModule,
+            run=False,
+            args=args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "max_epochs": 20,
+                "callbacks": [divergence_guard()],
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": LOG_DIR, "name": "fit", "default_hp_metric": False},
+                },
             },
-        },
-    )
+        )

@@ -13,11 +13,14 @@ from mlp.errors import UserError  # noqa: E402
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
-    from mlp.cli import build_cli
+    from mlp.cli import build_cli, divergence_message
 
     cli = build_cli(args)
     trainer = cli.trainer
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    if reason := divergence_message(trainer):
+        print(f"training diverged and stopped at epoch {trainer.current_epoch}: {reason}\n"
+              f"try a lower learning rate than --model.lr {cli.model.hparams.lr}; the best checkpoint so far is kept")
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     (results,) = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
     print(f"test accuracy {results['test/acc']:.4f} (best checkpoint: {best or 'none, the final weights'})")

@@ -1,0 +1,69 @@
+"""Search learning rate, epochs, depth, width and weight decay jointly with Optuna (TPE + pruning).
+
+    python scripts/tune.py                                  # the default study, resumable
+    python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
+    python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
+    python scripts/tune.py @search.txt                      # flags read from a file, one per line
+
+Flags this script does not know are fit flags (see `python scripts/fit.py --help`) and apply to every trial.
+Choices are made on the validation split; the best trial's best checkpoint is tested once at the end.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlp.errors import UserError  # noqa: E402
+from mlp.tune import SearchSpace  # noqa: E402
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    defaults = SearchSpace()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, fromfile_prefix_chars="@"
+    )
+    study = parser.add_argument_group("study")
+    study.add_argument("--n-trials", type=int, default=30, help="finished trials the study should hold (default 30)")
+    study.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    study.add_argument("--study-name", default="mlp", help="name of the study in the storage (default mlp)")
+    study.add_argument(
+        "--storage", default=None, help="Optuna RDB URL (default sqlite:///lightning_logs/tune/optuna.db)"
+    )
+    study.add_argument("--pruner", choices=["hyperband", "median", "none"], default="hyperband")
+    study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    space = parser.add_argument_group("search space (inclusive ranges)")
+    for name, (low, high) in vars(defaults).items():
+        kind = type(low)
+        space.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, nargs=2, metavar=("LOW", "HIGH"), default=(low, high),
+            help=f"default {low} {high}",
+        )
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from mlp.tune import run_study
+
+    options, fit_args = parse(argv)
+    space = SearchSpace(
+        lr=tuple(options.lr), epochs=tuple(options.epochs), depth=tuple(options.depth),
+        width=tuple(options.width), weight_decay=tuple(options.weight_decay),
+    )
+    summary = run_study(
+        space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
+        options.pruner, options.sampler_seed,
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the study is saved; run the same command again to continue it")

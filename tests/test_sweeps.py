@@ -1,0 +1,72 @@
+"""scripts/tune.py on synthetic data: pruning, divergence, resuming, and the final report."""
+
+import json
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import tune  # noqa: E402
+
+FAST_TRIAL = {"epochs": 2, "depth": 1, "width": 16, "weight_decay": 1e-4}
+
+
+def tune_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
+    return [
+        f"--n-trials={n_trials}",
+        f"--storage=sqlite:///{tmp_path / 'study.db'}",
+        "--study-name=test",
+        "--lr", "1e-7", "1e4",
+        "--epochs", "1", "2",
+        "--depth", "1", "1",
+        "--width", "8", "16",
+        f"--data.data_dir={synthetic_dir}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--data.val_size=100",
+        "--data.batch_size=32",
+    ]
+
+
+@pytest.fixture
+def threshold_pruner(monkeypatch):
+    """Prune any trial whose val/acc is below 0.5 after an epoch: deterministic, unlike the real pruners."""
+    monkeypatch.setattr("mlp.tune.make_pruner", lambda name, space: optuna.pruners.ThresholdPruner(lower=0.5))
+
+
+def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp_path, threshold_pruner):
+    study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # learns the bands
+    study.enqueue_trial({"lr": 1e-7, **FAST_TRIAL})  # learns nothing: pruned after its first epoch
+    study.enqueue_trial({"lr": 1e4, **FAST_TRIAL})  # blows up to NaN
+
+    summary = tune.main(tune_args(synthetic_dir, tmp_path, n_trials=3))
+
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+    assert len(trials[1].intermediate_values) == 1
+    assert "not finite" in trials[2].user_attrs["diverged"]
+    assert summary["best_trial"] == 0 and summary["best_val_acc"] > 0.9
+    assert 0.9 < summary["test_acc"] <= 1.0
+    assert summary["epochs_trained"] == 2 + 1 + 1
+    report_dir = tmp_path / "logs" / "tune" / "test"
+    assert json.loads((report_dir / "report.json").read_text()) == summary
+    assert (report_dir / "optimization_history.png").stat().st_size > 0
+    assert (report_dir / "trial_0" / "checkpoints").is_dir()
+
+    resumed = tune.main(tune_args(synthetic_dir, tmp_path, n_trials=4))
+
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    assert resumed["epochs_trained"] == summary["epochs_trained"] + len(trials[3].intermediate_values)
+
+
+def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
+    args = tune_args(synthetic_dir, tmp_path, n_trials=1)
+    args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["5", "2"]
+    with pytest.raises(tune.UserError, match="--epochs"):
+        tune.main(args)
+    assert not (tmp_path / "study.db").exists()
