@@ -5,12 +5,14 @@ scripts/fit.py and scripts/tune.py both build their runs here, so a flag means t
 
 import sys
 import warnings
+from pathlib import Path
 
 from lightning import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlp.data import FashionMNISTDataModule
+from mlp.errors import check
 from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
@@ -25,7 +27,8 @@ class MLPCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                # Lightning 2.6 writes last.ckpt only when the best improves; the "latest" callback writes it every epoch.
+                "checkpoint.save_last": False,
                 "checkpoint.filename": "epoch{epoch:02d}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
@@ -34,8 +37,38 @@ class MLPCLI(LightningCLI):
         # Redrawing the bar every step costs more than a step of this small net; 0 hides it.
         parser.set_defaults({"progress_bar.refresh_rate": 50})
         parser.add_argument(
-            "--ckpt_path", type=str | None, default=None, help='checkpoint to resume training from, or "last"'
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help='checkpoint to resume training from, or "last" to continue the latest run in the log folder',
         )
+
+    def before_instantiate_classes(self) -> None:
+        epochs = self.config.trainer.max_epochs
+        check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
+        logger = self.config.trainer.logger
+        if self.config.ckpt_path == "last" and getattr(logger, "init_args", None) and logger.init_args.version is None:
+            # Resume into the latest run's folder, where Lightning looks for last.ckpt and on_exception.ckpt.
+            runs = Path(logger.init_args.save_dir) / logger.init_args.name
+            versions = sorted((p for p in runs.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:]))
+            check(bool(versions), f"--ckpt_path last: no earlier run in {runs} to resume")
+            logger.init_args.version = versions[-1].name
+
+
+class ResumableOnInterrupt(OnExceptionCheckpoint):
+    """Ctrl-C (or a crash) mid-training saves on_exception.ckpt, which `--ckpt_path last` resumes from.
+
+    Nothing is saved before the first step: a run that failed on bad input has nothing worth resuming.
+    """
+
+    def on_exception(self, trainer: Trainer, *args: object, **kwargs: object) -> None:
+        if trainer.global_step > 0:
+            super().on_exception(trainer, *args, **kwargs)
+
+
+def latest_checkpoint() -> ModelCheckpoint:
+    """Keeps last.ckpt, the end of the latest epoch, for `--ckpt_path last` to resume from."""
+    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 def divergence_guard() -> EarlyStopping:
@@ -44,9 +77,25 @@ def divergence_guard() -> EarlyStopping:
 
 
 def divergence_message(trainer: Trainer) -> str | None:
-    """Why the divergence guard stopped training, or None if it did not."""
+    """When and why the divergence guard stopped training, or None if it did not."""
     guard = trainer.early_stopping_callback
-    return guard.stopping_reason_message if guard is not None else None
+    if guard is None or not guard.stopping_reason_message:
+        return None
+    return f"epoch {guard.stopped_epoch}: {guard.stopping_reason_message}"
+
+
+def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
+    """cli.trainer.fit on the CLI's model and data, with Ctrl-C surfacing as KeyboardInterrupt.
+
+    Lightning handles Ctrl-C by saving what its callbacks save and calling sys.exit(1); callers (the script's
+    error handler, Optuna's trial bookkeeping) need to know it was an interruption, not an ordinary exit.
+    """
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except SystemExit as exit:
+        if cli.trainer.interrupted:
+            raise KeyboardInterrupt from exit
+        raise
 
 
 def build_cli(args: list[str] | None = None) -> MLPCLI:
@@ -61,9 +110,10 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
             args=args,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
             trainer_defaults={
                 "max_epochs": 20,
-                "callbacks": [divergence_guard()],
+                "callbacks": [latest_checkpoint(), divergence_guard()],
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": LOG_DIR, "name": "fit", "default_hp_metric": False},

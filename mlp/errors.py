@@ -1,5 +1,8 @@
 """Errors the user can fix: the scripts print their message and exit, with no traceback."""
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """Bad input (a flag, a path, a file); the message says what was wrong and how to fix it."""
@@ -9,3 +12,15 @@ def check(condition: bool, message: str) -> None:
     """Raise UserError(message) unless condition holds."""
     if not condition:
         raise UserError(message)
+
+
+def run_script(main: Callable[[], object], interrupted: str) -> None:
+    """Run a script's main; report bad input, I/O failures and Ctrl-C in one line and a non-zero exit."""
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except OSError as error:  # disk full, permission denied, a log path under a file...
+        sys.exit(f"error: {error}\nfree some space or choose another folder with --trainer.logger.init_args.save_dir")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: {interrupted}")

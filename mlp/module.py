@@ -61,6 +61,8 @@ class MLPClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
+        # Also set here: a run resumed mid-epoch starts without on_train_epoch_start.
+        self.epoch_examples, self.epoch_start = 0, time.perf_counter()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

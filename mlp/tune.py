@@ -6,6 +6,7 @@ suggestions, so a trial trains exactly what `scripts/fit.py` with the same flags
 
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,12 +18,16 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from mlp.cli import build_cli, divergence_message
+from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import UserError, check
 from mlp.module import MLPClassifier
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A worker that dies leaves its trial RUNNING; once its heartbeat is older than the grace period, the next
+# trial to start marks it failed and enqueues its parameters again.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Objective:
 
     def __init__(self, space: SearchSpace, fit_args: list[str], study_name: str) -> None:
         self.space, self.fit_args, self.study_name = space, fit_args, study_name
+        self.interrupted = False
 
     def __call__(self, trial: optuna.Trial) -> float:
         args = trial_args(self.fit_args, suggest(trial, self.space), self.study_name, f"trial_{trial.number}")
@@ -81,17 +87,19 @@ class Objective:
         trainer.callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val/acc"))
         trial.set_user_attr("log_dir", trainer.log_dir)
         try:
-            trainer.fit(cli.model, datamodule=cli.datamodule)
-        except SystemExit as exit:
-            # Lightning turns Ctrl-C into sys.exit(1); Optuna marks the trial failed only for
-            # exceptions, so hand it a KeyboardInterrupt and the study stays consistent.
-            raise KeyboardInterrupt from exit
+            fit(cli)
         except optuna.TrialPruned:
             if not divergence_message(trainer):
                 raise
+        except KeyboardInterrupt:
+            # NaN makes Optuna record the trial as failed (without a traceback); the study stops after it.
+            self.interrupted = True
+            trial.set_user_attr("interrupted", True)
+            trial.study.stop()
+            return math.nan
         if reason := divergence_message(trainer):
             trial.set_user_attr("diverged", reason)
-            raise optuna.TrialPruned(f"diverged: {reason}")
+            raise optuna.TrialPruned(f"diverged in {reason}")
         trial.set_user_attr("best_checkpoint", trainer.checkpoint_callback.best_model_path)
         return trainer.checkpoint_callback.best_model_score.item()
 
@@ -113,10 +121,8 @@ def open_study(study_name: str, storage_url: str, pruner: str, space: SearchSpac
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = RDBStorage(
                 storage_url,
-                # A worker that dies leaves its trial RUNNING; after the grace period another worker marks it
-                # failed and the retry callback enqueues its parameters again.
-                heartbeat_interval=10,
-                grace_period=30,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except Exception as error:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
@@ -232,10 +238,13 @@ def run_study(
     start = time.perf_counter()
     remaining = n_trials - sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     if remaining > 0:
+        objective = Objective(space, fit_args, study_name)
         study.optimize(
-            Objective(space, fit_args, study_name),
+            objective,
             timeout=timeout,
             callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)],
             gc_after_trial=True,
         )
+        if objective.interrupted:
+            raise KeyboardInterrupt
     return report(study, fit_args, log_dir, time.perf_counter() - start)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlp.errors import UserError  # noqa: E402
-from mlp.tune import SearchSpace  # noqa: E402
+from mlp.errors import run_script  # noqa: E402
+from mlp.tune import SearchSpace, run_study  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -45,8 +45,6 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mlp.tune import run_study
-
     options, fit_args = parse(argv)
     space = SearchSpace(
         lr=tuple(options.lr), epochs=tuple(options.epochs), depth=tuple(options.depth),
@@ -61,9 +59,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the study is saved; run the same command again to continue it")
+    run_script(main, interrupted="the study is saved; run the same command again to continue it")

@@ -8,6 +8,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mlp.errors import UserError
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import tune  # noqa: E402
 
@@ -67,6 +69,6 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
 def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     args = tune_args(synthetic_dir, tmp_path, n_trials=1)
     args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["5", "2"]
-    with pytest.raises(tune.UserError, match="--epochs"):
+    with pytest.raises(UserError, match="--epochs"):
         tune.main(args)
     assert not (tmp_path / "study.db").exists()

@@ -1,0 +1,309 @@
+"""The fault table in the README, one test (or a few) per row: each fault is provoked and its handling checked."""
+
+import errno
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mlp.data import FILES, CorruptDatasetError, DatasetNotFoundError, FashionMNISTDataModule, locate_fashion_mnist
+from mlp.errors import UserError, run_script
+from tests.conftest import write_idx, write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import fit  # noqa: E402
+import tune  # noqa: E402
+
+OFFLINE = (
+    "import pathlib, mlp.data; mlp.data.DEBIAN_DIR = pathlib.Path('/nonexistent');"
+    "mlp.data.FashionMNIST = lambda *a, **k: (_ for _ in ()).throw(RuntimeError('offline'))"
+)
+
+
+def script_command(script: str, args: list[str], patch: str = "") -> list[str]:
+    """A Python command running scripts/<script> with args, after `patch` (Python source) has run."""
+    code = f"import runpy, sys\nsys.argv = {[script, *args]!r}\n{patch}\nrunpy.run_path({script!r}, run_name='__main__')"
+    return [sys.executable, "-c", code]
+
+
+def run(script: str, args: list[str], patch: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        script_command(str(ROOT / "scripts" / script), args, patch),
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+
+
+def start(script: str, args: list[str], patch: str = "") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        script_command(str(ROOT / "scripts" / script), args, patch),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )
+
+
+def wait_for(process: subprocess.Popen, condition, what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the process ended before {what}:\n{process.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def fit_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"--data.data_dir={data_dir}", f"--trainer.logger.init_args.save_dir={log_dir}", "--data.val_size=100",
+        "--data.batch_size=32", "--model.depth=1", "--model.width=16", "--trainer.max_epochs=2",
+        "--progress_bar.refresh_rate=0", *extra,
+    ]
+
+
+# -- dataset missing everywhere ------------------------------------------------------------------------------
+
+
+def test_missing_dataset_is_one_clear_error_with_nonzero_exit(tmp_path):
+    result = run("fit.py", [f"--data.data_dir={tmp_path / 'empty'}", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                 patch=OFFLINE)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Fashion-MNIST not found" in result.stderr
+    assert str(tmp_path / "empty") in result.stderr and "/nonexistent" in result.stderr
+    assert "apt-get install -y dataset-fashion-mnist" in result.stderr
+
+
+# -- data_dir a file, unreadable, truncated or corrupt ---------------------------------------------------------
+
+
+def test_data_dir_that_is_a_file_is_named(tmp_path):
+    not_a_folder = tmp_path / "data.txt"
+    not_a_folder.write_text("")
+    with pytest.raises(DatasetNotFoundError, match=f"{not_a_folder} is a file"):
+        locate_fashion_mnist(not_a_folder)
+
+
+def corrupt(folder: Path, how: str) -> str:
+    """Damage one file of a synthetic dataset in `folder`; returns the damaged file's name."""
+    images, labels = folder / FILES["train_images"], folder / FILES["train_labels"]
+    if how == "wrong magic number":
+        images.write_bytes(b"\x00\x00\x07\x07" + images.read_bytes()[4:])
+    elif how == "wrong length":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif how == "labels outside 0-9":
+        write_idx(labels, torch.full((800,), 12, dtype=torch.uint8))
+        return labels.name
+    elif how == "truncated gzip":
+        gz = folder / (FILES["train_images"] + ".gz")
+        gz.write_bytes(gzip.compress(images.read_bytes())[:1000])
+        images.unlink()
+        return gz.name
+    return images.name
+
+
+@pytest.mark.parametrize("how", ["wrong magic number", "wrong length", "labels outside 0-9", "truncated gzip"])
+def test_corrupt_idx_file_is_named_with_what_is_wrong(tmp_path, how):
+    folder = write_synthetic_dataset(tmp_path / "data", gz=False)
+    name = corrupt(folder, how)
+    data = FashionMNISTDataModule(data_dir=str(folder), val_size=100)
+    with pytest.raises(CorruptDatasetError, match=name) as error:
+        data.setup("fit")
+    if how == "labels outside 0-9":
+        assert "labels must be 0-9, found 12" in str(error.value)
+
+
+def test_unreadable_file_is_named(tmp_path, monkeypatch):
+    folder = write_synthetic_dataset(tmp_path / "data", gz=False)
+
+    def permission_denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr("mlp.data.read_image_file", permission_denied)  # root reads any file, so fake it
+    with pytest.raises(CorruptDatasetError, match=f"{FILES['train_images']}.*Permission denied"):
+        FashionMNISTDataModule(data_dir=str(folder), val_size=100).setup("fit")
+
+
+# -- invalid hyperparameters: rejected before any training starts, with the allowed range ----------------------
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--model.depth=-1", "depth (hidden layers) must be >= 0"),
+        ("--model.width=0", "width (hidden units) must be >= 1"),
+        ("--model.lr=0", "lr must be a positive finite number"),
+        ("--model.lr=-0.1", "lr must be a positive finite number"),
+        ("--model.lr=abc", "Expected a <class 'float'>"),
+        ("--model.lr=nan", "lr"),
+        ("--data.batch_size=0", "batch_size must be >= 1"),
+        ("--data.val_size=800", "val_size must be below the 800 training images"),
+        ("--model.init=uniform", "'normal', 'kaiming', 'xavier'"),
+        ("--model.optimizer=rmsprop", "'sgd', 'adam'"),
+        ("--trainer.max_epochs=0", "max_epochs must be >= 1"),
+    ],
+)
+def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
+    with pytest.raises((UserError, SystemExit)) as error:
+        fit.main(fit_args(synthetic_dir, tmp_path / "logs", flag))
+    said = str(error.value) + capsys.readouterr().err
+    assert message in said
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+    for run_dir in (tmp_path / "logs").glob("fit/version_*"):
+        assert not EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]  # not one step was logged
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--lr", "0", "1"], "--lr"), (["--width", "64", "8"], "--width"), (["--n-trials", "0"], "--n-trials")],
+)
+def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path, flags, message):
+    args = [f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", *flags]
+    with pytest.raises(UserError, match=message):
+        tune.main(args)
+    assert not (tmp_path / "study.db").exists()
+
+
+# -- NaN/inf loss in fit ---------------------------------------------------------------------------------------
+
+
+def test_diverging_fit_stops_points_at_lr_and_keeps_the_best_checkpoint(synthetic_dir, tmp_path, capsys):
+    results = fit.main(fit_args(synthetic_dir, tmp_path / "logs", "--model.lr=1e4", "--trainer.max_epochs=5"))
+    printed = capsys.readouterr().out
+    assert "training diverged and stopped in epoch 0: Monitored metric val/loss = nan is not finite" in printed
+    assert "try a lower learning rate than --model.lr 10000.0" in printed
+    checkpoints = list((tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
+    assert len(checkpoints) == 1 and "test/acc" in results
+
+
+# -- SIGINT during fit -----------------------------------------------------------------------------------------
+
+
+def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epochs(synthetic_dir, tmp_path):
+    args = fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=40", "--model.width=256")
+    run_dir = tmp_path / "logs" / "fit" / "version_0"
+    process = start("fit.py", args)
+    wait_for(process, lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), "the first checkpoint")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and "Traceback" not in stderr
+    assert "--ckpt_path last" in stderr
+    interrupted = torch.load(run_dir / "checkpoints" / "on_exception.ckpt", weights_only=False)
+    assert interrupted["epoch"] < 39
+
+    resumed = run("fit.py", [*args, "--ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 39
+    assert last["global_step"] == 40 * 22  # 700 training images in batches of 32: 22 steps an epoch
+    assert not (tmp_path / "logs" / "fit" / "version_1").exists()
+
+
+# -- SIGINT / SIGKILL of a tune process ------------------------------------------------------------------------
+
+
+def tune_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
+    return [
+        f"--n-trials={n_trials}", f"--storage=sqlite:///{tmp_path / 'study.db'}", "--study-name=faults",
+        "--epochs", "30", "30", "--depth", "1", "1", "--width", "128", "256",
+        f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--data.val_size=100", "--data.batch_size=32",
+    ]
+
+
+def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+
+
+def running_trial(tmp_path: Path) -> bool:
+    """True once the second trial has reported an epoch, so the study holds a finished and a running trial."""
+    if not (tmp_path / "study.db").exists():
+        return False
+    try:
+        trials = trials_of(tmp_path)
+    except (KeyError, optuna.exceptions.StorageInternalError):  # the study is still being created
+        return False
+    return len(trials) >= 2 and trials[-1].state == TrialState.RUNNING and bool(trials[-1].intermediate_values)
+
+
+def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_dir, tmp_path):
+    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    process = start("tune.py", args)
+    wait_for(process, lambda: running_trial(tmp_path), "a running trial")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and "Traceback" not in stderr
+    assert "run the same command again to continue" in stderr
+    assert [t.state for t in trials_of(tmp_path)] == [TrialState.COMPLETE, TrialState.FAIL]
+
+    again = run("tune.py", args, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    states = [t.state for t in trials_of(tmp_path)]
+    assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 3
+
+
+def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_once(synthetic_dir, tmp_path):
+    quick_heartbeat = "import mlp.tune; mlp.tune.HEARTBEAT_SECONDS = 1; mlp.tune.GRACE_SECONDS = 2"
+    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    process = start("tune.py", args, patch=quick_heartbeat)
+    wait_for(process, lambda: running_trial(tmp_path), "a running trial")
+    process.kill()
+    process.communicate(timeout=30)
+    killed = trials_of(tmp_path)[-1]
+    assert killed.state == TrialState.RUNNING  # nobody was left to say otherwise
+    time.sleep(3)  # let its heartbeat go stale
+
+    again = run("tune.py", args, patch=quick_heartbeat, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = trials_of(tmp_path)
+    assert trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
+    assert TrialState.RUNNING not in [t.state for t in trials]
+
+
+# -- unwritable log directory / disk error on checkpoint save --------------------------------------------------
+
+
+def test_log_folder_under_a_file_is_a_clear_error(synthetic_dir, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write to the log folder .*blocker"):
+        fit.main(fit_args(synthetic_dir, blocker / "logs"))
+
+
+def test_disk_full_while_saving_a_checkpoint_is_a_clear_error(synthetic_dir, tmp_path, monkeypatch):
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("lightning.pytorch.Trainer.save_checkpoint", disk_full)
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: fit.main(fit_args(synthetic_dir, tmp_path / "logs")), interrupted="")
+    assert "No space left on device" in str(exit.value) and ".ckpt" in str(exit.value)
+
+
+# -- same seed twice on CPU ------------------------------------------------------------------------------------
+
+
+def test_same_seed_twice_gives_identical_metrics_and_weights(synthetic_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        results = fit.main(fit_args(synthetic_dir, tmp_path / name, "--seed_everything=7"))
+        run_dir = tmp_path / name / "fit" / "version_0"
+        events = EventAccumulator(str(run_dir)).Reload()
+        weights = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        runs.append((results, [e.value for e in events.Scalars("train/loss_epoch")], weights))
+    (results_a, losses_a, weights_a), (results_b, losses_b, weights_b) = runs
+    assert results_a == results_b
+    assert losses_a == losses_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
