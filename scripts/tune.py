@@ -32,7 +32,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     study.add_argument(
         "--storage", default=None, help="Optuna RDB URL (default sqlite:///lightning_logs/tune/optuna.db)"
     )
-    study.add_argument("--pruner", choices=["hyperband", "median", "none"], default="hyperband")
+    study.add_argument(
+        "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"
+    )
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
     space = parser.add_argument_group("search space (inclusive ranges)")
     for name, (low, high) in vars(defaults).items():
