@@ -14,10 +14,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from mlp.data import CLASS_NAMES
 from mlp.errors import check
-from mlp.net import MLP, InitScheme
-from mlp.plots import predictions_figure
+from mlp.net import MLP, Activation, InitScheme
+from mlp.plots import activations_figure, predictions_figure
 
 NUM_CLASSES = len(CLASS_NAMES)
+
+
+def cross_entropy_grad(logits: Tensor, y: Tensor) -> Tensor:
+    """d mean-cross-entropy / d logits = (softmax(logits) - onehot(y)) / batch size."""
+    grad = logits.softmax(dim=1)
+    grad[torch.arange(len(y)), y] -= 1
+    return grad / len(y)
 
 
 class MLPClassifier(L.LightningModule):
@@ -33,6 +40,9 @@ class MLPClassifier(L.LightningModule):
         nesterov: Nesterov momentum for SGD.
         weight_decay: L2 penalty coefficient.
         schedule: "onecycle" (warm up, then anneal to ~0), "cosine" (anneal from lr) or "constant".
+        activation: "relu", "prelu" (learned slope per layer), "sigmoid" or "tanh", all in `mlp.net`.
+        dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
+        backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
     """
 
     def __init__(
@@ -46,6 +56,9 @@ class MLPClassifier(L.LightningModule):
         nesterov: bool = True,
         weight_decay: float = 5e-4,
         schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        activation: Activation = "relu",
+        dropout: float = 0.0,
+        backward: Literal["autograd", "manual"] = "autograd",
     ) -> None:
         super().__init__()
         check(depth >= 0, f"depth (hidden layers) must be >= 0, got {depth}")
@@ -54,8 +67,11 @@ class MLPClassifier(L.LightningModule):
         check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
         check(not (nesterov and optimizer == "sgd" and momentum == 0), "nesterov needs momentum > 0")
+        check(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters()
-        self.net = MLP(784, depth, width, NUM_CLASSES, init)
+        self.net = MLP(784, depth, width, NUM_CLASSES, init, activation, dropout)
+        # Manual mode steps the optimiser itself (manual_training_step), with gradients from MLP.backward.
+        self.automatic_optimization = backward == "autograd"
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
@@ -79,12 +95,13 @@ class MLPClassifier(L.LightningModule):
             # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
             data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
             self.logger.log_hyperparams({**self.hparams, **data_hparams}, {"hp_metric": 0.0})
+            self.logger.experiment.add_figure("activations", activations_figure(self.hparams.activation))
 
     def on_train_epoch_start(self) -> None:
         self.epoch_examples, self.epoch_start = 0, time.perf_counter()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, preds, y = self.model_step(batch)
+        loss, preds, y = self.model_step(batch) if self.automatic_optimization else self.manual_training_step(batch)
         self.epoch_examples += len(y)
         self.train_acc.update(preds, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -144,3 +161,19 @@ class MLPClassifier(L.LightningModule):
         else:
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()  # proves that autograd plays no part
+    def manual_training_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward, backward by hand, and one optimiser and scheduler step, as the automatic path does.
+
+        The optimiser sees the same p.grad as after autograd's backward, so weight decay and momentum act alike.
+        """
+        x, y = batch
+        cache = []
+        logits = self.net(x, cache)
+        for p, grad in zip(self.net.parameters(), self.net.backward(cache, cross_entropy_grad(logits, y))):
+            p.grad = grad
+        self.optimizers().step()
+        if scheduler := self.lr_schedulers():
+            scheduler.step()
+        return F.cross_entropy(logits, y), logits.argmax(dim=1), y

@@ -1,6 +1,7 @@
-"""The multilayer perceptron itself, from scratch: explicit weight tensors, our own relu, our own init.
+"""The multilayer perceptron itself, from scratch: explicit weight tensors, our own activations, init and dropout,
+and a hand-written backward pass.
 
-Everything here is a matmul, an addition or an elementwise max; no library layers or activations.
+Everything here is a matmul, an addition, an exp or an elementwise comparison; no library layers or activations.
 """
 
 import math
@@ -10,11 +11,57 @@ import torch
 from torch import Tensor, nn
 
 InitScheme = Literal["normal", "kaiming", "xavier"]
+Activation = Literal["relu", "prelu", "sigmoid", "tanh"]
+PRELU_INIT_SLOPE = 0.25  # He et al. (2015), and PyTorch's default
 
 
 def relu(x: Tensor) -> Tensor:
     """max(x, 0), elementwise. Its gradient is 1 where x > 0 and 0 elsewhere (0 at x == 0, as PyTorch's)."""
     return x.clamp_min(0.0)
+
+
+def relu_grad(x: Tensor) -> Tensor:
+    return (x > 0).to(x.dtype)
+
+
+def prelu(x: Tensor, slope: Tensor) -> Tensor:
+    """x where x > 0, slope * x elsewhere; the slope is learned."""
+    return torch.where(x > 0, x, slope * x)
+
+
+def prelu_grad(x: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
+    """d prelu / dx (1 or the slope) and d prelu / d slope (0 or x), elementwise."""
+    positive = x > 0
+    return torch.where(positive, torch.ones_like(x), slope), torch.where(positive, torch.zeros_like(x), x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """1 / (1 + exp(-x)), computed from exp(-|x|) so that neither the value nor its gradient overflows."""
+    e = torch.exp(-torch.where(x >= 0, x, -x))  # not x.abs(), whose gradient at 0 is 0 rather than 1
+    return torch.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def sigmoid_grad(x: Tensor) -> Tensor:
+    s = sigmoid(x)
+    return s * (1 - s)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """(1 - exp(-2x)) / (1 + exp(-2x)), which is 2 sigmoid(2x) - 1."""
+    return 2 * sigmoid(2 * x) - 1
+
+
+def tanh_grad(x: Tensor) -> Tensor:
+    return 1 - tanh(x) ** 2
+
+
+# Activations without parameters, with their derivatives; prelu, which has one, is handled by MLP itself.
+ACTIVATIONS = {"relu": (relu, relu_grad), "sigmoid": (sigmoid, sigmoid_grad), "tanh": (tanh, tanh_grad)}
+
+
+def dropout_mask(x: Tensor, p: float) -> Tensor:
+    """0 with probability p, else 1 / (1 - p), so that x * mask has the expected value of x."""
+    return (torch.rand_like(x) >= p).to(x.dtype) / (1 - p)
 
 
 def init_weight(fan_in: int, fan_out: int, scheme: InitScheme) -> Tensor:
@@ -35,10 +82,12 @@ def init_weight(fan_in: int, fan_out: int, scheme: InitScheme) -> Tensor:
 
 
 class MLP(nn.Module):
-    """num_inputs -> `depth` hidden relu layers of `width` units -> num_outputs logits.
+    """num_inputs -> `depth` hidden layers of `width` units -> num_outputs logits.
 
+    Each hidden layer is activation(x @ W + b), followed in training by dropout with probability `dropout`.
     depth 0 is softmax regression; depth 1, width 256 is d2l's 784-256-10 net.
-    Parameters are stored as [W_1, b_1, W_2, b_2, ...] with W_i of shape (fan_in, fan_out).
+    Parameters are stored as [W_1, b_1, W_2, b_2, ...] with W_i of shape (fan_in, fan_out); with prelu,
+    `slopes` holds one learned slope per hidden layer.
     """
 
     def __init__(
@@ -48,22 +97,73 @@ class MLP(nn.Module):
         width: int = 256,
         num_outputs: int = 10,
         init: InitScheme = "kaiming",
+        activation: Activation = "relu",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if activation != "prelu" and activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted([*ACTIVATIONS, 'prelu'])}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.activation, self.dropout = activation, dropout
         sizes = [num_inputs] + [width] * depth + [num_outputs]
         self.params = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             self.params.append(nn.Parameter(init_weight(fan_in, fan_out, init)))
             self.params.append(nn.Parameter(torch.zeros(fan_out)))
+        n_slopes = depth if activation == "prelu" else 0
+        self.slopes = nn.ParameterList([nn.Parameter(torch.tensor(PRELU_INIT_SLOPE)) for _ in range(n_slopes)])
 
     @property
     def layers(self) -> list[tuple[Tensor, Tensor]]:
         """The (W, b) pairs, input layer first."""
         return list(zip(self.params[0::2], self.params[1::2]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def activate(self, z: Tensor, layer: int) -> Tensor:
+        if self.activation == "prelu":
+            return prelu(z, self.slopes[layer])
+        return ACTIVATIONS[self.activation][0](z)
+
+    def forward(self, x: Tensor, cache: list | None = None) -> Tensor:
+        """Logits for x. If a `cache` list is given, each layer appends what `backward` needs: its input,
+        and for hidden layers also the pre-activation and the dropout mask (None when dropout is off)."""
         x = x.flatten(1)
         *hidden, (w_out, b_out) = self.layers
-        for w, b in hidden:
-            x = relu(x @ w + b)
+        for layer, (w, b) in enumerate(hidden):
+            z = x @ w + b
+            mask = dropout_mask(z, self.dropout) if self.training and self.dropout > 0 else None
+            if cache is not None:
+                cache.append((x, z, mask))
+            x = self.activate(z, layer)
+            if mask is not None:
+                x = x * mask
+        if cache is not None:
+            cache.append((x, None, None))
         return x @ w_out + b_out
+
+    def backward(self, cache: list, grad_logits: Tensor) -> list[Tensor]:
+        """Gradients of the loss with respect to `self.parameters()`, in that order, by the chain rule by hand.
+
+        grad_logits is d loss / d logits; `cache` is what `forward(x, cache)` filled. For y = x @ W + b,
+        dW = x^T dy, db = dy summed over the batch, dx = dy W^T; through the activation, dz = dx * act'(z).
+        """
+        grads = [None] * len(self.params)
+        slope_grads = [None] * len(self.slopes)
+        grad = grad_logits
+        for layer in reversed(range(len(cache))):
+            x, _, _ = cache[layer]
+            w, _ = self.layers[layer]
+            grads[2 * layer], grads[2 * layer + 1] = x.T @ grad, grad.sum(0)
+            if layer == 0:
+                break
+            _, z, mask = cache[layer - 1]
+            grad = grad @ w.T
+            if mask is not None:
+                grad = grad * mask
+            if self.activation == "prelu":
+                d_z, d_slope = prelu_grad(z, self.slopes[layer - 1])
+                slope_grads[layer - 1] = (grad * d_slope).sum()
+                grad = grad * d_z
+            else:
+                grad = grad * ACTIVATIONS[self.activation][1](z)
+        return grads + slope_grads

@@ -1,14 +1,40 @@
-"""Figures for TensorBoard: test images with their predicted and true labels (d2l's predict_ch3)."""
+"""Figures for TensorBoard: the activation functions and their derivatives (d2l's plots in 5.1), and test images
+with their predicted and true labels (d2l's predict_ch3)."""
 
 import matplotlib
 
 matplotlib.use("Agg")  # figures are written to TensorBoard, never shown on a screen
 
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from mlp.data import CLASS_NAMES
+from mlp.net import PRELU_INIT_SLOPE, prelu, prelu_grad, relu, relu_grad, sigmoid, sigmoid_grad, tanh, tanh_grad
+
+
+def activations_figure(selected: str) -> Figure:
+    """Each activation and its derivative on [-8, 8], side by side; `selected` (this run's) is titled in bold."""
+    x = torch.linspace(-8, 8, 401)
+    slope = torch.tensor(PRELU_INIT_SLOPE)
+    curves = {
+        "relu": (relu(x), relu_grad(x)),
+        "prelu": (prelu(x, slope), prelu_grad(x, slope)[0]),  # at its initial slope
+        "sigmoid": (sigmoid(x), sigmoid_grad(x)),
+        "tanh": (tanh(x), tanh_grad(x)),
+    }
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), sharey=True)
+    for ax, (name, (value, derivative)) in zip(axes, curves.items()):
+        ax.plot(x, value, label=f"{name}(x)")
+        ax.plot(x, derivative, "--", label=f"{name}'(x)")
+        ax.set_title(f"{name} (this run)" if name == selected else name, fontweight="bold" if name == selected else None)
+        ax.set_xlabel("x")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylim(-1.5, 3)
+    fig.tight_layout()
+    return fig
 
 
 def predictions_figure(images: Tensor, predicted: Tensor, true: Tensor, columns: int = 8) -> Figure:

@@ -7,7 +7,19 @@ import torch
 from torch import nn
 
 from mlp.module import MLPClassifier
-from mlp.net import MLP, init_weight, relu
+from mlp.net import (
+    MLP,
+    dropout_mask,
+    init_weight,
+    prelu,
+    prelu_grad,
+    relu,
+    relu_grad,
+    sigmoid,
+    sigmoid_grad,
+    tanh,
+    tanh_grad,
+)
 
 
 def test_relu_matches_torch_relu_in_value_and_gradient():
@@ -20,6 +32,75 @@ def test_relu_matches_torch_relu_in_value_and_gradient():
     ours.sum().backward()
     reference.sum().backward()
     assert torch.equal(x.grad, x_ref.grad)
+
+
+def extreme_inputs() -> torch.Tensor:
+    """Ordinary values plus the ones where naive formulas break: 0, tiny, and large enough to overflow exp."""
+    special = torch.tensor([0.0, -0.0, 1e-12, -1e-12, 30.0, -30.0, 800.0, -800.0], dtype=torch.float64)
+    return torch.cat([special, torch.randn(1000, dtype=torch.float64) * 4])
+
+
+@pytest.mark.parametrize(
+    "ours, derivative, reference",
+    [(sigmoid, sigmoid_grad, torch.sigmoid), (tanh, tanh_grad, torch.tanh), (relu, relu_grad, torch.relu)],
+    ids=["sigmoid", "tanh", "relu"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_activation_matches_pytorch_in_value_autograd_gradient_and_hand_derivative(ours, derivative, reference, dtype):
+    x = extreme_inputs().to(dtype).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    value, value_ref = ours(x), reference(x_ref)
+    torch.testing.assert_close(value, value_ref)
+    value.sum().backward()
+    value_ref.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(derivative(x.detach()), x_ref.grad)
+
+
+def test_prelu_matches_torch_prelu_in_value_and_gradients():
+    x = extreme_inputs().requires_grad_(True)
+    slope = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    x_ref, slope_ref = (t.detach().clone().requires_grad_(True) for t in (x, slope))
+    value, value_ref = prelu(x, slope), nn.functional.prelu(x_ref, slope_ref.reshape(1))
+    torch.testing.assert_close(value, value_ref)
+    upstream = torch.randn_like(value)
+    (value * upstream).sum().backward()
+    (value_ref * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(slope.grad, slope_ref.grad)
+    d_x, d_slope = prelu_grad(x.detach(), slope.detach())
+    torch.testing.assert_close(d_x, x_ref.grad / upstream)
+    torch.testing.assert_close((d_slope * upstream).sum(), slope_ref.grad)
+
+
+def test_prelu_net_learns_one_slope_per_hidden_layer_starting_at_a_quarter():
+    net = MLP(784, 3, 16, 10, activation="prelu")
+    assert [s.item() for s in net.slopes] == [0.25] * 3
+    assert len(MLP(784, 3, 16, 10, activation="relu").slopes) == 0
+
+
+def test_dropout_mask_zeroes_a_fraction_p_and_preserves_the_expected_value():
+    torch.manual_seed(0)
+    x = torch.full((1000, 1000), 3.0)
+    for p in (0.1, 0.5, 0.9):
+        dropped = x * dropout_mask(x, p)
+        assert (dropped == 0).float().mean().item() == pytest.approx(p, abs=0.005)
+        assert dropped.unique().tolist() == [0.0, pytest.approx(3.0 / (1 - p))]
+        assert dropped.mean().item() == pytest.approx(3.0, rel=0.01)
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    net = MLP(20, 2, 64, 5, dropout=0.5)
+    plain = MLP(20, 2, 64, 5, dropout=0.0)
+    plain.load_state_dict(net.state_dict())
+    x = torch.randn(8, 20)
+    net.train()
+    assert not torch.equal(net(x), net(x))  # a fresh mask each call
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    assert torch.equal(net(x), plain.eval()(x))
 
 
 @pytest.mark.parametrize("depth, width", [(0, 7), (1, 256), (2, 512), (5, 3)])
@@ -50,8 +131,10 @@ def test_module_holds_only_explicit_parameters():
     assert isinstance(model.net.params, nn.ParameterList)
 
 
-def test_package_source_uses_no_library_layers_or_relu():
-    banned = ("nn.Linear", "nn.ReLU", "F.relu", "torch.relu", "functional.relu")
+def test_package_source_uses_no_library_layers_or_activations():
+    layers = ("Linear", "ReLU", "PReLU", "Sigmoid", "Tanh", "Dropout", "relu", "prelu", "sigmoid", "tanh", "dropout")
+    banned = [f"{prefix}{name}" for prefix in ("nn.", "F.", "functional.", "torch.") for name in layers]
+    banned += [".relu(", ".sigmoid(", ".tanh("]  # the Tensor methods
     package = Path(__file__).resolve().parent.parent / "mlp"
     offending = [
         f"{path.name}: {word}" for path in package.glob("*.py") for word in banned if word in path.read_text()

@@ -40,13 +40,29 @@ def test_fit_trains_tests_and_writes_logs_checkpoints_and_config(synthetic_dir, 
     expected = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "hp_metric",
                 "test/acc", "test/loss", "train/examples_per_sec"}
     assert expected <= scalars
-    assert {"test/confusion_matrix", "test/predictions"} <= set(events.Tags()["images"])
+    assert {"activations", "test/confusion_matrix", "test/predictions"} <= set(events.Tags()["images"])
+    assert len(events.Images("activations")) == 1  # once per run
     best_val = max(e.value for e in events.Scalars("val/acc"))
     assert events.Scalars("hp_metric")[-1].value == pytest.approx(best_val)
 
     printed = capsys.readouterr().out
     assert f"test accuracy {results['test/acc']:.4f}" in printed
     assert str(run) in printed
+
+
+def test_fit_trains_with_manual_backward_tanh_and_dropout(synthetic_dir, tmp_path):
+    from mlp.module import MLPClassifier
+
+    log_dir = tmp_path / "logs"
+    flags = ["--model.backward=manual", "--model.activation=tanh", "--model.dropout=0.2"]
+    results = fit.main(fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=32", *flags))
+
+    assert results["test/acc"] > 0.9
+    run = log_dir / "fit" / "version_0"
+    config = (run / "config.yaml").read_text()
+    assert "backward: manual" in config and "activation: tanh" in config and "dropout: 0.2" in config
+    model = MLPClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert not model.automatic_optimization and model.net.activation == "tanh" and model.net.dropout == 0.2
 
 
 def test_checkpoint_reloads_alone(synthetic_dir, tmp_path):

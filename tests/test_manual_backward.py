@@ -1,0 +1,125 @@
+"""Backpropagation by hand (`--model.backward manual`) against autograd: gradients, optimiser steps, accuracy."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from mlp.data import FashionMNISTDataModule
+from mlp.module import MLPClassifier, cross_entropy_grad
+from mlp.net import MLP
+from tests.conftest import real_data_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import fit  # noqa: E402
+
+
+def random_net(depth: int, activation: str, dropout: float = 0.0) -> MLP:
+    """A float64 net with every parameter random, so no gradient is trivially zero or one."""
+    net = MLP(13, depth, 6, 5, "kaiming", activation, dropout).double()
+    with torch.no_grad():
+        for layer_bias in net.params[1::2]:
+            layer_bias.normal_(0, 0.5)
+        for slope in net.slopes:
+            slope.uniform_(-0.5, 0.5)
+    return net
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("depth", [0, 1, 2, 4])
+def test_manual_gradients_equal_autograd_in_float64(depth, activation):
+    torch.manual_seed(depth)
+    net = random_net(depth, activation)
+    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
+    cache = []
+    logits = net(x, cache)
+    nn.functional.cross_entropy(logits, y).backward()
+    manual = net.backward(cache, cross_entropy_grad(logits.detach(), y))
+    params = list(net.parameters())
+    assert len(manual) == len(params)
+    for grad, p in zip(manual, params):
+        assert grad.shape == p.shape
+        torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_manual_gradients_through_dropout_equal_autograd():
+    torch.manual_seed(0)
+    net = random_net(3, "prelu", dropout=0.4).train()
+    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
+    cache = []
+    logits = net(x, cache)  # one forward, so both backward passes see the same masks
+    assert all(mask is not None and (mask == 0).any() for _, _, mask in cache[:-1])
+    nn.functional.cross_entropy(logits, y).backward()
+    manual = net.backward(cache, cross_entropy_grad(logits.detach(), y))
+    for grad, p in zip(manual, net.parameters()):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
+
+
+def train_briefly(data_dir: Path, backward: str, **hparams) -> MLPClassifier:
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(depth=2, width=16, backward=backward, **hparams)
+    data = FashionMNISTDataModule(str(data_dir), batch_size=64, val_size=100)
+    trainer = L.Trainer(
+        max_epochs=2,
+        precision="64-true",
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2 * 11  # 700 training images in batches of 64
+    return model
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"activation": "prelu", "dropout": 0.3},  # SGD, Nesterov momentum, weight decay, one-cycle: the defaults
+        {"activation": "tanh", "optimizer": "adam", "lr": 0.01, "schedule": "cosine"},
+    ],
+    ids=["sgd-onecycle-prelu-dropout", "adam-cosine-tanh"],
+)
+def test_manual_training_takes_the_same_steps_as_autograd(synthetic_dir, hparams):
+    automatic = train_briefly(synthetic_dir, "autograd", **hparams)
+    manual = train_briefly(synthetic_dir, "manual", **hparams)
+    assert not manual.automatic_optimization
+    for (name, p_auto), p_manual in zip(automatic.named_parameters(), manual.parameters()):
+        torch.testing.assert_close(p_manual, p_auto, rtol=1e-10, atol=1e-10, msg=name)
+    assert manual.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2 * 11  # stepped every batch
+
+
+def test_manual_mode_never_calls_autograd(synthetic_dir, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("autograd was called")
+
+    monkeypatch.setattr(torch.autograd, "backward", refuse)
+    monkeypatch.setattr(torch.autograd, "grad", refuse)
+    model = train_briefly(synthetic_dir, "manual")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(AssertionError, match="autograd was called"):
+        train_briefly(synthetic_dir, "autograd")  # the patch does catch a backward pass
+
+
+@pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+def test_manual_and_autograd_reach_the_same_accuracy_on_real_fashion_mnist(tmp_path):
+    shutil.rmtree(tmp_path)
+    accuracy = {}
+    for backward in ("autograd", "manual"):
+        args = [
+            f"--data.data_dir={tmp_path / 'data'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            "--progress_bar.refresh_rate=0",
+            "--trainer.max_epochs=1",
+            "--model.depth=1",
+            "--model.width=256",
+            f"--model.backward={backward}",
+        ]
+        accuracy[backward] = fit.main(args)["test/acc"]
+    assert accuracy["autograd"] > 0.8 and accuracy["manual"] > 0.8
+    assert accuracy["manual"] == pytest.approx(accuracy["autograd"], abs=0.01)
