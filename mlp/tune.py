@@ -35,10 +35,11 @@ class SearchSpace:
     """Ranges searched jointly; lr, width and weight_decay on a log scale. Bounds are inclusive."""
 
     lr: tuple[float, float] = (0.02, 0.5)
-    epochs: tuple[int, int] = (5, 30)
+    epochs: tuple[int, int] = (5, 40)
     depth: tuple[int, int] = (1, 3)
     width: tuple[int, int] = (128, 1024)
     weight_decay: tuple[float, float] = (1e-5, 3e-3)
+    dropout: tuple[float, float] = (0.0, 0.5)
 
     def validate(self) -> None:
         for name, (low, high) in asdict(self).items():
@@ -48,6 +49,7 @@ class SearchSpace:
         check(self.epochs[0] >= 1, f"--epochs: at least 1 epoch, got {self.epochs}")
         check(self.depth[0] >= 0, f"--depth: at least 0 hidden layers, got {self.depth}")
         check(self.width[0] >= 1, f"--width: at least 1 unit, got {self.width}")
+        check(0 <= self.dropout[0] and self.dropout[1] < 1, f"--dropout: probabilities in [0, 1), got {self.dropout}")
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -58,6 +60,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
         "model.depth": trial.suggest_int("depth", *space.depth),
         "model.width": trial.suggest_int("width", *space.width, log=True),
         "model.weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
+        "model.dropout": trial.suggest_float("dropout", *space.dropout),
     }
 
 
@@ -146,7 +149,7 @@ def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace
     """
     hp = cli.model.hparams
     start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
-             "weight_decay": hp.weight_decay}
+             "weight_decay": hp.weight_decay, "dropout": hp.dropout}
     inside = all(low <= start[name] <= high for name, (low, high) in asdict(space).items())
     if inside and not study.trials:
         study.enqueue_trial(start)

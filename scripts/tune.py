@@ -10,6 +10,7 @@ Choices are made on the validation split; the best trial's best checkpoint is te
 """
 
 import argparse
+from dataclasses import fields
 import json
 import sys
 from pathlib import Path
@@ -48,10 +49,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict:
     options, fit_args = parse(argv)
-    space = SearchSpace(
-        lr=tuple(options.lr), epochs=tuple(options.epochs), depth=tuple(options.depth),
-        width=tuple(options.width), weight_decay=tuple(options.weight_decay),
-    )
+    space = SearchSpace(**{field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)})
     summary = run_study(
         space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
         options.pruner, options.sampler_seed,

@@ -96,3 +96,4 @@ def test_real_fashion_mnist_has_its_published_sizes(tmp_path):
     shutil.rmtree(tmp_path)
     data = prepared(tmp_path, val_size=5000)
     assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (55000, 5000, 10000)
+
