@@ -4,12 +4,13 @@ Per-sample PIL decoding and ToTensor make the d2l pipeline several times slower 
 itself; here an epoch's batches are slices of one float tensor, on the training device.
 """
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import extract_archive
@@ -105,6 +106,24 @@ def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Ten
     return images, labels
 
 
+class IndexBatches(Sampler[Tensor]):
+    """Batches of indices as tensors: one randperm an epoch (or arange), then slices of it.
+
+    torch's BatchSampler over RandomSampler builds each batch as a Python list of ints, which costs more
+    than a training step of a small net; a slice of a permutation costs nothing.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool) -> None:
+        self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        order = torch.randperm(self.size) if self.shuffle else torch.arange(self.size)
+        return iter(order.split(self.batch_size))
+
+
 class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST with a fixed-seed validation split carved from the training images.
 
@@ -152,12 +171,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return TensorDataset(inputs.to(device), labels.to(device))
 
     def _loader(self, dataset: TensorDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        # The sampler yields a list of indices per batch and the dataset answers with one gather,
+        # The sampler yields a tensor of indices per batch and the dataset answers with one gather,
         # instead of collating batch_size single samples.
-        order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         return DataLoader(
             dataset,
-            sampler=BatchSampler(order, batch_size, drop_last=False),
+            sampler=IndexBatches(len(dataset), batch_size, shuffle),
             batch_size=None,
             num_workers=self.hparams.num_workers,
         )

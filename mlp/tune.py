@@ -111,8 +111,9 @@ def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=space.epochs[1], reduction_factor=3)
     if name == "median":
-        # Trials with long schedules are behind early on; two epochs of warm-up spare most of them.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+        # A trial with a long one-cycle schedule is behind a short one at the same early epoch; five epochs of
+        # warm-up keep the pruner from mistaking that for a bad trial.
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
     return optuna.pruners.NopPruner()
 
 

@@ -97,3 +97,16 @@ def test_real_fashion_mnist_has_its_published_sizes(tmp_path):
     data = prepared(tmp_path, val_size=5000)
     assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (55000, 5000, 10000)
 
+
+
+def test_data_sits_on_the_trainers_device_so_batches_need_no_copy(synthetic_dir):
+    from types import SimpleNamespace
+
+    data = FashionMNISTDataModule(data_dir=str(synthetic_dir), val_size=100, batch_size=32)
+    # A 'meta' device stands in for a GPU on a machine without one: placement is checked, no memory used.
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    data.setup("test")
+    for dataset in (data.train_set, data.val_set, data.test_set):
+        assert all(t.device.type == "meta" for t in dataset.tensors)
+    x, y = next(iter(data.train_dataloader()))
+    assert x.device.type == "meta" and y.device.type == "meta" and x.shape == (32, 784)

@@ -1,0 +1,157 @@
+"""Seconds per training epoch of the same net three ways, measured in one run on the same data.
+
+    python scripts/bench.py                       # 784-256-10, SGD, batch 256, 3 epochs each
+    python scripts/bench.py --depth 3 --width 2048 --accelerator gpu
+
+1. d2l: torchvision's FashionMNIST + ToTensor + DataLoader(shuffle=True, num_workers=4), a plain loop.
+2. floor: the training split as one float tensor, randperm batches, a plain loop.
+3. ours: the real Trainer, MLPClassifier and FashionMNISTDataModule as fit.py builds them, validation and
+   checkpointing included (no test, no figures).
+All three train mlp.net.MLP with the same optimiser (SGD, Nesterov momentum, weight decay, one-cycle).
+The first epoch of each is warm-up (allocator, thread pools, worker start) and is excluded.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sized
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import transforms  # noqa: E402
+from torchvision.datasets import FashionMNIST  # noqa: E402
+
+from mlp.cli import build_cli  # noqa: E402
+from mlp.data import FashionMNISTDataModule  # noqa: E402
+from mlp.module import MLPClassifier  # noqa: E402
+from mlp.net import MLP  # noqa: E402
+
+
+def plain_loop(batches: Sized, model: MLPClassifier, device: torch.device, epochs: int) -> list[float]:
+    """Seconds of each epoch of a hand-written loop over `batches` (re-iterated every epoch), training model.net
+    the way model's hyperparameters say."""
+    net = model.net.to(device)
+    steps = epochs * len(batches)
+    optimizer, scheduler = _optimizer(model, net, steps)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _optimizer(model: MLPClassifier, net: MLP, steps: int):
+    hp = model.hparams
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=steps, cycle_momentum=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class RandpermBatches:
+    """The floor's batches: slices of one pre-loaded tensor in a fresh random order each epoch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.x), device=self.x.device)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i : i + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+class EpochTimer(L.Callback):
+    """Wall time from one training epoch's start to the next one's, so validation and checkpoints count."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.starts.append(time.perf_counter())
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.starts.append(time.perf_counter())
+
+    @property
+    def times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+
+def ours(flags: list[str], epochs: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as logs:
+        cli = build_cli([*flags, f"--trainer.max_epochs={epochs}", f"--trainer.logger.init_args.save_dir={logs}",
+                         "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false"])
+        timer = EpochTimer()
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return timer.times
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=1)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each pipeline, the first one excluded")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--skip-d2l", action="store_true", help="leave out the slow d2l pipeline")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2: the first epoch is warm-up and not counted")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    flags = [f"--model.depth={args.depth}", f"--model.width={args.width}", f"--data.batch_size={args.batch_size}",
+             f"--data.data_dir={args.data_dir}", f"--data.val_size={args.val_size}", f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
+
+    data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
+    data.setup("test")  # decompresses all four IDX files into torchvision's layout, which d2l's pipeline reads
+    results = {}
+    if not args.skip_d2l:
+        d2l_set = FashionMNIST(args.data_dir, train=True, transform=transforms.ToTensor())
+        loader = DataLoader(d2l_set, batch_size=args.batch_size, shuffle=True, num_workers=4)
+        results["d2l"] = plain_loop(loader, build_cli(flags).model, device, args.epochs)
+    x, y = (t.to(device) for t in data.train_set.tensors)
+    results["floor"] = plain_loop(RandpermBatches(x, y, args.batch_size), build_cli(flags).model, device, args.epochs)
+    results["ours"] = ours(flags, args.epochs)
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"784-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch_size}, {name}; "
+          f"seconds per epoch, mean of epochs 2..{args.epochs} (epoch 1 is warm-up):")
+    per_epoch = {key: statistics.mean(times[1:]) for key, times in results.items()}
+    for key, seconds in per_epoch.items():
+        print(f"  {key:6s} {seconds:7.3f} s/epoch   (all epochs: {', '.join(f'{t:.3f}' for t in results[key])})")
+    print(f"  ours / floor = {per_epoch['ours'] / per_epoch['floor']:.2f}")
+    if "d2l" in per_epoch:
+        print(f"  d2l / ours   = {per_epoch['d2l'] / per_epoch['ours']:.2f}")
+    return per_epoch
+
+
+if __name__ == "__main__":
+    main()
