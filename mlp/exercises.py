@@ -1,0 +1,154 @@
+"""The exercises of d2l's "Multilayer Perceptrons from Scratch", as sweeps that choose on validation.
+
+Each sweep changes one thing in d2l's setting (784-256-10, std-0.01 init, plain SGD at a constant lr of 0.1,
+10 epochs, batch 256). Every run is an ordinary fit through `mlp.cli.build_cli`, kept at its best epoch by
+val/acc; a sweep selects its best run on val/acc and tests that run once. The textbook chose on the test set.
+"""
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from mlp.cli import LOG_DIR, build_cli
+from mlp.errors import check
+
+D2L_SETTING = {
+    "model.depth": 1,
+    "model.width": 256,
+    "model.init": "normal",
+    "model.optimizer": "sgd",
+    "model.lr": 0.1,
+    "model.momentum": 0.0,
+    "model.nesterov": False,
+    "model.weight_decay": 0.0,
+    "model.schedule": "constant",
+    "trainer.max_epochs": 10,
+    "data.batch_size": 256,
+}
+
+SWEEPS = {
+    "width": [{"model.width": width} for width in (32, 64, 128, 256, 512, 1024, 2048)],
+    "depth": [{"model.depth": depth} for depth in (1, 2, 4, 8)],
+    "lr": [{"model.lr": lr} for lr in (0.01, 0.1, 1.0, 10.0)],
+    # A comparison, not a selection: how deep each init scheme still trains. Nothing here is tested.
+    "init": [{"model.init": init, "model.depth": depth} for init in ("normal", "kaiming", "xavier") for depth in range(1, 9)],
+}
+SELECTS = {"width", "depth", "lr"}
+
+
+def differences(changes: dict) -> dict:
+    return {key: value for key, value in changes.items() if D2L_SETTING.get(key) != value}
+
+
+def run_name(changes: dict) -> str:
+    """The flags that differ from d2l's setting, e.g. 'width=512' or 'init=kaiming,depth=3'; 'd2l' if none.
+
+    Runs are named by what they are, so a run two sweeps share (d2l's own setting is in three) is trained once.
+    """
+    return ",".join(f"{key.split('.')[-1]}={value}" for key, value in differences(changes).items()) or "d2l"
+
+
+def fit_flags(changes: dict, save_dir: Path, name: str, extra: list[str]) -> list[str]:
+    settings = {**D2L_SETTING, **changes}
+    flags = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in settings.items()]
+    logger = [f"--trainer.logger.init_args.{key}={value}" for key, value in
+              (("save_dir", save_dir), ("name", "exercises"), ("version", name))]  # fmt: skip
+    quiet = ["--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false"]
+    return [*flags, *logger, *quiet, *extra]  # `extra` last, so it overrides
+
+
+class ValidationHistory(Callback):
+    """val/acc and val/loss after every training epoch (the sanity check before training is left out)."""
+
+    def __init__(self) -> None:
+        self.acc, self.loss = [], []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.acc.append(trainer.callback_metrics["val/acc"].item())
+            self.loss.append(trainer.callback_metrics["val/loss"].item())
+
+
+def best_by_val_acc(trainer) -> ModelCheckpoint:
+    return next(c for c in trainer.checkpoint_callbacks if c.monitor == "val/acc")
+
+
+def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
+    """Fit one configuration; its best val/acc, the epoch it came at, and that epoch's checkpoint."""
+    name = run_name(changes)
+    shutil.rmtree(save_dir / "exercises" / name, ignore_errors=True)  # what an interrupted attempt left
+    cli = build_cli(fit_flags(changes, save_dir, name, extra))
+    history = ValidationHistory()
+    cli.trainer.callbacks.append(history)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    checkpoint = best_by_val_acc(cli.trainer)
+    return {
+        "changes": differences(changes),
+        "val_acc": checkpoint.best_model_score.item(),
+        "best_epoch": history.acc.index(max(history.acc)) + 1,
+        "val_acc_per_epoch": history.acc,
+        "diverged": not all(math.isfinite(loss) for loss in history.loss),
+        "checkpoint": checkpoint.best_model_path,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def test(run: dict, save_dir: Path, extra: list[str]) -> float:
+    """Test accuracy of a run's best checkpoint; called once per selected run, as the results file records."""
+    name = run_name(run["changes"])
+    cli = build_cli(fit_flags(run["changes"], save_dir, name, extra))
+    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=run["checkpoint"])
+    return results["test/acc"]
+
+
+def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None = None, extra=()) -> dict:
+    """Train the sweep's runs not yet in save_dir/exercises/results.json (only those named in `only`, if given);
+    once all are there, select on val/acc and test the selected run, unless it was tested before.
+
+    Returns {"runs": {name: result}, "selected": name or None}.
+    """
+    check(sweep in SWEEPS, f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
+    save_dir, extra = Path(save_dir), list(extra)
+    names = {run_name(changes): changes for changes in SWEEPS[sweep]}
+    unknown = set(only or []) - set(names)
+    check(not unknown, f"--only {' '.join(sorted(unknown))}: not in the {sweep} sweep ({' '.join(names)})")
+    results_file = save_dir / "exercises" / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    def save() -> None:
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = results_file.with_suffix(".partial")
+        partial.write_text(json.dumps(results, indent=1))
+        partial.replace(results_file)  # never a half-written results file
+
+    for name, changes in names.items():
+        if name not in results and (only is None or name in only):
+            results[name] = train(changes, save_dir, extra)
+            save()
+    runs = {name: results[name] for name in names if name in results}
+    selected = None
+    if sweep in SELECTS and len(runs) == len(names):
+        selected = max(runs, key=lambda name: runs[name]["val_acc"])  # the first of equals
+        if "test_acc" not in runs[selected]:
+            runs[selected]["test_acc"] = test(runs[selected], save_dir, extra)
+            save()
+    return {"runs": runs, "selected": selected, "missing": [name for name in names if name not in runs]}
+
+
+def markdown_table(sweep: str, outcome: dict) -> str:
+    """The sweep as a table: val acc for every run, test acc only for the selected one."""
+    lines = ["| run | best val acc | at epoch | test acc | seconds |", "|---|---|---|---|---|"]
+    for name, run in outcome["runs"].items():
+        chosen = name == outcome["selected"]
+        val = f"{run['val_acc']:.4f}" + (" (diverged)" if run["diverged"] else "")
+        test_acc = f"**{run['test_acc']:.4f}**" if chosen else "—"
+        lines.append(f"| {name}{' ← selected' if chosen else ''} | {val} | {run['best_epoch']} | {test_acc} | "
+                     f"{run['seconds']:.0f} |")  # fmt: skip
+    for name in outcome["missing"]:
+        lines.append(f"| {name} | not run yet | | | |")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""scripts/exercises.py on synthetic data: d2l's setting, selection on validation, one test, resuming."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlp import exercises
+from mlp.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import exercises as exercises_script  # noqa: E402
+
+
+@pytest.fixture
+def sweep_args(synthetic_dir, tmp_path) -> list[str]:
+    fast = ["--data.val_size=100", "--data.batch_size=32", "--trainer.max_epochs=2", "--model.width=16"]
+    return ["lr", f"--save_dir={tmp_path / 'logs'}", f"--data.data_dir={synthetic_dir}", *fast]
+
+
+def test_sweep_selects_on_validation_tests_the_choice_once_and_resumes(sweep_args, tmp_path, monkeypatch, capsys):
+    tested = []
+    real_test = exercises.test
+    monkeypatch.setattr(exercises, "test", lambda run, *args: tested.append(run) or real_test(run, *args))
+
+    partial = exercises_script.main([*sweep_args, "--only", "lr=0.01", "d2l"])
+    assert list(partial["runs"]) == ["lr=0.01", "d2l"]
+    assert partial["selected"] is None and partial["missing"] == ["lr=1.0", "lr=10.0"]
+    assert tested == []
+
+    outcome = exercises_script.main(sweep_args)
+    runs = outcome["runs"]
+    assert list(runs) == ["lr=0.01", "d2l", "lr=1.0", "lr=10.0"]
+    assert outcome["selected"] == max(runs, key=lambda name: runs[name]["val_acc"])
+    assert [name for name, run in runs.items() if "test_acc" in run] == [outcome["selected"]]
+    assert len(tested) == 1 and 0.0 < runs[outcome["selected"]]["test_acc"] <= 1.0
+    for run in runs.values():
+        assert run["val_acc"] == pytest.approx(max(run["val_acc_per_epoch"]))
+        assert len(run["val_acc_per_epoch"]) == 2 and Path(run["checkpoint"]).is_file()
+    table = capsys.readouterr().out
+    assert f"| {outcome['selected']} ← selected |" in table
+    assert f"**{runs[outcome['selected']]['test_acc']:.4f}**" in table and table.count("**") == 2
+
+    config = (tmp_path / "logs" / "exercises" / "d2l" / "config.yaml").read_text()
+    for setting in ("init: normal", "lr: 0.1", "momentum: 0.0", "nesterov: false", "schedule: constant"):
+        assert setting in config
+
+    def refuse(*args):
+        raise AssertionError("a finished run was trained or tested again")
+
+    monkeypatch.setattr(exercises, "train", refuse)
+    monkeypatch.setattr(exercises, "test", refuse)
+    again = exercises_script.main(sweep_args)
+    assert again["runs"] == runs
+    saved = json.loads((tmp_path / "logs" / "exercises" / "results.json").read_text())
+    assert saved == runs
+
+
+def test_runs_are_named_by_what_differs_from_d2l_so_sweeps_share_them():
+    assert exercises.run_name({"model.width": 256}) == exercises.run_name({"model.lr": 0.1}) == "d2l"
+    assert exercises.run_name({"model.init": "normal", "model.depth": 4}) == exercises.run_name({"model.depth": 4})
+    assert exercises.run_name({"model.init": "kaiming", "model.depth": 3}) == "init=kaiming,depth=3"
+
+
+def test_unknown_run_is_rejected_before_training(sweep_args):
+    with pytest.raises(UserError, match="width=300"):
+        exercises_script.main([*sweep_args, "--only", "width=300"])
