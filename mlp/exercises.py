@@ -35,7 +35,9 @@ SWEEPS = {
     "depth": [{"model.depth": depth} for depth in (1, 2, 4, 8)],
     "lr": [{"model.lr": lr} for lr in (0.01, 0.1, 1.0, 10.0)],
     # A comparison, not a selection: how deep each init scheme still trains. Nothing here is tested.
-    "init": [{"model.init": init, "model.depth": depth} for init in ("normal", "kaiming", "xavier") for depth in range(1, 9)],
+    "init": [
+        {"model.init": init, "model.depth": depth} for init in ("normal", "kaiming", "xavier") for depth in range(1, 9)
+    ],
 }
 SELECTS = {"width", "depth", "lr"}
 

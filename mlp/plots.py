@@ -28,7 +28,8 @@ def activations_figure(selected: str) -> Figure:
     for ax, (name, (value, derivative)) in zip(axes, curves.items()):
         ax.plot(x, value, label=f"{name}(x)")
         ax.plot(x, derivative, "--", label=f"{name}'(x)")
-        ax.set_title(f"{name} (this run)" if name == selected else name, fontweight="bold" if name == selected else None)
+        this_run = name == selected
+        ax.set_title(f"{name} (this run)" if this_run else name, fontweight="bold" if this_run else "normal")
         ax.set_xlabel("x")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
