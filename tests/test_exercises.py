@@ -35,9 +35,11 @@ def test_sweep_selects_on_validation_tests_the_choice_once_and_resumes(sweep_arg
     assert outcome["selected"] == max(runs, key=lambda name: runs[name]["val_acc"])
     assert [name for name, run in runs.items() if "test_acc" in run] == [outcome["selected"]]
     assert len(tested) == 1 and 0.0 < runs[outcome["selected"]]["test_acc"] <= 1.0
-    for run in runs.values():
+    for name, run in runs.items():
         assert run["val_acc"] == pytest.approx(max(run["val_acc_per_epoch"]))
-        assert len(run["val_acc_per_epoch"]) == 2 and Path(run["checkpoint"]).is_file()
+        # lr 10 diverges, and the divergence guard stops it after its first epoch.
+        assert len(run["val_acc_per_epoch"]) == (1 if name == "lr=10.0" else 2)
+        assert Path(run["checkpoint"]).is_file()
     table = capsys.readouterr().out
     assert f"| {outcome['selected']} ← selected |" in table
     assert f"**{runs[outcome['selected']]['test_acc']:.4f}**" in table and table.count("**") == 2
