@@ -36,7 +36,7 @@ def script_command(script: str, args: list[str], patch: str = "") -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def run(script: str, args: list[str], patch: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+def run(script: str, args: list[str], patch: str = "", timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         script_command(str(ROOT / "scripts" / script), args, patch),
@@ -52,7 +52,7 @@ def start(script: str, args: list[str], patch: str = "") -> subprocess.Popen:
     )
 
 
-def wait_for(process: subprocess.Popen, condition, what: str, timeout: float = 90) -> None:
+def wait_for(process: subprocess.Popen, condition, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
@@ -193,7 +193,7 @@ def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epoch
     process = start("fit.py", args)
     wait_for(process, lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), "the first checkpoint")
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0 and "Traceback" not in stderr
     assert "--ckpt_path last" in stderr
     interrupted = torch.load(run_dir / "checkpoints" / "on_exception.ckpt", weights_only=False)
@@ -239,12 +239,12 @@ def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_di
     process = start("tune.py", args)
     wait_for(process, lambda: running_trial(tmp_path), "a running trial")
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0 and "Traceback" not in stderr
     assert "run the same command again to continue" in stderr
     assert [t.state for t in trials_of(tmp_path)] == [TrialState.COMPLETE, TrialState.FAIL]
 
-    again = run("tune.py", args, timeout=300)
+    again = run("tune.py", args, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     states = [t.state for t in trials_of(tmp_path)]
     assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
@@ -257,12 +257,12 @@ def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_o
     process = start("tune.py", args, patch=quick_heartbeat)
     wait_for(process, lambda: running_trial(tmp_path), "a running trial")
     process.kill()
-    process.communicate(timeout=30)
+    process.communicate(timeout=300)
     killed = trials_of(tmp_path)[-1]
     assert killed.state == TrialState.RUNNING  # nobody was left to say otherwise
     time.sleep(3)  # let its heartbeat go stale
 
-    again = run("tune.py", args, patch=quick_heartbeat, timeout=300)
+    again = run("tune.py", args, patch=quick_heartbeat, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     trials = trials_of(tmp_path)
     assert trials[killed.number].state == TrialState.FAIL
