@@ -72,16 +72,18 @@ class MLPClassifier(L.LightningModule):
         self.net = MLP(784, depth, width, NUM_CLASSES, init, activation, dropout)
         # Manual mode steps the optimiser itself (manual_training_step), with gradients from MLP.backward.
         self.automatic_optimization = backward == "autograd"
-        # Per-step bookkeeping is the main cost Lightning adds to a step of this small net, so the training
-        # metrics skip input validation, keep NaN (a diverging loss must show), and are logged once an epoch.
+        # A metric update costs more than a training step of this small net, so the training metrics are
+        # updated once an epoch from the collected step outputs (Lightning's pattern for epoch-level work);
+        # they keep NaN, because a diverging loss must show.
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.train_loss = MeanMetric(nan_strategy="disable")
+        self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
         # Also set here: a run resumed mid-epoch starts without on_train_epoch_start.
-        self.epoch_examples, self.epoch_start = 0, time.perf_counter()
+        self.epoch_start = time.perf_counter()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -101,22 +103,29 @@ class MLPClassifier(L.LightningModule):
             self.logger.experiment.add_figure("activations", activations_figure(self.hparams.activation))
 
     def on_train_epoch_start(self) -> None:
-        self.epoch_examples, self.epoch_start = 0, time.perf_counter()
+        self.epoch_start = time.perf_counter()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, preds, y = self.model_step(batch) if self.automatic_optimization else self.manual_training_step(batch)
-        self.epoch_examples += len(y)
-        self.train_acc.update(preds, y)
-        self.train_loss.update(loss.detach(), weight=len(y))
+        self.train_step_outputs.append((loss.detach(), preds, y))
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps Lightning writes out
             self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
+        if not self.train_step_outputs:  # resumed from a checkpoint taken after the epoch's last step
+            return
+        losses, preds, targets = zip(*self.train_step_outputs)
+        self.train_step_outputs.clear()
+        batch_sizes = torch.tensor([len(y) for y in targets], device=self.device)
+        # One loss per example rather than `weight=batch_sizes`: with nan_strategy="disable", torchmetrics 1.9
+        # drops the weights (Lightning-AI/torchmetrics#3434), and the short last batch would count as a full one.
+        self.train_loss.update(torch.stack(losses).repeat_interleave(batch_sizes))
+        self.train_acc.update(torch.cat(preds), torch.cat(targets))
         self.log("train/loss_epoch", self.train_loss)
         self.log("train/acc", self.train_acc)
         # Lightning's ThroughputMonitor synchronises the GPU on every step; one reading per epoch is enough.
-        self.log("train/examples_per_sec", self.epoch_examples / (time.perf_counter() - self.epoch_start))
+        self.log("train/examples_per_sec", batch_sizes.sum().item() / (time.perf_counter() - self.epoch_start))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, preds, y = self.model_step(batch)

@@ -117,7 +117,9 @@ class MLP(nn.Module):
     @property
     def layers(self) -> list[tuple[Tensor, Tensor]]:
         """The (W, b) pairs, input layer first."""
-        return list(zip(self.params[0::2], self.params[1::2]))
+        # Slicing the ParameterList itself would build a new ParameterList on every forward.
+        params = list(self.params)
+        return list(zip(params[0::2], params[1::2]))
 
     def activate(self, z: Tensor, layer: int) -> Tensor:
         if self.activation == "prelu":
@@ -150,9 +152,10 @@ class MLP(nn.Module):
         grads = [None] * len(self.params)
         slope_grads = [None] * len(self.slopes)
         grad = grad_logits
+        layers = self.layers
         for layer in reversed(range(len(cache))):
             x, _, _ = cache[layer]
-            w, _ = self.layers[layer]
+            w, _ = layers[layer]
             grads[2 * layer], grads[2 * layer + 1] = x.T @ grad, grad.sum(0)
             if layer == 0:
                 break

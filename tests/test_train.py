@@ -65,6 +65,49 @@ def test_fit_trains_with_manual_backward_tanh_and_dropout(synthetic_dir, tmp_pat
     assert not model.automatic_optimization and model.net.activation == "tanh" and model.net.dropout == 0.2
 
 
+def test_training_metrics_measured_once_an_epoch_equal_step_by_step_updates(synthetic_dir, tmp_path):
+    """The module updates its training metrics once an epoch from the collected step outputs; this updates
+    fresh torchmetrics objects after every step instead, the usual way, and expects the same figures."""
+    import lightning as L
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from mlp.cli import build_cli
+
+    class StepByStep(L.Callback):
+        def __init__(self) -> None:
+            self.loss, self.acc = MeanMetric(), MulticlassAccuracy(10, average="micro")
+            self.expected, self.logged = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            loss, preds, y = module.train_step_outputs[-1]
+            self.loss.update(loss, weight=len(y))
+            self.acc.update(preds, y)
+
+        def on_train_epoch_end(self, trainer, module) -> None:  # Lightning calls this before the module's hook
+            self.expected.append((self.loss.compute().item(), self.acc.compute().item()))
+            self.loss.reset(), self.acc.reset()
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            if trainer.current_epoch > 0:
+                self.on_train_end(trainer, module)
+
+        def on_train_end(self, trainer, module) -> None:  # what the module logged for the epoch just ended
+            metrics = trainer.callback_metrics
+            self.logged.append((metrics["train/loss_epoch"].item(), metrics["train/acc"].item()))
+
+    # 700 training images in batches of 32: the last batch holds 28, so the loss mean must be weighted
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8", "--trainer.max_epochs=2"))
+    recorder = StepByStep()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    assert len(recorder.logged) == len(recorder.expected) == 2
+    for (logged_loss, logged_acc), (loss, acc) in zip(recorder.logged, recorder.expected):
+        assert logged_loss == pytest.approx(loss, rel=1e-6) and logged_acc == pytest.approx(acc, rel=1e-6)
+    assert not cli.model.train_step_outputs  # released at the end of every epoch
+
+
 def test_checkpoint_reloads_alone(synthetic_dir, tmp_path):
     from mlp.module import MLPClassifier
 
