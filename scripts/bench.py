@@ -9,10 +9,14 @@
    checkpointing included (no test, no figures).
 All three train mlp.net.MLP with the same optimiser (SGD, Nesterov momentum, weight decay, one-cycle).
 The first epoch of each is warm-up (allocator, thread pools, worker start) and is excluded.
+Also measured: start-up, the seconds from launching `python scripts/fit.py` to its first training step.
 """
 
 import argparse
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,6 +117,27 @@ def ours(flags: list[str], epochs: int) -> list[float]:
         return timer.times
 
 
+class FirstStepClock(L.Callback):
+    """Prints the wall-clock time at which the first training step starts, then ends the process."""
+
+    def on_train_batch_start(self, *args: object) -> None:
+        print(f"first training step at {time.time()}", flush=True)
+        os._exit(0)
+
+
+def startup(flags: list[str]) -> float:
+    """Seconds from launching `python scripts/fit.py FLAGS` to the start of its first training step."""
+    with tempfile.TemporaryDirectory() as logs:
+        command = [sys.executable, str(Path(__file__).with_name("fit.py")), *flags,
+                   f"--trainer.logger.init_args.save_dir={logs}", "--trainer.callbacks+=bench.FirstStepClock"]
+        launched = time.time()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    clock = re.search(r"first training step at ([\d.]+)", done.stdout)  # the progress bar may share its line
+    if not clock:
+        raise RuntimeError(f"fit.py ended before its first training step:\n{done.stderr[-2000:]}")
+    return float(clock[1]) - launched
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=1)
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     x, y = (t.to(device) for t in data.train_set.tensors)
     results["floor"] = plain_loop(RandpermBatches(x, y, args.batch_size), build_cli(flags).model, device, args.epochs)
     results["ours"] = ours(flags, args.epochs)
+    startup_seconds = startup(flags)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"784-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch_size}, {name}; "
@@ -150,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"  ours / floor = {per_epoch['ours'] / per_epoch['floor']:.2f}")
     if "d2l" in per_epoch:
         print(f"  d2l / ours   = {per_epoch['d2l'] / per_epoch['ours']:.2f}")
-    return per_epoch
+    print(f"start-up, from launching scripts/fit.py to its first training step: {startup_seconds:.2f} s")
+    return {**per_epoch, "startup": startup_seconds}
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ import bench  # noqa: E402
 
 def test_bench_times_d2l_floor_and_ours_and_prints_the_ratios(synthetic_dir, capsys):
     per_epoch = bench.main(["--data-dir", str(synthetic_dir), "--val-size", "100", "--epochs", "2", "--width", "32"])
-    assert set(per_epoch) == {"d2l", "floor", "ours"}
+    assert set(per_epoch) == {"d2l", "floor", "ours", "startup"}
     assert all(seconds > 0 for seconds in per_epoch.values())
+    assert per_epoch["startup"] < 600  # a real launch of fit.py that reached its first step
     printed = capsys.readouterr().out
     assert "784-32-10, batch 256" in printed
     assert re.search(r"ours / floor = \d+\.\d\d", printed) and re.search(r"d2l / ours   = \d+\.\d\d", printed)
+    assert re.search(r"first training step: \d+\.\d\d s", printed)
