@@ -106,6 +106,11 @@ def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Ten
     return images, labels
 
 
+def unit_pixels(images: Tensor) -> Tensor:
+    """uint8 images (N, 28, 28) as float rows (N, 784) in [0, 1]."""
+    return images.reshape(len(images), -1).float().div_(255)
+
+
 class IndexBatches(Sampler[Tensor]):
     """Batches of indices as tensors: one randperm an epoch (or arange), then slices of it.
 
@@ -159,16 +164,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.seed))
             val_idx, train_idx = order[: self.hparams.val_size], order[self.hparams.val_size :]
             # Statistics of the training split alone, so nothing about validation or test leaks into the inputs.
-            pixels = images[train_idx].float().div_(255)
-            self.mean, self.std = pixels.mean().item(), pixels.std().item()
-            self.train_set = self._dataset(images[train_idx], labels[train_idx], device)
-            self.val_set = self._dataset(images[val_idx], labels[val_idx], device)
+            train_pixels = unit_pixels(images[train_idx])
+            self.mean, self.std = train_pixels.mean().item(), train_pixels.std().item()
+            self.train_set = self._dataset(train_pixels, labels[train_idx], device)
+            self.val_set = self._dataset(unit_pixels(images[val_idx]), labels[val_idx], device)
         if stage == "test" and self.test_set is None:
-            self.test_set = self._dataset(*load_split(self.files, "test", cache_dir), device)
+            images, labels = load_split(self.files, "test", cache_dir)
+            self.test_set = self._dataset(unit_pixels(images), labels, device)
 
-    def _dataset(self, images: Tensor, labels: Tensor, device: torch.device) -> TensorDataset:
-        inputs = (images.reshape(len(images), -1).float().div_(255) - self.mean) / self.std
-        return TensorDataset(inputs.to(device), labels.to(device))
+    def _dataset(self, pixels: Tensor, labels: Tensor, device: torch.device) -> TensorDataset:
+        """Standardises `pixels` in place: one copy of the training images in memory, not three."""
+        return TensorDataset(pixels.sub_(self.mean).div_(self.std).to(device), labels.to(device))
 
     def _loader(self, dataset: TensorDataset, batch_size: int, shuffle: bool) -> DataLoader:
         # The sampler yields a tensor of indices per batch and the dataset answers with one gather,
