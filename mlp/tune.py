@@ -9,13 +9,15 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from mlp.cli import MLPCLI, build_cli, divergence_message, fit
@@ -117,6 +119,47 @@ def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE whose random draws depend only on the seed and the trial's number.
+
+    One seeded TPESampler per process would give every worker started with the same seed the same draws, and
+    a rerun would replay the first run's. Trial numbers are unique across workers (the storage assigns them),
+    so seeding each trial with seed + number gives distinct, reproducible draws.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.tpe = self.tpe_for(0)
+
+    def tpe_for(self, number: int) -> optuna.samplers.TPESampler:
+        # constant_liar: another worker's RUNNING trial counts as a bad result, so TPE does not pile onto it.
+        return optuna.samplers.TPESampler(
+            seed=self.seed + number, n_startup_trials=5, multivariate=True, constant_liar=True
+        )
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.tpe = self.tpe_for(trial.number)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+
 def open_study(study_name: str, storage_url: str, pruner: str, space: SearchSpace, seed: int) -> optuna.Study:
     """Create the study, or load it if it exists, so that rerunning the same command continues it."""
     if storage_url.startswith("sqlite:///"):
@@ -137,7 +180,7 @@ def open_study(study_name: str, storage_url: str, pruner: str, space: SearchSpac
         storage=storage,
         load_if_exists=True,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True),
+        sampler=TrialSeededTPE(seed),
         pruner=make_pruner(pruner, space),
     )
 
