@@ -4,9 +4,11 @@
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
+    python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
 
 Flags this script does not know are fit flags (see `python scripts/fit.py --help`) and apply to every trial.
-Choices are made on the validation split; the best trial's best checkpoint is tested once at the end.
+Choices are made on the validation split; the best trial's best checkpoint is tested once at the end, by
+the worker that finishes the study's last trial.
 """
 
 import argparse
@@ -47,14 +49,17 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     options, fit_args = parse(argv)
     space = SearchSpace(**{field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)})
     summary = run_study(
         space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
         options.pruner, options.sampler_seed,
     )
-    print(json.dumps(summary, indent=2))
+    if summary is None:
+        print("another worker finished the study's last trial and writes the report")
+    else:
+        print(json.dumps(summary, indent=2))
     return summary
 
 

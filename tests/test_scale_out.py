@@ -1,0 +1,240 @@
+"""Several tune.py workers on one study: distinct draws, an exact trial count, a killed worker's trial rerun,
+one report. The workers run against a real PostgreSQL server started on loopback for the test."""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+from mlp.errors import UserError
+from mlp.tune import FINISHED, SearchSpace, TrialSeededTPE, open_study, run_trials, suggest, writes_report
+from tests.test_reliability import ROOT, script_command
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import tune  # noqa: E402
+
+# One torch thread per worker, so that the workers do not fight over the cores; heartbeats every second.
+WORKER_PATCH = (
+    "import torch; torch.set_num_threads(1)\n"
+    "import mlp.tune; mlp.tune.HEARTBEAT_SECONDS = 1; mlp.tune.GRACE_SECONDS = 2"
+)
+
+
+# -- the sampler -------------------------------------------------------------------------------------------
+
+
+def draws(study: optuna.Study) -> dict:
+    trial = study.ask()
+    return {"number": trial.number, **suggest(trial, SearchSpace())}
+
+
+def test_workers_with_the_same_seed_draw_distinct_reproducible_parameters():
+    storage = optuna.storages.InMemoryStorage()
+    workers = [optuna.create_study(study_name="s", storage=storage, sampler=TrialSeededTPE(seed=0))]
+    workers.append(optuna.load_study(study_name="s", storage=storage, sampler=TrialSeededTPE(seed=0)))
+    shared = [draws(workers[number % 2]) for number in range(4)]
+    assert [d["number"] for d in shared] == [0, 1, 2, 3]
+    params = [tuple(sorted((k, v) for k, v in d.items() if k != "number")) for d in shared]
+    assert len(set(params)) == 4
+
+    alone = optuna.create_study(sampler=TrialSeededTPE(seed=0))
+    assert [draws(alone) for _ in range(4)] == shared  # a trial's draw depends on (seed, number) only
+    other_seed = optuna.create_study(sampler=TrialSeededTPE(seed=1))
+    assert draws(other_seed) != shared[0]
+
+
+def test_unreachable_storage_is_one_clear_line(synthetic_dir, tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    args = [f"--storage=postgresql+psycopg://user@127.0.0.1:{port}/db", f"--data.data_dir={synthetic_dir}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'psycopg[binary]'")
+    with pytest.raises(UserError, match="cannot open the study storage .*Connection refused") as error:
+        tune.main(args)
+    assert "\n" not in str(error.value)
+
+
+# -- the stop rule -------------------------------------------------------------------------------------------
+
+
+class Quadratic:
+    """A stand-in for mlp.tune.Objective: instant trials."""
+
+    interrupted = False
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        return trial.suggest_float("x", -1, 1) ** 2
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("mlp.tune.HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr("mlp.tune.GRACE_SECONDS", 2)
+    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace(), seed=0)
+    dead = study.ask()  # a worker that started a trial, beat once and died
+    dead.suggest_float("x", -1, 1)
+    study._storage.record_heartbeat(dead._trial_id)  # what Study.optimize does while a trial runs
+
+    run_trials(study, Quadratic(), n_trials=1, timeout=60)
+
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params
+    assert writes_report(study, ran=[1]) and not writes_report(study, ran=[0])
+
+
+# -- a real PostgreSQL server --------------------------------------------------------------------------------
+
+
+def postgres_bin() -> Path | None:
+    """The folder holding initdb and pg_ctl: Debian's /usr/lib/postgresql/<version>/bin, or PATH."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
+    on_path = shutil.which("initdb")
+    candidates += [str(Path(on_path).parent)] if on_path else []
+    return next((Path(c) for c in candidates if (Path(c) / "pg_ctl").is_file()), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server on 127.0.0.1 with an empty database; its URL for SQLAlchemy."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'psycopg[binary]'")
+    # PostgreSQL refuses to run as root, so root runs it as the postgres user, in a folder that user owns
+    # (pytest's tmp_path is private to root).
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="tune-postgres-"))
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root needs runuser to start PostgreSQL as another user")
+        try:
+            shutil.chown(root, user="postgres")
+        except LookupError:
+            pytest.skip("running as root needs a 'postgres' user to start PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    try:
+        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+        # -F: no fsync, -k: the socket in our folder rather than /var/run/postgresql.
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
+           "-o", f"-h 127.0.0.1 -p {port} -k {root} -F", "start")
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as c:
+            c.execute("CREATE DATABASE tune")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/tune"
+    finally:
+        if (data / "postmaster.pid").exists():
+            pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root)
+
+
+# -- workers -----------------------------------------------------------------------------------------------
+
+
+def worker(args: list[str], log: Path) -> subprocess.Popen:
+    """A tune.py process writing its output to `log` (pipes could fill up and block it)."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            script_command(str(ROOT / "scripts" / "tune.py"), args, WORKER_PATCH),
+            stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        )
+
+
+def wait_for(condition: Callable[[], Any], what: str, processes: list[subprocess.Popen], timeout: float = 300) -> Any:
+    """The first value of condition() that is not None, polled while every process is alive."""
+    deadline = time.monotonic() + timeout
+    while (value := condition()) is None:
+        dead = [p for p in processes if p.poll() is not None]
+        assert not dead, f"a worker ended (exit code {dead[0].returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; none before the workers have created it (the test leaves the tables to them)."""
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        return optuna.load_study(study_name="scale", storage=storage).trials
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        return []
+
+
+def pid_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    worker = trial.user_attrs.get("worker")
+    return int(worker.rsplit(":", 1)[1]) if worker else None
+
+
+def test_three_workers_on_postgres_share_one_study_and_recover_a_killed_one(postgres_url, synthetic_dir, tmp_path):
+    n_trials = 6
+    args = [
+        f"--n-trials={n_trials}", f"--storage={postgres_url}", "--study-name=scale", "--pruner=none",
+        "--lr", "0.05", "0.2", "--epochs", "15", "15", "--depth", "1", "1", "--width", "8", "32",
+        f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--data.val_size=100", "--data.batch_size=32",
+    ]
+    # All three start at once on an empty database, as a user starting N workers would.
+    survivors = [worker(args, tmp_path / f"worker{i}.log") for i in range(2)]
+    victim = worker(args, tmp_path / "victim.log")
+
+    def victims_trial() -> optuna.trial.FrozenTrial | None:
+        """The victim's trial, once it is running and has reported an epoch."""
+        running = [t for t in trials_of(postgres_url) if t.state == TrialState.RUNNING and pid_of(t) == victim.pid]
+        return running[0] if running and running[0].intermediate_values else None
+
+    killed = wait_for(victims_trial, "the victim's trial reported an epoch", [*survivors, victim])
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+
+    for process in survivors:
+        process.wait(timeout=300)
+    outputs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    assert [p.returncode for p in survivors] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+
+    trials = trials_of(postgres_url)
+    assert len({t.number for t in trials}) == len(trials)
+    assert sum(t.state in FINISHED for t in trials) == n_trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # The killed trial failed once its heartbeat was stale and ran again, once, with the same parameters.
+    assert trials[killed.number].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.state in FINISHED and retry.params == killed.params
+    # Any other failure is a trial started at the same moment as the last one, stopped before training.
+    others = [t for t in trials if t.state == TrialState.FAIL and t.number != killed.number]
+    assert all(t.user_attrs.get("surplus") and not t.params for t in others)
+    # The survivors both trained, and never drew the same parameters (retries aside).
+    assert {p.pid for p in survivors} <= {pid_of(t) for t in trials if t.state in FINISHED}
+    drawn = [tuple(sorted(t.params.items())) for t in trials if t.params and "failed_trial" not in t.system_attrs]
+    assert len(set(drawn)) == len(drawn)
+    # Exactly one worker wrote the report; the other said so.
+    reporters = [o for o in outputs if '"best_trial"' in o]
+    assert len(reporters) == 1
+    assert sum("another worker finished the study's last trial" in o for o in outputs) == 1
+    assert (tmp_path / "logs" / "tune" / "scale" / "report.json").is_file()
