@@ -75,7 +75,7 @@ class MLPClassifier(L.LightningModule):
         # A metric update costs more than a training step of this small net, so the training metrics are
         # updated once an epoch from the collected step outputs (Lightning's pattern for epoch-level work);
         # they keep NaN, because a diverging loss must show.
-        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
