@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -220,7 +221,9 @@ def tune_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
 
 
 def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    # The tune process creates the tables; a poller creating them too would race it (alembic_version).
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", skip_table_creation=True)
+    return optuna.load_study(study_name="faults", storage=storage).trials
 
 
 def running_trial(tmp_path: Path) -> bool:
@@ -229,8 +232,8 @@ def running_trial(tmp_path: Path) -> bool:
         return False
     try:
         trials = trials_of(tmp_path)
-    except (KeyError, optuna.exceptions.StorageInternalError):  # the study is still being created
-        return False
+    except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+        return False  # the tables or the study are still being created
     return len(trials) >= 2 and trials[-1].state == TrialState.RUNNING and bool(trials[-1].intermediate_values)
 
 
