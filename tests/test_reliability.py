@@ -220,20 +220,27 @@ def tune_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
     ]
 
 
+def created_trials(url: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; none while the tune processes are still creating its tables or the study.
+
+    Read without creating tables: a reader creating them too would race those processes (alembic_version).
+    """
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        return optuna.load_study(study_name=study_name, storage=storage).trials
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        return []
+
+
 def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
-    # The tune process creates the tables; a poller creating them too would race it (alembic_version).
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", skip_table_creation=True)
-    return optuna.load_study(study_name="faults", storage=storage).trials
+    return created_trials(f"sqlite:///{tmp_path / 'study.db'}", "faults")
 
 
 def running_trial(tmp_path: Path) -> bool:
     """True once the second trial has reported an epoch, so the study holds a finished and a running trial."""
-    if not (tmp_path / "study.db").exists():
+    if not (tmp_path / "study.db").exists():  # connecting would create the file before the tune process does
         return False
-    try:
-        trials = trials_of(tmp_path)
-    except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
-        return False  # the tables or the study are still being created
+    trials = trials_of(tmp_path)
     return len(trials) >= 2 and trials[-1].state == TrialState.RUNNING and bool(trials[-1].intermediate_values)
 
 

@@ -16,12 +16,11 @@ from typing import Any
 
 import optuna
 import pytest
-import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from mlp.errors import UserError
 from mlp.tune import FINISHED, SearchSpace, TrialSeededTPE, open_study, run_trials, suggest, writes_report
-from tests.test_reliability import ROOT, script_command
+from tests.test_reliability import ROOT, created_trials, script_command
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import tune  # noqa: E402
@@ -179,12 +178,7 @@ def wait_for(condition: Callable[[], Any], what: str, processes: list[subprocess
 
 
 def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
-    """The study's trials; none before the workers have created it (the test leaves the tables to them)."""
-    try:
-        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
-        return optuna.load_study(study_name="scale", storage=storage).trials
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
-        return []
+    return created_trials(url, "scale")
 
 
 def pid_of(trial: optuna.trial.FrozenTrial) -> int | None:
