@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlp.errors import run_script  # noqa: E402
-from mlp.tune import SearchSpace, run_study  # noqa: E402
+from mlp.search import SearchSpace  # noqa: E402
+from mlp.tune import run_study  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -262,7 +262,7 @@ def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_di
 
 
 def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_once(synthetic_dir, tmp_path):
-    quick_heartbeat = "import mlp.tune; mlp.tune.HEARTBEAT_SECONDS = 1; mlp.tune.GRACE_SECONDS = 2"
+    quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
     args = tune_args(synthetic_dir, tmp_path, n_trials=3)
     process = start("tune.py", args, patch=quick_heartbeat)
     wait_for(process, lambda: running_trial(tmp_path), "a running trial")

@@ -19,7 +19,8 @@ import pytest
 from optuna.trial import TrialState
 
 from mlp.errors import UserError
-from mlp.tune import FINISHED, SearchSpace, TrialSeededTPE, open_study, run_trials, suggest, writes_report
+from mlp.search import SearchSpace, TrialSeededTPE, suggest
+from mlp.study import FINISHED, open_study, run_trials, writes_report
 from tests.test_reliability import ROOT, created_trials, script_command
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -28,7 +29,7 @@ import tune  # noqa: E402
 # One torch thread per worker, so that the workers do not fight over the cores; heartbeats every second.
 WORKER_PATCH = (
     "import torch; torch.set_num_threads(1)\n"
-    "import mlp.tune; mlp.tune.HEARTBEAT_SECONDS = 1; mlp.tune.GRACE_SECONDS = 2"
+    "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
 )
 
 
@@ -81,8 +82,8 @@ class Quadratic:
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("mlp.tune.HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr("mlp.tune.GRACE_SECONDS", 2)
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr("mlp.study.GRACE_SECONDS", 2)
     study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace(), seed=0)
     dead = study.ask()  # a worker that started a trial, beat once and died
     dead.suggest_float("x", -1, 1)

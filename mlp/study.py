@@ -1,0 +1,152 @@
+"""The study in its storage, and the rules every worker on it follows: which trial to run next, when to wait
+for other workers, when a dead worker's trial is rerun, and which worker writes the report."""
+
+import math
+import random
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from mlp.cli import MLPCLI
+from mlp.errors import UserError
+from mlp.search import SearchSpace, TrialSeededTPE, make_pruner
+
+if TYPE_CHECKING:
+    from mlp.tune import Objective
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Trials that are or will be counted towards --n-trials: a WAITING one is run by the next worker to ask.
+LIVE = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+# A worker that dies leaves its trial RUNNING; once its heartbeat is older than the grace period, any other
+# worker marks it failed and enqueues its parameters again. Idle workers look again every heartbeat.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
+log = optuna.logging.get_logger("optuna.mlp")
+
+
+def connect(storage_url: str) -> RDBStorage:
+    """The storage, with heartbeats on; its tables are created on first use."""
+    if storage_url.startswith("sqlite:///"):
+        Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return heartbeat_storage(storage_url)
+    except Exception as error:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        first_line = str(error).splitlines()[0]  # SQLAlchemy appends the SQL and a link to its docs
+        raise UserError(f"cannot open the study storage {storage_url!r}: {first_line}") from None
+
+
+def heartbeat_storage(storage_url: str, attempts: int = 3) -> RDBStorage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                storage_url,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+        # Workers started together on an empty database race to create the same tables and types; a loser
+        # gets one of these errors and finds everything made when it tries again.
+        if attempts == 1:
+            raise
+        time.sleep(random.uniform(0.5, 2))
+        return heartbeat_storage(storage_url, attempts - 1)
+
+
+def open_study(
+    study_name: str, storage_url: str, pruner: str, space: SearchSpace, seed: int
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it if it exists, so that rerunning the same command continues it.
+
+    Also says whether this call created it: of workers started together, exactly one did.
+    """
+    settings = dict(
+        study_name=study_name,
+        storage=connect(storage_url),
+        sampler=TrialSeededTPE(seed),
+        pruner=make_pruner(pruner, space),
+    )
+    try:
+        return optuna.create_study(direction="maximize", **settings), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**settings), False
+
+
+def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace) -> None:
+    """Queue, as a new study's first trial, the configuration fit.py would train with the same flags.
+
+    fit.py's defaults were chosen on the validation split, so the search starts from a known-good point
+    instead of spending its first epochs rediscovering it.
+    """
+    hp = cli.model.hparams
+    start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
+             "weight_decay": hp.weight_decay, "dropout": hp.dropout}
+    inside = all(low <= start[name] <= high for name, (low, high) in asdict(space).items())
+    if inside:
+        study.enqueue_trial(start)
+
+
+def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
+    """Whether n_trials live trials were created before this one.
+
+    Workers check the count before they ask for a trial, but two can check at the same moment. The storage
+    numbers trials in the order it creates them, so counting only earlier trials settles the tie: the later
+    one is surplus.
+    """
+    live = trial.study.get_trials(deepcopy=False, states=LIVE)
+    return sum(t.number < trial.number for t in live) >= n_trials
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the trials of workers whose heartbeat went stale; each is enqueued again once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_trials(study: optuna.Study, objective: "Objective", n_trials: int, timeout: float | None) -> None:
+    """Run trials until the study holds n_trials finished ones and no trial is running anywhere.
+
+    Any number of workers may do this on one study at once. A worker starts a trial while the study holds a
+    WAITING one or fewer than n_trials live ones. With nothing to start it waits for the other workers'
+    trials, so that if one of them dies, its trial is failed once the heartbeat is stale and rerun here.
+    """
+    deadline = time.monotonic() + (math.inf if timeout is None else timeout)
+    waiting_logged = False
+    while time.monotonic() < deadline:
+        fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        if TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials:
+            study.optimize(objective, n_trials=1, gc_after_trial=True)
+            if objective.interrupted:
+                raise KeyboardInterrupt
+        elif TrialState.RUNNING in states:
+            if not waiting_logged:
+                log.info(f"No trial left to start; waiting for {states.count(TrialState.RUNNING)} running elsewhere.")
+                waiting_logged = True
+            time.sleep(HEARTBEAT_SECONDS)
+        else:
+            return
+
+
+def writes_report(study: optuna.Study, ran: list[int]) -> bool:
+    """Whether this worker reports: the one that finished the study's last trial, once none is running.
+
+    Every worker agrees on which trial finished last, so exactly one reports; a worker that ran no trial
+    (the command rerun on a finished study) reports too.
+    """
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.RUNNING for t in trials):
+        return False
+    finished = [t for t in trials if t.state in FINISHED]
+    if not ran or not finished:
+        return True
+    return max(finished, key=lambda t: (t.datetime_complete, t.number)).number in ran
