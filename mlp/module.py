@@ -20,10 +20,14 @@ from mlp.plots import activations_figure, predictions_figure
 NUM_CLASSES = len(CLASS_NAMES)
 
 
-def cross_entropy_grad(logits: Tensor, y: Tensor) -> Tensor:
-    """d mean-cross-entropy / d logits = (softmax(logits) - onehot(y)) / batch size."""
-    grad = logits.softmax(dim=1)
-    grad[torch.arange(len(y)), y] -= 1
+def cross_entropy_grad(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """d mean-cross-entropy / d logits = (softmax(logits) - target) / batch size.
+
+    The target is onehot(y), or with label smoothing (1 - label_smoothing) onehot(y) + label_smoothing / classes,
+    as F.cross_entropy mixes it.
+    """
+    grad = logits.softmax(dim=1) - label_smoothing / logits.shape[1]
+    grad[torch.arange(len(y)), y] -= 1 - label_smoothing
     return grad / len(y)
 
 
@@ -43,6 +47,7 @@ class MLPClassifier(L.LightningModule):
         activation: "relu", "prelu" (learned slope per layer), "sigmoid" or "tanh", all in `mlp.net`.
         dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
         backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
+        label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class MLPClassifier(L.LightningModule):
         activation: Activation = "relu",
         dropout: float = 0.0,
         backward: Literal["autograd", "manual"] = "autograd",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         check(depth >= 0, f"depth (hidden layers) must be >= 0, got {depth}")
@@ -68,6 +74,7 @@ class MLPClassifier(L.LightningModule):
         check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
         check(not (nesterov and optimizer == "sgd" and momentum == 0), "nesterov needs momentum > 0")
         check(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
+        check(0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
         self.net = MLP(784, depth, width, NUM_CLASSES, init, activation, dropout)
         # Manual mode steps the optimiser itself (manual_training_step), with gradients from MLP.backward.
@@ -91,7 +98,10 @@ class MLPClassifier(L.LightningModule):
     def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
         logits = self(x)
-        return F.cross_entropy(logits, y), logits.argmax(dim=1), y
+        return self.loss(logits, y), logits.argmax(dim=1), y
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     def on_train_start(self) -> None:
         # The sanity-check validation ran on an untrained net; it must not count as the best so far.
@@ -186,9 +196,9 @@ class MLPClassifier(L.LightningModule):
         x, y = batch
         cache = []
         logits = self.net(x, cache)
-        for p, grad in zip(self.net.parameters(), self.net.backward(cache, cross_entropy_grad(logits, y))):
+        for p, grad in zip(self.net.parameters(), self.net.backward(cache, cross_entropy_grad(logits, y, self.hparams.label_smoothing))):
             p.grad = grad
         self.optimizers().step()
         if scheduler := self.lr_schedulers():
             scheduler.step()
-        return F.cross_entropy(logits, y), logits.argmax(dim=1), y
+        return self.loss(logits, y), logits.argmax(dim=1), y

@@ -59,6 +59,18 @@ def test_manual_gradients_through_dropout_equal_autograd():
         torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.5])
+def test_label_smoothed_cross_entropy_gradient_equals_autograd(label_smoothing):
+    torch.manual_seed(0)
+    logits = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (11,))
+    nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing).backward()
+    manual = cross_entropy_grad(logits.detach(), y, label_smoothing)
+    torch.testing.assert_close(manual, logits.grad, rtol=1e-10, atol=1e-10)
+    smoothed = MLPClassifier(label_smoothing=label_smoothing).loss(logits, y)  # the loss training minimises
+    assert smoothed.item() == pytest.approx(nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing).item())
+
+
 def train_briefly(data_dir: Path, backward: str, **hparams) -> MLPClassifier:
     L.seed_everything(0, verbose=False)
     model = MLPClassifier(depth=2, width=16, backward=backward, **hparams)
@@ -82,8 +94,9 @@ def train_briefly(data_dir: Path, backward: str, **hparams) -> MLPClassifier:
     [
         {"activation": "prelu", "dropout": 0.3},  # SGD, Nesterov momentum, weight decay, one-cycle: the defaults
         {"activation": "tanh", "optimizer": "adam", "lr": 0.01, "schedule": "cosine"},
+        {"label_smoothing": 0.1},
     ],
-    ids=["sgd-onecycle-prelu-dropout", "adam-cosine-tanh"],
+    ids=["sgd-onecycle-prelu-dropout", "adam-cosine-tanh", "label-smoothing"],
 )
 def test_manual_training_takes_the_same_steps_as_autograd(synthetic_dir, hparams):
     automatic = train_briefly(synthetic_dir, "autograd", **hparams)
