@@ -46,6 +46,11 @@ class MLPCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         epochs = self.config.trainer.max_epochs
         check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
+        if self.config.data.val_size == 0:
+            # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.
+            self.config.trainer.limit_val_batches = 0
+            self.config.checkpoint.monitor = None
+            self.config.checkpoint.filename = "epoch{epoch:02d}"
         logger = self.config.trainer.logger
         if self.config.ckpt_path == "last" and getattr(logger, "init_args", None) and logger.init_args.version is None:
             # Resume into the latest run's folder, where Lightning looks for last.ckpt and on_exception.ckpt.

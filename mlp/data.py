@@ -15,6 +15,7 @@ from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import extract_archive
 
+from mlp.augment import shift_and_flip
 from mlp.errors import UserError, check
 
 CLASS_NAMES = list(FashionMNIST.classes)
@@ -108,7 +109,7 @@ def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Ten
 
 def unit_pixels(images: Tensor) -> Tensor:
     """uint8 images (N, 28, 28) as float rows (N, 784) in [0, 1]."""
-    return images.reshape(len(images), -1).float().div_(255)
+    return images.reshape(len(images), 28 * 28).float().div_(255)
 
 
 class IndexBatches(Sampler[Tensor]):
@@ -132,7 +133,9 @@ class IndexBatches(Sampler[Tensor]):
 class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST with a fixed-seed validation split carved from the training images.
 
-    The test images are loaded only for `trainer.test`, so model selection never sees them.
+    The test images are loaded only for `trainer.test`, so model selection never sees them. `val_size` 0 trains
+    on all training images with no validation at all (a refit whose epochs were chosen before).
+    `augment_shift` (pixels) and `augment_flip` augment the training batches only, on the training device.
     """
 
     def __init__(
@@ -142,11 +145,14 @@ class FashionMNISTDataModule(L.LightningDataModule):
         val_size: int = 5000,
         seed: int = 0,
         num_workers: int = 0,
+        augment_shift: int = 0,
+        augment_flip: bool = False,
     ) -> None:
         super().__init__()
         check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-        check(val_size >= 1, f"val_size must be >= 1 (the validation split picks hyperparameters), got {val_size}")
+        check(val_size >= 0, f"val_size must be >= 0 (0: train on everything, no validation), got {val_size}")
         check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
+        check(0 <= augment_shift < 14, f"augment_shift must be 0-13 pixels, got {augment_shift}")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
 
@@ -166,6 +172,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             # Statistics of the training split alone, so nothing about validation or test leaks into the inputs.
             train_pixels = unit_pixels(images[train_idx])
             self.mean, self.std = train_pixels.mean().item(), train_pixels.std().item()
+            self.background = -self.mean / self.std  # a black pixel, standardised
             self.train_set = self._dataset(train_pixels, labels[train_idx], device)
             self.val_set = self._dataset(unit_pixels(images[val_idx]), labels[val_idx], device)
         if stage == "test" and self.test_set is None:
@@ -185,6 +192,13 @@ class FashionMNISTDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=self.hparams.num_workers,
         )
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        hp = self.hparams
+        if self.trainer is not None and self.trainer.training and (hp.augment_shift or hp.augment_flip):
+            x, y = batch
+            return shift_and_flip(x, hp.augment_shift, hp.augment_flip, self.background), y
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)

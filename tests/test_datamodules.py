@@ -3,9 +3,11 @@
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from mlp.augment import shift_and_flip
 from mlp.data import (
     FILES,
     CorruptDatasetError,
@@ -110,3 +112,77 @@ def test_data_sits_on_the_trainers_device_so_batches_need_no_copy(synthetic_dir)
         assert all(t.device.type == "meta" for t in dataset.tensors)
     x, y = next(iter(data.train_dataloader()))
     assert x.device.type == "meta" and y.device.type == "meta" and x.shape == (32, 784)
+
+
+def test_val_size_zero_trains_on_every_training_image(synthetic_dir):
+    data = prepared(synthetic_dir, val_size=0)
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (800, 0, 200)
+
+
+def test_shifts_move_a_known_image_by_at_most_max_shift_and_flips_mirror_it():
+    image = torch.zeros(28, 28)
+    image[10, 3] = 1.0  # one lit pixel, off-centre so a flip shows
+    torch.manual_seed(0)
+    moved = shift_and_flip(image.reshape(1, 784).repeat(500, 1), max_shift=2, flip=False, background=-1.0)
+    where = [divmod(row.argmax().item(), 28) for row in moved]
+    assert {(r - 10, c - 3) for r, c in where} == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    for row, (r, c) in zip(moved, where):  # the rest is the image's zeros or background moved in at the edge
+        expected = torch.zeros(28, 28)
+        expected[10, 3] = 1.0
+        expected = expected.roll((r - 10, c - 3), dims=(0, 1))
+        dy, dx = r - 10, c - 3
+        if dy > 0:
+            expected[:dy] = -1.0
+        if dy < 0:
+            expected[dy:] = -1.0
+        if dx > 0:
+            expected[:, :dx] = -1.0
+        if dx < 0:
+            expected[:, dx:] = -1.0
+        assert torch.equal(row.reshape(28, 28), expected)
+    flipped = shift_and_flip(image.reshape(1, 784).repeat(200, 1), max_shift=0, flip=True, background=-1.0)
+    mirrored = image.flip(-1).reshape(784)
+    is_mirrored = (flipped == mirrored).all(dim=1)
+    assert ((flipped == image.reshape(784)).all(dim=1) | is_mirrored).all()
+    assert 50 < is_mirrored.sum() < 150
+
+
+class RecordBatches(L.Callback):
+    """Keeps every batch the model sees, after the data module's on_after_batch_transfer, by stage."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen["train"].append((trainer.current_epoch, batch[0].clone()))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.seen["val"].append(batch[0].clone())
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.seen["test"].append(batch[0].clone())
+
+
+def test_augmentation_changes_training_batches_each_epoch_and_never_validation_or_test(synthetic_dir):
+    from mlp.module import MLPClassifier
+
+    L.seed_everything(0, verbose=False)
+    data = FashionMNISTDataModule(str(synthetic_dir), batch_size=64, val_size=100, augment_shift=1, augment_flip=True)
+    record = RecordBatches()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[record], num_sanity_val_steps=0,
+    )
+    trainer.fit(MLPClassifier(depth=1, width=8), datamodule=data)
+    trainer.test(datamodule=data, ckpt_path=None, model=trainer.lightning_module)
+    train = data.train_set.tensors[0]
+    originals = {row.numpy().tobytes() for row in train}
+    epochs = [torch.cat([x for epoch, x in record.seen["train"] if epoch == e]) for e in (0, 1)]
+    for images in epochs:
+        assert images.shape == train.shape
+        unchanged = sum(row.numpy().tobytes() in originals for row in images) / len(images)
+        assert 0.02 < unchanged < 0.15  # 1/9 unshifted x 1/2 unflipped: 1/18
+    assert not torch.equal(epochs[0].sort(dim=0).values, epochs[1].sort(dim=0).values)
+    val, test = data.val_set.tensors[0], data.test_set.tensors[0]
+    assert torch.equal(torch.cat(record.seen["val"]), torch.cat([val, val]))  # two epochs of validation
+    assert torch.equal(torch.cat(record.seen["test"]), test)

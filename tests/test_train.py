@@ -25,6 +25,17 @@ def fit_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def test_val_size_zero_trains_on_everything_without_validation_and_tests_the_final_weights(synthetic_dir, tmp_path, capsys):
+    args = fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=32")
+    results = fit.main([*args, "--data.val_size=0"])
+
+    assert results["test/acc"] > 0.9
+    run = tmp_path / "logs" / "fit" / "version_0"
+    assert "epoch02.ckpt" in {p.name for p in (run / "checkpoints").iterdir()}  # the third and last epoch
+    assert "val/acc" not in EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    assert "epoch02.ckpt" in capsys.readouterr().out
+
+
 def test_fit_trains_tests_and_writes_logs_checkpoints_and_config(synthetic_dir, tmp_path, capsys):
     log_dir = tmp_path / "logs"
     results = fit.main(fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=32"))
