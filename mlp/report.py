@@ -15,8 +15,8 @@ from mlp.search import trial_args
 
 
 def epochs_trained(study: optuna.Study) -> int:
-    """Epochs trained across every trial, pruned and failed ones included: one val/acc report per epoch."""
-    return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
+    """Epochs trained across every trial, pruned and failed ones included, as each trial counted them."""
+    return sum(t.user_attrs.get("epochs_trained", 0) for t in study.get_trials(deepcopy=False))
 
 
 def test_best(study: optuna.Study, fit_args: list[str]) -> float:

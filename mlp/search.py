@@ -1,5 +1,6 @@
 """What a study searches, and how: the search space, a trial's fit flags, the sampler and the pruner."""
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -57,13 +58,46 @@ def trial_args(fit_args: list[str], flags: dict[str, Any], study_name: str, vers
     ]
 
 
+SCHEDULE_STEPS = 100  # a trial's intermediate values are indexed by the percent of its own schedule done
+CHECK_EVERY = 10  # percent: pruning is checked at every tenth of a schedule crossed, and at each epoch's end
+
+
+def report_schedule_fraction(trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None) -> bool:
+    """Report the val/acc `value` reached at the end of `epoch` (from 0) of `epochs`; True if the trial should stop.
+
+    Trials with different epoch counts run different one-cycle schedules, so they are compared at the same
+    fraction of their own schedule: step 50 is the middle of every trial. Optuna's pruners compare a trial with
+    the others' values at exactly one step, so every whole percent this epoch crosses gets a value, interpolated
+    from the previous epoch's (`previous`, None for the first epoch, whose value stands back to step 1), and
+    pruning is checked at each tenth crossed (Hyperband's rungs among them) as well as at the epoch's end. Also counts the epochs trained in the user attribute `epochs_trained`.
+    """
+    trial.set_user_attr("epochs_trained", epoch + 1)
+    start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
+    last = math.floor(end)
+    for step in range(math.floor(start) + 1, last + 1):
+        share = (step - start) / (end - start)
+        trial.report(value if previous is None else previous + share * (value - previous), step)
+        if (step % CHECK_EVERY == 0 or step == last) and trial.should_prune():
+            return True
+    return False
+
+
 def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
+    """A pruner whose steps are percent of a trial's schedule (see report_schedule_fraction).
+
+    No trial is judged before the shortest schedule's first epoch has ended: earlier steps hold that epoch's
+    value, which would flatter short schedules.
+    """
+    first_epoch_end = CHECK_EVERY * math.ceil(SCHEDULE_STEPS / space.epochs[0] / CHECK_EVERY)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=space.epochs[1], reduction_factor=3)
+        # Rungs at first_epoch_end (20 % for the default space), then three times as far.
+        return optuna.pruners.HyperbandPruner(
+            min_resource=first_epoch_end, max_resource=SCHEDULE_STEPS, reduction_factor=3
+        )
     if name == "median":
-        # A trial with a long one-cycle schedule is behind a short one at the same early epoch; five epochs of
-        # warm-up keep the pruner from mistaking that for a bad trial.
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
+        # One-cycle's learning rate peaks at 30 % of the schedule (OneCycleLR's pct_start); before that the
+        # validation accuracy says little about where a trial ends.
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(30, first_epoch_end))
     return optuna.pruners.NopPruner()
 
 

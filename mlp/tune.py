@@ -14,14 +14,33 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from lightning import LightningModule, Trainer
 from optuna_integration import PyTorchLightningPruningCallback
 
 from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
 from mlp.report import report
-from mlp.search import SearchSpace, suggest, trial_args
+from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
 from mlp.study import is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
+
+
+class ScheduleFractionPruning(PyTorchLightningPruningCallback):
+    """Optuna's Lightning pruning callback, reporting at percent of the trial's schedule instead of at epochs."""
+
+    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+        super().__init__(trial, monitor)
+        self.previous: float | None = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics[self.monitor].item()
+        epoch = pl_module.current_epoch
+        prune = report_schedule_fraction(self._trial, epoch, trainer.max_epochs, value, self.previous)
+        self.previous = value
+        if prune:
+            raise optuna.TrialPruned(f"Trial was pruned at epoch {epoch}.")
 
 
 class Objective:
@@ -41,7 +60,7 @@ class Objective:
         args = trial_args(self.fit_args, suggest(trial, self.space), self.study_name, f"trial_{trial.number}")
         cli = build_cli(args)
         trainer = cli.trainer
-        trainer.callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val/acc"))
+        trainer.callbacks.append(ScheduleFractionPruning(trial, monitor="val/acc"))
         trial.set_user_attr("log_dir", trainer.log_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:

@@ -48,7 +48,8 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
 
     trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
-    assert len(trials[1].intermediate_values) == 1
+    assert trials[1].user_attrs["epochs_trained"] == 1
+    assert sorted(trials[1].intermediate_values) == list(range(1, 11))  # pruned at the first check, 10 % of it
     assert "not finite" in trials[2].user_attrs["diverged"]
     assert summary["best_trial"] == 0 and summary["best_val_acc"] > 0.9
     assert 0.9 < summary["test_acc"] <= 1.0
@@ -63,7 +64,7 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
     trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     assert [t.number for t in trials] == [0, 1, 2, 3]
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
-    assert resumed["epochs_trained"] == summary["epochs_trained"] + len(trials[3].intermediate_values)
+    assert resumed["epochs_trained"] == summary["epochs_trained"] + trials[3].user_attrs["epochs_trained"]
 
 
 def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):

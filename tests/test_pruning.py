@@ -1,0 +1,58 @@
+"""Pruning compares trials at the same fraction of their own schedules, whatever their epoch counts."""
+
+import optuna
+import pytest
+
+from mlp.search import SearchSpace, make_pruner, report_schedule_fraction
+
+
+def accuracy_at(fraction: float, final: float) -> float:
+    """A one-cycle-like learning curve: slow, then fast, then flat near `final`, as a function of schedule done."""
+    return 0.1 + (final - 0.1) * min(1.0, 1.6 * fraction) ** 0.5
+
+
+def run(study: optuna.Study, epochs: int, final: float) -> tuple[optuna.Trial, int | None]:
+    """Trains a pretend trial; returns it and the epoch it was pruned at (None if it finished)."""
+    trial, previous = study.ask(), None
+    for epoch in range(epochs):
+        value = accuracy_at((epoch + 1) / epochs, final)
+        prune = report_schedule_fraction(trial, epoch, epochs, value, previous)
+        previous = value
+        if prune:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return trial, epoch
+    study.tell(trial, value)
+    return trial, None
+
+
+def test_every_percent_of_a_schedule_gets_a_value_interpolated_between_epochs():
+    study = optuna.create_study(direction="maximize")
+    trial, pruned = run(study, 3, 0.9)
+    values = study.trials[0].intermediate_values
+    assert pruned is None and sorted(values) == list(range(1, 101))
+    assert values[33] == accuracy_at(1 / 3, 0.9) and values[100] == accuracy_at(1, 0.9)
+    assert values[50] == pytest.approx((accuracy_at(1 / 3, 0.9) + accuracy_at(2 / 3, 0.9)) / 2, abs=0.01)
+    assert study.trials[0].user_attrs["epochs_trained"] == 3
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_a_long_schedule_is_judged_against_short_ones_at_the_same_fraction(pruner):
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, SearchSpace()))
+    for final in (0.80, 0.82, 0.84, 0.86, 0.88):
+        assert run(study, 5, final)[1] is None or pruner == "hyperband"
+    # Per epoch, this trial is behind every short one until its epoch 5; per fraction of schedule it is ahead.
+    _, pruned = run(study, 40, 0.89)
+    assert pruned is None
+    assert study.trials[-1].user_attrs["epochs_trained"] == 40
+    # The same long schedule heading for a worse end is pruned, once past the warm-up.
+    _, pruned = run(study, 40, 0.70)
+    earliest = {"median": 0.3, "hyperband": 0.2}[pruner]  # the warm-up; Hyperband's first rung, one 5-epoch epoch
+    assert pruned is not None and earliest <= (pruned + 1) / 40 < 1
+
+
+def test_median_warm_up_is_a_fraction_of_the_schedule():
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", SearchSpace()))
+    for final in (0.80, 0.82, 0.84, 0.86, 0.88):
+        run(study, 10, final)
+    _, pruned = run(study, 20, 0.5)
+    assert pruned == 5  # the end of epoch 6 of 20 is 30 % of its schedule: the first step after the warm-up
