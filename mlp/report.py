@@ -9,14 +9,41 @@ import optuna
 from optuna.trial import TrialState
 
 from mlp.cli import build_cli
-from mlp.errors import check
+from mlp.errors import UserError, check
+from mlp.final import ensemble, refit
 from mlp.module import MLPClassifier
-from mlp.search import trial_args
+from mlp.search import SearchSpace, trial_args
+
+FINAL_CHOICES = ("ensemble", "refit", "best")  # also the order of fallbacks when the chosen one has no test figure
 
 
 def epochs_trained(study: optuna.Study) -> int:
     """Epochs trained across every trial, pruned and failed ones included, as each trial counted them."""
     return sum(t.user_attrs.get("epochs_trained", 0) for t in study.get_trials(deepcopy=False))
+
+
+def multiply_adds(depth: int, width: int) -> int:
+    """Multiply-adds per example of a 784-(width x depth)-10 net's forward pass (depth 0: softmax regression)."""
+    if depth == 0:
+        return 784 * 10
+    return 784 * width + (depth - 1) * width * width + width * 10
+
+
+DEFAULT_NET_MULTIPLY_ADDS = multiply_adds(depth=2, width=512)  # fit.py's 784-512-512-10
+
+
+def cost(study: optuna.Study) -> dict[str, float]:
+    """The study's training cost in epochs of fit.py's default net (each trial's epochs weighted by its net's
+    multiply-adds per example), so studies on different machines compare; and in seconds of trial time."""
+    trials = [t for t in study.get_trials(deepcopy=False) if "depth" in t.params]
+    model_epochs = sum(
+        t.user_attrs.get("epochs_trained", 0) * multiply_adds(t.params["depth"], t.params["width"]) for t in trials
+    ) / DEFAULT_NET_MULTIPLY_ADDS
+    seconds = sum(
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete
+    )
+    return {"default_net_epochs": round(model_epochs, 3), "trial_seconds": round(seconds, 1)}
 
 
 def test_best(study: optuna.Study, fit_args: list[str]) -> float:
@@ -67,14 +94,40 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     return written
 
 
-def report(study: optuna.Study, fit_args: list[str], log_dir: Path, wall_seconds: float) -> dict[str, Any]:
-    """Summarise the study, test its best checkpoint once, write report.json and the plots."""
+def best_checkpoint(study: optuna.Study, fit_args: list[str]) -> dict[str, Any]:
+    result = {"what": "the best trial's best checkpoint (by val/acc)", "val_acc": study.best_value}
+    try:
+        return {**result, "test_acc": test_best(study, fit_args)}
+    except UserError as error:  # its checkpoint is missing
+        return {**result, "test_acc": None, "why_no_test": str(error)}
+
+
+def final_models(study: optuna.Study, fit_args: list[str], space: SearchSpace, answer: str) -> dict[str, Any]:
+    """Every candidate final model with its val and test figures, and the answer: `answer` if it could be
+    tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure."""
+    data = build_cli(trial_args(fit_args, {}, study.study_name, "final")).datamodule
+    data.setup("test")  # the test split, loaded once for the ensemble
+    candidates = {"ensemble": ensemble(study, data), "refit": refit(study, fit_args, space),
+                  "best": best_checkpoint(study, fit_args)}
+    tested = [name for name in (answer, *FINAL_CHOICES) if candidates[name]["test_acc"] is not None]
+    chosen = tested[0] if tested else None
+    summary = {"answer": chosen, "test_acc": candidates[chosen]["test_acc"] if chosen else None, **candidates}
+    if chosen != answer:
+        summary["fallback"] = f"{answer} has no test figure ({candidates[answer]['why_no_test']}); answering with {chosen}"
+    return summary
+
+
+def report(
+    study: optuna.Study, fit_args: list[str], log_dir: Path, wall_seconds: float, space: SearchSpace, answer: str
+) -> dict[str, Any]:
+    """Summarise the study, pick and test its final model once, write report.json and the plots."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     summary: dict[str, Any] = {
         "study": study.study_name,
         "trials": {name: n for name, n in counts.items() if n},
         "epochs_trained": epochs_trained(study),
+        "cost": cost(study),
         "wall_seconds_this_run": round(wall_seconds, 1),
         "diverged": {str(t.number): t.user_attrs["diverged"] for t in trials if "diverged" in t.user_attrs},
     }
@@ -85,8 +138,9 @@ def report(study: optuna.Study, fit_args: list[str], log_dir: Path, wall_seconds
             best_params=best.params,
             best_val_acc=best.value,
             best_checkpoint=best.user_attrs["best_checkpoint"],
-            test_acc=test_best(study, fit_args),
         )
+        summary["final"] = final_models(study, fit_args, space, answer)
+        summary["test_acc"] = summary["final"]["test_acc"]
     summary["plots"] = write_plots(study, log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")

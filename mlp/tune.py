@@ -89,6 +89,7 @@ def run_study(
     timeout: float | None,
     pruner: str,
     seed: int,
+    final: str = "ensemble",
 ) -> dict[str, Any] | None:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
@@ -111,4 +112,4 @@ def run_study(
     run_trials(study, objective, n_trials, timeout)
     if not writes_report(study, objective.ran):
         return None
-    return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start)
+    return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start, space, final)

@@ -7,8 +7,9 @@
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
 
 Flags this script does not know are fit flags (see `python scripts/fit.py --help`) and apply to every trial.
-Choices are made on the validation split; the best trial's best checkpoint is tested once at the end, by
-the worker that finishes the study's last trial.
+Choices are made on the validation split. At the end, the worker that finishes the study's last trial
+tests each final model once (an ensemble of the best checkpoints, a refit of the best configuration on all
+training images, the best checkpoint) and reports the one --final names.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlp.errors import run_script  # noqa: E402
+from mlp.report import FINAL_CHOICES  # noqa: E402
 from mlp.search import SearchSpace  # noqa: E402
 from mlp.tune import run_study  # noqa: E402
 
@@ -40,6 +42,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"
     )
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    study.add_argument(
+        "--final", choices=FINAL_CHOICES, default="ensemble",
+        help="the answer the report tests and gives: the k best checkpoints averaged (k chosen on val), the best "
+        "configuration refit on train + val, or the best checkpoint (default ensemble; all three are in report.json)",
+    )
     space = parser.add_argument_group("search space (inclusive ranges)")
     for name, (low, high) in vars(defaults).items():
         kind = type(low)
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     space = SearchSpace(**{field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)})
     summary = run_study(
         space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
-        options.pruner, options.sampler_seed,
+        options.pruner, options.sampler_seed, options.final,
     )
     if summary is None:
         print("another worker finished the study's last trial and writes the report")

@@ -1,0 +1,106 @@
+"""The study's final model, chosen on validation and tested once: a refit on all training images, or an
+ensemble of the best trials' checkpoints.
+
+- refit: the best trial's configuration retrained on train + val (`--data.val_size 0`) for its own epochs, the
+  way scikit-learn's GridSearchCV(refit=True) ends; it has no validation figure, its schedule fixes its length.
+- ensemble: the softmax average of the k best trials' best checkpoints, k chosen on the validation split.
+
+Each candidate's test accuracy is measured once and kept in the study's user attributes, so a rerun of the
+same command neither retrains nor retests.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import Tensor
+from optuna.trial import TrialState
+
+from mlp.cli import build_cli, fit
+from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
+from mlp.module import MLPClassifier
+from mlp.search import SearchSpace, suggest, trial_args
+
+ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
+
+
+@torch.no_grad()
+def softmax_of(model: MLPClassifier, images: Tensor) -> Tensor:
+    model.eval()
+    return torch.cat([model(x.to(model.device)).softmax(dim=1).cpu() for x in images.split(EVAL_BATCH_SIZE)])
+
+
+def accuracy(probabilities: Tensor, labels: Tensor) -> float:
+    return (probabilities.argmax(dim=1) == labels.cpu()).float().mean().item()
+
+
+def checkpoint_softmax(checkpoint: str, images: Tensor) -> Tensor:
+    # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
+    return softmax_of(MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu"), images)
+
+
+def best_first(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-t.value, t.number))
+
+
+def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any]:
+    """The top-k average with k chosen on validation, tested once; cached in the study for the same candidates."""
+    ranked = best_first(study)[:ENSEMBLE_MAX]
+    present = [t for t in ranked if Path(t.user_attrs.get("best_checkpoint", "")).is_file()]
+    missing = [t.number for t in ranked if t not in present]
+    cached = study.user_attrs.get("ensemble")
+    if cached and cached["candidates"] == [t.number for t in present]:
+        return cached
+    result: dict[str, Any] = {
+        "what": f"softmax average of the k best trials' best checkpoints (k <= {ENSEMBLE_MAX}), k chosen on val",
+        "candidates": [t.number for t in present],
+        "missing_checkpoints": missing,
+    }
+    if not present:
+        return {**result, "test_acc": None, "why_no_test": "no checkpoint of a complete trial is on this machine"}
+    val_x, val_y = data.val_set.tensors
+    # Each checkpoint's validation softmax once; the running sum gives every top-k average.
+    total, val_accs = torch.zeros(len(val_y), 10), []
+    for trial in present:
+        total += checkpoint_softmax(trial.user_attrs["best_checkpoint"], val_x)
+        val_accs.append(accuracy(total, val_y))  # argmax of the sum is argmax of the average
+    k = max(range(len(present)), key=lambda i: (val_accs[i], -i)) + 1  # ties go to the smaller ensemble
+    test_x, test_y = data.test_set.tensors
+    test_total = sum(checkpoint_softmax(t.user_attrs["best_checkpoint"], test_x) for t in present[:k])
+    result.update(
+        k=k, trials=[t.number for t in present[:k]], val_acc_by_k=val_accs, val_acc=val_accs[k - 1],
+        test_acc=accuracy(test_total, test_y),
+    )
+    study.set_user_attr("ensemble", result)
+    return result
+
+
+def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace) -> dict[str, Any]:
+    """The best trial's configuration trained on all training images, its final weights tested once."""
+    best = study.best_trial
+    cached = study.user_attrs.get("refit")
+    if cached and cached["trial"] == best.number:
+        return cached
+    flags = suggest(optuna.trial.FixedTrial(best.params), space)
+    args = trial_args(fit_args, flags, study.study_name, f"refit_trial_{best.number}")
+    cli = build_cli([*args, "--data.val_size=0"])
+    fit(cli)
+    result: dict[str, Any] = {
+        "what": f"trial {best.number}'s configuration retrained on train + val for its {flags['trainer.max_epochs']}"
+        " epochs; no validation figure, as no image was held out",
+        "trial": best.number,
+        "val_acc": None,
+        "checkpoint": cli.trainer.checkpoint_callback.best_model_path,
+    }
+    loss = cli.trainer.callback_metrics.get("train/loss_epoch")
+    weights_finite = all(torch.isfinite(p).all() for p in cli.model.parameters())
+    if loss is None or not torch.isfinite(loss) or not weights_finite:
+        result.update(test_acc=None, why_no_test=f"the refit diverged (final training loss {loss})")
+    else:
+        cli.datamodule.setup("test")
+        test_x, test_y = cli.datamodule.test_set.tensors
+        result["test_acc"] = accuracy(softmax_of(cli.model, test_x), test_y)
+    study.set_user_attr("refit", result)
+    return result
