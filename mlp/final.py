@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from mlp.cli import build_cli, fit
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
+from mlp.errors import check
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace, suggest, trial_args
 
@@ -70,7 +71,8 @@ def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any
     test_x, test_y = data.test_set.tensors
     test_total = sum(checkpoint_softmax(t.user_attrs["best_checkpoint"], test_x) for t in present[:k])
     result.update(
-        k=k, trials=[t.number for t in present[:k]], val_acc_by_k=val_accs, val_acc=val_accs[k - 1],
+        k=k, trials=[t.number for t in present[:k]],
+        checkpoints=[t.user_attrs["best_checkpoint"] for t in present[:k]],  # for scripts/ensemble.py val_acc_by_k=val_accs, val_acc=val_accs[k - 1],
         test_acc=accuracy(test_total, test_y),
     )
     study.set_user_attr("ensemble", result)
@@ -103,4 +105,32 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace) -> dict[
         test_x, test_y = cli.datamodule.test_set.tensors
         result["test_acc"] = accuracy(softmax_of(cli.model, test_x), test_y)
     study.set_user_attr("refit", result)
+    return result
+
+
+def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dict[str, Any]:
+    """The softmax average of the given checkpoints (one is a plain test), on the split they were trained
+    with: its validation accuracy when they held one out, and its test accuracy, measured once."""
+    for path in checkpoints:
+        check(Path(path).is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
+    splits, settings = {}, []
+    for path in checkpoints:
+        hparams = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
+        check(hparams is not None, f"{path} holds no data module settings; pass a checkpoint written by fit.py or tune.py")
+        splits[path] = (hparams["val_size"], hparams["seed"])
+        settings.append(hparams)
+    check(
+        len(set(splits.values())) == 1,
+        "the checkpoints were trained on different validation splits (val_size, seed): "
+        f"{sorted(set(splits.values()))}; average checkpoints from one split",
+    )
+    val_size, seed = splits[checkpoints[0]]
+    data = FashionMNISTDataModule(data_dir or settings[0]["data_dir"], val_size=val_size, seed=seed)
+    data.setup("test")
+    result: dict[str, Any] = {"checkpoints": checkpoints, "val_acc": None}
+    if val_size:
+        val_x, val_y = data.val_set.tensors
+        result["val_acc"] = accuracy(sum(checkpoint_softmax(p, val_x) for p in checkpoints), val_y)
+    test_x, test_y = data.test_set.tensors
+    result["test_acc"] = accuracy(sum(checkpoint_softmax(p, test_x) for p in checkpoints), test_y)
     return result

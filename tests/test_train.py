@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mlp.data import FashionMNISTDataModule
 from tests.conftest import real_data_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import ensemble  # noqa: E402
 import fit  # noqa: E402
 
 
@@ -134,3 +136,36 @@ def test_one_epoch_on_real_fashion_mnist_beats_80_percent(tmp_path):
     args = fit_args(tmp_path / "data", tmp_path / "logs", "--model.depth=1", "--model.width=256", "--trainer.max_epochs=1")
     results = fit.main([*args, "--data.val_size=5000", "--data.batch_size=256"])
     assert results["test/acc"] > 0.80
+
+
+def test_ensemble_script_tests_the_average_of_fit_runs_once(synthetic_dir, tmp_path):
+    import torch
+
+    from mlp.errors import UserError
+    from mlp.module import MLPClassifier
+
+    log_dir = tmp_path / "logs"
+    tested = [
+        fit.main(fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=4", "--trainer.max_epochs=1",
+                          "--model.lr=0.01", f"--seed_everything={seed}"))["test/acc"]
+        for seed in (1, 2)
+    ]
+    checkpoints = [str(next((log_dir / "fit" / f"version_{v}" / "checkpoints").glob("epoch*.ckpt"))) for v in (0, 1)]
+
+    alone = ensemble.main([checkpoints[0]])
+    assert alone["test_acc"] == pytest.approx(tested[0], abs=1e-6)  # as Lightning's trainer.test measured it
+    both = ensemble.main(checkpoints)
+    data = FashionMNISTDataModule(str(synthetic_dir), val_size=100)
+    data.setup("test")
+    x, y = data.test_set.tensors
+    with torch.no_grad():
+        average = sum(MLPClassifier.load_from_checkpoint(c).eval()(x).softmax(1) for c in checkpoints) / 2
+    assert both["test_acc"] == pytest.approx((average.argmax(1) == y).float().mean().item(), abs=1e-6)
+    assert 0 < both["val_acc"] <= 1
+
+    fit.main(fit_args(synthetic_dir, log_dir, "--model.width=4", "--trainer.max_epochs=1", "--data.val_size=0"))
+    refit = str(next((log_dir / "fit" / "version_2" / "checkpoints").glob("epoch*.ckpt")))
+    with pytest.raises(UserError, match="different validation splits"):
+        ensemble.main([checkpoints[0], refit])
+    with pytest.raises(UserError, match="not found"):
+        ensemble.main([str(tmp_path / "nothing.ckpt")])
