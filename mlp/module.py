@@ -101,7 +101,10 @@ class MLPClassifier(L.LightningModule):
         return self.loss(logits, y), logits.argmax(dim=1), y
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        # Smoothing shapes the training target only; val/loss and test/loss stay the plain cross-entropy, so
+        # they compare across runs with and without it.
+        smoothing = self.hparams.label_smoothing if self.training else 0.0
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
     def on_train_start(self) -> None:
         # The sanity-check validation ran on an untrained net; it must not count as the best so far.

@@ -67,8 +67,10 @@ def test_label_smoothed_cross_entropy_gradient_equals_autograd(label_smoothing):
     nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing).backward()
     manual = cross_entropy_grad(logits.detach(), y, label_smoothing)
     torch.testing.assert_close(manual, logits.grad, rtol=1e-10, atol=1e-10)
-    smoothed = MLPClassifier(label_smoothing=label_smoothing).loss(logits, y)  # the loss training minimises
+    model = MLPClassifier(label_smoothing=label_smoothing)
+    smoothed = model.loss(logits, y)  # the loss training minimises
     assert smoothed.item() == pytest.approx(nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing).item())
+    assert model.eval().loss(logits, y).item() == pytest.approx(nn.functional.cross_entropy(logits, y).item())
 
 
 def train_briefly(data_dir: Path, backward: str, **hparams) -> MLPClassifier:
