@@ -71,8 +71,8 @@ def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any
     test_x, test_y = data.test_set.tensors
     test_total = sum(checkpoint_softmax(t.user_attrs["best_checkpoint"], test_x) for t in present[:k])
     result.update(
-        k=k, trials=[t.number for t in present[:k]],
-        checkpoints=[t.user_attrs["best_checkpoint"] for t in present[:k]],  # for scripts/ensemble.py val_acc_by_k=val_accs, val_acc=val_accs[k - 1],
+        k=k, trials=[t.number for t in present[:k]], val_acc_by_k=val_accs, val_acc=val_accs[k - 1],
+        checkpoints=[t.user_attrs["best_checkpoint"] for t in present[:k]],  # for scripts/ensemble.py
         test_acc=accuracy(test_total, test_y),
     )
     study.set_user_attr("ensemble", result)
