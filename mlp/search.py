@@ -22,6 +22,7 @@ class SearchSpace:
     width: tuple[int, int] = (128, 1024)
     weight_decay: tuple[float, float] = (1e-5, 3e-3)
     dropout: tuple[float, float] = (0.0, 0.5)
+    label_smoothing: tuple[float, float] = (0.0, 0.2)
 
     def validate(self) -> None:
         for name, (low, high) in asdict(self).items():
@@ -32,6 +33,10 @@ class SearchSpace:
         check(self.depth[0] >= 0, f"--depth: at least 0 hidden layers, got {self.depth}")
         check(self.width[0] >= 1, f"--width: at least 1 unit, got {self.width}")
         check(0 <= self.dropout[0] and self.dropout[1] < 1, f"--dropout: probabilities in [0, 1), got {self.dropout}")
+        check(
+            0 <= self.label_smoothing[0] and self.label_smoothing[1] < 1,
+            f"--label-smoothing: shares in [0, 1), got {self.label_smoothing}",
+        )
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -43,6 +48,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
         "model.width": trial.suggest_int("width", *space.width, log=True),
         "model.weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
         "model.dropout": trial.suggest_float("dropout", *space.dropout),
+        "model.label_smoothing": trial.suggest_float("label_smoothing", *space.label_smoothing),
     }
 
 

@@ -88,7 +88,7 @@ def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace
     """
     hp = cli.model.hparams
     start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
-             "weight_decay": hp.weight_decay, "dropout": hp.dropout}
+             "weight_decay": hp.weight_decay, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing}
     inside = all(low <= start[name] <= high for name, (low, high) in asdict(space).items())
     if inside:
         study.enqueue_trial(start)

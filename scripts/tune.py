@@ -1,4 +1,4 @@
-"""Search learning rate, epochs, depth, width, weight decay and dropout jointly with Optuna (TPE + pruning).
+"""Search learning rate, epochs, depth, width, weight decay, dropout and label smoothing jointly with Optuna (TPE + pruning).
 
     python scripts/tune.py                                  # the default study, resumable
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband

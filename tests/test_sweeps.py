@@ -13,7 +13,7 @@ from mlp.errors import UserError
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import tune  # noqa: E402
 
-FAST_TRIAL = {"epochs": 2, "depth": 1, "width": 16, "weight_decay": 1e-4, "dropout": 0.0}
+FAST_TRIAL = {"epochs": 2, "depth": 1, "width": 16, "weight_decay": 1e-4, "dropout": 0.0, "label_smoothing": 0.0}
 
 
 def tune_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
