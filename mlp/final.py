@@ -14,8 +14,8 @@ from typing import Any
 
 import optuna
 import torch
-from torch import Tensor
 from optuna.trial import TrialState
+from torch import Tensor
 
 from mlp.cli import build_cli, fit
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
@@ -71,7 +71,10 @@ def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any
     test_x, test_y = data.test_set.tensors
     test_total = sum(checkpoint_softmax(t.user_attrs["best_checkpoint"], test_x) for t in present[:k])
     result.update(
-        k=k, trials=[t.number for t in present[:k]], val_acc_by_k=val_accs, val_acc=val_accs[k - 1],
+        k=k,
+        trials=[t.number for t in present[:k]],
+        val_acc_by_k=val_accs,
+        val_acc=val_accs[k - 1],
         checkpoints=[t.user_attrs["best_checkpoint"] for t in present[:k]],  # for scripts/ensemble.py
         test_acc=accuracy(test_total, test_y),
     )
@@ -116,7 +119,9 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
     splits, settings = {}, []
     for path in checkpoints:
         hparams = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
-        check(hparams is not None, f"{path} holds no data module settings; pass a checkpoint written by fit.py or tune.py")
+        check(
+            hparams is not None, f"{path} holds no data module settings; pass a checkpoint written by fit.py or tune.py"
+        )
         splits[path] = (hparams["val_size"], hparams["seed"])
         settings.append(hparams)
     check(

@@ -27,7 +27,7 @@ def run(study: optuna.Study, epochs: int, final: float) -> tuple[optuna.Trial, i
 
 def test_every_percent_of_a_schedule_gets_a_value_interpolated_between_epochs():
     study = optuna.create_study(direction="maximize")
-    trial, pruned = run(study, 3, 0.9)
+    _, pruned = run(study, 3, 0.9)
     values = study.trials[0].intermediate_values
     assert pruned is None and sorted(values) == list(range(1, 101))
     assert values[33] == accuracy_at(1 / 3, 0.9) and values[100] == accuracy_at(1, 0.9)
