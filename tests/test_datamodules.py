@@ -1,6 +1,9 @@
 """The Fashion-MNIST data module on tiny IDX files written by the fixtures: no network, no real data."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from mlp.data import (
     locate_fashion_mnist,
 )
 from tests.conftest import real_data_available, write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepared(data_dir: Path, stage: str = "test", **kwargs) -> FashionMNISTDataModule:
@@ -110,3 +115,60 @@ def test_data_sits_on_the_trainers_device_so_batches_need_no_copy(synthetic_dir)
         assert all(t.device.type == "meta" for t in dataset.tensors)
     x, y = next(iter(data.train_dataloader()))
     assert x.device.type == "meta" and y.device.type == "meta" and x.shape == (32, 784)
+
+
+# -- the .gz cache under several processes -----------------------------------------------------------------
+
+# Decompressing is made slow (a pause inside the read of the .gz), so the moment a file is being written
+# lasts long enough for the other processes, or a kill, to land in it.
+SLOW_GUNZIP = """
+import gzip, sys, time
+from pathlib import Path
+read = gzip.GzipFile.read
+def slow_read(self, *args):
+    print("writing", flush=True)
+    time.sleep(float(sys.argv[2]))
+    return read(self, *args)
+gzip.GzipFile.read = slow_read
+from mlp.data import FashionMNISTDataModule
+print("ready", flush=True)
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.01)
+data = FashionMNISTDataModule(data_dir=sys.argv[1], val_size=100)
+data.setup("test")
+print("sizes", len(data.train_set), len(data.val_set), len(data.test_set), flush=True)
+"""
+
+
+def loader_process(data_dir: Path, pause: float, go: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_GUNZIP, str(data_dir), str(pause), str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_processes_started_together_on_gz_files_all_read_whole_files(synthetic_dir, tmp_path):
+    go = tmp_path / "go"
+    processes = [loader_process(synthetic_dir, 0.5, go) for _ in range(4)]
+    for process in processes:
+        assert process.stdout.readline() == "ready\n", process.communicate()[1][-3000:]
+    go.touch()  # all four look for the cache at the same moment
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        assert "sizes 700 100 200" in stdout
+
+
+def test_a_process_killed_while_decompressing_leaves_no_file_that_later_reads_trust(synthetic_dir, tmp_path):
+    go = tmp_path / "go"
+    go.touch()
+    victim = loader_process(synthetic_dir, 600, go)
+    while (line := victim.stdout.readline()) != "writing\n":
+        assert line, f"the process ended before decompressing:\n{victim.communicate()[1][-3000:]}"
+    victim.kill()
+    victim.communicate(timeout=60)
+    assert len(prepared(synthetic_dir).test_set) == 200
+    # and so does the next process
+    after = loader_process(synthetic_dir, 0, go)
+    stdout, stderr = after.communicate(timeout=300)
+    assert after.returncode == 0 and "sizes 700 100 200" in stdout, stderr[-3000:]
