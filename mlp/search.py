@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -67,12 +68,21 @@ def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """A seed for trial `number` of a study seeded with `seed`.
+
+    seed + number would alias: seed 1's trial k would draw what seed 0's trial k + 1 drew. SeedSequence
+    hashes the pair, so studies with different seeds draw independently.
+    """
+    return int(numpy.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 class TrialSeededTPE(optuna.samplers.BaseSampler):
     """TPE whose random draws depend only on the seed and the trial's number.
 
     One seeded TPESampler per process would give every worker started with the same seed the same draws, and
     a rerun would replay the first run's. Trial numbers are unique across workers (the storage assigns them),
-    so seeding each trial with seed + number gives distinct, reproducible draws.
+    so seeding each trial from (seed, number) gives distinct, reproducible draws.
     """
 
     def __init__(self, seed: int) -> None:
@@ -82,7 +92,7 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     def tpe_for(self, number: int) -> optuna.samplers.TPESampler:
         # constant_liar: another worker's RUNNING trial counts as a bad result, so TPE does not pile onto it.
         return optuna.samplers.TPESampler(
-            seed=self.seed + number, n_startup_trials=5, multivariate=True, constant_liar=True
+            seed=trial_seed(self.seed, number), n_startup_trials=5, multivariate=True, constant_liar=True
         )
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:

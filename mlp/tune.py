@@ -78,6 +78,7 @@ def run_study(
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
     check(timeout is None or timeout > 0, f"--timeout must be positive seconds, got {timeout}")
+    check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
