@@ -137,16 +137,22 @@ def run_trials(study: optuna.Study, objective: "Objective", n_trials: int, timeo
             return
 
 
-def writes_report(study: optuna.Study, ran: list[int]) -> bool:
+def finished_numbers(study: optuna.Study) -> set[int]:
+    return {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+
+
+def writes_report(study: optuna.Study, ran: list[int], finished_before: set[int]) -> bool:
     """Whether this worker reports: the one that finished the study's last trial, once none is running.
 
-    Every worker agrees on which trial finished last, so exactly one reports; a worker that ran no trial
-    (the command rerun on a finished study) reports too.
+    Every worker agrees on which trial finished last, so exactly one of the workers that ran trials reports.
+    A worker that ran none (all its trials surplus, or the command rerun on a finished study) reports only if
+    that trial had finished before it started (`finished_before`): then no worker beside it finished it.
     """
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.RUNNING for t in trials):
         return False
     finished = [t for t in trials if t.state in FINISHED]
-    if not ran or not finished:
-        return True
-    return max(finished, key=lambda t: (t.datetime_complete, t.number)).number in ran
+    if not finished:
+        return True  # no trial to test: the report only counts the failed ones
+    last = max(finished, key=lambda t: (t.datetime_complete, t.number)).number
+    return last in ran or (not ran and last in finished_before)

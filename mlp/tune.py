@@ -21,7 +21,7 @@ from mlp.data import locate_fashion_mnist
 from mlp.errors import check
 from mlp.report import report
 from mlp.search import SearchSpace, suggest, trial_args
-from mlp.study import is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
+from mlp.study import finished_numbers, is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
 
 
 class Objective:
@@ -90,7 +90,8 @@ def run_study(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per trial is Optuna's
     start = time.perf_counter()
     objective = Objective(space, fit_args, study_name, n_trials)
+    finished_before = finished_numbers(study)
     run_trials(study, objective, n_trials, timeout)
-    if not writes_report(study, objective.ran):
+    if not writes_report(study, objective.ran, finished_before):
         return None
     return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, suggest
-from mlp.study import FINISHED, open_study, run_trials, writes_report
+from mlp.study import FINISHED, finished_numbers, open_study, run_trials, writes_report
 from tests.test_reliability import ROOT, created_trials, script_command
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -105,7 +105,24 @@ def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monk
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].params == trials[0].params
-    assert writes_report(study, ran=[1]) and not writes_report(study, ran=[0])
+    assert writes_report(study, ran=[1], finished_before=set())
+    assert not writes_report(study, ran=[0], finished_before=set())
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_exactly_one_reporter_when_workers_outnumber_the_remaining_trials(tmp_path):
+    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace(), seed=0)
+    # Three workers started together on a study that needs two more trials: the third worker's trial is
+    # surplus, so it trains nothing and waits for the other two.
+    first, second, surplus = study.ask(), study.ask(), study.ask()
+    study.tell(surplus, state=TrialState.FAIL)
+    study.tell(first, 0.5)
+    study.tell(second, 0.7)
+    started_with = set()  # none of the three saw a finished trial when it started
+    reporters = [writes_report(study, ran, started_with) for ran in ([first.number], [second.number], [])]
+    assert reporters == [False, True, False]
+    # The same command run again on the finished study: this worker is alone, and reports.
+    assert writes_report(study, ran=[], finished_before=finished_numbers(study))
 
 
 # -- a real PostgreSQL server --------------------------------------------------------------------------------
