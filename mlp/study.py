@@ -37,7 +37,9 @@ def connect(storage_url: str) -> RDBStorage:
         Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         return heartbeat_storage(storage_url)
-    except Exception as error:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+    # SQLAlchemy's errors cover a bad URL and, wrapped, the driver's (unreachable server, refused login); an
+    # ImportError is a driver that is not installed. Anything else is a bug and keeps its traceback.
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
         first_line = str(error).splitlines()[0]  # SQLAlchemy appends the SQL and a link to its docs
         raise UserError(f"cannot open the study storage {storage_url!r}: {first_line}") from None
 

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, suggest
-from mlp.study import FINISHED, finished_numbers, open_study, run_trials, writes_report
+from mlp.study import FINISHED, connect, finished_numbers, open_study, run_trials, writes_report
 from tests.test_reliability import ROOT, created_trials, script_command
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -77,6 +77,22 @@ def test_unreachable_storage_is_one_clear_line(synthetic_dir, tmp_path):
     with pytest.raises(UserError, match="cannot open the study storage .*Connection refused") as error:
         tune.main(args)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("url", ["not a url", "nosuchdatabase://host/db", "postgresql+nosuchdriver://user@host/db"])
+def test_bad_storage_url_is_one_clear_line(url):
+    with pytest.raises(UserError, match="cannot open the study storage") as error:
+        connect(url)
+    assert "\n" not in str(error.value)
+
+
+def test_a_programming_error_while_connecting_is_not_called_bad_input(monkeypatch):
+    def bug(*args, **kwargs):
+        raise TypeError("a bug in our code")
+
+    monkeypatch.setattr("mlp.study.heartbeat_storage", bug)
+    with pytest.raises(TypeError, match="a bug in our code"):
+        connect("sqlite://")
 
 
 # -- the stop rule -------------------------------------------------------------------------------------------
