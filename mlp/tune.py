@@ -57,8 +57,10 @@ class Objective:
         if reason := divergence_message(trainer):
             trial.set_user_attr("diverged", reason)
             raise optuna.TrialPruned(f"diverged in {reason}")
-        trial.set_user_attr("best_checkpoint", trainer.checkpoint_callback.best_model_path)
-        return trainer.checkpoint_callback.best_model_score.item()
+        # The CLI's own val/acc checkpoint: trainer.checkpoint_callback is whichever ModelCheckpoint comes first.
+        checkpoint = cli.config_init["checkpoint"]
+        trial.set_user_attr("best_checkpoint", checkpoint.best_model_path)
+        return checkpoint.best_model_score.item()
 
 
 def run_study(

@@ -72,3 +72,16 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     with pytest.raises(UserError, match="--epochs"):
         tune.main(args)
     assert not (tmp_path / "study.db").exists()
+
+
+def test_trial_keeps_the_val_acc_checkpoint_when_the_user_adds_another(synthetic_dir, tmp_path):
+    """The first ModelCheckpoint in the Trainer is the user's here; the trial must still use --checkpoint's."""
+    study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})
+    user_checkpoint = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss"]
+
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), *user_checkpoint])
+
+    (trial,) = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trial.value == max(trial.intermediate_values.values())  # the best val/acc, not a val/loss
+    assert "val_acc" in Path(summary["best_checkpoint"]).name
