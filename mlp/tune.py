@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from mlp.cli import build_cli, divergence_message, fit
@@ -72,10 +73,10 @@ def run_study(
     timeout: float | None,
     pruner: str,
     seed: int,
-) -> dict[str, Any] | None:
+) -> dict[str, Any] | str:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
-    Returns the report, or None when another worker writes it.
+    Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
@@ -83,6 +84,11 @@ def run_study(
     check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
+    check(
+        cli.trainer.logger is not None,
+        "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
+        "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)",
+    )
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
@@ -95,5 +101,11 @@ def run_study(
     finished_before = finished_numbers(study)
     run_trials(study, objective, n_trials, timeout)
     if not writes_report(study, objective.ran, finished_before):
-        return None
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if running:  # run_trials returns with trials running elsewhere only at the deadline
+            return (
+                f"stopped at --timeout {timeout:g} s with {running} trial{'s' * (running > 1)} still running on "
+                "other workers; the worker that finishes the study's last trial writes the report"
+            )
+        return "another worker finished the study's last trial and writes the report"
     return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start)

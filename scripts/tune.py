@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
         options.pruner, options.sampler_seed,
     )
-    if summary is None:
-        print("another worker finished the study's last trial and writes the report")
-    else:
-        print(json.dumps(summary, indent=2))
+    if isinstance(summary, str):  # another worker writes the report
+        print(summary)
+        return None
+    print(json.dumps(summary, indent=2))
     return summary
 
 

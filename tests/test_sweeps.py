@@ -85,3 +85,21 @@ def test_trial_keeps_the_val_acc_checkpoint_when_the_user_adds_another(synthetic
     (trial,) = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     assert trial.value == max(trial.intermediate_values.values())  # the best val/acc, not a val/loss
     assert "val_acc" in Path(summary["best_checkpoint"]).name
+
+
+def test_tune_without_a_logger_is_a_clear_error(synthetic_dir, tmp_path):
+    with pytest.raises(UserError, match="--trainer.logger=false"):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--trainer.logger=false"])
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
+    study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    study.ask()  # another worker's trial, running: the study needs no more, so this worker waits for it
+
+    assert tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--timeout=1"]) is None
+
+    printed = capsys.readouterr().out
+    assert "--timeout" in printed and "1 trial still running" in printed
+    assert "finished the study's last trial" not in printed
