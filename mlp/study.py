@@ -5,7 +5,6 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,9 +90,10 @@ def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace
     hp = cli.model.hparams
     start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
              "weight_decay": hp.weight_decay, "dropout": hp.dropout}
-    inside = all(low <= start[name] <= high for name, (low, high) in asdict(space).items())
+    searched = space.searched()  # a pinned hyperparameter comes from the fit flags, as in every trial
+    inside = all(low <= start[name] <= high for name, (low, high) in searched.items())
     if inside:
-        study.enqueue_trial(start)
+        study.enqueue_trial({name: start[name] for name in searched})
 
 
 def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:

@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
 from mlp.report import report
-from mlp.search import SearchSpace, suggest, trial_args
+from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, suggest, trial_args
 from mlp.study import finished_numbers, is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
 
 
@@ -73,9 +74,12 @@ def run_study(
     timeout: float | None,
     pruner: str,
     seed: int,
+    ranges_given: Collection[str] = (),
 ) -> dict[str, Any] | str:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
+    A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
+    ranges the user gave explicitly, which must not be pinned as well.
     Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
@@ -90,6 +94,15 @@ def run_study(
         "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)",
     )
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
+    pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
+    for name in pinned:
+        check(
+            name not in ranges_given,
+            f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: drop one of them",
+        )
+    if pinned:
+        space = space.pin(pinned)
+        print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
     study, created = open_study(study_name, storage_url, pruner, space, seed)

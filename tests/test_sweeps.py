@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from mlp.errors import UserError
@@ -103,3 +104,34 @@ def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir,
     printed = capsys.readouterr().out
     assert "--timeout" in printed and "1 trial still running" in printed
     assert "finished the study's last trial" not in printed
+
+
+def test_fit_flags_pin_searched_hyperparameters_in_every_trial(synthetic_dir, tmp_path, capsys):
+    config = tmp_path / "fit.yaml"
+    config.write_text("model:\n  dropout: 0.25\n")  # a config file pins too
+    args = tune_args(synthetic_dir, tmp_path, n_trials=2)
+    del args[args.index("--epochs") : args.index("--epochs") + 3]
+    del args[args.index("--depth") : args.index("--depth") + 3]
+    del args[args.index("--width") : args.index("--width") + 3]
+    args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # every trial learns
+    args += ["--pruner=none", "--trainer.max_epochs", "1", "--model.width=12", f"--config={config}"]
+
+    tune.main(args)
+
+    assert "pinned by the fit flags, not searched: epochs=1, width=12, dropout=0.25" in capsys.readouterr().out
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    # The first trial is fit's defaults for what is still searched.
+    assert trials[0].params == {"lr": 0.1, "depth": 2, "weight_decay": 5e-4}
+    for trial in trials:
+        assert set(trial.params) == {"lr", "depth", "weight_decay"}
+        assert len(trial.intermediate_values) == 1
+        hparams = torch.load(trial.user_attrs["best_checkpoint"], weights_only=False)["hyper_parameters"]
+        assert (hparams["width"], hparams["dropout"]) == (12, 0.25)
+
+
+def test_a_search_range_and_a_fit_flag_pinning_it_are_refused_together(synthetic_dir, tmp_path):
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), "--model.depth", "2"]  # tune_args gives --depth 1 1
+    with pytest.raises(UserError, match="--depth searches depth but --model.depth pins it to 2"):
+        tune.main(args)
+    assert not (tmp_path / "study.db").exists()
