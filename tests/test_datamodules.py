@@ -15,6 +15,8 @@ from mlp.data import (
     DatasetNotFoundError,
     FashionMNISTDataModule,
     locate_fashion_mnist,
+    read_idx,
+    unit_pixels,
 )
 from tests.conftest import real_data_available, write_synthetic_dataset
 
@@ -38,11 +40,37 @@ def test_split_is_deterministic_for_a_seed_and_changes_with_it(synthetic_dir):
     assert not torch.equal(first, other)
 
 
-def test_train_and_validation_images_are_disjoint(synthetic_dir):
+def rows_of_file(data: FashionMNISTDataModule, images: Path) -> dict[bytes, int]:
+    """Each image of an IDX file, standardised as the data module does, by its exact bytes -> its index."""
+    rows = unit_pixels(read_idx(images, images.parent / "cache")).sub_(data.mean).div_(data.std)
+    return {row.numpy().tobytes(): index for index, row in enumerate(rows)}
+
+
+def served(loader) -> tuple[list[bytes], torch.Tensor]:
+    """Every image a loader serves in an epoch, as exact bytes, and its labels."""
+    batches = list(loader)
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    return [row.numpy().tobytes() for row in images], labels
+
+
+def test_loaders_serve_validation_from_the_training_file_and_test_from_the_test_file(synthetic_dir):
     data = prepared(synthetic_dir)
-    train, val = data.train_set.tensors[0], data.val_set.tensors[0]
-    overlap = (torch.cdist(val, train) == 0).any(dim=1)
-    assert not overlap.any()
+    train_file = rows_of_file(data, synthetic_dir / f"{FILES['train_images']}.gz")
+    test_file = rows_of_file(data, synthetic_dir / f"{FILES['test_images']}.gz")
+    assert len(train_file) == 800 and len(test_file) == 200 and not train_file.keys() & test_file.keys()
+    train_labels = read_idx(synthetic_dir / f"{FILES['train_labels']}.gz", synthetic_dir / "cache")
+
+    val_rows, val_labels = served(data.val_dataloader())
+    train_rows, _ = served(data.train_dataloader())
+    test_rows, _ = served(data.test_dataloader())
+    # Exact bytes, not a distance: every validation image is a training-file image, with its own label.
+    val_idx = torch.tensor([train_file.get(row, -1) for row in val_rows])
+    train_idx = torch.tensor([train_file.get(row, -1) for row in train_rows])
+    assert (val_idx >= 0).all() and (train_idx >= 0).all() and not any(row in test_file for row in val_rows)
+    assert torch.equal(val_labels, train_labels[val_idx].long())
+    assert len(val_idx.unique()) == 100 and len(train_idx.unique()) == 700
+    assert not torch.isin(val_idx, train_idx).any()
+    assert sorted(test_file[row] for row in test_rows) == list(range(200))
 
 
 def test_inputs_are_flat_standardised_floats_and_labels_are_classes(synthetic_dir):
