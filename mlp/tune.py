@@ -5,11 +5,11 @@ suggestions, so a trial trains exactly what `scripts/fit.py` with the same flags
 lives in `mlp.search`, the rules workers share in `mlp.study`, the final report in `mlp.report`.
 """
 
-import logging
 import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +70,12 @@ def run_study(
     timeout: float | None,
     pruner: str,
     seed: int,
+    progress: Callable[[optuna.Study], None] = lambda study: None,
 ) -> dict[str, Any] | None:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
-    Returns the report, or None when another worker writes it.
+    `progress` is shown the study as trials finish (see mlp.progress). Returns the report, or None when another
+    worker writes it.
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
@@ -86,10 +88,9 @@ def run_study(
     study, created = open_study(study_name, storage_url, pruner, space, seed)
     if created:
         start_from_fit_defaults(study, cli, space)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per trial is Optuna's
     start = time.perf_counter()
     objective = Objective(space, fit_args, study_name, n_trials)
-    run_trials(study, objective, n_trials, timeout)
+    run_trials(study, objective, n_trials, timeout, progress)
     if not writes_report(study, objective.ran):
         return None
     return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start)
