@@ -168,13 +168,15 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     trial_runs = {f"tune/{STUDY}/trial_{t.number}": t for t in trials}
     runs = {"fit/version_0", *trial_runs, f"tune/{STUDY}/best_trial_test", f"tune/{STUDY}/study"}
-    tensorboard = lambda port: [executable("tensorboard"), "--logdir", str(logged.logs), "--host", "127.0.0.1",
-                                "--port", str(port)]
+    def tensorboard(port: int) -> list[str]:  # what a user runs, on a port of our choosing
+        return [executable("tensorboard"), "--logdir", str(logged.logs), "--host", "127.0.0.1", "--port", str(port)]
 
     with served(tensorboard, "/data/runs", logged.root / "tensorboard.log") as url:
         assert runs <= set(eventually(lambda: get(url + "/data/runs"), lambda listed: runs <= set(listed)))
-        scalar_tags = eventually(lambda: get(url + "/data/plugin/scalars/tags"), lambda tags: runs - {f"tune/{STUDY}/study"} <= set(tags))
-        image_tags = eventually(lambda: get(url + "/data/plugin/images/tags"), lambda tags: runs - {f"tune/{STUDY}/best_trial_test"} <= set(tags))
+        scalar_tags = eventually(
+            lambda: get(url + "/data/plugin/scalars/tags"), lambda tags: runs - {f"tune/{STUDY}/study"} <= set(tags)
+        )
+        image_tags = eventually(lambda: get(url + "/data/plugin/images/tags"), lambda tags: runs <= set(tags))
 
         def scalars(run: str, tag: str) -> list[float]:
             query = urllib.parse.urlencode({"run": run, "tag": tag})
@@ -203,7 +205,9 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
             assert scalars(run, "val/acc") == pytest.approx(list(trial.intermediate_values.values()))
             assert scalars(run, "hp_metric")[-1] == pytest.approx(trial.value)
             assert "activations" in image_tags[run]
+        # The study's one test, of the best trial's best checkpoint.
         assert scalars(f"tune/{STUDY}/best_trial_test", "test/acc") == [pytest.approx(logged.summary["test_acc"])]
+        assert {"test/confusion_matrix", "test/predictions"} <= set(image_tags[f"tune/{STUDY}/best_trial_test"])
 
         # The study's plots, under study/ in their own run.
         assert "optimization_history" in logged.summary["plots"]
@@ -238,8 +242,9 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
 def test_optuna_dashboard_serves_the_study_its_trials_and_their_intermediate_values(logged):
     pytest.importorskip("optuna_dashboard", reason="the dashboard extra is not installed: pip install -e '.[dashboard]'")
     study = logged.study
-    dashboard = lambda port: [executable("optuna-dashboard"), logged.storage, "--host", "127.0.0.1",
-                              "--port", str(port)]
+
+    def dashboard(port: int) -> list[str]:
+        return [executable("optuna-dashboard"), logged.storage, "--host", "127.0.0.1", "--port", str(port)]
 
     with served(dashboard, "/api/studies", logged.root / "dashboard.log") as url:
         summaries = get(url + "/api/studies")["study_summaries"]
