@@ -109,41 +109,72 @@ class OneLine(logging.Filter):
         return True
 
 
+class LinesAboveBar(io.TextIOBase):
+    """Standard output while the bar is drawn on the same terminal: each whole line is written above the bar.
+
+    (tqdm's own DummyTqdmFile clears the bar only when both write to one stream.)
+    """
+
+    def __init__(self, stream: TextIO, bar: tqdm) -> None:
+        self.stream, self.bar, self.partial = stream, bar, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        if lines:
+            self.bar.clear()
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+            self.bar.refresh()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return self.stream.encoding
+
+
 @contextlib.contextmanager
 def study_output(n_trials: int, quiet: bool) -> Iterator[StudyProgress]:
-    """Set up what the user sees while a study runs (see the module's docstring), and restore it afterwards."""
+    """Set up what the user sees while a study runs (see the module's docstring); every change is undone after."""
     optuna_logger, warnings_logger = logging.getLogger("optuna"), logging.getLogger("py.warnings")
-    levels = {name: logging.getLogger(name).level for name in ("optuna", *LIGHTNING_LOGGERS)}
-    handlers = list(optuna_logger.handlers)
-    one_line, shown_once = OneLine(), ShownOnce()
-    for handler in handlers:
-        handler.addFilter(one_line)
-    warnings_logger.addFilter(shown_once)
-    warnings_handler = logging.StreamHandler(sys.stderr)  # the logger has only a NullHandler, put there by a library
-    warnings_logger.addHandler(warnings_handler)
-    for name in LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
-    if quiet:
-        optuna_logger.setLevel(logging.ERROR)
     in_terminal = not quiet and sys.stderr.isatty()
-    progress = StudyProgress(n_trials, sys.stderr if in_terminal else None)
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(warnings.catch_warnings())
-            if quiet:
-                warnings.simplefilter("ignore")
-                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))  # Lightning's table of test results
-            logging.captureWarnings(True)  # through shown_once, and above the bar in a terminal
-            stack.callback(logging.captureWarnings, False)
-            if in_terminal:
-                stack.enter_context(logging_redirect_tqdm([optuna_logger, warnings_logger]))
-            yield progress
-            progress.refresh()
-    finally:
-        progress.bar.close()
-        for handler in handlers:
-            handler.removeFilter(one_line)
-        warnings_logger.removeFilter(shown_once)
-        warnings_logger.removeHandler(warnings_handler)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    with contextlib.ExitStack() as undo:
+
+        def set_level(logger: logging.Logger, level: int) -> None:
+            undo.callback(logger.setLevel, logger.level)
+            logger.setLevel(level)
+
+        for name in LIGHTNING_LOGGERS:
+            set_level(logging.getLogger(name), logging.ERROR if quiet else logging.WARNING)
+        if quiet:
+            set_level(optuna_logger, logging.ERROR)
+            undo.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            undo.enter_context(contextlib.redirect_stdout(io.StringIO()))  # Lightning's table of test results
+        one_line = OneLine()
+        for handler in optuna_logger.handlers:
+            handler.addFilter(one_line)
+            undo.callback(handler.removeFilter, one_line)
+        # Warnings go through logging, to be shown once each, and above the bar in a terminal. The logger has
+        # only a NullHandler (put there by a library), so it gets one that prints.
+        shown_once, printed = ShownOnce(), logging.StreamHandler(sys.stderr)
+        warnings_logger.addFilter(shown_once)
+        warnings_logger.addHandler(printed)
+        undo.callback(warnings_logger.removeFilter, shown_once)
+        undo.callback(warnings_logger.removeHandler, printed)
+        undo.enter_context(warnings.catch_warnings())  # restores the showwarning that captureWarnings replaces
+        logging.captureWarnings(True)
+        undo.callback(logging.captureWarnings, False)
+        progress = StudyProgress(n_trials, sys.stderr if in_terminal else None)
+        undo.callback(progress.bar.close)
+        if in_terminal:  # what is logged or printed goes above the bar, not through it
+            undo.enter_context(logging_redirect_tqdm([optuna_logger, warnings_logger]))
+            if sys.stdout.isatty():
+                undo.enter_context(contextlib.redirect_stdout(LinesAboveBar(sys.stdout, progress.bar)))
+        yield progress
+        progress.refresh()

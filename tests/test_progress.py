@@ -139,6 +139,8 @@ def test_terminal_shows_the_bar_with_counts_and_the_best_trial(study_args):
     assert trial_lines("\n".join(lines)) == ["Trial 1 finished with value", "Trial 2 pruned"]
     bars = [line for line in lines if line.startswith("trials ")]
     assert bars, output[-3000:]
+    for bar in bars:  # nothing printed (the test run's table, say) runs into the bar
+        assert re.fullmatch(r"trials \d/2 \|.*\| \d\d:\d\d elapsed(, pruned .*\))?", bar), bar
     final = re.fullmatch(
         r"trials 2/2 \|.*\| \d\d:\d\d elapsed, pruned 1, failed 1, running 0, best val/acc (\d\.\d{4}) \(trial 1\)",
         bars[-1],
