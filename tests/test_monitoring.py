@@ -166,21 +166,32 @@ def logged(tmp_path_factory) -> SimpleNamespace:
 def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(logged):
     trials = logged.study.trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    fit_run, test_run, study_run = "fit/version_0", f"tune/{STUDY}/best_trial_test", f"tune/{STUDY}/study"
     trial_runs = {f"tune/{STUDY}/trial_{t.number}": t for t in trials}
-    runs = {"fit/version_0", *trial_runs, f"tune/{STUDY}/best_trial_test", f"tune/{STUDY}/study"}
+    curves = {"train/loss_epoch", "train/acc", "train/examples_per_sec", "val/loss", "val/acc", "hp_metric"}
+    scalar_tags = {fit_run: curves | {"test/acc", "test/loss"}, test_run: {"test/acc", "test/loss"},
+                   **{run: curves for run in trial_runs}}
+    image_tags = {fit_run: {"activations", "test/confusion_matrix", "test/predictions"},
+                  test_run: {"test/confusion_matrix", "test/predictions"},
+                  study_run: {f"study/{name}" for name in logged.summary["plots"]},
+                  **{run: {"activations"} for run in trial_runs}}
+    # Points per series once every event is loaded: one per epoch (hp_metric also has the 0 declared at the start).
+    points = {(fit_run, "val/acc"): 2, (fit_run, "train/loss_epoch"): 2, (fit_run, "hp_metric"): 3,
+              (fit_run, "test/acc"): 1, (test_run, "test/acc"): 1}
+    for run, trial in trial_runs.items():
+        points |= {(run, "val/acc"): trial.params["epochs"], (run, "hp_metric"): trial.params["epochs"] + 1}
+
     def tensorboard(port: int) -> list[str]:  # what a user runs, on a port of our choosing
         return [executable("tensorboard"), "--logdir", str(logged.logs), "--host", "127.0.0.1", "--port", str(port)]
 
     with served(tensorboard, "/data/runs", logged.root / "tensorboard.log") as url:
-        assert runs <= set(eventually(lambda: get(url + "/data/runs"), lambda listed: runs <= set(listed)))
-        scalar_tags = eventually(
-            lambda: get(url + "/data/plugin/scalars/tags"), lambda tags: runs - {f"tune/{STUDY}/study"} <= set(tags)
-        )
-        image_tags = eventually(lambda: get(url + "/data/plugin/images/tags"), lambda tags: runs <= set(tags))
 
         def scalars(run: str, tag: str) -> list[float]:
             query = urllib.parse.urlencode({"run": run, "tag": tag})
-            return [value for _, _, value in get(f"{url}/data/plugin/scalars/scalars?{query}")]
+            try:
+                return [value for _, _, value in get(f"{url}/data/plugin/scalars/scalars?{query}")]
+            except urllib.error.HTTPError:  # not loaded yet
+                return []
 
         def png(run: str, tag: str) -> bytes:
             (image,) = get(f"{url}/data/plugin/images/images?" + urllib.parse.urlencode({"run": run, "tag": tag}))
@@ -188,32 +199,34 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
                 assert response.headers["Content-Type"] == "image/png"
                 return response.read()
 
-        # The fit run: its curves, its one test figure, its best val/acc as hp_metric, and its figures.
-        assert {"train/loss_epoch", "train/acc", "train/examples_per_sec", "val/loss", "val/acc", "hp_metric",
-                "test/acc", "test/loss"} <= set(scalar_tags["fit/version_0"])
-        val_acc = scalars("fit/version_0", "val/acc")
-        assert len(val_acc) == 2 and len(scalars("fit/version_0", "train/loss_epoch")) == 2  # one per epoch
-        assert scalars("fit/version_0", "hp_metric")[-1] == pytest.approx(max(val_acc))
-        assert scalars("fit/version_0", "test/acc") == [pytest.approx(logged.fit["test/acc"])]
-        assert {"activations", "test/confusion_matrix", "test/predictions"} <= set(image_tags["fit/version_0"])
-        for tag in ("activations", "test/confusion_matrix", "test/predictions"):
-            assert png("fit/version_0", tag).startswith(b"\x89PNG\r\n\x1a\n")
+        def shows(expected: dict[str, set[str]]) -> Callable[[dict], bool]:
+            return lambda served_tags: all(tags <= set(served_tags.get(run, ())) for run, tags in expected.items())
 
+        # The server loads the logs in the background: wait until it shows what we expect, or WAIT_SECONDS.
+        served_scalar_tags = eventually(lambda: get(url + "/data/plugin/scalars/tags"), shows(scalar_tags))
+        served_image_tags = eventually(lambda: get(url + "/data/plugin/images/tags"), shows(image_tags))
+        series = eventually(lambda: {key: scalars(*key) for key in points},
+                            lambda got: all(len(got[key]) >= n for key, n in points.items()))
+        for run, tags in scalar_tags.items():
+            assert tags <= set(served_scalar_tags.get(run, ())), run
+        for run, tags in image_tags.items():
+            assert tags <= set(served_image_tags.get(run, ())), run
+        assert {key: len(values) for key, values in series.items()} == points
+
+        # The fit run: its best val/acc as hp_metric, the one test figure, its figures as PNG images.
+        assert series[fit_run, "hp_metric"][-1] == pytest.approx(max(series[fit_run, "val/acc"]))
+        assert series[fit_run, "test/acc"] == [pytest.approx(logged.fit["test/acc"])]
+        for run, tags in image_tags.items():
+            for tag in tags:
+                assert png(run, tag).startswith(b"\x89PNG\r\n\x1a\n"), (run, tag)
         # Each trial: the val/acc the pruner saw each epoch, hp_metric = the value Optuna recorded.
         for run, trial in trial_runs.items():
-            assert {"train/loss_epoch", "val/acc", "hp_metric"} <= set(scalar_tags[run])
-            assert scalars(run, "val/acc") == pytest.approx(list(trial.intermediate_values.values()))
-            assert scalars(run, "hp_metric")[-1] == pytest.approx(trial.value)
-            assert "activations" in image_tags[run]
-        # The study's one test, of the best trial's best checkpoint.
-        assert scalars(f"tune/{STUDY}/best_trial_test", "test/acc") == [pytest.approx(logged.summary["test_acc"])]
-        assert {"test/confusion_matrix", "test/predictions"} <= set(image_tags[f"tune/{STUDY}/best_trial_test"])
-
-        # The study's plots, under study/ in their own run.
+            assert series[run, "val/acc"] == pytest.approx(list(trial.intermediate_values.values()))
+            assert series[run, "hp_metric"][-1] == pytest.approx(trial.value)
+        # The study's one test, of the best trial's best checkpoint; the study's plots, in their own run.
+        assert series[test_run, "test/acc"] == [pytest.approx(logged.summary["test_acc"])]
         assert "optimization_history" in logged.summary["plots"]
-        assert set(image_tags[f"tune/{STUDY}/study"]) == {f"study/{name}" for name in logged.summary["plots"]}
-        for name in logged.summary["plots"]:
-            assert png(f"tune/{STUDY}/study", f"study/{name}").startswith(b"\x89PNG")
+        assert set(served_image_tags[study_run]) == image_tags[study_run]
 
         # The HParams tab: every run with hyperparameters is a session, hp_metric its metric.
         experiment = post(url + "/data/plugin/hparams/experiment", {"experimentName": ""})
@@ -226,7 +239,7 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
         })
         groups = {group["name"]: group for group in listing["sessionGroups"]}
-        assert set(groups) == {"fit/version_0", *trial_runs}
+        assert set(groups) == {fit_run, *trial_runs}
         for run, trial in trial_runs.items():
             shown = groups[run]["hparams"]
             assert shown["max_epochs"] == trial.params["epochs"]
