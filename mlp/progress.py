@@ -128,6 +128,9 @@ class LinesAboveBar(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        """Write out a line left unfinished too (at the end, say)."""
+        self.stream.write(self.partial)
+        self.partial = ""
         self.stream.flush()
 
     def isatty(self) -> bool:
@@ -175,6 +178,8 @@ def study_output(n_trials: int, quiet: bool) -> Iterator[StudyProgress]:
         if in_terminal:  # what is logged or printed goes above the bar, not through it
             undo.enter_context(logging_redirect_tqdm([optuna_logger, warnings_logger]))
             if sys.stdout.isatty():
-                undo.enter_context(contextlib.redirect_stdout(LinesAboveBar(sys.stdout, progress.bar)))
+                above = LinesAboveBar(sys.stdout, progress.bar)
+                undo.enter_context(contextlib.redirect_stdout(above))
+                undo.callback(above.flush)
         yield progress
         progress.refresh()

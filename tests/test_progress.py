@@ -4,6 +4,7 @@ with --quiet. The scripts run as a user starts them, in a subprocess, with a pip
 import fcntl
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -20,7 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mlp.progress import StudyCounts, StudyProgress
+from mlp.progress import LinesAboveBar, OneLine, ShownOnce, StudyCounts, StudyProgress
 from tests.test_sweeps import FAST_TRIAL, tune_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,38 @@ def test_counts_come_from_the_storage_however_trials_were_finished():
 
 def test_an_empty_study_has_no_best_yet():
     assert str(StudyCounts.of([])) == "pruned 0, failed 0, running 0, best val/acc none yet"
+
+
+def test_a_failed_trials_line_keeps_its_error_and_drops_the_traceback():
+    try:
+        raise ValueError("bad value")
+    except ValueError:
+        record = logging.LogRecord("optuna", logging.WARNING, __file__, 1, "Trial 3 failed because of %r", ("bad",),
+                                   sys.exc_info())
+    handler = logging.StreamHandler(stream := io.StringIO())
+    handler.addFilter(OneLine())
+    handler.handle(record)
+    assert stream.getvalue() == "Trial 3 failed because of 'bad'\n"
+
+
+def test_each_warning_is_shown_once():
+    shown_once = ShownOnce()
+    record = lambda text: logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, "%s", (text,), None)
+    assert [shown_once.filter(record(text)) for text in ("a.py:1: UserWarning: x\n", "b\n", "a.py:1: UserWarning: x\n")] \
+        == [True, True, False]
+
+
+def test_printed_lines_go_above_the_bar():
+    screen = io.StringIO()
+    bar = StudyProgress(n_trials=2, file=screen).bar
+    above = LinesAboveBar(screen, bar)
+    above.write("first ")
+    assert "first" not in screen.getvalue()  # a line is written whole, once it ends
+    above.write("line\nsecond line\n")
+    bar.close()
+    after_clearing = screen.getvalue().split("\r")
+    assert "first line\nsecond line\ntrials 0/2 |" in "".join(after_clearing)  # the lines, then the bar again
+    assert any(part.startswith("first line\nsecond line\n") for part in after_clearing)
 
 
 @pytest.fixture
