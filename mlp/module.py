@@ -99,7 +99,10 @@ class MLPClassifier(L.LightningModule):
         if isinstance(self.logger, TensorBoardLogger):
             # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
             data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
-            self.logger.log_hyperparams({**self.hparams, **data_hparams}, {"hp_metric": 0.0})
+            # max_epochs too, which tune.py searches; not LightningCLI's "_instantiator", which is no hyperparameter.
+            hparams = {**self.hparams, **data_hparams, "max_epochs": self.trainer.max_epochs}
+            hparams = {name: value for name, value in hparams.items() if not name.startswith("_")}
+            self.logger.log_hyperparams(hparams, {"hp_metric": 0.0})
             self.logger.experiment.add_figure("activations", activations_figure(self.hparams.activation))
 
     def on_train_epoch_start(self) -> None:

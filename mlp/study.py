@@ -5,6 +5,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,8 +115,16 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def run_trials(study: optuna.Study, objective: "Objective", n_trials: int, timeout: float | None) -> None:
+def run_trials(
+    study: optuna.Study,
+    objective: "Objective",
+    n_trials: int,
+    timeout: float | None,
+    progress: Callable[[optuna.Study], None] = lambda study: None,
+) -> None:
     """Run trials until the study holds n_trials finished ones and no trial is running anywhere.
+
+    `progress` is called with the study after each trial and while waiting (see mlp.progress).
 
     Any number of workers may do this on one study at once. A worker starts a trial while the study holds a
     WAITING one or fewer than n_trials live ones. With nothing to start it waits for the other workers'
@@ -125,6 +134,7 @@ def run_trials(study: optuna.Study, objective: "Objective", n_trials: int, timeo
     waiting_logged = False
     while time.monotonic() < deadline:
         fail_stale_trials(study)
+        progress(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         if TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials:
             study.optimize(objective, n_trials=1, gc_after_trial=True)

@@ -5,12 +5,11 @@ suggestions, so a trial trains exactly what `scripts/fit.py` with the same flags
 lives in `mlp.search`, the rules workers share in `mlp.study`, the final report in `mlp.report`.
 """
 
-import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +74,13 @@ def run_study(
     pruner: str,
     seed: int,
     ranges_given: Collection[str] = (),
+    progress: Callable[[optuna.Study], None] = lambda study: None,
 ) -> dict[str, Any] | str:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
     A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
-    ranges the user gave explicitly, which must not be pinned as well.
+    ranges the user gave explicitly, which must not be pinned as well. `progress` is shown the study as
+    trials finish (see mlp.progress).
     Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
@@ -108,11 +109,10 @@ def run_study(
     study, created = open_study(study_name, storage_url, pruner, space, seed)
     if created:
         start_from_fit_defaults(study, cli, space)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per trial is Optuna's
     start = time.perf_counter()
     objective = Objective(space, fit_args, study_name, n_trials)
     finished_before = finished_numbers(study)
-    run_trials(study, objective, n_trials, timeout)
+    run_trials(study, objective, n_trials, timeout, progress)
     if not writes_report(study, objective.ran, finished_before):
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if running:  # run_trials returns with trials running elsewhere only at the deadline

@@ -5,6 +5,10 @@
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
+    python scripts/tune.py --quiet                          # print only the final report
+
+In a terminal a progress bar counts the study's finished trials (every worker's), with pruned and failed
+counts and the best val/acc so far; Optuna's one line per finished trial is written above it.
 
 Flags this script does not know are fit flags (see `python scripts/fit.py --help`) and apply to every trial.
 Choices are made on the validation split; the best trial's best checkpoint is tested once at the end, by
@@ -20,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlp.errors import run_script  # noqa: E402
+from mlp.progress import study_output  # noqa: E402
 from mlp.search import FIT_FLAGS, SearchSpace  # noqa: E402
 from mlp.tune import run_study  # noqa: E402
 
@@ -40,6 +45,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"
     )
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
     space = parser.add_argument_group("search space (inclusive ranges)")
     for name, (low, high) in vars(defaults).items():
         kind = type(low)
@@ -55,10 +61,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     # Ranges left unset keep SearchSpace's defaults; run_study needs to know which were given.
     given = {field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)
              if getattr(options, field.name) is not None}
-    summary = run_study(
-        SearchSpace(**given), fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
-        options.pruner, options.sampler_seed, ranges_given=set(given),
-    )
+    with study_output(options.n_trials, options.quiet) as progress:
+        summary = run_study(
+            SearchSpace(**given), fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
+            options.pruner, options.sampler_seed, ranges_given=set(given), progress=progress,
+        )
     if isinstance(summary, str):  # another worker writes the report
         print(summary)
         return None
