@@ -67,8 +67,10 @@ class FusedClassifier(L.LightningModule):
         self.metrics = nn.ModuleList(ModelMetrics() for _ in classifiers)
         self.automatic_optimization = self.shared["backward"] == "autograd"
         self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.stopping: dict[str, str] = {}  # name -> why, for models that leave the stack at this epoch's end
-        self.outcomes: dict[str, str] = {}  # name -> "finished", "diverged: ..." or the reason it was stopped
+        # name -> (how, detail) for models that leave the stack at this epoch's end, and for those that left:
+        # ("finished", ""), ("diverged", when and why) or what `stop` was told (e.g. ("pruned", "")).
+        self.stopping: dict[str, tuple[str, str]] = {}
+        self.outcomes: dict[str, tuple[str, str]] = {}
         self.views: list[list[Tensor]] = []  # per model, its slices of the stacked parameters (the optimiser's)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,7 +161,7 @@ class FusedClassifier(L.LightningModule):
             metrics.train_acc.reset()
         for k, name in enumerate(self.names):
             if name not in self.stopping and self.current_epoch + 1 >= self.epochs[k]:
-                self.stopping[name] = "finished"
+                self.stopping[name] = ("finished", "")
         self.drop([name for name in self.names if name in self.stopping])
 
     # Validation
@@ -185,11 +187,11 @@ class FusedClassifier(L.LightningModule):
                 continue
             self.write(k, {"val/loss": loss, "val/acc": acc, "hp_metric": metrics.val_acc_best.compute()})
             if not math.isfinite(loss.item()):
-                self.stopping[name] = f"diverged: epoch {self.current_epoch}: val/loss = {loss.item()} is not finite"
+                self.stopping[name] = ("diverged", f"epoch {self.current_epoch}: val/loss = {loss.item()} is not finite")
 
-    def stop(self, name: str, reason: str) -> None:
+    def stop(self, name: str, how: str, detail: str = "") -> None:
         """Take model `name` out of the stack at the end of this epoch (e.g. its trial was pruned)."""
-        self.stopping.setdefault(name, reason)
+        self.stopping.setdefault(name, (how, detail))
 
     def write(self, k: int, scalars: dict[str, Tensor]) -> None:
         logger = self.loggers_per_model[k]
@@ -231,7 +233,10 @@ class FusedClassifier(L.LightningModule):
         """Model `name` as an ordinary single MLPClassifier with its own hyperparameters."""
         k = self.names.index(name)
         with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the training's random stream
-            single = MLPClassifier(**self.hparams_per_model[k]).to(self.dtype)
+            hparams = self.hparams_per_model[k]
+            single = MLPClassifier(**{key: v for key, v in hparams.items() if not key.startswith("_")}).to(self.dtype)
+        # LightningCLI adds `_instantiator` to the saved hyperparameters; load_from_checkpoint expects it back.
+        single.hparams.update(hparams)
         single.net.load_state_dict(self.net.extract(k))
         return single
 
@@ -251,6 +256,7 @@ class ModelInStackCheckpoint(ModelCheckpoint):
             mode="max",
             filename=f"epoch{{epoch:02d}}-val_acc{{val/acc/{name}:.4f}}",
             auto_insert_metric_name=False,
+            save_on_train_epoch_end=False,  # at validation's end, before the module drops finished models
         )
         self.name = name
 

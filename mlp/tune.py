@@ -19,6 +19,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
+from mlp.fused_trials import FusedTrials, check_stack_fits, free_gpu_bytes
 from mlp.report import report
 from mlp.search import SearchSpace, suggest, trial_args
 from mlp.study import is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
@@ -31,6 +32,10 @@ class Objective:
         self.space, self.fit_args, self.study_name, self.n_trials = space, fit_args, study_name, n_trials
         self.interrupted = False
         self.ran: list[int] = []  # numbers of the trials this worker trained
+
+    def start_trials(self, study: optuna.Study) -> None:
+        """Run one trial (run_trials calls this while the study may start one)."""
+        study.optimize(self, n_trials=1, gc_after_trial=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
         if is_surplus(trial, self.n_trials):
@@ -70,17 +75,23 @@ def run_study(
     timeout: float | None,
     pruner: str,
     seed: int,
+    fuse: int = 1,
 ) -> dict[str, Any] | None:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
+
+    fuse > 1 trains up to that many trials at once as stacked networks (`mlp.fused_trials`).
 
     Returns the report, or None when another worker writes it.
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
     check(timeout is None or timeout > 0, f"--timeout must be positive seconds, got {timeout}")
+    check(fuse >= 1, f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once), got {fuse}")
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
+    if fuse > 1:
+        check_stack_fits(fuse, space, cli, free_gpu_bytes(cli))
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
     study, created = open_study(study_name, storage_url, pruner, space, seed)
@@ -88,7 +99,10 @@ def run_study(
         start_from_fit_defaults(study, cli, space)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per trial is Optuna's
     start = time.perf_counter()
-    objective = Objective(space, fit_args, study_name, n_trials)
+    if fuse == 1:
+        objective = Objective(space, fit_args, study_name, n_trials)
+    else:
+        objective = FusedTrials(space, fit_args, study_name, n_trials, fuse)
     run_trials(study, objective, n_trials, timeout)
     if not writes_report(study, objective.ran):
         return None

@@ -2,6 +2,7 @@
 
     python scripts/tune.py                                  # the default study, resumable
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
+    python scripts/tune.py --fuse 8                         # 8 trials at a time, as stacked networks
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
@@ -40,6 +41,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"
     )
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    study.add_argument(
+        "--fuse", type=int, default=1, metavar="K",
+        help="train up to K trials at once as one stacked network, grouped by depth (default 1: one at a time)",
+    )
     space = parser.add_argument_group("search space (inclusive ranges)")
     for name, (low, high) in vars(defaults).items():
         kind = type(low)
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     space = SearchSpace(**{field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)})
     summary = run_study(
         space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
-        options.pruner, options.sampler_seed,
+        options.pruner, options.sampler_seed, options.fuse,
     )
     if summary is None:
         print("another worker finished the study's last trial and writes the report")
