@@ -83,21 +83,15 @@ class FusedTrials:
             save_config(cli)
         epochs = [cli.trainer.max_epochs for cli in clis]
         fused = FusedClassifier([cli.model for cli in clis], epochs, list(trials), [cli.trainer.logger for cli in clis])
-        group_cli = build_cli([
-            *self.fit_args, f"--trainer.max_epochs={max(epochs)}", "--trainer.logger=false",
-            "--trainer.enable_model_summary=false", "--progress_bar.refresh_rate=0",
-        ])
+        group = group_cli(self.fit_args, max(epochs))
         checkpoints = {
             name: ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"))
             for name, cli in zip(trials, clis)
         }
-        trainer = group_cli.trainer
-        # Each trial keeps its own checkpoint, divergence guard and saved config; the group has none of its own.
-        own = (ModelCheckpoint, EarlyStopping, SaveConfigCallback)
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, own)]
-        trainer.callbacks += [ReportAndPrune(trials), *checkpoints.values()]  # checkpoints last, as Lightning orders them
-        group_cli.model = fused
-        fit(group_cli)
+        # Checkpoints last, as Lightning orders them, so a trial pruned this epoch is not saved.
+        group.trainer.callbacks += [ReportAndPrune(trials), *checkpoints.values()]
+        group.model = fused
+        fit(group)
         for name, trial in trials.items():
             how, detail = fused.outcomes[name]
             if how == "finished":
@@ -110,6 +104,20 @@ class FusedTrials:
                 trial.set_user_attr("diverged", detail)
             study.tell(trial, state=TrialState.PRUNED)
             log.info(f"Trial {name} pruned{f' (diverged in {detail})' if detail else ''}.")
+
+
+def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
+    """The Trainer and data of one stacked group, from the user's fit flags, trained for `epochs`.
+
+    Each trial keeps its own logger, checkpoint, divergence guard and saved config, so the group has none.
+    """
+    cli = build_cli([
+        *fit_args, f"--trainer.max_epochs={epochs}", "--trainer.logger=false",
+        "--trainer.enable_model_summary=false", "--progress_bar.refresh_rate=0",
+    ])
+    own = (ModelCheckpoint, EarlyStopping, SaveConfigCallback)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, own)]
+    return cli
 
 
 def save_config(cli: MLPCLI) -> None:
