@@ -16,7 +16,7 @@ from mlp.errors import UserError
 from mlp.fused_trials import DATASET_BYTES, Heartbeats, check_stack_fits, stack_bytes
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
-from tests.test_reliability import created_trials, start, wait_for
+from tests.test_reliability import created_trials, run, start, wait_for
 from tests.test_reliability import tune_args as slow_tune_args
 from tests.test_sweeps import FAST_TRIAL, threshold_pruner, tune_args  # noqa: F401 (a fixture)
 
@@ -96,15 +96,18 @@ def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypa
     assert sorted(storage._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in trials)
 
 
+def group_training(tmp_path: Path) -> bool:
+    """True once three trials are running together and have each reported an epoch."""
+    if not (tmp_path / "study.db").exists():  # connecting would create the file before the tune process does
+        return False
+    trials = created_trials(f"sqlite:///{tmp_path / 'study.db'}", "faults")
+    return len(trials) == 3 and all(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
+
+
 def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_path):
     process = start("tune.py", [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"])
     url = f"sqlite:///{tmp_path / 'study.db'}"
-
-    def group_training() -> bool:
-        trials = created_trials(url, "faults") if (tmp_path / "study.db").exists() else []
-        return len(trials) == 3 and all(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
-
-    wait_for(process, group_training, "three trials training together")
+    wait_for(process, lambda: group_training(tmp_path), "three trials training together")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0 and "Traceback" not in stderr
@@ -112,3 +115,25 @@ def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_pa
     trials = created_trials(url, "faults")
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     assert all(t.user_attrs["interrupted"] for t in trials)
+
+
+def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(synthetic_dir, tmp_path):
+    quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
+    quick_heartbeat += "; import mlp.fused_trials; mlp.fused_trials.HEARTBEAT_SECONDS = 1"
+    args = [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"]
+    process = start("tune.py", args, patch=quick_heartbeat)
+    wait_for(process, lambda: group_training(tmp_path), "three trials training together")
+    process.kill()
+    process.communicate(timeout=300)
+    time.sleep(3)  # let their heartbeats go stale
+
+    again = run("tune.py", args, patch=quick_heartbeat, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = created_trials(f"sqlite:///{tmp_path / 'study.db'}", "faults")
+    killed = trials[:3]
+    assert [t.state for t in killed] == [TrialState.FAIL] * 3
+    for trial in killed:
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert len(retries) == 1 and retries[0].params == trial.params
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
+    assert TrialState.RUNNING not in [t.state for t in trials]
