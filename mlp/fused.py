@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -187,7 +187,8 @@ class FusedClassifier(L.LightningModule):
                 continue
             self.write(k, {"val/loss": loss, "val/acc": acc, "hp_metric": metrics.val_acc_best.compute()})
             if not math.isfinite(loss.item()):
-                self.stopping[name] = ("diverged", f"epoch {self.current_epoch}: val/loss = {loss.item()} is not finite")
+                detail = f"epoch {self.current_epoch}: val/loss = {loss.item()} is not finite"
+                self.stopping[name] = ("diverged", detail)
 
     def stop(self, name: str, how: str, detail: str = "") -> None:
         """Take model `name` out of the stack at the end of this epoch (e.g. its trial was pruned)."""
@@ -196,7 +197,8 @@ class FusedClassifier(L.LightningModule):
     def write(self, k: int, scalars: dict[str, Tensor]) -> None:
         logger = self.loggers_per_model[k]
         if logger is not None:
-            logger.log_metrics({key: float(v) for key, v in scalars.items()} | {"epoch": self.current_epoch}, self.global_step)
+            values = {key: float(v) for key, v in scalars.items()}
+            logger.log_metrics({**values, "epoch": self.current_epoch}, self.global_step)
 
     # Leaving the stack
 

@@ -12,8 +12,9 @@ import socket
 import threading
 import warnings
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import lightning as L
 import optuna
@@ -34,7 +35,8 @@ class FusedTrials:
     """Runs up to `fuse` trials at once; `run_trials` calls `start_trials` while the study may start one."""
 
     def __init__(self, space: SearchSpace, fit_args: list[str], study_name: str, n_trials: int, fuse: int) -> None:
-        self.space, self.fit_args, self.study_name, self.n_trials, self.fuse = space, fit_args, study_name, n_trials, fuse
+        self.space, self.fit_args, self.study_name = space, fit_args, study_name
+        self.n_trials, self.fuse = n_trials, fuse
         self.interrupted = False  # on Ctrl-C every running trial is failed, then run_trials stops
         self.ran: list[int] = []  # numbers of the trials this worker trained
 
@@ -63,7 +65,8 @@ class FusedTrials:
             try:
                 for group in by_depth.values():
                     self.train(study, group)
-                    unfinished[:] = [t for t in unfinished if t not in (trial for trial, _ in group)]
+                    told = {trial.number for trial, _ in group}
+                    unfinished[:] = [t for t in unfinished if t.number not in told]
             except BaseException as error:
                 self.interrupted = isinstance(error, KeyboardInterrupt)
                 for trial in unfinished:
@@ -76,7 +79,10 @@ class FusedTrials:
     def train(self, study: optuna.Study, group: list[tuple[optuna.Trial, dict[str, Any]]]) -> None:
         """Train one group of same-depth trials in one Trainer, then tell the study how each ended."""
         trials = {str(trial.number): trial for trial, _ in group}
-        clis = [build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}")) for trial, flags in group]
+        clis = [
+            build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
+            for trial, flags in group
+        ]
         for trial, cli in zip(trials.values(), clis):
             trial.set_user_attr("log_dir", cli.trainer.log_dir)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -159,7 +165,7 @@ class Heartbeats:
             if self.stopped.wait(HEARTBEAT_SECONDS):
                 return
 
-    def __enter__(self) -> "Heartbeats":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -174,7 +180,7 @@ DATASET_BYTES = 70_000 * (784 * 4 + 8)  # the whole of Fashion-MNIST as float pi
 def stack_bytes(fuse: int, depth: int, width: int, batch_size: int, optimizer: str, bytes_per_number: int) -> int:
     """A generous estimate of the device memory a stack of `fuse` models of this shape needs to train."""
     sizes = [784] + [width] * depth + [10]
-    params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:])) + depth
+    params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(sizes)) + depth
     # Parameters, gradients, one more copy while the stack is rebuilt without a model, and the optimiser's
     # state (SGD's momentum; Adam's two moments).
     weights = (3 + {"sgd": 1, "adam": 2}[optimizer]) * params

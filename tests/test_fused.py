@@ -78,13 +78,14 @@ def test_dropout_masks_are_drawn_per_model_and_padding_stays_zero():
 @pytest.mark.parametrize("total_steps", [10, 37, 200])
 def test_schedule_factors_equal_torch_schedulers(total_steps):
     for name, make_torch in [
-        ("onecycle", lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.3, total_steps=total_steps, cycle_momentum=False)),
+        ("onecycle", lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.3, total_steps, cycle_momentum=False)),
         ("cosine", lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)),
     ]:
         optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.3)
         scheduler, factor = make_torch(optimizer), SCHEDULES[name](total_steps)
         for step in range(total_steps + 1):
-            assert math.isclose(optimizer.param_groups[0]["lr"], 0.3 * factor(step), rel_tol=0, abs_tol=1e-12), (name, step)
+            lr = optimizer.param_groups[0]["lr"]
+            assert math.isclose(lr, 0.3 * factor(step), rel_tol=0, abs_tol=1e-12), (name, step)
             optimizer.step()
             if step < total_steps:
                 scheduler.step()
@@ -93,9 +94,9 @@ def test_schedule_factors_equal_torch_schedulers(total_steps):
 # FusedClassifier against separate MLPClassifier runs on the same batches in the same order.
 
 HPARAMS = [  # lr, weight decay, width and epochs all differ
-    dict(lr=0.05, weight_decay=1e-3, width=12, epochs=3),
-    dict(lr=0.2, weight_decay=0.0, width=20, epochs=2),
-    dict(lr=0.01, weight_decay=5e-4, width=7, epochs=4),
+    {"lr": 0.05, "weight_decay": 1e-3, "width": 12, "epochs": 3},
+    {"lr": 0.2, "weight_decay": 0.0, "width": 20, "epochs": 2},
+    {"lr": 0.01, "weight_decay": 5e-4, "width": 7, "epochs": 4},
 ]
 
 
@@ -109,7 +110,8 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(
         max_epochs=epochs, precision="64-true", accelerator="cpu", logger=False, callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, ModelInStackCheckpoint) for c in callbacks or []), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelInStackCheckpoint) for c in callbacks or []),
+        enable_progress_bar=False, enable_model_summary=False,
     )
 
 

@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import tune  # noqa: E402
 
 
-def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_checkpoint(
-    synthetic_dir, tmp_path, threshold_pruner
-):
+@pytest.mark.usefixtures("threshold_pruner")
+def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_checkpoint(synthetic_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="test", storage=url, direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # learns the bands
@@ -40,7 +39,8 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
 
     trials = optuna.load_study(study_name="test", storage=url).trials
     assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    assert [t.state for t in trials[:4]] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED, TrialState.COMPLETE]
+    complete, pruned = TrialState.COMPLETE, TrialState.PRUNED
+    assert [t.state for t in trials[:4]] == [complete, pruned, pruned, complete]
     assert len(trials[1].intermediate_values) == 1
     assert "not finite" in trials[2].user_attrs["diverged"] and "diverged" not in trials[0].user_attrs
     assert list(trials[3].intermediate_values) == [0]  # completed at its own last epoch
