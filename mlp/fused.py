@@ -10,6 +10,7 @@ is stopped (pruned), and the others go on untouched.
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import lightning as L
 import torch
@@ -72,6 +73,10 @@ class FusedClassifier(L.LightningModule):
         self.stopping: dict[str, tuple[str, str]] = {}
         self.outcomes: dict[str, tuple[str, str]] = {}
         self.views: list[list[Tensor]] = []  # per model, its slices of the stacked parameters (the optimiser's)
+        for i, p in enumerate(self.net.parameters()):
+            # As soon as backward completes a stacked gradient, not later: Lightning's mixed precision unscales
+            # the gradients the optimiser holds before its on_before_optimizer_step hook runs.
+            p.register_post_accumulate_grad_hook(partial(self.hand_out_grad, i))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -99,8 +104,9 @@ class FusedClassifier(L.LightningModule):
         cache = []
         logits = self.net(x, cache)
         grad_logits = torch.stack([cross_entropy_grad(one, y) for one in logits])
-        for p, grad in zip(self.net.parameters(), self.net.backward(cache, grad_logits)):
+        for i, (p, grad) in enumerate(zip(self.net.parameters(), self.net.backward(cache, grad_logits))):
             p.grad = grad
+            self.hand_out_grad(i, p)
         self.optimizers().step()
         self.lr_schedulers().step()
         return logits, self.losses(logits, y).mean(1)
@@ -109,12 +115,10 @@ class FusedClassifier(L.LightningModule):
         for p in self.net.parameters():
             p.grad = None
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hand each model's slice of the stacked gradients to its parameter group."""
-        grads = [p.grad for p in self.net.parameters()]
+    def hand_out_grad(self, i: int, p: Tensor) -> None:
+        """Give each model's parameter group its slice of the stacked gradient of parameter i."""
         for k, model_views in enumerate(self.views):
-            for view, grad in zip(model_views, grads):
-                view.grad = grad[k]
+            model_views[i].grad = p.grad[k]
 
     def configure_optimizers(self):
         """One parameter group per model, over leaf views of its slices: torch.optim steps each model with its

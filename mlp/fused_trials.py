@@ -197,6 +197,16 @@ def free_gpu_bytes(cli: MLPCLI) -> int | None:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
+def check_fusable(fuse: int, space: SearchSpace, cli: MLPCLI) -> None:
+    """Refuse, before any trial, what a stack of `fuse` trials cannot train as the trials would alone."""
+    check(
+        cli.trainer.gradient_clip_val is None,
+        "--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' gradients "
+        "together, not each trial's own; drop the flag or use --fuse 1",
+    )
+    check_stack_fits(fuse, space, cli, free_gpu_bytes(cli))
+
+
 def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int | None) -> None:
     """Stop with a message naming a K that fits, rather than an out-of-memory error mid-study."""
     if free_bytes is None:

@@ -19,7 +19,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
-from mlp.fused_trials import FusedTrials, check_stack_fits, free_gpu_bytes
+from mlp.fused_trials import FusedTrials, check_fusable
 from mlp.report import report
 from mlp.search import SearchSpace, suggest, trial_args
 from mlp.study import is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
@@ -91,7 +91,7 @@ def run_study(
     cli = build_cli(fit_args)
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     if fuse > 1:
-        check_stack_fits(fuse, space, cli, free_gpu_bytes(cli))
+        check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
     study, created = open_study(study_name, storage_url, pruner, space, seed)

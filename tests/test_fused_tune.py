@@ -69,6 +69,13 @@ def test_fuse_below_one_is_a_clear_error_before_any_trial(synthetic_dir, tmp_pat
     assert not (tmp_path / "study.db").exists()
 
 
+def test_gradient_clipping_with_fuse_is_refused_with_the_reason(synthetic_dir, tmp_path):
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), "--fuse=2", "--trainer.gradient_clip_val=1"]
+    with pytest.raises(UserError, match="clip the norm of all stacked trials"):
+        tune.main(args)
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_a_stack_too_big_for_the_gpu_is_refused_naming_a_k_that_fits(synthetic_dir, tmp_path):
     cli = build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
                      "--data.batch_size=256"])
