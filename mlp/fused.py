@@ -112,6 +112,7 @@ class FusedClassifier(L.LightningModule):
         return logits, self.losses(logits, y).mean(1)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Clear the stacked gradients, which backward accumulates into; the optimiser holds only views of them."""
         for p in self.net.parameters():
             p.grad = None
 

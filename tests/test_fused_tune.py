@@ -144,3 +144,14 @@ def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(syn
         assert len(retries) == 1 and retries[0].params == trial.params
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
     assert TrialState.RUNNING not in [t.state for t in trials]
+
+
+def test_hyperband_judges_fused_trials_each_on_its_own(synthetic_dir, tmp_path):
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3", "--pruner=hyperband"]
+    summary = tune.main(args)
+    study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    trials = study.trials
+    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert all(1 <= len(t.intermediate_values) <= t.params["epochs"] for t in trials)
+    assert summary["trials"] == {state.name.lower(): sum(t.state == state for t in trials) for state in
+                                 {t.state for t in trials}}
