@@ -9,7 +9,7 @@ is stopped (pruned), and the others go on untouched.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import lightning as L
@@ -47,6 +47,7 @@ class FusedClassifier(L.LightningModule):
     together, model k for epochs[k] epochs, named names[k] in logged metric keys (`val/acc/<name>`).
 
     loggers[k], when given, receives model k's scalars and hyperparameters as MLPClassifier writes its own.
+    on_leave(name, how, detail), when given, is called as each model leaves the stack (see `outcomes`).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class FusedClassifier(L.LightningModule):
         epochs: Sequence[int],
         names: Sequence[str],
         loggers: Sequence[Logger] | None = None,
+        on_leave: Callable[[str, str, str], None] | None = None,
     ) -> None:
         super().__init__()
         shared = [{k: v for k, v in c.hparams.items() if k not in PER_MODEL} for c in classifiers]
@@ -62,7 +64,7 @@ class FusedClassifier(L.LightningModule):
             raise ValueError(f"models fused together may differ only in {PER_MODEL}")
         self.shared = shared[0]
         self.hparams_per_model = [dict(c.hparams) for c in classifiers]
-        self.epochs, self.names = list(epochs), list(names)
+        self.epochs, self.names, self.on_leave = list(epochs), list(names), on_leave
         self.loggers_per_model = list(loggers) if loggers else [None] * len(classifiers)
         self.net = StackedMLP([c.net for c in classifiers])
         self.metrics = nn.ModuleList(ModelMetrics() for _ in classifiers)
@@ -233,6 +235,9 @@ class FusedClassifier(L.LightningModule):
         for attr in ("names", "epochs", "hparams_per_model", "loggers_per_model"):
             setattr(self, attr, [getattr(self, attr)[k] for k in keep])
         self.metrics = nn.ModuleList(self.metrics[k] for k in keep)
+        if self.on_leave is not None:
+            for name in names:
+                self.on_leave(name, *self.outcomes[name])
         if not self.names:
             self.trainer.should_stop = True
 

@@ -60,24 +60,23 @@ class FusedTrials:
         by_depth = defaultdict(list)
         for trial, flags in asked:
             by_depth[flags["model.depth"]].append((trial, flags))
-        unfinished = [trial for trial, _ in asked]
-        with Heartbeats(study, unfinished):
+        running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
+        with Heartbeats(study, running):
             try:
                 for group in by_depth.values():
-                    self.train(study, group)
-                    told = {trial.number for trial, _ in group}
-                    unfinished[:] = [t for t in unfinished if t.number not in told]
+                    self.train(study, group, running)
             except BaseException as error:
                 self.interrupted = isinstance(error, KeyboardInterrupt)
-                for trial in unfinished:
+                for trial in running:
                     if self.interrupted:
                         trial.set_user_attr("interrupted", True)
                     study.tell(trial, state=TrialState.FAIL)
                 if not self.interrupted:
                     raise
 
-    def train(self, study: optuna.Study, group: list[tuple[optuna.Trial, dict[str, Any]]]) -> None:
-        """Train one group of same-depth trials in one Trainer, then tell the study how each ended."""
+    def train(self, study: optuna.Study, group: list[tuple[optuna.Trial, Any]], running: list[optuna.Trial]) -> None:
+        """Train one group of same-depth trials in one Trainer; each trial's end is told the study as it leaves
+        the stack, so a trial with fewer epochs completes at its own last epoch."""
         trials = {str(trial.number): trial for trial, _ in group}
         clis = [
             build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
@@ -87,29 +86,32 @@ class FusedTrials:
             trial.set_user_attr("log_dir", cli.trainer.log_dir)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             save_config(cli)
-        epochs = [cli.trainer.max_epochs for cli in clis]
-        fused = FusedClassifier([cli.model for cli in clis], epochs, list(trials), [cli.trainer.logger for cli in clis])
-        group = group_cli(self.fit_args, max(epochs))
         checkpoints = {
             name: ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"))
             for name, cli in zip(trials, clis)
         }
-        # Checkpoints last, as Lightning orders them, so a trial pruned this epoch is not saved.
-        group.trainer.callbacks += [ReportAndPrune(trials), *checkpoints.values()]
-        group.model = fused
-        fit(group)
-        for name, trial in trials.items():
-            how, detail = fused.outcomes[name]
+
+        def tell(name: str, how: str, detail: str) -> None:
+            trial = trials[name]
             if how == "finished":
+                value = checkpoints[name].best_model_score.item()
                 trial.set_user_attr("best_checkpoint", checkpoints[name].best_model_path)
-                study.tell(trial, checkpoints[name].best_model_score.item())
-                log.info(f"Trial {name} finished with value: {checkpoints[name].best_model_score.item()} "
-                         f"and parameters: {trial.params}.")
-                continue
-            if how == "diverged":
-                trial.set_user_attr("diverged", detail)
-            study.tell(trial, state=TrialState.PRUNED)
-            log.info(f"Trial {name} pruned{f' (diverged in {detail})' if detail else ''}.")
+                study.tell(trial, value)
+                log.info(f"Trial {name} finished with value: {value} and parameters: {trial.params}.")
+            else:
+                if how == "diverged":
+                    trial.set_user_attr("diverged", detail)
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info(f"Trial {name} pruned{f' (diverged in {detail})' if detail else ''}.")
+            running.remove(trial)
+
+        epochs = [cli.trainer.max_epochs for cli in clis]
+        loggers = [cli.trainer.logger for cli in clis]
+        group_run = group_cli(self.fit_args, max(epochs))
+        # Checkpoints last, as Lightning orders them, so a trial pruned this epoch is not saved.
+        group_run.trainer.callbacks += [ReportAndPrune(trials), *checkpoints.values()]
+        group_run.model = FusedClassifier([cli.model for cli in clis], epochs, list(trials), loggers, on_leave=tell)
+        fit(group_run)
 
 
 def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:

@@ -43,7 +43,8 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
     assert [t.state for t in trials[:4]] == [complete, pruned, pruned, complete]
     assert len(trials[1].intermediate_values) == 1
     assert "not finite" in trials[2].user_attrs["diverged"] and "diverged" not in trials[0].user_attrs
-    assert list(trials[3].intermediate_values) == [0]  # completed at its own last epoch
+    assert list(trials[3].intermediate_values) == [0]  # completed at its own last epoch, and told then
+    assert trials[3].datetime_complete < trials[0].datetime_complete
     for trial in trials:
         run = EventAccumulator(trial.user_attrs["log_dir"]).Reload()
         scalars = set(run.Tags()["scalars"])
