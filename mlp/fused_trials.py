@@ -59,7 +59,7 @@ class FusedTrials:
         self.ran += [trial.number for trial, _ in asked]
         by_depth = defaultdict(list)
         for trial, flags in asked:
-            by_depth[flags["model.depth"]].append((trial, flags))
+            by_depth[flags.get("model.depth")].append((trial, flags))  # absent: the fit flags pin the depth
         running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
         with Heartbeats(study, running):
             try:
@@ -214,15 +214,16 @@ def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int
     if free_bytes is None:
         return
     hp = cli.model.hparams
+    depth = space.depth[1] if space.depth else hp.depth  # a pinned one is the fit flag's
+    width = space.width[1] if space.width else hp.width
     per_model = stack_bytes(
-        1, space.depth[1], space.width[1], cli.datamodule.hparams.batch_size, hp.optimizer,
-        8 if "64" in str(cli.trainer.precision) else 4,
+        1, depth, width, cli.datamodule.hparams.batch_size, hp.optimizer, 8 if "64" in str(cli.trainer.precision) else 4
     )
     fits = (free_bytes - DATASET_BYTES) // per_model
     advice = f"--fuse {fits} fits" if fits >= 1 else "even one does not fit: lower the --width or --depth range"
     check(
         fuse <= fits,
-        f"--fuse {fuse}: a stack of {fuse} trials of up to depth {space.depth[1]} and width {space.width[1]} needs "
+        f"--fuse {fuse}: a stack of {fuse} trials of up to depth {depth} and width {width} needs "
         f"about {(fuse * per_model + DATASET_BYTES) / 1e9:.1f} GB of GPU memory and {free_bytes / 1e9:.1f} GB is "
         f"free; {advice}",
     )

@@ -23,7 +23,7 @@ NUM_CLASSES = len(CLASS_NAMES)
 def cross_entropy_grad(logits: Tensor, y: Tensor) -> Tensor:
     """d mean-cross-entropy / d logits = (softmax(logits) - onehot(y)) / batch size."""
     grad = logits.softmax(dim=1)
-    grad[torch.arange(len(y)), y] -= 1
+    grad[torch.arange(len(y), device=y.device), y] -= 1
     return grad / len(y)
 
 

@@ -5,7 +5,6 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +37,9 @@ def connect(storage_url: str) -> RDBStorage:
         Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         return heartbeat_storage(storage_url)
-    except Exception as error:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+    # SQLAlchemy's errors cover a bad URL and, wrapped, the driver's (unreachable server, refused login); an
+    # ImportError is a driver that is not installed. Anything else is a bug and keeps its traceback.
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
         first_line = str(error).splitlines()[0]  # SQLAlchemy appends the SQL and a link to its docs
         raise UserError(f"cannot open the study storage {storage_url!r}: {first_line}") from None
 
@@ -90,9 +91,10 @@ def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace
     hp = cli.model.hparams
     start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
              "weight_decay": hp.weight_decay, "dropout": hp.dropout}
-    inside = all(low <= start[name] <= high for name, (low, high) in asdict(space).items())
+    searched = space.searched()  # a pinned hyperparameter comes from the fit flags, as in every trial
+    inside = all(low <= start[name] <= high for name, (low, high) in searched.items())
     if inside:
-        study.enqueue_trial(start)
+        study.enqueue_trial({name: start[name] for name in searched})
 
 
 def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
@@ -144,16 +146,22 @@ def run_trials(study: optuna.Study, objective: "Objective | FusedTrials", n_tria
             return
 
 
-def writes_report(study: optuna.Study, ran: list[int]) -> bool:
+def finished_numbers(study: optuna.Study) -> set[int]:
+    return {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+
+
+def writes_report(study: optuna.Study, ran: list[int], finished_before: set[int]) -> bool:
     """Whether this worker reports: the one that finished the study's last trial, once none is running.
 
-    Every worker agrees on which trial finished last, so exactly one reports; a worker that ran no trial
-    (the command rerun on a finished study) reports too.
+    Every worker agrees on which trial finished last, so exactly one of the workers that ran trials reports.
+    A worker that ran none (all its trials surplus, or the command rerun on a finished study) reports only if
+    that trial had finished before it started (`finished_before`): then no worker beside it finished it.
     """
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.RUNNING for t in trials):
         return False
     finished = [t for t in trials if t.state in FINISHED]
-    if not ran or not finished:
-        return True
-    return max(finished, key=lambda t: (t.datetime_complete, t.number)).number in ran
+    if not finished:
+        return True  # no trial to test: the report only counts the failed ones
+    last = max(finished, key=lambda t: (t.datetime_complete, t.number)).number
+    return last in ran or (not ran and last in finished_before)

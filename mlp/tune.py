@@ -10,10 +10,12 @@ import math
 import os
 import socket
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from mlp.cli import build_cli, divergence_message, fit
@@ -21,8 +23,8 @@ from mlp.data import locate_fashion_mnist
 from mlp.errors import check
 from mlp.fused_trials import FusedTrials, check_fusable
 from mlp.report import report
-from mlp.search import SearchSpace, suggest, trial_args
-from mlp.study import is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
+from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, suggest, trial_args
+from mlp.study import finished_numbers, is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
 
 
 class Objective:
@@ -62,8 +64,10 @@ class Objective:
         if reason := divergence_message(trainer):
             trial.set_user_attr("diverged", reason)
             raise optuna.TrialPruned(f"diverged in {reason}")
-        trial.set_user_attr("best_checkpoint", trainer.checkpoint_callback.best_model_path)
-        return trainer.checkpoint_callback.best_model_score.item()
+        # The CLI's own val/acc checkpoint: trainer.checkpoint_callback is whichever ModelCheckpoint comes first.
+        checkpoint = cli.config_init["checkpoint"]
+        trial.set_user_attr("best_checkpoint", checkpoint.best_model_path)
+        return checkpoint.best_model_score.item()
 
 
 def run_study(
@@ -75,21 +79,38 @@ def run_study(
     timeout: float | None,
     pruner: str,
     seed: int,
+    ranges_given: Collection[str] = (),
     fuse: int = 1,
-) -> dict[str, Any] | None:
+) -> dict[str, Any] | str:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
-    fuse > 1 trains up to that many trials at once as stacked networks (`mlp.fused_trials`).
-
-    Returns the report, or None when another worker writes it.
+    A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
+    ranges the user gave explicitly, which must not be pinned as well. fuse > 1 trains up to that many trials
+    at once as stacked networks (`mlp.fused_trials`).
+    Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
     check(timeout is None or timeout > 0, f"--timeout must be positive seconds, got {timeout}")
+    check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
     check(fuse >= 1, f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once), got {fuse}")
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
+    check(
+        cli.trainer.logger is not None,
+        "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
+        "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)",
+    )
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
+    pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
+    for name in pinned:
+        check(
+            name not in ranges_given,
+            f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: drop one of them",
+        )
+    if pinned:
+        space = space.pin(pinned)
+        print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
     if fuse > 1:
         check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
@@ -103,7 +124,14 @@ def run_study(
         objective = Objective(space, fit_args, study_name, n_trials)
     else:
         objective = FusedTrials(space, fit_args, study_name, n_trials, fuse)
+    finished_before = finished_numbers(study)
     run_trials(study, objective, n_trials, timeout)
-    if not writes_report(study, objective.ran):
-        return None
+    if not writes_report(study, objective.ran, finished_before):
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if running:  # run_trials returns with trials running elsewhere only at the deadline
+            return (
+                f"stopped at --timeout {timeout:g} s with {running} trial{'s' * (running > 1)} still running on "
+                "other workers; the worker that finishes the study's last trial writes the report"
+            )
+        return "another worker finished the study's last trial and writes the report"
     return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start)

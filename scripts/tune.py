@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlp.errors import run_script  # noqa: E402
-from mlp.search import SearchSpace  # noqa: E402
+from mlp.search import FIT_FLAGS, SearchSpace  # noqa: E402
 from mlp.tune import run_study  # noqa: E402
 
 
@@ -49,23 +49,25 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for name, (low, high) in vars(defaults).items():
         kind = type(low)
         space.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, nargs=2, metavar=("LOW", "HIGH"), default=(low, high),
-            help=f"default {low} {high}",
+            f"--{name.replace('_', '-')}", type=kind, nargs=2, metavar=("LOW", "HIGH"),
+            help=f"default {low} {high}; a fit flag setting it (--{FIT_FLAGS[name]}) pins it instead",
         )
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     options, fit_args = parse(argv)
-    space = SearchSpace(**{field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)})
+    # Ranges left unset keep SearchSpace's defaults; run_study needs to know which were given.
+    given = {field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)
+             if getattr(options, field.name) is not None}
     summary = run_study(
-        space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
-        options.pruner, options.sampler_seed, options.fuse,
+        SearchSpace(**given), fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
+        options.pruner, options.sampler_seed, ranges_given=set(given), fuse=options.fuse,
     )
-    if summary is None:
-        print("another worker finished the study's last trial and writes the report")
-    else:
-        print(json.dumps(summary, indent=2))
+    if isinstance(summary, str):  # another worker writes the report
+        print(summary)
+        return None
+    print(json.dumps(summary, indent=2))
     return summary
 
 
