@@ -147,12 +147,17 @@ def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(syn
     assert TrialState.RUNNING not in [t.state for t in trials]
 
 
-def test_hyperband_judges_fused_trials_each_on_its_own(synthetic_dir, tmp_path):
-    args = [*tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3", "--pruner=hyperband"]
-    summary = tune.main(args)
+def test_hyperband_judges_fused_trials_each_on_its_own_with_depth_and_width_pinned(synthetic_dir, tmp_path):
+    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    for flag in ("--depth", "--width"):  # pinned by fit flags instead: all trials share one group
+        del args[args.index(flag) : args.index(flag) + 3]
+    summary = tune.main([*args, "--model.depth=1", "--model.width=12", "--fuse=3", "--pruner=hyperband"])
     study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}")
     trials = study.trials
     assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert all("depth" not in t.params for t in trials)
+    runs = [MLPClassifier.load_from_checkpoint(t.user_attrs["best_checkpoint"]) for t in trials if t.state == TrialState.COMPLETE]
+    assert runs and all((m.hparams.depth, m.hparams.width) == (1, 12) for m in runs)
     assert all(1 <= len(t.intermediate_values) <= t.params["epochs"] for t in trials)
     assert summary["trials"] == {state.name.lower(): sum(t.state == state for t in trials) for state in
                                  {t.state for t in trials}}
