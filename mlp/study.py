@@ -19,6 +19,7 @@ from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, make_pruner
 
 if TYPE_CHECKING:
+    from mlp.fused_trials import FusedTrials
     from mlp.tune import Objective
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -115,9 +116,15 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def may_start_trial(study: optuna.Study, n_trials: int) -> bool:
+    """Whether a worker may start a trial: the study holds a WAITING one, or fewer than n_trials live ones."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials
+
+
 def run_trials(
     study: optuna.Study,
-    objective: "Objective",
+    objective: "Objective | FusedTrials",
     n_trials: int,
     timeout: float | None,
     progress: Callable[[optuna.Study], None] = lambda study: None,
@@ -136,8 +143,8 @@ def run_trials(
         fail_stale_trials(study)
         progress(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
-        if TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials:
-            study.optimize(objective, n_trials=1, gc_after_trial=True)
+        if may_start_trial(study, n_trials):
+            objective.start_trials(study)
             if objective.interrupted:
                 raise KeyboardInterrupt
         elif TrialState.RUNNING in states:

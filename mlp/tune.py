@@ -20,6 +20,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
+from mlp.fused_trials import FusedTrials, check_fusable
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, suggest, trial_args
 from mlp.study import finished_numbers, is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
@@ -32,6 +33,10 @@ class Objective:
         self.space, self.fit_args, self.study_name, self.n_trials = space, fit_args, study_name, n_trials
         self.interrupted = False
         self.ran: list[int] = []  # numbers of the trials this worker trained
+
+    def start_trials(self, study: optuna.Study) -> None:
+        """Run one trial (run_trials calls this while the study may start one)."""
+        study.optimize(self, n_trials=1, gc_after_trial=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
         if is_surplus(trial, self.n_trials):
@@ -75,18 +80,21 @@ def run_study(
     seed: int,
     ranges_given: Collection[str] = (),
     progress: Callable[[optuna.Study], None] = lambda study: None,
+    fuse: int = 1,
 ) -> dict[str, Any] | str:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
     A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
     ranges the user gave explicitly, which must not be pinned as well. `progress` is shown the study as
-    trials finish (see mlp.progress).
+    trials finish (see mlp.progress). fuse > 1 trains up to that many trials at once as stacked networks
+    (`mlp.fused_trials`).
     Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
     check(timeout is None or timeout > 0, f"--timeout must be positive seconds, got {timeout}")
     check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
+    check(fuse >= 1, f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once), got {fuse}")
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
     check(
@@ -104,13 +112,18 @@ def run_study(
     if pinned:
         space = space.pin(pinned)
         print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
+    if fuse > 1:
+        check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
     study, created = open_study(study_name, storage_url, pruner, space, seed)
     if created:
         start_from_fit_defaults(study, cli, space)
     start = time.perf_counter()
-    objective = Objective(space, fit_args, study_name, n_trials)
+    if fuse == 1:
+        objective = Objective(space, fit_args, study_name, n_trials)
+    else:
+        objective = FusedTrials(space, fit_args, study_name, n_trials, fuse)
     finished_before = finished_numbers(study)
     run_trials(study, objective, n_trials, timeout, progress)
     if not writes_report(study, objective.ran, finished_before):

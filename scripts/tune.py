@@ -2,6 +2,7 @@
 
     python scripts/tune.py                                  # the default study, resumable
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
+    python scripts/tune.py --fuse 8                         # 8 trials at a time, as stacked networks
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
@@ -46,6 +47,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
     study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
+    study.add_argument(
+        "--fuse", type=int, default=1, metavar="K",
+        help="train up to K trials at once as one stacked network, grouped by depth (default 1: one at a time)",
+    )
     space = parser.add_argument_group("search space (inclusive ranges)")
     for name, (low, high) in vars(defaults).items():
         kind = type(low)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     with study_output(options.n_trials, options.quiet) as progress:
         summary = run_study(
             SearchSpace(**given), fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
-            options.pruner, options.sampler_seed, ranges_given=set(given), progress=progress,
+            options.pruner, options.sampler_seed, ranges_given=set(given), fuse=options.fuse, progress=progress,
         )
     if isinstance(summary, str):  # another worker writes the report
         print(summary)

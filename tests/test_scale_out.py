@@ -106,6 +106,9 @@ class Quadratic:
     def __call__(self, trial: optuna.Trial) -> float:
         return trial.suggest_float("x", -1, 1) ** 2
 
+    def start_trials(self, study: optuna.Study) -> None:
+        study.optimize(self, n_trials=1)
+
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monkeypatch):
