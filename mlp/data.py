@@ -4,6 +4,9 @@ Per-sample PIL decoding and ToTensor make the d2l pipeline several times slower 
 itself; here an epoch's batches are slices of one float tensor, on the training device.
 """
 
+import gzip
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import extract_archive
 
 from mlp.augment import shift_and_flip
 from mlp.errors import UserError, check
@@ -76,18 +78,31 @@ def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
     )
 
 
+def decompress(gz: Path, plain: Path) -> None:
+    """Write gz's content to plain atomically: plain appears whole or not at all.
+
+    Several processes (tune workers, a fit beside a tune) may decompress the same file at once, and any of
+    them may be killed midway; each writes its own temporary file and renames it, so nobody reads, or keeps
+    forever, a half-written one.
+    """
+    plain.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=plain.parent, prefix=f".{plain.name}.", delete=False) as temporary:
+        try:
+            with gzip.open(gz) as source:
+                temporary.write(source.read())
+        except BaseException:
+            Path(temporary.name).unlink()
+            raise
+    os.replace(temporary.name, plain)
+
+
 def read_idx(path: Path, cache_dir: Path) -> Tensor:
     """The tensor in an IDX file, decoded by torchvision; a .gz is decompressed once into cache_dir first."""
     try:
         if path.suffix == ".gz":
             plain = cache_dir / path.stem
             if not plain.is_file():
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                try:
-                    extract_archive(str(path), str(cache_dir))
-                except BaseException:
-                    plain.unlink(missing_ok=True)  # never leave a half-written cache behind
-                    raise
+                decompress(path, plain)
             path = plain
         return read_label_file(str(path)) if "labels" in path.name else read_image_file(str(path))
     except (OSError, EOFError, RuntimeError, AssertionError, ValueError, TypeError) as error:

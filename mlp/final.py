@@ -93,7 +93,7 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace) -> dict[
     cli = build_cli([*args, "--data.val_size=0"])
     fit(cli)
     result: dict[str, Any] = {
-        "what": f"trial {best.number}'s configuration retrained on train + val for its {flags['trainer.max_epochs']}"
+        "what": f"trial {best.number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
         " epochs; no validation figure, as no image was held out",
         "trial": best.number,
         "val_acc": None,

@@ -6,11 +6,10 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from mlp.data import CLASS_NAMES
 from mlp.errors import check
@@ -27,7 +26,7 @@ def cross_entropy_grad(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) 
     as F.cross_entropy mixes it.
     """
     grad = logits.softmax(dim=1) - label_smoothing / logits.shape[1]
-    grad[torch.arange(len(y)), y] -= 1 - label_smoothing
+    grad[torch.arange(len(y), device=y.device), y] -= 1 - label_smoothing
     return grad / len(y)
 
 
@@ -112,7 +111,10 @@ class MLPClassifier(L.LightningModule):
         if isinstance(self.logger, TensorBoardLogger):
             # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
             data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
-            self.logger.log_hyperparams({**self.hparams, **data_hparams}, {"hp_metric": 0.0})
+            # max_epochs too, which tune.py searches; not LightningCLI's "_instantiator", which is no hyperparameter.
+            hparams = {**self.hparams, **data_hparams, "max_epochs": self.trainer.max_epochs}
+            hparams = {name: value for name, value in hparams.items() if not name.startswith("_")}
+            self.logger.log_hyperparams(hparams, {"hp_metric": 0.0})
             self.logger.experiment.add_figure("activations", activations_figure(self.hparams.activation))
 
     def on_train_epoch_start(self) -> None:

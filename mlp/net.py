@@ -121,10 +121,21 @@ class MLP(nn.Module):
         params = list(self.params)
         return list(zip(params[0::2], params[1::2]))
 
+    def slope(self, layer: int) -> Tensor:
+        """The prelu slope of a hidden layer, shaped to broadcast against that layer's activations."""
+        return self.slopes[layer]
+
     def activate(self, z: Tensor, layer: int) -> Tensor:
         if self.activation == "prelu":
-            return prelu(z, self.slopes[layer])
+            return prelu(z, self.slope(layer))
         return ACTIVATIONS[self.activation][0](z)
+
+    def affine(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return torch.addmm(b, x, w)  # b + x @ w as one fused kernel, and one tensor fewer to allocate
+
+    def hidden_mask(self, z: Tensor) -> Tensor | None:
+        """What a hidden layer's activations are multiplied by: the dropout mask in training, else None."""
+        return dropout_mask(z, self.dropout) if self.training and self.dropout > 0 else None
 
     def forward(self, x: Tensor, cache: list | None = None) -> Tensor:
         """Logits for x. If a `cache` list is given, each layer appends what `backward` needs: its input,
@@ -132,8 +143,8 @@ class MLP(nn.Module):
         x = x.flatten(1)
         *hidden, (w_out, b_out) = self.layers
         for layer, (w, b) in enumerate(hidden):
-            z = torch.addmm(b, x, w)  # b + x @ w as one fused kernel, and one tensor fewer to allocate
-            mask = dropout_mask(z, self.dropout) if self.training and self.dropout > 0 else None
+            z = self.affine(x, w, b)
+            mask = self.hidden_mask(z)
             if cache is not None:
                 cache.append((x, z, mask))
             x = self.activate(z, layer)
@@ -141,13 +152,15 @@ class MLP(nn.Module):
                 x = x * mask
         if cache is not None:
             cache.append((x, None, None))
-        return torch.addmm(b_out, x, w_out)
+        return self.affine(x, w_out, b_out)
 
     def backward(self, cache: list, grad_logits: Tensor) -> list[Tensor]:
         """Gradients of the loss with respect to `self.parameters()`, in that order, by the chain rule by hand.
 
         grad_logits is d loss / d logits; `cache` is what `forward(x, cache)` filled. For y = x @ W + b,
         dW = x^T dy, db = dy summed over the batch, dx = dy W^T; through the activation, dz = dx * act'(z).
+        Written for any leading dimensions (`mT`, sums over the batch axis -2), so `StackedMLP`, whose tensors
+        carry a model dimension first, runs this same code.
         """
         grads = [None] * len(self.params)
         slope_grads = [None] * len(self.slopes)
@@ -156,16 +169,16 @@ class MLP(nn.Module):
         for layer in reversed(range(len(cache))):
             x, _, _ = cache[layer]
             w, _ = layers[layer]
-            grads[2 * layer], grads[2 * layer + 1] = x.T @ grad, grad.sum(0)
+            grads[2 * layer], grads[2 * layer + 1] = x.mT @ grad, grad.sum(-2)
             if layer == 0:
                 break
             _, z, mask = cache[layer - 1]
-            grad = grad @ w.T
+            grad = grad @ w.mT
             if mask is not None:
                 grad = grad * mask
             if self.activation == "prelu":
-                d_z, d_slope = prelu_grad(z, self.slopes[layer - 1])
-                slope_grads[layer - 1] = (grad * d_slope).sum()
+                d_z, d_slope = prelu_grad(z, self.slope(layer - 1))
+                slope_grads[layer - 1] = (grad * d_slope).sum((-2, -1))
                 grad = grad * d_z
             else:
                 grad = grad * ACTIVATIONS[self.activation][1](z)

@@ -35,9 +35,9 @@ DEFAULT_NET_MULTIPLY_ADDS = multiply_adds(depth=2, width=512)  # fit.py's 784-51
 def cost(study: optuna.Study) -> dict[str, float]:
     """The study's training cost in epochs of fit.py's default net (each trial's epochs weighted by its net's
     multiply-adds per example), so studies on different machines compare; and in seconds of trial time."""
-    trials = [t for t in study.get_trials(deepcopy=False) if "depth" in t.params]
     model_epochs = sum(
-        t.user_attrs.get("epochs_trained", 0) * multiply_adds(t.params["depth"], t.params["width"]) for t in trials
+        t.user_attrs.get("epochs_trained", 0) * t.user_attrs.get("multiply_adds", 0)
+        for t in study.get_trials(deepcopy=False)
     ) / DEFAULT_NET_MULTIPLY_ADDS
     seconds = sum(
         (t.datetime_complete - t.datetime_start).total_seconds()

@@ -1,31 +1,53 @@
 """What a study searches, and how: the search space, a trial's fit flags, the sampler and the pruner."""
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy
 import optuna
+from jsonargparse import Namespace
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from mlp.errors import check
 
+# The fit flag that sets each searched hyperparameter.
+FIT_FLAGS = {
+    "lr": "model.lr",
+    "epochs": "trainer.max_epochs",
+    "depth": "model.depth",
+    "width": "model.width",
+    "weight_decay": "model.weight_decay",
+    "dropout": "model.dropout",
+    "label_smoothing": "model.label_smoothing",
+}
+
 
 @dataclass
 class SearchSpace:
-    """Ranges searched jointly; lr, width and weight_decay on a log scale. Bounds are inclusive."""
+    """Ranges searched jointly; lr, width and weight_decay on a log scale. Bounds are inclusive.
 
-    lr: tuple[float, float] = (0.02, 0.5)
-    epochs: tuple[int, int] = (5, 40)
-    depth: tuple[int, int] = (1, 3)
-    width: tuple[int, int] = (128, 1024)
-    weight_decay: tuple[float, float] = (1e-5, 3e-3)
-    dropout: tuple[float, float] = (0.0, 0.5)
-    label_smoothing: tuple[float, float] = (0.0, 0.2)
+    A range of None is not searched: the user's fit flag pins that hyperparameter (see `pinned_by`).
+    """
+
+    lr: tuple[float, float] | None = (0.02, 0.5)
+    epochs: tuple[int, int] | None = (5, 40)
+    depth: tuple[int, int] | None = (1, 3)
+    width: tuple[int, int] | None = (128, 1024)
+    weight_decay: tuple[float, float] | None = (1e-5, 3e-3)
+    dropout: tuple[float, float] | None = (0.0, 0.5)
+    label_smoothing: tuple[float, float] | None = (0.0, 0.2)
+
+    def searched(self) -> dict[str, tuple]:
+        return {name: bounds for name, bounds in asdict(self).items() if bounds is not None}
+
+    def pin(self, names: Iterable[str]) -> "SearchSpace":
+        return replace(self, **{name: None for name in names})
 
     def validate(self) -> None:
-        for name, (low, high) in asdict(self).items():
+        for name, (low, high) in self.searched().items():
             check(low <= high, f"--{name.replace('_', '-')}: the low bound {low} is above the high bound {high}")
         check(self.lr[0] > 0, f"--lr: the range must be positive, got {self.lr}")
         check(self.weight_decay[0] > 0, f"--weight-decay: the range must be positive (log scale), got {self.weight_decay}")
@@ -40,16 +62,37 @@ class SearchSpace:
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    """The trial's hyperparameters, as fit flags."""
-    return {
-        "model.lr": trial.suggest_float("lr", *space.lr, log=True),
-        "trainer.max_epochs": trial.suggest_int("epochs", *space.epochs),
-        "model.depth": trial.suggest_int("depth", *space.depth),
-        "model.width": trial.suggest_int("width", *space.width, log=True),
-        "model.weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
-        "model.dropout": trial.suggest_float("dropout", *space.dropout),
-        "model.label_smoothing": trial.suggest_float("label_smoothing", *space.label_smoothing),
-    }
+    """The trial's hyperparameters, as fit flags; a pinned one is left to the user's fit flag."""
+    flags: dict[str, Any] = {}
+    if space.lr:
+        flags["model.lr"] = trial.suggest_float("lr", *space.lr, log=True)
+    if space.epochs:
+        flags["trainer.max_epochs"] = trial.suggest_int("epochs", *space.epochs)
+    if space.depth:
+        flags["model.depth"] = trial.suggest_int("depth", *space.depth)
+    if space.width:
+        flags["model.width"] = trial.suggest_int("width", *space.width, log=True)
+    if space.weight_decay:
+        flags["model.weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
+    if space.dropout:
+        flags["model.dropout"] = trial.suggest_float("dropout", *space.dropout)
+    if space.label_smoothing:
+        flags["model.label_smoothing"] = trial.suggest_float("label_smoothing", *space.label_smoothing)
+    return flags
+
+
+def pinned_by(fit_args: list[str], config: Namespace, defaults: Namespace) -> dict[str, Any]:
+    """The searched hyperparameters the user's fit flags set, with their values.
+
+    A flag names one (`--model.depth 3`, `--model.depth=3`), or a `--config` file changes it from fit's
+    default. The trial's flags come after the user's, so searching a pinned one would silently override it.
+    """
+    pinned = {}
+    for name, key in FIT_FLAGS.items():
+        named = any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in fit_args)
+        if named or config[key] != defaults[key]:
+            pinned[name] = config[key]
+    return pinned
 
 
 def trial_args(fit_args: list[str], flags: dict[str, Any], study_name: str, version: str) -> list[str]:
@@ -88,13 +131,13 @@ def report_schedule_fraction(trial: optuna.Trial, epoch: int, epochs: int, value
     return False
 
 
-def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, shortest_epochs: int) -> optuna.pruners.BasePruner:
     """A pruner whose steps are percent of a trial's schedule (see report_schedule_fraction).
 
-    No trial is judged before the shortest schedule's first epoch has ended: earlier steps hold that epoch's
-    value, which would flatter short schedules.
+    No trial is judged before the shortest schedule's first epoch (`shortest_epochs` long) has ended: earlier
+    steps hold that epoch's value, which would flatter short schedules.
     """
-    first_epoch_end = CHECK_EVERY * math.ceil(SCHEDULE_STEPS / space.epochs[0] / CHECK_EVERY)
+    first_epoch_end = CHECK_EVERY * math.ceil(SCHEDULE_STEPS / shortest_epochs / CHECK_EVERY)
     if name == "hyperband":
         # Rungs at first_epoch_end (20 % for the default space), then three times as far.
         return optuna.pruners.HyperbandPruner(
@@ -107,12 +150,21 @@ def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """A seed for trial `number` of a study seeded with `seed`.
+
+    seed + number would alias: seed 1's trial k would draw what seed 0's trial k + 1 drew. SeedSequence
+    hashes the pair, so studies with different seeds draw independently.
+    """
+    return int(numpy.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 class TrialSeededTPE(optuna.samplers.BaseSampler):
     """TPE whose random draws depend only on the seed and the trial's number.
 
     One seeded TPESampler per process would give every worker started with the same seed the same draws, and
     a rerun would replay the first run's. Trial numbers are unique across workers (the storage assigns them),
-    so seeding each trial with seed + number gives distinct, reproducible draws.
+    so seeding each trial from (seed, number) gives distinct, reproducible draws.
     """
 
     def __init__(self, seed: int) -> None:
@@ -122,7 +174,7 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     def tpe_for(self, number: int) -> optuna.samplers.TPESampler:
         # constant_liar: another worker's RUNNING trial counts as a bad result, so TPE does not pile onto it.
         return optuna.samplers.TPESampler(
-            seed=self.seed + number, n_startup_trials=5, multivariate=True, constant_liar=True
+            seed=trial_seed(self.seed, number), n_startup_trials=5, multivariate=True, constant_liar=True
         )
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:

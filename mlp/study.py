@@ -5,7 +5,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, make_pruner
 
 if TYPE_CHECKING:
+    from mlp.fused_trials import FusedTrials
     from mlp.tune import Objective
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -37,7 +38,9 @@ def connect(storage_url: str) -> RDBStorage:
         Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         return heartbeat_storage(storage_url)
-    except Exception as error:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+    # SQLAlchemy's errors cover a bad URL and, wrapped, the driver's (unreachable server, refused login); an
+    # ImportError is a driver that is not installed. Anything else is a bug and keeps its traceback.
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
         first_line = str(error).splitlines()[0]  # SQLAlchemy appends the SQL and a link to its docs
         raise UserError(f"cannot open the study storage {storage_url!r}: {first_line}") from None
 
@@ -62,7 +65,7 @@ def heartbeat_storage(storage_url: str, attempts: int = 3) -> RDBStorage:
 
 
 def open_study(
-    study_name: str, storage_url: str, pruner: str, space: SearchSpace, seed: int
+    study_name: str, storage_url: str, pruner: str, shortest_epochs: int, seed: int
 ) -> tuple[optuna.Study, bool]:
     """Create the study, or load it if it exists, so that rerunning the same command continues it.
 
@@ -72,7 +75,7 @@ def open_study(
         study_name=study_name,
         storage=connect(storage_url),
         sampler=TrialSeededTPE(seed),
-        pruner=make_pruner(pruner, space),
+        pruner=make_pruner(pruner, shortest_epochs),
     )
     try:
         return optuna.create_study(direction="maximize", **settings), True
@@ -89,9 +92,10 @@ def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace
     hp = cli.model.hparams
     start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
              "weight_decay": hp.weight_decay, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing}
-    inside = all(low <= start[name] <= high for name, (low, high) in asdict(space).items())
+    searched = space.searched()  # a pinned hyperparameter comes from the fit flags, as in every trial
+    inside = all(low <= start[name] <= high for name, (low, high) in searched.items())
     if inside:
-        study.enqueue_trial(start)
+        study.enqueue_trial({name: start[name] for name in searched})
 
 
 def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
@@ -112,8 +116,22 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def run_trials(study: optuna.Study, objective: "Objective", n_trials: int, timeout: float | None) -> None:
+def may_start_trial(study: optuna.Study, n_trials: int) -> bool:
+    """Whether a worker may start a trial: the study holds a WAITING one, or fewer than n_trials live ones."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: "Objective | FusedTrials",
+    n_trials: int,
+    timeout: float | None,
+    progress: Callable[[optuna.Study], None] = lambda study: None,
+) -> None:
     """Run trials until the study holds n_trials finished ones and no trial is running anywhere.
+
+    `progress` is called with the study after each trial and while waiting (see mlp.progress).
 
     Any number of workers may do this on one study at once. A worker starts a trial while the study holds a
     WAITING one or fewer than n_trials live ones. With nothing to start it waits for the other workers'
@@ -123,9 +141,10 @@ def run_trials(study: optuna.Study, objective: "Objective", n_trials: int, timeo
     waiting_logged = False
     while time.monotonic() < deadline:
         fail_stale_trials(study)
+        progress(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
-        if TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials:
-            study.optimize(objective, n_trials=1, gc_after_trial=True)
+        if may_start_trial(study, n_trials):
+            objective.start_trials(study)
             if objective.interrupted:
                 raise KeyboardInterrupt
         elif TrialState.RUNNING in states:
@@ -137,16 +156,22 @@ def run_trials(study: optuna.Study, objective: "Objective", n_trials: int, timeo
             return
 
 
-def writes_report(study: optuna.Study, ran: list[int]) -> bool:
+def finished_numbers(study: optuna.Study) -> set[int]:
+    return {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+
+
+def writes_report(study: optuna.Study, ran: list[int], finished_before: set[int]) -> bool:
     """Whether this worker reports: the one that finished the study's last trial, once none is running.
 
-    Every worker agrees on which trial finished last, so exactly one reports; a worker that ran no trial
-    (the command rerun on a finished study) reports too.
+    Every worker agrees on which trial finished last, so exactly one of the workers that ran trials reports.
+    A worker that ran none (all its trials surplus, or the command rerun on a finished study) reports only if
+    that trial had finished before it started (`finished_before`): then no worker beside it finished it.
     """
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.RUNNING for t in trials):
         return False
     finished = [t for t in trials if t.state in FINISHED]
-    if not ran or not finished:
-        return True
-    return max(finished, key=lambda t: (t.datetime_complete, t.number)).number in ran
+    if not finished:
+        return True  # no trial to test: the report only counts the failed ones
+    last = max(finished, key=lambda t: (t.datetime_complete, t.number)).number
+    return last in ran or (not ran and last in finished_before)

@@ -5,24 +5,26 @@ suggestions, so a trial trains exactly what `scripts/fit.py` with the same flags
 lives in `mlp.search`, the rules workers share in `mlp.study`, the final report in `mlp.report`.
 """
 
-import logging
 import math
 import os
 import socket
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import optuna
 from lightning import LightningModule, Trainer
+from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
-from mlp.report import report
-from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
-from mlp.study import is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
+from mlp.fused_trials import FusedTrials, check_fusable
+from mlp.report import multiply_adds, report
+from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, report_schedule_fraction, suggest, trial_args
+from mlp.study import finished_numbers, is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
 
 
 class ScheduleFractionPruning(PyTorchLightningPruningCallback):
@@ -51,6 +53,10 @@ class Objective:
         self.interrupted = False
         self.ran: list[int] = []  # numbers of the trials this worker trained
 
+    def start_trials(self, study: optuna.Study) -> None:
+        """Run one trial (run_trials calls this while the study may start one)."""
+        study.optimize(self, n_trials=1, gc_after_trial=True)
+
     def __call__(self, trial: optuna.Trial) -> float:
         if is_surplus(trial, self.n_trials):
             # Another worker took the last place at the same moment; NaN fails the trial, so it never counts.
@@ -62,6 +68,7 @@ class Objective:
         trainer = cli.trainer
         trainer.callbacks.append(ScheduleFractionPruning(trial, monitor="val/acc"))
         trial.set_user_attr("log_dir", trainer.log_dir)
+        trial.set_user_attr("multiply_adds", multiply_adds(cli.model.hparams.depth, cli.model.hparams.width))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             fit(cli)
@@ -76,8 +83,10 @@ class Objective:
         if reason := divergence_message(trainer):
             trial.set_user_attr("diverged", reason)
             raise optuna.TrialPruned(f"diverged in {reason}")
-        trial.set_user_attr("best_checkpoint", trainer.checkpoint_callback.best_model_path)
-        return trainer.checkpoint_callback.best_model_score.item()
+        # The CLI's own val/acc checkpoint: trainer.checkpoint_callback is whichever ModelCheckpoint comes first.
+        checkpoint = cli.config_init["checkpoint"]
+        trial.set_user_attr("best_checkpoint", checkpoint.best_model_path)
+        return checkpoint.best_model_score.item()
 
 
 def run_study(
@@ -89,27 +98,62 @@ def run_study(
     timeout: float | None,
     pruner: str,
     seed: int,
+    ranges_given: Collection[str] = (),
+    progress: Callable[[optuna.Study], None] = lambda study: None,
+    fuse: int = 1,
     final: str = "ensemble",
-) -> dict[str, Any] | None:
+) -> dict[str, Any] | str:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
 
-    Returns the report, or None when another worker writes it.
+    A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
+    ranges the user gave explicitly, which must not be pinned as well. `progress` is shown the study as
+    trials finish (see mlp.progress). fuse > 1 trains up to that many trials at once as stacked networks
+    (`mlp.fused_trials`).
+    Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
     check(timeout is None or timeout > 0, f"--timeout must be positive seconds, got {timeout}")
+    check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
+    check(fuse >= 1, f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once), got {fuse}")
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
+    check(
+        cli.trainer.logger is not None,
+        "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
+        "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)",
+    )
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
+    pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
+    for name in pinned:
+        check(
+            name not in ranges_given,
+            f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: drop one of them",
+        )
+    if pinned:
+        space = space.pin(pinned)
+        print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
+    if fuse > 1:
+        check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
-    study, created = open_study(study_name, storage_url, pruner, space, seed)
+    shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
+    study, created = open_study(study_name, storage_url, pruner, shortest_epochs, seed)
     if created:
         start_from_fit_defaults(study, cli, space)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per trial is Optuna's
     start = time.perf_counter()
-    objective = Objective(space, fit_args, study_name, n_trials)
-    run_trials(study, objective, n_trials, timeout)
-    if not writes_report(study, objective.ran):
-        return None
+    if fuse == 1:
+        objective = Objective(space, fit_args, study_name, n_trials)
+    else:
+        objective = FusedTrials(space, fit_args, study_name, n_trials, fuse)
+    finished_before = finished_numbers(study)
+    run_trials(study, objective, n_trials, timeout, progress)
+    if not writes_report(study, objective.ran, finished_before):
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if running:  # run_trials returns with trials running elsewhere only at the deadline
+            return (
+                f"stopped at --timeout {timeout:g} s with {running} trial{'s' * (running > 1)} still running on "
+                "other workers; the worker that finishes the study's last trial writes the report"
+            )
+        return "another worker finished the study's last trial and writes the report"
     return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start, space, final)

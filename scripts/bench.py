@@ -10,6 +10,13 @@
 All three train mlp.net.MLP with the same optimiser (SGD, Nesterov momentum, weight decay, one-cycle).
 The first epoch of each is warm-up (allocator, thread pools, worker start) and is excluded.
 Also measured: start-up, the seconds from launching `python scripts/fit.py` to its first training step.
+
+    python scripts/bench.py --tuning              # tuning throughput: model-epochs/s at --fuse 1, 2, 4, 8, 16
+
+Tuning mode trains a fixed set of configurations (lr spread from 0.02 to 0.5, the fit defaults otherwise) for
+784-256-10 and 784-512-512-10: the raw-tensor floor (one model, a plain loop), `--fuse 1` (one model in the
+real Trainer, as tune.py trains a trial) and `--fuse K` (K models as one FusedClassifier in one Trainer, as
+tune.py trains a group), in model-epochs per second, measured in one run.
 """
 
 import argparse
@@ -34,6 +41,8 @@ from torchvision.datasets import FashionMNIST  # noqa: E402
 
 from mlp.cli import build_cli  # noqa: E402
 from mlp.data import FashionMNISTDataModule  # noqa: E402
+from mlp.fused import FusedClassifier  # noqa: E402
+from mlp.fused_trials import group_cli  # noqa: E402
 from mlp.module import MLPClassifier  # noqa: E402
 from mlp.net import MLP  # noqa: E402
 
@@ -117,6 +126,43 @@ def ours(flags: list[str], epochs: int) -> list[float]:
         return timer.times
 
 
+def fused(flags: list[str], k: int, epochs: int) -> list[float]:
+    """Seconds per epoch of k models, lr spread from 0.02 to 0.5, trained as one stack as tune.py --fuse k does."""
+    hparams = {key: v for key, v in build_cli(flags).model.hparams.items() if not key.startswith("_")}
+    lrs = [0.02 * 25 ** (i / max(k - 1, 1)) for i in range(k)]
+    models = [MLPClassifier(**{**hparams, "lr": lr}) for lr in lrs]
+    cli = group_cli(flags, epochs)
+    timer = EpochTimer()
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(FusedClassifier(models, [epochs] * k, [str(i) for i in range(k)]), datamodule=cli.datamodule)
+    return timer.times
+
+
+def tuning(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Model-epochs per second of the floor and of each --fuse K, for each of the two architectures."""
+    results = {}
+    for depth, width in ((1, 256), (2, 512)):
+        arch = f"784-{'-'.join([str(width)] * depth)}-10"
+        flags = [f"--model.depth={depth}", f"--model.width={width}", f"--data.batch_size={args.batch_size}",
+                 f"--data.data_dir={args.data_dir}", f"--data.val_size={args.val_size}",
+                 f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
+        data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
+        data.setup("fit")
+        x, y = (t.to(device) for t in data.train_set.tensors)
+        floor = plain_loop(RandpermBatches(x, y, args.batch_size), build_cli(flags).model, device, args.epochs)
+        results[f"{arch} floor"] = 1 / statistics.mean(floor[1:])
+        for k in args.fuse:
+            times = ours(flags, args.epochs) if k == 1 else fused(flags, k, args.epochs)
+            results[f"{arch} fuse {k}"] = k / statistics.mean(times[1:])
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"tuning throughput, batch {args.batch_size}, {name}; model-epochs per second, epochs 2..{args.epochs}:")
+    for key, rate in results.items():
+        arch = key.split()[0]
+        versus = f"   ({rate / results[f'{arch} fuse 1']:.2f} x fuse 1)" if f"{arch} fuse 1" in results else ""
+        print(f"  {key:28s} {rate:8.3f}{versus}")
+    return results
+
+
 class FirstStepClock(L.Callback):
     """Prints the wall-clock time at which the first training step starts, then ends the process."""
 
@@ -148,10 +194,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--skip-d2l", action="store_true", help="leave out the slow d2l pipeline")
+    parser.add_argument("--tuning", action="store_true", help="tuning throughput at each --fuse K instead")
+    parser.add_argument("--fuse", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="the K of --tuning")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be >= 2: the first epoch is warm-up and not counted")
+    if min(args.fuse) < 1:
+        parser.error("--fuse: each K must be >= 1")
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    if args.tuning:
+        return tuning(args, device)
     flags = [f"--model.depth={args.depth}", f"--model.width={args.width}", f"--data.batch_size={args.batch_size}",
              f"--data.data_dir={args.data_dir}", f"--data.val_size={args.val_size}", f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
 

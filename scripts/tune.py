@@ -2,9 +2,14 @@
 
     python scripts/tune.py                                  # the default study, resumable
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
+    python scripts/tune.py --fuse 8                         # 8 trials at a time, as stacked networks
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
+    python scripts/tune.py --quiet                          # print only the final report
+
+In a terminal a progress bar counts the study's finished trials (every worker's), with pruned and failed
+counts and the best val/acc so far; Optuna's one line per finished trial is written above it.
 
 Flags this script does not know are fit flags (see `python scripts/fit.py --help`) and apply to every trial.
 Choices are made on the validation split. At the end, the worker that finishes the study's last trial
@@ -21,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlp.errors import run_script  # noqa: E402
+from mlp.progress import study_output  # noqa: E402
 from mlp.report import FINAL_CHOICES  # noqa: E402
-from mlp.search import SearchSpace  # noqa: E402
+from mlp.search import FIT_FLAGS, SearchSpace  # noqa: E402
 from mlp.tune import run_study  # noqa: E402
 
 
@@ -42,6 +48,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"
     )
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
+    study.add_argument(
+        "--fuse", type=int, default=1, metavar="K",
+        help="train up to K trials at once as one stacked network, grouped by depth (default 1: one at a time)",
+    )
     study.add_argument(
         "--final", choices=FINAL_CHOICES, default="ensemble",
         help="the answer the report tests and gives: the k best checkpoints averaged (k chosen on val), the best "
@@ -51,23 +62,27 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for name, (low, high) in vars(defaults).items():
         kind = type(low)
         space.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, nargs=2, metavar=("LOW", "HIGH"), default=(low, high),
-            help=f"default {low} {high}",
+            f"--{name.replace('_', '-')}", type=kind, nargs=2, metavar=("LOW", "HIGH"),
+            help=f"default {low} {high}; a fit flag setting it (--{FIT_FLAGS[name]}) pins it instead",
         )
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     options, fit_args = parse(argv)
-    space = SearchSpace(**{field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)})
-    summary = run_study(
-        space, fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
-        options.pruner, options.sampler_seed, options.final,
-    )
-    if summary is None:
-        print("another worker finished the study's last trial and writes the report")
-    else:
-        print(json.dumps(summary, indent=2))
+    # Ranges left unset keep SearchSpace's defaults; run_study needs to know which were given.
+    given = {field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)
+             if getattr(options, field.name) is not None}
+    with study_output(options.n_trials, options.quiet) as progress:
+        summary = run_study(
+            SearchSpace(**given), fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
+            options.pruner, options.sampler_seed, ranges_given=set(given), fuse=options.fuse, progress=progress,
+            final=options.final,
+        )
+    if isinstance(summary, str):  # another worker writes the report
+        print(summary)
+        return None
+    print(json.dumps(summary, indent=2))
     return summary
 
 

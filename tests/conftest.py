@@ -58,3 +58,14 @@ def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def real_data_available() -> bool:
     return all((DEBIAN_DIR / f"{name}.gz").is_file() for name in FILES.values())
+
+
+def epoch_values(trial) -> list[float]:
+    """The val/acc a trial reached at the end of each epoch it trained, read back from its intermediate values.
+
+    Trials report at percent of their own schedule (mlp.search.report_schedule_fraction); an epoch ends on a
+    whole percent, with its own value, when the epoch count divides 100, as in these tests' small studies.
+    """
+    epochs = trial.params["epochs"]
+    assert 100 % epochs == 0, "epoch ends fall between percents"
+    return [trial.intermediate_values[100 * (e + 1) // epochs] for e in range(trial.user_attrs["epochs_trained"])]

@@ -17,3 +17,13 @@ def test_bench_times_d2l_floor_and_ours_and_prints_the_ratios(synthetic_dir, cap
     assert "784-32-10, batch 256" in printed
     assert re.search(r"ours / floor = \d+\.\d\d", printed) and re.search(r"d2l / ours   = \d+\.\d\d", printed)
     assert re.search(r"first training step: \d+\.\d\d s", printed)
+
+
+def test_bench_tuning_mode_reports_model_epochs_per_second_for_each_fuse(synthetic_dir, capsys):
+    rates = bench.main(["--tuning", "--data-dir", str(synthetic_dir), "--val-size", "100", "--epochs", "2",
+                        "--fuse", "1", "3"])
+    archs = ["784-256-10", "784-512-512-10"]
+    assert set(rates) == {f"{arch} {kind}" for arch in archs for kind in ("floor", "fuse 1", "fuse 3")}
+    assert all(rate > 0 for rate in rates.values())
+    printed = capsys.readouterr().out
+    assert re.search(r"784-512-512-10 fuse 3 +\d+\.\d{3}   \(\d+\.\d\d x fuse 1\)", printed)

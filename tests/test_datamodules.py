@@ -1,6 +1,9 @@
 """The Fashion-MNIST data module on tiny IDX files written by the fixtures: no network, no real data."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,8 +17,12 @@ from mlp.data import (
     DatasetNotFoundError,
     FashionMNISTDataModule,
     locate_fashion_mnist,
+    read_idx,
+    unit_pixels,
 )
 from tests.conftest import real_data_available, write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepared(data_dir: Path, stage: str = "test", **kwargs) -> FashionMNISTDataModule:
@@ -35,11 +42,37 @@ def test_split_is_deterministic_for_a_seed_and_changes_with_it(synthetic_dir):
     assert not torch.equal(first, other)
 
 
-def test_train_and_validation_images_are_disjoint(synthetic_dir):
+def rows_of_file(data: FashionMNISTDataModule, images: Path) -> dict[bytes, int]:
+    """Each image of an IDX file, standardised as the data module does, by its exact bytes -> its index."""
+    rows = unit_pixels(read_idx(images, images.parent / "cache")).sub_(data.mean).div_(data.std)
+    return {row.numpy().tobytes(): index for index, row in enumerate(rows)}
+
+
+def served(loader) -> tuple[list[bytes], torch.Tensor]:
+    """Every image a loader serves in an epoch, as exact bytes, and its labels."""
+    batches = list(loader)
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    return [row.numpy().tobytes() for row in images], labels
+
+
+def test_loaders_serve_validation_from_the_training_file_and_test_from_the_test_file(synthetic_dir):
     data = prepared(synthetic_dir)
-    train, val = data.train_set.tensors[0], data.val_set.tensors[0]
-    overlap = (torch.cdist(val, train) == 0).any(dim=1)
-    assert not overlap.any()
+    train_file = rows_of_file(data, synthetic_dir / f"{FILES['train_images']}.gz")
+    test_file = rows_of_file(data, synthetic_dir / f"{FILES['test_images']}.gz")
+    assert len(train_file) == 800 and len(test_file) == 200 and not train_file.keys() & test_file.keys()
+    train_labels = read_idx(synthetic_dir / f"{FILES['train_labels']}.gz", synthetic_dir / "cache")
+
+    val_rows, val_labels = served(data.val_dataloader())
+    train_rows, _ = served(data.train_dataloader())
+    test_rows, _ = served(data.test_dataloader())
+    # Exact bytes, not a distance: every validation image is a training-file image, with its own label.
+    val_idx = torch.tensor([train_file.get(row, -1) for row in val_rows])
+    train_idx = torch.tensor([train_file.get(row, -1) for row in train_rows])
+    assert (val_idx >= 0).all() and (train_idx >= 0).all() and not any(row in test_file for row in val_rows)
+    assert torch.equal(val_labels, train_labels[val_idx].long())
+    assert len(val_idx.unique()) == 100 and len(train_idx.unique()) == 700
+    assert not torch.isin(val_idx, train_idx).any()
+    assert sorted(test_file[row] for row in test_rows) == list(range(200))
 
 
 def test_inputs_are_flat_standardised_floats_and_labels_are_classes(synthetic_dir):
@@ -186,3 +219,60 @@ def test_augmentation_changes_training_batches_each_epoch_and_never_validation_o
     val, test = data.val_set.tensors[0], data.test_set.tensors[0]
     assert torch.equal(torch.cat(record.seen["val"]), torch.cat([val, val]))  # two epochs of validation
     assert torch.equal(torch.cat(record.seen["test"]), test)
+
+
+# -- the .gz cache under several processes -----------------------------------------------------------------
+
+# Decompressing is made slow (a pause inside the read of the .gz), so the moment a file is being written
+# lasts long enough for the other processes, or a kill, to land in it.
+SLOW_GUNZIP = """
+import gzip, sys, time
+from pathlib import Path
+read = gzip.GzipFile.read
+def slow_read(self, *args):
+    print("writing", flush=True)
+    time.sleep(float(sys.argv[2]))
+    return read(self, *args)
+gzip.GzipFile.read = slow_read
+from mlp.data import FashionMNISTDataModule
+print("ready", flush=True)
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.01)
+data = FashionMNISTDataModule(data_dir=sys.argv[1], val_size=100)
+data.setup("test")
+print("sizes", len(data.train_set), len(data.val_set), len(data.test_set), flush=True)
+"""
+
+
+def loader_process(data_dir: Path, pause: float, go: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_GUNZIP, str(data_dir), str(pause), str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_processes_started_together_on_gz_files_all_read_whole_files(synthetic_dir, tmp_path):
+    go = tmp_path / "go"
+    processes = [loader_process(synthetic_dir, 0.5, go) for _ in range(4)]
+    for process in processes:
+        assert process.stdout.readline() == "ready\n", process.communicate()[1][-3000:]
+    go.touch()  # all four look for the cache at the same moment
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        assert "sizes 700 100 200" in stdout
+
+
+def test_a_process_killed_while_decompressing_leaves_no_file_that_later_reads_trust(synthetic_dir, tmp_path):
+    go = tmp_path / "go"
+    go.touch()
+    victim = loader_process(synthetic_dir, 600, go)
+    while (line := victim.stdout.readline()) != "writing\n":
+        assert line, f"the process ended before decompressing:\n{victim.communicate()[1][-3000:]}"
+    victim.kill()
+    victim.communicate(timeout=60)
+    assert len(prepared(synthetic_dir).test_set) == 200
+    # and so does the next process
+    after = loader_process(synthetic_dir, 0, go)
+    stdout, stderr = after.communicate(timeout=300)
+    assert after.returncode == 0 and "sizes 700 100 200" in stdout, stderr[-3000:]

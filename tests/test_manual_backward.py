@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mlp.data import FashionMNISTDataModule
 from mlp.module import MLPClassifier, cross_entropy_grad
@@ -27,6 +28,28 @@ def random_net(depth: int, activation: str, dropout: float = 0.0) -> MLP:
         for slope in net.slopes:
             slope.uniform_(-0.5, 0.5)
     return net
+
+
+class CreatedTensors(TorchFunctionMode):
+    """Records the device of every tensor a torch function returns while the mode is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: list[torch.device] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor):
+            self.devices.append(result.device)
+        return result
+
+
+def test_loss_gradient_creates_its_tensors_on_the_logits_device():
+    """A CPU index would cost a host-to-device copy every step on a GPU; 'meta' stands in for the GPU."""
+    logits, y = torch.zeros(4, 10, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+    with CreatedTensors() as created:
+        cross_entropy_grad(logits, y)
+    assert created.devices and set(created.devices) == {torch.device("meta")}
 
 
 @pytest.mark.parametrize("activation", ["relu", "prelu", "sigmoid", "tanh"])

@@ -37,7 +37,7 @@ def test_every_percent_of_a_schedule_gets_a_value_interpolated_between_epochs():
 
 @pytest.mark.parametrize("pruner", ["median", "hyperband"])
 def test_a_long_schedule_is_judged_against_short_ones_at_the_same_fraction(pruner):
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, SearchSpace()))
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, SearchSpace().epochs[0]))
     for final in (0.80, 0.82, 0.84, 0.86, 0.88):
         assert run(study, 5, final)[1] is None or pruner == "hyperband"
     # Per epoch, this trial is behind every short one until its epoch 5; per fraction of schedule it is ahead.
@@ -51,7 +51,7 @@ def test_a_long_schedule_is_judged_against_short_ones_at_the_same_fraction(prune
 
 
 def test_median_warm_up_is_a_fraction_of_the_schedule():
-    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", SearchSpace()))
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", SearchSpace().epochs[0]))
     for final in (0.80, 0.82, 0.84, 0.86, 0.88):
         run(study, 10, final)
     _, pruned = run(study, 20, 0.5)

@@ -32,8 +32,15 @@ OFFLINE = (
 
 
 def script_command(script: str, args: list[str], patch: str = "") -> list[str]:
-    """A Python command running scripts/<script> with args, after `patch` (Python source) has run."""
-    code = f"import runpy, sys\nsys.argv = {[script, *args]!r}\n{patch}\nrunpy.run_path({script!r}, run_name='__main__')"
+    """A Python command running scripts/<script> with args, after `patch` (Python source) has run.
+
+    Python leaves SIGINT ignored when it starts with it ignored, as every child of a background job does (POSIX);
+    the child installs Python's usual handler, so Ctrl-C means the same however pytest was started.
+    """
+    code = (
+        "import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"sys.argv = {[script, *args]!r}\n{patch}\nrunpy.run_path({script!r}, run_name='__main__')"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -186,6 +193,26 @@ def test_diverging_fit_stops_points_at_lr_and_keeps_the_best_checkpoint(syntheti
 
 
 # -- SIGINT during fit -----------------------------------------------------------------------------------------
+
+
+def test_children_take_sigint_even_when_pytest_was_started_with_it_ignored(tmp_path, monkeypatch):
+    """A shell starts background jobs with SIGINT ignored, and children inherit that; the signal tests below
+    would then see their child shrug off Ctrl-C. script_command restores Python's handler in the child."""
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in `python -m pytest &`
+    try:
+        process = subprocess.Popen(script_command(str(script), []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
 
 
 def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epochs(synthetic_dir, tmp_path):

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, suggest
-from mlp.study import FINISHED, open_study, run_trials, writes_report
+from mlp.study import FINISHED, connect, finished_numbers, open_study, run_trials, writes_report
 from tests.test_reliability import ROOT, created_trials, script_command
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -52,8 +52,19 @@ def test_workers_with_the_same_seed_draw_distinct_reproducible_parameters():
 
     alone = optuna.create_study(sampler=TrialSeededTPE(seed=0))
     assert [draws(alone) for _ in range(4)] == shared  # a trial's draw depends on (seed, number) only
-    other_seed = optuna.create_study(sampler=TrialSeededTPE(seed=1))
-    assert draws(other_seed) != shared[0]
+
+
+CONTINUOUS = ("model.lr", "model.weight_decay", "model.dropout")
+
+
+def test_studies_with_different_seeds_share_no_draw():
+    """Seeding trial n with seed + n made seed 1's trial k draw what seed 0's trial k + 1 drew."""
+    drawn = []
+    for seed in (0, 1):
+        study = optuna.create_study(sampler=TrialSeededTPE(seed=seed))
+        # Continuous values: two independent streams never repeat one (discrete ones may coincide by chance).
+        drawn.append({draw[key] for draw in (draws(study) for _ in range(8)) for key in CONTINUOUS})
+    assert not drawn[0] & drawn[1]
 
 
 def test_unreachable_storage_is_one_clear_line(synthetic_dir, tmp_path):
@@ -68,6 +79,22 @@ def test_unreachable_storage_is_one_clear_line(synthetic_dir, tmp_path):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("url", ["not a url", "nosuchdatabase://host/db", "postgresql+nosuchdriver://user@host/db"])
+def test_bad_storage_url_is_one_clear_line(url):
+    with pytest.raises(UserError, match="cannot open the study storage") as error:
+        connect(url)
+    assert "\n" not in str(error.value)
+
+
+def test_a_programming_error_while_connecting_is_not_called_bad_input(monkeypatch):
+    def bug(*args, **kwargs):
+        raise TypeError("a bug in our code")
+
+    monkeypatch.setattr("mlp.study.heartbeat_storage", bug)
+    with pytest.raises(TypeError, match="a bug in our code"):
+        connect("sqlite://")
+
+
 # -- the stop rule -------------------------------------------------------------------------------------------
 
 
@@ -79,12 +106,15 @@ class Quadratic:
     def __call__(self, trial: optuna.Trial) -> float:
         return trial.suggest_float("x", -1, 1) ** 2
 
+    def start_trials(self, study: optuna.Study) -> None:
+        study.optimize(self, n_trials=1)
+
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monkeypatch):
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr("mlp.study.GRACE_SECONDS", 2)
-    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace(), seed=0)
+    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     dead = study.ask()  # a worker that started a trial, beat once and died
     dead.suggest_float("x", -1, 1)
     study._storage.record_heartbeat(dead._trial_id)  # what Study.optimize does while a trial runs
@@ -94,7 +124,24 @@ def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monk
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].params == trials[0].params
-    assert writes_report(study, ran=[1]) and not writes_report(study, ran=[0])
+    assert writes_report(study, ran=[1], finished_before=set())
+    assert not writes_report(study, ran=[0], finished_before=set())
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_exactly_one_reporter_when_workers_outnumber_the_remaining_trials(tmp_path):
+    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    # Three workers started together on a study that needs two more trials: the third worker's trial is
+    # surplus, so it trains nothing and waits for the other two.
+    first, second, surplus = study.ask(), study.ask(), study.ask()
+    study.tell(surplus, state=TrialState.FAIL)
+    study.tell(first, 0.5)
+    study.tell(second, 0.7)
+    started_with = set()  # none of the three saw a finished trial when it started
+    reporters = [writes_report(study, ran, started_with) for ran in ([first.number], [second.number], [])]
+    assert reporters == [False, True, False]
+    # The same command run again on the finished study: this worker is alone, and reports.
+    assert writes_report(study, ran=[], finished_before=finished_numbers(study))
 
 
 # -- a real PostgreSQL server --------------------------------------------------------------------------------

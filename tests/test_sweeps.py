@@ -4,11 +4,16 @@ import json
 import sys
 from pathlib import Path
 
+import lightning as L
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
+from mlp.data import FILES, FashionMNISTDataModule
 from mlp.errors import UserError
+from mlp.module import MLPClassifier
+from tests.conftest import synthetic_split, write_idx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import tune  # noqa: E402
@@ -38,7 +43,23 @@ def threshold_pruner(monkeypatch):
     monkeypatch.setattr("mlp.study.make_pruner", lambda name, space: optuna.pruners.ThresholdPruner(lower=0.5))
 
 
+def mislabel_test_split(data_dir: Path) -> None:
+    """Shift a quarter of the test labels, so the test accuracy cannot reach the validation accuracy."""
+    _, labels = synthetic_split(200, seed=2)  # the test split of write_synthetic_dataset
+    labels[:50] = (labels[:50] + 1) % 10
+    write_idx(data_dir / f"{FILES['test_labels']}.gz", labels)
+
+
+def independent_test_acc(checkpoint: str, data_dir: Path) -> float:
+    """test/acc of a checkpoint on the test split, measured here without any of tune.py's code."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    data = FashionMNISTDataModule(data_dir=str(data_dir), val_size=100, batch_size=32)
+    (results,) = trainer.test(MLPClassifier.load_from_checkpoint(checkpoint), datamodule=data, verbose=False)
+    return results["test/acc"]
+
+
 def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp_path, threshold_pruner):
+    mislabel_test_split(synthetic_dir)
     study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # learns the bands
     study.enqueue_trial({"lr": 1e-7, **FAST_TRIAL})  # learns nothing: pruned after its first epoch
@@ -52,7 +73,9 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
     assert sorted(trials[1].intermediate_values) == list(range(1, 11))  # pruned at the first check, 10 % of it
     assert "not finite" in trials[2].user_attrs["diverged"]
     assert summary["best_trial"] == 0 and summary["best_val_acc"] > 0.9
-    assert 0.9 < summary["test_acc"] <= 1.0
+    # The report's test figure is the best checkpoint's accuracy on the test split, not a validation figure.
+    assert summary["test_acc"] == independent_test_acc(summary["best_checkpoint"], synthetic_dir)
+    assert summary["test_acc"] < summary["best_val_acc"] - 0.1
     assert summary["epochs_trained"] == 2 + 1 + 1
     report_dir = tmp_path / "logs" / "tune" / "test"
     assert json.loads((report_dir / "report.json").read_text()) == summary
@@ -138,3 +161,65 @@ def test_report_tests_an_ensemble_chosen_on_val_and_a_refit_each_once_and_falls_
     assert none_left["cost"]["default_net_epochs"] == pytest.approx(
         4 * (784 * 8 + 8 * 10) / (784 * 512 + 512 * 512 + 512 * 10), abs=1e-3
     )  # four one-epoch trials of 784-8-10
+
+
+def test_trial_keeps_the_val_acc_checkpoint_when_the_user_adds_another(synthetic_dir, tmp_path):
+    """The first ModelCheckpoint in the Trainer is the user's here; the trial must still use --checkpoint's."""
+    study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})
+    user_checkpoint = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss"]
+
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), *user_checkpoint])
+
+    (trial,) = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trial.value == max(trial.intermediate_values.values())  # the best val/acc, not a val/loss
+    assert "val_acc" in Path(summary["best_checkpoint"]).name
+
+
+def test_tune_without_a_logger_is_a_clear_error(synthetic_dir, tmp_path):
+    with pytest.raises(UserError, match="--trainer.logger=false"):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--trainer.logger=false"])
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
+    study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    study.ask()  # another worker's trial, running: the study needs no more, so this worker waits for it
+
+    assert tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--timeout=1"]) is None
+
+    printed = capsys.readouterr().out
+    assert "--timeout" in printed and "1 trial still running" in printed
+    assert "finished the study's last trial" not in printed
+
+
+def test_fit_flags_pin_searched_hyperparameters_in_every_trial(synthetic_dir, tmp_path, capsys):
+    config = tmp_path / "fit.yaml"
+    config.write_text("model:\n  dropout: 0.25\n")  # a config file pins too
+    args = tune_args(synthetic_dir, tmp_path, n_trials=2)
+    del args[args.index("--epochs") : args.index("--epochs") + 3]
+    del args[args.index("--depth") : args.index("--depth") + 3]
+    del args[args.index("--width") : args.index("--width") + 3]
+    args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # every trial learns
+    args += ["--pruner=none", "--trainer.max_epochs", "1", "--model.width=12", f"--config={config}"]
+
+    tune.main(args)
+
+    assert "pinned by the fit flags, not searched: epochs=1, width=12, dropout=0.25" in capsys.readouterr().out
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    # The first trial is fit's defaults for what is still searched.
+    assert trials[0].params == {"lr": 0.1, "depth": 2, "weight_decay": 5e-4, "label_smoothing": 0.0}
+    for trial in trials:
+        assert set(trial.params) == {"lr", "depth", "weight_decay", "label_smoothing"}
+        assert trial.user_attrs["epochs_trained"] == 1  # the pinned --trainer.max_epochs
+        hparams = torch.load(trial.user_attrs["best_checkpoint"], weights_only=False)["hyper_parameters"]
+        assert (hparams["width"], hparams["dropout"]) == (12, 0.25)
+
+
+def test_a_search_range_and_a_fit_flag_pinning_it_are_refused_together(synthetic_dir, tmp_path):
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), "--model.depth", "2"]  # tune_args gives --depth 1 1
+    with pytest.raises(UserError, match="--depth searches depth but --model.depth pins it to 2"):
+        tune.main(args)
+    assert not (tmp_path / "study.db").exists()

@@ -1,0 +1,298 @@
+"""K trials trained at once: a LightningModule over a `StackedMLP`, each model with its own hyperparameters,
+optimiser state, schedule, metrics, TensorBoard run and fate.
+
+Each model learns exactly as the `MLPClassifier` it was built from would alone on the same batches: the loss
+is the sum of the models' mean cross-entropies, so each model's gradient is its own; each model is its own
+parameter group (leaf views of its slice of the stacked storage) with its own lr, weight decay and
+`LambdaLR` schedule over its own epochs. A model leaves the stack when it finishes its epochs, diverges or
+is stopped (pruned), and the others go on untouched.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad
+from mlp.plots import activations_figure
+from mlp.schedules import SCHEDULES
+from mlp.stacked import StackedMLP
+
+# Hyperparameters that may differ between the models of one stack; every other one must be the same.
+PER_MODEL = ("lr", "weight_decay", "dropout", "width", "label_smoothing")
+
+
+class ModelMetrics(nn.Module):
+    """One model's metrics, as MLPClassifier keeps them (NaN kept: a diverging loss must show)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_acc_best = MaxMetric()
+
+
+class FusedClassifier(L.LightningModule):
+    """The models of `classifiers` (same depth, optimiser, schedule kind, activation, init and backward) trained
+    together, model k for epochs[k] epochs, named names[k] in logged metric keys (`val/acc/<name>`).
+
+    loggers[k], when given, receives model k's scalars and hyperparameters as MLPClassifier writes its own.
+    on_leave(name, how, detail), when given, is called as each model leaves the stack (see `outcomes`).
+    """
+
+    def __init__(
+        self,
+        classifiers: Sequence[MLPClassifier],
+        epochs: Sequence[int],
+        names: Sequence[str],
+        loggers: Sequence[Logger] | None = None,
+        on_leave: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        super().__init__()
+        shared = [{k: v for k, v in c.hparams.items() if k not in PER_MODEL} for c in classifiers]
+        if any(s != shared[0] for s in shared):
+            raise ValueError(f"models fused together may differ only in {PER_MODEL}")
+        self.shared = shared[0]
+        self.hparams_per_model = [dict(c.hparams) for c in classifiers]
+        self.epochs, self.names, self.on_leave = list(epochs), list(names), on_leave
+        self.loggers_per_model = list(loggers) if loggers else [None] * len(classifiers)
+        self.net = StackedMLP([c.net for c in classifiers])
+        self.metrics = nn.ModuleList(ModelMetrics() for _ in classifiers)
+        self.automatic_optimization = self.shared["backward"] == "autograd"
+        self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        # name -> (how, detail) for models that leave the stack at this epoch's end, and for those that left:
+        # ("finished", ""), ("diverged", when and why) or what `stop` was told (e.g. ("pruned", "")).
+        self.stopping: dict[str, tuple[str, str]] = {}
+        self.outcomes: dict[str, tuple[str, str]] = {}
+        self.views: list[list[Tensor]] = []  # per model, its slices of the stacked parameters (the optimiser's)
+        for i, p in enumerate(self.net.parameters()):
+            # As soon as backward completes a stacked gradient, not later: Lightning's mixed precision unscales
+            # the gradients the optimiser holds before its on_before_optimizer_step hook runs.
+            p.register_post_accumulate_grad_hook(partial(self.hand_out_grad, i))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Per-example cross-entropy of each model, (K, B); in training with each model's own label smoothing,
+        mixed as F.cross_entropy mixes it: (1 - s) * the target's loss + s * the mean loss over all classes."""
+        k, b = logits.shape[:2]
+        plain = F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, b)
+        smoothing = [hp["label_smoothing"] for hp in self.hparams_per_model]
+        if not self.training or not any(smoothing):
+            return plain
+        share = torch.tensor(smoothing, dtype=logits.dtype, device=logits.device)[:, None]
+        return (1 - share) * plain + share * -logits.log_softmax(-1).mean(-1)
+
+    # Training
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.automatic_optimization:
+            logits = self(x)
+            loss_per_model = self.losses(logits, y).mean(1)
+        else:
+            logits, loss_per_model = self.manual_training_step(x, y)
+        self.train_step_outputs.append((loss_per_model.detach(), logits.detach().argmax(-1), y))
+        return loss_per_model.sum()  # each model's gradient is that of its own mean loss
+
+    @torch.no_grad()
+    def manual_training_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """MLPClassifier.manual_training_step with a model dimension: `MLP.backward` serves the stack as is."""
+        cache = []
+        logits = self.net(x, cache)
+        grad_logits = torch.stack(
+            [cross_entropy_grad(one, y, hp["label_smoothing"]) for one, hp in zip(logits, self.hparams_per_model)]
+        )
+        for i, (p, grad) in enumerate(zip(self.net.parameters(), self.net.backward(cache, grad_logits))):
+            p.grad = grad
+            self.hand_out_grad(i, p)
+        self.optimizers().step()
+        self.lr_schedulers().step()
+        return logits, self.losses(logits, y).mean(1)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Clear the stacked gradients, which backward accumulates into; the optimiser holds only views of them."""
+        for p in self.net.parameters():
+            p.grad = None
+
+    def hand_out_grad(self, i: int, p: Tensor) -> None:
+        """Give each model's parameter group its slice of the stacked gradient of parameter i."""
+        for k, model_views in enumerate(self.views):
+            model_views[i].grad = p.grad[k]
+
+    def configure_optimizers(self):
+        """One parameter group per model, over leaf views of its slices: torch.optim steps each model with its
+        own lr and weight decay, and a LambdaLR moves each group's lr along its own schedule."""
+        params = list(self.net.parameters())
+        self.views = [[p.detach()[k] for p in params] for k in range(self.net.size)]
+        groups = [
+            {"params": views, "lr": hp["lr"], "weight_decay": hp["weight_decay"]}
+            for views, hp in zip(self.views, self.hparams_per_model)
+        ]
+        hp = self.shared
+        if hp["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(groups, momentum=hp["momentum"], nesterov=hp["nesterov"])
+        else:
+            optimizer = torch.optim.Adam(groups)
+        steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
+        schedule = SCHEDULES[hp["schedule"]]
+        factors = [schedule(epochs * steps_per_epoch) for epochs in self.epochs]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        for metrics in self.metrics:  # the sanity check's validation ran on untrained nets
+            metrics.val_acc_best.reset()
+        data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
+        for logger, hp in zip(self.loggers_per_model, self.hparams_per_model):
+            if logger is not None:
+                logger.log_hyperparams({**hp, **data_hparams}, {"hp_metric": 0.0})
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure("activations", activations_figure(hp["activation"]))
+
+    def on_train_epoch_end(self) -> None:
+        """Write each model's training metrics, then let the models whose run ends here leave the stack."""
+        losses, preds, targets = zip(*self.train_step_outputs)
+        self.train_step_outputs.clear()
+        batch_sizes = torch.tensor([len(y) for y in targets], device=self.device)
+        losses, preds, targets = torch.stack(losses, 1), torch.cat(preds, 1), torch.cat(targets)
+        for k, metrics in enumerate(self.metrics):
+            # One loss per example, as MLPClassifier does, so the short last batch weighs what it holds.
+            metrics.train_loss.update(losses[k].repeat_interleave(batch_sizes))
+            metrics.train_acc.update(preds[k], targets)
+            self.write(k, {"train/loss_epoch": metrics.train_loss.compute(), "train/acc": metrics.train_acc.compute()})
+            metrics.train_loss.reset()
+            metrics.train_acc.reset()
+        for k, name in enumerate(self.names):
+            if name not in self.stopping and self.current_epoch + 1 >= self.epochs[k]:
+                self.stopping[name] = ("finished", "")
+        self.drop([name for name in self.names if name in self.stopping])
+
+    # Validation
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        losses = self.losses(logits, y)
+        for k, metrics in enumerate(self.metrics):
+            metrics.val_loss.update(losses[k])
+            metrics.val_acc.update(logits[k].argmax(-1), y)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each model's val/acc as `val/acc/<name>` (for its checkpoint and pruning) and write its run;
+        a model whose validation loss is NaN or infinite has diverged and leaves the stack."""
+        for k, (name, metrics) in enumerate(zip(self.names, self.metrics)):
+            acc, loss = metrics.val_acc.compute(), metrics.val_loss.compute()
+            metrics.val_acc.reset()
+            metrics.val_loss.reset()
+            metrics.val_acc_best.update(acc)
+            self.log(f"val/acc/{name}", acc)
+            if self.trainer.sanity_checking:
+                continue
+            self.write(k, {"val/loss": loss, "val/acc": acc, "hp_metric": metrics.val_acc_best.compute()})
+            if not math.isfinite(loss.item()):
+                detail = f"epoch {self.current_epoch}: val/loss = {loss.item()} is not finite"
+                self.stopping[name] = ("diverged", detail)
+
+    def stop(self, name: str, how: str, detail: str = "") -> None:
+        """Take model `name` out of the stack at the end of this epoch (e.g. its trial was pruned)."""
+        self.stopping.setdefault(name, (how, detail))
+
+    def write(self, k: int, scalars: dict[str, Tensor]) -> None:
+        logger = self.loggers_per_model[k]
+        if logger is not None:
+            values = {key: float(v) for key, v in scalars.items()}
+            logger.log_metrics({**values, "epoch": self.current_epoch}, self.global_step)
+
+    # Leaving the stack
+
+    def drop(self, names: Sequence[str]) -> None:
+        """Remove models from the stack, their optimiser groups, schedules, metrics and loggers; the kept
+        models' views are rebound to the new storage, so the optimiser state keyed by them stays theirs."""
+        if not names:
+            return
+        keep = [k for k, name in enumerate(self.names) if name not in names]
+        for k, name in enumerate(self.names):
+            if name in names:
+                self.outcomes[name] = self.stopping.pop(name)
+                if self.loggers_per_model[k] is not None:
+                    self.loggers_per_model[k].finalize("success")
+        self.net.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+        if self.views:
+            optimizer = self.trainer.optimizers[0]
+            scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+            for k in sorted(set(range(len(self.names))) - set(keep), reverse=True):
+                for view in self.views[k]:
+                    optimizer.state.pop(view, None)
+                del optimizer.param_groups[k], scheduler.lr_lambdas[k], scheduler.base_lrs[k], scheduler._last_lr[k]
+            self.views = [self.views[k] for k in keep]
+            for new_k, model_views in enumerate(self.views):
+                for view, p in zip(model_views, self.net.parameters()):
+                    view.data = p.data[new_k]
+        for attr in ("names", "epochs", "hparams_per_model", "loggers_per_model"):
+            setattr(self, attr, [getattr(self, attr)[k] for k in keep])
+        self.metrics = nn.ModuleList(self.metrics[k] for k in keep)
+        if self.on_leave is not None:
+            for name in names:
+                self.on_leave(name, *self.outcomes[name])
+        if not self.names:
+            self.trainer.should_stop = True
+
+    def extract(self, name: str) -> MLPClassifier:
+        """Model `name` as an ordinary single MLPClassifier with its own hyperparameters."""
+        k = self.names.index(name)
+        with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the training's random stream
+            hparams = self.hparams_per_model[k]
+            single = MLPClassifier(**{key: v for key, v in hparams.items() if not key.startswith("_")}).to(self.dtype)
+        # LightningCLI adds `_instantiator` to the saved hyperparameters; load_from_checkpoint expects it back.
+        single.hparams.update(hparams)
+        single.net.load_state_dict(self.net.extract(k))
+        return single
+
+
+class ModelInStackCheckpoint(ModelCheckpoint):
+    """The best checkpoint (by val/acc) of one model of a FusedClassifier, written as an ordinary
+    MLPClassifier checkpoint that `MLPClassifier.load_from_checkpoint` loads alone.
+
+    Lightning's ModelCheckpoint keeps the bookkeeping (best score and path, top-k, file names); only what is
+    written differs. It stops when its model leaves the stack.
+    """
+
+    def __init__(self, name: str, dirpath: str) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            monitor=f"val/acc/{name}",
+            mode="max",
+            filename=f"epoch{{epoch:02d}}-val_acc{{val/acc/{name}:.4f}}",
+            auto_insert_metric_name=False,
+            save_on_train_epoch_end=False,  # at validation's end, before the module drops finished models
+        )
+        self.name = name
+
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        return self.name not in trainer.lightning_module.names or super()._should_skip_saving_checkpoint(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        single = trainer.lightning_module.extract(self.name)
+        checkpoint = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "pytorch-lightning_version": L.__version__,
+            "state_dict": single.state_dict(),
+            single.CHECKPOINT_HYPER_PARAMS_NAME: single._hparams_name,
+            single.CHECKPOINT_HYPER_PARAMS_KEY: dict(single.hparams),
+        }
+        trainer.strategy.save_checkpoint(checkpoint, filepath)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath

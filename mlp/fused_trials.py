@@ -1,0 +1,236 @@
+"""`tune.py --fuse K`: the study's trials asked K at a time and trained together as stacked networks.
+
+Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions, exactly as an
+unfused trial is (same initial weights, same TensorBoard folder, same checkpoint folder); its model then
+joins a `FusedClassifier` with the other trials of its depth, in one Trainer built from the same fit flags.
+Every epoch each trial reports its own val/acc and is pruned on its own; it leaves the stack when pruned,
+diverged or done with its own epochs. Optuna's ask-and-tell records each trial as the unfused path does.
+"""
+
+import os
+import socket
+import threading
+import warnings
+from collections import defaultdict
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, Self
+
+import lightning as L
+import optuna
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+from optuna.trial import TrialState
+
+from mlp.cli import MLPCLI, build_cli, fit
+from mlp.data import EVAL_BATCH_SIZE
+from mlp.errors import check
+from mlp.fused import FusedClassifier, ModelInStackCheckpoint
+from mlp.report import multiply_adds
+from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
+from mlp.study import HEARTBEAT_SECONDS, is_surplus, log, may_start_trial
+
+
+class FusedTrials:
+    """Runs up to `fuse` trials at once; `run_trials` calls `start_trials` while the study may start one."""
+
+    def __init__(self, space: SearchSpace, fit_args: list[str], study_name: str, n_trials: int, fuse: int) -> None:
+        self.space, self.fit_args, self.study_name = space, fit_args, study_name
+        self.n_trials, self.fuse = n_trials, fuse
+        self.interrupted = False  # on Ctrl-C every running trial is failed, then run_trials stops
+        self.ran: list[int] = []  # numbers of the trials this worker trained
+
+    def ask(self, study: optuna.Study) -> list[tuple[optuna.Trial, dict[str, Any]]]:
+        """Up to `fuse` trials with their suggested fit flags, by the rules every worker follows."""
+        asked = []
+        while len(asked) < self.fuse and may_start_trial(study, self.n_trials):
+            with warnings.catch_warnings():  # Optuna warns that only optimize beats hearts; Heartbeats does
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = study.ask()
+            if is_surplus(trial, self.n_trials):  # another worker took the last place at the same moment
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            asked.append((trial, suggest(trial, self.space)))
+        return asked
+
+    def start_trials(self, study: optuna.Study) -> None:
+        asked = self.ask(study)
+        self.ran += [trial.number for trial, _ in asked]
+        by_depth = defaultdict(list)
+        for trial, flags in asked:
+            by_depth[flags.get("model.depth")].append((trial, flags))  # absent: the fit flags pin the depth
+        running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
+        with Heartbeats(study, running):
+            try:
+                for group in by_depth.values():
+                    self.train(study, group, running)
+            except BaseException as error:
+                self.interrupted = isinstance(error, KeyboardInterrupt)
+                for trial in running:
+                    if self.interrupted:
+                        trial.set_user_attr("interrupted", True)
+                    study.tell(trial, state=TrialState.FAIL)
+                if not self.interrupted:
+                    raise
+
+    def train(self, study: optuna.Study, group: list[tuple[optuna.Trial, Any]], running: list[optuna.Trial]) -> None:
+        """Train one group of same-depth trials in one Trainer; each trial's end is told the study as it leaves
+        the stack, so a trial with fewer epochs completes at its own last epoch."""
+        trials = {str(trial.number): trial for trial, _ in group}
+        clis = [
+            build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
+            for trial, flags in group
+        ]
+        for trial, cli in zip(trials.values(), clis):
+            trial.set_user_attr("log_dir", cli.trainer.log_dir)
+            trial.set_user_attr("multiply_adds", multiply_adds(cli.model.hparams.depth, cli.model.hparams.width))
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            save_config(cli)
+        checkpoints = {
+            name: ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"))
+            for name, cli in zip(trials, clis)
+        }
+
+        def tell(name: str, how: str, detail: str) -> None:
+            trial = trials[name]
+            if how == "finished":
+                value = checkpoints[name].best_model_score.item()
+                trial.set_user_attr("best_checkpoint", checkpoints[name].best_model_path)
+                study.tell(trial, value)
+                log.info(f"Trial {name} finished with value: {value} and parameters: {trial.params}.")
+            else:
+                if how == "diverged":
+                    trial.set_user_attr("diverged", detail)
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info(f"Trial {name} pruned{f' (diverged in {detail})' if detail else ''}.")
+            running.remove(trial)
+
+        epochs = [cli.trainer.max_epochs for cli in clis]
+        loggers = [cli.trainer.logger for cli in clis]
+        group_run = group_cli(self.fit_args, max(epochs))
+        # Checkpoints last, as Lightning orders them, so a trial pruned this epoch is not saved.
+        group_run.trainer.callbacks += [ReportAndPrune(trials), *checkpoints.values()]
+        group_run.model = FusedClassifier([cli.model for cli in clis], epochs, list(trials), loggers, on_leave=tell)
+        fit(group_run)
+
+
+def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
+    """The Trainer and data of one stacked group, from the user's fit flags, trained for `epochs`.
+
+    Each trial keeps its own logger, checkpoint, divergence guard and saved config, so the group has none.
+    """
+    cli = build_cli([
+        *fit_args, f"--trainer.max_epochs={epochs}", "--trainer.logger=false",
+        "--trainer.enable_model_summary=false", "--progress_bar.refresh_rate=0",
+    ])
+    own = (ModelCheckpoint, EarlyStopping, SaveConfigCallback)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, own)]
+    return cli
+
+
+def save_config(cli: MLPCLI) -> None:
+    """The trial's config.yaml in its log folder, as its own fit would have written it."""
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            callback.setup(cli.trainer, cli.model, stage="fit")
+
+
+class ReportAndPrune(L.Callback):
+    """Each epoch, each trial still in the stack reports its val/acc at the fraction of its own schedule done
+    (as an unfused trial does) and is pruned on its own."""
+
+    def __init__(self, trials: dict[str, optuna.Trial]) -> None:
+        self.trials = trials
+        self.previous: dict[str, float] = {}  # each trial's val/acc at its last epoch
+
+    def on_validation_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, epochs in zip(module.names, module.epochs):
+            value = trainer.callback_metrics[f"val/acc/{name}"].item()
+            prune = report_schedule_fraction(
+                self.trials[name], trainer.current_epoch, epochs, value, self.previous.get(name)
+            )
+            self.previous[name] = value
+            if name not in module.stopping and prune:
+                module.stop(name, "pruned")
+
+
+class Heartbeats:
+    """While the with block runs, a thread records a heartbeat for each trial every HEARTBEAT_SECONDS, as
+    Optuna's optimize does for its one trial; a worker that dies stops beating, and its trials are retried."""
+
+    def __init__(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        self.storage, self.trials = study._storage, trials  # optimize records heartbeats through the same object
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.beat, daemon=True)
+
+    def beat(self) -> None:
+        while True:
+            for trial in list(self.trials):
+                self.storage.record_heartbeat(trial._trial_id)
+            if self.stopped.wait(HEARTBEAT_SECONDS):
+                return
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+DATASET_BYTES = 70_000 * (784 * 4 + 8)  # the whole of Fashion-MNIST as float pixels and int64 labels
+
+
+def stack_bytes(fuse: int, depth: int, width: int, batch_size: int, optimizer: str, bytes_per_number: int) -> int:
+    """A generous estimate of the device memory a stack of `fuse` models of this shape needs to train."""
+    sizes = [784] + [width] * depth + [10]
+    params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(sizes)) + depth
+    # Parameters, gradients, one more copy while the stack is rebuilt without a model, and the optimiser's
+    # state (SGD's momentum; Adam's two moments).
+    weights = (3 + {"sgd": 1, "adam": 2}[optimizer]) * params
+    # Per example: the input each model reads, and per hidden unit its pre-activation, activation, mask and
+    # their gradients; evaluation keeps no gradients but takes larger batches.
+    training = batch_size * (784 + 6 * depth * width + 3 * 10)
+    evaluation = max(batch_size, EVAL_BATCH_SIZE) * (784 + 2 * depth * width + 10)
+    return fuse * (weights + max(training, evaluation)) * bytes_per_number
+
+
+def free_gpu_bytes(cli: MLPCLI) -> int | None:
+    """Free memory on the GPU the trials train on, or None when they train on the CPU."""
+    device = cli.trainer.strategy.root_device
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def check_fusable(fuse: int, space: SearchSpace, cli: MLPCLI) -> None:
+    """Refuse, before any trial, what a stack of `fuse` trials cannot train as the trials would alone."""
+    check(
+        cli.trainer.gradient_clip_val is None,
+        "--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' gradients "
+        "together, not each trial's own; drop the flag or use --fuse 1",
+    )
+    check_stack_fits(fuse, space, cli, free_gpu_bytes(cli))
+
+
+def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int | None) -> None:
+    """Stop with a message naming a K that fits, rather than an out-of-memory error mid-study."""
+    if free_bytes is None:
+        return
+    hp = cli.model.hparams
+    depth = space.depth[1] if space.depth else hp.depth  # a pinned one is the fit flag's
+    width = space.width[1] if space.width else hp.width
+    per_model = stack_bytes(
+        1, depth, width, cli.datamodule.hparams.batch_size, hp.optimizer, 8 if "64" in str(cli.trainer.precision) else 4
+    )
+    fits = (free_bytes - DATASET_BYTES) // per_model
+    advice = f"--fuse {fits} fits" if fits >= 1 else "even one does not fit: lower the --width or --depth range"
+    check(
+        fuse <= fits,
+        f"--fuse {fuse}: a stack of {fuse} trials of up to depth {depth} and width {width} needs "
+        f"about {(fuse * per_model + DATASET_BYTES) / 1e9:.1f} GB of GPU memory and {free_bytes / 1e9:.1f} GB is "
+        f"free; {advice}",
+    )

@@ -1,0 +1,106 @@
+"""K multilayer perceptrons of one depth trained as one network: every parameter of `MLP` gains a leading model
+dimension, and each layer's K matrix products become one batched matmul.
+
+This is horizontal fusion (HFTA, Wang et al., MLSys 2021): K small trials keep the hardware busy where one
+cannot. Forward, backward and activations are `MLP`'s own code; only the tensor shapes change.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mlp.net import MLP, dropout_mask
+
+
+class StackedMLP(MLP):
+    """The nets `nets` side by side: W_i of shape (K, fan_in, fan_out), b_i (K, fan_out), prelu slopes (K,).
+
+    The nets must share depth, activation and input and output sizes; widths and dropout may differ. Narrower
+    nets are padded with zeros to the widest, and their padded hidden units are multiplied by 0 after the
+    activation, so padded weights get zero gradient and stay zero: each model computes exactly what it would
+    alone. Inputs are (B, num_inputs), shared by all models; logits are (K, B, num_outputs).
+    """
+
+    def __init__(self, nets: Sequence[MLP]) -> None:
+        nn.Module.__init__(self)
+        first = nets[0]
+        self.depth = depth = len(first.layers) - 1
+        if any(len(net.layers) - 1 != depth or net.activation != first.activation for net in nets):
+            raise ValueError("nets stacked together must share depth and activation")
+        self.activation = first.activation
+        self.widths = [net.layers[0][0].shape[1] if depth else 0 for net in nets]
+        self.params = nn.ParameterList(
+            nn.Parameter(torch.stack([padded(p.detach(), self.padded_shape(i, p)) for p in group]))
+            for i, group in enumerate(zip(*(net.params for net in nets)))
+        )
+        self.slopes = nn.ParameterList(
+            nn.Parameter(torch.stack([s.detach() for s in group])) for group in zip(*(net.slopes for net in nets))
+        )
+        dtype = first.params[0].dtype
+        real_units = torch.arange(max(self.widths)) < torch.tensor(self.widths)[:, None]
+        self.register_buffer("width_mask", real_units.to(dtype)[:, None, :])  # (K, 1, W)
+        self.register_buffer("dropouts", torch.tensor([net.dropout for net in nets], dtype=dtype)[:, None, None])
+        self.any_dropout = any(net.dropout > 0 for net in nets)  # a Python bool: no device sync per step
+
+    def hidden_axes(self, i: int) -> list[int]:
+        """Which axes of params[i] (W_l at 2l, b_l at 2l + 1; no model axis) count hidden units."""
+        layer, is_bias = i // 2, i % 2 == 1
+        if is_bias:
+            return [0] if layer < self.depth else []
+        return [axis for axis, hidden in ((0, layer > 0), (1, layer < self.depth)) if hidden]
+
+    def padded_shape(self, i: int, p: Tensor) -> tuple[int, ...]:
+        """The shape of one model's params[i] in the stack: its hidden sizes padded to the widest model's."""
+        return tuple(max(self.widths) if axis in self.hidden_axes(i) else n for axis, n in enumerate(p.shape))
+
+    @property
+    def size(self) -> int:
+        """K, the number of models in the stack."""
+        return len(self.widths)
+
+    def slope(self, layer: int) -> Tensor:
+        return self.slopes[layer][:, None, None]
+
+    def affine(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        if x.dim() == 2:  # the input layer: all K models read the same batch
+            x = x.expand(self.size, *x.shape)
+        return torch.baddbmm(b[:, None, :], x, w)
+
+    def hidden_mask(self, z: Tensor) -> Tensor:
+        """Each model's own dropout mask (independent draws) times the mask of its real, unpadded units."""
+        if self.training and self.any_dropout:
+            return dropout_mask(z, self.dropouts) * self.width_mask
+        return self.width_mask.expand_as(z)
+
+    def keep(self, models: Tensor) -> None:
+        """Keep only the models at the indices `models`, in that order; the others stop costing compute.
+
+        The Parameter objects stay the same (their data is replaced), so references to them remain valid.
+        """
+        for p in self.parameters():
+            p.data = p.data.index_select(0, models)
+            p.grad = None
+        self.width_mask = self.width_mask.index_select(0, models)
+        self.dropouts = self.dropouts.index_select(0, models)
+        self.any_dropout = bool(self.dropouts.any())
+        self.widths = [self.widths[i] for i in models.tolist()]
+
+    def extract(self, model: int) -> dict[str, Tensor]:
+        """Model `model`'s parameters, unpadded, as the state dict of an `MLP` of its width."""
+        state = {}
+        for i, p in enumerate(self.params):
+            one = p.detach()[model]
+            for axis in self.hidden_axes(i):
+                one = one.narrow(axis, 0, self.widths[model])
+            state[f"params.{i}"] = one.clone()
+        for i, s in enumerate(self.slopes):
+            state[f"slopes.{i}"] = s.detach()[model].clone()
+        return state
+
+
+def padded(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """t in the top-left corner of a zero tensor of `shape`."""
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out

@@ -1,0 +1,215 @@
+"""Fused trials: the stacked network and FusedClassifier against separate single models, which stay the reference."""
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlp.fused import FusedClassifier, ModelInStackCheckpoint
+from mlp.module import MLPClassifier, cross_entropy_grad
+from mlp.net import MLP
+from mlp.schedules import SCHEDULES
+from mlp.stacked import StackedMLP
+
+
+def random_nets(depth: int, activation: str, widths: list[int], dropout: float = 0.0) -> list[MLP]:
+    """float64 nets with every parameter random, so no gradient is trivially zero or one."""
+    nets = []
+    for width in widths:
+        net = MLP(13, depth, width, 5, "kaiming", activation, dropout).double()
+        with torch.no_grad():
+            for bias in net.params[1::2]:
+                bias.normal_(0, 0.5)
+            for slope in net.slopes:
+                slope.uniform_(-0.5, 0.5)
+        nets.append(net)
+    return nets
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_stacked_forward_and_gradients_equal_separate_nets(depth, activation):
+    torch.manual_seed(depth)
+    nets = random_nets(depth, activation, widths=[4, 7, 2])
+    stacked = StackedMLP(nets)
+    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
+    cache = []
+    logits = stacked(x, cache)
+    assert logits.shape == (3, 11, 5)
+    sum(nn.functional.cross_entropy(one, y) for one in logits).backward()
+    manual = stacked.backward(cache, torch.stack([cross_entropy_grad(one, y) for one in logits.detach()]))
+    for k, net in enumerate(nets):
+        torch.testing.assert_close(logits[k], net(x), rtol=1e-12, atol=1e-12)
+        nn.functional.cross_entropy(net(x), y).backward()
+        alone = MLP(13, depth, stacked.widths[k] or 1, 5, "kaiming", activation).double()
+        alone.load_state_dict(stacked.extract(k))
+        # Extracting model k's slices of the stacked gradients must give the single net's gradients.
+        for i, grad in enumerate(net.params):
+            sliced = stacked.params[i].grad[k][tuple(slice(0, n) for n in grad.shape)]
+            torch.testing.assert_close(sliced, net.params[i].grad, rtol=1e-10, atol=1e-12)
+        for s_stacked, s_single in zip(stacked.slopes, net.slopes):
+            torch.testing.assert_close(s_stacked.grad[k], s_single.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(alone(x), net(x), rtol=0, atol=0)
+    for grad, p in zip(manual, stacked.parameters()):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-12)
+    for i, p in enumerate(stacked.params):  # padded weights get no gradient at all
+        padding = torch.ones_like(p.grad, dtype=torch.bool)
+        for k in range(3):
+            padding[k][tuple(slice(0, n) for n in nets[k].params[i].shape)] = False
+        assert (p.grad[padding] == 0).all()
+
+
+def test_dropout_masks_are_drawn_per_model_and_padding_stays_zero():
+    torch.manual_seed(0)
+    stacked = StackedMLP(random_nets(2, "sigmoid", widths=[300, 200], dropout=0.5)).train()
+    cache = []
+    stacked(torch.randn(64, 13, dtype=torch.float64), cache)
+    for _, _, mask in cache[:-1]:
+        real = mask[:, :, :200]  # units both models have
+        assert not torch.equal(real[0], real[1])
+        assert 0.4 < (real == 0).double().mean() < 0.6
+        assert (mask[1, :, 200:] == 0).all()  # model 1's padded units, whose sigmoid would be 0.5
+
+
+@pytest.mark.parametrize("total_steps", [10, 37, 200])
+def test_schedule_factors_equal_torch_schedulers(total_steps):
+    for name, make_torch in [
+        ("onecycle", lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.3, total_steps, cycle_momentum=False)),
+        ("cosine", lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)),
+    ]:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.3)
+        scheduler, factor = make_torch(optimizer), SCHEDULES[name](total_steps)
+        for step in range(total_steps + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            assert math.isclose(lr, 0.3 * factor(step), rel_tol=0, abs_tol=1e-12), (name, step)
+            optimizer.step()
+            if step < total_steps:
+                scheduler.step()
+
+
+# FusedClassifier against separate MLPClassifier runs on the same batches in the same order.
+
+HPARAMS = [  # lr, weight decay, width, label smoothing and epochs all differ
+    {"lr": 0.05, "weight_decay": 1e-3, "width": 12, "label_smoothing": 0.1, "epochs": 3},
+    {"lr": 0.2, "weight_decay": 0.0, "width": 20, "label_smoothing": 0.0, "epochs": 2},
+    {"lr": 0.01, "weight_decay": 5e-4, "width": 7, "label_smoothing": 0.2, "epochs": 4},
+]
+
+
+def loaders() -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(150, 784, generator=g), torch.randint(0, 10, (150,), generator=g)
+    train = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=32)  # not shuffled: the same batches for all
+    return train, DataLoader(TensorDataset(x[100:], y[100:]), batch_size=64)
+
+
+def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs, precision="64-true", accelerator="cpu", logger=False, callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelInStackCheckpoint) for c in callbacks or []),
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+
+
+def classifiers(hparams: list[dict], **shared) -> list[MLPClassifier]:
+    models = []
+    for seed, hp in enumerate(hparams):
+        torch.manual_seed(seed)
+        models.append(MLPClassifier(depth=2, **{k: v for k, v in hp.items() if k != "epochs"}, **shared))
+    return models
+
+
+class FinalStates(L.Callback):
+    """Each live model's parameters at the end of every epoch; the module drops models after this hook."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        for k, name in enumerate(module.names):
+            self.states.setdefault(name, {})[trainer.current_epoch] = module.net.extract(k)
+
+
+def train_fused(models: list[MLPClassifier], hparams: list[dict], names: list[str], callbacks=()) -> FinalStates:
+    fused = FusedClassifier([copy.deepcopy(m) for m in models], [hp["epochs"] for hp in hparams], names)
+    states = FinalStates()
+    train, val = loaders()
+    trainer(max(hp["epochs"] for hp in hparams), [states, *callbacks]).fit(fused, train, val)
+    assert fused.names == [] and set(fused.outcomes) == set(names)
+    return states
+
+
+@pytest.mark.parametrize("backward", ["autograd", "manual"])
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adam", "cosine"), ("sgd", "constant")])
+def test_fused_models_train_exactly_as_separate_runs(backward, optimizer, schedule):
+    models = classifiers(HPARAMS, optimizer=optimizer, schedule=schedule, backward=backward, activation="prelu")
+    states = train_fused(models, HPARAMS, ["a", "b", "c"])
+    for model, hp, name in zip(models, HPARAMS, ["a", "b", "c"]):
+        initial = copy.deepcopy(model.net.state_dict())
+        train, val = loaders()
+        trainer(hp["epochs"]).fit(model, train, val)
+        final = states.states[name][hp["epochs"] - 1]
+        assert (final["params.0"] - initial["params.0"].double()).abs().max() > 1e-4  # it did learn
+        assert max(states.states[name]) == hp["epochs"] - 1  # it left the stack after its own last epoch
+        for key, value in model.net.state_dict().items():
+            torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-6)
+
+
+class StopAfterFirstEpoch(L.Callback):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_validation_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        if not trainer.sanity_checking:
+            module.stop(self.name, "pruned")
+
+
+@pytest.mark.parametrize("backward", ["autograd", "manual"])
+def test_dropping_a_model_mid_run_leaves_the_others_unchanged(backward):
+    models = classifiers(HPARAMS, backward=backward)
+    names = ["a", "b", "c"]
+    alone = train_fused(models, HPARAMS, names)
+    dropped = train_fused(models, HPARAMS, names, [StopAfterFirstEpoch("b")])
+    assert max(dropped.states["b"]) == 0
+    for name, hp in zip(["a", "c"], [HPARAMS[0], HPARAMS[2]]):
+        for key, value in alone.states[name][hp["epochs"] - 1].items():
+            torch.testing.assert_close(dropped.states[name][hp["epochs"] - 1][key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_a_diverging_model_leaves_the_stack_and_the_others_go_on():
+    hparams = [HPARAMS[0], {**HPARAMS[1], "lr": 1e300}, HPARAMS[2]]
+    models = classifiers(hparams)
+    fused = FusedClassifier([copy.deepcopy(m) for m in models], [hp["epochs"] for hp in hparams], ["a", "b", "c"])
+    states = FinalStates()
+    train, val = loaders()
+    trainer(4, [states]).fit(fused, train, val)
+    assert fused.outcomes["b"][0] == "diverged" and fused.outcomes["b"][1].startswith("epoch 0: val/loss = nan")
+    assert fused.outcomes["a"] == fused.outcomes["c"] == ("finished", "")
+    reference = train_fused([models[0], models[2]], [HPARAMS[0], HPARAMS[2]], ["a", "c"])
+    for name, epochs in (("a", 3), ("c", 4)):
+        for key, value in reference.states[name][epochs - 1].items():
+            torch.testing.assert_close(states.states[name][epochs - 1][key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_each_model_checkpoint_loads_as_a_single_model(tmp_path):
+    models = classifiers(HPARAMS)
+    names = ["a", "b", "c"]
+    checkpoints = [ModelInStackCheckpoint(name, str(tmp_path / name)) for name in names]
+    states = train_fused(models, HPARAMS, names, checkpoints)
+    _, val = loaders()
+    x, y = val.dataset.tensors
+    for checkpoint, name, hp in zip(checkpoints, names, HPARAMS):
+        assert checkpoint.best_model_path.startswith(str(tmp_path / name))
+        saved = torch.load(checkpoint.best_model_path, weights_only=False)
+        for key, value in states.states[name][saved["epoch"]].items():
+            torch.testing.assert_close(saved["state_dict"][f"net.{key}"], value, rtol=0, atol=0)
+        loaded = MLPClassifier.load_from_checkpoint(checkpoint.best_model_path).double().eval()  # float32 inside
+        assert loaded.hparams.lr == hp["lr"] and loaded.hparams.width == hp["width"]
+        for key, value in loaded.net.state_dict().items():
+            torch.testing.assert_close(value, states.states[name][saved["epoch"]][key], rtol=1e-6, atol=1e-7)
+        accuracy = (loaded(x.double()).argmax(1) == y).double().mean()
+        assert accuracy.item() == pytest.approx(checkpoint.best_model_score.item(), abs=1e-6)

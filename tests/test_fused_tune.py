@@ -1,0 +1,166 @@
+"""`scripts/tune.py --fuse K` on synthetic data: per-trial outcomes, runs, checkpoints, heartbeats and Ctrl-C."""
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mlp.cli import build_cli
+from mlp.errors import UserError
+from mlp.fused_trials import DATASET_BYTES, Heartbeats, check_stack_fits, stack_bytes
+from mlp.module import MLPClassifier
+from mlp.search import SearchSpace
+from tests.conftest import epoch_values
+from tests.test_reliability import created_trials, run, start, wait_for
+from tests.test_reliability import tune_args as slow_tune_args
+from tests.test_sweeps import FAST_TRIAL, threshold_pruner, tune_args  # noqa: F401 (a fixture)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import tune  # noqa: E402
+
+
+@pytest.mark.usefixtures("threshold_pruner")
+def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_checkpoint(synthetic_dir, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="test", storage=url, direction="maximize")
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # learns the bands
+    study.enqueue_trial({"lr": 1e-7, **FAST_TRIAL})  # learns nothing: pruned after its first epoch
+    study.enqueue_trial({"lr": 1e4, **FAST_TRIAL})  # blows up to NaN
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL, "epochs": 1, "width": 9})  # a shorter, narrower trial
+    args = tune_args(synthetic_dir, tmp_path, n_trials=6)
+    args[args.index("--depth") + 1 : args.index("--depth") + 3] = ["1", "2"]  # two depths: two groups
+
+    summary = tune.main([*args, "--fuse=4"])
+
+    trials = optuna.load_study(study_name="test", storage=url).trials
+    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    complete, pruned = TrialState.COMPLETE, TrialState.PRUNED
+    assert [t.state for t in trials[:4]] == [complete, pruned, pruned, complete]
+    assert trials[1].user_attrs["epochs_trained"] == 1
+    assert "not finite" in trials[2].user_attrs["diverged"] and "diverged" not in trials[0].user_attrs
+    # completed at its own last epoch (the end of its schedule, step 100), and told then
+    assert trials[3].user_attrs["epochs_trained"] == 1 and max(trials[3].intermediate_values) == 100
+    assert trials[3].datetime_complete < trials[0].datetime_complete
+    for trial in trials:
+        run = EventAccumulator(trial.user_attrs["log_dir"]).Reload()
+        scalars = set(run.Tags()["scalars"])
+        assert {"val/acc", "val/loss", "hp_metric", "train/loss_epoch", "train/acc"} <= scalars
+        assert len(run.Scalars("val/acc")) == trial.user_attrs["epochs_trained"]
+        if trial.state == TrialState.COMPLETE:  # a pruned one may stop reporting mid-epoch, at a check
+            assert [e.value for e in run.Scalars("val/acc")] == pytest.approx(epoch_values(trial))
+        assert (Path(trial.user_attrs["log_dir"]) / "config.yaml").is_file()
+        if trial.state == TrialState.COMPLETE:
+            model = MLPClassifier.load_from_checkpoint(trial.user_attrs["best_checkpoint"])
+            assert model.hparams.lr == pytest.approx(trial.params["lr"])
+            assert (model.hparams.depth, model.hparams.width) == (trial.params["depth"], trial.params["width"])
+            assert trial.value == max(epoch_values(trial))
+    assert summary["best_val_acc"] > 0.9 and 0.9 < summary["test_acc"] <= 1.0
+    assert summary["epochs_trained"] == sum(t.user_attrs["epochs_trained"] for t in trials)
+    report_dir = tmp_path / "logs" / "tune" / "test"
+    assert json.loads((report_dir / "report.json").read_text()) == summary
+
+
+@pytest.mark.parametrize("fuse", ["0", "-2"])
+def test_fuse_below_one_is_a_clear_error_before_any_trial(synthetic_dir, tmp_path, fuse):
+    with pytest.raises(UserError, match="--fuse must be >= 1"):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--fuse={fuse}"])
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_gradient_clipping_with_fuse_is_refused_with_the_reason(synthetic_dir, tmp_path):
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), "--fuse=2", "--trainer.gradient_clip_val=1"]
+    with pytest.raises(UserError, match="clip the norm of all stacked trials"):
+        tune.main(args)
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_a_stack_too_big_for_the_gpu_is_refused_naming_a_k_that_fits(synthetic_dir, tmp_path):
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                     "--data.batch_size=256"])
+    space = SearchSpace()
+    per_model = stack_bytes(1, space.depth[1], space.width[1], 256, "sgd", 4)
+    assert stack_bytes(8, space.depth[1], space.width[1], 256, "sgd", 4) == 8 * per_model
+    free = 10 * per_model + DATASET_BYTES
+    check_stack_fits(10, space, cli, free)
+    with pytest.raises(UserError, match="--fuse 16: .* --fuse 10 fits"):
+        check_stack_fits(16, space, cli, free)
+    with pytest.raises(UserError, match="even one does not fit"):
+        check_stack_fits(2, space, cli, 1000)
+    check_stack_fits(1024, space, cli, None)  # on the CPU: no estimate
+
+
+def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypatch):
+    monkeypatch.setattr("mlp.fused_trials.HEARTBEAT_SECONDS", 0.2)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage)
+    trials = [study.ask() for _ in range(3)]
+    with Heartbeats(study, trials):
+        time.sleep(3)  # past the grace period, which SQLite's clock counts in whole seconds
+        assert storage._get_stale_trial_ids(study._study_id) == []
+    time.sleep(4)
+    assert sorted(storage._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in trials)
+
+
+def group_training(tmp_path: Path) -> bool:
+    """True once three trials are running together and have each reported an epoch."""
+    if not (tmp_path / "study.db").exists():  # connecting would create the file before the tune process does
+        return False
+    trials = created_trials(f"sqlite:///{tmp_path / 'study.db'}", "faults")
+    return len(trials) == 3 and all(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
+
+
+def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_path):
+    process = start("tune.py", [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"])
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    wait_for(process, lambda: group_training(tmp_path), "three trials training together")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and "Traceback" not in stderr
+    assert "run the same command again to continue" in stderr
+    trials = created_trials(url, "faults")
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all(t.user_attrs["interrupted"] for t in trials)
+
+
+def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(synthetic_dir, tmp_path):
+    quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
+    quick_heartbeat += "; import mlp.fused_trials; mlp.fused_trials.HEARTBEAT_SECONDS = 1"
+    args = [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"]
+    process = start("tune.py", args, patch=quick_heartbeat)
+    wait_for(process, lambda: group_training(tmp_path), "three trials training together")
+    process.kill()
+    process.communicate(timeout=300)
+    time.sleep(3)  # let their heartbeats go stale
+
+    again = run("tune.py", args, patch=quick_heartbeat, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = created_trials(f"sqlite:///{tmp_path / 'study.db'}", "faults")
+    killed = trials[:3]
+    assert [t.state for t in killed] == [TrialState.FAIL] * 3
+    for trial in killed:
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert len(retries) == 1 and retries[0].params == trial.params
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
+    assert TrialState.RUNNING not in [t.state for t in trials]
+
+
+def test_hyperband_judges_fused_trials_each_on_its_own_with_depth_and_width_pinned(synthetic_dir, tmp_path):
+    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    for flag in ("--depth", "--width"):  # pinned by fit flags instead: all trials share one group
+        del args[args.index(flag) : args.index(flag) + 3]
+    summary = tune.main([*args, "--model.depth=1", "--model.width=12", "--fuse=3", "--pruner=hyperband"])
+    study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    trials = study.trials
+    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert all("depth" not in t.params for t in trials)
+    runs = [MLPClassifier.load_from_checkpoint(t.user_attrs["best_checkpoint"]) for t in trials if t.state == TrialState.COMPLETE]
+    assert runs and all((m.hparams.depth, m.hparams.width) == (1, 12) for m in runs)
+    assert all(1 <= t.user_attrs["epochs_trained"] <= t.params["epochs"] for t in trials)
+    assert summary["trials"] == {state.name.lower(): sum(t.state == state for t in trials) for state in
+                                 {t.state for t in trials}}
