@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad
+from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad, make_optimizer
 from mlp.plots import activations_figure
 from mlp.schedules import SCHEDULES
 from mlp.stacked import StackedMLP
@@ -141,10 +141,7 @@ class FusedClassifier(L.LightningModule):
             for views, hp in zip(self.views, self.hparams_per_model)
         ]
         hp = self.shared
-        if hp["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=hp["momentum"], nesterov=hp["nesterov"])
-        else:
-            optimizer = torch.optim.Adam(groups)
+        optimizer = make_optimizer(groups, self.hparams_per_model[0])  # each group's lr and weight decay rule
         steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
         schedule = SCHEDULES[hp["schedule"]]
         factors = [schedule(epochs * steps_per_epoch) for epochs in self.epochs]

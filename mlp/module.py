@@ -1,7 +1,8 @@
 """The LightningModule: owns the loss, the metrics and the optimiser; the network itself lives in net.py."""
 
 import time
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -28,6 +29,16 @@ def cross_entropy_grad(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) 
     grad = logits.softmax(dim=1) - label_smoothing / logits.shape[1]
     grad[torch.arange(len(y), device=y.device), y] -= 1 - label_smoothing
     return grad / len(y)
+
+
+def make_optimizer(params: Iterable, hp: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The optimiser the hyperparameters `hp` name, over `params`: tensors, or parameter groups whose own lr
+    and weight_decay take precedence over hp's (as `FusedClassifier` gives each stacked model)."""
+    if hp["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            params, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"]
+        )
+    return torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
 
 
 class MLPClassifier(L.LightningModule):
@@ -174,12 +185,7 @@ class MLPClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-            )
-        else:
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = make_optimizer(self.parameters(), hp)
         if hp.schedule == "constant":
             return optimizer
         steps = self.trainer.estimated_stepping_batches
