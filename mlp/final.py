@@ -1,9 +1,10 @@
-"""The study's final model, chosen on validation and tested once: a refit on all training images, or an
-ensemble of the best trials' checkpoints.
+"""The study's final model, chosen on validation and tested once: a refit on all training images, an
+ensemble of the best trials' checkpoints, or both at once.
 
 - refit: the best trial's configuration retrained on train + val (`--data.val_size 0`) for its own epochs, the
   way scikit-learn's GridSearchCV(refit=True) ends; it has no validation figure, its schedule fixes its length.
 - ensemble: the softmax average of the k best trials' best checkpoints, k chosen on the validation split.
+- refit_ensemble: the ensemble's k configurations, each refit on train + val, softmax-averaged.
 
 Each candidate's test accuracy is measured once and kept in the study's user attributes, so a rerun of the
 same command neither retrains nor retests.
@@ -82,22 +83,26 @@ def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any
     return result
 
 
-def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace) -> dict[str, Any]:
-    """The best trial's configuration trained on all training images, its final weights tested once."""
-    best = study.best_trial
-    cached = study.user_attrs.get("refit")
-    if cached and cached["trial"] == best.number:
+def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: int) -> dict[str, Any]:
+    """Trial `number`'s configuration trained on all training images, its final weights tested once; cached in
+    the study per trial, so the refit of the best trial serves both final models that need it."""
+    cached = study.user_attrs.get(f"refit_{number}")
+    if cached:
         return cached
-    flags = suggest(optuna.trial.FixedTrial(best.params), space)
-    args = trial_args(fit_args, flags, study.study_name, f"refit_trial_{best.number}")
+    trial = study.trials[number]
+    flags = suggest(optuna.trial.FixedTrial(trial.params), space)
+    args = trial_args(fit_args, flags, study.study_name, f"refit_trial_{number}")
     cli = build_cli([*args, "--data.val_size=0"])
     fit(cli)
     result: dict[str, Any] = {
-        "what": f"trial {best.number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
+        "what": f"trial {number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
         " epochs; no validation figure, as no image was held out",
-        "trial": best.number,
+        "trial": number,
         "val_acc": None,
         "checkpoint": cli.trainer.checkpoint_callback.best_model_path,
+        "epochs": cli.trainer.max_epochs,
+        "multiply_adds": trial.user_attrs.get("multiply_adds", 0),
+        "train_images": len(cli.datamodule.train_set),
     }
     loss = cli.trainer.callback_metrics.get("train/loss_epoch")
     weights_finite = all(torch.isfinite(p).all() for p in cli.model.parameters())
@@ -107,7 +112,34 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace) -> dict[
         cli.datamodule.setup("test")
         test_x, test_y = cli.datamodule.test_set.tensors
         result["test_acc"] = accuracy(softmax_of(cli.model, test_x), test_y)
-    study.set_user_attr("refit", result)
+    study.set_user_attr(f"refit_{number}", result)
+    return result
+
+
+def refit_ensemble(
+    study: optuna.Study, fit_args: list[str], space: SearchSpace, chosen: dict[str, Any]
+) -> dict[str, Any]:
+    """The configurations of the ensemble `chosen` on validation, each refit on train + val, softmax-averaged
+    and tested once. Like a refit it has no validation figure; k is the ensemble's, chosen on validation."""
+    result: dict[str, Any] = {
+        "what": "the ensemble's k configurations, each retrained on train + val, softmax-averaged; no validation "
+        "figure, as no image was held out",
+        "val_acc": None,
+    }
+    if not chosen.get("trials"):
+        return {**result, "test_acc": None, "why_no_test": "there is no ensemble to refit"}
+    cached = study.user_attrs.get("refit_ensemble")
+    if cached and cached["trials"] == chosen["trials"]:
+        return cached
+    refits = [refit(study, fit_args, space, number) for number in chosen["trials"]]
+    diverged = [r["trial"] for r in refits if r["test_acc"] is None]
+    result.update(trials=chosen["trials"], checkpoints=[r["checkpoint"] for r in refits], diverged=diverged)
+    if diverged:
+        # Dropping a member would make an ensemble that validation did not choose; report none instead.
+        result.update(test_acc=None, why_no_test=f"the refits of trials {diverged} diverged")
+    else:
+        result["test_acc"] = test_checkpoints(result["checkpoints"])["test_acc"]
+    study.set_user_attr("refit_ensemble", result)
     return result
 
 

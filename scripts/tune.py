@@ -13,8 +13,9 @@ counts and the best val/acc so far; Optuna's one line per finished trial is writ
 
 Flags this script does not know are fit flags (see `python scripts/fit.py --help`) and apply to every trial.
 Choices are made on the validation split. At the end, the worker that finishes the study's last trial
-tests each final model once (an ensemble of the best checkpoints, a refit of the best configuration on all
-training images, the best checkpoint) and reports the one --final names.
+tests each final model once (an ensemble of the best checkpoints, the same configurations refit on all
+training images and averaged, a refit of the best configuration, the best checkpoint) and reports the one
+--final names.
 """
 
 import argparse
@@ -54,9 +55,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="train up to K trials at once as one stacked network, grouped by depth (default 1: one at a time)",
     )
     study.add_argument(
-        "--final", choices=FINAL_CHOICES, default="ensemble",
-        help="the answer the report tests and gives: the k best checkpoints averaged (k chosen on val), the best "
-        "configuration refit on train + val, or the best checkpoint (default ensemble; all three are in report.json)",
+        "--final", choices=FINAL_CHOICES, default="refit_ensemble",
+        help="the answer the report tests and gives: the k best checkpoints averaged (k chosen on val) with their "
+        "configurations refit on train + val (refit_ensemble, the default), or not refit (ensemble); the best "
+        "configuration refit; or the best checkpoint. All four are in report.json",
     )
     space = parser.add_argument_group("search space (inclusive ranges)")
     for name, (low, high) in vars(defaults).items():

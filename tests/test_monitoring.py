@@ -242,8 +242,9 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
         })
         groups = {group["name"]: group for group in listing["sessionGroups"]}
-        refit_run = f"tune/{STUDY}/refit_trial_{logged.summary['final']['refit']['trial']}"  # the final model's
-        assert set(groups) == {fit_run, *trial_runs, refit_run}
+        final = logged.summary["final"]  # the final models' refits: the best trial's and the ensemble's
+        refitted = {final["refit"]["trial"], *final["refit_ensemble"]["trials"]}
+        assert set(groups) == {fit_run, *trial_runs, *(f"tune/{STUDY}/refit_trial_{n}" for n in refitted)}
         for run, trial in trial_runs.items():
             shown = groups[run]["hparams"]
             assert shown["max_epochs"] == trial.params["epochs"]

@@ -98,7 +98,7 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     assert not (tmp_path / "study.db").exists()
 
 
-def test_report_tests_an_ensemble_chosen_on_val_and_a_refit_each_once_and_falls_back(synthetic_dir, tmp_path):
+def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_back(synthetic_dir, tmp_path):
     import torch
 
     from mlp.data import FashionMNISTDataModule
@@ -108,7 +108,7 @@ def test_report_tests_an_ensemble_chosen_on_val_and_a_refit_each_once_and_falls_
     study = optuna.create_study(study_name="test", storage=storage, direction="maximize")
     for lr in (0.01, 0.003, 0.02, 0.005):  # barely trained, so they differ and averaging can matter
         study.enqueue_trial({**FAST_TRIAL, "lr": lr, "epochs": 1, "width": 8})
-    args = [*tune_args(synthetic_dir, tmp_path, n_trials=4), "--pruner=none"]
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=4), "--pruner=none", "--final=ensemble"]
 
     summary = tune.main(args)
 
@@ -140,13 +140,24 @@ def test_report_tests_an_ensemble_chosen_on_val_and_a_refit_each_once_and_falls_
     assert refit["test_acc"] == pytest.approx(accuracy(checkpoint_softmax(refit["checkpoint"], x), y), abs=1e-6)
     assert final["best"]["val_acc"] == ranked[0].value and 0 < final["best"]["test_acc"] <= 1
 
+    # The ensemble's k configurations refit and averaged; the best trial's refit is the same run as `refit`.
+    refits = final["refit_ensemble"]
+    assert refits["trials"] == final["ensemble"]["trials"] and refits["val_acc"] is None
+    assert refits["checkpoints"][0] == refit["checkpoint"]
+    assert all(f"refit_trial_{n}" in path for n, path in zip(refits["trials"], refits["checkpoints"]))
+    refit_average = torch.stack([checkpoint_softmax(path, x) for path in refits["checkpoints"]]).mean(0)
+    assert refits["test_acc"] == pytest.approx(accuracy(refit_average, y), abs=1e-6)
+    one_epoch_on_all_800 = (784 * 8 + 8 * 10) * 800 / ((784 * 512 + 512 * 512 + 512 * 10) * 55_000)
+    assert summary["cost"]["refits_default_net_epochs"] == pytest.approx(k * one_epoch_on_all_800, abs=1e-3)
+
     # A rerun reuses every figure: nothing is retrained or retested.
     refit_written = Path(refit["checkpoint"]).stat().st_mtime_ns
     again = tune.main([*args, "--final=refit"])
     assert again["final"]["refit"] == refit and again["test_acc"] == refit["test_acc"]
     assert Path(refit["checkpoint"]).stat().st_mtime_ns == refit_written
 
-    # Checkpoints deleted: the ensemble does without them, and says so; with none left it falls back to the refit.
+    # Checkpoints deleted: the ensemble does without them, and says so; with none left there is no k chosen on
+    # val to refit either, and the report falls back to the refit.
     Path(ranked[0].user_attrs["best_checkpoint"]).unlink()
     fewer = tune.main(args)["final"]
     assert fewer["ensemble"]["missing_checkpoints"] == [ranked[0].number]
@@ -156,6 +167,7 @@ def test_report_tests_an_ensemble_chosen_on_val_and_a_refit_each_once_and_falls_
         Path(trial.user_attrs["best_checkpoint"]).unlink()
     none_left = tune.main(args)
     assert none_left["final"]["ensemble"]["test_acc"] is None
+    assert none_left["final"]["refit_ensemble"]["test_acc"] is None
     assert none_left["final"]["answer"] == "refit" and none_left["test_acc"] == refit["test_acc"]
     assert "ensemble has no test figure" in none_left["final"]["fallback"]
     assert none_left["cost"]["default_net_epochs"] == pytest.approx(
