@@ -99,7 +99,7 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: 
         " epochs; no validation figure, as no image was held out",
         "trial": number,
         "val_acc": None,
-        "checkpoint": cli.trainer.checkpoint_callback.best_model_path,
+        "checkpoint": cli.config_init["checkpoint"].best_model_path,  # the CLI's own, not a user-added one
         "epochs": cli.trainer.max_epochs,
         "multiply_adds": trial.user_attrs.get("multiply_adds", 0),
         "train_images": len(cli.datamodule.train_set),

@@ -227,7 +227,7 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
                 assert series[run, "val/acc"] == pytest.approx(epoch_values(trial))
             assert series[run, "hp_metric"][-1] == pytest.approx(trial.value)
         # The study's one test, of the best trial's best checkpoint; the study's plots, in their own run.
-        assert series[test_run, "test/acc"] == [pytest.approx(logged.summary["test_acc"])]
+        assert series[test_run, "test/acc"] == [pytest.approx(logged.summary["final"]["best"]["test_acc"])]
         assert "optimization_history" in logged.summary["plots"]
         assert set(served_image_tags[study_run]) == image_tags[study_run]
 
@@ -284,6 +284,6 @@ def test_optuna_dashboard_serves_the_study_its_trials_and_their_intermediate_val
         if trial.state == TrialState.COMPLETE:  # one val/acc per percent of its schedule
             assert [s["step"] for s in shown["intermediate_values"]] == list(range(1, 101))
     assert [t["number"] for t in detail["best_trials"]] == [study.best_trial.number]
-    assert {"key": "test_acc", "value": str(logged.summary["test_acc"])} in listed["user_attrs"]
+    assert {"key": "test_acc", "value": str(logged.summary["final"]["best"]["test_acc"])} in listed["user_attrs"]
     (per_objective,) = importances["param_importances"]
     assert {p["name"] for p in per_objective} == SEARCHED

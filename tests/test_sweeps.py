@@ -73,8 +73,11 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
     assert sorted(trials[1].intermediate_values) == list(range(1, 11))  # pruned at the first check, 10 % of it
     assert "not finite" in trials[2].user_attrs["diverged"]
     assert summary["best_trial"] == 0 and summary["best_val_acc"] > 0.9
-    # The report's test figure is the best checkpoint's accuracy on the test split, not a validation figure.
-    assert summary["test_acc"] == independent_test_acc(summary["best_checkpoint"], synthetic_dir)
+    # Test figures are accuracies on the test split, not validation figures: the best checkpoint's, and the
+    # answer's, by default the refit of the one complete trial (an ensemble of one).
+    assert summary["final"]["best"]["test_acc"] == independent_test_acc(summary["best_checkpoint"], synthetic_dir)
+    assert summary["final"]["answer"] == "refit_ensemble" and summary["final"]["refit_ensemble"]["trials"] == [0]
+    assert summary["test_acc"] == summary["final"]["refit_ensemble"]["test_acc"]
     assert summary["test_acc"] < summary["best_val_acc"] - 0.1
     assert summary["epochs_trained"] == 2 + 1 + 1
     report_dir = tmp_path / "logs" / "tune" / "test"
