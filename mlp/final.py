@@ -89,7 +89,7 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: 
     cached = study.user_attrs.get(f"refit_{number}")
     if cached:
         return cached
-    trial = study.trials[number]
+    trial = study.get_trials(deepcopy=False)[number]
     flags = suggest(optuna.trial.FixedTrial(trial.params), space)
     args = trial_args(fit_args, flags, study.study_name, f"refit_trial_{number}")
     cli = build_cli([*args, "--data.val_size=0"])
@@ -117,10 +117,10 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: 
 
 
 def refit_ensemble(
-    study: optuna.Study, fit_args: list[str], space: SearchSpace, chosen: dict[str, Any]
+    study: optuna.Study, fit_args: list[str], space: SearchSpace, chosen: dict[str, Any], data: FashionMNISTDataModule
 ) -> dict[str, Any]:
     """The configurations of the ensemble `chosen` on validation, each refit on train + val, softmax-averaged
-    and tested once. Like a refit it has no validation figure; k is the ensemble's, chosen on validation."""
+    and tested once on `data`'s test split. Like a refit it has no validation figure; k is the ensemble's."""
     result: dict[str, Any] = {
         "what": "the ensemble's k configurations, each retrained on train + val, softmax-averaged; no validation "
         "figure, as no image was held out",
@@ -138,7 +138,8 @@ def refit_ensemble(
         # Dropping a member would make an ensemble that validation did not choose; report none instead.
         result.update(test_acc=None, why_no_test=f"the refits of trials {diverged} diverged")
     else:
-        result["test_acc"] = test_checkpoints(result["checkpoints"])["test_acc"]
+        test_x, test_y = data.test_set.tensors
+        result["test_acc"] = accuracy(sum(checkpoint_softmax(path, test_x) for path in result["checkpoints"]), test_y)
     study.set_user_attr("refit_ensemble", result)
     return result
 

@@ -108,10 +108,10 @@ def final_models(study: optuna.Study, fit_args: list[str], space: SearchSpace, a
     """Every candidate final model with its val and test figures, and the answer: `answer` if it could be
     tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure."""
     data = build_cli(trial_args(fit_args, {}, study.study_name, "final")).datamodule
-    data.setup("test")  # the test split, loaded once for the ensemble
+    data.setup("test")  # the test split, loaded once for both ensembles
     averaged = ensemble(study, data)
     candidates = {
-        "refit_ensemble": refit_ensemble(study, fit_args, space, averaged),
+        "refit_ensemble": refit_ensemble(study, fit_args, space, averaged, data),
         "ensemble": averaged,
         "refit": refit(study, fit_args, space, study.best_trial.number),
         "best": best_checkpoint(study, fit_args),
