@@ -61,23 +61,16 @@ class SearchSpace:
         )
 
 
+LOG_SCALE = {"lr", "width", "weight_decay"}
+
+
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    """The trial's hyperparameters, as fit flags; a pinned one is left to the user's fit flag."""
+    """The trial's hyperparameters, as fit flags; a pinned one is left to the user's fit flag. Integer bounds
+    (epochs, depth, width) give integers; the order is SearchSpace's, so draws stay as they were."""
     flags: dict[str, Any] = {}
-    if space.lr:
-        flags["model.lr"] = trial.suggest_float("lr", *space.lr, log=True)
-    if space.epochs:
-        flags["trainer.max_epochs"] = trial.suggest_int("epochs", *space.epochs)
-    if space.depth:
-        flags["model.depth"] = trial.suggest_int("depth", *space.depth)
-    if space.width:
-        flags["model.width"] = trial.suggest_int("width", *space.width, log=True)
-    if space.weight_decay:
-        flags["model.weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
-    if space.dropout:
-        flags["model.dropout"] = trial.suggest_float("dropout", *space.dropout)
-    if space.label_smoothing:
-        flags["model.label_smoothing"] = trial.suggest_float("label_smoothing", *space.label_smoothing)
+    for name, (low, high) in space.searched().items():
+        suggest_one = trial.suggest_int if isinstance(low, int) else trial.suggest_float
+        flags[FIT_FLAGS[name]] = suggest_one(name, low, high, log=name in LOG_SCALE)
     return flags
 
 
