@@ -22,7 +22,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad, make_optimizer
-from mlp.plots import activations_figure
+from mlp.plots import activations_image
 from mlp.schedules import SCHEDULES
 from mlp.stacked import StackedMLP
 
@@ -156,7 +156,7 @@ class FusedClassifier(L.LightningModule):
             if logger is not None:
                 logger.log_hyperparams({**hp, **data_hparams}, {"hp_metric": 0.0})
                 if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_figure("activations", activations_figure(hp["activation"]))
+                    logger.experiment.add_image("activations", activations_image(hp["activation"]))
 
     def on_train_epoch_end(self) -> None:
         """Write each model's training metrics, then let the models whose run ends here leave the stack."""

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from mlp.data import CLASS_NAMES
 from mlp.errors import check
 from mlp.net import MLP, Activation, InitScheme
-from mlp.plots import activations_figure, predictions_figure
+from mlp.plots import activations_image, predictions_figure
 
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -126,7 +126,7 @@ class MLPClassifier(L.LightningModule):
             hparams = {**self.hparams, **data_hparams, "max_epochs": self.trainer.max_epochs}
             hparams = {name: value for name, value in hparams.items() if not name.startswith("_")}
             self.logger.log_hyperparams(hparams, {"hp_metric": 0.0})
-            self.logger.experiment.add_figure("activations", activations_figure(self.hparams.activation))
+            self.logger.experiment.add_image("activations", activations_image(self.hparams.activation))
 
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()

@@ -1,11 +1,14 @@
 """Figures for TensorBoard: the activation functions and their derivatives (d2l's plots in 5.1), and test images
 with their predicted and true labels (d2l's predict_ch3)."""
 
+from functools import cache
+
 import matplotlib
 
 matplotlib.use("Agg")  # figures are written to TensorBoard, never shown on a screen
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -36,6 +39,18 @@ def activations_figure(selected: str) -> Figure:
     axes[0].set_ylim(-1.5, 3)
     fig.tight_layout()
     return fig
+
+
+@cache
+def activations_image(selected: str) -> np.ndarray:
+    """activations_figure(selected) as an RGB image (channels, height, width), drawn once per process: a study
+    writes it into every trial's run, and drawing it costs more than a fused trial's epoch on a GPU."""
+    fig = activations_figure(selected)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()
+    plt.close(fig)
+    image.flags.writeable = False  # shared by every caller
+    return image
 
 
 def predictions_figure(images: Tensor, predicted: Tensor, true: Tensor, columns: int = 8) -> Figure:
