@@ -1,0 +1,73 @@
+"""Trials per hour of `scripts/tune.py`: start WORKERS copies of it on one fresh study, stop them once it holds
+N finished trials (complete or pruned, the diverged among them), and print one JSON line.
+
+    python scripts/trials_per_hour.py --workers 1 --n-trials 12 -- --trainer.accelerator gpu --pruner none \
+        --model.depth 1 --model.width 256 --trainer.max_epochs 3 --fuse 128
+
+The clock runs from launching the first worker to the last trial's finish as the storage records it, so
+start-up counts and the report does not (it runs once per study, however the trials were trained). Each
+worker gets cores / WORKERS threads (OMP_NUM_THREADS), as the README's several-workers recipe advises.
+The study lives in a fresh temporary folder; a study on one SQLite file stands in for PostgreSQL here.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--n-trials", type=int, required=True)
+    parser.add_argument("--log", help="file for the workers' output (default: discarded)")
+    parser.add_argument("tune_flags", nargs=argparse.REMAINDER, help="-- then the flags of every tune.py")
+    args = parser.parse_args()
+    flags = args.tune_flags[1:] if args.tune_flags[:1] == ["--"] else args.tune_flags
+    with tempfile.TemporaryDirectory() as logs, open(args.log or os.devnull, "w") as log:
+        command = [sys.executable, str(Path(__file__).with_name("tune.py")), "--quiet", "--study-name", "tph",
+                   "--n-trials", str(args.n_trials), f"--trainer.logger.init_args.save_dir={logs}", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers))}
+        launched = time.time()
+        workers = []
+        for i in range(args.workers):
+            workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            if i == 0 and args.workers > 1:
+                time.sleep(3)  # the first worker creates the SQLite tables; see README, "Starting at once"
+        storage = f"sqlite:///{logs}/tune/optuna.db"
+        trials = []
+        while len([t for t in trials if t.state in FINISHED]) < args.n_trials:
+            if all(w.poll() is not None for w in workers):
+                break
+            time.sleep(1)
+            try:
+                trials = optuna.load_study(study_name="tph", storage=storage).get_trials(deepcopy=False)
+            except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the study or its tables are not there yet
+                continue
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+    finished = [t for t in trials if t.state in FINISHED]
+    last = max(t.datetime_complete.timestamp() for t in finished)
+    print(json.dumps({
+        "workers": args.workers, "finished": len(finished),
+        "pruned_or_diverged": sum(t.state == TrialState.PRUNED for t in finished),
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "seconds": round(last - launched, 2), "trials_per_hour": round(len(finished) / (last - launched) * 3600, 1),
+        "tune_flags": flags,
+    }))
+
+
+if __name__ == "__main__":
+    main()
