@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
@@ -27,13 +28,15 @@ from optuna.trial import TrialState
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--n-trials", type=int, required=True)
     parser.add_argument("--log", help="file for the workers' output (default: discarded)")
     parser.add_argument("tune_flags", nargs=argparse.REMAINDER, help="-- then the flags of every tune.py")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.n_trials < 1:
+        parser.error("--workers and --n-trials must be >= 1")
     flags = args.tune_flags[1:] if args.tune_flags[:1] == ["--"] else args.tune_flags
     with tempfile.TemporaryDirectory() as logs, open(args.log or os.devnull, "w") as log:
         command = [sys.executable, str(Path(__file__).with_name("tune.py")), "--quiet", "--study-name", "tph",
@@ -59,14 +62,18 @@ def main() -> None:
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGKILL)
     finished = [t for t in trials if t.state in FINISHED]
+    if not finished:
+        sys.exit(f"tune.py finished no trial; run it with these flags alone to see why: {' '.join(flags)}")
     last = max(t.datetime_complete.timestamp() for t in finished)
-    print(json.dumps({
+    row = {
         "workers": args.workers, "finished": len(finished),
         "pruned_or_diverged": sum(t.state == TrialState.PRUNED for t in finished),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "seconds": round(last - launched, 2), "trials_per_hour": round(len(finished) / (last - launched) * 3600, 1),
         "tune_flags": flags,
-    }))
+    }
+    print(json.dumps(row))
+    return row
 
 
 if __name__ == "__main__":

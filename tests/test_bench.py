@@ -1,11 +1,15 @@
-"""scripts/bench.py on the synthetic dataset: all three pipelines run and the report is complete."""
+"""scripts/bench.py and scripts/trials_per_hour.py on the synthetic dataset: every pipeline runs and the report
+is complete."""
 
 import re
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import bench  # noqa: E402
+import trials_per_hour  # noqa: E402
 
 
 def test_bench_times_d2l_floor_and_ours_and_prints_the_ratios(synthetic_dir, capsys):
@@ -27,3 +31,11 @@ def test_bench_tuning_mode_reports_model_epochs_per_second_for_each_fuse(synthet
     assert all(rate > 0 for rate in rates.values())
     printed = capsys.readouterr().out
     assert re.search(r"784-512-512-10 fuse 3 +\d+\.\d{3}   \(\d+\.\d\d x fuse 1\)", printed)
+
+
+def test_trials_per_hour_counts_the_finished_trials_of_every_worker(synthetic_dir):
+    row = trials_per_hour.main(["--workers", "2", "--n-trials", "3", "--", f"--data.data_dir={synthetic_dir}",
+                                "--data.val_size=100", "--pruner=none", "--model.depth=1", "--model.width=16",
+                                "--trainer.max_epochs=1"])
+    assert row["workers"] == 2 and row["finished"] >= 3 and row["failed"] == 0
+    assert row["seconds"] > 0 and row["trials_per_hour"] == pytest.approx(row["finished"] / row["seconds"] * 3600, rel=0.01)
