@@ -10,6 +10,7 @@ Each candidate's test accuracy is measured once and kept in the study's user att
 same command neither retrains nor retests.
 """
 
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ import torch
 from optuna.trial import TrialState
 from torch import Tensor
 
-from mlp.cli import build_cli, fit
+from mlp.cli import MLPCLI, build_cli, fit
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import check
+from mlp.fused_trials import train_refits
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace, suggest, trial_args
 
@@ -83,44 +85,96 @@ def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any
     return result
 
 
+def refit_cli(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: int) -> MLPCLI:
+    """Trial `number`'s configuration as a fit run on all training images (`--data.val_size=0`)."""
+    trial = study.get_trials(deepcopy=False)[number]
+    flags = suggest(optuna.trial.FixedTrial(trial.params), space)
+    return build_cli([*trial_args(fit_args, flags, study.study_name, f"refit_trial_{number}"), "--data.val_size=0"])
+
+
 def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: int) -> dict[str, Any]:
     """Trial `number`'s configuration trained on all training images, its final weights tested once; cached in
     the study per trial, so the refit of the best trial serves both final models that need it."""
     cached = study.user_attrs.get(f"refit_{number}")
     if cached:
         return cached
-    trial = study.get_trials(deepcopy=False)[number]
-    flags = suggest(optuna.trial.FixedTrial(trial.params), space)
-    args = trial_args(fit_args, flags, study.study_name, f"refit_trial_{number}")
-    cli = build_cli([*args, "--data.val_size=0"])
+    cli = refit_cli(study, fit_args, space, number)
     fit(cli)
+    loss = cli.trainer.callback_metrics.get("train/loss_epoch")
+    diverged = None
+    if loss is None or not torch.isfinite(loss) or not all(torch.isfinite(p).all() for p in cli.model.parameters()):
+        diverged = f"final training loss {loss}"
+    # The CLI's own checkpoint, not a user-added one.
+    checkpoint = cli.config_init["checkpoint"].best_model_path
+    return record_refit(study, number, cli, checkpoint, cli.datamodule, diverged)
+
+
+def refits(
+    study: optuna.Study, fit_args: list[str], space: SearchSpace, numbers: list[int], fuse: int
+) -> list[dict[str, Any]]:
+    """The refits of trials `numbers`. With fuse > 1, those not yet cached train as stacks of up to `fuse`
+    models of one depth, as tune.py --fuse trains trials; the same runs, checkpoints and cached results."""
+    todo = [n for n in numbers if f"refit_{n}" not in study.user_attrs]
+    if fuse > 1 and len(todo) > 1:
+        runs = {n: refit_cli(study, fit_args, space, n) for n in todo}
+        by_depth = defaultdict(list)
+        for n, cli in runs.items():
+            by_depth[cli.model.hparams.depth].append(n)
+        for same_depth in by_depth.values():
+            for start in range(0, len(same_depth), fuse):
+                stack = same_depth[start : start + fuse]
+                saved, data = train_refits({str(n): runs[n] for n in stack}, fit_args)
+                for n in stack:
+                    checkpoint, finite = saved[str(n)]
+                    diverged = None if finite else "a training loss or weight of its last epoch is not finite"
+                    record_refit(study, n, runs[n], checkpoint, data, diverged, stacked_with=stack)
+    return [refit(study, fit_args, space, n) for n in numbers]
+
+
+def record_refit(
+    study: optuna.Study,
+    number: int,
+    cli: MLPCLI,
+    checkpoint: str,
+    data: FashionMNISTDataModule,
+    diverged: str | None,
+    stacked_with: list[int] | None = None,
+) -> dict[str, Any]:
+    """Test refit run `cli`'s final weights (`checkpoint`) once on `data`, the data it trained on, unless it
+    diverged; keep the result in the study as `refit_<number>`."""
     result: dict[str, Any] = {
         "what": f"trial {number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
         " epochs; no validation figure, as no image was held out",
         "trial": number,
         "val_acc": None,
-        "checkpoint": cli.config_init["checkpoint"].best_model_path,  # the CLI's own, not a user-added one
+        "checkpoint": checkpoint,
         "epochs": cli.trainer.max_epochs,
-        "multiply_adds": trial.user_attrs.get("multiply_adds", 0),
-        "train_images": len(cli.datamodule.train_set),
+        "multiply_adds": study.get_trials(deepcopy=False)[number].user_attrs.get("multiply_adds", 0),
+        "train_images": len(data.train_set),
     }
-    loss = cli.trainer.callback_metrics.get("train/loss_epoch")
-    weights_finite = all(torch.isfinite(p).all() for p in cli.model.parameters())
-    if loss is None or not torch.isfinite(loss) or not weights_finite:
-        result.update(test_acc=None, why_no_test=f"the refit diverged (final training loss {loss})")
+    if stacked_with:
+        result["stacked_with"] = stacked_with  # trained in one stack (--fuse), each as it would alone
+    if diverged:
+        result.update(test_acc=None, why_no_test=f"the refit diverged ({diverged})")
     else:
-        cli.datamodule.setup("test")
-        test_x, test_y = cli.datamodule.test_set.tensors
-        result["test_acc"] = accuracy(softmax_of(cli.model, test_x), test_y)
+        data.setup("test")
+        test_x, test_y = data.test_set.tensors
+        result["test_acc"] = accuracy(checkpoint_softmax(checkpoint, test_x), test_y)
     study.set_user_attr(f"refit_{number}", result)
     return result
 
 
 def refit_ensemble(
-    study: optuna.Study, fit_args: list[str], space: SearchSpace, chosen: dict[str, Any], data: FashionMNISTDataModule
+    study: optuna.Study,
+    fit_args: list[str],
+    space: SearchSpace,
+    chosen: dict[str, Any],
+    data: FashionMNISTDataModule,
+    fuse: int = 1,
 ) -> dict[str, Any]:
-    """The configurations of the ensemble `chosen` on validation, each refit on train + val, softmax-averaged
-    and tested once on `data`'s test split. Like a refit it has no validation figure; k is the ensemble's."""
+    """The configurations of the ensemble `chosen` on validation, each refit on train + val (as stacks of up to
+    `fuse`), softmax-averaged and tested once on `data`'s test split. Like a refit it has no validation figure;
+    k is the ensemble's."""
     result: dict[str, Any] = {
         "what": "the ensemble's k configurations, each retrained on train + val, softmax-averaged; no validation "
         "figure, as no image was held out",
@@ -131,9 +185,9 @@ def refit_ensemble(
     cached = study.user_attrs.get("refit_ensemble")
     if cached and cached["trials"] == chosen["trials"]:
         return cached
-    refits = [refit(study, fit_args, space, number) for number in chosen["trials"]]
-    diverged = [r["trial"] for r in refits if r["test_acc"] is None]
-    result.update(trials=chosen["trials"], checkpoints=[r["checkpoint"] for r in refits], diverged=diverged)
+    members = refits(study, fit_args, space, chosen["trials"], fuse)
+    diverged = [r["trial"] for r in members if r["test_acc"] is None]
+    result.update(trials=chosen["trials"], checkpoints=[r["checkpoint"] for r in members], diverged=diverged)
     if diverged:
         # Dropping a member would make an ensemble that validation did not choose; report none instead.
         result.update(test_acc=None, why_no_test=f"the refits of trials {diverged} diverged")

@@ -281,15 +281,21 @@ class ModelInStackCheckpoint(ModelCheckpoint):
         return self.name not in trainer.lightning_module.names or super()._should_skip_saving_checkpoint(trainer)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        single = trainer.lightning_module.extract(self.name)
-        checkpoint = {
-            "epoch": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "pytorch-lightning_version": L.__version__,
-            "state_dict": single.state_dict(),
-            single.CHECKPOINT_HYPER_PARAMS_NAME: single._hparams_name,
-            single.CHECKPOINT_HYPER_PARAMS_KEY: dict(single.hparams),
-        }
-        trainer.strategy.save_checkpoint(checkpoint, filepath)
+        save_single(trainer, self.name, filepath)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+
+
+def save_single(trainer: L.Trainer, name: str, filepath: str) -> MLPClassifier:
+    """Write model `name` of the trainer's FusedClassifier as an ordinary MLPClassifier checkpoint; returns it."""
+    single = trainer.lightning_module.extract(name)
+    checkpoint = {
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "pytorch-lightning_version": L.__version__,
+        "state_dict": single.state_dict(),
+        single.CHECKPOINT_HYPER_PARAMS_NAME: single._hparams_name,
+        single.CHECKPOINT_HYPER_PARAMS_KEY: dict(single.hparams),
+    }
+    trainer.strategy.save_checkpoint(checkpoint, filepath)
+    return single

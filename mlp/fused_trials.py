@@ -24,10 +24,10 @@ from lightning.pytorch.cli import SaveConfigCallback
 from optuna.trial import TrialState
 
 from mlp.cli import MLPCLI, build_cli, fit
-from mlp.data import EVAL_BATCH_SIZE
+from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import check
-from mlp.fused import FusedClassifier, ModelInStackCheckpoint
-from mlp.report import multiply_adds
+from mlp.fused import FusedClassifier, ModelInStackCheckpoint, save_single
+from mlp.net import multiply_adds
 from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
 from mlp.study import HEARTBEAT_SECONDS, is_surplus, log, may_start_trial
 
@@ -128,6 +128,45 @@ def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
     own = (ModelCheckpoint, EarlyStopping, SaveConfigCallback)
     cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, own)]
     return cli
+
+
+def train_refits(
+    runs: dict[str, MLPCLI], fit_args: list[str]
+) -> tuple[dict[str, tuple[str, bool]], FashionMNISTDataModule]:
+    """Train refit runs of one depth as one stack, each as its own `runs[name]` (built with --data.val_size=0)
+    would train alone, and write each model's final weights as an ordinary checkpoint at its own last epoch.
+
+    Returns, by name, the checkpoint's path and whether the model's last epoch ended finite (every step's
+    training loss and every weight), which is what an unfused refit checks; and the data they trained on.
+    """
+    for cli in runs.values():
+        save_config(cli)
+    epochs = [cli.trainer.max_epochs for cli in runs.values()]
+    group = group_cli([*fit_args, "--data.val_size=0"], max(epochs))
+    saver = FinalWeights({name: str(Path(cli.trainer.log_dir) / "checkpoints") for name, cli in runs.items()})
+    group.trainer.callbacks.append(saver)
+    loggers = [cli.trainer.logger for cli in runs.values()]
+    group.model = FusedClassifier([cli.model for cli in runs.values()], epochs, list(runs), loggers)
+    fit(group)
+    return saver.saved, group.datamodule
+
+
+class FinalWeights(L.Callback):
+    """At the end of each model's own last epoch, before the module lets it leave the stack, writes its
+    weights to `dirpaths[name]/epochNN.ckpt` (an unfused refit's file name) and notes whether it ended finite."""
+
+    def __init__(self, dirpaths: dict[str, str]) -> None:
+        self.dirpaths = dirpaths
+        self.saved: dict[str, tuple[str, bool]] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
+            if trainer.current_epoch + 1 == epochs:
+                path = str(Path(self.dirpaths[name]) / f"epoch{trainer.current_epoch:02d}.ckpt")
+                single = save_single(trainer, name, path)
+                losses = torch.stack([loss[k] for loss, _, _ in module.train_step_outputs])
+                finite = torch.isfinite(losses).all() and all(p.isfinite().all() for p in single.parameters())
+                self.saved[name] = (path, bool(finite))
 
 
 def save_config(cli: MLPCLI) -> None:

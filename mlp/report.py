@@ -12,6 +12,7 @@ from mlp.cli import build_cli
 from mlp.errors import UserError, check
 from mlp.final import ensemble, refit, refit_ensemble
 from mlp.module import MLPClassifier
+from mlp.net import multiply_adds
 from mlp.search import SearchSpace, trial_args
 
 # Also the order of fallbacks when the chosen one has no test figure.
@@ -21,13 +22,6 @@ FINAL_CHOICES = ("refit_ensemble", "ensemble", "refit", "best")
 def epochs_trained(study: optuna.Study) -> int:
     """Epochs trained across every trial, pruned and failed ones included, as each trial counted them."""
     return sum(t.user_attrs.get("epochs_trained", 0) for t in study.get_trials(deepcopy=False))
-
-
-def multiply_adds(depth: int, width: int) -> int:
-    """Multiply-adds per example of a 784-(width x depth)-10 net's forward pass (depth 0: softmax regression)."""
-    if depth == 0:
-        return 784 * 10
-    return 784 * width + (depth - 1) * width * width + width * 10
 
 
 DEFAULT_NET_MULTIPLY_ADDS = multiply_adds(depth=2, width=512)  # fit.py's 784-512-512-10
@@ -104,14 +98,17 @@ def best_checkpoint(study: optuna.Study, fit_args: list[str]) -> dict[str, Any]:
         return {**result, "test_acc": None, "why_no_test": str(error)}
 
 
-def final_models(study: optuna.Study, fit_args: list[str], space: SearchSpace, answer: str) -> dict[str, Any]:
+def final_models(
+    study: optuna.Study, fit_args: list[str], space: SearchSpace, answer: str, fuse: int = 1
+) -> dict[str, Any]:
     """Every candidate final model with its val and test figures, and the answer: `answer` if it could be
-    tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure."""
+    tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure.
+    With fuse > 1 the refits train as stacks, as the trials did."""
     data = build_cli(trial_args(fit_args, {}, study.study_name, "final")).datamodule
     data.setup("test")  # the test split, loaded once for both ensembles
     averaged = ensemble(study, data)
     candidates = {
-        "refit_ensemble": refit_ensemble(study, fit_args, space, averaged, data),
+        "refit_ensemble": refit_ensemble(study, fit_args, space, averaged, data, fuse),
         "ensemble": averaged,
         "refit": refit(study, fit_args, space, study.best_trial.number),
         "best": best_checkpoint(study, fit_args),
@@ -132,7 +129,13 @@ def refits_cost(study: optuna.Study) -> float:
 
 
 def report(
-    study: optuna.Study, fit_args: list[str], log_dir: Path, wall_seconds: float, space: SearchSpace, answer: str
+    study: optuna.Study,
+    fit_args: list[str],
+    log_dir: Path,
+    wall_seconds: float,
+    space: SearchSpace,
+    answer: str,
+    fuse: int = 1,
 ) -> dict[str, Any]:
     """Summarise the study, pick and test its final model once, write report.json and the plots."""
     trials = study.get_trials(deepcopy=False)
@@ -153,7 +156,7 @@ def report(
             best_val_acc=best.value,
             best_checkpoint=best.user_attrs["best_checkpoint"],
         )
-        summary["final"] = final_models(study, fit_args, space, answer)
+        summary["final"] = final_models(study, fit_args, space, answer, fuse)
         summary["test_acc"] = summary["final"]["test_acc"]
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)
     summary["plots"] = write_plots(study, log_dir)

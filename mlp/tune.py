@@ -22,7 +22,8 @@ from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
 from mlp.fused_trials import FusedTrials, check_fusable
-from mlp.report import multiply_adds, report
+from mlp.net import multiply_adds
+from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, report_schedule_fraction, suggest, trial_args
 from mlp.study import finished_numbers, is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
 
@@ -156,4 +157,4 @@ def run_study(
                 "other workers; the worker that finishes the study's last trial writes the report"
             )
         return "another worker finished the study's last trial and writes the report"
-    return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start, space, final)
+    return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start, space, final, fuse)

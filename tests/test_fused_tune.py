@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -164,3 +165,61 @@ def test_hyperband_judges_fused_trials_each_on_its_own_with_depth_and_width_pinn
     assert all(1 <= t.user_attrs["epochs_trained"] <= t.params["epochs"] for t in trials)
     assert summary["trials"] == {state.name.lower(): sum(t.state == state for t in trials) for state in
                                  {t.state for t in trials}}
+
+
+def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synthetic_dir, tmp_path, monkeypatch):
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from mlp.data import FashionMNISTDataModule, IndexBatches
+    from mlp.final import accuracy, checkpoint_softmax, refits
+
+    space = SearchSpace(lr=(1e-3, 1.0), epochs=(1, 3), depth=(1, 2), width=(8, 16), weight_decay=(1e-5, 1e-3),
+                        dropout=(0.0, 0.5), label_smoothing=(0.0, 0.2))
+    distributions = {
+        "lr": FloatDistribution(1e-3, 1.0, log=True), "epochs": IntDistribution(1, 3),
+        "depth": IntDistribution(1, 2), "width": IntDistribution(8, 16, log=True),
+        "weight_decay": FloatDistribution(1e-5, 1e-3, log=True), "dropout": FloatDistribution(0.0, 0.5),
+        "label_smoothing": FloatDistribution(0.0, 0.2),
+    }
+    configs = [  # lr, epochs, width, weight decay and label smoothing differ; one has another depth
+        {"lr": 0.05, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.1},
+        {"lr": 0.2, "epochs": 3, "depth": 1, "width": 16, "weight_decay": 1e-5, "label_smoothing": 0.0},
+        {"lr": 0.1, "epochs": 1, "depth": 2, "width": 12, "weight_decay": 1e-3, "label_smoothing": 0.0},
+        {"lr": 0.3, "epochs": 2, "depth": 1, "width": 10, "weight_decay": 1e-4, "label_smoothing": 0.0},
+    ]
+    fit_args = [f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                "--data.val_size=100", "--data.batch_size=32", "--trainer.precision=64-true"]
+    # A stack draws one batch order for all its models, after other random draws than a lone run makes; to
+    # compare weights, every run here gets the same batches: one fixed permutation, every epoch.
+    monkeypatch.setattr(IndexBatches, "__iter__", lambda self: iter(
+        torch.randperm(self.size, generator=torch.Generator().manual_seed(0)).split(self.batch_size)
+        if self.shuffle else torch.arange(self.size).split(self.batch_size)))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    results = {}
+    for name, fuse in (("alone", 1), ("stacked", 2)):
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        for value, config in enumerate(configs):
+            study.add_trial(optuna.trial.create_trial(params={**config, "dropout": 0.0}, distributions=distributions,
+                                                      value=value / 10))
+        results[name] = refits(study, fit_args, space, [0, 1, 2, 3], fuse)
+        assert [r["trial"] for r in results[name]] == [0, 1, 2, 3]
+        assert study.user_attrs["refit_1"] == results[name][1]  # cached in the study
+
+    # Depth 1 in stacks of at most 2 (trials 0 and 1, then 3); depth 2 alone.
+    assert [r.get("stacked_with") for r in results["stacked"]] == [[0, 1], [0, 1], [2], [3]]
+    everything = FashionMNISTDataModule(str(synthetic_dir), val_size=0)
+    everything.setup("test")
+    x, y = everything.test_set.tensors
+    for alone, stacked, config in zip(results["alone"], results["stacked"], configs):
+        # The unfused refit's run, file name and figures; its weights at the end of its own last epoch.
+        assert Path(alone["checkpoint"]).name == Path(stacked["checkpoint"]).name == f"epoch{config['epochs'] - 1:02d}.ckpt"
+        assert f"stacked/refit_trial_{stacked['trial']}" in stacked["checkpoint"]
+        assert (Path(stacked["checkpoint"]).parent.parent / "config.yaml").is_file()
+        assert stacked["epochs"] == alone["epochs"] == config["epochs"] and stacked["train_images"] == 800
+        model = MLPClassifier.load_from_checkpoint(stacked["checkpoint"])
+        assert {k: model.hparams[k] for k in ("lr", "depth", "width")} == {k: config[k] for k in ("lr", "depth", "width")}
+        assert stacked["test_acc"] == pytest.approx(accuracy(checkpoint_softmax(stacked["checkpoint"], x), y), abs=1e-6)
+        assert stacked["test_acc"] == alone["test_acc"] > 0.5  # it learned: chance is 0.1
+        weights = [MLPClassifier.load_from_checkpoint(r["checkpoint"]).net.state_dict() for r in (alone, stacked)]
+        for key, value in weights[0].items():
+            torch.testing.assert_close(weights[1][key], value, rtol=1e-6, atol=1e-6)
