@@ -24,6 +24,7 @@ from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import check
 from mlp.fused_trials import train_refits
 from mlp.module import MLPClassifier
+from mlp.net import multiply_adds
 from mlp.search import SearchSpace, suggest, trial_args
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
@@ -149,7 +150,7 @@ def record_refit(
         "val_acc": None,
         "checkpoint": checkpoint,
         "epochs": cli.trainer.max_epochs,
-        "multiply_adds": study.get_trials(deepcopy=False)[number].user_attrs.get("multiply_adds", 0),
+        "multiply_adds": multiply_adds(cli.model.hparams.depth, cli.model.hparams.width),
         "train_images": len(data.train_set),
     }
     if stacked_with:
@@ -169,12 +170,12 @@ def refit_ensemble(
     fit_args: list[str],
     space: SearchSpace,
     chosen: dict[str, Any],
-    data: FashionMNISTDataModule,
     fuse: int = 1,
 ) -> dict[str, Any]:
     """The configurations of the ensemble `chosen` on validation, each refit on train + val (as stacks of up to
-    `fuse`), softmax-averaged and tested once on `data`'s test split. Like a refit it has no validation figure;
-    k is the ensemble's."""
+    `fuse`), softmax-averaged and tested once, on the test images standardised as the refits' own training
+    images were (all 60,000, not the trials' 55,000). Like a refit it has no validation figure; k is the
+    ensemble's."""
     result: dict[str, Any] = {
         "what": "the ensemble's k configurations, each retrained on train + val, softmax-averaged; no validation "
         "figure, as no image was held out",
@@ -192,8 +193,7 @@ def refit_ensemble(
         # Dropping a member would make an ensemble that validation did not choose; report none instead.
         result.update(test_acc=None, why_no_test=f"the refits of trials {diverged} diverged")
     else:
-        test_x, test_y = data.test_set.tensors
-        result["test_acc"] = accuracy(sum(checkpoint_softmax(path, test_x) for path in result["checkpoints"]), test_y)
+        result["test_acc"] = test_checkpoints(result["checkpoints"])["test_acc"]
     study.set_user_attr("refit_ensemble", result)
     return result
 

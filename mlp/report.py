@@ -105,10 +105,10 @@ def final_models(
     tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure.
     With fuse > 1 the refits train as stacks, as the trials did."""
     data = build_cli(trial_args(fit_args, {}, study.study_name, "final")).datamodule
-    data.setup("test")  # the test split, loaded once for both ensembles
+    data.setup("test")  # the test split, loaded once for the ensemble of the trials' checkpoints
     averaged = ensemble(study, data)
     candidates = {
-        "refit_ensemble": refit_ensemble(study, fit_args, space, averaged, data, fuse),
+        "refit_ensemble": refit_ensemble(study, fit_args, space, averaged, fuse),
         "ensemble": averaged,
         "refit": refit(study, fit_args, space, study.best_trial.number),
         "best": best_checkpoint(study, fit_args),
