@@ -172,14 +172,13 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
 
     from mlp.data import FashionMNISTDataModule, IndexBatches
     from mlp.final import accuracy, checkpoint_softmax, refits
+    from mlp.search import LOG_SCALE
 
     space = SearchSpace(lr=(1e-3, 1.0), epochs=(1, 3), depth=(1, 2), width=(8, 16), weight_decay=(1e-5, 1e-3),
                         dropout=(0.0, 0.5), label_smoothing=(0.0, 0.2))
-    distributions = {
-        "lr": FloatDistribution(1e-3, 1.0, log=True), "epochs": IntDistribution(1, 3),
-        "depth": IntDistribution(1, 2), "width": IntDistribution(8, 16, log=True),
-        "weight_decay": FloatDistribution(1e-5, 1e-3, log=True), "dropout": FloatDistribution(0.0, 0.5),
-        "label_smoothing": FloatDistribution(0.0, 0.2),
+    distributions = {  # what search.suggest draws from
+        name: (IntDistribution if isinstance(low, int) else FloatDistribution)(low, high, log=name in LOG_SCALE)
+        for name, (low, high) in space.searched().items()
     }
     configs = [  # lr, epochs, width, weight decay and label smoothing differ; one has another depth
         {"lr": 0.05, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.1},
