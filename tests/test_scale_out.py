@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,18 @@ def test_a_programming_error_while_connecting_is_not_called_bad_input(monkeypatc
     monkeypatch.setattr("mlp.study.heartbeat_storage", bug)
     with pytest.raises(TypeError, match="a bug in our code"):
         connect("sqlite://")
+
+
+def test_a_sqlite_study_file_commits_through_the_write_ahead_log(tmp_path):
+    path = tmp_path / "study.db"
+    storage = connect(f"sqlite:///{path}")
+    study = optuna.create_study(storage=storage, direction="maximize")
+    study.ask().report(0.5, 1)
+    with storage.engine.connect() as connection:  # a connection of the storage's own pool
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL; the default is FULL (2)
+    with sqlite3.connect(path) as reader:  # the mode is kept in the file, for every process that opens it
+        assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{path}").trials[0].intermediate_values == {1: 0.5}
 
 
 # -- the stop rule -------------------------------------------------------------------------------------------
