@@ -294,8 +294,12 @@ def save_single(trainer: L.Trainer, name: str, filepath: str) -> MLPClassifier:
         "global_step": trainer.global_step,
         "pytorch-lightning_version": L.__version__,
         "state_dict": single.state_dict(),
-        single.CHECKPOINT_HYPER_PARAMS_NAME: single._hparams_name,
-        single.CHECKPOINT_HYPER_PARAMS_KEY: dict(single.hparams),
     }
+    # The model's and the data module's settings, as Lightning's own checkpoints hold them: test_checkpoints
+    # and scripts/ensemble.py rebuild the split a checkpoint was trained on from the data module's.
+    for part in (single, trainer.datamodule):
+        if part is not None and part.hparams:
+            checkpoint[part.CHECKPOINT_HYPER_PARAMS_NAME] = part._hparams_name
+            checkpoint[part.CHECKPOINT_HYPER_PARAMS_KEY] = dict(part.hparams)
     trainer.strategy.save_checkpoint(checkpoint, filepath)
     return single

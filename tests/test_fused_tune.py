@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mlp.cli import build_cli
 from mlp.errors import UserError
+from mlp import final
 from mlp.fused_trials import DATASET_BYTES, Heartbeats, check_stack_fits, stack_bytes
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
@@ -61,6 +62,9 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
             assert model.hparams.lr == pytest.approx(trial.params["lr"])
             assert (model.hparams.depth, model.hparams.width) == (trial.params["depth"], trial.params["width"])
             assert trial.value == max(epoch_values(trial))
+            # scripts/ensemble.py's path, which rebuilds the split from the data settings the checkpoint holds
+            tested = final.test_checkpoints([trial.user_attrs["best_checkpoint"]])
+            assert tested["val_acc"] == pytest.approx(trial.value, abs=1e-6)
     assert summary["best_val_acc"] > 0.9 and 0.9 < summary["test_acc"] <= 1.0
     assert summary["epochs_trained"] == sum(t.user_attrs["epochs_trained"] for t in trials)
     report_dir = tmp_path / "logs" / "tune" / "test"
@@ -222,3 +226,7 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
         weights = [MLPClassifier.load_from_checkpoint(r["checkpoint"]).net.state_dict() for r in (alone, stacked)]
         for key, value in weights[0].items():
             torch.testing.assert_close(weights[1][key], value, rtol=1e-6, atol=1e-6)
+    # The refit ensemble is tested through test_checkpoints, which rebuilds the 60,000-image split from the
+    # data settings each checkpoint holds: stacked refits hold them as unfused ones do.
+    ensembles = {name: final.test_checkpoints([r["checkpoint"] for r in results[name]]) for name in results}
+    assert ensembles["stacked"]["test_acc"] == ensembles["alone"]["test_acc"] > 0.5
