@@ -121,6 +121,21 @@ def test_training_metrics_measured_once_an_epoch_equal_step_by_step_updates(synt
     assert not cli.model.train_step_outputs  # released at the end of every epoch
 
 
+def test_runs_built_in_one_process_share_the_parser_and_nothing_else(synthetic_dir, tmp_path):
+    from mlp.cli import build_cli
+
+    # A run without validation changes its own config (no monitor, the final epoch's file name) and has its own
+    # depth and callbacks; the next run, parsed by the same parser, keeps the defaults.
+    first = build_cli(fit_args(synthetic_dir, tmp_path / "a", "--data.val_size=0", "--model.depth=3"))
+    second = build_cli(fit_args(synthetic_dir, tmp_path / "b"))
+    assert first.parser is second.parser
+    assert first.config_init["checkpoint"].monitor is None and first.model.hparams.depth == 3
+    assert second.config_init["checkpoint"].monitor == "val/acc" and second.model.hparams.depth == 2
+    assert second.config.checkpoint.filename == "epoch{epoch:02d}-val_acc{val/acc:.4f}"
+    assert second.trainer.limit_val_batches == 1.0 and second.trainer.log_dir.startswith(str(tmp_path / "b"))
+    assert not {id(c) for c in first.trainer.callbacks} & {id(c) for c in second.trainer.callbacks}
+
+
 def test_checkpoint_reloads_alone(synthetic_dir, tmp_path):
     from mlp.module import MLPClassifier
 
