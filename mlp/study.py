@@ -81,7 +81,10 @@ def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
     """
     cursor = connection.cursor()
     if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file, so only its first connection switches
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file, so only its first connection switches
+        except sqlite3.OperationalError:
+            pass  # another process holds the file open in a transaction: keep the rollback journal, only slower
     cursor.execute("PRAGMA synchronous=NORMAL")  # per connection
     cursor.close()
 

@@ -108,6 +108,20 @@ def test_a_sqlite_study_file_commits_through_the_write_ahead_log(tmp_path):
     assert optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{path}").trials[0].intermediate_values == {1: 0.5}
 
 
+def test_a_sqlite_file_another_process_reads_in_a_transaction_keeps_working_in_rollback_journal_mode(tmp_path):
+    path = tmp_path / "study.db"
+    optuna.create_study(study_name="s", storage=f"sqlite:///{path}")  # Optuna's own storage: rollback journal
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM studies").fetchall()  # holds a shared lock, so the mode cannot change
+    storage = connect(f"sqlite:///{path}")
+    assert [s.study_name for s in storage.get_all_studies()] == ["s"]  # after sqlite's 5 s busy timeout
+    reader.rollback()
+    optuna.load_study(study_name="s", storage=storage).ask().report(0.5, 1)
+    assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    reader.close()
+
+
 # -- the stop rule -------------------------------------------------------------------------------------------
 
 
