@@ -27,7 +27,9 @@ class MLPCLI(LightningCLI):
     # runs of one process share the parser that the same settings built.
     parsers: ClassVar[dict[str, LightningArgumentParser]] = {}
 
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
         # The default callbacks are not part of the parser: LightningCLI adds each run's own at instantiation.
         defaults = {key: value for key, value in self.trainer_defaults.items() if key != "callbacks"}
         settings = repr((add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default))

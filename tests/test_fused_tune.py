@@ -12,9 +12,9 @@ import torch
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mlp import final
 from mlp.cli import build_cli
 from mlp.errors import UserError
-from mlp import final
 from mlp.fused_trials import DATASET_BYTES, Heartbeats, check_stack_fits, stack_bytes
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
