@@ -10,7 +10,6 @@ Each candidate's test accuracy is measured once and kept in the study's user att
 same command neither retrains nor retests.
 """
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -113,22 +112,18 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: 
 def refits(
     study: optuna.Study, fit_args: list[str], space: SearchSpace, numbers: list[int], fuse: int
 ) -> list[dict[str, Any]]:
-    """The refits of trials `numbers`. With fuse > 1, those not yet cached train as stacks of up to `fuse`
-    models of one depth, as tune.py --fuse trains trials; the same runs, checkpoints and cached results."""
+    """The refits of trials `numbers`. With fuse > 1, those not yet cached train up to `fuse` at once (a stack
+    per depth), as tune.py --fuse trains trials; the same runs, checkpoints and cached results."""
     todo = [n for n in numbers if f"refit_{n}" not in study.user_attrs]
     if fuse > 1 and len(todo) > 1:
-        runs = {n: refit_cli(study, fit_args, space, n) for n in todo}
-        by_depth = defaultdict(list)
-        for n, cli in runs.items():
-            by_depth[cli.model.hparams.depth].append(n)
-        for same_depth in by_depth.values():
-            for start in range(0, len(same_depth), fuse):
-                stack = same_depth[start : start + fuse]
-                saved, data = train_refits({str(n): runs[n] for n in stack}, fit_args)
-                for n in stack:
-                    checkpoint, finite = saved[str(n)]
-                    diverged = None if finite else "a training loss or weight of its last epoch is not finite"
-                    record_refit(study, n, runs[n], checkpoint, data, diverged, stacked_with=stack)
+        for start in range(0, len(todo), fuse):
+            together = todo[start : start + fuse]
+            runs = {n: refit_cli(study, fit_args, space, n) for n in together}
+            saved, data = train_refits({str(n): cli for n, cli in runs.items()}, fit_args)
+            for n, cli in runs.items():
+                checkpoint, finite = saved[str(n)]
+                diverged = None if finite else "a training loss or weight of its last epoch is not finite"
+                record_refit(study, n, cli, checkpoint, data, diverged, stacked_with=together)
     return [refit(study, fit_args, space, n) for n in numbers]
 
 

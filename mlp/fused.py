@@ -1,5 +1,5 @@
-"""K trials trained at once: a LightningModule over a `StackedMLP`, each model with its own hyperparameters,
-optimiser state, schedule, metrics, TensorBoard run and fate.
+"""K trials trained at once: a LightningModule over one `StackedMLP` per depth, stepped together on the same
+batches, each model with its own hyperparameters, optimiser state, schedule, metrics, TensorBoard run and fate.
 
 Each model learns exactly as the `MLPClassifier` it was built from would alone on the same batches: the loss
 is the sum of the models' mean cross-entropies, so each model's gradient is its own; each model is its own
@@ -26,8 +26,9 @@ from mlp.plots import activations_image
 from mlp.schedules import SCHEDULES
 from mlp.stacked import StackedMLP
 
-# Hyperparameters that may differ between the models of one stack; every other one must be the same.
-PER_MODEL = ("lr", "weight_decay", "dropout", "width", "label_smoothing")
+# Hyperparameters that may differ between the models of one module; every other one must be the same. Models
+# of one depth share a stack; each depth has its own.
+PER_MODEL = ("lr", "weight_decay", "dropout", "width", "depth", "label_smoothing")
 
 
 class ModelMetrics(nn.Module):
@@ -43,8 +44,11 @@ class ModelMetrics(nn.Module):
 
 
 class FusedClassifier(L.LightningModule):
-    """The models of `classifiers` (same depth, optimiser, schedule kind, activation, init and backward) trained
-    together, model k for epochs[k] epochs, named names[k] in logged metric keys (`val/acc/<name>`).
+    """The models of `classifiers` (same optimiser, schedule kind, activation, init and backward) trained
+    together, each for its epochs, named by its name in logged metric keys (`val/acc/<name>`).
+
+    The models are kept ordered by depth (`names`, `epochs` and the other per-model lists follow that order),
+    one stack per depth, and model k's logits are row k of the stacks' logits concatenated.
 
     loggers[k], when given, receives model k's scalars and hyperparameters as MLPClassifier writes its own.
     on_leave(name, how, detail), when given, is called as each model leaves the stack (see `outcomes`).
@@ -63,10 +67,16 @@ class FusedClassifier(L.LightningModule):
         if any(s != shared[0] for s in shared):
             raise ValueError(f"models fused together may differ only in {PER_MODEL}")
         self.shared = shared[0]
+        loggers = list(loggers) if loggers else [None] * len(classifiers)
+        order = sorted(range(len(classifiers)), key=lambda k: classifiers[k].hparams.depth)  # stable
+        classifiers = [classifiers[k] for k in order]
         self.hparams_per_model = [dict(c.hparams) for c in classifiers]
-        self.epochs, self.names, self.on_leave = list(epochs), list(names), on_leave
-        self.loggers_per_model = list(loggers) if loggers else [None] * len(classifiers)
-        self.net = StackedMLP([c.net for c in classifiers])
+        self.epochs, self.names = [epochs[k] for k in order], [names[k] for k in order]
+        self.loggers_per_model, self.on_leave = [loggers[k] for k in order], on_leave
+        depths = [c.hparams.depth for c in classifiers]
+        self.stacks = nn.ModuleList(
+            StackedMLP([c.net for c in classifiers if c.hparams.depth == depth]) for depth in sorted(set(depths))
+        )
         self.metrics = nn.ModuleList(ModelMetrics() for _ in classifiers)
         self.automatic_optimization = self.shared["backward"] == "autograd"
         self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -75,13 +85,18 @@ class FusedClassifier(L.LightningModule):
         self.stopping: dict[str, tuple[str, str]] = {}
         self.outcomes: dict[str, tuple[str, str]] = {}
         self.views: list[list[Tensor]] = []  # per model, its slices of the stacked parameters (the optimiser's)
-        for i, p in enumerate(self.net.parameters()):
-            # As soon as backward completes a stacked gradient, not later: Lightning's mixed precision unscales
-            # the gradients the optimiser holds before its on_before_optimizer_step hook runs.
-            p.register_post_accumulate_grad_hook(partial(self.hand_out_grad, i))
+        for stack in self.stacks:
+            for i, p in enumerate(stack.parameters()):
+                # As soon as backward completes a stacked gradient, not later: Lightning's mixed precision
+                # unscales the gradients the optimiser holds before its on_before_optimizer_step hook runs.
+                p.register_post_accumulate_grad_hook(partial(self.hand_out_grad, stack, i))
+
+    def placement(self) -> list[tuple[StackedMLP, int]]:
+        """Model k's stack and its index in that stack, for every model k."""
+        return [(stack, j) for stack in self.stacks for j in range(stack.size)]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return torch.cat([stack(x) for stack in self.stacks])
 
     def losses(self, logits: Tensor, y: Tensor) -> Tensor:
         """Per-example cross-entropy of each model, (K, B); in training with each model's own label smoothing,
@@ -109,33 +124,36 @@ class FusedClassifier(L.LightningModule):
     @torch.no_grad()
     def manual_training_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """MLPClassifier.manual_training_step with a model dimension: `MLP.backward` serves the stack as is."""
-        cache = []
-        logits = self.net(x, cache)
+        caches = [[] for _ in self.stacks]
+        logits = torch.cat([stack(x, cache) for stack, cache in zip(self.stacks, caches)])
         grad_logits = torch.stack(
             [cross_entropy_grad(one, y, hp["label_smoothing"]) for one, hp in zip(logits, self.hparams_per_model)]
         )
-        for i, (p, grad) in enumerate(zip(self.net.parameters(), self.net.backward(cache, grad_logits))):
-            p.grad = grad
-            self.hand_out_grad(i, p)
+        for stack, cache, grad_stack in zip(self.stacks, caches, grad_logits.split([s.size for s in self.stacks])):
+            for i, (p, grad) in enumerate(zip(stack.parameters(), stack.backward(cache, grad_stack))):
+                p.grad = grad
+                self.hand_out_grad(stack, i, p)
         self.optimizers().step()
         self.lr_schedulers().step()
         return logits, self.losses(logits, y).mean(1)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         """Clear the stacked gradients, which backward accumulates into; the optimiser holds only views of them."""
-        for p in self.net.parameters():
+        for p in self.stacks.parameters():
             p.grad = None
 
-    def hand_out_grad(self, i: int, p: Tensor) -> None:
-        """Give each model's parameter group its slice of the stacked gradient of parameter i."""
-        for k, model_views in enumerate(self.views):
-            model_views[i].grad = p.grad[k]
+    def hand_out_grad(self, stack: StackedMLP, i: int, p: Tensor) -> None:
+        """Give each of the stack's models' parameter groups its slice of the stack's gradient of parameter i."""
+        if not self.views:  # before configure_optimizers
+            return
+        for k, (model_stack, j) in enumerate(self.placement()):
+            if model_stack is stack:
+                self.views[k][i].grad = p.grad[j]
 
     def configure_optimizers(self):
         """One parameter group per model, over leaf views of its slices: torch.optim steps each model with its
         own lr and weight decay, and a LambdaLR moves each group's lr along its own schedule."""
-        params = list(self.net.parameters())
-        self.views = [[p.detach()[k] for p in params] for k in range(self.net.size)]
+        self.views = [[p.detach()[j] for p in stack.parameters()] for stack, j in self.placement()]
         groups = [
             {"params": views, "lr": hp["lr"], "weight_decay": hp["weight_decay"]}
             for views, hp in zip(self.views, self.hparams_per_model)
@@ -215,8 +233,9 @@ class FusedClassifier(L.LightningModule):
     # Leaving the stack
 
     def drop(self, names: Sequence[str]) -> None:
-        """Remove models from the stack, their optimiser groups, schedules, metrics and loggers; the kept
-        models' views are rebound to the new storage, so the optimiser state keyed by them stays theirs."""
+        """Remove models from their stacks (and a stack left empty), their optimiser groups, schedules, metrics
+        and loggers; the kept models' views are rebound to the new storage, so the optimiser state keyed by them
+        stays theirs."""
         if not names:
             return
         keep = [k for k, name in enumerate(self.names) if name not in names]
@@ -225,7 +244,11 @@ class FusedClassifier(L.LightningModule):
                 self.outcomes[name] = self.stopping.pop(name)
                 if self.loggers_per_model[k] is not None:
                     self.loggers_per_model[k].finalize("success")
-        self.net.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+        placement = self.placement()
+        for stack in self.stacks:
+            kept = [j for k, (model_stack, j) in enumerate(placement) if model_stack is stack and k in keep]
+            stack.keep(torch.tensor(kept, dtype=torch.long, device=self.device))
+        self.stacks = nn.ModuleList(stack for stack in self.stacks if stack.size)
         if self.views:
             optimizer = self.trainer.optimizers[0]
             scheduler = self.trainer.lr_scheduler_configs[0].scheduler
@@ -234,9 +257,9 @@ class FusedClassifier(L.LightningModule):
                     optimizer.state.pop(view, None)
                 del optimizer.param_groups[k], scheduler.lr_lambdas[k], scheduler.base_lrs[k], scheduler._last_lr[k]
             self.views = [self.views[k] for k in keep]
-            for new_k, model_views in enumerate(self.views):
-                for view, p in zip(model_views, self.net.parameters()):
-                    view.data = p.data[new_k]
+            for model_views, (stack, j) in zip(self.views, self.placement()):
+                for view, p in zip(model_views, stack.parameters()):
+                    view.data = p.data[j]
         for attr in ("names", "epochs", "hparams_per_model", "loggers_per_model"):
             setattr(self, attr, [getattr(self, attr)[k] for k in keep])
         self.metrics = nn.ModuleList(self.metrics[k] for k in keep)
@@ -246,6 +269,11 @@ class FusedClassifier(L.LightningModule):
         if not self.names:
             self.trainer.should_stop = True
 
+    def model_state(self, name: str) -> dict[str, Tensor]:
+        """Model `name`'s parameters, unpadded, as the state dict of an `MLP` of its depth and width."""
+        stack, j = self.placement()[self.names.index(name)]
+        return stack.extract(j)
+
     def extract(self, name: str) -> MLPClassifier:
         """Model `name` as an ordinary single MLPClassifier with its own hyperparameters."""
         k = self.names.index(name)
@@ -254,7 +282,7 @@ class FusedClassifier(L.LightningModule):
             single = MLPClassifier(**{key: v for key, v in hparams.items() if not key.startswith("_")}).to(self.dtype)
         # LightningCLI adds `_instantiator` to the saved hyperparameters; load_from_checkpoint expects it back.
         single.hparams.update(hparams)
-        single.net.load_state_dict(self.net.extract(k))
+        single.net.load_state_dict(self.model_state(name))
         return single
 
 

@@ -2,7 +2,8 @@
 
 Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions, exactly as an
 unfused trial is (same initial weights, same TensorBoard folder, same checkpoint folder); its model then
-joins a `FusedClassifier` with the other trials of its depth, in one Trainer built from the same fit flags.
+joins a `FusedClassifier` with the other trials asked with it (one stack per depth, all stepped together), in
+one Trainer built from the same fit flags.
 Every epoch each trial reports its own val/acc and is pruned on its own; it leaves the stack when pruned,
 diverged or done with its own epochs. Optuna's ask-and-tell records each trial as the unfused path does.
 """
@@ -11,7 +12,6 @@ import os
 import socket
 import threading
 import warnings
-from collections import defaultdict
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Self
@@ -58,14 +58,10 @@ class FusedTrials:
     def start_trials(self, study: optuna.Study) -> None:
         asked = self.ask(study)
         self.ran += [trial.number for trial, _ in asked]
-        by_depth = defaultdict(list)
-        for trial, flags in asked:
-            by_depth[flags.get("model.depth")].append((trial, flags))  # absent: the fit flags pin the depth
         running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
         with Heartbeats(study, running):
             try:
-                for group in by_depth.values():
-                    self.train(study, group, running)
+                self.train(study, asked, running)
             except BaseException as error:
                 self.interrupted = isinstance(error, KeyboardInterrupt)
                 for trial in running:
@@ -76,8 +72,8 @@ class FusedTrials:
                     raise
 
     def train(self, study: optuna.Study, group: list[tuple[optuna.Trial, Any]], running: list[optuna.Trial]) -> None:
-        """Train one group of same-depth trials in one Trainer; each trial's end is told the study as it leaves
-        the stack, so a trial with fewer epochs completes at its own last epoch."""
+        """Train the trials of `group` in one Trainer, a stack per depth; each trial's end is told the study as
+        it leaves its stack, so a trial with fewer epochs completes at its own last epoch."""
         trials = {str(trial.number): trial for trial, _ in group}
         clis = [
             build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
@@ -133,7 +129,7 @@ def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
 def train_refits(
     runs: dict[str, MLPCLI], fit_args: list[str]
 ) -> tuple[dict[str, tuple[str, bool]], FashionMNISTDataModule]:
-    """Train refit runs of one depth as one stack, each as its own `runs[name]` (built with --data.val_size=0)
+    """Train refit runs together (a stack per depth), each as its own `runs[name]` (built with --data.val_size=0)
     would train alone, and write each model's final weights as an ordinary checkpoint at its own last epoch.
 
     Returns, by name, the checkpoint's path and whether the model's last epoch ended finite (every step's

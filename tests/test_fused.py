@@ -119,7 +119,7 @@ def classifiers(hparams: list[dict], **shared) -> list[MLPClassifier]:
     models = []
     for seed, hp in enumerate(hparams):
         torch.manual_seed(seed)
-        models.append(MLPClassifier(depth=2, **{k: v for k, v in hp.items() if k != "epochs"}, **shared))
+        models.append(MLPClassifier(**{"depth": 2, **{k: v for k, v in hp.items() if k != "epochs"}}, **shared))
     return models
 
 
@@ -130,8 +130,8 @@ class FinalStates(L.Callback):
         self.states: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
-        for k, name in enumerate(module.names):
-            self.states.setdefault(name, {})[trainer.current_epoch] = module.net.extract(k)
+        for name in module.names:
+            self.states.setdefault(name, {})[trainer.current_epoch] = module.model_state(name)
 
 
 def train_fused(models: list[MLPClassifier], hparams: list[dict], names: list[str], callbacks=()) -> FinalStates:
@@ -159,6 +159,26 @@ def test_fused_models_train_exactly_as_separate_runs(backward, optimizer, schedu
             torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-6)
 
 
+# Depths 3, 1, 0 and 1: one stack per depth, stepped together, and model order is not depth order.
+MIXED_DEPTHS = [{**HPARAMS[0], "depth": 3}, {**HPARAMS[1], "depth": 1}, {**HPARAMS[2], "depth": 0},
+                {**HPARAMS[1], "depth": 1, "width": 9, "lr": 0.1, "epochs": 3}]
+
+
+@pytest.mark.parametrize("backward", ["autograd", "manual"])
+def test_models_of_different_depths_train_in_one_module_exactly_as_separate_runs(backward):
+    names = ["a", "b", "c", "d"]
+    models = classifiers(MIXED_DEPTHS, backward=backward, activation="prelu")
+    fused = FusedClassifier(models, [hp["epochs"] for hp in MIXED_DEPTHS], names)
+    assert [stack.depth for stack in fused.stacks] == [0, 1, 3] and fused.names == ["c", "b", "d", "a"]
+    states = train_fused(models, MIXED_DEPTHS, names)
+    for model, hp, name in zip(models, MIXED_DEPTHS, names):
+        train, val = loaders()
+        trainer(hp["epochs"]).fit(model, train, val)
+        assert max(states.states[name]) == hp["epochs"] - 1
+        for key, value in model.net.state_dict().items():
+            torch.testing.assert_close(states.states[name][hp["epochs"] - 1][key], value, rtol=1e-6, atol=1e-6)
+
+
 class StopAfterFirstEpoch(L.Callback):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -176,6 +196,18 @@ def test_dropping_a_model_mid_run_leaves_the_others_unchanged(backward):
     dropped = train_fused(models, HPARAMS, names, [StopAfterFirstEpoch("b")])
     assert max(dropped.states["b"]) == 0
     for name, hp in zip(["a", "c"], [HPARAMS[0], HPARAMS[2]]):
+        for key, value in alone.states[name][hp["epochs"] - 1].items():
+            torch.testing.assert_close(dropped.states[name][hp["epochs"] - 1][key], value, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", ["autograd", "manual"])
+def test_a_depth_whose_last_model_leaves_takes_its_stack_along_and_the_others_are_unchanged(backward):
+    models = classifiers(MIXED_DEPTHS, backward=backward)
+    names = ["a", "b", "c", "d"]
+    alone = train_fused(models, MIXED_DEPTHS, names)
+    dropped = train_fused(models, MIXED_DEPTHS, names, [StopAfterFirstEpoch("a")])  # the only depth-3 model
+    assert max(dropped.states["a"]) == 0
+    for name, hp in zip(names[1:], MIXED_DEPTHS[1:]):
         for key, value in alone.states[name][hp["epochs"] - 1].items():
             torch.testing.assert_close(dropped.states[name][hp["epochs"] - 1][key], value, rtol=1e-12, atol=1e-12)
 

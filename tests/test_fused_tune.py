@@ -208,8 +208,8 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
         assert [r["trial"] for r in results[name]] == [0, 1, 2, 3]
         assert study.user_attrs["refit_1"] == results[name][1]  # cached in the study
 
-    # Depth 1 in stacks of at most 2 (trials 0 and 1, then 3); depth 2 alone.
-    assert [r.get("stacked_with") for r in results["stacked"]] == [[0, 1], [0, 1], [2], [3]]
+    # At most 2 at once: trials 0 and 1 (depth 1), then 2 (depth 2) and 3 (depth 1), a stack per depth.
+    assert [r.get("stacked_with") for r in results["stacked"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     everything = FashionMNISTDataModule(str(synthetic_dir), val_size=0)
     everything.setup("test")
     x, y = everything.test_set.tensors
