@@ -101,9 +101,12 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     assert not (tmp_path / "study.db").exists()
 
 
-def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_back(synthetic_dir, tmp_path):
+def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_back(
+    synthetic_dir, tmp_path, monkeypatch
+):
     import torch
 
+    import mlp.final
     from mlp.data import FashionMNISTDataModule
     from mlp.final import accuracy, checkpoint_softmax
 
@@ -112,6 +115,9 @@ def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_b
     for lr in (0.01, 0.003, 0.02, 0.005):  # barely trained, so they differ and averaging can matter
         study.enqueue_trial({**FAST_TRIAL, "lr": lr, "epochs": 1, "width": 8})
     args = [*tune_args(synthetic_dir, tmp_path, n_trials=4), "--pruner=none", "--final=ensemble"]
+    tested = []  # what each test_checkpoints call averaged
+    test_checkpoints = mlp.final.test_checkpoints
+    monkeypatch.setattr(mlp.final, "test_checkpoints", lambda paths: tested.append(paths) or test_checkpoints(paths))
 
     summary = tune.main(args)
 
@@ -150,6 +156,16 @@ def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_b
     assert all(f"refit_trial_{n}" in path for n, path in zip(refits["trials"], refits["checkpoints"]))
     refit_average = torch.stack([checkpoint_softmax(path, x) for path in refits["checkpoints"]]).mean(0)
     assert refits["test_acc"] == pytest.approx(accuracy(refit_average, y), abs=1e-6)
+    # On synthetic data no prediction flips between standardising by the trials' 700 training images and by the
+    # refits' 800, so the figure alone cannot tell them apart: the refit ensemble goes through test_checkpoints,
+    # which rebuilds the split its checkpoints were trained on.
+    assert tested == [refits["checkpoints"]]
+    built = []
+    monkeypatch.setattr(mlp.final, "FashionMNISTDataModule",
+                        lambda *args, **kwargs: built.append(FashionMNISTDataModule(*args, **kwargs)) or built[-1])
+    assert test_checkpoints(refits["checkpoints"])["test_acc"] == refits["test_acc"]
+    assert [len(data.train_set) for data in built] == [800]
+    monkeypatch.undo()
     one_epoch_on_all_800 = (784 * 8 + 8 * 10) * 800 / ((784 * 512 + 512 * 512 + 512 * 10) * 55_000)
     assert summary["cost"]["refits_default_net_epochs"] == pytest.approx(k * one_epoch_on_all_800, abs=1e-3)
 
