@@ -226,7 +226,7 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
         weights = [MLPClassifier.load_from_checkpoint(r["checkpoint"]).net.state_dict() for r in (alone, stacked)]
         for key, value in weights[0].items():
             torch.testing.assert_close(weights[1][key], value, rtol=1e-6, atol=1e-6)
-    # The refit ensemble is tested through test_checkpoints, which rebuilds the 60,000-image split from the
-    # data settings each checkpoint holds: stacked refits hold them as unfused ones do.
+    # The refit ensemble is tested through test_checkpoints, which rebuilds the all-training-images split from
+    # the data settings each checkpoint holds: stacked refits hold them as unfused ones do.
     ensembles = {name: final.test_checkpoints([r["checkpoint"] for r in results[name]]) for name in results}
     assert ensembles["stacked"]["test_acc"] == ensembles["alone"]["test_acc"] > 0.5
