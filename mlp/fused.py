@@ -5,7 +5,8 @@ Each model learns exactly as the `MLPClassifier` it was built from would alone o
 is the sum of the models' mean cross-entropies, so each model's gradient is its own; each model is its own
 parameter group (leaf views of its slice of the stacked storage) with its own lr, weight decay and
 `LambdaLR` schedule over its own epochs. A model leaves the stack when it finishes its epochs, diverges or
-is stopped (pruned), and the others go on untouched.
+is stopped (pruned), and the others go on untouched; a model added at an epoch's end (`add`) trains from the
+next epoch for its own epochs, counting its epochs and steps from there.
 """
 
 import math
@@ -24,11 +25,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad, make_optimizer
 from mlp.plots import activations_image
 from mlp.schedules import SCHEDULES
-from mlp.stacked import StackedMLP
+from mlp.stacked import StackedMLP, resized
 
 # Hyperparameters that may differ between the models of one module; every other one must be the same. Models
 # of one depth share a stack; each depth has its own.
 PER_MODEL = ("lr", "weight_decay", "dropout", "width", "depth", "label_smoothing")
+# FusedClassifier's lists with one entry per model, in model order, besides its metrics and optimiser views.
+PER_MODEL_LISTS = ("names", "epochs", "hparams_per_model", "loggers_per_model", "first_epochs", "first_steps")
 
 
 class ModelMetrics(nn.Module):
@@ -47,11 +50,13 @@ class FusedClassifier(L.LightningModule):
     """The models of `classifiers` (same optimiser, schedule kind, activation, init and backward) trained
     together, each for its epochs, named by its name in logged metric keys (`val/acc/<name>`).
 
-    The models are kept ordered by depth (`names`, `epochs` and the other per-model lists follow that order),
-    one stack per depth, and model k's logits are row k of the stacks' logits concatenated.
+    The models are kept in stack order (`names`, `epochs` and the other per-model lists follow it), one stack
+    per depth, and model k's logits are row k of the stacks' logits concatenated.
 
     loggers[k], when given, receives model k's scalars and hyperparameters as MLPClassifier writes its own.
     on_leave(name, how, detail), when given, is called as each model leaves the stack (see `outcomes`).
+    refill(module), when given, is called at each epoch's end once the leaving models have left; it may `add`
+    models to train from the next epoch.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class FusedClassifier(L.LightningModule):
         names: Sequence[str],
         loggers: Sequence[Logger] | None = None,
         on_leave: Callable[[str, str, str], None] | None = None,
+        refill: Callable[["FusedClassifier"], None] | None = None,
     ) -> None:
         super().__init__()
         shared = [{k: v for k, v in c.hparams.items() if k not in PER_MODEL} for c in classifiers]
@@ -72,7 +78,9 @@ class FusedClassifier(L.LightningModule):
         classifiers = [classifiers[k] for k in order]
         self.hparams_per_model = [dict(c.hparams) for c in classifiers]
         self.epochs, self.names = [epochs[k] for k in order], [names[k] for k in order]
-        self.loggers_per_model, self.on_leave = [loggers[k] for k in order], on_leave
+        self.loggers_per_model, self.on_leave, self.refill = [loggers[k] for k in order], on_leave, refill
+        # Where each model's own run began: the epoch and the optimiser step (0 but for models added later).
+        self.first_epochs, self.first_steps = [0] * len(classifiers), [0] * len(classifiers)
         depths = [c.hparams.depth for c in classifiers]
         self.stacks = nn.ModuleList(
             StackedMLP([c.net for c in classifiers if c.hparams.depth == depth]) for depth in sorted(set(depths))
@@ -85,15 +93,23 @@ class FusedClassifier(L.LightningModule):
         self.stopping: dict[str, tuple[str, str]] = {}
         self.outcomes: dict[str, tuple[str, str]] = {}
         self.views: list[list[Tensor]] = []  # per model, its slices of the stacked parameters (the optimiser's)
+        self.steps_per_epoch = 0  # set with the optimiser
         for stack in self.stacks:
-            for i, p in enumerate(stack.parameters()):
-                # As soon as backward completes a stacked gradient, not later: Lightning's mixed precision
-                # unscales the gradients the optimiser holds before its on_before_optimizer_step hook runs.
-                p.register_post_accumulate_grad_hook(partial(self.hand_out_grad, stack, i))
+            self.hand_out_grads_of(stack)
+
+    def hand_out_grads_of(self, stack: StackedMLP) -> None:
+        for i, p in enumerate(stack.parameters()):
+            # As soon as backward completes a stacked gradient, not later: Lightning's mixed precision
+            # unscales the gradients the optimiser holds before its on_before_optimizer_step hook runs.
+            p.register_post_accumulate_grad_hook(partial(self.hand_out_grad, stack, i))
 
     def placement(self) -> list[tuple[StackedMLP, int]]:
         """Model k's stack and its index in that stack, for every model k."""
         return [(stack, j) for stack in self.stacks for j in range(stack.size)]
+
+    def progress(self, k: int) -> tuple[int, int]:
+        """Model k's own epoch (from 0) and optimiser steps done, counted from where it joined."""
+        return self.current_epoch - self.first_epochs[k], self.global_step - self.first_steps[k]
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([stack(x) for stack in self.stacks])
@@ -158,26 +174,35 @@ class FusedClassifier(L.LightningModule):
             {"params": views, "lr": hp["lr"], "weight_decay": hp["weight_decay"]}
             for views, hp in zip(self.views, self.hparams_per_model)
         ]
-        hp = self.shared
         optimizer = make_optimizer(groups, self.hparams_per_model[0])  # each group's lr and weight decay rule
-        steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
-        schedule = SCHEDULES[hp["schedule"]]
-        factors = [schedule(epochs * steps_per_epoch) for epochs in self.epochs]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        self.steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [self.schedule(k) for k in range(len(self.names))])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule(self, k: int) -> Callable[[int], float]:
+        """Model k's learning-rate factor at each optimiser step of the module, along its own schedule."""
+        factor = SCHEDULES[self.shared["schedule"]](self.epochs[k] * self.steps_per_epoch)
+        first_step = self.first_steps[k]
+        return lambda step: factor(step - first_step)
 
     def on_train_start(self) -> None:
         for metrics in self.metrics:  # the sanity check's validation ran on untrained nets
             metrics.val_acc_best.reset()
-        data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
-        for logger, hp in zip(self.loggers_per_model, self.hparams_per_model):
-            if logger is not None:
-                logger.log_hyperparams({**hp, **data_hparams}, {"hp_metric": 0.0})
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image("activations", activations_image(hp["activation"]))
+        for k in range(len(self.names)):
+            self.start_run(k)
+
+    def start_run(self, k: int) -> None:
+        """Model k's hyperparameters and activation figure in its own run, as MLPClassifier writes them."""
+        logger, hp = self.loggers_per_model[k], self.hparams_per_model[k]
+        if logger is not None:
+            data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
+            logger.log_hyperparams({**hp, **data_hparams}, {"hp_metric": 0.0})
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("activations", activations_image(hp["activation"]))
 
     def on_train_epoch_end(self) -> None:
-        """Write each model's training metrics, then let the models whose run ends here leave the stack."""
+        """Write each model's training metrics, let the models whose run ends here leave the stack, then let
+        `refill` add others; with no model left, training stops."""
         losses, preds, targets = zip(*self.train_step_outputs)
         self.train_step_outputs.clear()
         batch_sizes = torch.tensor([len(y) for y in targets], device=self.device)
@@ -190,9 +215,13 @@ class FusedClassifier(L.LightningModule):
             metrics.train_loss.reset()
             metrics.train_acc.reset()
         for k, name in enumerate(self.names):
-            if name not in self.stopping and self.current_epoch + 1 >= self.epochs[k]:
+            if name not in self.stopping and self.progress(k)[0] + 1 >= self.epochs[k]:
                 self.stopping[name] = ("finished", "")
         self.drop([name for name in self.names if name in self.stopping])
+        if self.refill is not None:
+            self.refill(self)
+        if not self.names:
+            self.trainer.should_stop = True
 
     # Validation
 
@@ -228,14 +257,14 @@ class FusedClassifier(L.LightningModule):
         logger = self.loggers_per_model[k]
         if logger is not None:
             values = {key: float(v) for key, v in scalars.items()}
-            logger.log_metrics({**values, "epoch": self.current_epoch}, self.global_step)
+            epoch, step = self.progress(k)
+            logger.log_metrics({**values, "epoch": epoch}, step)
 
     # Leaving the stack
 
     def drop(self, names: Sequence[str]) -> None:
         """Remove models from their stacks (and a stack left empty), their optimiser groups, schedules, metrics
-        and loggers; the kept models' views are rebound to the new storage, so the optimiser state keyed by them
-        stays theirs."""
+        and loggers; the kept models' views are rebound to the new storage (see `rebind_views`)."""
         if not names:
             return
         keep = [k for k, name in enumerate(self.names) if name not in names]
@@ -250,24 +279,73 @@ class FusedClassifier(L.LightningModule):
             stack.keep(torch.tensor(kept, dtype=torch.long, device=self.device))
         self.stacks = nn.ModuleList(stack for stack in self.stacks if stack.size)
         if self.views:
-            optimizer = self.trainer.optimizers[0]
-            scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+            optimizer, scheduler = self.optimizer_and_scheduler()
             for k in sorted(set(range(len(self.names))) - set(keep), reverse=True):
                 for view in self.views[k]:
                     optimizer.state.pop(view, None)
                 del optimizer.param_groups[k], scheduler.lr_lambdas[k], scheduler.base_lrs[k], scheduler._last_lr[k]
             self.views = [self.views[k] for k in keep]
-            for model_views, (stack, j) in zip(self.views, self.placement()):
-                for view, p in zip(model_views, stack.parameters()):
-                    view.data = p.data[j]
-        for attr in ("names", "epochs", "hparams_per_model", "loggers_per_model"):
+            self.rebind_views(optimizer)
+        for attr in PER_MODEL_LISTS:
             setattr(self, attr, [getattr(self, attr)[k] for k in keep])
         self.metrics = nn.ModuleList(self.metrics[k] for k in keep)
         if self.on_leave is not None:
             for name in names:
                 self.on_leave(name, *self.outcomes[name])
-        if not self.names:
-            self.trainer.should_stop = True
+
+    # Joining the stack
+
+    def add(self, classifier: MLPClassifier, epochs: int, name: str, logger: Logger | None = None) -> None:
+        """At an epoch's end, add model `name` to train from the next epoch for its own `epochs`, as it would
+        alone: in its depth's stack (a new stack for a new depth), with its own parameter group, schedule
+        (counted from its first step), metrics and run. The Trainer's max_epochs grows to cover it."""
+        hp = dict(classifier.hparams)
+        if {key: v for key, v in hp.items() if key not in PER_MODEL} != self.shared:
+            raise ValueError(f"models fused together may differ only in {PER_MODEL}")
+        net = classifier.net.to(device=self.device, dtype=self.dtype)
+        stack = next((s for s in self.stacks if s.depth == hp["depth"]), None)
+        if stack is None:
+            stack = StackedMLP([net])
+            self.stacks.append(stack)
+            self.hand_out_grads_of(stack)
+        else:
+            stack.add(net)
+        k = [model_stack for model_stack, _ in self.placement()].index(stack) + stack.size - 1  # stack order
+        first_epoch = self.current_epoch + 1
+        per_model = (name, epochs, hp, logger, first_epoch, self.global_step)
+        for attr, value in zip(PER_MODEL_LISTS, per_model):
+            getattr(self, attr).insert(k, value)
+        self.metrics.insert(k, ModelMetrics().to(self.device))
+        optimizer, scheduler = self.optimizer_and_scheduler()
+        self.views.insert(k, [p.detach()[stack.size - 1] for p in stack.parameters()])
+        self.rebind_views(optimizer)
+        optimizer.add_param_group({"params": self.views[k], "lr": hp["lr"], "weight_decay": hp["weight_decay"]})
+        group = optimizer.param_groups.pop()
+        optimizer.param_groups.insert(k, group)
+        factor = self.schedule(k)
+        group["initial_lr"], group["lr"] = hp["lr"], hp["lr"] * factor(self.global_step)
+        scheduler.lr_lambdas.insert(k, factor)
+        scheduler.base_lrs.insert(k, hp["lr"])
+        scheduler._last_lr.insert(k, group["lr"])
+        self.trainer.fit_loop.max_epochs = max(self.trainer.max_epochs, first_epoch + epochs)
+        self.start_run(k)
+
+    def optimizer_and_scheduler(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        return self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler
+
+    def rebind_views(self, optimizer: torch.optim.Optimizer) -> None:
+        """Point each model's views at its slices of the stacks' current storage. The optimiser's state is keyed
+        by the views, so it stays each model's; where a stack's padding changed, the state is padded or cut the
+        same way (its padded entries are 0, as the padded weights and their gradients are)."""
+        for model_views, (stack, j) in zip(self.views, self.placement()):
+            for view, p in zip(model_views, stack.parameters()):
+                data = p.data[j]
+                if data.shape != view.shape:
+                    state = optimizer.state.get(view, {})
+                    for key, value in state.items():
+                        if isinstance(value, Tensor) and value.shape == view.shape:
+                            state[key] = resized(value, data.shape)
+                view.data, view.grad = data, None
 
     def model_state(self, name: str) -> dict[str, Tensor]:
         """Model `name`'s parameters, unpadded, as the state dict of an `MLP` of its depth and width."""
@@ -305,6 +383,15 @@ class ModelInStackCheckpoint(ModelCheckpoint):
         )
         self.name = name
 
+    def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, Tensor]:
+        """The model's own epoch and step, not the module's, name its checkpoint files."""
+        candidates = super()._monitor_candidates(trainer)
+        module = trainer.lightning_module
+        if self.name in module.names:
+            epoch, step = module.progress(module.names.index(self.name))
+            candidates.update(epoch=torch.tensor(epoch), step=torch.tensor(step))
+        return candidates
+
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         return self.name not in trainer.lightning_module.names or super()._should_skip_saving_checkpoint(trainer)
 
@@ -316,10 +403,12 @@ class ModelInStackCheckpoint(ModelCheckpoint):
 
 def save_single(trainer: L.Trainer, name: str, filepath: str) -> MLPClassifier:
     """Write model `name` of the trainer's FusedClassifier as an ordinary MLPClassifier checkpoint; returns it."""
-    single = trainer.lightning_module.extract(name)
+    module = trainer.lightning_module
+    single = module.extract(name)
+    epoch, step = module.progress(module.names.index(name))
     checkpoint = {
-        "epoch": trainer.current_epoch,
-        "global_step": trainer.global_step,
+        "epoch": epoch,
+        "global_step": step,
         "pytorch-lightning_version": L.__version__,
         "state_dict": single.state_dict(),
     }

@@ -5,13 +5,16 @@ unfused trial is (same initial weights, same TensorBoard folder, same checkpoint
 joins a `FusedClassifier` with the other trials asked with it (one stack per depth, all stepped together), in
 one Trainer built from the same fit flags.
 Every epoch each trial reports its own val/acc and is pruned on its own; it leaves the stack when pruned,
-diverged or done with its own epochs. Optuna's ask-and-tell records each trial as the unfused path does.
+diverged or done with its own epochs, and at that epoch's end the study is asked for a trial to take its
+place, so up to K trials train at every epoch while the study has trials to start. Optuna's ask-and-tell
+records each trial as the unfused path does.
 """
 
 import os
 import socket
 import threading
 import warnings
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Self
@@ -41,10 +44,10 @@ class FusedTrials:
         self.interrupted = False  # on Ctrl-C every running trial is failed, then run_trials stops
         self.ran: list[int] = []  # numbers of the trials this worker trained
 
-    def ask(self, study: optuna.Study) -> list[tuple[optuna.Trial, dict[str, Any]]]:
-        """Up to `fuse` trials with their suggested fit flags, by the rules every worker follows."""
+    def ask(self, study: optuna.Study, count: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
+        """Up to `count` trials with their suggested fit flags, by the rules every worker follows."""
         asked = []
-        while len(asked) < self.fuse and may_start_trial(study, self.n_trials):
+        while len(asked) < count and may_start_trial(study, self.n_trials):
             with warnings.catch_warnings():  # Optuna warns that only optimize beats hearts; Heartbeats does
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = study.ask()
@@ -55,13 +58,13 @@ class FusedTrials:
             asked.append((trial, suggest(trial, self.space)))
         return asked
 
-    def start_trials(self, study: optuna.Study) -> None:
-        asked = self.ask(study)
-        self.ran += [trial.number for trial, _ in asked]
+    def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None:
+        """Train up to `fuse` trials at once, refilling each freed place while `may_refill()` allows."""
+        asked = self.ask(study, self.fuse)
         running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
         with Heartbeats(study, running):
             try:
-                self.train(study, asked, running)
+                self.train(study, asked, running, may_refill)
             except BaseException as error:
                 self.interrupted = isinstance(error, KeyboardInterrupt)
                 for trial in running:
@@ -71,23 +74,33 @@ class FusedTrials:
                 if not self.interrupted:
                     raise
 
-    def train(self, study: optuna.Study, group: list[tuple[optuna.Trial, Any]], running: list[optuna.Trial]) -> None:
-        """Train the trials of `group` in one Trainer, a stack per depth; each trial's end is told the study as
-        it leaves its stack, so a trial with fewer epochs completes at its own last epoch."""
-        trials = {str(trial.number): trial for trial, _ in group}
-        clis = [
-            build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
-            for trial, flags in group
-        ]
-        for trial, cli in zip(trials.values(), clis):
+    def train(
+        self,
+        study: optuna.Study,
+        group: list[tuple[optuna.Trial, dict[str, Any]]],
+        running: list[optuna.Trial],
+        may_refill: Callable[[], bool],
+    ) -> None:
+        """Train the trials of `group` in one Trainer, a stack per depth. Each trial's end is told the study as
+        it leaves its stack, so a trial with fewer epochs completes at its own last epoch; then, while
+        `may_refill()` allows, trials asked from the study join for the next epoch in the places freed."""
+        trials: dict[str, optuna.Trial] = {}
+        checkpoints: dict[str, ModelInStackCheckpoint] = {}
+
+        def prepare(trial: optuna.Trial, flags: dict[str, Any]) -> MLPCLI:
+            """The trial's own run, built as an unfused trial's, and its checkpoint; it counts as running here."""
+            cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
             trial.set_user_attr("log_dir", cli.trainer.log_dir)
             trial.set_user_attr("multiply_adds", multiply_adds(cli.model.hparams.depth, cli.model.hparams.width))
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             save_config(cli)
-        checkpoints = {
-            name: ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"))
-            for name, cli in zip(trials, clis)
-        }
+            name = str(trial.number)
+            trials[name] = trial
+            checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"))
+            self.ran.append(trial.number)
+            if trial not in running:
+                running.append(trial)
+            return cli
 
         def tell(name: str, how: str, detail: str) -> None:
             trial = trials[name]
@@ -102,13 +115,31 @@ class FusedTrials:
                 study.tell(trial, state=TrialState.PRUNED)
                 log.info(f"Trial {name} pruned{f' (diverged in {detail})' if detail else ''}.")
             running.remove(trial)
+            group_run.trainer.callbacks.remove(checkpoints[name])
 
+        def refill(module: FusedClassifier) -> None:
+            free = self.fuse - len(module.names)
+            if not free or not may_refill():
+                return
+            for trial, flags in self.ask(study, free):
+                # A trial's build seeds the random generators for its initial weights; the group's batch order
+                # and dropout masks go on from where they were.
+                with torch.random.fork_rng(devices=[module.device.index] if module.device.type == "cuda" else []):
+                    cli = prepare(trial, flags)
+                checkpoint = checkpoints[str(trial.number)]
+                checkpoint.setup(group_run.trainer, module, stage="fit")
+                group_run.trainer.callbacks.append(checkpoint)  # last, as those of the first trials
+                module.add(cli.model, cli.trainer.max_epochs, str(trial.number), cli.trainer.logger)
+
+        clis = [prepare(trial, flags) for trial, flags in group]
         epochs = [cli.trainer.max_epochs for cli in clis]
         loggers = [cli.trainer.logger for cli in clis]
         group_run = group_cli(self.fit_args, max(epochs))
         # Checkpoints last, as Lightning orders them, so a trial pruned this epoch is not saved.
         group_run.trainer.callbacks += [ReportAndPrune(trials), *checkpoints.values()]
-        group_run.model = FusedClassifier([cli.model for cli in clis], epochs, list(trials), loggers, on_leave=tell)
+        group_run.model = FusedClassifier(
+            [cli.model for cli in clis], epochs, list(trials), loggers, on_leave=tell, refill=refill
+        )
         fit(group_run)
 
 
@@ -157,8 +188,9 @@ class FinalWeights(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
         for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
-            if trainer.current_epoch + 1 == epochs:
-                path = str(Path(self.dirpaths[name]) / f"epoch{trainer.current_epoch:02d}.ckpt")
+            epoch = module.progress(k)[0]
+            if epoch + 1 == epochs:
+                path = str(Path(self.dirpaths[name]) / f"epoch{epoch:02d}.ckpt")
                 single = save_single(trainer, name, path)
                 losses = torch.stack([loss[k] for loss, _, _ in module.train_step_outputs])
                 finite = torch.isfinite(losses).all() and all(p.isfinite().all() for p in single.parameters())
@@ -183,10 +215,10 @@ class ReportAndPrune(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
         if trainer.sanity_checking:
             return
-        for name, epochs in zip(module.names, module.epochs):
+        for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
             value = trainer.callback_metrics[f"val/acc/{name}"].item()
             prune = report_schedule_fraction(
-                self.trials[name], trainer.current_epoch, epochs, value, self.previous.get(name)
+                self.trials[name], module.progress(k)[0], epochs, value, self.previous.get(name)
             )
             self.previous[name] = value
             if name not in module.stopping and prune:

@@ -31,17 +31,24 @@ class StackedMLP(MLP):
         self.activation = first.activation
         self.widths = [net.layers[0][0].shape[1] if depth else 0 for net in nets]
         self.params = nn.ParameterList(
-            nn.Parameter(torch.stack([padded(p.detach(), self.padded_shape(i, p)) for p in group]))
+            nn.Parameter(torch.stack([resized(p.detach(), self.padded_shape(i, p)) for p in group]))
             for i, group in enumerate(zip(*(net.params for net in nets)))
         )
         self.slopes = nn.ParameterList(
             nn.Parameter(torch.stack([s.detach() for s in group])) for group in zip(*(net.slopes for net in nets))
         )
-        dtype = first.params[0].dtype
-        real_units = torch.arange(max(self.widths)) < torch.tensor(self.widths)[:, None]
-        self.register_buffer("width_mask", real_units.to(dtype)[:, None, :])  # (K, 1, W)
-        self.register_buffer("dropouts", torch.tensor([net.dropout for net in nets], dtype=dtype)[:, None, None])
-        self.any_dropout = any(net.dropout > 0 for net in nets)  # a Python bool: no device sync per step
+        self.dropout_rates = [net.dropout for net in nets]
+        self.register_buffer("width_mask", None)  # (K, 1, W): 1 for each model's real units, 0 for padding
+        self.register_buffer("dropouts", None)  # (K, 1, 1)
+        self.refresh_masks()
+
+    def refresh_masks(self) -> None:
+        """The per-model buffers, from `widths` and `dropout_rates`, after the models changed."""
+        like = self.params[0]
+        widths = torch.tensor(self.widths, device=like.device)
+        self.width_mask = (torch.arange(max(self.widths), device=like.device) < widths[:, None]).to(like)[:, None, :]
+        self.dropouts = torch.tensor(self.dropout_rates).to(like)[:, None, None]
+        self.any_dropout = any(rate > 0 for rate in self.dropout_rates)  # a Python bool: no device sync per step
 
     def hidden_axes(self, i: int) -> list[int]:
         """Which axes of params[i] (W_l at 2l, b_l at 2l + 1; no model axis) count hidden units."""
@@ -74,17 +81,37 @@ class StackedMLP(MLP):
         return self.width_mask.expand_as(z)
 
     def keep(self, models: Tensor) -> None:
-        """Keep only the models at the indices `models`, in that order; the others stop costing compute.
+        """Keep only the models at the indices `models`, in that order, padded to the widest of them: the
+        others stop costing compute.
 
         The Parameter objects stay the same (their data is replaced), so references to them remain valid.
         """
         for p in self.parameters():
             p.data = p.data.index_select(0, models)
             p.grad = None
-        self.width_mask = self.width_mask.index_select(0, models)
-        self.dropouts = self.dropouts.index_select(0, models)
-        self.any_dropout = bool(self.dropouts.any())
         self.widths = [self.widths[i] for i in models.tolist()]
+        self.dropout_rates = [self.dropout_rates[i] for i in models.tolist()]
+        if self.size:
+            self.pad_to_widest()
+
+    def add(self, net: MLP) -> None:
+        """Append `net` as the stack's last model, widening the others' padding if it is the widest."""
+        if len(net.layers) - 1 != self.depth or net.activation != self.activation:
+            raise ValueError("nets stacked together must share depth and activation")
+        self.widths.append(net.layers[0][0].shape[1] if self.depth else 0)
+        self.dropout_rates.append(net.dropout)
+        for group, new in ((self.params, net.params), (self.slopes, net.slopes)):
+            for i, (p, q) in enumerate(zip(group, new)):
+                q = q.detach().to(p)[None]
+                shape = (1, *self.padded_shape(i, q[0])) if group is self.params else q.shape
+                p.data, p.grad = torch.cat([resized(p.data, (p.shape[0], *shape[1:])), resized(q, shape)]), None
+        self.refresh_masks()
+
+    def pad_to_widest(self) -> None:
+        """Pad every model's hidden units to the widest model's, adding or removing padding only."""
+        for i, p in enumerate(self.params):
+            p.data = resized(p.data, (self.size, *self.padded_shape(i, p[0])))
+        self.refresh_masks()
 
     def extract(self, model: int) -> dict[str, Tensor]:
         """Model `model`'s parameters, unpadded, as the state dict of an `MLP` of its width."""
@@ -99,8 +126,9 @@ class StackedMLP(MLP):
         return state
 
 
-def padded(t: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """t in the top-left corner of a zero tensor of `shape`."""
+def resized(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """t in the top-left corner of a zero tensor of `shape`: padded with zeros, or cut where `shape` is smaller."""
     out = t.new_zeros(shape)
-    out[tuple(slice(0, n) for n in t.shape)] = t
+    corner = tuple(slice(0, min(n, m)) for n, m in zip(t.shape, shape))
+    out[corner] = t[corner]
     return out

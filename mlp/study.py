@@ -163,13 +163,20 @@ def run_trials(
     trials, so that if one of them dies, its trial is failed once the heartbeat is stale and rerun here.
     """
     deadline = time.monotonic() + (math.inf if timeout is None else timeout)
+
+    def may_refill() -> bool:
+        """Whether a worker training several trials at once may start another as one ends (see FusedTrials)."""
+        fail_stale_trials(study)
+        progress(study)
+        return time.monotonic() < deadline
+
     waiting_logged = False
     while time.monotonic() < deadline:
         fail_stale_trials(study)
         progress(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         if may_start_trial(study, n_trials):
-            objective.start_trials(study)
+            objective.start_trials(study, may_refill)
             if objective.interrupted:
                 raise KeyboardInterrupt
         elif TrialState.RUNNING in states:

@@ -54,8 +54,9 @@ class Objective:
         self.interrupted = False
         self.ran: list[int] = []  # numbers of the trials this worker trained
 
-    def start_trials(self, study: optuna.Study) -> None:
-        """Run one trial (run_trials calls this while the study may start one)."""
+    def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None:
+        """Run one trial (run_trials calls this while the study may start one); one at a time, so there is no
+        place to refill while it trains."""
         study.optimize(self, n_trials=1, gc_after_trial=True)
 
     def __call__(self, trial: optuna.Trial) -> float:

@@ -130,8 +130,8 @@ class FinalStates(L.Callback):
         self.states: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
-        for name in module.names:
-            self.states.setdefault(name, {})[trainer.current_epoch] = module.model_state(name)
+        for k, name in enumerate(module.names):  # by the model's own epoch
+            self.states.setdefault(name, {})[module.progress(k)[0]] = module.model_state(name)
 
 
 def train_fused(models: list[MLPClassifier], hparams: list[dict], names: list[str], callbacks=()) -> FinalStates:
@@ -210,6 +210,54 @@ def test_a_depth_whose_last_model_leaves_takes_its_stack_along_and_the_others_ar
     for name, hp in zip(names[1:], MIXED_DEPTHS[1:]):
         for key, value in alone.states[name][hp["epochs"] - 1].items():
             torch.testing.assert_close(dropped.states[name][hp["epochs"] - 1][key], value, rtol=1e-12, atol=1e-12)
+
+
+class AddAtEpochEnd:
+    """A refill that adds models at the end of given epochs: {epoch: [(name, classifier, epochs)]}."""
+
+    def __init__(self, additions: dict[int, list[tuple[str, MLPClassifier, int]]]) -> None:
+        self.additions = additions
+        self.padded_widths: list[dict[int, int]] = []  # after each epoch's changes: {depth: width padded to}
+
+    def __call__(self, module: FusedClassifier) -> None:
+        for name, model, epochs in self.additions.get(module.current_epoch, []):
+            module.add(copy.deepcopy(model), epochs, name)
+        self.padded_widths.append({stack.depth: stack.params[0].shape[2] for stack in module.stacks})
+
+
+@pytest.mark.parametrize("backward", ["autograd", "manual"])
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adam", "cosine")])
+def test_models_added_mid_run_train_as_they_would_alone_and_the_others_are_unchanged(backward, optimizer, schedule):
+    # a (width 12) and b (20) start. After epoch 0, c (30) widens their stack and d starts a depth-1 stack;
+    # after epoch 1, b and c leave and a's padding shrinks back to 12; after epoch 2, a leaves, taking its
+    # stack along, and e starts a new depth-2 one. d runs past the first models' epochs (4 in all).
+    hparams = {
+        "a": HPARAMS[0],
+        "b": HPARAMS[1],
+        "c": {"lr": 0.1, "weight_decay": 2e-4, "width": 30, "label_smoothing": 0.0, "epochs": 1},
+        "d": {**HPARAMS[2], "depth": 1, "width": 9, "epochs": 3},
+        "e": {**HPARAMS[1], "width": 7, "epochs": 1},
+    }
+    models = dict(zip(hparams, classifiers(list(hparams.values()), optimizer=optimizer, schedule=schedule,
+                                           backward=backward, activation="prelu")))
+    added = {0: [("c", models["c"], 1), ("d", models["d"], 3)], 2: [("e", models["e"], 1)]}
+    refill = AddAtEpochEnd(added)
+    fused = FusedClassifier([copy.deepcopy(models[name]) for name in "ab"], [3, 2], ["a", "b"], refill=refill)
+    states = FinalStates()
+    train, val = loaders()
+    run = trainer(3, [states])
+    run.fit(fused, train, val)
+    assert run.current_epoch == 4 and fused.names == [] and set(fused.outcomes) == set(hparams)
+    assert refill.padded_widths == [{2: 30, 1: 9}, {2: 12, 1: 9}, {1: 9, 2: 7}, {}]
+    first_epochs = {"a": 0, "b": 0, "c": 1, "d": 1, "e": 3}
+    for name, hp in hparams.items():
+        assert sorted(states.states[name]) == list(range(hp["epochs"]))  # its own epochs, counted from 0
+        alone = trainer(hp["epochs"])
+        alone.fit(models[name], train, val)  # the same batches: the loader is not shuffled
+        final = states.states[name][hp["epochs"] - 1]
+        for key, value in models[name].net.state_dict().items():
+            torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-6)
+        assert first_epochs[name] + hp["epochs"] <= run.current_epoch
 
 
 def test_a_diverging_model_leaves_the_stack_and_the_others_go_on():

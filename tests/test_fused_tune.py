@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mlp import final
 from mlp.cli import build_cli
 from mlp.errors import UserError
+from mlp.fused import FusedClassifier
 from mlp.fused_trials import DATASET_BYTES, Heartbeats, check_stack_fits, stack_bytes
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
@@ -27,8 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import tune  # noqa: E402
 
 
+class RecordsRefills(FusedClassifier):
+    """Notes, at each epoch's end, the trials that joined and whether the random stream stayed where it was."""
+
+    refills: list[tuple[set[str], bool]] = []
+
+    def on_train_epoch_end(self) -> None:
+        before, names = torch.get_rng_state(), set(self.names)
+        super().on_train_epoch_end()
+        self.refills.append((set(self.names) - names, torch.equal(before, torch.get_rng_state())))
+
+
 @pytest.mark.usefixtures("threshold_pruner")
-def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_checkpoint(synthetic_dir, tmp_path):
+def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_checkpoint(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
+    monkeypatch.setattr(RecordsRefills, "refills", [])
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="test", storage=url, direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # learns the bands
@@ -49,16 +65,27 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
     # completed at its own last epoch (the end of its schedule, step 100), and told then
     assert trials[3].user_attrs["epochs_trained"] == 1 and max(trials[3].intermediate_values) == 100
     assert trials[3].datetime_complete < trials[0].datetime_complete
+    # Trials 4 and 5 took places freed at the end of epoch 0, in the same Trainer, while trial 0 trained on;
+    # building them (which seeds their initial weights) left the group's batch order and dropout draws alone.
+    assert RecordsRefills.refills[0] == ({"4", "5"}, True) and all(same for _, same in RecordsRefills.refills)
+    assert all(trial.datetime_start < trials[0].datetime_complete for trial in trials[4:])
+    steps_per_epoch = EventAccumulator(trials[0].user_attrs["log_dir"]).Reload().Scalars("val/acc")[0].step
     for trial in trials:
         run = EventAccumulator(trial.user_attrs["log_dir"]).Reload()
         scalars = set(run.Tags()["scalars"])
         assert {"val/acc", "val/loss", "hp_metric", "train/loss_epoch", "train/acc"} <= scalars
-        assert len(run.Scalars("val/acc")) == trial.user_attrs["epochs_trained"]
+        # Each run counts its own steps and epochs, from where the trial joined, as an unfused trial's does.
+        epochs = range(trial.user_attrs["epochs_trained"])
+        assert [e.step for e in run.Scalars("val/acc")] == [steps_per_epoch * (epoch + 1) for epoch in epochs]
+        assert [e.value for e in run.Scalars("epoch")][-1] == epochs[-1]
         if trial.state == TrialState.COMPLETE:  # a pruned one may stop reporting mid-epoch, at a check
             assert [e.value for e in run.Scalars("val/acc")] == pytest.approx(epoch_values(trial))
         assert (Path(trial.user_attrs["log_dir"]) / "config.yaml").is_file()
         if trial.state == TrialState.COMPLETE:
             model = MLPClassifier.load_from_checkpoint(trial.user_attrs["best_checkpoint"])
+            epoch = torch.load(trial.user_attrs["best_checkpoint"], weights_only=False)["epoch"]
+            assert Path(trial.user_attrs["best_checkpoint"]).name.startswith(f"epoch{epoch:02d}-")
+            assert epoch_values(trial)[epoch] == trial.value
             assert model.hparams.lr == pytest.approx(trial.params["lr"])
             assert (model.hparams.depth, model.hparams.width) == (trial.params["depth"], trial.params["width"])
             assert trial.value == max(epoch_values(trial))

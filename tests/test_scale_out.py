@@ -133,7 +133,7 @@ class Quadratic:
     def __call__(self, trial: optuna.Trial) -> float:
         return trial.suggest_float("x", -1, 1) ** 2
 
-    def start_trials(self, study: optuna.Study) -> None:
+    def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None:
         study.optimize(self, n_trials=1)
 
 
