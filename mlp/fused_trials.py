@@ -88,7 +88,7 @@ class FusedTrials:
         checkpoints: dict[str, ModelInStackCheckpoint] = {}
 
         def prepare(trial: optuna.Trial, flags: dict[str, Any]) -> MLPCLI:
-            """The trial's own run, built as an unfused trial's, and its checkpoint; it counts as running here."""
+            """The trial's own run, built as an unfused trial's, and its checkpoint."""
             cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
             trial.set_user_attr("log_dir", cli.trainer.log_dir)
             trial.set_user_attr("multiply_adds", multiply_adds(cli.model.hparams.depth, cli.model.hparams.width))
@@ -98,8 +98,6 @@ class FusedTrials:
             trials[name] = trial
             checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"))
             self.ran.append(trial.number)
-            if trial not in running:
-                running.append(trial)
             return cli
 
         def tell(name: str, how: str, detail: str) -> None:
@@ -122,6 +120,7 @@ class FusedTrials:
             if not free or not may_refill():
                 return
             for trial, flags in self.ask(study, free):
+                running.append(trial)
                 # A trial's build seeds the random generators for its initial weights; the group's batch order
                 # and dropout masks go on from where they were.
                 with torch.random.fork_rng(devices=[module.device.index] if module.device.type == "cuda" else []):

@@ -16,7 +16,7 @@ from mlp import final
 from mlp.cli import build_cli
 from mlp.errors import UserError
 from mlp.fused import FusedClassifier
-from mlp.fused_trials import DATASET_BYTES, Heartbeats, check_stack_fits, stack_bytes
+from mlp.fused_trials import DATASET_BYTES, FusedTrials, Heartbeats, check_stack_fits, stack_bytes
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
 from tests.conftest import epoch_values
@@ -96,6 +96,23 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
     assert summary["epochs_trained"] == sum(t.user_attrs["epochs_trained"] for t in trials)
     report_dir = tmp_path / "logs" / "tune" / "test"
     assert json.loads((report_dir / "report.json").read_text()) == summary
+
+
+@pytest.mark.parametrize("refill", [True, False])
+def test_a_freed_place_is_refilled_only_while_may_refill_allows(synthetic_dir, tmp_path, monkeypatch, refill):
+    if not refill:  # as at --timeout's deadline
+        start_trials = FusedTrials.start_trials
+        never = lambda self, study, _: start_trials(self, study, lambda: False)  # noqa: E731
+        monkeypatch.setattr(FusedTrials, "start_trials", never)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="test", storage=url, direction="maximize")
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL, "epochs": 1})  # leaves after epoch 0
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # 2 epochs
+    tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=3), "--pruner=none", "--fuse=2"])
+    trials = optuna.load_study(study_name="test", storage=url).trials
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    # Trial 2 joins trial 1's Trainer for its epoch 1, or waits for it to finish and starts a Trainer of its own.
+    assert (trials[2].datetime_start < trials[1].datetime_complete) == refill
 
 
 @pytest.mark.parametrize("fuse", ["0", "-2"])

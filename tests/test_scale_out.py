@@ -137,6 +137,25 @@ class Quadratic:
         study.optimize(self, n_trials=1)
 
 
+class AsksMayRefill(Quadratic):
+    """Asks may_refill as a fused worker does when a trial leaves its stack, before and after the deadline."""
+
+    answers: list[bool]
+
+    def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None:
+        self.answers = [may_refill()]
+        time.sleep(1.5)
+        self.answers.append(may_refill())
+        study.optimize(self, n_trials=1)
+
+
+def test_a_fused_worker_may_refill_its_stack_until_the_timeout(tmp_path):
+    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    objective = AsksMayRefill()
+    run_trials(study, objective, n_trials=1, timeout=1)
+    assert objective.answers == [True, False]
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monkeypatch):
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
