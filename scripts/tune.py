@@ -52,7 +52,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
     study.add_argument(
         "--fuse", type=int, default=1, metavar="K",
-        help="train up to K trials at once in one Trainer, a stacked network per depth (default 1: one at a time)",
+        help="train up to K trials at once in one Trainer, a stacked network per depth, each freed place taken by "
+        "the next trial (default 1: one at a time)",
     )
     study.add_argument(
         "--final", choices=FINAL_CHOICES, default="refit_ensemble",
