@@ -282,17 +282,23 @@ def check_fusable(fuse: int, space: SearchSpace, cli: MLPCLI) -> None:
     check_stack_fits(fuse, space, cli, free_gpu_bytes(cli))
 
 
-def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int | None) -> None:
-    """Stop with a message naming a K that fits, rather than an out-of-memory error mid-study."""
-    if free_bytes is None:
-        return
+def stack_fits(space: SearchSpace, cli: MLPCLI, free_bytes: int) -> tuple[int, int, int, int]:
+    """How many models of the search space's largest depth and width fit in `free_bytes` of GPU memory, with
+    that depth and width and the bytes one model needs."""
     hp = cli.model.hparams
     depth = space.depth[1] if space.depth else hp.depth  # a pinned one is the fit flag's
     width = space.width[1] if space.width else hp.width
     per_model = stack_bytes(
         1, depth, width, cli.datamodule.hparams.batch_size, hp.optimizer, 8 if "64" in str(cli.trainer.precision) else 4
     )
-    fits = (free_bytes - DATASET_BYTES) // per_model
+    return (free_bytes - DATASET_BYTES) // per_model, depth, width, per_model
+
+
+def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int | None) -> None:
+    """Stop with a message naming a K that fits, rather than an out-of-memory error mid-study."""
+    if free_bytes is None:
+        return
+    fits, depth, width, per_model = stack_fits(space, cli, free_bytes)
     advice = f"--fuse {fits} fits" if fits >= 1 else "even one does not fit: lower the --width or --depth range"
     check(
         fuse <= fits,
@@ -300,3 +306,19 @@ def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int
         f"about {(fuse * per_model + DATASET_BYTES) / 1e9:.1f} GB of GPU memory and {free_bytes / 1e9:.1f} GB is "
         f"free; {advice}",
     )
+
+
+AUTO_FUSE_MAX = 128  # the most trials per stack measured on a GPU; it trained the most model-epochs per second
+
+
+def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None) -> tuple[int, str]:
+    """`--fuse auto`: K for the device the trials train on, and why.
+
+    On the CPU, 1: the fused default study took 1.44x the unfused study's time on 2 cores (stacks pad to their
+    widest model, and wide nets gain nothing from stacking there). On a GPU, as many trials as fit in its free
+    memory, up to AUTO_FUSE_MAX.
+    """
+    if free_bytes is None:
+        return 1, "one trial at a time on the CPU, where fusing the default search measured slower"
+    fits = stack_fits(space, cli, free_bytes)[0]
+    return max(1, min(AUTO_FUSE_MAX, fits)), f"{AUTO_FUSE_MAX} at most, and as many as fit in the GPU's free memory"

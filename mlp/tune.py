@@ -21,7 +21,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from mlp.cli import build_cli, divergence_message, fit
 from mlp.data import locate_fashion_mnist
 from mlp.errors import check
-from mlp.fused_trials import FusedTrials, check_fusable
+from mlp.fused_trials import FusedTrials, auto_fuse, check_fusable, free_gpu_bytes
 from mlp.net import multiply_adds
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, report_schedule_fraction, suggest, trial_args
@@ -102,7 +102,7 @@ def run_study(
     seed: int,
     ranges_given: Collection[str] = (),
     progress: Callable[[optuna.Study], None] = lambda study: None,
-    fuse: int = 1,
+    fuse: int | str = 1,
     final: str = "ensemble",
 ) -> dict[str, Any] | str:
     """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
@@ -110,14 +110,17 @@ def run_study(
     A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
     ranges the user gave explicitly, which must not be pinned as well. `progress` is shown the study as
     trials finish (see mlp.progress). fuse > 1 trains up to that many trials at once as stacked networks
-    (`mlp.fused_trials`).
+    (`mlp.fused_trials`); fuse "auto" picks K for the device (`mlp.fused_trials.auto_fuse`).
     Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
     check(timeout is None or timeout > 0, f"--timeout must be positive seconds, got {timeout}")
     check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
-    check(fuse >= 1, f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once), got {fuse}")
+    check(
+        fuse == "auto" or fuse >= 1,
+        f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once) or auto, got {fuse}",
+    )
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
     check(
@@ -135,6 +138,9 @@ def run_study(
     if pinned:
         space = space.pin(pinned)
         print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
+    if fuse == "auto":
+        fuse, why = auto_fuse(space, cli, free_gpu_bytes(cli))
+        print(f"--fuse auto: {fuse} ({why})")
     if fuse > 1:
         check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"

@@ -3,6 +3,7 @@
     python scripts/tune.py                                  # the default study, resumable
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
     python scripts/tune.py --fuse 8                         # 8 trials at a time, as stacked networks
+    python scripts/tune.py --fuse auto --trainer.accelerator gpu   # as many at a time as the GPU holds, up to 128
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
@@ -51,9 +52,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
     study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
     study.add_argument(
-        "--fuse", type=int, default=1, metavar="K",
+        "--fuse", type=fuse_count, default=1, metavar="K",
         help="train up to K trials at once in one Trainer, a stacked network per depth, each freed place taken by "
-        "the next trial (default 1: one at a time)",
+        "the next trial (default 1: one at a time); auto: 1 on the CPU, on a GPU as many as fit, up to 128",
     )
     study.add_argument(
         "--final", choices=FINAL_CHOICES, default="refit_ensemble",
@@ -69,6 +70,15 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
             help=f"default {low} {high}; a fit flag setting it (--{FIT_FLAGS[name]}) pins it instead",
         )
     return parser.parse_known_args(argv)
+
+
+def fuse_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"K is a whole number of trials or auto, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -16,7 +16,15 @@ from mlp import final
 from mlp.cli import build_cli
 from mlp.errors import UserError
 from mlp.fused import FusedClassifier
-from mlp.fused_trials import DATASET_BYTES, FusedTrials, Heartbeats, check_stack_fits, stack_bytes
+from mlp.fused_trials import (
+    AUTO_FUSE_MAX,
+    DATASET_BYTES,
+    FusedTrials,
+    Heartbeats,
+    auto_fuse,
+    check_stack_fits,
+    stack_bytes,
+)
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
 from tests.conftest import epoch_values
@@ -142,6 +150,29 @@ def test_a_stack_too_big_for_the_gpu_is_refused_naming_a_k_that_fits(synthetic_d
     with pytest.raises(UserError, match="even one does not fit"):
         check_stack_fits(2, space, cli, 1000)
     check_stack_fits(1024, space, cli, None)  # on the CPU: no estimate
+
+
+def test_fuse_auto_picks_as_many_trials_as_the_gpu_holds_up_to_128(synthetic_dir, tmp_path):
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                     "--data.batch_size=256"])
+    space = SearchSpace()
+    per_model = stack_bytes(1, space.depth[1], space.width[1], 256, "sgd", 4)
+    assert auto_fuse(space, cli, 10 * per_model + DATASET_BYTES)[0] == 10
+    assert auto_fuse(space, cli, 1000 * per_model + DATASET_BYTES)[0] == AUTO_FUSE_MAX == 128
+    assert auto_fuse(space, cli, 1000)[0] == 1  # not even one: trials go unfused (and the first one says why)
+    assert auto_fuse(space, cli, None)[0] == 1  # on the CPU
+
+
+def test_fuse_auto_on_the_cpu_trains_one_trial_at_a_time_and_says_so(synthetic_dir, tmp_path, capsys):
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--fuse=auto"])
+    assert "--fuse auto: 1 (one trial at a time on the CPU" in capsys.readouterr().out
+    assert summary["trials"] == {"complete": 1} or summary["trials"] == {"pruned": 1}
+
+
+def test_a_fuse_that_is_neither_a_number_nor_auto_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        tune.main(["--fuse=many"])
+    assert "--fuse: K is a whole number of trials or auto, got 'many'" in capsys.readouterr().err
 
 
 def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypatch):
