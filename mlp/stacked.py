@@ -100,11 +100,12 @@ class StackedMLP(MLP):
             raise ValueError("nets stacked together must share depth and activation")
         self.widths.append(net.layers[0][0].shape[1] if self.depth else 0)
         self.dropout_rates.append(net.dropout)
-        for group, new in ((self.params, net.params), (self.slopes, net.slopes)):
-            for i, (p, q) in enumerate(zip(group, new)):
-                q = q.detach().to(p)[None]
-                shape = (1, *self.padded_shape(i, q[0])) if group is self.params else q.shape
-                p.data, p.grad = torch.cat([resized(p.data, (p.shape[0], *shape[1:])), resized(q, shape)]), None
+        for i, (p, q) in enumerate(zip(self.params, net.params)):
+            shape = self.padded_shape(i, q)  # one model's, padded to the widest now
+            new = resized(q.detach().to(p), shape)[None]
+            p.data, p.grad = torch.cat([resized(p.data, (len(p), *shape)), new]), None
+        for p, q in zip(self.slopes, net.slopes):
+            p.data, p.grad = torch.cat([p.data, q.detach().to(p)[None]]), None
         self.refresh_masks()
 
     def pad_to_widest(self) -> None:
