@@ -34,6 +34,11 @@ PER_MODEL = ("lr", "weight_decay", "dropout", "width", "depth", "label_smoothing
 PER_MODEL_LISTS = ("names", "epochs", "hparams_per_model", "loggers_per_model", "first_epochs", "first_steps")
 
 
+def shared_hparams(classifier: MLPClassifier) -> dict:
+    """The hyperparameters all models fused together must share."""
+    return {key: v for key, v in classifier.hparams.items() if key not in PER_MODEL}
+
+
 class ModelMetrics(nn.Module):
     """One model's metrics, as MLPClassifier keeps them (NaN kept: a diverging loss must show)."""
 
@@ -69,10 +74,9 @@ class FusedClassifier(L.LightningModule):
         refill: Callable[["FusedClassifier"], None] | None = None,
     ) -> None:
         super().__init__()
-        shared = [{k: v for k, v in c.hparams.items() if k not in PER_MODEL} for c in classifiers]
-        if any(s != shared[0] for s in shared):
-            raise ValueError(f"models fused together may differ only in {PER_MODEL}")
-        self.shared = shared[0]
+        self.shared = shared_hparams(classifiers[0])
+        for classifier in classifiers:
+            self.check_shares_settings(classifier)
         loggers = list(loggers) if loggers else [None] * len(classifiers)
         order = sorted(range(len(classifiers)), key=lambda k: classifiers[k].hparams.depth)  # stable
         classifiers = [classifiers[k] for k in order]
@@ -102,6 +106,10 @@ class FusedClassifier(L.LightningModule):
             # As soon as backward completes a stacked gradient, not later: Lightning's mixed precision
             # unscales the gradients the optimiser holds before its on_before_optimizer_step hook runs.
             p.register_post_accumulate_grad_hook(partial(self.hand_out_grad, stack, i))
+
+    def check_shares_settings(self, classifier: MLPClassifier) -> None:
+        if shared_hparams(classifier) != self.shared:
+            raise ValueError(f"models fused together may differ only in {PER_MODEL}")
 
     def placement(self) -> list[tuple[StackedMLP, int]]:
         """Model k's stack and its index in that stack, for every model k."""
@@ -299,9 +307,8 @@ class FusedClassifier(L.LightningModule):
         """At an epoch's end, add model `name` to train from the next epoch for its own `epochs`, as it would
         alone: in its depth's stack (a new stack for a new depth), with its own parameter group, schedule
         (counted from its first step), metrics and run. The Trainer's max_epochs grows to cover it."""
+        self.check_shares_settings(classifier)
         hp = dict(classifier.hparams)
-        if {key: v for key, v in hp.items() if key not in PER_MODEL} != self.shared:
-            raise ValueError(f"models fused together may differ only in {PER_MODEL}")
         net = classifier.net.to(device=self.device, dtype=self.dtype)
         stack = next((s for s in self.stacks if s.depth == hp["depth"]), None)
         if stack is None:
