@@ -112,8 +112,8 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: 
 def refits(
     study: optuna.Study, fit_args: list[str], space: SearchSpace, numbers: list[int], fuse: int
 ) -> list[dict[str, Any]]:
-    """The refits of trials `numbers`. With fuse > 1, those not yet cached train up to `fuse` at once (a stack
-    per depth), as tune.py --fuse trains trials; the same runs, checkpoints and cached results."""
+    """The refits of trials `numbers`. With fuse > 1, those not yet cached train up to `fuse` at once, stacked
+    as tune.py --fuse stacks trials; the same runs, checkpoints and cached results."""
     todo = [n for n in numbers if f"refit_{n}" not in study.user_attrs]
     if fuse > 1 and len(todo) > 1:
         for start in range(0, len(todo), fuse):

@@ -1,5 +1,6 @@
-"""K trials trained at once: a LightningModule over one `StackedMLP` per depth, stepped together on the same
-batches, each model with its own hyperparameters, optimiser state, schedule, metrics, TensorBoard run and fate.
+"""K trials trained at once: a LightningModule over `StackedMLP`s (one per depth, or per depth and width),
+stepped together on the same batches, each model with its own hyperparameters, optimiser state, schedule,
+metrics, TensorBoard run and fate.
 
 Each model learns exactly as the `MLPClassifier` it was built from would alone on the same batches: the loss
 is the sum of the models' mean cross-entropies, so each model's gradient is its own; each model is its own
@@ -23,12 +24,13 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad, make_optimizer
+from mlp.net import MLP
 from mlp.plots import activations_image
 from mlp.schedules import SCHEDULES
-from mlp.stacked import StackedMLP, resized
+from mlp.stacked import StackedMLP, hidden_width, resized
 
 # Hyperparameters that may differ between the models of one module; every other one must be the same. Models
-# of one depth share a stack; each depth has its own.
+# share a stack by depth (and width, without padding: see FusedClassifier).
 PER_MODEL = ("lr", "weight_decay", "dropout", "width", "depth", "label_smoothing")
 # FusedClassifier's lists with one entry per model, in model order, besides its metrics and optimiser views.
 PER_MODEL_LISTS = ("names", "epochs", "hparams_per_model", "loggers_per_model", "first_epochs", "first_steps")
@@ -55,8 +57,12 @@ class FusedClassifier(L.LightningModule):
     """The models of `classifiers` (same optimiser, schedule kind, activation, init and backward) trained
     together, each for its epochs, named by its name in logged metric keys (`val/acc/<name>`).
 
-    The models are kept in stack order (`names`, `epochs` and the other per-model lists follow it), one stack
-    per depth, and model k's logits are row k of the stacks' logits concatenated.
+    With `pad_widths`, models of one depth share a stack, padded to its widest model: the fewest batched
+    matmuls, which is what a GPU wants. Without it, only models of the same depth and width share one, and no
+    multiply-add is spent on padding, which is what a CPU wants: there a step costs its arithmetic, and the
+    default search's widths (128 to 1024) padded per depth cost 1.78x the nets' own (see the README).
+    The models are kept in stack order (`names`, `epochs` and the other per-model lists follow it), and model
+    k's logits are row k of the stacks' logits concatenated.
 
     loggers[k], when given, receives model k's scalars and hyperparameters as MLPClassifier writes its own.
     on_leave(name, how, detail), when given, is called as each model leaves the stack (see `outcomes`).
@@ -72,22 +78,24 @@ class FusedClassifier(L.LightningModule):
         loggers: Sequence[Logger] | None = None,
         on_leave: Callable[[str, str, str], None] | None = None,
         refill: Callable[["FusedClassifier"], None] | None = None,
+        pad_widths: bool = True,
     ) -> None:
         super().__init__()
-        self.shared = shared_hparams(classifiers[0])
+        self.shared, self.pad_widths = shared_hparams(classifiers[0]), pad_widths
         for classifier in classifiers:
             self.check_shares_settings(classifier)
         loggers = list(loggers) if loggers else [None] * len(classifiers)
-        order = sorted(range(len(classifiers)), key=lambda k: classifiers[k].hparams.depth)  # stable
+        keys = [self.stack_key(c.net) for c in classifiers]
+        order = sorted(range(len(classifiers)), key=lambda k: keys[k])  # stable
         classifiers = [classifiers[k] for k in order]
         self.hparams_per_model = [dict(c.hparams) for c in classifiers]
         self.epochs, self.names = [epochs[k] for k in order], [names[k] for k in order]
         self.loggers_per_model, self.on_leave, self.refill = [loggers[k] for k in order], on_leave, refill
         # Where each model's own run began: the epoch and the optimiser step (0 but for models added later).
         self.first_epochs, self.first_steps = [0] * len(classifiers), [0] * len(classifiers)
-        depths = [c.hparams.depth for c in classifiers]
+        keys = [keys[k] for k in order]
         self.stacks = nn.ModuleList(
-            StackedMLP([c.net for c in classifiers if c.hparams.depth == depth]) for depth in sorted(set(depths))
+            StackedMLP([c.net for c, its_key in zip(classifiers, keys) if its_key == key]) for key in sorted(set(keys))
         )
         self.metrics = nn.ModuleList(ModelMetrics() for _ in classifiers)
         self.automatic_optimization = self.shared["backward"] == "autograd"
@@ -110,6 +118,12 @@ class FusedClassifier(L.LightningModule):
     def check_shares_settings(self, classifier: MLPClassifier) -> None:
         if shared_hparams(classifier) != self.shared:
             raise ValueError(f"models fused together may differ only in {PER_MODEL}")
+
+    def stack_key(self, net: MLP) -> tuple[int, int]:
+        """Nets (or stacks) with the same key share a stack: (depth, width), the width 0 with `pad_widths`."""
+        if isinstance(net, StackedMLP):
+            return net.depth, 0 if self.pad_widths else net.widths[0]
+        return len(net.layers) - 1, 0 if self.pad_widths else hidden_width(net)
 
     def placement(self) -> list[tuple[StackedMLP, int]]:
         """Model k's stack and its index in that stack, for every model k."""
@@ -305,12 +319,12 @@ class FusedClassifier(L.LightningModule):
 
     def add(self, classifier: MLPClassifier, epochs: int, name: str, logger: Logger | None = None) -> None:
         """At an epoch's end, add model `name` to train from the next epoch for its own `epochs`, as it would
-        alone: in its depth's stack (a new stack for a new depth), with its own parameter group, schedule
+        alone: in the stack of its key (`stack_key`; a new stack for a new key), with its own parameter group, schedule
         (counted from its first step), metrics and run. The Trainer's max_epochs grows to cover it."""
         self.check_shares_settings(classifier)
         hp = dict(classifier.hparams)
         net = classifier.net.to(device=self.device, dtype=self.dtype)
-        stack = next((s for s in self.stacks if s.depth == hp["depth"]), None)
+        stack = next((s for s in self.stacks if self.stack_key(s) == self.stack_key(net)), None)
         if stack is None:
             stack = StackedMLP([net])
             self.stacks.append(stack)

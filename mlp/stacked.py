@@ -29,7 +29,7 @@ class StackedMLP(MLP):
         if any(len(net.layers) - 1 != depth or net.activation != first.activation for net in nets):
             raise ValueError("nets stacked together must share depth and activation")
         self.activation = first.activation
-        self.widths = [net.layers[0][0].shape[1] if depth else 0 for net in nets]
+        self.widths = [hidden_width(net) for net in nets]
         self.params = nn.ParameterList(
             nn.Parameter(torch.stack([resized(p.detach(), self.padded_shape(i, p)) for p in group]))
             for i, group in enumerate(zip(*(net.params for net in nets)))
@@ -98,7 +98,7 @@ class StackedMLP(MLP):
         """Append `net` as the stack's last model, widening the others' padding if it is the widest."""
         if len(net.layers) - 1 != self.depth or net.activation != self.activation:
             raise ValueError("nets stacked together must share depth and activation")
-        self.widths.append(net.layers[0][0].shape[1] if self.depth else 0)
+        self.widths.append(hidden_width(net))
         self.dropout_rates.append(net.dropout)
         for i, (p, q) in enumerate(zip(self.params, net.params)):
             shape = self.padded_shape(i, q)  # one model's, padded to the widest now
@@ -125,6 +125,11 @@ class StackedMLP(MLP):
         for i, s in enumerate(self.slopes):
             state[f"slopes.{i}"] = s.detach()[model].clone()
         return state
+
+
+def hidden_width(net: MLP) -> int:
+    """The number of units in each of the net's hidden layers (0 when it has none)."""
+    return net.layers[0][0].shape[1] if len(net.layers) > 1 else 0
 
 
 def resized(t: Tensor, shape: Sequence[int]) -> Tensor:

@@ -134,8 +134,11 @@ class FinalStates(L.Callback):
             self.states.setdefault(name, {})[module.progress(k)[0]] = module.model_state(name)
 
 
-def train_fused(models: list[MLPClassifier], hparams: list[dict], names: list[str], callbacks=()) -> FinalStates:
-    fused = FusedClassifier([copy.deepcopy(m) for m in models], [hp["epochs"] for hp in hparams], names)
+def train_fused(
+    models: list[MLPClassifier], hparams: list[dict], names: list[str], callbacks=(), pad_widths: bool = True
+) -> FinalStates:
+    epochs = [hp["epochs"] for hp in hparams]
+    fused = FusedClassifier([copy.deepcopy(m) for m in models], epochs, names, pad_widths=pad_widths)
     states = FinalStates()
     train, val = loaders()
     trainer(max(hp["epochs"] for hp in hparams), [states, *callbacks]).fit(fused, train, val)
@@ -159,18 +162,28 @@ def test_fused_models_train_exactly_as_separate_runs(backward, optimizer, schedu
             torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-6)
 
 
-# Depths 3, 1, 0 and 1: one stack per depth, stepped together, and model order is not depth order.
+# Depths 3, 1, 0 and 1: stacks stepped together, and model order is not depth order.
 MIXED_DEPTHS = [{**HPARAMS[0], "depth": 3}, {**HPARAMS[1], "depth": 1}, {**HPARAMS[2], "depth": 0},
                 {**HPARAMS[1], "depth": 1, "width": 9, "lr": 0.1, "epochs": 3}]
 
 
+def stack_shapes(module: FusedClassifier) -> list[tuple[int, int]]:
+    """(depth, width padded to) of each stack, in stack order."""
+    return [(stack.depth, stack.params[0].shape[2] if stack.depth else 0) for stack in module.stacks]
+
+
 @pytest.mark.parametrize("backward", ["autograd", "manual"])
-def test_models_of_different_depths_train_in_one_module_exactly_as_separate_runs(backward):
+@pytest.mark.parametrize(
+    "pad_widths,shapes,order",
+    [(True, [(0, 0), (1, 20), (3, 12)], "cbda"),  # a stack per depth, b and d padded to 20
+     (False, [(0, 0), (1, 9), (1, 20), (3, 12)], "cdba")],  # a stack per depth and width: no padding
+)
+def test_models_of_different_depths_train_in_one_module_exactly_as_separate_runs(backward, pad_widths, shapes, order):
     names = ["a", "b", "c", "d"]
     models = classifiers(MIXED_DEPTHS, backward=backward, activation="prelu")
-    fused = FusedClassifier(models, [hp["epochs"] for hp in MIXED_DEPTHS], names)
-    assert [stack.depth for stack in fused.stacks] == [0, 1, 3] and fused.names == ["c", "b", "d", "a"]
-    states = train_fused(models, MIXED_DEPTHS, names)
+    fused = FusedClassifier(models, [hp["epochs"] for hp in MIXED_DEPTHS], names, pad_widths=pad_widths)
+    assert stack_shapes(fused) == shapes and fused.names == list(order)
+    states = train_fused(models, MIXED_DEPTHS, names, pad_widths=pad_widths)
     for model, hp, name in zip(models, MIXED_DEPTHS, names):
         train, val = loaders()
         trainer(hp["epochs"]).fit(model, train, val)
@@ -217,20 +230,31 @@ class AddAtEpochEnd:
 
     def __init__(self, additions: dict[int, list[tuple[str, MLPClassifier, int]]]) -> None:
         self.additions = additions
-        self.padded_widths: list[dict[int, int]] = []  # after each epoch's changes: {depth: width padded to}
+        self.shapes: list[list[tuple[int, int]]] = []  # after each epoch's changes: see stack_shapes
 
     def __call__(self, module: FusedClassifier) -> None:
         for name, model, epochs in self.additions.get(module.current_epoch, []):
             module.add(copy.deepcopy(model), epochs, name)
-        self.padded_widths.append({stack.depth: stack.params[0].shape[2] for stack in module.stacks})
+        self.shapes.append(stack_shapes(module))
 
 
+# With padding: a (width 12) and b (20) start. After epoch 0, c (30) widens their stack and d starts a depth-1
+# stack; after epoch 1, b and c leave and a's padding shrinks back to 12; after epoch 2, a leaves, taking its
+# stack along, and e starts a new depth-2 one. Without padding each width is a stack of its own: c starts one,
+# b's and c's leave with them.
+ADDED_SHAPES = {
+    True: [[(2, 30), (1, 9)], [(2, 12), (1, 9)], [(1, 9), (2, 7)], []],
+    False: [[(2, 12), (2, 20), (2, 30), (1, 9)], [(2, 12), (1, 9)], [(1, 9), (2, 7)], []],
+}
+
+
+@pytest.mark.parametrize("pad_widths", [True, False])
 @pytest.mark.parametrize("backward", ["autograd", "manual"])
 @pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adam", "cosine")])
-def test_models_added_mid_run_train_as_they_would_alone_and_the_others_are_unchanged(backward, optimizer, schedule):
-    # a (width 12) and b (20) start. After epoch 0, c (30) widens their stack and d starts a depth-1 stack;
-    # after epoch 1, b and c leave and a's padding shrinks back to 12; after epoch 2, a leaves, taking its
-    # stack along, and e starts a new depth-2 one. d runs past the first models' epochs (4 in all).
+def test_models_added_mid_run_train_as_they_would_alone_and_the_others_are_unchanged(
+    backward, optimizer, schedule, pad_widths
+):
+    # d runs past the first models' epochs (4 in all).
     hparams = {
         "a": HPARAMS[0],
         "b": HPARAMS[1],
@@ -242,13 +266,14 @@ def test_models_added_mid_run_train_as_they_would_alone_and_the_others_are_uncha
                                            backward=backward, activation="prelu")))
     added = {0: [("c", models["c"], 1), ("d", models["d"], 3)], 2: [("e", models["e"], 1)]}
     refill = AddAtEpochEnd(added)
-    fused = FusedClassifier([copy.deepcopy(models[name]) for name in "ab"], [3, 2], ["a", "b"], refill=refill)
+    first = [copy.deepcopy(models[name]) for name in "ab"]
+    fused = FusedClassifier(first, [3, 2], ["a", "b"], refill=refill, pad_widths=pad_widths)
     states = FinalStates()
     train, val = loaders()
     run = trainer(3, [states])
     run.fit(fused, train, val)
     assert run.current_epoch == 4 and fused.names == [] and set(fused.outcomes) == set(hparams)
-    assert refill.padded_widths == [{2: 30, 1: 9}, {2: 12, 1: 9}, {1: 9, 2: 7}, {}]
+    assert refill.shapes == ADDED_SHAPES[pad_widths]
     first_epochs = {"a": 0, "b": 0, "c": 1, "d": 1, "e": 3}
     for name, hp in hparams.items():
         assert sorted(states.states[name]) == list(range(hp["epochs"]))  # its own epochs, counted from 0

@@ -37,9 +37,15 @@ import tune  # noqa: E402
 
 
 class RecordsRefills(FusedClassifier):
-    """Notes, at each epoch's end, the trials that joined and whether the random stream stayed where it was."""
+    """Notes the stacks' depths and widths at the start, and at each epoch's end the trials that joined and
+    whether the random stream stayed where it was."""
 
     refills: list[tuple[set[str], bool]] = []
+    stacks_at_start: list[tuple[int, list[int]]] = []
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        type(self).stacks_at_start = [(stack.depth, stack.widths) for stack in self.stacks]
 
     def on_train_epoch_end(self) -> None:
         before, names = torch.get_rng_state(), set(self.names)
@@ -53,6 +59,7 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
 ):
     monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
     monkeypatch.setattr(RecordsRefills, "refills", [])
+    monkeypatch.setattr(RecordsRefills, "stacks_at_start", [])
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="test", storage=url, direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # learns the bands
@@ -73,6 +80,8 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
     # completed at its own last epoch (the end of its schedule, step 100), and told then
     assert trials[3].user_attrs["epochs_trained"] == 1 and max(trials[3].intermediate_values) == 100
     assert trials[3].datetime_complete < trials[0].datetime_complete
+    # On the CPU a stack per depth and width: the narrower trial 3 is not padded to the others' 16 units.
+    assert RecordsRefills.stacks_at_start == [(1, [9]), (1, [16, 16, 16])]
     # Trials 4 and 5 took places freed at the end of epoch 0, in the same Trainer, while trial 0 trained on;
     # building them (which seeds their initial weights) left the group's batch order and dropout draws alone.
     assert RecordsRefills.refills[0] == ({"4", "5"}, True) and all(same for _, same in RecordsRefills.refills)
