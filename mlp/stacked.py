@@ -48,7 +48,9 @@ class StackedMLP(MLP):
         widths = torch.tensor(self.widths, device=like.device)
         self.width_mask = (torch.arange(max(self.widths), device=like.device) < widths[:, None]).to(like)[:, None, :]
         self.dropouts = torch.tensor(self.dropout_rates).to(like)[:, None, None]
-        self.any_dropout = any(rate > 0 for rate in self.dropout_rates)  # a Python bool: no device sync per step
+        # Python bools: no device sync per step
+        self.any_dropout = any(rate > 0 for rate in self.dropout_rates)
+        self.has_padding = len(set(self.widths)) > 1
 
     def hidden_axes(self, i: int) -> list[int]:
         """Which axes of params[i] (W_l at 2l, b_l at 2l + 1; no model axis) count hidden units."""
@@ -74,11 +76,13 @@ class StackedMLP(MLP):
             x = x.expand(self.size, *x.shape)
         return torch.baddbmm(b[:, None, :], x, w)
 
-    def hidden_mask(self, z: Tensor) -> Tensor:
-        """Each model's own dropout mask (independent draws) times the mask of its real, unpadded units."""
-        if self.training and self.any_dropout:
-            return dropout_mask(z, self.dropouts) * self.width_mask
-        return self.width_mask.expand_as(z)
+    def hidden_mask(self, z: Tensor) -> Tensor | None:
+        """Each model's own dropout mask (independent draws) times the mask of its real, unpadded units; None
+        when there is neither dropout nor padding."""
+        mask = dropout_mask(z, self.dropouts) if self.training and self.any_dropout else None
+        if not self.has_padding:
+            return mask
+        return self.width_mask.expand_as(z) if mask is None else mask * self.width_mask
 
     def keep(self, models: Tensor) -> None:
         """Keep only the models at the indices `models`, in that order, padded to the widest of them: the
