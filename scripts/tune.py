@@ -53,8 +53,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
     study.add_argument(
         "--fuse", type=fuse_count, default=1, metavar="K",
-        help="train up to K trials at once in one Trainer, a stacked network per depth, each freed place taken by "
-        "the next trial (default 1: one at a time); auto: 1 on the CPU, on a GPU as many as fit, up to 128",
+        help="train up to K trials at once in one Trainer as stacked networks (per depth on a GPU, per depth and "
+        "width on the CPU), each freed place taken by the next trial (default 1: one at a time); auto: 1 on the "
+        "CPU, on a GPU as many as fit, up to 128",
     )
     study.add_argument(
         "--final", choices=FINAL_CHOICES, default="refit_ensemble",
