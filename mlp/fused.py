@@ -323,8 +323,8 @@ class FusedClassifier(L.LightningModule):
 
     def add(self, classifier: MLPClassifier, epochs: int, name: str, logger: Logger | None = None) -> None:
         """At an epoch's end, add model `name` to train from the next epoch for its own `epochs`, as it would
-        alone: in the stack of its key (`stack_key`; a new stack for a new key), with its own parameter group, schedule
-        (counted from its first step), metrics and run. The Trainer's max_epochs grows to cover it."""
+        alone: in the stack of its key (`stack_key`; a new stack for a new key), with its own parameter group,
+        schedule (counted from its first step), metrics and run. The Trainer's max_epochs grows to cover it."""
         self.check_shares_settings(classifier)
         hp = dict(classifier.hparams)
         net = classifier.net.to(device=self.device, dtype=self.dtype)

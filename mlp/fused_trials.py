@@ -82,9 +82,9 @@ class FusedTrials:
         running: list[optuna.Trial],
         may_refill: Callable[[], bool],
     ) -> None:
-        """Train the trials of `group` in one Trainer. Each trial's end is told the study as
-        it leaves its stack, so a trial with fewer epochs completes at its own last epoch; then, while
-        `may_refill()` allows, trials asked from the study join for the next epoch in the places freed."""
+        """Train the trials of `group` in one Trainer. Each trial's end is told the study as it leaves its stack,
+        so a trial with fewer epochs completes at its own last epoch; then, while `may_refill()` allows, trials
+        asked from the study join for the next epoch in the places freed."""
         trials: dict[str, optuna.Trial] = {}
         checkpoints: dict[str, ModelInStackCheckpoint] = {}
 
@@ -162,8 +162,9 @@ def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
 def train_refits(
     runs: dict[str, MLPCLI], fit_args: list[str]
 ) -> tuple[dict[str, tuple[str, bool]], FashionMNISTDataModule]:
-    """Train refit runs together (stacked as `FusedTrials` stacks trials), each as its own `runs[name]` (built with --data.val_size=0)
-    would train alone, and write each model's final weights as an ordinary checkpoint at its own last epoch.
+    """Train refit runs together (stacked as `FusedTrials` stacks trials), each as its own `runs[name]` (built
+    with --data.val_size=0) would train alone, and write each model's final weights as an ordinary checkpoint at
+    its own last epoch.
 
     Returns, by name, the checkpoint's path and whether the model's last epoch ended finite (every step's
     training loss and every weight), which is what an unfused refit checks; and the data they trained on.
