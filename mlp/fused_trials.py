@@ -343,18 +343,32 @@ def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int
 
 
 AUTO_FUSE_MAX = 128  # the most trials per stack measured on a GPU; it trained the most model-epochs per second
+# On the CPU, with one width: 8 trials of 784-256-10 trained 2.0-2.2x faster at K = 8 than one at a time, and
+# 8 of 784-512-512-10 1.31-1.35x, the most of K = 1, 2, 4, 8 (see the README).
+CPU_FUSE = 8
+
+
+def one_width(space: SearchSpace) -> bool:
+    """Whether every trial of the search has the same width: pinned by a fit flag, or a range of one value."""
+    return space.width is None or space.width[0] == space.width[1]
 
 
 def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None) -> tuple[int, str]:
-    """`--fuse auto`: K for the device the trials train on, and why.
+    """`--fuse auto` (tune.py's default): K for the device the trials train on, and why.
 
-    On the CPU, 1: there a step costs its arithmetic, and the default search's nets are wide enough that
-    stacking them saves little of it. On 2 cores the fused default study took 1.98 s per default-net epoch
-    against the unfused study's 1.74, and the same 8 default-space trials trained in 59.3 and 63.3 s fused
-    against 60.5 and 71.8 s unfused (see the README). On a GPU, as many trials as fit in its free memory, up
-    to AUTO_FUSE_MAX.
+    On the CPU a stack holds trials of one depth and width (`pads_widths`). When the width is searched, few
+    trials share one, so K models in a Trainer save only its per-step work, small against the default
+    search's arithmetic: the fused default study took 1.98 s per default-net epoch against the unfused
+    study's 1.74, and the same 8 default-space trials trained in 59.3 and 63.3 s fused against 60.5 and 71.8 s
+    unfused. So K is 1 there, and CPU_FUSE when every trial has one width and the stacks fill. On a GPU, as
+    many trials as fit in its free memory, up to AUTO_FUSE_MAX.
     """
     if free_bytes is None:
-        return 1, "one trial at a time on the CPU, where fusing the default search measured no faster"
+        if one_width(space):
+            return CPU_FUSE, "on the CPU, trials of one width share stacks; the fastest K measured there"
+        return 1, (
+            "one trial at a time on the CPU, where trials of searched widths rarely share a stack and fusing "
+            "them measured no faster"
+        )
     fits = stack_fits(space, cli, free_bytes)[0]
     return max(1, min(AUTO_FUSE_MAX, fits)), f"{AUTO_FUSE_MAX} at most, and as many as fit in the GPU's free memory"

@@ -146,6 +146,7 @@ def report(
         "epochs_trained": epochs_trained(study),
         "cost": cost(study),
         "wall_seconds_this_run": round(wall_seconds, 1),
+        "fuse_this_run": fuse,
         "diverged": {str(t.number): t.user_attrs["diverged"] for t in trials if "diverged" in t.user_attrs},
     }
     if counts["complete"]:

@@ -3,7 +3,7 @@
     python scripts/tune.py                                  # the default study, resumable
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
     python scripts/tune.py --fuse 8                         # 8 trials at a time, as stacked networks
-    python scripts/tune.py --fuse auto --trainer.accelerator gpu   # as many at a time as the GPU holds, up to 128
+    python scripts/tune.py --trainer.accelerator gpu        # as many trials at a time as the GPU holds, up to 128
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
@@ -52,10 +52,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
     study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
     study.add_argument(
-        "--fuse", type=fuse_count, default=1, metavar="K",
+        "--fuse", type=fuse_count, default="auto", metavar="K",
         help="train up to K trials at once in one Trainer as stacked networks (per depth on a GPU, per depth and "
-        "width on the CPU), each freed place taken by the next trial (default 1: one at a time); auto: 1 on the "
-        "CPU, on a GPU as many as fit, up to 128",
+        "width on the CPU), each freed place taken by the next trial; 1 trains one at a time. Default auto: on "
+        "the CPU 8 when every trial has the same width, else 1; on a GPU as many as fit, up to 128",
     )
     study.add_argument(
         "--final", choices=FINAL_CHOICES, default="refit_ensemble",

@@ -4,6 +4,7 @@ import json
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -18,6 +19,7 @@ from mlp.errors import UserError
 from mlp.fused import FusedClassifier
 from mlp.fused_trials import (
     AUTO_FUSE_MAX,
+    CPU_FUSE,
     DATASET_BYTES,
     FusedTrials,
     Heartbeats,
@@ -169,13 +171,35 @@ def test_fuse_auto_picks_as_many_trials_as_the_gpu_holds_up_to_128(synthetic_dir
     assert auto_fuse(space, cli, 10 * per_model + DATASET_BYTES)[0] == 10
     assert auto_fuse(space, cli, 1000 * per_model + DATASET_BYTES)[0] == AUTO_FUSE_MAX == 128
     assert auto_fuse(space, cli, 1000)[0] == 1  # not even one: trials go unfused (and the first one says why)
-    assert auto_fuse(space, cli, None)[0] == 1  # on the CPU
+    # On the CPU: one at a time while widths are searched, CPU_FUSE when all trials have one width.
+    assert auto_fuse(space, cli, None)[0] == 1
+    assert auto_fuse(space.pin(["width"]), cli, None)[0] == CPU_FUSE == 8
+    assert auto_fuse(replace(space, width=(64, 64)), cli, None)[0] == CPU_FUSE
+    assert auto_fuse(replace(space, width=(64, 65)), cli, None)[0] == 1
 
 
-def test_fuse_auto_on_the_cpu_trains_one_trial_at_a_time_and_says_so(synthetic_dir, tmp_path, capsys):
-    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--fuse=auto"])
+def test_by_default_trials_of_searched_widths_train_one_at_a_time_on_the_cpu_and_it_says_so(
+    synthetic_dir, tmp_path, capsys
+):
+    summary = tune.main(tune_args(synthetic_dir, tmp_path, n_trials=1))  # searches widths 8 to 16
     assert "--fuse auto: 1 (one trial at a time on the CPU" in capsys.readouterr().out
+    assert summary["fuse_this_run"] == 1
     assert summary["trials"] == {"complete": 1} or summary["trials"] == {"pruned": 1}
+
+
+def test_by_default_trials_of_one_width_train_stacked_on_the_cpu(synthetic_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
+    monkeypatch.setattr(RecordsRefills, "refills", [])
+    monkeypatch.setattr(RecordsRefills, "stacks_at_start", [])
+    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    args[args.index("--width") + 1 : args.index("--width") + 3] = ["12", "12"]
+    args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # every trial learns
+
+    summary = tune.main([*args, "--pruner=none"])
+
+    assert "--fuse auto: 8 (on the CPU, trials of one width share stacks" in capsys.readouterr().out
+    assert summary["fuse_this_run"] == 8 and summary["trials"] == {"complete": 3}
+    assert RecordsRefills.stacks_at_start == [(1, [12, 12, 12])]  # all three trials in one stack
 
 
 def test_a_fuse_that_is_neither_a_number_nor_auto_is_a_clear_error(capsys):
