@@ -139,7 +139,7 @@ def run_study(
         space = space.pin(pinned)
         print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
     if fuse == "auto":
-        fuse, why = auto_fuse(space, cli, free_gpu_bytes(cli))
+        fuse, why = auto_fuse(space, cli, free_gpu_bytes(cli), n_trials)
         print(f"--fuse auto: {fuse} ({why})")
     if fuse > 1:
         check_fusable(fuse, space, cli)

@@ -55,7 +55,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--fuse", type=fuse_count, default="auto", metavar="K",
         help="train up to K trials at once in one Trainer as stacked networks (per depth on a GPU, per depth and "
         "width on the CPU), each freed place taken by the next trial; 1 trains one at a time. Default auto: on "
-        "the CPU 8 when every trial has the same width, else 1; on a GPU as many as fit, up to 128",
+        "the CPU 8 when every trial has the same width, else 1; on a GPU as many as fit, up to 128; either way at "
+        "most a quarter of --n-trials, so that TPE learns from finished trials",
     )
     study.add_argument(
         "--final", choices=FINAL_CHOICES, default="refit_ensemble",

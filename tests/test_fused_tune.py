@@ -163,19 +163,25 @@ def test_a_stack_too_big_for_the_gpu_is_refused_naming_a_k_that_fits(synthetic_d
     check_stack_fits(1024, space, cli, None)  # on the CPU: no estimate
 
 
-def test_fuse_auto_picks_as_many_trials_as_the_gpu_holds_up_to_128(synthetic_dir, tmp_path):
+def test_fuse_auto_picks_as_many_trials_as_the_gpu_holds_up_to_128_and_a_quarter_of_the_study(synthetic_dir, tmp_path):
     cli = build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
                      "--data.batch_size=256"])
     space = SearchSpace()
     per_model = stack_bytes(1, space.depth[1], space.width[1], 256, "sgd", 4)
-    assert auto_fuse(space, cli, 10 * per_model + DATASET_BYTES)[0] == 10
-    assert auto_fuse(space, cli, 1000 * per_model + DATASET_BYTES)[0] == AUTO_FUSE_MAX == 128
-    assert auto_fuse(space, cli, 1000)[0] == 1  # not even one: trials go unfused (and the first one says why)
+    assert auto_fuse(space, cli, 10 * per_model + DATASET_BYTES, 1000)[0] == 10
+    assert auto_fuse(space, cli, 1000 * per_model + DATASET_BYTES, 1000)[0] == AUTO_FUSE_MAX == 128
+    assert auto_fuse(space, cli, 1000, 1000)[0] == 1  # not even one: trials go unfused (and the first one says why)
+    # At most a quarter of the study's trials at once, rounded up, so that TPE learns from finished ones.
+    assert auto_fuse(space, cli, 1000 * per_model + DATASET_BYTES, 30) == (
+        8, "128 at most, and as many as fit in the GPU's free memory; at most a quarter of the 30 trials, so that "
+        "TPE learns from finished ones")
     # On the CPU: one at a time while widths are searched, CPU_FUSE when all trials have one width.
-    assert auto_fuse(space, cli, None)[0] == 1
-    assert auto_fuse(space.pin(["width"]), cli, None)[0] == CPU_FUSE == 8
-    assert auto_fuse(replace(space, width=(64, 64)), cli, None)[0] == CPU_FUSE
-    assert auto_fuse(replace(space, width=(64, 65)), cli, None)[0] == 1
+    assert auto_fuse(space, cli, None, 1000)[0] == 1
+    assert auto_fuse(space.pin(["width"]), cli, None, 1000)[0] == CPU_FUSE == 8
+    assert auto_fuse(replace(space, width=(64, 64)), cli, None, 1000)[0] == CPU_FUSE
+    assert auto_fuse(replace(space, width=(64, 65)), cli, None, 1000)[0] == 1
+    assert auto_fuse(space.pin(["width"]), cli, None, 30)[0] == 8
+    assert auto_fuse(space.pin(["width"]), cli, None, 8)[0] == 2
 
 
 def test_by_default_trials_of_searched_widths_train_one_at_a_time_on_the_cpu_and_it_says_so(
@@ -191,15 +197,18 @@ def test_by_default_trials_of_one_width_train_stacked_on_the_cpu(synthetic_dir, 
     monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
     monkeypatch.setattr(RecordsRefills, "refills", [])
     monkeypatch.setattr(RecordsRefills, "stacks_at_start", [])
-    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    args = tune_args(synthetic_dir, tmp_path, n_trials=5)
     args[args.index("--width") + 1 : args.index("--width") + 3] = ["12", "12"]
     args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # every trial learns
+    args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["1", "1"]
 
     summary = tune.main([*args, "--pruner=none"])
 
-    assert "--fuse auto: 8 (on the CPU, trials of one width share stacks" in capsys.readouterr().out
-    assert summary["fuse_this_run"] == 8 and summary["trials"] == {"complete": 3}
-    assert RecordsRefills.stacks_at_start == [(1, [12, 12, 12])]  # all three trials in one stack
+    out = capsys.readouterr().out
+    assert "--fuse auto: 2 (on the CPU, trials of one width share stacks; 8 was the fastest K there; at most a " \
+           "quarter of the 5 trials" in out
+    assert summary["fuse_this_run"] == 2 and summary["trials"] == {"complete": 5}
+    assert RecordsRefills.stacks_at_start == [(1, [12, 12])]  # two trials in one stack, refilled as they finish
 
 
 def test_a_fuse_that_is_neither_a_number_nor_auto_is_a_clear_error(capsys):
