@@ -366,8 +366,11 @@ def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials:
 
     Either way at most a quarter of the study's trials, rounded up: TPE draws a trial from the finished ones,
     and a stack of all the trials would ask every one before any finished, a random search. The fused default
-    study at K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc.
+    study at K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc. With gradient clipping,
+    which `check_fusable` refuses for stacks, 1.
     """
+    if cli.trainer.gradient_clip_val is not None:
+        return 1, "one trial at a time: --trainer.gradient_clip_val clips each trial's own gradients only unfused"
     if free_bytes is None:
         if not one_width(space):
             return 1, (

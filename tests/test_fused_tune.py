@@ -182,6 +182,11 @@ def test_fuse_auto_picks_as_many_trials_as_the_gpu_holds_up_to_128_and_a_quarter
     assert auto_fuse(replace(space, width=(64, 65)), cli, None, 1000)[0] == 1
     assert auto_fuse(space.pin(["width"]), cli, None, 30)[0] == 8
     assert auto_fuse(space.pin(["width"]), cli, None, 8)[0] == 2
+    # Stacks would clip all trials' gradients together (check_fusable refuses it), so auto does not stack them.
+    clipping = build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                          "--trainer.gradient_clip_val=1"])
+    assert auto_fuse(space.pin(["width"]), clipping, None, 1000)[0] == 1
+    assert auto_fuse(space, clipping, 1000 * per_model + DATASET_BYTES, 1000)[0] == 1
 
 
 def test_by_default_trials_of_searched_widths_train_one_at_a_time_on_the_cpu_and_it_says_so(
