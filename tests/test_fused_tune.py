@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,6 +25,7 @@ from mlp.fused_trials import (
     FusedTrials,
     Heartbeats,
     auto_fuse,
+    check_fusable,
     check_stack_fits,
     stack_bytes,
 )
@@ -139,6 +141,18 @@ def test_fuse_below_one_is_a_clear_error_before_any_trial(synthetic_dir, tmp_pat
     with pytest.raises(UserError, match="--fuse must be >= 1"):
         tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--fuse={fuse}"])
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_loss_scaler_with_fuse_is_refused_with_the_reason_and_auto_trains_one_at_a_time(synthetic_dir, tmp_path):
+    """16-mixed on a GPU scales the loss: torch's GradScaler skips the optimiser's whole step when any gradient
+    overflows, so one stacked trial's overflow would skip every other trial's step too. Lightning gives the CPU
+    bf16-mixed, which has no scaler, so a CPU scaler stands in for the GPU's here."""
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    cli.trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    space = SearchSpace().pin(["width"])
+    with pytest.raises(UserError, match="16-mixed with --fuse: its one loss scaler would skip every stacked trial"):
+        check_fusable(2, space, cli)
+    assert auto_fuse(space, cli, None, 1000)[0] == 1
 
 
 def test_gradient_clipping_with_fuse_is_refused_with_the_reason(synthetic_dir, tmp_path):
