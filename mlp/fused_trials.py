@@ -356,8 +356,8 @@ def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int
 
 
 AUTO_FUSE_MAX = 128  # the most trials per stack measured on a GPU; it trained the most model-epochs per second
-# On the CPU, with one width: 8 trials of 784-256-10 trained 2.0-2.2x faster at K = 8 than one at a time, and
-# 8 of 784-512-512-10 1.31-1.35x, the most of K = 1, 2, 4, 8 (see the README).
+# On the CPU, with one width: 8 trials of 784-256-10 trained 2.0-2.2x faster at K = 8 than one at a time,
+# 8 of 784-512-512-10 1.29-1.41x (the most of K = 1, 2, 4, 8) and 30 of them 1.39-1.45x (see the README).
 CPU_FUSE = 8
 
 
