@@ -1,5 +1,6 @@
-"""Several tune.py workers on one study: distinct draws, an exact trial count, a killed worker's trial rerun,
-one report. The workers run against a real PostgreSQL server started on loopback for the test."""
+"""Several tune.py workers on one study: distinct draws, an exact trial count, a killed worker's trials rerun,
+one report, with trials trained one at a time or stacked. The workers run against a real PostgreSQL server
+started on loopback for the test."""
 
 import glob
 import os
@@ -280,24 +281,26 @@ def pid_of(trial: optuna.trial.FrozenTrial) -> int | None:
     return int(worker.rsplit(":", 1)[1]) if worker else None
 
 
-def test_three_workers_on_postgres_share_one_study_and_recover_a_killed_one(postgres_url, synthetic_dir, tmp_path):
+@pytest.mark.parametrize("fuse", [1, 2])
+def test_three_workers_on_postgres_share_one_study_and_recover_a_killed_one(fuse, postgres_url, synthetic_dir, tmp_path):
+    """With --fuse 2 each worker trains its trials two at a time, and the killed worker takes both with it."""
     n_trials = 6
     args = [
         f"--n-trials={n_trials}", f"--storage={postgres_url}", "--study-name=scale", "--pruner=none",
         "--lr", "0.05", "0.2", "--epochs", "15", "15", "--depth", "1", "1", "--width", "8", "32",
         f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--data.val_size=100", "--data.batch_size=32",
+        "--data.val_size=100", "--data.batch_size=32", f"--fuse={fuse}",
     ]
     # All three start at once on an empty database, as a user starting N workers would.
     survivors = [worker(args, tmp_path / f"worker{i}.log") for i in range(2)]
     victim = worker(args, tmp_path / "victim.log")
 
-    def victims_trial() -> optuna.trial.FrozenTrial | None:
-        """The victim's trial, once it is running and has reported an epoch."""
+    def victims_trials() -> list[optuna.trial.FrozenTrial] | None:
+        """The victim's running trials, once each has reported an epoch."""
         running = [t for t in trials_of(postgres_url) if t.state == TrialState.RUNNING and pid_of(t) == victim.pid]
-        return running[0] if running and running[0].intermediate_values else None
+        return running if running and all(t.intermediate_values for t in running) else None
 
-    killed = wait_for(victims_trial, "the victim's trial reported an epoch", [*survivors, victim])
+    killed = wait_for(victims_trials, "the victim's trials reported an epoch", [*survivors, victim])
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
 
@@ -310,12 +313,14 @@ def test_three_workers_on_postgres_share_one_study_and_recover_a_killed_one(post
     assert len({t.number for t in trials}) == len(trials)
     assert sum(t.state in FINISHED for t in trials) == n_trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    # The killed trial failed once its heartbeat was stale and ran again, once, with the same parameters.
-    assert trials[killed.number].state == TrialState.FAIL
-    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
-    assert retry.state in FINISHED and retry.params == killed.params
+    # Each killed trial failed once its heartbeat was stale and ran again, once, with the same parameters.
+    assert fuse == 1 or len(killed) == fuse, "the victim trained its trials together"
+    for trial in killed:
+        assert trials[trial.number].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert retry.state in FINISHED and retry.params == trial.params
     # Any other failure is a trial started at the same moment as the last one, stopped before training.
-    others = [t for t in trials if t.state == TrialState.FAIL and t.number != killed.number]
+    others = [t for t in trials if t.state == TrialState.FAIL and t.number not in {k.number for k in killed}]
     assert all(t.user_attrs.get("surplus") and not t.params for t in others)
     # The survivors both trained, and never drew the same parameters (retries aside).
     assert {p.pid for p in survivors} <= {pid_of(t) for t in trials if t.state in FINISHED}
