@@ -63,6 +63,8 @@ class FusedTrials:
     def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None:
         """Train up to `fuse` trials at once, refilling each freed place while `may_refill()` allows."""
         asked = self.ask(study, self.fuse)
+        if not asked:  # another worker took the place run_trials saw free (its trial surplus, or a retry taken)
+            return
         running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
         with Heartbeats(study, running):
             try:

@@ -31,6 +31,7 @@ from mlp.fused_trials import (
 )
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
+from mlp.study import open_study
 from tests.conftest import epoch_values
 from tests.test_reliability import created_trials, run, start, wait_for
 from tests.test_reliability import tune_args as slow_tune_args
@@ -134,6 +135,17 @@ def test_a_freed_place_is_refilled_only_while_may_refill_allows(synthetic_dir, t
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
     # Trial 2 joins trial 1's Trainer for its epoch 1, or waits for it to finish and starts a Trainer of its own.
     assert (trials[2].datetime_start < trials[1].datetime_complete) == refill
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_worker_whose_free_place_another_took_first_trains_nothing_and_looks_again(tmp_path):
+    """run_trials saw a place free, and another worker took it before this one asked (as a retry taken by
+    another survivor in the three-worker PostgreSQL test): start_trials returns, with no trial and no error."""
+    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    taken = study.ask()  # the other worker's trial, in the study's only place
+    objective = FusedTrials(SearchSpace(), [], "s", n_trials=1, fuse=2)
+    objective.start_trials(study, may_refill=lambda: True)
+    assert [t.number for t in study.trials] == [taken.number] and objective.ran == []
 
 
 @pytest.mark.parametrize("fuse", ["0", "-2"])
