@@ -313,15 +313,21 @@ def test_three_workers_on_postgres_share_one_study_and_recover_a_killed_one(fuse
     assert len({t.number for t in trials}) == len(trials)
     assert sum(t.state in FINISHED for t in trials) == n_trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    # Each killed trial failed once its heartbeat was stale and ran again, once, with the same parameters.
+    # Each killed trial failed once its heartbeat was stale and was enqueued again, once, with the same
+    # parameters, and ran. Optuna's fail_stale_trials fails every stale trial before it enqueues their retries:
+    # a survivor that asks in between may start a fresh trial in a failed one's place, and then that retry comes
+    # too late and is surplus (2 runs in 12 with --fuse 2 at 7983e5e); the count stays exact.
     assert fuse == 1 or len(killed) == fuse, "the victim trained its trials together"
+    retries = []
     for trial in killed:
         assert trials[trial.number].state == TrialState.FAIL
         (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
-        assert retry.state in FINISHED and retry.params == trial.params
+        assert retry.params == trial.params
+        assert retry.state in FINISHED or (retry.state == TrialState.FAIL and retry.user_attrs.get("surplus"))
+        retries.append(retry.number)
     # Any other failure is a trial started at the same moment as the last one, stopped before training.
     others = [t for t in trials if t.state == TrialState.FAIL and t.number not in {k.number for k in killed}]
-    assert all(t.user_attrs.get("surplus") and not t.params for t in others)
+    assert all(t.user_attrs.get("surplus") and (not t.params or t.number in retries) for t in others)
     # The survivors both trained, and never drew the same parameters (retries aside).
     assert {p.pid for p in survivors} <= {pid_of(t) for t in trials if t.state in FINISHED}
     drawn = [tuple(sorted(t.params.items())) for t in trials if t.params and "failed_trial" not in t.system_attrs]
