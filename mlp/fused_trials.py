@@ -309,25 +309,28 @@ def free_gpu_bytes(cli: MLPCLI) -> int | None:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
-def why_unfusable(cli: MLPCLI) -> str | None:
-    """Which fit flag keeps stacked trials from training as each would alone, and why; None when none does."""
+def why_unfusable(cli: MLPCLI) -> tuple[str, str] | None:
+    """Which fit flag keeps stacked trials from training as each would alone: why, and what to do instead; None
+    when none does."""
     if cli.trainer.gradient_clip_val is not None:
         return (
             "--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' gradients "
-            "together, not each trial's own; drop the flag or use --fuse 1"
+            "together, not each trial's own",
+            "drop the flag or use --fuse 1",
         )
     if getattr(cli.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed on a GPU
         return (
             f"--trainer.precision {cli.trainer.precision} with --fuse: its one loss scaler would skip every stacked "
-            "trial's step whenever one trial's gradients overflow; use --trainer.precision bf16-mixed or --fuse 1"
+            "trial's step whenever one trial's gradients overflow",
+            "use --trainer.precision bf16-mixed or --fuse 1",
         )
     return None
 
 
 def check_fusable(fuse: int, space: SearchSpace, cli: MLPCLI) -> None:
     """Refuse, before any trial, what a stack of `fuse` trials cannot train as the trials would alone."""
-    reason = why_unfusable(cli)
-    check(reason is None, reason or "")
+    unfusable = why_unfusable(cli)
+    check(unfusable is None, "; ".join(unfusable or ()))
     check_stack_fits(fuse, space, cli, free_gpu_bytes(cli))
 
 
@@ -383,8 +386,8 @@ def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials:
     study at K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc. With a fit flag that
     `check_fusable` refuses for stacks (`why_unfusable`), 1.
     """
-    if reason := why_unfusable(cli):
-        return 1, "one trial at a time: " + reason.split(";")[0]
+    if unfusable := why_unfusable(cli):
+        return 1, "one trial at a time: " + unfusable[0]
     if free_bytes is None:
         if not one_width(space):
             return 1, (

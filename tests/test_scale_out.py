@@ -314,9 +314,9 @@ def test_three_workers_on_postgres_share_one_study_and_recover_a_killed_one(fuse
     assert sum(t.state in FINISHED for t in trials) == n_trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     # Each killed trial failed once its heartbeat was stale and was enqueued again, once, with the same
-    # parameters, and ran. Optuna's fail_stale_trials fails every stale trial before it enqueues their retries:
-    # a survivor that asks in between may start a fresh trial in a failed one's place, and then that retry comes
-    # too late and is surplus (2 runs in 12 with --fuse 2 at 7983e5e); the count stays exact.
+    # parameters; the retry ran, or was surplus: Optuna's fail_stale_trials fails every stale trial before it
+    # enqueues their retries, and a survivor that asks in between may start a fresh trial in a failed one's place,
+    # so that retry comes too late (2 runs in 12 with --fuse 2 at 7983e5e); the count stays exact.
     assert fuse == 1 or len(killed) == fuse, "the victim trained its trials together"
     retries = []
     for trial in killed:
