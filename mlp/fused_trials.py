@@ -34,7 +34,7 @@ from mlp.errors import check
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint, save_single
 from mlp.net import multiply_adds
 from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
-from mlp.study import HEARTBEAT_SECONDS, is_surplus, log, may_start_trial
+from mlp.study import HEARTBEAT_SECONDS, is_surplus, log, may_start_trial, surplus_trials
 
 
 class FusedTrials:
@@ -111,6 +111,10 @@ class FusedTrials:
                 trial.set_user_attr("best_checkpoint", checkpoints[name].best_model_path)
                 study.tell(trial, value)
                 log.info(f"Trial {name} finished with value: {value} and parameters: {trial.params}.")
+            elif how == "surplus":
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                log.info(f"Trial {name} stops: a retry of an older trial took its place in the study.")
             else:
                 if how == "diverged":
                     trial.set_user_attr("diverged", detail)
@@ -140,7 +144,7 @@ class FusedTrials:
         group_run = group_cli(self.fit_args, max(epochs))
         # Checkpoints last, as Lightning orders them, so a trial pruned this epoch is not saved.
         trial_checkpoints = TrialCheckpoints(dict(checkpoints))
-        group_run.trainer.callbacks += [ReportAndPrune(trials), trial_checkpoints]
+        group_run.trainer.callbacks += [ReportAndPrune(study, trials, self.n_trials), trial_checkpoints]
         models = [cli.model for cli in clis]
         group_run.model = FusedClassifier(
             models, epochs, list(trials), loggers, on_leave=tell, refill=refill, pad_widths=pads_widths(group_run)
@@ -242,16 +246,23 @@ class TrialCheckpoints(L.Callback):
 
 class ReportAndPrune(L.Callback):
     """Each epoch, each trial still in the stack reports its val/acc at the fraction of its own schedule done
-    (as an unfused trial does) and is pruned on its own."""
+    (as an unfused trial does) and is pruned on its own; a trial that the study of n_trials no longer has a
+    place for stops."""
 
-    def __init__(self, trials: dict[str, optuna.Trial]) -> None:
-        self.trials = trials
+    def __init__(self, study: optuna.Study, trials: dict[str, optuna.Trial], n_trials: int) -> None:
+        self.study, self.trials, self.n_trials = study, trials, n_trials
         self.previous: dict[str, float] = {}  # each trial's val/acc at its last epoch
 
     def on_validation_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
         if trainer.sanity_checking:
             return
+        surplus = surplus_trials(self.study, self.n_trials)
         for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
+            if self.trials[name].number in surplus:
+                self.trials[name].set_user_attr("epochs_trained", module.progress(k)[0] + 1)  # spent, not reported
+                module.stopping.pop(name, None)  # even if it diverged: its place is another's, it must not count
+                module.stop(name, "surplus")
+                continue
             value = trainer.callback_metrics[f"val/acc/{name}"].item()
             prune = report_schedule_fraction(
                 self.trials[name], module.progress(k)[0], epochs, value, self.previous.get(name)

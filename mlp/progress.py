@@ -26,7 +26,7 @@ LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
 @dataclass(frozen=True)
 class StudyCounts:
-    """Trials of a study by state, and the best so far; surplus trials (see mlp.study.is_surplus) are no failure."""
+    """Trials of a study by state, and the best so far; surplus trials (see mlp.study.surplus_trials) are no failure."""
 
     complete: int = 0
     pruned: int = 0

@@ -14,7 +14,7 @@ import optuna
 import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mlp.cli import MLPCLI
 from mlp.errors import UserError
@@ -123,15 +123,34 @@ def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace
         study.enqueue_trial({name: start[name] for name in searched})
 
 
-def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
-    """Whether n_trials live trials were created before this one.
+def place(trial: FrozenTrial) -> int:
+    """The trial's place in the order the study created its trials; a retry keeps the place of the trial it
+    retries, whose place it takes over."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return trial.number if retried is None else retried
 
-    Workers check the count before they ask for a trial, but two can check at the same moment. The storage
-    numbers trials in the order it creates them, so counting only earlier trials settles the tie: the later
-    one is surplus.
+
+def surplus_trials(study: optuna.Study, n_trials: int) -> set[int]:
+    """The numbers of the running or queued trials that a study of n_trials has no place for.
+
+    Workers check the count before they ask for a trial, but two can check at the same moment, and Optuna's
+    fail_stale_trials fails all of a dead worker's trials before it queues their retries, so a worker asking in
+    between starts a fresh trial in a place a retry is owed. The rule every worker applies: finished trials
+    keep their places, and the rest go to running and queued trials by their `place`: a fresh trial created in
+    the same moment as another loses to the earlier one, and a fresh trial loses to a retry of an older trial.
     """
-    live = trial.study.get_trials(deepcopy=False, states=LIVE)
-    return sum(t.number < trial.number for t in live) >= n_trials
+    live = study.get_trials(deepcopy=False, states=LIVE)
+    unfinished = sorted((place(t), t.number) for t in live if t.state not in FINISHED)
+    places_left = max(0, n_trials - sum(t.state in FINISHED for t in live))
+    return {number for _, number in unfinished[places_left:]}
+
+
+def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
+    """Whether the study has no place for this running trial (see surplus_trials); checked when it starts and
+    at each of its epochs' ends, when it stops if so."""
+    return trial.number in surplus_trials(trial.study, n_trials)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

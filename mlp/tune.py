@@ -25,19 +25,28 @@ from mlp.fused_trials import FusedTrials, auto_fuse, check_fusable, free_gpu_byt
 from mlp.net import multiply_adds
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, report_schedule_fraction, suggest, trial_args
-from mlp.study import finished_numbers, is_surplus, open_study, run_trials, start_from_fit_defaults, writes_report
+from mlp.study import finished_numbers, is_surplus, log, open_study, run_trials, start_from_fit_defaults, writes_report
+
+
+class SurplusTrial(Exception):
+    """The study has no place left for the running trial (see mlp.study.surplus_trials)."""
 
 
 class ScheduleFractionPruning(PyTorchLightningPruningCallback):
-    """Optuna's Lightning pruning callback, reporting at percent of the trial's schedule instead of at epochs."""
+    """Optuna's Lightning pruning callback, reporting at percent of the trial's schedule instead of at epochs;
+    it also stops a trial that the study of n_trials no longer has a place for."""
 
-    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+    def __init__(self, trial: optuna.Trial, monitor: str, n_trials: int) -> None:
         super().__init__(trial, monitor)
         self.previous: float | None = None
+        self.n_trials = n_trials
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        if is_surplus(self._trial, self.n_trials):
+            self._trial.set_user_attr("epochs_trained", pl_module.current_epoch + 1)  # spent, though not reported
+            raise SurplusTrial
         value = trainer.callback_metrics[self.monitor].item()
         epoch = pl_module.current_epoch
         prune = report_schedule_fraction(self._trial, epoch, trainer.max_epochs, value, self.previous)
@@ -62,13 +71,12 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         if is_surplus(trial, self.n_trials):
             # Another worker took the last place at the same moment; NaN fails the trial, so it never counts.
-            trial.set_user_attr("surplus", True)
-            return math.nan
+            return surplus(trial)
         self.ran.append(trial.number)
         args = trial_args(self.fit_args, suggest(trial, self.space), self.study_name, f"trial_{trial.number}")
         cli = build_cli(args)
         trainer = cli.trainer
-        trainer.callbacks.append(ScheduleFractionPruning(trial, monitor="val/acc"))
+        trainer.callbacks.append(ScheduleFractionPruning(trial, "val/acc", self.n_trials))
         trial.set_user_attr("log_dir", trainer.log_dir)
         trial.set_user_attr("multiply_adds", multiply_adds(cli.model.hparams.depth, cli.model.hparams.width))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -77,6 +85,9 @@ class Objective:
         except optuna.TrialPruned:
             if not divergence_message(trainer):
                 raise
+        except SurplusTrial:
+            log.info(f"Trial {trial.number} stops: a retry of an older trial took its place in the study.")
+            return surplus(trial)
         except KeyboardInterrupt:
             # NaN makes Optuna record the trial as failed (without a traceback); run_trials stops after it.
             self.interrupted = True
@@ -89,6 +100,12 @@ class Objective:
         checkpoint = cli.config_init["checkpoint"]
         trial.set_user_attr("best_checkpoint", checkpoint.best_model_path)
         return checkpoint.best_model_score.item()
+
+
+def surplus(trial: optuna.Trial) -> float:
+    """Mark the trial surplus (no failure, see mlp.progress); the NaN returned fails it, so it never counts."""
+    trial.set_user_attr("surplus", True)
+    return math.nan
 
 
 def run_study(
