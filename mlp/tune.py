@@ -25,7 +25,15 @@ from mlp.fused_trials import FusedTrials, auto_fuse, check_fusable, free_gpu_byt
 from mlp.net import multiply_adds
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, report_schedule_fraction, suggest, trial_args
-from mlp.study import finished_numbers, is_surplus, log, open_study, run_trials, start_from_fit_defaults, writes_report
+from mlp.study import (
+    finished_numbers,
+    is_surplus,
+    log,
+    open_study,
+    run_trials,
+    start_from_fit_defaults,
+    writes_report,
+)
 
 
 class SurplusTrial(Exception):
