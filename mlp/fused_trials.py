@@ -34,7 +34,15 @@ from mlp.errors import check
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint, save_single
 from mlp.net import multiply_adds
 from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
-from mlp.study import HEARTBEAT_SECONDS, is_surplus, log, may_start_trial, surplus_trials
+from mlp.study import (
+    HEARTBEAT_SECONDS,
+    gives_way,
+    is_surplus,
+    log,
+    mark_surplus,
+    may_start_trial,
+    surplus_trials,
+)
 
 
 class FusedTrials:
@@ -54,7 +62,7 @@ class FusedTrials:
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = study.ask()
             if is_surplus(trial, self.n_trials):  # another worker took the last place at the same moment
-                trial.set_user_attr("surplus", True)
+                mark_surplus(trial)
                 study.tell(trial, state=TrialState.FAIL)
                 break
             asked.append((trial, suggest(trial, self.space)))
@@ -112,9 +120,8 @@ class FusedTrials:
                 study.tell(trial, value)
                 log.info(f"Trial {name} finished with value: {value} and parameters: {trial.params}.")
             elif how == "surplus":
-                trial.set_user_attr("surplus", True)
+                mark_surplus(trial)
                 study.tell(trial, state=TrialState.FAIL)
-                log.info(f"Trial {name} stops: a retry of an older trial took its place in the study.")
             else:
                 if how == "diverged":
                     trial.set_user_attr("diverged", detail)
@@ -259,7 +266,7 @@ class ReportAndPrune(L.Callback):
         surplus = surplus_trials(self.study, self.n_trials)
         for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
             if self.trials[name].number in surplus:
-                self.trials[name].set_user_attr("epochs_trained", module.progress(k)[0] + 1)  # spent, not reported
+                gives_way(self.trials[name], module.progress(k)[0] + 1)
                 module.stopping.pop(name, None)  # even if it diverged: its place is another's, it must not count
                 module.stop(name, "surplus")
                 continue

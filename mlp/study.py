@@ -153,6 +153,19 @@ def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
     return trial.number in surplus_trials(trial.study, n_trials)
 
 
+def mark_surplus(trial: optuna.Trial) -> None:
+    """Record that the study had no place for the trial; it is then failed, but counts as no failure (see
+    mlp.progress)."""
+    trial.set_user_attr("surplus", True)
+
+
+def gives_way(trial: optuna.Trial, epochs_trained: int) -> None:
+    """Note a running trial found surplus at the end of an epoch: a retry of an older trial took its place. The
+    epochs it trained count in the report's cost, though it reports no value for the last of them."""
+    trial.set_user_attr("epochs_trained", epochs_trained)
+    log.info(f"Trial {trial.number} stops: a retry of an older trial took its place in the study.")
+
+
 def fail_stale_trials(study: optuna.Study) -> None:
     """Fail the trials of workers whose heartbeat went stale; each is enqueued again once."""
     with warnings.catch_warnings():

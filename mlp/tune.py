@@ -27,8 +27,9 @@ from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, report_schedule_fraction, suggest, trial_args
 from mlp.study import (
     finished_numbers,
+    gives_way,
     is_surplus,
-    log,
+    mark_surplus,
     open_study,
     run_trials,
     start_from_fit_defaults,
@@ -53,7 +54,7 @@ class ScheduleFractionPruning(PyTorchLightningPruningCallback):
         if trainer.sanity_checking:
             return
         if is_surplus(self._trial, self.n_trials):
-            self._trial.set_user_attr("epochs_trained", pl_module.current_epoch + 1)  # spent, though not reported
+            gives_way(self._trial, pl_module.current_epoch + 1)
             raise SurplusTrial
         value = trainer.callback_metrics[self.monitor].item()
         epoch = pl_module.current_epoch
@@ -94,7 +95,6 @@ class Objective:
             if not divergence_message(trainer):
                 raise
         except SurplusTrial:
-            log.info(f"Trial {trial.number} stops: a retry of an older trial took its place in the study.")
             return surplus(trial)
         except KeyboardInterrupt:
             # NaN makes Optuna record the trial as failed (without a traceback); run_trials stops after it.
@@ -111,8 +111,8 @@ class Objective:
 
 
 def surplus(trial: optuna.Trial) -> float:
-    """Mark the trial surplus (no failure, see mlp.progress); the NaN returned fails it, so it never counts."""
-    trial.set_user_attr("surplus", True)
+    """Mark the trial surplus; the NaN returned fails it, so it never counts."""
+    mark_surplus(trial)
     return math.nan
 
 
