@@ -202,7 +202,7 @@ def test_exactly_one_reporter_when_workers_outnumber_the_remaining_trials(tmp_pa
     assert writes_report(study, ran=[], finished_before=finished_numbers(study))
 
 
-def killed(study: optuna.Study, space: SearchSpace = SearchSpace()) -> optuna.trial.FrozenTrial:
+def fail_as_stale(study: optuna.Study, space: SearchSpace = SearchSpace()) -> optuna.trial.FrozenTrial:
     """A trial with parameters whose worker died, failed by fail_stale_trials; its retry not yet queued."""
     trial = study.ask()
     suggest(trial, space)
@@ -210,7 +210,7 @@ def killed(study: optuna.Study, space: SearchSpace = SearchSpace()) -> optuna.tr
     return study.trials[trial.number]
 
 
-def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
+def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
     """Queue the retry of a killed trial as fail_stale_trials does; its number."""
     RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
     return study.trials[-1].number
@@ -223,12 +223,12 @@ def test_a_retry_keeps_the_place_of_the_trial_it_retries_against_a_fresh_trial_s
     the storage numbered first, so that every killed configuration runs again."""
     study = optuna.create_study(direction="maximize")
     study.tell(study.ask(), 0.5)
-    first, second = killed(study), killed(study)  # both of the dead worker's trials
-    first_retry = retry(study, first)
+    first, second = fail_as_stale(study), fail_as_stale(study)  # both of the dead worker's trials
+    first_retry = queue_retry(study, first)
     assert study.ask().number == first_retry  # started by a survivor
     fresh = study.ask()  # another survivor finds 2 of 3 places held: 1 finished, 1 running
     assert not is_surplus(fresh, n_trials=3)
-    second_retry = retry(study, second)
+    second_retry = queue_retry(study, second)
     assert surplus_trials(study, n_trials=3) == {fresh.number}  # the fresh trial stops at its epoch's end
     assert not is_surplus(study.ask(), n_trials=3)  # and the retry, asked next, starts
     assert first_retry < fresh.number < second_retry
@@ -254,13 +254,13 @@ def test_a_trial_whose_place_a_retry_is_owed_stops_at_its_epochs_end_and_the_ret
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="test", storage=url, direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})
-    dead = killed(study, SearchSpace(lr=(1e-7, 1e4), epochs=(1, 2), depth=(1, 1), width=(8, 16)))
+    dead = fail_as_stale(study, SearchSpace(lr=(1e-7, 1e4), epochs=(1, 2), depth=(1, 1), width=(8, 16)))
     checks = []
 
     def retry_queued_after_the_first_check(study: optuna.Study, n_trials: int) -> set[int]:
         checks.append(n_trials)
         if len(checks) == 2:  # the fresh trial's first epoch end; its start was the first check
-            retry(study, dead)
+            queue_retry(study, dead)
         return surplus_trials(study, n_trials)
 
     monkeypatch.setattr("mlp.study.surplus_trials", retry_queued_after_the_first_check)
