@@ -276,8 +276,13 @@ class FusedClassifier(L.LightningModule):
                 self.stopping[name] = ("diverged", detail)
 
     def stop(self, name: str, how: str, detail: str = "") -> None:
-        """Take model `name` out of the stack at the end of this epoch (e.g. its trial was pruned)."""
-        self.stopping.setdefault(name, (how, detail))
+        """Take model `name` out of the stack at the end of this epoch (e.g. its trial was pruned). The first
+        reason stands, except "surplus": a trial whose place in the study is another's must not count, so it
+        overrides even a divergence found in the same epoch."""
+        if how == "surplus":
+            self.stopping[name] = (how, detail)
+        else:
+            self.stopping.setdefault(name, (how, detail))
 
     def write(self, k: int, scalars: dict[str, Tensor]) -> None:
         logger = self.loggers_per_model[k]

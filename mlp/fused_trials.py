@@ -267,7 +267,6 @@ class ReportAndPrune(L.Callback):
         for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
             if self.trials[name].number in surplus:
                 gives_way(self.trials[name], module.progress(k)[0] + 1)
-                module.stopping.pop(name, None)  # even if it diverged: its place is another's, it must not count
                 module.stop(name, "surplus")
                 continue
             value = trainer.callback_metrics[f"val/acc/{name}"].item()

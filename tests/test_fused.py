@@ -300,6 +300,29 @@ def test_a_diverging_model_leaves_the_stack_and_the_others_go_on():
             torch.testing.assert_close(states.states[name][epochs - 1][key], value, rtol=1e-12, atol=1e-12)
 
 
+class StopAfterValidation(L.Callback):
+    """Stops model `name` with reason `how` after its first validation, as ReportAndPrune does."""
+
+    def __init__(self, name: str, how: str) -> None:
+        self.name, self.how = name, how
+
+    def on_validation_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        if not trainer.sanity_checking and self.name in module.names:
+            module.stop(self.name, self.how)
+
+
+@pytest.mark.parametrize("how,outcome", [("surplus", "surplus"), ("pruned", "diverged")])
+def test_surplus_overrides_a_divergence_in_the_same_epoch_and_other_reasons_do_not(how, outcome):
+    # A trial whose place in the study is another's must not count, even if it diverged (mlp.study.surplus_trials).
+    hparams = [HPARAMS[0], {**HPARAMS[1], "lr": 1e300}]
+    models = classifiers(hparams)
+    fused = FusedClassifier([copy.deepcopy(m) for m in models], [hp["epochs"] for hp in hparams], ["a", "b"])
+    train, val = loaders()
+    trainer(3, [StopAfterValidation("b", how)]).fit(fused, train, val)
+    assert fused.outcomes["b"][0] == outcome
+    assert fused.outcomes["a"] == ("finished", "")
+
+
 def test_each_model_checkpoint_loads_as_a_single_model(tmp_path):
     models = classifiers(HPARAMS)
     names = ["a", "b", "c"]
