@@ -7,7 +7,9 @@ is built by), the other scripts' from the argparse parser their `main` builds, c
 
 import argparse
 import importlib.util
+import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,9 @@ def script_parser(name: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Argume
     with monkeypatch.context() as patch:
         patch.setattr(argparse.ArgumentParser, "parse_args", catch)
         patch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+        patch.setattr(sys, "argv", [f"{name}.py"])  # for a main that reads sys.argv itself
         try:
-            module.main([])
+            module.main([]) if inspect.signature(module.main).parameters else module.main()
         except Parsed as parsed:
             return parsed.parser
     raise AssertionError(f"scripts/{name}.py's main parsed no command line")
