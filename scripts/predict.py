@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     from mlp.answer import export, load_answer
     from mlp.images import read_images
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="MODEL [IMAGE ...]", help="the model, then the images")
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s MODEL [IMAGE ...] [--output CSV] [--export PATH] [--data_dir DATA_DIR]",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", metavar="MODEL [IMAGE ...]", help="the model, then the image files")
     parser.add_argument("--output", metavar="CSV", help="write file,class,probability rows here instead of printing")
     parser.add_argument("--export", metavar="PATH", help="write the model here as one torch.export file (.pt2)")
     parser.add_argument("--data_dir", help="Fashion-MNIST folder, if not where the model trained: each member "

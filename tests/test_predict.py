@@ -17,7 +17,7 @@ from mlp.answer import export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
 from mlp.errors import run_script
 from mlp.module import MLPClassifier
-from tests.conftest import write_idx, write_synthetic_dataset
+from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -48,9 +48,9 @@ def study(tmp_path_factory) -> Path:
     return home / "lightning_logs" / "tune" / "test"
 
 
-def raw_test_images(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_test_images(data_dir: Path, cache_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split as stored: uint8 images (N, 28, 28) and their labels, not standardised."""
-    return load_split(locate_fashion_mnist(data_dir), "test", data_dir)
+    return load_split(locate_fashion_mnist(data_dir), "test", cache_dir or data_dir)
 
 
 def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
@@ -70,6 +70,8 @@ def test_each_final_model_of_a_study_scores_its_reported_test_acc_on_raw_images(
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(len(images)))
     # Float pixels in [0, 1], as rows, are the same images.
     assert torch.allclose(answer(images.reshape(-1, 784).float() / 255), probabilities, atol=1e-6)
+    with pytest.raises(ValueError, match="784 pixels"):
+        answer(images[:, :27])
 
 
 def test_each_member_standardises_images_as_its_own_training_split_did(study):
@@ -168,6 +170,27 @@ def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study
     assert [c for _, c, _ in rows[5:]] == [CLASS_NAMES[c] for c in predicted[:3]]
     assert len(lines) == 8
     assert accuracy(load_answer(study)(images[:4]), labels[:4]) > 0.7  # it learned the bands, so the lines say it
+
+
+@pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+def test_predict_names_the_class_of_real_test_images_saved_as_png_after_a_short_fit(tmp_path, capsys):
+    fit.main([
+        f"--data.data_dir={tmp_path / 'data'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--model.depth=1", "--model.width=32", "--trainer.max_epochs=1", "--trainer.limit_train_batches=50",
+        "--progress_bar.refresh_rate=0",
+    ])
+    (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    images, labels = raw_test_images(tmp_path / "data", tmp_path)
+    pngs = [tmp_path / f"test{i}.png" for i in range(4)]  # an ankle boot, a pullover and two trousers
+    for png, image in zip(pngs, images):
+        Image.fromarray(image.numpy()).save(png)
+    capsys.readouterr()
+
+    predict.main([str(best), *map(str, pngs)])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [f"{png}: {CLASS_NAMES[y]}" for png, y in zip(pngs, labels)]
+    assert all(0.1 <= float(line.rsplit("(", 1)[1].rstrip(")")) <= 1 for line in lines)  # the largest of 10
 
 
 def test_predict_writes_csv_with_output(study, tmp_path, capsys):
