@@ -111,10 +111,10 @@ def training_statistics(data_settings: dict, data_dir: str | None) -> tuple[floa
                                   seed=data_settings["seed"])
     try:
         data.setup("fit")
-    except DatasetNotFoundError as error:
+    except DatasetNotFoundError:
         raise UserError(
-            f"{error}\nthe model standardises images as its training images were, so it needs them: "
-            "pass their folder with --data_dir"
+            f"the model's training images are not in {data.hparams.data_dir} any more, and it standardises images "
+            "as they were standardised: pass their folder with --data_dir"
         ) from None
     return data.mean, data.std
 

@@ -53,13 +53,14 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     model_paths, image_paths = split_model_and_images(options.paths)
     check(image_paths or options.export, "nothing to do: pass image files after the model, or --export PATH")
 
+    # Every image is read before the model loads, so a bad file is reported at once.
+    read = [(path, read_images(Path(path))) for path in image_paths]
     model = load_answer(model_paths, data_dir=options.data_dir)
     if options.export:
         export(model, options.export)
         print(f"exported to {options.export}: torch.export.load({options.export!r}).module() takes uint8 (N, 28, 28)")
     rows = []
-    for path in image_paths:
-        images = read_images(Path(path))
+    for path, images in read:
         with torch.no_grad():
             probability, predicted = model(images).max(dim=1)
         names = [path] if len(images) == 1 else [f"{path}[{i}]" for i in range(len(images))]

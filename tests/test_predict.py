@@ -148,6 +148,26 @@ def test_fit_best_checkpoint_loads_and_exports_with_its_test_accuracy(synthetic_
     assert exported(images[:1]).shape == (1, 10)  # any number of images, one included
 
 
+def test_a_checkpoint_whose_training_images_moved_asks_for_data_dir(synthetic_dir, tmp_path, no_download, monkeypatch):
+    fit.main([
+        f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--data.val_size=100", "--model.depth=1", "--model.width=8", "--trainer.max_epochs=1",
+        "--progress_bar.refresh_rate=0",
+    ])
+    (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    before = load_answer([best]).members[0].mean
+    monkeypatch.setattr("mlp.data.DEBIAN_DIR", tmp_path / "nowhere")
+    synthetic_dir.rename(tmp_path / "moved")
+    Image.new("L", (28, 28)).save(tmp_path / "black.png")
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main([str(best), str(tmp_path / "black.png")]), interrupted="")
+    assert len(exit.value.code.splitlines()) == 1 and "pass their folder with --data_dir" in exit.value.code
+
+    assert load_answer([best], data_dir=str(tmp_path / "moved")).members[0].mean == before
+    assert len(predict.main([str(best), str(tmp_path / "black.png"), f"--data_dir={tmp_path / 'moved'}"])) == 1
+
+
 def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study, tmp_path, capsys):
     images, labels = raw_test_images(study.parents[2] / "data")
     pngs = []
