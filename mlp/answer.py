@@ -94,14 +94,14 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
 
 
 def resolve(checkpoint: Path, report_path: Path) -> Path:
-    """A checkpoint path as report.json holds it: relative to the folder tune.py ran in, which is the current
-    one or a folder above the report (report.json sits under the log folder)."""
-    if checkpoint.is_absolute() or checkpoint.is_file():
+    """A checkpoint path as report.json holds it: absolute, or relative to the folder tune.py ran in, which is
+    a folder above the report (with the log folder inside it, as by default) or else the current one."""
+    if checkpoint.is_absolute():
         return checkpoint
     for folder in report_path.resolve().parents:
         if (folder / checkpoint).is_file():
             return folder / checkpoint
-    return checkpoint  # load_member says it is missing
+    return checkpoint  # relative to the current folder; load_member says if it is missing
 
 
 def training_statistics(data_settings: dict, data_dir: str | None) -> tuple[float, float]:

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mlp.answer import export, load_answer
+from mlp.answer import Answer, Member, export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
 from mlp.errors import run_script
 from mlp.module import MLPClassifier
+from mlp.net import MLP
 from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +98,22 @@ def test_each_member_standardises_images_as_its_own_training_split_did(study):
     assert splits[0].mean != splits[1].mean
     images, _ = raw_test_images(study.parents[2] / "data")
     assert torch.allclose(model(images), torch.stack(expected).mean(dim=0), atol=1e-6)
+
+
+def test_an_answer_of_nets_of_every_activation_and_depth_exports_and_predicts_as_the_module(tmp_path):
+    nets = [MLP(784, depth, 16, 10, activation=activation).eval()
+            for depth, activation in ((0, "relu"), (1, "prelu"), (2, "sigmoid"), (1, "tanh"))]
+    standardisations = [(0.2, 0.3), (0.3, 0.35), (0.25, 0.4), (0.3, 0.3)]
+    model = Answer([Member(net, mean, std) for net, (mean, std) in zip(nets, standardisations)])
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+
+    export(model, tmp_path / "answer.pt2")
+
+    exported = torch.export.load(tmp_path / "answer.pt2").module()
+    assert torch.allclose(exported(images), model(images), atol=1e-6, rtol=0)
+    pixels = images.reshape(-1, 784).float() / 255
+    by_hand = [net((pixels - mean) / std).softmax(dim=1) for net, (mean, std) in zip(nets, standardisations)]
+    assert torch.allclose(model(images), torch.stack(by_hand).mean(dim=0), atol=1e-6)
 
 
 def run_without_the_project(code: str, cwd: Path) -> subprocess.CompletedProcess:
