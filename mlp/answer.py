@@ -1,0 +1,173 @@
+"""The study's answer as one model: raw images in, class probabilities out, the standardisation inside.
+
+A study ends with report.json naming its answer (a refit ensemble, an ensemble, a refit or the best checkpoint)
+and that answer's checkpoints; fit.py ends with a best checkpoint. `load_answer` turns either into one
+`nn.Module`, the softmax average of its members, each standardising the images as its own training split was
+standardised (a refit trained on all 60,000 images, a trial on 55,000: their means differ). `export` writes
+that module as one file that torch alone loads.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mlp.data import CLASS_NAMES, DatasetNotFoundError, FashionMNISTDataModule
+from mlp.errors import UserError, check
+from mlp.module import MLPClassifier
+from mlp.net import MLP
+
+PIXELS = 28 * 28
+
+
+class Member(nn.Module):
+    """One trained net, with the mean and standard deviation of the training split it learned from."""
+
+    def __init__(self, net: MLP, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """Class probabilities of float pixel rows (N, 784) in [0, 1]."""
+        return self.net((pixels - self.mean) / self.std).softmax(dim=1)
+
+
+class Answer(nn.Module):
+    """The softmax average of its members over raw images: uint8 (0-255) or float (0-1), (N, 28, 28) or (N, 784).
+
+    Its output's columns are the classes in `CLASS_NAMES` order. It is a finished model: built in eval mode (no
+    dropout), its weights frozen.
+    """
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        super().__init__()
+        check(len(members) > 0, "an answer needs at least one checkpoint")
+        self.members = nn.ModuleList(members)
+        self.classes = list(CLASS_NAMES)
+        self.eval().requires_grad_(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        pixels = images.flatten(1)
+        if pixels.shape[1] != PIXELS:
+            raise ValueError(f"expected images of 28x28 = 784 pixels, got shape {tuple(images.shape)}")
+        # As the data module turns the IDX file's bytes into pixels (mlp.data.unit_pixels).
+        pixels = pixels.float().div(255) if images.dtype == torch.uint8 else pixels.float()
+        return torch.stack([member(pixels) for member in self.members]).mean(dim=0)
+
+
+def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
+    """The checkpoints of the answer a study's report.json names (or of `answer`, one of its final models);
+    `source` is the report or the study's folder holding it."""
+    check(source.exists(), f"{source} not found; pass a study's folder (lightning_logs/tune/NAME), its report.json, "
+          "or .ckpt files")
+    check(
+        source.is_dir() or source.suffix == ".json",
+        f"{source} is not a study's folder, its report.json or a .ckpt file; pass the model first, then the images",
+    )
+    report_path = source / "report.json" if source.is_dir() else source
+    check(report_path.is_file(), f"{source} holds no report.json: tune.py writes it when its study ends")
+    try:
+        report = json.loads(report_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{report_path} is not a study's report.json ({error}); pass the one tune.py wrote") from None
+    final = report.get("final") if isinstance(report, dict) else None
+    check(isinstance(final, dict), f"{report_path} holds no final model; pass the report.json that tune.py wrote")
+    name = answer or final.get("answer")
+    chosen = final.get(name) if name else None
+    check(
+        isinstance(chosen, dict) and chosen.get("test_acc") is not None,
+        f"the study in {report_path.parent} has no tested {name or 'answer'}"
+        + (f" ({chosen['why_no_test']})" if isinstance(chosen, dict) and "why_no_test" in chosen else "")
+        + "; run tune.py until it reports one, or pass .ckpt files",
+    )
+    if "checkpoints" in chosen:
+        paths = chosen["checkpoints"]
+    elif "checkpoint" in chosen:
+        paths = [chosen["checkpoint"]]
+    else:  # the best checkpoint's entry does not repeat the study's best_checkpoint
+        paths = [report["best_checkpoint"]]
+    return [resolve(Path(path), report_path) for path in paths]
+
+
+def resolve(checkpoint: Path, report_path: Path) -> Path:
+    """A checkpoint path as report.json holds it: absolute, or relative to the folder tune.py ran in, which is
+    a folder above the report (with the log folder inside it, as by default) or else the current one."""
+    if checkpoint.is_absolute():
+        return checkpoint
+    for folder in report_path.resolve().parents:
+        if (folder / checkpoint).is_file():
+            return folder / checkpoint
+    return checkpoint  # relative to the current folder; load_member says if it is missing
+
+
+def training_statistics(data_settings: dict, data_dir: str | None) -> tuple[float, float]:
+    """Mean and standard deviation of the training split a checkpoint learned from, computed as the data module
+    computed them: the checkpoint keeps the split's settings (data_dir, val_size, seed), not the figures."""
+    data = FashionMNISTDataModule(data_dir or data_settings["data_dir"], val_size=data_settings["val_size"],
+                                  seed=data_settings["seed"])
+    try:
+        data.setup("fit")
+    except DatasetNotFoundError:
+        raise UserError(
+            f"the model's training images are not in {data.hparams.data_dir} any more, and it standardises images "
+            "as they were standardised: pass their folder with --data_dir"
+        ) from None
+    return data.mean, data.std
+
+
+def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Member:
+    """The net in a checkpoint of fit.py or tune.py with its training split's standardisation; `statistics`
+    caches those per split, as an ensemble's members share one."""
+    check(checkpoint.is_file(), f"checkpoint {checkpoint} not found; pass .ckpt files written by fit.py or tune.py")
+    try:
+        content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        data_settings = content.get("datamodule_hyper_parameters")
+    except Exception as error:  # torch.load raises many kinds for a file that is no checkpoint
+        raise UserError(f"{checkpoint} is not a checkpoint ({type(error).__name__}); pass a .ckpt file") from None
+    check(
+        data_settings is not None and "hyper_parameters" in content,
+        f"{checkpoint} holds no model or data module settings; pass a checkpoint written by fit.py or tune.py",
+    )
+    key = (data_dir or data_settings["data_dir"], data_settings["val_size"], data_settings["seed"])
+    if key not in statistics:
+        statistics[key] = training_statistics(data_settings, data_dir)
+    # The checkpoint carries the run's hyperparameters, so it rebuilds the run's net by itself.
+    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    return Member(model.net, *statistics[key])
+
+
+def load_answer(
+    source: str | Path | Sequence[str | Path], answer: str | None = None, data_dir: str | None = None
+) -> Answer:
+    """The model a study answered with, from its folder or report.json (`answer` picks another of its final
+    models: refit_ensemble, ensemble, refit or best), or the softmax average of the given checkpoints.
+
+    `data_dir` is where the training images are, if not where the checkpoints recorded: each member
+    recomputes its training split's mean and standard deviation from them.
+    """
+    sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
+    check(len(sources) > 0, "pass a study's folder, its report.json, or .ckpt files")
+    if len(sources) == 1 and sources[0].suffix != ".ckpt":
+        checkpoints = report_checkpoints(sources[0], answer)
+    else:
+        check(answer is None, "an answer is picked from a study's report, not from checkpoints")
+        checkpoints = sources
+    statistics: dict = {}
+    return Answer([load_member(checkpoint, data_dir, statistics) for checkpoint in checkpoints])
+
+
+def export(model: Answer, path: str | Path) -> None:
+    """Write `model` with torch.export as one file that torch alone loads, for any number of uint8 (N, 28, 28)
+    images (an exported program fixes its input's dtype and rank; uint8 28x28 is how images are stored):
+
+        model = torch.export.load(path).module()
+        probabilities = model(images)
+    """
+    images = torch.export.Dim("images")
+    example = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: images},))
+    torch.export.save(program, path)

@@ -1,0 +1,303 @@
+"""The study's answer as a model: loaded from report.json or checkpoints, used on raw images by scripts/predict.py,
+and exported as one file that runs without this project; on synthetic data in seconds."""
+
+import csv
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mlp.answer import Answer, Member, export, load_answer
+from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
+from mlp.errors import run_script
+from mlp.module import MLPClassifier
+from mlp.net import MLP
+from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import fit  # noqa: E402
+import predict  # noqa: E402
+import tune  # noqa: E402
+
+FINAL_MODELS = ("refit_ensemble", "ensemble", "refit", "best")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """The folder of a finished two-trial study on synthetic data, run as a user runs tune.py: from its own
+    folder, with the default relative log folder, so report.json holds paths relative to that folder."""
+    home = tmp_path_factory.mktemp("study")
+    data_dir = write_synthetic_dataset(home / "data")
+    args = [
+        "--n-trials=2", "--pruner=none", "--study-name=test", "--quiet", "--lr", "0.003", "0.03",
+        "--model.depth=1", "--model.width=8", "--trainer.max_epochs=1",
+        f"--data.data_dir={data_dir}", "--data.val_size=100", "--data.batch_size=32",
+    ]
+    cwd = Path.cwd()
+    os.chdir(home)
+    try:
+        tune.main(args)
+    finally:
+        os.chdir(cwd)
+    return home / "lightning_logs" / "tune" / "test"
+
+
+def raw_test_images(data_dir: Path, cache_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split as stored: uint8 images (N, 28, 28) and their labels, not standardised."""
+    return load_split(locate_fashion_mnist(data_dir), "test", cache_dir or data_dir)
+
+
+def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    return (probabilities.argmax(dim=1) == labels).float().mean().item()
+
+
+def test_each_final_model_of_a_study_scores_its_reported_test_acc_on_raw_images(study):
+    report = json.loads((study / "report.json").read_text())
+    images, labels = raw_test_images(study.parents[2] / "data")
+
+    for name in FINAL_MODELS:
+        model = load_answer(study, answer=name)
+        assert accuracy(model(images), labels) == pytest.approx(report["final"][name]["test_acc"], abs=1e-4), name
+    answer = load_answer(study / "report.json")
+    probabilities = answer(images)
+    assert accuracy(probabilities, labels) == pytest.approx(report["test_acc"], abs=1e-4)
+    assert torch.allclose(probabilities.sum(dim=1), torch.ones(len(images)))
+    # Float pixels in [0, 1], as rows, are the same images.
+    assert torch.allclose(answer(images.reshape(-1, 784).float() / 255), probabilities, atol=1e-6)
+    with pytest.raises(ValueError, match="784 pixels"):
+        answer(images[:, :27])
+
+
+def test_each_member_standardises_images_as_its_own_training_split_did(study):
+    """A trial trained on 100 fewer images than a refit: their means differ, and each member keeps its own."""
+    report = json.loads((study / "report.json").read_text())
+    trial, refit = report["best_checkpoint"], report["final"]["refit"]["checkpoint"]
+    cwd = Path.cwd()
+    os.chdir(study.parents[2])  # where the study ran, so that the report's relative paths resolve
+    try:
+        model = load_answer([trial, refit])
+        splits = [FashionMNISTDataModule(str(study.parents[2] / "data"), val_size=n) for n in (100, 0)]
+        expected = []
+        for checkpoint, data in zip((trial, refit), splits):
+            data.setup("test")
+            net = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+            with torch.no_grad():
+                expected.append(net(data.test_set.tensors[0]).softmax(dim=1))
+    finally:
+        os.chdir(cwd)
+
+    assert [member.mean.item() for member in model.members] == [data.mean for data in splits]
+    assert [member.std.item() for member in model.members] == [data.std for data in splits]
+    assert splits[0].mean != splits[1].mean
+    images, _ = raw_test_images(study.parents[2] / "data")
+    assert torch.allclose(model(images), torch.stack(expected).mean(dim=0), atol=1e-6)
+
+
+def test_an_answer_of_nets_of_every_activation_and_depth_exports_and_predicts_as_the_module(tmp_path):
+    nets = [MLP(784, depth, 16, 10, activation=activation).eval()
+            for depth, activation in ((0, "relu"), (1, "prelu"), (2, "sigmoid"), (1, "tanh"))]
+    standardisations = [(0.2, 0.3), (0.3, 0.35), (0.25, 0.4), (0.3, 0.3)]
+    model = Answer([Member(net, mean, std) for net, (mean, std) in zip(nets, standardisations)])
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+
+    export(model, tmp_path / "answer.pt2")
+
+    exported = torch.export.load(tmp_path / "answer.pt2").module()
+    assert torch.allclose(exported(images), model(images), atol=1e-6, rtol=0)
+    pixels = images.reshape(-1, 784).float() / 255
+    by_hand = [net((pixels - mean) / std).softmax(dim=1) for net, (mean, std) in zip(nets, standardisations)]
+    assert torch.allclose(model(images), torch.stack(by_hand).mean(dim=0), atol=1e-6)
+
+
+def run_without_the_project(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Python code run in a fresh interpreter that sees torch but not this project: -I ignores PYTHONPATH and
+    the current folder, -S skips site's .pth files, among them the editable install's path to `mlp`."""
+    path = f"import sys; sys.path += {site.getsitepackages()!r}\n"
+    return subprocess.run([sys.executable, "-I", "-S", "-c", path + code], cwd=cwd, capture_output=True, text=True)
+
+
+def test_the_exported_answer_runs_without_the_project_and_predicts_as_the_module(study, tmp_path):
+    report = json.loads((study / "report.json").read_text())
+    images, labels = raw_test_images(study.parents[2] / "data")
+    torch.save(images, tmp_path / "images.pt")
+    predict.main([str(study), "--export", str(tmp_path / "answer.pt2")])
+
+    code = """
+import torch
+try:
+    import mlp
+except ImportError:
+    pass
+else:
+    raise SystemExit(f"mlp is importable from {mlp.__file__}")
+model = torch.export.load("answer.pt2").module()
+torch.save(model(torch.load("images.pt")), "probabilities.pt")
+"""
+    finished = run_without_the_project(code, tmp_path)
+
+    assert finished.returncode == 0, finished.stderr
+    exported = torch.load(tmp_path / "probabilities.pt")
+    assert torch.allclose(exported, load_answer(study)(images), atol=1e-6, rtol=0)
+    assert accuracy(exported, labels) == pytest.approx(report["test_acc"], abs=1e-4)
+
+
+def test_fit_best_checkpoint_loads_and_exports_with_its_test_accuracy(synthetic_dir, tmp_path):
+    results = fit.main([
+        f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--data.val_size=100", "--data.batch_size=32", "--model.depth=1", "--model.width=8",
+        "--trainer.max_epochs=1", "--progress_bar.refresh_rate=0",
+    ])
+    (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    images, labels = raw_test_images(synthetic_dir)
+
+    model = load_answer([best])
+    assert accuracy(model(images), labels) == pytest.approx(results["test/acc"], abs=1e-4)
+    export(model, tmp_path / "fit.pt2")
+    exported = torch.export.load(tmp_path / "fit.pt2").module()
+    assert torch.allclose(exported(images), model(images), atol=1e-6, rtol=0)
+    assert exported(images[:1]).shape == (1, 10)  # any number of images, one included
+
+
+def test_a_checkpoint_whose_training_images_moved_asks_for_data_dir(synthetic_dir, tmp_path, no_download, monkeypatch):
+    fit.main([
+        f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--data.val_size=100", "--model.depth=1", "--model.width=8", "--trainer.max_epochs=1",
+        "--progress_bar.refresh_rate=0",
+    ])
+    (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    before = load_answer([best]).members[0].mean
+    monkeypatch.setattr("mlp.data.DEBIAN_DIR", tmp_path / "nowhere")
+    synthetic_dir.rename(tmp_path / "moved")
+    Image.new("L", (28, 28)).save(tmp_path / "black.png")
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main([str(best), str(tmp_path / "black.png")]), interrupted="")
+    assert len(exit.value.code.splitlines()) == 1 and "pass their folder with --data_dir" in exit.value.code
+
+    assert load_answer([best], data_dir=str(tmp_path / "moved")).members[0].mean == before
+    assert len(predict.main([str(best), str(tmp_path / "black.png"), f"--data_dir={tmp_path / 'moved'}"])) == 1
+
+
+def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study, tmp_path, capsys):
+    images, labels = raw_test_images(study.parents[2] / "data")
+    pngs = []
+    for i in range(4):
+        pngs.append(tmp_path / f"test{i}.png")
+        Image.fromarray(images[i].numpy()).save(pngs[-1])
+    Image.fromarray(images[0].numpy()).convert("RGB").save(tmp_path / "colour.jpg")
+    write_idx(tmp_path / "some-images-idx3-ubyte.gz", images[:3])
+
+    rows = predict.main([str(study), *map(str, pngs), str(tmp_path / "colour.jpg"),
+                         str(tmp_path / "some-images-idx3-ubyte.gz")])
+
+    probabilities, predicted = load_answer(study)(images[:4]).max(dim=1)
+    lines = capsys.readouterr().out.splitlines()
+    for png, c, p, line in zip(pngs, predicted, probabilities, lines):
+        assert line == f"{png}: {CLASS_NAMES[c]} ({p:.4f})"
+    assert [name for name, _, _ in rows[4:]] == [
+        str(tmp_path / "colour.jpg"), *(f"{tmp_path / 'some-images-idx3-ubyte.gz'}[{i}]" for i in range(3))
+    ]
+    assert [c for _, c, _ in rows[5:]] == [CLASS_NAMES[c] for c in predicted[:3]]
+    assert len(lines) == 8
+    assert accuracy(load_answer(study)(images[:4]), labels[:4]) > 0.7  # it learned the bands, so the lines say it
+
+
+@pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+def test_predict_names_the_class_of_real_test_images_saved_as_png_after_a_short_fit(tmp_path, capsys):
+    fit.main([
+        f"--data.data_dir={tmp_path / 'data'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--model.depth=1", "--model.width=32", "--trainer.max_epochs=1", "--trainer.limit_train_batches=50",
+        "--progress_bar.refresh_rate=0",
+    ])
+    (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    images, labels = raw_test_images(tmp_path / "data", tmp_path)
+    pngs = [tmp_path / f"test{i}.png" for i in range(4)]  # an ankle boot, a pullover and two trousers
+    for png, image in zip(pngs, images):
+        Image.fromarray(image.numpy()).save(png)
+    capsys.readouterr()
+
+    predict.main([str(best), *map(str, pngs)])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [f"{png}: {CLASS_NAMES[y]}" for png, y in zip(pngs, labels)]
+    assert all(0.1 <= float(line.rsplit("(", 1)[1].rstrip(")")) <= 1 for line in lines)  # the largest of 10
+
+
+def test_predict_writes_csv_with_output(study, tmp_path, capsys):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    write_idx(tmp_path / "images-idx3-ubyte", images[:5])
+
+    rows = predict.main([str(study / "report.json"), str(tmp_path / "images-idx3-ubyte"),
+                         "--output", str(tmp_path / "out.csv")])
+
+    with open(tmp_path / "out.csv", newline="") as file:
+        written = list(csv.reader(file))
+    probabilities, predicted = load_answer(study)(images[:5]).max(dim=1)
+    assert written[0] == ["file", "class", "probability"]
+    assert [row[1] for row in written[1:]] == [CLASS_NAMES[c] for c in predicted]
+    assert [float(row[2]) for row in written[1:]] == pytest.approx(probabilities.tolist(), abs=1e-6)
+    assert len(rows) == 5 and "5 predictions written" in capsys.readouterr().out
+
+
+def untested_report(study: Path, tmp_path: Path) -> Path:
+    """A copy of the study's report whose every final model lacks a test figure, as when all checkpoints are gone."""
+    report = json.loads((study / "report.json").read_text())
+    for name in FINAL_MODELS:
+        report["final"][name].update(test_acc=None, why_no_test="its checkpoints are gone")
+    report["final"].update(answer=None, test_acc=None)
+    (tmp_path / "untested").mkdir()
+    (tmp_path / "untested" / "report.json").write_text(json.dumps(report))
+    return tmp_path / "untested"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing image", "missing.png not found"),
+        ("wrong size", "images are 32x28 pixels"),
+        ("not an image", "neither an image (PNG, JPEG...) nor an IDX file"),
+        ("untested study", "has no tested answer"),
+        ("missing study", "nowhere not found"),
+        ("image as model", "is not a study's folder, its report.json or a .ckpt file"),
+        ("missing checkpoint", "checkpoint nowhere.ckpt not found"),
+        ("no images", "nothing to do"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
+    Image.new("L", (32, 28)).save(tmp_path / "wide.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    args = {
+        "missing image": [str(study), str(tmp_path / "missing.png")],
+        "wrong size": [str(study), str(tmp_path / "wide.png")],
+        "not an image": [str(study), str(tmp_path / "notes.png")],
+        "untested study": [str(untested_report(study, tmp_path)), str(tmp_path / "fine.png")],
+        "missing study": [str(tmp_path / "nowhere"), str(tmp_path / "fine.png")],
+        "image as model": [str(tmp_path / "fine.png"), str(tmp_path / "fine.png")],
+        "missing checkpoint": ["nowhere.ckpt", str(tmp_path / "fine.png")],
+        "no images": [str(study)],
+    }[case]
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main(args), interrupted="nothing was written")
+
+    assert isinstance(exit.value.code, str) and len(exit.value.code.splitlines()) == 1
+    assert exit.value.code.startswith("error: ") and expected in exit.value.code
+
+
+def test_predict_on_a_bad_file_prints_one_line_without_a_traceback(study, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    finished = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), str(study),
+                               str(tmp_path / "notes.png")], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    assert finished.returncode != 0
+    assert finished.stderr.strip().splitlines() == [f"error: {tmp_path / 'notes.png'} is neither an image "
+                                                    "(PNG, JPEG...) nor an IDX file of images"]
