@@ -4,7 +4,7 @@ A study ends with report.json naming its answer (a refit ensemble, an ensemble, 
 and that answer's checkpoints; fit.py ends with a best checkpoint. `load_answer` turns either into one
 `nn.Module`, the softmax average of its members, each standardising the images as its own training split was
 standardised (a refit trained on all 60,000 images, a trial on 55,000: their means differ). `export` writes
-that module as one file that torch alone loads.
+that module as one file that torch alone loads, or as ONNX.
 """
 
 import json
@@ -160,14 +160,32 @@ def load_answer(
     return Answer([load_member(checkpoint, data_dir, statistics) for checkpoint in checkpoints])
 
 
+def check_exportable(path: str | Path) -> None:
+    """Raise a UserError naming the extra to install if `path` asks for ONNX and its exporter is missing."""
+    if Path(path).suffix != ".onnx":
+        return
+    try:
+        import onnxscript  # noqa: F401  torch.onnx.export needs it (and onnx, which it requires) to write the file
+    except ImportError:
+        message = f'writing {path} as ONNX needs the onnx and onnxscript packages: pip install -e ".[onnx]"'
+        raise UserError(message) from None
+
+
 def export(model: Answer, path: str | Path) -> None:
-    """Write `model` with torch.export as one file that torch alone loads, for any number of uint8 (N, 28, 28)
-    images (an exported program fixes its input's dtype and rank; uint8 28x28 is how images are stored):
+    """Write `model` as one file for any number of uint8 (N, 28, 28) images (an exported program fixes its input's
+    dtype and rank; uint8 28x28 is how images are stored). By `path`'s suffix: .onnx is an ONNX model (input
+    "images", output "probabilities") for onnxruntime and other ONNX runtimes; any other is a torch.export
+    program that torch alone loads:
 
         model = torch.export.load(path).module()
         probabilities = model(images)
     """
-    images = torch.export.Dim("images")
+    check_exportable(path)
     example = torch.zeros(2, 28, 28, dtype=torch.uint8)
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: images},))
-    torch.export.save(program, path)
+    dynamic_shapes = ({0: torch.export.Dim("images")},)
+    if Path(path).suffix == ".onnx":
+        # external_data=False keeps the weights inside the one file; verbose=False silences its progress lines.
+        torch.onnx.export(model.eval(), (example,), path, input_names=["images"], output_names=["probabilities"],
+                          dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+    else:
+        torch.export.save(torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic_shapes), path)

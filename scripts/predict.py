@@ -4,6 +4,7 @@
     python scripts/predict.py lightning_logs/fit/version_0/checkpoints/epoch*.ckpt shoe.png
     python scripts/predict.py lightning_logs/tune/mlp t10k-images-idx3-ubyte.gz --output predictions.csv
     python scripts/predict.py lightning_logs/tune/mlp --export answer.pt2    # runs with torch alone, see below
+    python scripts/predict.py lightning_logs/tune/mlp --export answer.onnx   # ONNX, by the suffix: needs .[onnx]
 
 MODEL is a study's folder, its report.json, or one or more .ckpt files (averaged). Images are 28x28 grayscale,
 light on dark as in Fashion-MNIST: PNG, JPEG or any file PIL reads, or IDX files holding many. Prints one
@@ -13,6 +14,9 @@ The exported file takes uint8 images (N, 28, 28) and gives their class probabili
     import torch
     model = torch.export.load("answer.pt2").module()
     probabilities = model(images)   # columns: T-shirt/top, Trouser, Pullover, ... Ankle boot
+or, written as answer.onnx, with onnxruntime (images a uint8 numpy array):
+    import onnxruntime
+    probabilities = onnxruntime.InferenceSession("answer.onnx").run(None, {"images": images})[0]
 """
 
 import argparse
@@ -37,7 +41,7 @@ def split_model_and_images(paths: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     import torch
 
-    from mlp.answer import export, load_answer
+    from mlp.answer import check_exportable, export, load_answer
     from mlp.images import read_images
 
     parser = argparse.ArgumentParser(
@@ -46,19 +50,25 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     )
     parser.add_argument("paths", nargs="+", metavar="MODEL [IMAGE ...]", help="the model, then the image files")
     parser.add_argument("--output", metavar="CSV", help="write file,class,probability rows here instead of printing")
-    parser.add_argument("--export", metavar="PATH", help="write the model here as one torch.export file (.pt2)")
+    parser.add_argument("--export", metavar="PATH", help="write the model here as one file: ONNX if PATH ends in "
+                        ".onnx (needs pip install -e \".[onnx]\"), else torch.export (.pt2)")
     parser.add_argument("--data_dir", help="Fashion-MNIST folder, if not where the model trained: each member "
                         "standardises images with its training images' mean and standard deviation")
     options = parser.parse_args(argv)
     model_paths, image_paths = split_model_and_images(options.paths)
     check(image_paths or options.export, "nothing to do: pass image files after the model, or --export PATH")
 
-    # Every image is read before the model loads, so a bad file is reported at once.
+    # Every image is read, and the export checked, before the model loads, so bad input is reported at once.
+    if options.export:
+        check_exportable(options.export)
     read = [(path, read_images(Path(path))) for path in image_paths]
     model = load_answer(model_paths, data_dir=options.data_dir)
     if options.export:
         export(model, options.export)
-        print(f"exported to {options.export}: torch.export.load({options.export!r}).module() takes uint8 (N, 28, 28)")
+        path = options.export
+        loader = f"onnxruntime.InferenceSession({path!r})" if Path(path).suffix == ".onnx" else \
+            f"torch.export.load({path!r}).module()"
+        print(f"exported to {path}: {loader} takes uint8 (N, 28, 28)")
     rows = []
     for path, images in read:
         with torch.no_grad():

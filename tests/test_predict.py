@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -146,6 +147,49 @@ torch.save(model(torch.load("images.pt")), "probabilities.pt")
     exported = torch.load(tmp_path / "probabilities.pt")
     assert torch.allclose(exported, load_answer(study)(images), atol=1e-6, rtol=0)
     assert accuracy(exported, labels) == pytest.approx(report["test_acc"], abs=1e-4)
+
+
+def test_the_answer_exported_as_onnx_runs_in_onnxruntime_without_the_project_and_predicts_as_the_module(
+    study, tmp_path
+):
+    for package in ("onnxscript", "onnxruntime"):
+        pytest.importorskip(package, reason='the ONNX export is an optional extra: pip install -e ".[onnx]"')
+    images, _ = raw_test_images(study.parents[2] / "data")
+    numpy.save(tmp_path / "images.npy", images.numpy())
+    predict.main([str(study), "--export", str(tmp_path / "answer.onnx")])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["answer.onnx", "images.npy"]  # no weights beside
+
+    code = """
+import numpy, onnxruntime
+try:
+    import mlp
+except ImportError:
+    pass
+else:
+    raise SystemExit(f"mlp is importable from {mlp.__file__}")
+session = onnxruntime.InferenceSession("answer.onnx")
+images = numpy.load("images.npy")
+numpy.save("probabilities.npy", session.run(None, {"images": images})[0])
+numpy.save("one.npy", session.run(None, {"images": images[:1]})[0])
+"""
+    finished = run_without_the_project(code, tmp_path)
+
+    assert finished.returncode == 0, finished.stderr
+    exported = torch.from_numpy(numpy.load(tmp_path / "probabilities.npy"))
+    expected = load_answer(study)(images)
+    assert torch.allclose(exported, expected, atol=1e-5, rtol=0)
+    assert torch.equal(exported.argmax(dim=1), expected.argmax(dim=1))
+    assert numpy.load(tmp_path / "one.npy").shape == (1, 10)  # any number of images, one included
+
+
+def test_onnx_export_without_its_packages_says_how_to_install_them(study, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: importing it raises ImportError
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main([str(study), "--export", str(tmp_path / "answer.onnx")]), interrupted="")
+
+    assert len(exit.value.code.splitlines()) == 1 and 'pip install -e ".[onnx]"' in exit.value.code
+    assert not (tmp_path / "answer.onnx").exists()
 
 
 def test_fit_best_checkpoint_loads_and_exports_with_its_test_accuracy(synthetic_dir, tmp_path):
