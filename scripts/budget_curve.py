@@ -56,9 +56,9 @@ def timed_run(command: list[str], output: Path) -> tuple[int, float]:
         return returncode, time.perf_counter() - launched
 
 
-def run_once(name: str, command: list[str], out: Path) -> float:
+def run_once(name: str, command: list[str], out: Path, writes: str = "output.txt") -> float:
     """Wall seconds of `command` run in OUT/name: as recorded if it succeeded before, else run now in an emptied
-    folder (`command` writes its logs there)."""
+    folder (`command` writes its logs there). It succeeds when it exits with 0 and has written OUT/name/`writes`."""
     folder = out / name
     record = folder / "run.json"
     if record.is_file():
@@ -72,6 +72,7 @@ def run_once(name: str, command: list[str], out: Path) -> float:
         f"{name} exited with status {returncode}; its output is in {folder / 'output.txt'}. "
         "Fix the cause and run the same command again: the runs that finished are kept",
     )
+    check((folder / writes).is_file(), f"{name} wrote no {folder / writes}; see {folder / 'output.txt'}")
     record.write_text(json.dumps({"command": command, "wall_seconds": round(seconds, 2)}, indent=2) + "\n")
     return seconds
 
@@ -91,10 +92,8 @@ def tune_row(out: Path, budget: int, seed: int, n_trials: int | None, flags: lis
     command = [sys.executable, str(ROOT / "scripts" / "tune.py"), "--timeout", str(budget), "--sampler-seed",
                str(seed), "--study-name", name, "--quiet", f"--trainer.logger.init_args.save_dir={out / name}",
                *(["--n-trials", str(n_trials)] if n_trials else []), *flags]
-    seconds = run_once(name, command, out)
-    report_path = out / name / "tune" / name / "report.json"
-    check(report_path.is_file(), f"{name} wrote no {report_path}; see {out / name / 'output.txt'}")
-    report = json.loads(report_path.read_text())
+    seconds = run_once(name, command, out, writes=f"tune/{name}/report.json")
+    report = json.loads((out / name / "tune" / name / "report.json").read_text())
     return {"run": name, "budget": budget, "seed": seed, "wall_seconds": round(seconds, 2),
             "test_acc": report.get("test_acc"), "answer": report.get("final", {}).get("answer"),
             "trials_complete": report["trials"].get("complete", 0), "trials_pruned": report["trials"].get("pruned", 0)}

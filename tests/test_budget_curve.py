@@ -141,12 +141,26 @@ def test_a_failed_run_stops_the_curve_naming_its_output_and_is_not_recorded(tmp_
     assert not (tmp_path / "fit" / "run.json").exists()
 
 
+def test_a_study_that_ends_without_its_report_stops_the_curve_and_is_not_recorded(tmp_path, monkeypatch):
+    record_finished_fit(tmp_path, test_acc=0.9, wall_seconds=5.0)
+    monkeypatch.setattr(budget_curve, "timed_run", lambda command, output: (output.write_text("{}\n"), (0, 2.0))[1])
+    report = tmp_path / "budget_10_s0" / "tune" / "budget_10_s0" / "report.json"
+    with pytest.raises(UserError, match=f"budget_10_s0 wrote no {report}"):
+        budget_curve.main(["--out", str(tmp_path), "--budgets", "10", "--seeds", "0"])
+    assert not (tmp_path / "budget_10_s0" / "run.json").exists()
+
+
+def record_finished_fit(out: Path, test_acc: float, wall_seconds: float) -> None:
+    """OUT/fit as a curve leaves it once fit.py has run: its output and its record."""
+    (out / "fit").mkdir()
+    (out / "fit" / "output.txt").write_text(f"test accuracy {test_acc:.4f} (best checkpoint: x)\n")
+    (out / "fit" / "run.json").write_text(json.dumps({"command": ["fit.py"], "wall_seconds": wall_seconds}))
+
+
 def test_a_real_curve_of_one_tiny_budget(synthetic_dir, tmp_path):
     # fit.py's run is recorded as finished, as when a curve continues: a real one would double the test's time
     # (fit.py's output is the one test_train checks; FakeRuns shows how it is read).
-    (tmp_path / "fit").mkdir()
-    (tmp_path / "fit" / "output.txt").write_text("test accuracy 0.8125 (best checkpoint: x)\n")
-    (tmp_path / "fit" / "run.json").write_text(json.dumps({"command": ["fit.py"], "wall_seconds": 9.5}))
+    record_finished_fit(tmp_path, test_acc=0.8125, wall_seconds=9.5)
     tiny = [f"--data.data_dir={synthetic_dir}", "--data.val_size=100", "--data.batch_size=32", "--model.depth=1",
             "--model.width=16", "--trainer.max_epochs=1", "--trainer.accelerator=cpu"]
     curve = ["--out", str(tmp_path), "--budgets", "1", "--seeds", "3", "--n-trials", "1"]
