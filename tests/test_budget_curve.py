@@ -2,6 +2,7 @@
 curve of a tiny budget on the synthetic data."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -176,3 +177,17 @@ def test_a_real_curve_of_one_tiny_budget(synthetic_dir, tmp_path):
     markdown = (tmp_path / "budget_curve.md").read_text()
     assert f"| tune.py | 1 | 3 | {row['wall_seconds']:.0f} |" in markdown
     assert f"| {row['answer']} | {row['test_acc']:.4f} | {row['test_acc'] - 0.8125:+.4f} |" in markdown
+
+
+@pytest.mark.parametrize(
+    ("flags", "names_the_gpu"),
+    [([], True), (["--trainer.accelerator", "gpu"], True), (["--trainer.accelerator=cpu"], False),
+     (["--trainer.accelerator", "cpu", "--trainer.accelerator=cuda"], True)],
+)
+def test_the_hardware_names_the_gpu_unless_the_runs_were_told_to_use_the_cpu(flags, names_the_gpu, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda index: "Some GPU 80GB")
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no nvidia-smi to ask for the driver
+    described = budget_curve.hardware(flags)
+    assert f", {os.cpu_count()} cores; " in described
+    assert ("GPU Some GPU 80GB (driver unknown, CUDA" in described) == names_the_gpu
