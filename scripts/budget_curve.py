@@ -1,0 +1,267 @@
+"""The budget curve: what each `tune.py --timeout` buys, beside fit.py's default measured in the same run.
+
+    python scripts/budget_curve.py                       # 120 300 600 1200 2400 s, seeds 0 and 1, in lightning_logs
+    python scripts/budget_curve.py --out lightning_logs/budget_gpu --budgets 60 120 300 -- --trainer.accelerator gpu
+    python scripts/budget_curve.py --out /tmp/try --budgets 20 --seeds 0 --n-trials 2 -- --model.width 16  # a quick try
+
+For each budget T and sampler seed S it runs `tune.py --timeout T --sampler-seed S --study-name budget_T_sS
+--quiet` in a log folder of its own (OUT/budget_T_sS), so that no study resumes another, times the whole command
+from launch to exit, and reads the answer's test accuracy from the study's report.json. It runs fit.py with its
+defaults once (OUT/fit) and reads the test accuracy it prints. Flags after `--` go to every tune.py and fit.py,
+so they are fit flags; --n-trials goes to tune.py alone.
+
+Each run keeps its output (output.txt) and, once it has succeeded, its wall time (run.json) in its folder. A run
+with a run.json is not run again, so the same command continues an interrupted curve; a run without one starts
+over in an emptied folder, since a resumed study's wall time would mean nothing.
+
+Writes OUT/budget_curve.json (the rows), OUT/budget_curve.md (a table with the commit and the hardware, and whether
+the issue's goals hold) and OUT/budget_curve.png (test accuracy and wall time against the budget).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from matplotlib.figure import Figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlp.errors import check, run_script  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# The promise --timeout is to keep (issue 30): `--timeout 240` ends, report included, within 294 s = 1.1 × 240 + 30.
+SLACK = 1.1
+STARTUP_SECONDS = 30.0
+# Goals of the curve: from this budget on, every answer tests at least fit's default + MARGIN.
+GOAL_FROM_SECONDS = 300
+MARGIN = 0.003
+FIT_TEST = re.compile(r"^test accuracy (\d+(?:\.\d+)?)", re.M)
+
+
+def timed_run(command: list[str], output: Path) -> tuple[int, float]:
+    """Run `command`, its stdout and stderr into `output`; its exit status and wall seconds, launch to exit."""
+    with output.open("w") as log:
+        launched = time.perf_counter()
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        return returncode, time.perf_counter() - launched
+
+
+def run_once(name: str, command: list[str], out: Path, writes: str = "output.txt") -> float:
+    """Wall seconds of `command` run in OUT/name: as recorded if it succeeded before, else run now in an emptied
+    folder (`command` writes its logs there). It succeeds when it exits with 0 and has written OUT/name/`writes`."""
+    folder = out / name
+    record = folder / "run.json"
+    if record.is_file():
+        return json.loads(record.read_text())["wall_seconds"]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    print(f"{name}: {' '.join(command)}", flush=True)
+    returncode, seconds = timed_run(command, folder / "output.txt")
+    check(
+        returncode == 0,
+        f"{name} exited with status {returncode}; its output is in {folder / 'output.txt'}. "
+        "Fix the cause and run the same command again: the runs that finished are kept",
+    )
+    check((folder / writes).is_file(), f"{name} wrote no {folder / writes}; see {folder / 'output.txt'}")
+    record.write_text(json.dumps({"command": command, "wall_seconds": round(seconds, 2)}, indent=2) + "\n")
+    return seconds
+
+
+def fit_row(out: Path, flags: list[str]) -> dict[str, Any]:
+    command = [sys.executable, str(ROOT / "scripts" / "fit.py"), f"--trainer.logger.init_args.save_dir={out / 'fit'}",
+               *flags]
+    seconds = run_once("fit", command, out)
+    printed = FIT_TEST.findall((out / "fit" / "output.txt").read_text())
+    check(bool(printed), f"fit.py printed no test accuracy; see {out / 'fit' / 'output.txt'}")
+    return {"run": "fit", "budget": None, "seed": None, "wall_seconds": round(seconds, 2),
+            "test_acc": float(printed[-1]), "answer": "fit.py default", "trials_complete": None, "trials_pruned": None}
+
+
+def tune_row(out: Path, budget: int, seed: int, n_trials: int | None, flags: list[str]) -> dict[str, Any]:
+    name = f"budget_{budget}_s{seed}"
+    command = [sys.executable, str(ROOT / "scripts" / "tune.py"), "--timeout", str(budget), "--sampler-seed",
+               str(seed), "--study-name", name, "--quiet", f"--trainer.logger.init_args.save_dir={out / name}",
+               *(["--n-trials", str(n_trials)] if n_trials else []), *flags]
+    seconds = run_once(name, command, out, writes=f"tune/{name}/report.json")
+    report = json.loads((out / name / "tune" / name / "report.json").read_text())
+    return {"run": name, "budget": budget, "seed": seed, "wall_seconds": round(seconds, 2),
+            "test_acc": report.get("test_acc"), "answer": report.get("final", {}).get("answer"),
+            "trials_complete": report["trials"].get("complete", 0), "trials_pruned": report["trials"].get("pruned", 0)}
+
+
+def within_bound(row: dict[str, Any]) -> bool:
+    return row["wall_seconds"] <= SLACK * row["budget"] + STARTUP_SECONDS
+
+
+def goals(rows: list[dict[str, Any]], fit: dict[str, Any]) -> list[str]:
+    """The issue's goals, each as a line saying whether the rows meet it and, if not, where they fail."""
+    late = [r for r in rows if r["budget"] >= GOAL_FROM_SECONDS]
+    short = [r["run"] for r in late if r["test_acc"] is None or r["test_acc"] < fit["test_acc"] + MARGIN]
+    means = [(budget, acc) for budget, acc in budget_means(rows) if acc is not None]
+    worse = [f"{b} s" for (_, x), (b, y) in zip(means, means[1:]) if y < x]
+    overdue = [r["run"] for r in rows if not within_bound(r)]
+    beats_fit = f"from {GOAL_FROM_SECONDS} s on, every answer tests at least fit's default + {MARGIN}"
+    checks = [
+        (beats_fit, short, "short:"),
+        ("a longer budget is never worse on average over the seeds", worse, "the mean drops at"),
+        (f"every run ends within {SLACK:g} × budget + {STARTUP_SECONDS:g} s", overdue, "late:"),
+    ]
+    lines = [f"- {goal}: " + (f"NOT met ({how} {', '.join(failures)})" if failures else "met")
+             for goal, failures, how in checks]
+    if not late:
+        lines[0] = f"- {beats_fit}: no budget that long was run"
+    return lines
+
+
+def budget_means(rows: list[dict[str, Any]]) -> list[tuple[int, float | None]]:
+    """Each budget with its mean test accuracy over the seeds (None when a seed's answer has no test figure)."""
+    budgets = sorted({r["budget"] for r in rows})
+    accs = {b: [r["test_acc"] for r in rows if r["budget"] == b] for b in budgets}
+    return [(b, mean(a) if None not in a else None) for b, a in accs.items()]
+
+
+def table(rows: list[dict[str, Any]], fit: dict[str, Any], commit: str, hardware: str, flags: list[str]) -> str:
+    """The curve as markdown: where it was measured, fit's row, a row per run and per budget's mean, the goals."""
+
+    def acc(value: float | None) -> str:
+        return "—" if value is None else f"{value:.4f}"
+
+    def gain(value: float | None) -> str:
+        return "—" if value is None else f"{value - fit['test_acc']:+.4f}"
+
+    lines = [
+        f"Commit {commit}; {hardware}.",
+        f"Flags after `--` (every tune.py and fit.py): `{' '.join(flags) or 'none'}`.",
+        "",
+        f"| run | --timeout T (s) | sampler seed | wall (s) | within {SLACK:g} × T + {STARTUP_SECONDS:g} s "
+        "| trials (complete + pruned) | answer | test acc | vs fit |",
+        "|---|---:|---:|---:|---|---:|---|---:|---:|",
+        f"| fit.py | — | — | {fit['wall_seconds']:.0f} | — | — | {fit['answer']} | {acc(fit['test_acc'])} "
+        "| — |",
+    ]
+    means = dict(budget_means(rows))
+    for budget in sorted(means):
+        runs = sorted((r for r in rows if r["budget"] == budget), key=lambda r: r["seed"])
+        for r in runs:
+            lines.append(
+                f"| tune.py | {budget} | {r['seed']} | {r['wall_seconds']:.0f} | {'yes' if within_bound(r) else 'no'} "
+                f"| {r['trials_complete']} + {r['trials_pruned']} | {r['answer'] or '—'} | {acc(r['test_acc'])} "
+                f"| {gain(r['test_acc'])} |"
+            )
+        if len(runs) > 1:
+            wall, test = mean(r["wall_seconds"] for r in runs), means[budget]
+            lines.append(f"| mean | {budget} | — | {wall:.0f} | — | — | — | {acc(test)} | {gain(test)} |")
+    return "\n".join([*lines, "", "Goals (issue 30):", *goals(rows, fit)]) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> Figure:
+    """Test accuracy and wall time against the budget: a line per seed and their mean, fit's default beside them."""
+    figure = Figure(figsize=(11, 4.2))
+    accuracy, wall = figure.subplots(1, 2)
+    budgets = sorted({r["budget"] for r in rows})
+    for seed in sorted({r["seed"] for r in rows}):
+        runs = sorted((r for r in rows if r["seed"] == seed and r["test_acc"] is not None), key=lambda r: r["budget"])
+        accuracy.plot([r["budget"] for r in runs], [r["test_acc"] for r in runs], "o-", alpha=0.6, label=f"seed {seed}")
+        wall.plot([r["budget"] for r in runs], [r["wall_seconds"] for r in runs], "o", alpha=0.6, label=f"seed {seed}")
+    means = [(b, m) for b, m in budget_means(rows) if m is not None]
+    accuracy.plot([b for b, _ in means], [m for _, m in means], "s-", color="black", linewidth=2, label="mean")
+    accuracy.axhline(fit["test_acc"], color="tab:red", label=f"fit.py default ({fit['test_acc']:.4f})")
+    accuracy.axhline(fit["test_acc"] + MARGIN, color="tab:red", linestyle="--", label=f"fit.py default + {MARGIN}")
+    accuracy.set(xscale="log", xlabel="tune.py --timeout (s)", ylabel="answer's test accuracy",
+                 title="What a budget buys")
+    bound = [SLACK * b + STARTUP_SECONDS for b in budgets]
+    wall.plot(budgets, bound, "--", color="gray", label=f"{SLACK:g} × budget + {STARTUP_SECONDS:g} s")
+    wall.plot(budgets, budgets, ":", color="gray", label="the budget")
+    wall.axhline(fit["wall_seconds"], color="tab:red", label=f"fit.py default ({fit['wall_seconds']:.0f} s)")
+    wall.set(xscale="log", yscale="log", xlabel="tune.py --timeout (s)", ylabel="whole command's wall time (s)",
+             title="What it costs")
+    wall.set_yticks(budgets, [str(b) for b in budgets])
+    for ax in (accuracy, wall):
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return f"{head} with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else head
+
+
+def flag_value(flags: list[str], name: str) -> str | None:
+    """The last value `flags` give `name`, as `name VALUE` or `name=VALUE`."""
+    value = None
+    for flag, following in zip(flags, [*flags[1:], None]):
+        if flag == name:
+            value = following
+        elif flag.startswith(f"{name}="):
+            value = flag.split("=", 1)[1]
+    return value
+
+
+def hardware(flags: list[str]) -> str:
+    """The CPU, the GPU when the runs used one (any accelerator but cpu, Lightning's default auto included), and
+    the library versions."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else []
+    parts = [f"{models[0] if models else platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"]
+    accelerator = flag_value(flags, "--trainer.accelerator") or "auto"
+    import torch
+
+    if accelerator != "cpu" and torch.cuda.is_available():
+        smi = shutil.which("nvidia-smi")
+        driver = smi and subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout.split("\n")[0].strip()
+        parts.append(f"GPU {torch.cuda.get_device_name(0)} (driver {driver or 'unknown'}, CUDA {torch.version.cuda})")
+    libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "lightning", "optuna"))
+    return "; ".join([*parts, f"Python {platform.python_version()}, {libraries}"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("lightning_logs/budget_curve"),
+                        help="folder of the runs and the results (default lightning_logs/budget_curve)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[120, 300, 600, 1200, 2400], metavar="SECONDS",
+                        help="the --timeout of each tune.py (default 120 300 600 1200 2400)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="SEED",
+                        help="the --sampler-seed of each tune.py (default 0 1)")
+    parser.add_argument("--n-trials", type=int, metavar="N",
+                        help="the --n-trials of each tune.py (default tune.py's), so that a long budget is not cut "
+                        "short by the trial count")
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the flags of every tune.py and fit.py")
+    args = parser.parse_args(argv)
+    check(all(b > 0 for b in args.budgets), f"--budgets are positive seconds, got {args.budgets}")
+    check(all(s >= 0 for s in args.seeds), f"--seeds are sampler seeds >= 0, got {args.seeds}")
+    check(args.n_trials is None or args.n_trials >= 1, f"--n-trials must be >= 1, got {args.n_trials}")
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    out = args.out.resolve()
+    fit = fit_row(out, flags)
+    rows = [tune_row(out, budget, seed, args.n_trials, flags) for budget in sorted(set(args.budgets))
+            for seed in sorted(set(args.seeds))]
+    where = {"commit": commit(), "hardware": hardware(flags), "flags": flags}
+    (out / "budget_curve.json").write_text(json.dumps({**where, "rows": [fit, *rows]}, indent=2) + "\n")
+    (out / "budget_curve.md").write_text(table(rows, fit, where["commit"], where["hardware"], flags))
+    plot(rows, fit, out / "budget_curve.png")
+    print((out / "budget_curve.md").read_text(), end="")
+    print(f"rows: {out / 'budget_curve.json'}\nplot: {out / 'budget_curve.png'}")
+    return {**where, "fit": fit, "rows": rows}
+
+
+if __name__ == "__main__":
+    run_script(main, interrupted="the runs that finished are kept; run the same command again to continue the curve")
