@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from lightning import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -63,6 +64,10 @@ class MLPCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         epochs = self.config.trainer.max_epochs
         check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
+        # IndexBatches gives each rank its part of every batch; Lightning's DistributedSampler would pad the
+        # evaluation and shuffle each rank apart.
+        check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "
+              "the data module splits the batches between the processes itself")
         if self.config.data.val_size == 0:
             # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.
             self.config.trainer.limit_val_batches = 0
@@ -120,6 +125,16 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
         raise
 
 
+def release_processes() -> None:
+    """Ends the DDP process group, if this process is in one, once its work is done.
+
+    Lightning leaves the group open (later fits and tests reuse it); left to the interpreter's exit, gloo's worker
+    threads outlive it and the process aborts ("terminate called without an active exception", exit status 134).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def build_cli(args: list[str] | None = None) -> MLPCLI:
     """Parse `args` (sys.argv when None) and instantiate the Trainer, model and data module without running."""
     with warnings.catch_warnings():
@@ -135,6 +150,7 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
             auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
             trainer_defaults={
                 "max_epochs": 20,
+                "use_distributed_sampler": False,
                 "callbacks": [latest_checkpoint(), divergence_guard()],
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
