@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExcept
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlp.data import FashionMNISTDataModule
-from mlp.errors import check
+from mlp.errors import UserError, check
 from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
@@ -58,7 +58,7 @@ class MLPCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help='checkpoint to resume training from, or "last" to continue the latest run in the log folder',
+            help='checkpoint to resume training from, or "last" to continue the newest run in the log folder that saved one',
         )
 
     def before_instantiate_classes(self) -> None:
@@ -73,13 +73,31 @@ class MLPCLI(LightningCLI):
             self.config.trainer.limit_val_batches = 0
             self.config.checkpoint.monitor = None
             self.config.checkpoint.filename = "epoch{epoch:02d}"
+        if self.config.ckpt_path == "last":
+            self.resume_last()
+
+    def resume_last(self) -> None:
+        """`--ckpt_path last`: continue the newest run that saved last.ckpt or on_exception.ckpt, from the newer
+        of the two, in that run's folder. A run that failed before saving either is passed over, never restarted."""
         logger = self.config.trainer.logger
-        if self.config.ckpt_path == "last" and getattr(logger, "init_args", None) and logger.init_args.version is None:
-            # Resume into the latest run's folder, where Lightning looks for last.ckpt and on_exception.ckpt.
-            runs = Path(logger.init_args.save_dir) / logger.init_args.name
-            versions = sorted((p for p in runs.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:]))
-            check(bool(versions), f"--ckpt_path last: no earlier run in {runs} to resume")
-            logger.init_args.version = versions[-1].name
+        if not getattr(logger, "init_args", None):
+            return  # no log folder of ours: Lightning looks for last.ckpt in default_root_dir itself
+        runs = Path(logger.init_args.save_dir) / logger.init_args.name
+        version = logger.init_args.version
+        if version is not None:
+            folders = [runs / (version if isinstance(version, str) else f"version_{version}")]
+        else:
+            numbered = (p for p in runs.glob("version_*") if p.name[8:].isdigit())
+            folders = sorted(numbered, key=lambda p: int(p.name[8:]), reverse=True)
+        for folder in folders:
+            saved = [folder / "checkpoints" / name for name in ("last.ckpt", "on_exception.ckpt")]
+            saved = [path for path in saved if path.is_file()]
+            if saved:
+                logger.init_args.version = folder.name
+                self.config.ckpt_path = str(max(saved, key=lambda path: path.stat().st_mtime))
+                return
+        where = folders[0] if version is not None else runs
+        raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
 
 
 class ResumableOnInterrupt(OnExceptionCheckpoint):

@@ -83,11 +83,11 @@ class RecordTrainingIndices(L.Callback):
 
 def one_process_figures(checkpoint: Path, data_dir: Path, val_size: int) -> dict[str, float]:
     """val/acc and test/acc of a checkpoint, evaluated in this process alone."""
-    cli = build_cli([f"--data.data_dir={data_dir}", f"--data.val_size={val_size}", "--trainer.logger=false",
-                     "--progress_bar.refresh_rate=0", "--trainer.accelerator=cpu", "--trainer.devices=1"])
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    data = FashionMNISTDataModule(str(data_dir), val_size=val_size)
     model = MLPClassifier.load_from_checkpoint(checkpoint)
-    (val,) = cli.trainer.validate(model, datamodule=cli.datamodule, verbose=False)
-    (test,) = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)
+    (val,) = trainer.validate(model, datamodule=data, verbose=False)
+    (test,) = trainer.test(model, datamodule=data, verbose=False)
     return {"val/acc": val["val/acc"], "test/acc": test["test/acc"]}
 
 

@@ -184,3 +184,29 @@ def test_ensemble_script_tests_the_average_of_fit_runs_once(synthetic_dir, tmp_p
         ensemble.main([checkpoints[0], refit])
     with pytest.raises(UserError, match="not found"):
         ensemble.main([str(tmp_path / "nothing.ckpt")])
+
+
+def test_ckpt_path_last_resumes_the_newest_run_that_saved_a_checkpoint_and_never_restarts(synthetic_dir, tmp_path):
+    import torch
+
+    from mlp.errors import UserError
+
+    log_dir = tmp_path / "logs"
+    # A constant learning rate: a one-cycle schedule is made for the first run's epochs and cannot be extended.
+    args = fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=8", "--model.schedule=constant")
+    with pytest.raises(UserError, match="no run in .* saved a checkpoint to resume"):
+        fit.main([*args, "--ckpt_path=last"])  # nothing to resume yet
+
+    fit.main([*args, "--trainer.max_epochs=1"])
+    with pytest.raises(UserError, match="val_size must be below"):
+        fit.main([*args, "--data.val_size=70000"])  # fails in setup, before any step
+    # What a run stopped before its first checkpoint leaves behind: a newer folder with no checkpoint in it.
+    (log_dir / "fit" / "version_5").mkdir(parents=True)
+    (log_dir / "fit" / "version_5" / "config.yaml").write_text("")
+
+    runs = sorted((log_dir / "fit").iterdir())
+
+    fit.main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    last = torch.load(log_dir / "fit" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1 and last["global_step"] == 2 * 22  # one more epoch on top of the first
+    assert sorted((log_dir / "fit").iterdir()) == runs  # continued in version_0's folder
