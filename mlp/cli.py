@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from lightning import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlp.data import FashionMNISTDataModule
@@ -18,6 +18,10 @@ from mlp.errors import UserError, check
 from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
+
+# Lightning 2.6 builds a LeafSpec, which this torch deprecates, whenever it flattens a batch: printed at every fit
+# start, nothing in how we call Lightning causes it, and nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class MLPCLI(LightningCLI):
@@ -90,7 +94,7 @@ class MLPCLI(LightningCLI):
             numbered = (p for p in runs.glob("version_*") if p.name[8:].isdigit())
             folders = sorted(numbered, key=lambda p: int(p.name[8:]), reverse=True)
         for folder in folders:
-            saved = [folder / "checkpoints" / name for name in ("last.ckpt", "on_exception.ckpt")]
+            saved = [folder / "checkpoints" / name for name in ("last.ckpt", ResumableOnInterrupt.FILE_NAME)]
             saved = [path for path in saved if path.is_file()]
             if saved:
                 logger.init_args.version = folder.name
@@ -100,15 +104,24 @@ class MLPCLI(LightningCLI):
         raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
 
 
-class ResumableOnInterrupt(OnExceptionCheckpoint):
+class ResumableOnInterrupt(Callback):
     """Ctrl-C (or a crash) mid-training saves on_exception.ckpt, which `--ckpt_path last` resumes from.
 
     Nothing is saved before the first step: a run that failed on bad input has nothing worth resuming.
+    Not Lightning's OnExceptionCheckpoint: with one in the callbacks, Lightning resumes every fit started without
+    a checkpoint from whatever last checkpoint its folder holds, and warns twice that it found none; we resume
+    only when `--ckpt_path` asks.
     """
 
-    def on_exception(self, trainer: Trainer, *args: object, **kwargs: object) -> None:
+    FILE_NAME = "on_exception.ckpt"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Known only now: under DDP, trainer.log_dir is rank zero's run folder on every rank once they are connected.
+        self.path = Path(trainer.log_dir) / "checkpoints" / self.FILE_NAME
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.global_step > 0:
-            super().on_exception(trainer, *args, **kwargs)
+            trainer.save_checkpoint(self.path)
 
 
 def latest_checkpoint() -> ModelCheckpoint:

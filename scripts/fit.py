@@ -28,7 +28,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
                 f"cannot write to the log folder {runs} ({error.strerror}); "
                 "choose another with --trainer.logger.init_args.save_dir"
             ) from None
-    trainer.callbacks.append(ResumableOnInterrupt(dirpath=Path(trainer.log_dir) / "checkpoints"))
+    trainer.callbacks.append(ResumableOnInterrupt())
     fit(cli, ckpt_path=cli.config.ckpt_path)
     if trainer.is_global_zero and (reason := divergence_message(trainer)):
         print(
