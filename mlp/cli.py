@@ -37,7 +37,10 @@ class MLPCLI(LightningCLI):
     ) -> None:
         # The default callbacks are not part of the parser: LightningCLI adds each run's own at instantiation.
         defaults = {key: value for key, value in self.trainer_defaults.items() if key != "callbacks"}
-        settings = repr((add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default))
+        # Everything LightningCLI builds the parser from: the classes whose signatures become flags, and the settings.
+        classes = (self.trainer_class, self.model_class, self.datamodule_class, self.subclass_mode_model,
+                   self.subclass_mode_data, self.auto_configure_optimizers)
+        settings = repr((classes, add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default))
         if settings not in self.parsers:
             super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
             self.parsers[settings] = self.parser
@@ -66,8 +69,14 @@ class MLPCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        epochs = self.config.trainer.max_epochs
+        epochs, steps = self.config.trainer.max_epochs, self.config.trainer.max_steps
         check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
+        schedule = self.config.model.schedule
+        check(
+            not (epochs == -1 and steps == -1 and schedule != "constant"),
+            f"--trainer.max_epochs -1 trains without end, but the {schedule} schedule needs to know its length: "
+            "give --trainer.max_steps, or use --model.schedule constant",
+        )
         # IndexBatches gives each rank its part of every batch; Lightning's DistributedSampler would pad the
         # evaluation and shuffle each rank apart.
         check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "

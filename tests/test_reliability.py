@@ -157,6 +157,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--model.init=uniform", "'normal', 'kaiming', 'xavier'"),
         ("--model.optimizer=rmsprop", "'sgd', 'adam'"),
         ("--trainer.max_epochs=0", "max_epochs must be >= 1"),
+        ("--trainer.max_epochs=-1", "max_epochs -1 trains without end, but the onecycle schedule needs to know its length"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
@@ -167,6 +168,14 @@ def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_p
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
     for run_dir in (tmp_path / "logs").glob("fit/version_*"):
         assert not EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]  # not one step was logged
+
+
+@pytest.mark.parametrize("flags", [["--model.schedule=constant"], ["--trainer.max_steps=10"]])
+def test_endless_epochs_are_accepted_where_the_schedule_has_a_length(synthetic_dir, tmp_path, flags):
+    from mlp.cli import build_cli
+
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=-1", *flags))
+    assert cli.trainer.max_epochs == -1
 
 
 @pytest.mark.parametrize(

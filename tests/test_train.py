@@ -210,3 +210,23 @@ def test_ckpt_path_last_resumes_the_newest_run_that_saved_a_checkpoint_and_never
     last = torch.load(log_dir / "fit" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 1 and last["global_step"] == 2 * 22  # one more epoch on top of the first
     assert sorted((log_dir / "fit").iterdir()) == runs  # continued in version_0's folder
+
+
+def test_runs_built_from_other_classes_get_a_parser_of_their_own(synthetic_dir, tmp_path, monkeypatch):
+    from mlp.cli import build_cli
+    from mlp.module import MLPClassifier
+
+    args = fit_args(synthetic_dir, tmp_path / "logs")
+    first = build_cli(args)
+
+    class OtherData(FashionMNISTDataModule):
+        pass
+
+    class OtherModel(MLPClassifier):
+        pass
+
+    monkeypatch.setattr("mlp.cli.FashionMNISTDataModule", OtherData)
+    monkeypatch.setattr("mlp.cli.MLPClassifier", OtherModel)
+    other = build_cli(args)
+    assert type(other.datamodule) is OtherData and type(other.model) is OtherModel
+    assert other.parser is not first.parser
