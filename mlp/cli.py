@@ -67,6 +67,9 @@ class MLPCLI(LightningCLI):
             default=None,
             help='checkpoint to resume training from, or "last" to continue the newest run in the log folder that saved one',
         )
+        # The model's first layer takes what the data module serves; saved in the model's hyperparameters, so a
+        # checkpoint still reloads alone.
+        parser.link_arguments("data.input_size", "model.input_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         epochs, steps = self.config.trainer.max_epochs, self.config.trainer.max_steps

@@ -190,6 +190,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
     `batch_size` is the batch of one optimiser step; under DDP each rank takes its part of it (`IndexBatches`).
     """
 
+    input_size = IMAGE_SIDE * IMAGE_SIDE  # what a model's first layer takes: one flattened image
+
     def __init__(
         self,
         data_dir: str = "data",

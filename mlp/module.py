@@ -12,7 +12,7 @@ from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mlp.data import CLASS_NAMES
+from mlp.data import CLASS_NAMES, FashionMNISTDataModule
 from mlp.errors import check
 from mlp.net import MLP, Activation, InitScheme
 from mlp.plots import activations_image, predictions_figure
@@ -63,6 +63,7 @@ class MLPClassifier(L.LightningModule):
         dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
         backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
         label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
+        input_size: numbers in one example; fit.py and tune.py take it from the data module's `input_size`.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class MLPClassifier(L.LightningModule):
         dropout: float = 0.0,
         backward: Literal["autograd", "manual"] = "autograd",
         label_smoothing: float = 0.0,
+        input_size: int = FashionMNISTDataModule.input_size,
     ) -> None:
         super().__init__()
         check(depth >= 0, f"depth (hidden layers) must be >= 0, got {depth}")
@@ -91,7 +93,7 @@ class MLPClassifier(L.LightningModule):
         check(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
         check(0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
-        self.net = MLP(784, depth, width, NUM_CLASSES, init, activation, dropout)
+        self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout)
         # Manual mode steps the optimiser itself (manual_training_step), with gradients from MLP.backward.
         self.automatic_optimization = backward == "autograd"
         # A metric update costs more than a training step of this small net, so the training metrics are

@@ -230,3 +230,23 @@ def test_runs_built_from_other_classes_get_a_parser_of_their_own(synthetic_dir, 
     other = build_cli(args)
     assert type(other.datamodule) is OtherData and type(other.model) is OtherModel
     assert other.parser is not first.parser
+
+
+def test_the_model_takes_its_input_size_from_the_data_module_and_reloads_alone(synthetic_dir, tmp_path, monkeypatch):
+    from mlp.cli import build_cli
+    from mlp.module import MLPClassifier
+
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8"))
+    assert "--model.input_size" not in cli.parser.format_help()  # linked, not a flag of its own
+    assert cli.model.hparams.input_size == cli.datamodule.input_size == 784
+
+    class HalfImages(FashionMNISTDataModule):  # a fork's data module serving 392 numbers an example
+        input_size = 392
+
+    monkeypatch.setattr("mlp.cli.FashionMNISTDataModule", HalfImages)
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8"))
+    assert cli.model.net.layers[0][0].shape == (392, 8)
+    checkpoint = tmp_path / "model.ckpt"
+    cli.trainer.strategy.connect(cli.model)
+    cli.trainer.save_checkpoint(checkpoint)
+    assert MLPClassifier.load_from_checkpoint(checkpoint).net.layers[0][0].shape == (392, 8)
