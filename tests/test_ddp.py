@@ -131,12 +131,14 @@ def test_two_process_fit_exits_0_prints_once_and_reports_what_one_process_measur
 
 
 class SaveWeightsOfEachRank(L.Callback):
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    """Saves each process's trained weights, as they are there (ddp_fork hands back rank zero's as float32)."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
 
     def on_train_end(self, trainer, module) -> None:
         weights = [p.detach().clone() for p in module.parameters()]
-        torch.save(weights, self.folder / f"{module.hparams.backward}_rank{trainer.global_rank}.pt")
+        torch.save(weights, self.folder / f"{self.name}_rank{trainer.global_rank}.pt")
 
 
 def test_manual_backward_under_ddp_averages_gradients_as_autograd_ddp_does(synthetic_dir, tmp_path):
@@ -148,7 +150,7 @@ def test_manual_backward_under_ddp_averages_gradients_as_autograd_ddp_does(synth
             "--model.depth=2", "--model.width=16", "--model.dropout=0.3", "--trainer.precision=64-true",
             f"--model.backward={backward}", *TWO_PROCESSES, "--trainer.strategy=ddp_fork",
         ])
-        cli.trainer.callbacks.append(SaveWeightsOfEachRank(tmp_path))
+        cli.trainer.callbacks.append(SaveWeightsOfEachRank(tmp_path, backward))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     weights = {name: torch.load(tmp_path / f"{name}.pt") for name in
                ("autograd_rank0", "autograd_rank1", "manual_rank0", "manual_rank1")}
@@ -191,3 +193,21 @@ def test_too_few_images_to_give_every_process_some_is_refused(synthetic_dir, set
     data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), world_size=2)
     with pytest.raises(UserError, match=message):
         data.setup("fit")
+
+
+def test_without_dropout_two_processes_train_the_weights_one_process_trains(synthetic_dir, tmp_path):
+    # 700 training images in batches of 64: every batch, the last one of 60 too, halves evenly, so the mean of
+    # the two halves' mean gradients is the whole batch's mean gradient; float64 leaves only rounding between them.
+    for processes in ("1", "2"):
+        cli = build_cli([
+            f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / processes}",
+            "--data.val_size=100", "--data.batch_size=64", "--trainer.max_epochs=2", "--progress_bar.refresh_rate=0",
+            "--model.depth=2", "--model.width=16", "--trainer.precision=64-true", "--trainer.accelerator=cpu",
+            f"--trainer.devices={processes}", *(["--trainer.strategy=ddp_fork"] if processes == "2" else []),
+        ])
+        cli.trainer.callbacks.append(SaveWeightsOfEachRank(tmp_path, f"{processes}_processes"))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    one = torch.load(tmp_path / "1_processes_rank0.pt")
+    for rank in (0, 1):
+        for alone, split in zip(one, torch.load(tmp_path / f"2_processes_rank{rank}.pt")):
+            torch.testing.assert_close(split, alone, rtol=1e-9, atol=1e-9)
