@@ -40,7 +40,9 @@ class MLPCLI(LightningCLI):
         # Everything LightningCLI builds the parser from: the classes whose signatures become flags, and the settings.
         classes = (self.trainer_class, self.model_class, self.datamodule_class, self.subclass_mode_model,
                    self.subclass_mode_data, self.auto_configure_optimizers)
-        settings = repr((classes, add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default))
+        settings = repr(
+            (classes, add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default)
+        )
         if settings not in self.parsers:
             super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
             self.parsers[settings] = self.parser
@@ -65,7 +67,7 @@ class MLPCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help='checkpoint to resume training from, or "last" to continue the newest run in the log folder that saved one',
+            help='checkpoint to resume training from, or "last": the newest run in the log folder that saved one',
         )
         # The model's first layer takes what the data module serves; saved in the model's hyperparameters, so a
         # checkpoint still reloads alone.

@@ -157,7 +157,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--model.init=uniform", "'normal', 'kaiming', 'xavier'"),
         ("--model.optimizer=rmsprop", "'sgd', 'adam'"),
         ("--trainer.max_epochs=0", "max_epochs must be >= 1"),
-        ("--trainer.max_epochs=-1", "max_epochs -1 trains without end, but the onecycle schedule needs to know its length"),
+        ("--trainer.max_epochs=-1", "max_epochs -1 trains without end, but the onecycle schedule needs to know"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
