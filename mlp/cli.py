@@ -8,15 +8,20 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lightning import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlp.data import FashionMNISTDataModule
-from mlp.errors import check
+from mlp.errors import UserError, check
 from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
+
+# Lightning 2.6 builds a LeafSpec, which this torch deprecates, whenever it flattens a batch: printed at every fit
+# start, nothing in how we call Lightning causes it, and nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class MLPCLI(LightningCLI):
@@ -32,7 +37,12 @@ class MLPCLI(LightningCLI):
     ) -> None:
         # The default callbacks are not part of the parser: LightningCLI adds each run's own at instantiation.
         defaults = {key: value for key, value in self.trainer_defaults.items() if key != "callbacks"}
-        settings = repr((add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default))
+        # Everything LightningCLI builds the parser from: the classes whose signatures become flags, and the settings.
+        classes = (self.trainer_class, self.model_class, self.datamodule_class, self.subclass_mode_model,
+                   self.subclass_mode_data, self.auto_configure_optimizers)
+        settings = repr(
+            (classes, add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default)
+        )
         if settings not in self.parsers:
             super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
             self.parsers[settings] = self.parser
@@ -57,35 +67,75 @@ class MLPCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help='checkpoint to resume training from, or "last" to continue the latest run in the log folder',
+            help='checkpoint to resume training from, or "last": the newest run in the log folder that saved one',
         )
+        # The model's first layer takes what the data module serves; saved in the model's hyperparameters, so a
+        # checkpoint still reloads alone.
+        parser.link_arguments("data.input_size", "model.input_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        epochs = self.config.trainer.max_epochs
+        epochs, steps = self.config.trainer.max_epochs, self.config.trainer.max_steps
         check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
+        schedule = self.config.model.schedule
+        check(
+            not (epochs == -1 and steps == -1 and schedule != "constant"),
+            f"--trainer.max_epochs -1 trains without end, but the {schedule} schedule needs to know its length: "
+            "give --trainer.max_steps, or use --model.schedule constant",
+        )
+        # IndexBatches gives each rank its part of every batch; Lightning's DistributedSampler would pad the
+        # evaluation and shuffle each rank apart.
+        check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "
+              "the data module splits the batches between the processes itself")
         if self.config.data.val_size == 0:
             # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.
             self.config.trainer.limit_val_batches = 0
             self.config.checkpoint.monitor = None
             self.config.checkpoint.filename = "epoch{epoch:02d}"
+        if self.config.ckpt_path == "last":
+            self.resume_last()
+
+    def resume_last(self) -> None:
+        """`--ckpt_path last`: continue the newest run that saved last.ckpt or on_exception.ckpt, from the newer
+        of the two, in that run's folder. A run that failed before saving either is passed over, never restarted."""
         logger = self.config.trainer.logger
-        if self.config.ckpt_path == "last" and getattr(logger, "init_args", None) and logger.init_args.version is None:
-            # Resume into the latest run's folder, where Lightning looks for last.ckpt and on_exception.ckpt.
-            runs = Path(logger.init_args.save_dir) / logger.init_args.name
-            versions = sorted((p for p in runs.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:]))
-            check(bool(versions), f"--ckpt_path last: no earlier run in {runs} to resume")
-            logger.init_args.version = versions[-1].name
+        if not getattr(logger, "init_args", None):
+            return  # no log folder of ours: Lightning looks for last.ckpt in default_root_dir itself
+        runs = Path(logger.init_args.save_dir) / logger.init_args.name
+        version = logger.init_args.version
+        if version is not None:
+            folders = [runs / (version if isinstance(version, str) else f"version_{version}")]
+        else:
+            numbered = (p for p in runs.glob("version_*") if p.name[8:].isdigit())
+            folders = sorted(numbered, key=lambda p: int(p.name[8:]), reverse=True)
+        for folder in folders:
+            saved = [folder / "checkpoints" / name for name in ("last.ckpt", ResumableOnInterrupt.FILE_NAME)]
+            saved = [path for path in saved if path.is_file()]
+            if saved:
+                logger.init_args.version = folder.name
+                self.config.ckpt_path = str(max(saved, key=lambda path: path.stat().st_mtime))
+                return
+        where = folders[0] if version is not None else runs
+        raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
 
 
-class ResumableOnInterrupt(OnExceptionCheckpoint):
+class ResumableOnInterrupt(Callback):
     """Ctrl-C (or a crash) mid-training saves on_exception.ckpt, which `--ckpt_path last` resumes from.
 
     Nothing is saved before the first step: a run that failed on bad input has nothing worth resuming.
+    Not Lightning's OnExceptionCheckpoint: with one in the callbacks, Lightning resumes every fit started without
+    a checkpoint from whatever last checkpoint its folder holds, and warns twice that it found none; we resume
+    only when `--ckpt_path` asks.
     """
 
-    def on_exception(self, trainer: Trainer, *args: object, **kwargs: object) -> None:
+    FILE_NAME = "on_exception.ckpt"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Known only now: under DDP, trainer.log_dir is rank zero's run folder on every rank once they are connected.
+        self.path = Path(trainer.log_dir) / "checkpoints" / self.FILE_NAME
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.global_step > 0:
-            super().on_exception(trainer, *args, **kwargs)
+            trainer.save_checkpoint(self.path)
 
 
 def latest_checkpoint() -> ModelCheckpoint:
@@ -120,6 +170,16 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
         raise
 
 
+def release_processes() -> None:
+    """Ends the DDP process group, if this process is in one, once its work is done.
+
+    Lightning leaves the group open (later fits and tests reuse it); left to the interpreter's exit, gloo's worker
+    threads outlive it and the process aborts ("terminate called without an active exception", exit status 134).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def build_cli(args: list[str] | None = None) -> MLPCLI:
     """Parse `args` (sys.argv when None) and instantiate the Trainer, model and data module without running."""
     with warnings.catch_warnings():
@@ -135,6 +195,7 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
             auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
             trainer_defaults={
                 "max_epochs": 20,
+                "use_distributed_sampler": False,
                 "callbacks": [latest_checkpoint(), divergence_guard()],
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",

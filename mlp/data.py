@@ -29,6 +29,7 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+IMAGE_SIDE = 28
 EVAL_BATCH_SIZE = 2048  # evaluation keeps no activations for backward, so larger batches cost nothing extra
 
 
@@ -113,7 +114,7 @@ def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Ten
     """uint8 images (N, 28, 28) and int64 labels (N,) of the 'train' or 'test' split, checked for consistency."""
     image_file, label_file = files[f"{split}_images"], files[f"{split}_labels"]
     images, labels = read_idx(image_file, cache_dir), read_idx(label_file, cache_dir)
-    if images.shape[1:] != (28, 28):
+    if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise CorruptDatasetError(f"{image_file}: expected 28x28 images, found shape {tuple(images.shape)}")
     if len(images) != len(labels):
         raise CorruptDatasetError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels")
@@ -122,27 +123,62 @@ def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Ten
     return images, labels
 
 
+def check_workers_fit_device(num_workers: int, device: torch.device) -> None:
+    """Worker processes only gather from tensors; on a GPU they would have to re-initialise CUDA, which fails."""
+    check(
+        num_workers == 0 or device.type != "cuda",
+        f"--data.num_workers must be 0 on a GPU, got {num_workers}: the data already sits on the GPU, and worker "
+        "processes cannot use CUDA",
+    )
+
+
 def unit_pixels(images: Tensor) -> Tensor:
     """uint8 images (N, 28, 28) as float rows (N, 784) in [0, 1]."""
-    return images.reshape(len(images), 28 * 28).float().div_(255)
+    return images.reshape(len(images), IMAGE_SIDE * IMAGE_SIDE).float().div_(255)
 
 
 class IndexBatches(Sampler[Tensor]):
-    """Batches of indices as tensors: one randperm an epoch (or arange), then slices of it.
+    """Batches of indices as tensors, and under DDP this process's share of each.
 
     torch's BatchSampler over RandomSampler builds each batch as a Python list of ints, which costs more
     than a training step of a small net; a slice of a permutation costs nothing.
+
+    Shuffled (training): epoch e's permutation comes from a generator seeded by (seed, e), so every rank draws
+    the same one whatever else its dropout and augmentation draw; each batch of `batch_size` indices is cut into
+    one part per rank. The ranks' steps together are the one-device run's steps: each image once an epoch, in
+    the same batches. Unshuffled (evaluation): each rank takes one contiguous part of the indices, the parts
+    may differ in size and nothing is padded, so every image is evaluated exactly once.
     """
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool) -> None:
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, ranks: int = 1) -> None:
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
+        self.seed, self.rank, self.ranks = seed, rank, ranks
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at the start of every training epoch, as it does for DistributedSampler."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-self.size // self.batch_size)
+        if not self.shuffle:
+            share = self.size // self.ranks + (self.rank < self.size % self.ranks)
+            return -(-share // self.batch_size)
+        batches = -(-self.size // self.batch_size)
+        short_last = batches > 1 and self.size - (batches - 1) * self.batch_size < self.ranks
+        return batches - short_last
 
     def __iter__(self) -> Iterator[Tensor]:
-        order = torch.randperm(self.size) if self.shuffle else torch.arange(self.size)
-        return iter(order.split(self.batch_size))
+        return iter(self._batches())
+
+    def _batches(self) -> list[Tensor]:
+        if not self.shuffle:
+            return list(torch.arange(self.size).tensor_split(self.ranks)[self.rank].split(self.batch_size))
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)))
+        batches = list(torch.randperm(self.size, generator=generator).split(self.batch_size))
+        if len(batches) > 1 and len(batches[-1]) < self.ranks:
+            # Too few left to give every rank one: the last batch joins the one before, so no rank gets none.
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return [batch.tensor_split(self.ranks)[self.rank] for batch in batches]
 
 
 class FashionMNISTDataModule(L.LightningDataModule):
@@ -151,7 +187,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
     The test images are loaded only for `trainer.test`, so model selection never sees them. `val_size` 0 trains
     on all training images with no validation at all (a refit whose epochs were chosen before).
     `augment_shift` (pixels) and `augment_flip` augment the training batches only, on the training device.
+    `batch_size` is the batch of one optimiser step; under DDP each rank takes its part of it (`IndexBatches`).
     """
+
+    input_size = IMAGE_SIDE * IMAGE_SIDE  # what a model's first layer takes: one flattened image
 
     def __init__(
         self,
@@ -175,6 +214,18 @@ class FashionMNISTDataModule(L.LightningDataModule):
         data_dir = Path(self.hparams.data_dir).expanduser()
         cache_dir = data_dir / "FashionMNIST" / "raw"
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        check_workers_fit_device(self.hparams.num_workers, device)
+        ranks = self.trainer.world_size if self.trainer else 1
+        check(
+            self.hparams.batch_size >= ranks,
+            f"--data.batch_size ({self.hparams.batch_size}) must be at least the number of processes ({ranks}): "
+            "each takes its part of every batch",
+        )
+        check(
+            self.hparams.val_size == 0 or self.hparams.val_size >= ranks,
+            f"--data.val_size ({self.hparams.val_size}) must be 0 or at least the number of processes ({ranks}): "
+            "each validates its part of the split",
+        )
         if self.train_set is None:
             self.files = locate_fashion_mnist(data_dir)
             images, labels = load_split(self.files, "train", cache_dir)
@@ -200,10 +251,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TensorDataset, batch_size: int, shuffle: bool) -> DataLoader:
         # The sampler yields a tensor of indices per batch and the dataset answers with one gather,
-        # instead of collating batch_size single samples.
+        # instead of collating batch_size single samples. The run's seed (--seed_everything) seeds its shuffling.
+        rank, ranks = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return DataLoader(
             dataset,
-            sampler=IndexBatches(len(dataset), batch_size, shuffle),
+            sampler=IndexBatches(len(dataset), batch_size, shuffle, torch.initial_seed(), rank, ranks),
             batch_size=None,
             num_workers=self.hparams.num_workers,
         )

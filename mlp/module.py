@@ -12,7 +12,7 @@ from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mlp.data import CLASS_NAMES
+from mlp.data import CLASS_NAMES, FashionMNISTDataModule
 from mlp.errors import check
 from mlp.net import MLP, Activation, InitScheme
 from mlp.plots import activations_image, predictions_figure
@@ -63,6 +63,7 @@ class MLPClassifier(L.LightningModule):
         dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
         backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
         label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
+        input_size: numbers in one example; fit.py and tune.py take it from the data module's `input_size`.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class MLPClassifier(L.LightningModule):
         dropout: float = 0.0,
         backward: Literal["autograd", "manual"] = "autograd",
         label_smoothing: float = 0.0,
+        input_size: int = FashionMNISTDataModule.input_size,
     ) -> None:
         super().__init__()
         check(depth >= 0, f"depth (hidden layers) must be >= 0, got {depth}")
@@ -91,7 +93,7 @@ class MLPClassifier(L.LightningModule):
         check(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
         check(0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
-        self.net = MLP(784, depth, width, NUM_CLASSES, init, activation, dropout)
+        self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout)
         # Manual mode steps the optimiser itself (manual_training_step), with gradients from MLP.backward.
         self.automatic_optimization = backward == "autograd"
         # A metric update costs more than a training step of this small net, so the training metrics are
@@ -156,26 +158,29 @@ class MLPClassifier(L.LightningModule):
         self.log("train/loss_epoch", self.train_loss)
         self.log("train/acc", self.train_acc)
         # Lightning's ThroughputMonitor synchronises the GPU on every step; one reading per epoch is enough.
-        self.log("train/examples_per_sec", batch_sizes.sum().item() / (time.perf_counter() - self.epoch_start))
+        # Under DDP, the sum of every process's rate.
+        examples_per_sec = batch_sizes.sum().item() / (time.perf_counter() - self.epoch_start)
+        self.log("train/examples_per_sec", examples_per_sec, sync_dist=True, reduce_fx="sum")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, preds, y = self.model_step(batch)
         self.val_acc.update(preds, y)
-        self.log("val/loss", loss, on_epoch=True)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
         self.val_acc.reset()
         self.val_acc_best.update(acc)
-        self.log("val/acc", acc, prog_bar=True)
+        # Both are already the same on every process (torchmetrics syncs in compute); sync_dist says so to Lightning.
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
         # TensorBoard's HParams tab compares runs by `hp_metric`.
-        self.log("hp_metric", self.val_acc_best.compute())
+        self.log("hp_metric", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, preds, y = self.model_step(batch)
         self.test_acc.update(preds, y)
         self.test_confusion.update(preds, y)
-        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
         if batch_idx == 0:
             self.test_examples = (batch[0][:32], preds[:32], y[:32])
@@ -207,12 +212,17 @@ class MLPClassifier(L.LightningModule):
     def manual_training_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Forward, backward by hand, and one optimiser and scheduler step, as the automatic path does.
 
-        The optimiser sees the same p.grad as after autograd's backward, so weight decay and momentum act alike.
+        The optimiser sees the same p.grad as after autograd's backward, so weight decay and momentum act alike;
+        under DDP, averaged over the processes as DDP averages autograd's (it does so only inside autograd).
         """
         x, y = batch
         cache = []
         logits = self.net(x, cache)
-        for p, grad in zip(self.net.parameters(), self.net.backward(cache, cross_entropy_grad(logits, y, self.hparams.label_smoothing))):
+        grads = self.net.backward(cache, cross_entropy_grad(logits, y, self.hparams.label_smoothing))
+        if self.trainer.world_size > 1:  # one collective for all of them, as DDP reduces a bucket at a time
+            flat = self.trainer.strategy.reduce(torch.cat([grad.flatten() for grad in grads]), reduce_op="mean")
+            grads = [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)]
+        for p, grad in zip(self.net.parameters(), grads):
             p.grad = grad
         self.optimizers().step()
         if scheduler := self.lr_schedulers():

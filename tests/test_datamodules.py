@@ -139,7 +139,9 @@ def test_data_sits_on_the_trainers_device_so_batches_need_no_copy(synthetic_dir)
 
     data = FashionMNISTDataModule(data_dir=str(synthetic_dir), val_size=100, batch_size=32)
     # A 'meta' device stands in for a GPU on a machine without one: placement is checked, no memory used.
-    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    data.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("meta")), world_size=1, global_rank=0
+    )
     data.setup("test")
     for dataset in (data.train_set, data.val_set, data.test_set):
         assert all(t.device.type == "meta" for t in dataset.tensors)

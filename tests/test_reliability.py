@@ -157,6 +157,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--model.init=uniform", "'normal', 'kaiming', 'xavier'"),
         ("--model.optimizer=rmsprop", "'sgd', 'adam'"),
         ("--trainer.max_epochs=0", "max_epochs must be >= 1"),
+        ("--trainer.max_epochs=-1", "max_epochs -1 trains without end, but the onecycle schedule needs to know"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
@@ -167,6 +168,14 @@ def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_p
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
     for run_dir in (tmp_path / "logs").glob("fit/version_*"):
         assert not EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]  # not one step was logged
+
+
+@pytest.mark.parametrize("flags", [["--model.schedule=constant"], ["--trainer.max_steps=10"]])
+def test_endless_epochs_are_accepted_where_the_schedule_has_a_length(synthetic_dir, tmp_path, flags):
+    from mlp.cli import build_cli
+
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=-1", *flags))
+    assert cli.trainer.max_epochs == -1
 
 
 @pytest.mark.parametrize(
@@ -215,6 +224,11 @@ def test_children_take_sigint_even_when_pytest_was_started_with_it_ignored(tmp_p
     assert process.returncode != 0 and "KeyboardInterrupt" in stderr
 
 
+# What Lightning printed at every fit's start: the first two because an OnExceptionCheckpoint among the callbacks
+# turns fit(ckpt_path=None) into "last"; the third, Lightning's own use of a torch API this torch deprecates.
+LIGHTNING_WARNINGS_ABOUT_OUR_CALLS = ("was called without a model", "there is no last checkpoint available", "LeafSpec")
+
+
 def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epochs(synthetic_dir, tmp_path):
     args = fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=40", "--model.width=256")
     run_dir = tmp_path / "logs" / "fit" / "version_0"
@@ -224,11 +238,13 @@ def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epoch
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0 and "Traceback" not in stderr
     assert "--ckpt_path last" in stderr
+    assert not [warning for warning in LIGHTNING_WARNINGS_ABOUT_OUR_CALLS if warning in stderr]  # a plain fit's start
     interrupted = torch.load(run_dir / "checkpoints" / "on_exception.ckpt", weights_only=False)
     assert interrupted["epoch"] < 39
 
     resumed = run("fit.py", [*args, "--ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not [warning for warning in LIGHTNING_WARNINGS_ABOUT_OUR_CALLS if warning in resumed.stderr]
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 39
     assert last["global_step"] == 40 * 22  # 700 training images in batches of 32: 22 steps an epoch

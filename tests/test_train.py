@@ -184,3 +184,69 @@ def test_ensemble_script_tests_the_average_of_fit_runs_once(synthetic_dir, tmp_p
         ensemble.main([checkpoints[0], refit])
     with pytest.raises(UserError, match="not found"):
         ensemble.main([str(tmp_path / "nothing.ckpt")])
+
+
+def test_ckpt_path_last_resumes_the_newest_run_that_saved_a_checkpoint_and_never_restarts(synthetic_dir, tmp_path):
+    import torch
+
+    from mlp.errors import UserError
+
+    log_dir = tmp_path / "logs"
+    # A constant learning rate: a one-cycle schedule is made for the first run's epochs and cannot be extended.
+    args = fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=8", "--model.schedule=constant")
+    with pytest.raises(UserError, match="no run in .* saved a checkpoint to resume"):
+        fit.main([*args, "--ckpt_path=last"])  # nothing to resume yet
+
+    fit.main([*args, "--trainer.max_epochs=1"])
+    with pytest.raises(UserError, match="val_size must be below"):
+        fit.main([*args, "--data.val_size=70000"])  # fails in setup, before any step
+    # What a run stopped before its first checkpoint leaves behind: a newer folder with no checkpoint in it.
+    (log_dir / "fit" / "version_5").mkdir(parents=True)
+    (log_dir / "fit" / "version_5" / "config.yaml").write_text("")
+
+    runs = sorted((log_dir / "fit").iterdir())
+
+    fit.main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    last = torch.load(log_dir / "fit" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1 and last["global_step"] == 2 * 22  # one more epoch on top of the first
+    assert sorted((log_dir / "fit").iterdir()) == runs  # continued in version_0's folder
+
+
+def test_runs_built_from_other_classes_get_a_parser_of_their_own(synthetic_dir, tmp_path, monkeypatch):
+    from mlp.cli import build_cli
+    from mlp.module import MLPClassifier
+
+    args = fit_args(synthetic_dir, tmp_path / "logs")
+    first = build_cli(args)
+
+    class OtherData(FashionMNISTDataModule):
+        pass
+
+    class OtherModel(MLPClassifier):
+        pass
+
+    monkeypatch.setattr("mlp.cli.FashionMNISTDataModule", OtherData)
+    monkeypatch.setattr("mlp.cli.MLPClassifier", OtherModel)
+    other = build_cli(args)
+    assert type(other.datamodule) is OtherData and type(other.model) is OtherModel
+    assert other.parser is not first.parser
+
+
+def test_the_model_takes_its_input_size_from_the_data_module_and_reloads_alone(synthetic_dir, tmp_path, monkeypatch):
+    from mlp.cli import build_cli
+    from mlp.module import MLPClassifier
+
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8"))
+    assert "--model.input_size" not in cli.parser.format_help()  # linked, not a flag of its own
+    assert cli.model.hparams.input_size == cli.datamodule.input_size == 784
+
+    class HalfImages(FashionMNISTDataModule):  # a fork's data module serving 392 numbers an example
+        input_size = 392
+
+    monkeypatch.setattr("mlp.cli.FashionMNISTDataModule", HalfImages)
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8"))
+    assert cli.model.net.layers[0][0].shape == (392, 8)
+    checkpoint = tmp_path / "model.ckpt"
+    cli.trainer.strategy.connect(cli.model)
+    cli.trainer.save_checkpoint(checkpoint)
+    assert MLPClassifier.load_from_checkpoint(checkpoint).net.layers[0][0].shape == (392, 8)
