@@ -111,15 +111,18 @@ def report_schedule_fraction(trial: optuna.Trial, epoch: int, epochs: int, value
     fraction of their own schedule: step 50 is the middle of every trial. Optuna's pruners compare a trial with
     the others' values at exactly one step, so every whole percent this epoch crosses gets a value, interpolated
     from the previous epoch's (`previous`, None for the first epoch, whose value stands back to step 1), and
-    pruning is checked at each tenth crossed (Hyperband's rungs among them) as well as at the epoch's end. Also counts the epochs trained in the user attribute `epochs_trained`.
+    pruning is checked at each tenth crossed (Hyperband's rungs among them) as well as at the epoch's end, but
+    never in the last epoch: a trial that trained all its epochs has spent its compute, and pruning it would
+    only drop it from the final models. Also counts the epochs trained in the user attribute `epochs_trained`.
     """
     trial.set_user_attr("epochs_trained", epoch + 1)
     start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
     last = math.floor(end)
+    finished = epoch + 1 == epochs
     for step in range(math.floor(start) + 1, last + 1):
         share = (step - start) / (end - start)
         trial.report(value if previous is None else previous + share * (value - previous), step)
-        if (step % CHECK_EVERY == 0 or step == last) and trial.should_prune():
+        if (step % CHECK_EVERY == 0 or step == last) and not finished and trial.should_prune():
             return True
     return False
 

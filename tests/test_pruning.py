@@ -61,3 +61,12 @@ def test_median_warm_up_is_a_fraction_of_the_schedule():
         run(study, 10, final)
     _, pruned = run(study, 20, 0.5)
     assert pruned == 5  # the end of epoch 6 of 20 is 30 % of its schedule: the first step after the warm-up
+
+
+def test_a_trial_that_trained_all_its_epochs_is_never_pruned():
+    # Every value is below the threshold: the first epoch's end is pruned, the last epoch's end never is.
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    assert report_schedule_fraction(trial, 0, 2, 0.1, None)
+    assert not report_schedule_fraction(trial, 1, 2, 0.1, 0.1)
+    assert trial.should_prune()  # the pruner would still prune it: only the finished schedule spares it
