@@ -153,6 +153,11 @@ def run_study(
         "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
         "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)",
     )
+    check(
+        cli.datamodule.hparams.val_size > 0,
+        "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
+        "refit on train + val by themselves)",
+    )
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
     for name in pinned:

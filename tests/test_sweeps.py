@@ -213,6 +213,12 @@ def test_tune_without_a_logger_is_a_clear_error(synthetic_dir, tmp_path):
     assert not (tmp_path / "study.db").exists()
 
 
+def test_tune_without_a_validation_split_is_a_clear_error(synthetic_dir, tmp_path):
+    with pytest.raises(UserError, match="--data.val_size must be > 0"):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--data.val_size=0"])
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
     study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
