@@ -267,7 +267,7 @@ class FusedClassifier(L.LightningModule):
             metrics.val_acc.reset()
             metrics.val_loss.reset()
             metrics.val_acc_best.update(acc)
-            self.log(f"val/acc/{name}", acc)
+            self.log(f"val/acc/{name}", acc, logger=False)  # for callbacks only: `write` logs the model's run
             if self.trainer.sanity_checking:
                 continue
             self.write(k, {"val/loss": loss, "val/acc": acc, "hp_metric": metrics.val_acc_best.compute()})
@@ -302,6 +302,9 @@ class FusedClassifier(L.LightningModule):
         for k, name in enumerate(self.names):
             if name in names:
                 self.outcomes[name] = self.stopping.pop(name)
+                # Lightning keeps every key ever logged; a departed model's would pile up, and each checkpoint
+                # callback copies them all every epoch.
+                self.trainer.callback_metrics.pop(f"val/acc/{name}", None)
                 if self.loggers_per_model[k] is not None:
                     self.loggers_per_model[k].finalize("success")
         placement = self.placement()

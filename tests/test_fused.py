@@ -201,6 +201,25 @@ class StopAfterFirstEpoch(L.Callback):
             module.stop(self.name, "pruned")
 
 
+class RunningKeys(L.Callback):
+    """The models' val/acc keys in the Trainer's callback metrics at the start of every epoch."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[set[str], set[str]]] = []  # (keys, the names of the models in the stack)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        keys = {key for key in trainer.callback_metrics if key.startswith("val/acc/")}
+        self.keys.append((keys, {f"val/acc/{name}" for name in module.names}))
+
+
+def test_a_departed_models_val_acc_leaves_the_trainers_callback_metrics():
+    keys = RunningKeys()
+    train_fused(classifiers(HPARAMS), HPARAMS, ["a", "b", "c"], [keys])
+    # Epochs 1-3: after the sanity check's keys, only those of the models still training (b leaves after epoch 1).
+    assert [seen for seen, _ in keys.keys[1:]] == [running for _, running in keys.keys[1:]]
+    assert keys.keys[2][0] == {"val/acc/a", "val/acc/c"}
+
+
 @pytest.mark.parametrize("backward", ["autograd", "manual"])
 def test_dropping_a_model_mid_run_leaves_the_others_unchanged(backward):
     models = classifiers(HPARAMS, backward=backward)
