@@ -30,16 +30,30 @@ DEFAULT_TRAIN_IMAGES = 55_000  # fit.py's training split: 60,000 less the 5,000 
 
 def cost(study: optuna.Study) -> dict[str, float]:
     """The study's training cost in epochs of fit.py's default net (each trial's epochs weighted by its net's
-    multiply-adds per example), so studies on different machines compare; and in seconds of trial time."""
+    multiply-adds per example), so studies on different machines compare; and in busy wall seconds."""
     model_epochs = sum(
         t.user_attrs.get("epochs_trained", 0) * t.user_attrs.get("multiply_adds", 0)
         for t in study.get_trials(deepcopy=False)
     ) / DEFAULT_NET_MULTIPLY_ADDS
-    seconds = sum(
-        (t.datetime_complete - t.datetime_start).total_seconds()
+    return {"default_net_epochs": round(model_epochs, 3), "busy_wall_seconds": round(busy_wall_seconds(study), 1)}
+
+
+def busy_wall_seconds(study: optuna.Study) -> float:
+    """Wall-clock seconds during which at least one trial of the study was running: the union of the finished
+    trials' intervals. Trials trained together (--fuse, or several workers) count once, so the figure compares
+    across --fuse, where a sum of trial durations would count K stacked trials K times."""
+    intervals = sorted(
+        (t.datetime_start, t.datetime_complete)
         for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete
     )
-    return {"default_net_epochs": round(model_epochs, 3), "trial_seconds": round(seconds, 1)}
+    seconds, covered_to = 0.0, None
+    for start, end in intervals:
+        if covered_to is not None and start < covered_to:
+            start = covered_to
+        if end > start:
+            seconds += (end - start).total_seconds()
+        covered_to = end if covered_to is None else max(covered_to, end)
+    return seconds
 
 
 def test_best(study: optuna.Study, fit_args: list[str]) -> float:
