@@ -14,12 +14,11 @@ records each trial as the unfused path does.
 import math
 import os
 import socket
-import threading
 import warnings
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import lightning as L
 import optuna
@@ -35,7 +34,7 @@ from mlp.fused import FusedClassifier, ModelInStackCheckpoint, save_single
 from mlp.net import multiply_adds
 from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
 from mlp.study import (
-    HEARTBEAT_SECONDS,
+    Heartbeats,
     gives_way,
     is_surplus,
     log,
@@ -276,31 +275,6 @@ class ReportAndPrune(L.Callback):
             self.previous[name] = value
             if name not in module.stopping and prune:
                 module.stop(name, "pruned")
-
-
-class Heartbeats:
-    """While the with block runs, a thread records a heartbeat for each trial every HEARTBEAT_SECONDS, as
-    Optuna's optimize does for its one trial; a worker that dies stops beating, and its trials are retried."""
-
-    def __init__(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
-        self.storage, self.trials = study._storage, trials  # optimize records heartbeats through the same object
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.beat, daemon=True)
-
-    def beat(self) -> None:
-        while True:
-            for trial in list(self.trials):
-                self.storage.record_heartbeat(trial._trial_id)
-            if self.stopped.wait(HEARTBEAT_SECONDS):
-                return
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join()
 
 
 DATASET_BYTES = 70_000 * (784 * 4 + 8)  # the whole of Fashion-MNIST as float pixels and int64 labels

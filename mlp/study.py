@@ -4,11 +4,12 @@ for other workers, when a dead worker's trial is rerun, and which worker writes 
 import math
 import random
 import sqlite3
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import optuna
 import sqlalchemy
@@ -31,6 +32,7 @@ LIVE = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 # worker marks it failed and enqueues its parameters again. Idle workers look again every heartbeat.
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
+RETRY_SECONDS = 1  # after a heartbeat that failed: the grace period leaves time for a few tries
 log = optuna.logging.get_logger("optuna.mlp")
 
 
@@ -106,6 +108,56 @@ def open_study(
         return optuna.create_study(direction="maximize", **settings), True
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(**settings), False
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage the study was opened with. Optuna's Study keeps it private (`_storage`) and offers no public
+    accessor, but its own optimize beats trials' hearts through it, and so must a worker running trials by ask and
+    tell (see Heartbeats): this is the one place that reaches for it (tests/test_private_apis.py fails if it moves)."""
+    return study._storage
+
+
+class Heartbeats:
+    """While the with block runs, a thread records a heartbeat for each trial of `trials` (a trial leaves the list
+    when the study is told its end) every HEARTBEAT_SECONDS, as Optuna's optimize does for its one trial; a worker
+    that dies stops beating, and its trials are retried.
+
+    A beat that fails (the storage unreachable for a moment) is logged and tried again RETRY_SECONDS later: a
+    thread that died of it would leave the worker's trials to be failed as stale, and retried elsewhere, while
+    this worker still trains them."""
+
+    def __init__(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        self.storage, self.study_name, self.trials = storage_of(study), study.study_name, trials
+        self.trial_ids: dict[int, int] = {}  # by trial number, looked up once
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.beat, daemon=True)
+
+    def beat(self) -> None:
+        while True:
+            wait = HEARTBEAT_SECONDS
+            for trial in list(self.trials):
+                try:
+                    self.storage.record_heartbeat(self.trial_id(trial.number))
+                except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
+                    first_line = str(error).splitlines()[0]
+                    log.warning(f"Heartbeat of trial {trial.number} failed ({first_line}); trying again.")
+                    wait = RETRY_SECONDS
+            if self.stopped.wait(wait):
+                return
+
+    def trial_id(self, number: int) -> int:
+        if number not in self.trial_ids:
+            study_id = self.storage.get_study_id_from_name(self.study_name)
+            self.trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        return self.trial_ids[number]
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace) -> None:

@@ -1,6 +1,7 @@
 """`scripts/tune.py --fuse K` on synthetic data: per-trial outcomes, runs, checkpoints, heartbeats and Ctrl-C."""
 
 import json
+import logging
 import signal
 import sys
 import time
@@ -23,7 +24,6 @@ from mlp.fused_trials import (
     CPU_FUSE,
     DATASET_BYTES,
     FusedTrials,
-    Heartbeats,
     auto_fuse,
     check_fusable,
     check_stack_fits,
@@ -31,7 +31,7 @@ from mlp.fused_trials import (
 )
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
-from mlp.study import open_study
+from mlp.study import Heartbeats, open_study
 from tests.conftest import epoch_values
 from tests.test_reliability import created_trials, run, start, wait_for
 from tests.test_reliability import tune_args as slow_tune_args
@@ -249,7 +249,7 @@ def test_a_fuse_that_is_neither_a_number_nor_auto_is_a_clear_error(capsys):
 
 
 def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypatch):
-    monkeypatch.setattr("mlp.fused_trials.HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage)
     trials = [study.ask() for _ in range(3)]
@@ -258,6 +258,29 @@ def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypa
         assert storage._get_stale_trial_ids(study._study_id) == []
     time.sleep(4)
     assert sorted(storage._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in trials)
+
+
+def test_a_failed_heartbeat_is_logged_and_tried_again_and_the_trials_stay_alive(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr("mlp.study.RETRY_SECONDS", 0.1)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage)
+    trials = [study.ask() for _ in range(2)]
+    record_heartbeat, failures = storage.record_heartbeat, []
+
+    def unreachable_once(trial_id: int) -> None:
+        if not failures:
+            failures.append(trial_id)
+            raise optuna.exceptions.StorageInternalError("the database is unreachable")
+        record_heartbeat(trial_id)
+
+    monkeypatch.setattr(storage, "record_heartbeat", unreachable_once)
+    monkeypatch.setattr(logging.getLogger("optuna"), "propagate", True)  # to caplog
+    with Heartbeats(study, trials) as beats:
+        time.sleep(3)  # past the grace period, which SQLite's clock counts in whole seconds
+        assert beats.thread.is_alive()
+        assert storage._get_stale_trial_ids(study._study_id) == []
+    assert failures and "Heartbeat of trial 0 failed (the database is unreachable); trying again." in caplog.text
 
 
 def group_training(tmp_path: Path) -> bool:
@@ -283,7 +306,6 @@ def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_pa
 
 def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(synthetic_dir, tmp_path):
     quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
-    quick_heartbeat += "; import mlp.fused_trials; mlp.fused_trials.HEARTBEAT_SECONDS = 1"
     args = [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"]
     process = start("tune.py", args, patch=quick_heartbeat)
     wait_for(process, lambda: group_training(tmp_path), "three trials training together")
