@@ -156,15 +156,19 @@ def trial_seed(seed: int, number: int) -> int:
 
 
 class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """TPE whose random draws depend only on the seed and the trial's number.
+    """TPE whose random draws depend only on the seed and the trial's number; trial 0 draws `first`, when given.
 
     One seeded TPESampler per process would give every worker started with the same seed the same draws, and
     a rerun would replay the first run's. Trial numbers are unique across workers (the storage assigns them),
     so seeding each trial from (seed, number) gives distinct, reproducible draws.
+
+    `first` (see mlp.study.fit_defaults) starts the search from a known-good point instead of spending its first
+    epochs rediscovering it. As a rule of the sampler every worker holds, rather than a trial queued after the
+    study's creation, it is trial 0 whichever of several workers started together asks first.
     """
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+    def __init__(self, seed: int, first: dict[str, Any] | None = None) -> None:
+        self.seed, self.first = seed, first or {}
         self.tpe = self.tpe_for(0)
 
     def tpe_for(self, number: int) -> optuna.samplers.TPESampler:
@@ -183,11 +187,15 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
+        if trial.number == 0 and self.first:
+            return {}  # each parameter comes from sample_independent
         return self.tpe.sample_relative(study, trial, search_space)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
+        if trial.number == 0 and param_name in self.first:
+            return self.first[param_name]
         return self.tpe.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(

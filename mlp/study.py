@@ -9,7 +9,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import optuna
 import sqlalchemy
@@ -92,22 +92,36 @@ def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
 
 
 def open_study(
-    study_name: str, storage_url: str, pruner: str, shortest_epochs: int, seed: int
-) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it if it exists, so that rerunning the same command continues it.
-
-    Also says whether this call created it: of workers started together, exactly one did.
-    """
+    study_name: str, storage_url: str, pruner: str, shortest_epochs: int, seed: int, first: dict | None = None
+) -> optuna.Study:
+    """Create the study, or load it if it exists, so that rerunning the same command continues it; its trial 0
+    draws `first` (see TrialSeededTPE)."""
     settings = dict(
         study_name=study_name,
         storage=connect(storage_url),
-        sampler=TrialSeededTPE(seed),
+        sampler=TrialSeededTPE(seed, first),
         pruner=make_pruner(pruner, shortest_epochs),
     )
     try:
-        return optuna.create_study(direction="maximize", **settings), True
+        return optuna.create_study(direction="maximize", **settings)
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(**settings), False
+        return optuna.load_study(**settings)
+
+
+def fit_defaults(cli: MLPCLI, space: SearchSpace) -> dict[str, Any] | None:
+    """The searched hyperparameters fit.py would train with the same flags, as the study's first trial; None
+    when one lies outside its search range.
+
+    fit.py's defaults were chosen on the validation split, so the search starts from a known-good point. A
+    pinned hyperparameter comes from the fit flags, as in every trial.
+    """
+    hp = cli.model.hparams
+    start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
+             "weight_decay": hp.weight_decay, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing}
+    searched = space.searched()
+    if all(low <= start[name] <= high for name, (low, high) in searched.items()):
+        return {name: start[name] for name in searched}
+    return None
 
 
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:

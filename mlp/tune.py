@@ -27,12 +27,12 @@ from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by, report_schedule_fraction, suggest, trial_args
 from mlp.study import (
     finished_numbers,
+    fit_defaults,
     gives_way,
     is_surplus,
     mark_surplus,
     open_study,
     run_trials,
-    start_from_fit_defaults,
     writes_report,
 )
 
@@ -176,9 +176,7 @@ def run_study(
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
-    study, created = open_study(study_name, storage_url, pruner, shortest_epochs, seed)
-    if created:
-        start_from_fit_defaults(study, cli, space)
+    study = open_study(study_name, storage_url, pruner, shortest_epochs, seed, fit_defaults(cli, space))
     start = time.perf_counter()
     if fuse == 1:
         objective = Objective(space, fit_args, study_name, n_trials)

@@ -141,7 +141,7 @@ def test_a_freed_place_is_refilled_only_while_may_refill_allows(synthetic_dir, t
 def test_a_worker_whose_free_place_another_took_first_trains_nothing_and_looks_again(tmp_path):
     """run_trials saw a place free, and another worker took it before this one asked (as a retry taken by
     another survivor in the three-worker PostgreSQL test): start_trials returns, with no trial and no error."""
-    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     taken = study.ask()  # the other worker's trial, in the study's only place
     objective = FusedTrials(SearchSpace(), [], "s", n_trials=1, fuse=2)
     objective.start_trials(study, may_refill=lambda: True)
