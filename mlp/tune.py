@@ -192,4 +192,4 @@ def run_study(
                 "other workers; the worker that finishes the study's last trial writes the report"
             )
         return "another worker finished the study's last trial and writes the report"
-    return report(study, fit_args, tune_dir / study_name, time.perf_counter() - start, space, final, fuse)
+    return report(study, tune_dir / study_name, time.perf_counter() - start, final, fuse)

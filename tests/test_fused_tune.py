@@ -346,7 +346,8 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
 
     from mlp.data import FashionMNISTDataModule, IndexBatches
     from mlp.final import accuracy, checkpoint_softmax, refits
-    from mlp.search import LOG_SCALE
+    from mlp.fused_trials import save_config
+    from mlp.search import LOG_SCALE, suggest, trial_args
 
     space = SearchSpace(lr=(1e-3, 1.0), epochs=(1, 3), depth=(1, 2), width=(8, 16), weight_decay=(1e-5, 1e-3),
                         dropout=(0.0, 0.5), label_smoothing=(0.0, 0.2))
@@ -372,9 +373,13 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     for name, fuse in (("alone", 1), ("stacked", 2)):
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
         for value, config in enumerate(configs):
-            study.add_trial(optuna.trial.create_trial(params={**config, "dropout": 0.0}, distributions=distributions,
-                                                      value=value / 10))
-        results[name] = refits(study, fit_args, space, [0, 1, 2, 3], fuse)
+            params = {**config, "dropout": 0.0}
+            trained = build_cli(trial_args(fit_args, suggest(optuna.trial.FixedTrial(params), space), name,
+                                           f"trial_{value}"))
+            save_config(trained)  # what the trial's own fit saved, which its refit rebuilds
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value / 10,
+                                                      user_attrs={"log_dir": trained.trainer.log_dir}))
+        results[name] = refits(study, [0, 1, 2, 3], fuse)
         assert [r["trial"] for r in results[name]] == [0, 1, 2, 3]
         assert study.user_attrs["refit_1"] == results[name][1]  # cached in the study
 
