@@ -148,7 +148,8 @@ class FusedTrials:
         epochs = [cli.trainer.max_epochs for cli in clis]
         loggers = [cli.trainer.logger for cli in clis]
         group_run = group_cli(self.fit_args, max(epochs))
-        # Checkpoints last, as Lightning orders them, so a trial pruned this epoch is not saved.
+        # A trial pruned at this epoch's validation leaves the stack only at the epoch's end, so its checkpoint
+        # still saves this epoch's weights when they are its best (an unfused trial's pruning stops it first).
         trial_checkpoints = TrialCheckpoints(dict(checkpoints))
         group_run.trainer.callbacks += [ReportAndPrune(study, trials, self.n_trials), trial_checkpoints]
         models = [cli.model for cli in clis]
