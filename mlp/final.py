@@ -13,6 +13,7 @@ same command neither retrains nor retests.
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -21,9 +22,10 @@ from torch import Tensor
 from mlp.cli import MLPCLI, build_cli, fit
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
-from mlp.fused_trials import train_refits
+from mlp.fused import FusedClassifier, save_single
 from mlp.module import MLPClassifier
 from mlp.net import multiply_adds
+from mlp.trials import group_cli, pads_widths, save_config
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
 
@@ -147,6 +149,48 @@ def refits(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str,
                 diverged = None if finite else "a training loss or weight of its last epoch is not finite"
                 record_refit(study, n, cli, checkpoint, data, diverged, stacked_with=together)
     return [refit(study, n) for n in numbers]
+
+
+def train_refits(
+    runs: dict[str, MLPCLI], fit_args: list[str]
+) -> tuple[dict[str, tuple[str, bool]], FashionMNISTDataModule]:
+    """Train refit runs together (stacked as `mlp.trials.Trials` stacks trials), each as its own `runs[name]` (built
+    with --data.val_size=0) would train alone, and write each model's final weights as an ordinary checkpoint at
+    its own last epoch.
+
+    Returns, by name, the checkpoint's path and whether the model's last epoch ended finite (every step's
+    training loss and every weight), which is what an unfused refit checks; and the data they trained on.
+    """
+    for cli in runs.values():
+        save_config(cli)
+    epochs = [cli.trainer.max_epochs for cli in runs.values()]
+    group = group_cli([*fit_args, "--data.val_size=0"], max(epochs))
+    saver = FinalWeights({name: str(Path(cli.trainer.log_dir) / "checkpoints") for name, cli in runs.items()})
+    group.trainer.callbacks.append(saver)
+    loggers = [cli.trainer.logger for cli in runs.values()]
+    models = [cli.model for cli in runs.values()]
+    group.model = FusedClassifier(models, epochs, list(runs), loggers, pad_widths=pads_widths(group))
+    fit(group)
+    return saver.saved, group.datamodule
+
+
+class FinalWeights(L.Callback):
+    """At the end of each model's own last epoch, before the module lets it leave the stack, writes its
+    weights to `dirpaths[name]/epochNN.ckpt` (an unfused refit's file name) and notes whether it ended finite."""
+
+    def __init__(self, dirpaths: dict[str, str]) -> None:
+        self.dirpaths = dirpaths
+        self.saved: dict[str, tuple[str, bool]] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
+            epoch = module.progress(k)[0]
+            if epoch + 1 == epochs:
+                path = str(Path(self.dirpaths[name]) / f"epoch{epoch:02d}.ckpt")
+                single = save_single(trainer, name, path)
+                losses = torch.stack([loss[k] for loss, _, _ in module.train_step_outputs])
+                finite = torch.isfinite(losses).all() and all(p.isfinite().all() for p in single.parameters())
+                self.saved[name] = (path, bool(finite))
 
 
 def record_refit(

@@ -9,7 +9,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Protocol, Self
 
 import optuna
 import sqlalchemy
@@ -20,10 +20,6 @@ from optuna.trial import FrozenTrial, TrialState
 from mlp.cli import MLPCLI
 from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, make_pruner
-
-if TYPE_CHECKING:
-    from mlp.fused_trials import FusedTrials
-    from mlp.tune import Objective
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that are or will be counted towards --n-trials: a WAITING one is run by the next worker to ask.
@@ -245,9 +241,17 @@ def may_start_trial(study: optuna.Study, n_trials: int) -> bool:
     return TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials
 
 
+class TrialRunner(Protocol):
+    """What run_trials needs of a worker's trials (see mlp.trials.Trials)."""
+
+    interrupted: bool  # Ctrl-C stopped the trials started last
+
+    def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None: ...
+
+
 def run_trials(
     study: optuna.Study,
-    objective: "Objective | FusedTrials",
+    objective: TrialRunner,
     n_trials: int,
     timeout: float | None,
     progress: Callable[[optuna.Study], None] = lambda study: None,
@@ -263,7 +267,7 @@ def run_trials(
     deadline = time.monotonic() + (math.inf if timeout is None else timeout)
 
     def may_refill() -> bool:
-        """Whether a worker training several trials at once may start another as one ends (see FusedTrials)."""
+        """Whether a worker training several trials at once may start another as one ends (see mlp.trials)."""
         fail_stale_trials(study)
         progress(study)
         return time.monotonic() < deadline

@@ -19,11 +19,10 @@ from mlp import final
 from mlp.cli import build_cli
 from mlp.errors import UserError
 from mlp.fused import FusedClassifier
-from mlp.fused_trials import (
+from mlp.gpu_sizing import (
     AUTO_FUSE_MAX,
     CPU_FUSE,
     DATASET_BYTES,
-    FusedTrials,
     auto_fuse,
     check_fusable,
     check_stack_fits,
@@ -32,6 +31,7 @@ from mlp.fused_trials import (
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
 from mlp.study import Heartbeats, open_study
+from mlp.trials import Trials
 from tests.conftest import epoch_values
 from tests.test_reliability import created_trials, run, start, wait_for
 from tests.test_reliability import tune_args as slow_tune_args
@@ -62,7 +62,7 @@ class RecordsRefills(FusedClassifier):
 def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_checkpoint(
     synthetic_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
+    monkeypatch.setattr("mlp.trials.FusedClassifier", RecordsRefills)
     monkeypatch.setattr(RecordsRefills, "refills", [])
     monkeypatch.setattr(RecordsRefills, "stacks_at_start", [])
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -123,9 +123,9 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
 @pytest.mark.parametrize("refill", [True, False])
 def test_a_freed_place_is_refilled_only_while_may_refill_allows(synthetic_dir, tmp_path, monkeypatch, refill):
     if not refill:  # as at --timeout's deadline
-        start_trials = FusedTrials.start_trials
+        start_trials = Trials.start_trials
         never = lambda self, study, _: start_trials(self, study, lambda: False)  # noqa: E731
-        monkeypatch.setattr(FusedTrials, "start_trials", never)
+        monkeypatch.setattr(Trials, "start_trials", never)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="test", storage=url, direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL, "epochs": 1})  # leaves after epoch 0
@@ -143,7 +143,7 @@ def test_a_worker_whose_free_place_another_took_first_trains_nothing_and_looks_a
     another survivor in the three-worker PostgreSQL test): start_trials returns, with no trial and no error."""
     study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     taken = study.ask()  # the other worker's trial, in the study's only place
-    objective = FusedTrials(SearchSpace(), [], "s", n_trials=1, fuse=2)
+    objective = Trials(SearchSpace(), [], "s", n_trials=1, fuse=2)
     objective.start_trials(study, may_refill=lambda: True)
     assert [t.number for t in study.trials] == [taken.number] and objective.ran == []
 
@@ -225,7 +225,7 @@ def test_by_default_trials_of_searched_widths_train_one_at_a_time_on_the_cpu_and
 
 
 def test_by_default_trials_of_one_width_train_stacked_on_the_cpu(synthetic_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
+    monkeypatch.setattr("mlp.trials.FusedClassifier", RecordsRefills)
     monkeypatch.setattr(RecordsRefills, "refills", [])
     monkeypatch.setattr(RecordsRefills, "stacks_at_start", [])
     args = tune_args(synthetic_dir, tmp_path, n_trials=5)
@@ -346,8 +346,8 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
 
     from mlp.data import FashionMNISTDataModule, IndexBatches
     from mlp.final import accuracy, checkpoint_softmax, refits
-    from mlp.fused_trials import save_config
     from mlp.search import LOG_SCALE, suggest, trial_args
+    from mlp.trials import save_config
 
     space = SearchSpace(lr=(1e-3, 1.0), epochs=(1, 3), depth=(1, 2), width=(8, 16), weight_decay=(1e-5, 1e-3),
                         dropout=(0.0, 0.5), label_smoothing=(0.0, 0.2))

@@ -149,7 +149,7 @@ def test_fit_defaults_are_trial_0_whichever_worker_asks_first(tmp_path):
 
 
 class Quadratic:
-    """A stand-in for mlp.tune.Objective: instant trials."""
+    """A stand-in for mlp.trials.Trials: instant trials."""
 
     interrupted = False
 
@@ -275,7 +275,7 @@ def test_a_trial_whose_place_a_retry_is_owed_stops_at_its_epochs_end_and_the_ret
         return surplus_trials(study, n_trials)
 
     monkeypatch.setattr("mlp.study.surplus_trials", retry_queued_after_the_first_check)
-    monkeypatch.setattr("mlp.fused_trials.surplus_trials", retry_queued_after_the_first_check)
+    monkeypatch.setattr("mlp.trials.surplus_trials", retry_queued_after_the_first_check)
     tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--pruner=none", f"--fuse={fuse}"])
 
     trials = optuna.load_study(study_name="test", storage=url).trials
