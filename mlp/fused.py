@@ -11,6 +11,7 @@ next epoch for its own epochs, counting its epochs and steps from there.
 """
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from functools import partial
@@ -19,14 +20,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad, make_optimizer
+from mlp.module import NUM_CLASSES, MLPClassifier, cross_entropy_grad, make_optimizer, start_run
 from mlp.net import MLP
-from mlp.plots import activations_image
 from mlp.schedules import SCHEDULES
 from mlp.stacked import StackedMLP, hidden_width, resized
 
@@ -154,12 +154,16 @@ class FusedClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        steps_done = [self.progress(k)[1] for k in range(len(self.names))]  # the manual step adds one
         if self.automatic_optimization:
             logits = self(x)
             loss_per_model = self.losses(logits, y).mean(1)
         else:
             logits, loss_per_model = self.manual_training_step(x, y)
         self.train_step_outputs.append((loss_per_model.detach(), logits.detach().argmax(-1), y))
+        for k, done in enumerate(steps_done):
+            if (done + 1) % self.trainer.log_every_n_steps == 0:  # where Lightning writes MLPClassifier's, and how
+                self.write(k, {"train/loss_step": loss_per_model[k]}, done)
         return loss_per_model.sum()  # each model's gradient is that of its own mean loss
 
     @torch.no_grad()
@@ -219,13 +223,10 @@ class FusedClassifier(L.LightningModule):
             self.start_run(k)
 
     def start_run(self, k: int) -> None:
-        """Model k's hyperparameters and activation figure in its own run, as MLPClassifier writes them."""
-        logger, hp = self.loggers_per_model[k], self.hparams_per_model[k]
-        if logger is not None:
-            data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
-            logger.log_hyperparams({**hp, **data_hparams}, {"hp_metric": 0.0})
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("activations", activations_image(hp["activation"]))
+        start_run(self.loggers_per_model[k], self.hparams_per_model[k], self.trainer.datamodule, self.epochs[k])
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
         """Write each model's training metrics, let the models whose run ends here leave the stack, then let
@@ -234,11 +235,15 @@ class FusedClassifier(L.LightningModule):
         self.train_step_outputs.clear()
         batch_sizes = torch.tensor([len(y) for y in targets], device=self.device)
         losses, preds, targets = torch.stack(losses, 1), torch.cat(preds, 1), torch.cat(targets)
+        # Every model saw every example: the stack's throughput is each model's.
+        examples_per_sec = torch.tensor(len(targets) / (time.perf_counter() - self.epoch_start))
         for k, metrics in enumerate(self.metrics):
             # One loss per example, as MLPClassifier does, so the short last batch weighs what it holds.
             metrics.train_loss.update(losses[k].repeat_interleave(batch_sizes))
             metrics.train_acc.update(preds[k], targets)
-            self.write(k, {"train/loss_epoch": metrics.train_loss.compute(), "train/acc": metrics.train_acc.compute()})
+            scalars = {"train/loss_epoch": metrics.train_loss.compute(), "train/acc": metrics.train_acc.compute(),
+                       "train/examples_per_sec": examples_per_sec}
+            self.write(k, scalars)
             metrics.train_loss.reset()
             metrics.train_acc.reset()
         for k, name in enumerate(self.names):
@@ -285,12 +290,14 @@ class FusedClassifier(L.LightningModule):
         else:
             self.stopping.setdefault(name, (how, detail))
 
-    def write(self, k: int, scalars: dict[str, Tensor]) -> None:
+    def write(self, k: int, scalars: dict[str, Tensor], step: int | None = None) -> None:
+        """Model k's scalars in its own run, at its own epoch and `step`: by default its epoch's last step, where
+        Lightning writes an unfused run's epoch-end scalars."""
         logger = self.loggers_per_model[k]
         if logger is not None:
             values = {key: float(v) for key, v in scalars.items()}
-            epoch, step = self.progress(k)
-            logger.log_metrics({**values, "epoch": epoch}, step)
+            epoch, steps_done = self.progress(k)
+            logger.log_metrics({**values, "epoch": epoch}, steps_done - 1 if step is None else step)
 
     # Leaving the stack
 

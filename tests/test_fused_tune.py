@@ -91,14 +91,15 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
     # building them (which seeds their initial weights) left the group's batch order and dropout draws alone.
     assert RecordsRefills.refills[0] == ({"4", "5"}, True) and all(same for _, same in RecordsRefills.refills)
     assert all(trial.datetime_start < trials[0].datetime_complete for trial in trials[4:])
-    steps_per_epoch = EventAccumulator(trials[0].user_attrs["log_dir"]).Reload().Scalars("val/acc")[0].step
+    # An epoch's scalars are written at its last step, as Lightning writes an unfused run's (from step 0).
+    steps_per_epoch = EventAccumulator(trials[0].user_attrs["log_dir"]).Reload().Scalars("val/acc")[0].step + 1
     for trial in trials:
         run = EventAccumulator(trial.user_attrs["log_dir"]).Reload()
         scalars = set(run.Tags()["scalars"])
         assert {"val/acc", "val/loss", "hp_metric", "train/loss_epoch", "train/acc"} <= scalars
         # Each run counts its own steps and epochs, from where the trial joined, as an unfused trial's does.
         epochs = range(trial.user_attrs["epochs_trained"])
-        assert [e.step for e in run.Scalars("val/acc")] == [steps_per_epoch * (epoch + 1) for epoch in epochs]
+        assert [e.step for e in run.Scalars("val/acc")] == [steps_per_epoch * (epoch + 1) - 1 for epoch in epochs]
         assert [e.value for e in run.Scalars("epoch")][-1] == epochs[-1]
         if trial.state == TrialState.COMPLETE:  # a pruned one may stop reporting mid-epoch, at a check
             assert [e.value for e in run.Scalars("val/acc")] == pytest.approx(epoch_values(trial))
