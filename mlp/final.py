@@ -108,18 +108,18 @@ def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
     return build_cli([f"--config={trial_config(trial)}", f"--trainer.logger.init_args.version={version}", *flags])
 
 
-def refit_cli(study: optuna.Study, number: int) -> MLPCLI:
+def refit_run(study: optuna.Study, number: int) -> MLPCLI:
     """Trial `number`'s configuration as a fit run on all training images (`--data.val_size=0`)."""
     return trial_run(study.get_trials(deepcopy=False)[number], f"refit_trial_{number}", "--data.val_size=0")
 
 
-def refit(study: optuna.Study, number: int) -> dict[str, Any]:
+def train_refit(study: optuna.Study, number: int) -> dict[str, Any]:
     """Trial `number`'s configuration trained on all training images, its final weights tested once; cached in
     the study per trial, so the refit of the best trial serves both final models that need it."""
     cached = study.user_attrs.get(f"refit_{number}")
     if cached:
         return cached
-    cli = refit_cli(study, number)
+    cli = refit_run(study, number)
     fit(cli)
     loss = cli.trainer.callback_metrics.get("train/loss_epoch")
     diverged = None
@@ -127,10 +127,10 @@ def refit(study: optuna.Study, number: int) -> dict[str, Any]:
         diverged = f"final training loss {loss}"
     # The CLI's own checkpoint, not a user-added one.
     checkpoint = cli.config_init["checkpoint"].best_model_path
-    return record_refit(study, number, cli, checkpoint, cli.datamodule, diverged)
+    return refit_result(study, number, cli, checkpoint, cli.datamodule, diverged)
 
 
-def refits(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str, Any]]:
+def refit_trials(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str, Any]]:
     """The refits of trials `numbers`. With fuse > 1, those not yet cached train up to `fuse` at once, stacked
     as tune.py --fuse stacks trials; the same runs, checkpoints and cached results. Runs whose data settings
     differ (a study resumed with other data flags) cannot share batches, and train one at a time."""
@@ -138,25 +138,25 @@ def refits(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str,
     if fuse > 1 and len(todo) > 1:
         for start in range(0, len(todo), fuse):
             together = todo[start : start + fuse]
-            runs = {n: refit_cli(study, n) for n in together}
+            runs = {n: refit_run(study, n) for n in together}
             first = runs[together[0]]
             if any(dict(cli.datamodule.hparams) != dict(first.datamodule.hparams) for cli in runs.values()):
                 continue
             group_args = [f"--config={trial_config(study.get_trials(deepcopy=False)[together[0]])}"]
-            saved, data = train_refits({str(n): cli for n, cli in runs.items()}, group_args)
+            saved, data = train_refits_stacked({str(n): cli for n, cli in runs.items()}, group_args)
             for n, cli in runs.items():
                 checkpoint, finite = saved[str(n)]
                 diverged = None if finite else "a training loss or weight of its last epoch is not finite"
-                record_refit(study, n, cli, checkpoint, data, diverged, stacked_with=together)
-    return [refit(study, n) for n in numbers]
+                refit_result(study, n, cli, checkpoint, data, diverged, stacked_with=together)
+    return [train_refit(study, n) for n in numbers]
 
 
-def train_refits(
-    runs: dict[str, MLPCLI], fit_args: list[str]
+def train_refits_stacked(
+    runs: dict[str, MLPCLI], group_args: list[str]
 ) -> tuple[dict[str, tuple[str, bool]], FashionMNISTDataModule]:
-    """Train refit runs together (stacked as `mlp.trials.Trials` stacks trials), each as its own `runs[name]` (built
-    with --data.val_size=0) would train alone, and write each model's final weights as an ordinary checkpoint at
-    its own last epoch.
+    """Train refit runs together in one Trainer built from `group_args` (stacked as `mlp.trials.Trials` stacks
+    trials), each as its own `runs[name]` (built with --data.val_size=0) would train alone, and write each
+    model's final weights as an ordinary checkpoint at its own last epoch.
 
     Returns, by name, the checkpoint's path and whether the model's last epoch ended finite (every step's
     training loss and every weight), which is what an unfused refit checks; and the data they trained on.
@@ -164,7 +164,7 @@ def train_refits(
     for cli in runs.values():
         save_config(cli)
     epochs = [cli.trainer.max_epochs for cli in runs.values()]
-    group = group_cli([*fit_args, "--data.val_size=0"], max(epochs))
+    group = group_cli([*group_args, "--data.val_size=0"], max(epochs))
     saver = FinalWeights({name: str(Path(cli.trainer.log_dir) / "checkpoints") for name, cli in runs.items()})
     group.trainer.callbacks.append(saver)
     loggers = [cli.trainer.logger for cli in runs.values()]
@@ -193,7 +193,7 @@ class FinalWeights(L.Callback):
                 self.saved[name] = (path, bool(finite))
 
 
-def record_refit(
+def refit_result(
     study: optuna.Study,
     number: int,
     cli: MLPCLI,
@@ -242,7 +242,7 @@ def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -
     if cached and cached["trials"] == chosen["trials"]:
         return cached
     try:
-        members = refits(study, chosen["trials"], fuse)
+        members = refit_trials(study, chosen["trials"], fuse)
     except UserError as error:  # a member's configuration is missing
         return {**result, "test_acc": None, "why_no_test": str(error)}
     diverged = [r["trial"] for r in members if r["test_acc"] is None]

@@ -13,8 +13,8 @@ next epoch for its own epochs, counting its epochs and steps from there.
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 from functools import partial
+from typing import Any
 
 import lightning as L
 import torch
@@ -391,9 +391,9 @@ class FusedClassifier(L.LightningModule):
     def model_state(self, name: str) -> dict[str, Tensor]:
         """Model `name`'s parameters, unpadded, as the state dict of an `MLP` of its depth and width."""
         stack, j = self.placement()[self.names.index(name)]
-        return stack.extract(j)
+        return stack.state_of(j)
 
-    def extract(self, name: str) -> MLPClassifier:
+    def single(self, name: str) -> MLPClassifier:
         """Model `name` as an ordinary single MLPClassifier with its own hyperparameters."""
         k = self.names.index(name)
         with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the training's random stream
@@ -451,7 +451,7 @@ class ModelInStackCheckpoint(ModelCheckpoint):
 def save_single(trainer: L.Trainer, name: str, filepath: str) -> MLPClassifier:
     """Write model `name` of the trainer's FusedClassifier as an ordinary MLPClassifier checkpoint; returns it."""
     module = trainer.lightning_module
-    single = module.extract(name)
+    single = module.single(name)
     epoch, step = module.progress(module.names.index(name))
     checkpoint = {
         "epoch": epoch,

@@ -9,7 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mlp.errors import UserError, check
-from mlp.final import ensemble, refit, refit_ensemble, trial_run
+from mlp.final import ensemble, refit_ensemble, refit_trials, trial_run
 from mlp.module import MLPClassifier
 from mlp.net import multiply_adds
 
@@ -112,7 +112,7 @@ def best_checkpoint(study: optuna.Study) -> dict[str, Any]:
 
 def refit_best(study: optuna.Study) -> dict[str, Any]:
     try:
-        return refit(study, study.best_trial.number)
+        return refit_trials(study, [study.best_trial.number], fuse=1)[0]
     except UserError as error:  # its configuration is missing
         return {"what": "the best trial's configuration refit", "test_acc": None, "why_no_test": str(error)}
 

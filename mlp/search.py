@@ -104,7 +104,7 @@ SCHEDULE_STEPS = 100  # a trial's intermediate values are indexed by the percent
 CHECK_EVERY = 10  # percent: pruning is checked at every tenth of a schedule crossed, and at each epoch's end
 
 
-def report_schedule_fraction(trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None) -> bool:
+def record_intermediate_values(trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None) -> bool:
     """Report the val/acc `value` reached at the end of `epoch` (from 0) of `epochs`; True if the trial should stop.
 
     Trials with different epoch counts run different one-cycle schedules, so they are compared at the same
@@ -128,7 +128,7 @@ def report_schedule_fraction(trial: optuna.Trial, epoch: int, epochs: int, value
 
 
 def make_pruner(name: str, shortest_epochs: int) -> optuna.pruners.BasePruner:
-    """A pruner whose steps are percent of a trial's schedule (see report_schedule_fraction).
+    """A pruner whose steps are percent of a trial's schedule (see record_intermediate_values).
 
     No trial is judged before the shortest schedule's first epoch (`shortest_epochs` long) has ended: earlier
     steps hold that epoch's value, which would flatter short schedules.

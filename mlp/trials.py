@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from mlp.cli import MLPCLI, build_cli, divergence_message, fit
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.net import multiply_adds
-from mlp.search import SearchSpace, report_schedule_fraction, suggest, trial_args
+from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import Heartbeats, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials
 
 
@@ -116,7 +116,7 @@ class Trials:
     ) -> None:
         """Train one trial in its own Trainer, as fit.py would; its end is told once the Trainer stops."""
         cli = self.build(trial, flags)
-        judge = ReportAndPrune(study, {str(trial.number): EpochEnds(trial)}, self.n_trials)
+        judge = JudgeEachEpoch(study, {str(trial.number): EpochEnds(trial)}, self.n_trials)
         cli.trainer.callbacks.append(judge)
         fit(cli)
         how = judge.stopped.get(str(trial.number), "finished")
@@ -175,7 +175,7 @@ class Trials:
         # A trial pruned at this epoch's validation leaves the stack only at the epoch's end, so its checkpoint
         # still saves this epoch's weights when they are its best, as an unfused trial's does.
         trial_checkpoints = TrialCheckpoints(dict(checkpoints))
-        group_run.trainer.callbacks += [ReportAndPrune(study, epoch_ends, self.n_trials), trial_checkpoints]
+        group_run.trainer.callbacks += [JudgeEachEpoch(study, epoch_ends, self.n_trials), trial_checkpoints]
         models = [cli.model for cli in clis]
         group_run.model = FusedClassifier(
             models, epochs, list(trials), loggers, on_leave=leave, refill=refill, pad_widths=pads_widths(group_run)
@@ -197,12 +197,12 @@ class EpochEnds:
         if self.trial.number in surplus:
             gives_way(self.trial, epoch + 1)
             return "surplus"
-        prune = report_schedule_fraction(self.trial, epoch, epochs, value, self.previous)
+        prune = record_intermediate_values(self.trial, epoch, epochs, value, self.previous)
         self.previous = value
         return "pruned" if prune else None
 
 
-class ReportAndPrune(L.Callback):
+class JudgeEachEpoch(L.Callback):
     """At each validation's end, every trial in the Trainer (one alone, or each of a stack's by name) is judged
     (`EpochEnds.judge`); one judged to stop trains to the end of the epoch and no further. `stopped` keeps how."""
 

@@ -46,7 +46,7 @@ def test_stacked_forward_and_gradients_equal_separate_nets(depth, activation):
         torch.testing.assert_close(logits[k], net(x), rtol=1e-12, atol=1e-12)
         nn.functional.cross_entropy(net(x), y).backward()
         alone = MLP(13, depth, stacked.widths[k] or 1, 5, "kaiming", activation).double()
-        alone.load_state_dict(stacked.extract(k))
+        alone.load_state_dict(stacked.state_of(k))
         # Extracting model k's slices of the stacked gradients must give the single net's gradients.
         for i, grad in enumerate(net.params):
             sliced = stacked.params[i].grad[k][tuple(slice(0, n) for n in grad.shape)]
@@ -320,7 +320,7 @@ def test_a_diverging_model_leaves_the_stack_and_the_others_go_on():
 
 
 class StopAfterValidation(L.Callback):
-    """Stops model `name` with reason `how` after its first validation, as ReportAndPrune does."""
+    """Stops model `name` with reason `how` after its first validation, as JudgeEachEpoch does."""
 
     def __init__(self, name: str, how: str) -> None:
         self.name, self.how = name, how

@@ -346,7 +346,7 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     from optuna.distributions import FloatDistribution, IntDistribution
 
     from mlp.data import FashionMNISTDataModule, IndexBatches
-    from mlp.final import accuracy, checkpoint_softmax, refits
+    from mlp.final import accuracy, checkpoint_softmax, refit_trials
     from mlp.search import LOG_SCALE, suggest, trial_args
     from mlp.trials import save_config
 
@@ -380,7 +380,7 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
             save_config(trained)  # what the trial's own fit saved, which its refit rebuilds
             study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value / 10,
                                                       user_attrs={"log_dir": trained.trainer.log_dir}))
-        results[name] = refits(study, [0, 1, 2, 3], fuse)
+        results[name] = refit_trials(study, [0, 1, 2, 3], fuse)
         assert [r["trial"] for r in results[name]] == [0, 1, 2, 3]
         assert study.user_attrs["refit_1"] == results[name][1]  # cached in the study
 
