@@ -168,6 +168,7 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
         summary["test_acc"] = summary["final"]["test_acc"]
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)
     summary["plots"] = write_plots(study, log_dir)
+    summary["report_json"] = str(log_dir / "report.json")
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
