@@ -1,5 +1,6 @@
 """The study in its storage, and the rules every worker on it follows: which trial to run next, when to wait
-for other workers, when a dead worker's trial is rerun, and which worker writes the report."""
+for other workers, the heartbeats by which a dead worker's trial is found and rerun, and which worker writes
+the report."""
 
 import math
 import random
@@ -168,21 +169,6 @@ class Heartbeats:
     def __exit__(self, *exc: object) -> None:
         self.stopped.set()
         self.thread.join()
-
-
-def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace) -> None:
-    """Queue, as a new study's first trial, the configuration fit.py would train with the same flags.
-
-    fit.py's defaults were chosen on the validation split, so the search starts from a known-good point
-    instead of spending its first epochs rediscovering it.
-    """
-    hp = cli.model.hparams
-    start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
-             "weight_decay": hp.weight_decay, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing}
-    searched = space.searched()  # a pinned hyperparameter comes from the fit flags, as in every trial
-    inside = all(low <= start[name] <= high for name, (low, high) in searched.items())
-    if inside:
-        study.enqueue_trial({name: start[name] for name in searched})
 
 
 def place(trial: FrozenTrial) -> int:
