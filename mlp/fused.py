@@ -154,16 +154,17 @@ class FusedClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        steps_done = [self.progress(k)[1] for k in range(len(self.names))]  # the manual step adds one
+        steps = self.global_step  # read before the manual path steps
         if self.automatic_optimization:
             logits = self(x)
             loss_per_model = self.losses(logits, y).mean(1)
         else:
             logits, loss_per_model = self.manual_training_step(x, y)
         self.train_step_outputs.append((loss_per_model.detach(), logits.detach().argmax(-1), y))
-        for k, done in enumerate(steps_done):
-            if (done + 1) % self.trainer.log_every_n_steps == 0:  # where Lightning writes MLPClassifier's, and how
-                self.write(k, {"train/loss_step": loss_per_model[k]}, done)
+        every = self.trainer.log_every_n_steps
+        for k, first_step in enumerate(self.first_steps):  # each model's steps done, as its own run counts them
+            if (steps - first_step + 1) % every == 0:  # where Lightning writes MLPClassifier's, and how
+                self.write(k, {"train/loss_step": loss_per_model[k]}, steps - first_step)
         return loss_per_model.sum()  # each model's gradient is that of its own mean loss
 
     @torch.no_grad()
