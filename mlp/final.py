@@ -13,18 +13,19 @@ same command neither retrains nor retests.
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
 from mlp.cli import MLPCLI, build_cli, fit
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
-from mlp.errors import check
-from mlp.fused_trials import train_refits
+from mlp.errors import UserError, check
+from mlp.fused import FusedClassifier, save_single
 from mlp.module import MLPClassifier
 from mlp.net import multiply_adds
-from mlp.search import SearchSpace, suggest, trial_args
+from mlp.trials import group_cli, pads_widths, save_config
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
 
@@ -49,8 +50,9 @@ def best_first(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
-def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any]:
-    """The top-k average with k chosen on validation, tested once; cached in the study for the same candidates."""
+def ensemble(study: optuna.Study) -> dict[str, Any]:
+    """The top-k average with k chosen on validation, tested once, on the split of the best trial with a
+    checkpoint here (its own data settings); cached in the study for the same candidates."""
     ranked = best_first(study)[:ENSEMBLE_MAX]
     present = [t for t in ranked if Path(t.user_attrs.get("best_checkpoint", "")).is_file()]
     missing = [t.number for t in ranked if t not in present]
@@ -64,6 +66,8 @@ def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any
     }
     if not present:
         return {**result, "test_acc": None, "why_no_test": "no checkpoint of a complete trial is on this machine"}
+    data = trial_run(present[0], "final").datamodule
+    data.setup("test")
     val_x, val_y = data.val_set.tensors
     # Each checkpoint's validation softmax once; the running sum gives every top-k average.
     total, val_accs = torch.zeros(len(val_y), 10), []
@@ -85,20 +89,37 @@ def ensemble(study: optuna.Study, data: FashionMNISTDataModule) -> dict[str, Any
     return result
 
 
-def refit_cli(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: int) -> MLPCLI:
+def trial_config(trial: FrozenTrial) -> str:
+    """The config.yaml the trial's fit saved in its log folder: what the trial trained, whatever today's flags."""
+    config = Path(trial.user_attrs.get("log_dir", "")) / "config.yaml"
+    check(
+        config.is_file(),
+        f"trial {trial.number}'s configuration {config} is not on this machine; worker "
+        f"{trial.user_attrs.get('worker')} trained it: run the same command on that host, or share the log folder "
+        "between machines",
+    )
+    return str(config)
+
+
+def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
+    """A new run of the trial's own configuration (`trial_config`), logging to `version` beside it; `flags`
+    change it (e.g. --data.val_size=0). Today's fit flags play no part: a study resumed with other flags still
+    refits and tests what each trial trained."""
+    return build_cli([f"--config={trial_config(trial)}", f"--trainer.logger.init_args.version={version}", *flags])
+
+
+def refit_run(study: optuna.Study, number: int) -> MLPCLI:
     """Trial `number`'s configuration as a fit run on all training images (`--data.val_size=0`)."""
-    trial = study.get_trials(deepcopy=False)[number]
-    flags = suggest(optuna.trial.FixedTrial(trial.params), space)
-    return build_cli([*trial_args(fit_args, flags, study.study_name, f"refit_trial_{number}"), "--data.val_size=0"])
+    return trial_run(study.get_trials(deepcopy=False)[number], f"refit_trial_{number}", "--data.val_size=0")
 
 
-def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: int) -> dict[str, Any]:
+def train_refit(study: optuna.Study, number: int) -> dict[str, Any]:
     """Trial `number`'s configuration trained on all training images, its final weights tested once; cached in
     the study per trial, so the refit of the best trial serves both final models that need it."""
     cached = study.user_attrs.get(f"refit_{number}")
     if cached:
         return cached
-    cli = refit_cli(study, fit_args, space, number)
+    cli = refit_run(study, number)
     fit(cli)
     loss = cli.trainer.callback_metrics.get("train/loss_epoch")
     diverged = None
@@ -106,28 +127,73 @@ def refit(study: optuna.Study, fit_args: list[str], space: SearchSpace, number: 
         diverged = f"final training loss {loss}"
     # The CLI's own checkpoint, not a user-added one.
     checkpoint = cli.config_init["checkpoint"].best_model_path
-    return record_refit(study, number, cli, checkpoint, cli.datamodule, diverged)
+    return refit_result(study, number, cli, checkpoint, cli.datamodule, diverged)
 
 
-def refits(
-    study: optuna.Study, fit_args: list[str], space: SearchSpace, numbers: list[int], fuse: int
-) -> list[dict[str, Any]]:
+def refit_trials(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str, Any]]:
     """The refits of trials `numbers`. With fuse > 1, those not yet cached train up to `fuse` at once, stacked
-    as tune.py --fuse stacks trials; the same runs, checkpoints and cached results."""
+    as tune.py --fuse stacks trials; the same runs, checkpoints and cached results. Runs whose data settings
+    differ (a study resumed with other data flags) cannot share batches, and train one at a time."""
     todo = [n for n in numbers if f"refit_{n}" not in study.user_attrs]
     if fuse > 1 and len(todo) > 1:
         for start in range(0, len(todo), fuse):
             together = todo[start : start + fuse]
-            runs = {n: refit_cli(study, fit_args, space, n) for n in together}
-            saved, data = train_refits({str(n): cli for n, cli in runs.items()}, fit_args)
+            runs = {n: refit_run(study, n) for n in together}
+            first = runs[together[0]]
+            if any(dict(cli.datamodule.hparams) != dict(first.datamodule.hparams) for cli in runs.values()):
+                continue
+            group_args = [f"--config={trial_config(study.get_trials(deepcopy=False)[together[0]])}"]
+            saved, data = train_refits_stacked({str(n): cli for n, cli in runs.items()}, group_args)
             for n, cli in runs.items():
                 checkpoint, finite = saved[str(n)]
                 diverged = None if finite else "a training loss or weight of its last epoch is not finite"
-                record_refit(study, n, cli, checkpoint, data, diverged, stacked_with=together)
-    return [refit(study, fit_args, space, n) for n in numbers]
+                refit_result(study, n, cli, checkpoint, data, diverged, stacked_with=together)
+    return [train_refit(study, n) for n in numbers]
 
 
-def record_refit(
+def train_refits_stacked(
+    runs: dict[str, MLPCLI], group_args: list[str]
+) -> tuple[dict[str, tuple[str, bool]], FashionMNISTDataModule]:
+    """Train refit runs together in one Trainer built from `group_args` (stacked as `mlp.trials.Trials` stacks
+    trials), each as its own `runs[name]` (built with --data.val_size=0) would train alone, and write each
+    model's final weights as an ordinary checkpoint at its own last epoch.
+
+    Returns, by name, the checkpoint's path and whether the model's last epoch ended finite (every step's
+    training loss and every weight), which is what an unfused refit checks; and the data they trained on.
+    """
+    for cli in runs.values():
+        save_config(cli)
+    epochs = [cli.trainer.max_epochs for cli in runs.values()]
+    group = group_cli([*group_args, "--data.val_size=0"], max(epochs))
+    saver = FinalWeights({name: str(Path(cli.trainer.log_dir) / "checkpoints") for name, cli in runs.items()})
+    group.trainer.callbacks.append(saver)
+    loggers = [cli.trainer.logger for cli in runs.values()]
+    models = [cli.model for cli in runs.values()]
+    group.model = FusedClassifier(models, epochs, list(runs), loggers, pad_widths=pads_widths(group))
+    fit(group)
+    return saver.saved, group.datamodule
+
+
+class FinalWeights(L.Callback):
+    """At the end of each model's own last epoch, before the module lets it leave the stack, writes its
+    weights to `dirpaths[name]/epochNN.ckpt` (an unfused refit's file name) and notes whether it ended finite."""
+
+    def __init__(self, dirpaths: dict[str, str]) -> None:
+        self.dirpaths = dirpaths
+        self.saved: dict[str, tuple[str, bool]] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
+            epoch = module.progress(k)[0]
+            if epoch + 1 == epochs:
+                path = str(Path(self.dirpaths[name]) / f"epoch{epoch:02d}.ckpt")
+                single = save_single(trainer, name, path)
+                losses = torch.stack([loss[k] for loss, _, _ in module.train_step_outputs])
+                finite = torch.isfinite(losses).all() and all(p.isfinite().all() for p in single.parameters())
+                self.saved[name] = (path, bool(finite))
+
+
+def refit_result(
     study: optuna.Study,
     number: int,
     cli: MLPCLI,
@@ -160,13 +226,7 @@ def record_refit(
     return result
 
 
-def refit_ensemble(
-    study: optuna.Study,
-    fit_args: list[str],
-    space: SearchSpace,
-    chosen: dict[str, Any],
-    fuse: int = 1,
-) -> dict[str, Any]:
+def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -> dict[str, Any]:
     """The configurations of the ensemble `chosen` on validation, each refit on train + val (as stacks of up to
     `fuse`), softmax-averaged and tested once, on the test images standardised as the refits' own training
     images were (all 60,000, not the trials' 55,000). Like a refit it has no validation figure; k is the
@@ -181,7 +241,10 @@ def refit_ensemble(
     cached = study.user_attrs.get("refit_ensemble")
     if cached and cached["trials"] == chosen["trials"]:
         return cached
-    members = refits(study, fit_args, space, chosen["trials"], fuse)
+    try:
+        members = refit_trials(study, chosen["trials"], fuse)
+    except UserError as error:  # a member's configuration is missing
+        return {**result, "test_acc": None, "why_no_test": str(error)}
     diverged = [r["trial"] for r in members if r["test_acc"] is None]
     result.update(trials=chosen["trials"], checkpoints=[r["checkpoint"] for r in members], diverged=diverged)
     if diverged:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -44,6 +44,20 @@ def make_optimizer(params: Iterable, hp: Mapping[str, Any], fused: bool = False)
             fused=fused,
         )
     return torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp["weight_decay"], fused=fused)
+
+
+def start_run(
+    logger: Logger | None, hparams: Mapping[str, Any], datamodule: L.LightningDataModule | None, max_epochs: int
+) -> None:
+    """A model's hyperparameters and activation figure in its TensorBoard run, whether it trains alone or in a
+    stack (`mlp.fused`), so that both write the same."""
+    if isinstance(logger, TensorBoardLogger):
+        # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
+        data_hparams = datamodule.hparams if datamodule else {}
+        # max_epochs too, which tune.py searches; not LightningCLI's "_instantiator", which is no hyperparameter.
+        logged = {**hparams, **data_hparams, "max_epochs": max_epochs}
+        logger.log_hyperparams({name: v for name, v in logged.items() if not name.startswith("_")}, {"hp_metric": 0.0})
+        logger.experiment.add_image("activations", activations_image(hparams["activation"]))
 
 
 class MLPClassifier(L.LightningModule):
@@ -126,14 +140,7 @@ class MLPClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         # The sanity-check validation ran on an untrained net; it must not count as the best so far.
         self.val_acc_best.reset()
-        if isinstance(self.logger, TensorBoardLogger):
-            # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
-            data_hparams = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
-            # max_epochs too, which tune.py searches; not LightningCLI's "_instantiator", which is no hyperparameter.
-            hparams = {**self.hparams, **data_hparams, "max_epochs": self.trainer.max_epochs}
-            hparams = {name: value for name, value in hparams.items() if not name.startswith("_")}
-            self.logger.log_hyperparams(hparams, {"hp_metric": 0.0})
-            self.logger.experiment.add_image("activations", activations_image(self.hparams.activation))
+        start_run(self.logger, self.hparams, self.trainer.datamodule, self.trainer.max_epochs)
 
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()

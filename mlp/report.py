@@ -8,12 +8,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mlp.cli import build_cli
 from mlp.errors import UserError, check
-from mlp.final import ensemble, refit, refit_ensemble
+from mlp.final import ensemble, refit_ensemble, refit_trials, trial_run
 from mlp.module import MLPClassifier
 from mlp.net import multiply_adds
-from mlp.search import SearchSpace, trial_args
 
 # Also the order of fallbacks when the chosen one has no test figure.
 FINAL_CHOICES = ("refit_ensemble", "ensemble", "refit", "best")
@@ -30,19 +28,33 @@ DEFAULT_TRAIN_IMAGES = 55_000  # fit.py's training split: 60,000 less the 5,000 
 
 def cost(study: optuna.Study) -> dict[str, float]:
     """The study's training cost in epochs of fit.py's default net (each trial's epochs weighted by its net's
-    multiply-adds per example), so studies on different machines compare; and in seconds of trial time."""
+    multiply-adds per example), so studies on different machines compare; and in busy wall seconds."""
     model_epochs = sum(
         t.user_attrs.get("epochs_trained", 0) * t.user_attrs.get("multiply_adds", 0)
         for t in study.get_trials(deepcopy=False)
     ) / DEFAULT_NET_MULTIPLY_ADDS
-    seconds = sum(
-        (t.datetime_complete - t.datetime_start).total_seconds()
+    return {"default_net_epochs": round(model_epochs, 3), "busy_wall_seconds": round(busy_wall_seconds(study), 1)}
+
+
+def busy_wall_seconds(study: optuna.Study) -> float:
+    """Wall-clock seconds during which at least one trial of the study was running: the union of the finished
+    trials' intervals. Trials trained together (--fuse, or several workers) count once, so the figure compares
+    across --fuse, where a sum of trial durations would count K stacked trials K times."""
+    intervals = sorted(
+        (t.datetime_start, t.datetime_complete)
         for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete
     )
-    return {"default_net_epochs": round(model_epochs, 3), "trial_seconds": round(seconds, 1)}
+    seconds, covered_to = 0.0, None
+    for start, end in intervals:
+        if covered_to is not None and start < covered_to:
+            start = covered_to
+        if end > start:
+            seconds += (end - start).total_seconds()
+        covered_to = end if covered_to is None else max(covered_to, end)
+    return seconds
 
 
-def test_best(study: optuna.Study, fit_args: list[str]) -> float:
+def test_best(study: optuna.Study) -> float:
     """Test accuracy of the best trial's best checkpoint, measured once per best trial and kept in the study."""
     best = study.best_trial
     if study.user_attrs.get("test_trial") == best.number:
@@ -53,7 +65,7 @@ def test_best(study: optuna.Study, fit_args: list[str]) -> float:
         f"the best trial's checkpoint {checkpoint} is not on this machine; worker {best.user_attrs.get('worker')} "
         "trained it: run the same command on that host, or share the log folder between machines",
     )
-    cli = build_cli(trial_args(fit_args, {}, study.study_name, "best_trial_test"))
+    cli = trial_run(best, "best_trial_test")  # its own data settings, whatever today's flags
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
     model = MLPClassifier.load_from_checkpoint(checkpoint)
     (results,) = cli.trainer.test(model, datamodule=cli.datamodule)
@@ -90,28 +102,31 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     return written
 
 
-def best_checkpoint(study: optuna.Study, fit_args: list[str]) -> dict[str, Any]:
+def best_checkpoint(study: optuna.Study) -> dict[str, Any]:
     result = {"what": "the best trial's best checkpoint (by val/acc)", "val_acc": study.best_value}
     try:
-        return {**result, "test_acc": test_best(study, fit_args)}
+        return {**result, "test_acc": test_best(study)}
     except UserError as error:  # its checkpoint is missing
         return {**result, "test_acc": None, "why_no_test": str(error)}
 
 
-def final_models(
-    study: optuna.Study, fit_args: list[str], space: SearchSpace, answer: str, fuse: int = 1
-) -> dict[str, Any]:
+def refit_best(study: optuna.Study) -> dict[str, Any]:
+    try:
+        return refit_trials(study, [study.best_trial.number], fuse=1)[0]
+    except UserError as error:  # its configuration is missing
+        return {"what": "the best trial's configuration refit", "test_acc": None, "why_no_test": str(error)}
+
+
+def final_models(study: optuna.Study, answer: str, fuse: int = 1) -> dict[str, Any]:
     """Every candidate final model with its val and test figures, and the answer: `answer` if it could be
     tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure.
     With fuse > 1 the refits train as stacks, as the trials did."""
-    data = build_cli(trial_args(fit_args, {}, study.study_name, "final")).datamodule
-    data.setup("test")  # the test split, loaded once for the ensemble of the trials' checkpoints
-    averaged = ensemble(study, data)
+    averaged = ensemble(study)
     candidates = {
-        "refit_ensemble": refit_ensemble(study, fit_args, space, averaged, fuse),
+        "refit_ensemble": refit_ensemble(study, averaged, fuse),
         "ensemble": averaged,
-        "refit": refit(study, fit_args, space, study.best_trial.number),
-        "best": best_checkpoint(study, fit_args),
+        "refit": refit_best(study),
+        "best": best_checkpoint(study),
     }
     tested = [name for name in (answer, *FINAL_CHOICES) if candidates[name]["test_acc"] is not None]
     chosen = tested[0] if tested else None
@@ -128,15 +143,7 @@ def refits_cost(study: optuna.Study) -> float:
     return work / (DEFAULT_NET_MULTIPLY_ADDS * DEFAULT_TRAIN_IMAGES)
 
 
-def report(
-    study: optuna.Study,
-    fit_args: list[str],
-    log_dir: Path,
-    wall_seconds: float,
-    space: SearchSpace,
-    answer: str,
-    fuse: int = 1,
-) -> dict[str, Any]:
+def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, fuse: int = 1) -> dict[str, Any]:
     """Summarise the study, pick and test its final model once, write report.json and the plots."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
@@ -157,10 +164,11 @@ def report(
             best_val_acc=best.value,
             best_checkpoint=best.user_attrs["best_checkpoint"],
         )
-        summary["final"] = final_models(study, fit_args, space, answer, fuse)
+        summary["final"] = final_models(study, answer, fuse)
         summary["test_acc"] = summary["final"]["test_acc"]
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)
     summary["plots"] = write_plots(study, log_dir)
+    summary["report_json"] = str(log_dir / "report.json")
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

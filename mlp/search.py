@@ -104,28 +104,31 @@ SCHEDULE_STEPS = 100  # a trial's intermediate values are indexed by the percent
 CHECK_EVERY = 10  # percent: pruning is checked at every tenth of a schedule crossed, and at each epoch's end
 
 
-def report_schedule_fraction(trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None) -> bool:
+def record_intermediate_values(trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None) -> bool:
     """Report the val/acc `value` reached at the end of `epoch` (from 0) of `epochs`; True if the trial should stop.
 
     Trials with different epoch counts run different one-cycle schedules, so they are compared at the same
     fraction of their own schedule: step 50 is the middle of every trial. Optuna's pruners compare a trial with
     the others' values at exactly one step, so every whole percent this epoch crosses gets a value, interpolated
     from the previous epoch's (`previous`, None for the first epoch, whose value stands back to step 1), and
-    pruning is checked at each tenth crossed (Hyperband's rungs among them) as well as at the epoch's end. Also counts the epochs trained in the user attribute `epochs_trained`.
+    pruning is checked at each tenth crossed (Hyperband's rungs among them) as well as at the epoch's end, but
+    never in the last epoch: a trial that trained all its epochs has spent its compute, and pruning it would
+    only drop it from the final models. Also counts the epochs trained in the user attribute `epochs_trained`.
     """
     trial.set_user_attr("epochs_trained", epoch + 1)
     start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
     last = math.floor(end)
+    finished = epoch + 1 == epochs
     for step in range(math.floor(start) + 1, last + 1):
         share = (step - start) / (end - start)
         trial.report(value if previous is None else previous + share * (value - previous), step)
-        if (step % CHECK_EVERY == 0 or step == last) and trial.should_prune():
+        if (step % CHECK_EVERY == 0 or step == last) and not finished and trial.should_prune():
             return True
     return False
 
 
 def make_pruner(name: str, shortest_epochs: int) -> optuna.pruners.BasePruner:
-    """A pruner whose steps are percent of a trial's schedule (see report_schedule_fraction).
+    """A pruner whose steps are percent of a trial's schedule (see record_intermediate_values).
 
     No trial is judged before the shortest schedule's first epoch (`shortest_epochs` long) has ended: earlier
     steps hold that epoch's value, which would flatter short schedules.
@@ -153,15 +156,19 @@ def trial_seed(seed: int, number: int) -> int:
 
 
 class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """TPE whose random draws depend only on the seed and the trial's number.
+    """TPE whose random draws depend only on the seed and the trial's number; trial 0 draws `first`, when given.
 
     One seeded TPESampler per process would give every worker started with the same seed the same draws, and
     a rerun would replay the first run's. Trial numbers are unique across workers (the storage assigns them),
     so seeding each trial from (seed, number) gives distinct, reproducible draws.
+
+    `first` (see mlp.study.fit_defaults) starts the search from a known-good point instead of spending its first
+    epochs rediscovering it. As a rule of the sampler every worker holds, rather than a trial queued after the
+    study's creation, it is trial 0 whichever of several workers started together asks first.
     """
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+    def __init__(self, seed: int, first: dict[str, Any] | None = None) -> None:
+        self.seed, self.first = seed, first or {}
         self.tpe = self.tpe_for(0)
 
     def tpe_for(self, number: int) -> optuna.samplers.TPESampler:
@@ -180,11 +187,15 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
+        if trial.number == 0 and self.first:
+            return {}  # each parameter comes from sample_independent
         return self.tpe.sample_relative(study, trial, search_space)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
+        if trial.number == 0 and param_name in self.first:
+            return self.first[param_name]
         return self.tpe.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(

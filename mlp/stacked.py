@@ -118,7 +118,7 @@ class StackedMLP(MLP):
             p.data = resized(p.data, (self.size, *self.padded_shape(i, p[0])))
         self.refresh_masks()
 
-    def extract(self, model: int) -> dict[str, Tensor]:
+    def state_of(self, model: int) -> dict[str, Tensor]:
         """Model `model`'s parameters, unpadded, as the state dict of an `MLP` of its width."""
         state = {}
         for i, p in enumerate(self.params):

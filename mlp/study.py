@@ -1,14 +1,16 @@
 """The study in its storage, and the rules every worker on it follows: which trial to run next, when to wait
-for other workers, when a dead worker's trial is rerun, and which worker writes the report."""
+for other workers, the heartbeats by which a dead worker's trial is found and rerun, and which worker writes
+the report."""
 
 import math
 import random
 import sqlite3
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, Self
 
 import optuna
 import sqlalchemy
@@ -20,10 +22,6 @@ from mlp.cli import MLPCLI
 from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, make_pruner
 
-if TYPE_CHECKING:
-    from mlp.fused_trials import FusedTrials
-    from mlp.tune import Objective
-
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that are or will be counted towards --n-trials: a WAITING one is run by the next worker to ask.
 LIVE = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
@@ -31,6 +29,7 @@ LIVE = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 # worker marks it failed and enqueues its parameters again. Idle workers look again every heartbeat.
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
+RETRY_SECONDS = 1  # after a heartbeat that failed: the grace period leaves time for a few tries
 log = optuna.logging.get_logger("optuna.mlp")
 
 
@@ -90,37 +89,86 @@ def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
 
 
 def open_study(
-    study_name: str, storage_url: str, pruner: str, shortest_epochs: int, seed: int
-) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it if it exists, so that rerunning the same command continues it.
-
-    Also says whether this call created it: of workers started together, exactly one did.
-    """
+    study_name: str, storage_url: str, pruner: str, shortest_epochs: int, seed: int, first: dict | None = None
+) -> optuna.Study:
+    """Create the study, or load it if it exists, so that rerunning the same command continues it; its trial 0
+    draws `first` (see TrialSeededTPE)."""
     settings = dict(
         study_name=study_name,
         storage=connect(storage_url),
-        sampler=TrialSeededTPE(seed),
+        sampler=TrialSeededTPE(seed, first),
         pruner=make_pruner(pruner, shortest_epochs),
     )
     try:
-        return optuna.create_study(direction="maximize", **settings), True
+        return optuna.create_study(direction="maximize", **settings)
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(**settings), False
+        return optuna.load_study(**settings)
 
 
-def start_from_fit_defaults(study: optuna.Study, cli: MLPCLI, space: SearchSpace) -> None:
-    """Queue, as a new study's first trial, the configuration fit.py would train with the same flags.
+def fit_defaults(cli: MLPCLI, space: SearchSpace) -> dict[str, Any] | None:
+    """The searched hyperparameters fit.py would train with the same flags, as the study's first trial; None
+    when one lies outside its search range.
 
-    fit.py's defaults were chosen on the validation split, so the search starts from a known-good point
-    instead of spending its first epochs rediscovering it.
+    fit.py's defaults were chosen on the validation split, so the search starts from a known-good point. A
+    pinned hyperparameter comes from the fit flags, as in every trial.
     """
     hp = cli.model.hparams
     start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
              "weight_decay": hp.weight_decay, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing}
-    searched = space.searched()  # a pinned hyperparameter comes from the fit flags, as in every trial
-    inside = all(low <= start[name] <= high for name, (low, high) in searched.items())
-    if inside:
-        study.enqueue_trial({name: start[name] for name in searched})
+    searched = space.searched()
+    if all(low <= start[name] <= high for name, (low, high) in searched.items()):
+        return {name: start[name] for name in searched}
+    return None
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage the study was opened with. Optuna's Study keeps it private (`_storage`) and offers no public
+    accessor, but its own optimize beats trials' hearts through it, and so must a worker running trials by ask and
+    tell (see Heartbeats): this is the one place that reaches for it (tests/test_private_apis.py fails if it moves)."""
+    return study._storage
+
+
+class Heartbeats:
+    """While the with block runs, a thread records a heartbeat for each trial of `trials` (a trial leaves the list
+    when the study is told its end) every HEARTBEAT_SECONDS, as Optuna's optimize does for its one trial; a worker
+    that dies stops beating, and its trials are retried.
+
+    A beat that fails (the storage unreachable for a moment) is logged and tried again RETRY_SECONDS later: a
+    thread that died of it would leave the worker's trials to be failed as stale, and retried elsewhere, while
+    this worker still trains them."""
+
+    def __init__(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        self.storage, self.study_name, self.trials = storage_of(study), study.study_name, trials
+        self.trial_ids: dict[int, int] = {}  # by trial number, looked up once
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.beat, daemon=True)
+
+    def beat(self) -> None:
+        while True:
+            wait = HEARTBEAT_SECONDS
+            for trial in list(self.trials):
+                try:
+                    self.storage.record_heartbeat(self.trial_id(trial.number))
+                except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
+                    first_line = str(error).splitlines()[0]
+                    log.warning(f"Heartbeat of trial {trial.number} failed ({first_line}); trying again.")
+                    wait = RETRY_SECONDS
+            if self.stopped.wait(wait):
+                return
+
+    def trial_id(self, number: int) -> int:
+        if number not in self.trial_ids:
+            study_id = self.storage.get_study_id_from_name(self.study_name)
+            self.trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        return self.trial_ids[number]
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def place(trial: FrozenTrial) -> int:
@@ -179,9 +227,17 @@ def may_start_trial(study: optuna.Study, n_trials: int) -> bool:
     return TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials
 
 
+class TrialRunner(Protocol):
+    """What run_trials needs of a worker's trials (see mlp.trials.Trials)."""
+
+    interrupted: bool  # Ctrl-C stopped the trials started last
+
+    def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None: ...
+
+
 def run_trials(
     study: optuna.Study,
-    objective: "Objective | FusedTrials",
+    objective: TrialRunner,
     n_trials: int,
     timeout: float | None,
     progress: Callable[[optuna.Study], None] = lambda study: None,
@@ -197,7 +253,7 @@ def run_trials(
     deadline = time.monotonic() + (math.inf if timeout is None else timeout)
 
     def may_refill() -> bool:
-        """Whether a worker training several trials at once may start another as one ends (see FusedTrials)."""
+        """Whether a worker training several trials at once may start another as one ends (see mlp.trials)."""
         fail_stale_trials(study)
         progress(study)
         return time.monotonic() < deadline

@@ -42,9 +42,9 @@ from torchvision.datasets import FashionMNIST  # noqa: E402
 from mlp.cli import build_cli  # noqa: E402
 from mlp.data import FashionMNISTDataModule  # noqa: E402
 from mlp.fused import FusedClassifier  # noqa: E402
-from mlp.fused_trials import group_cli  # noqa: E402
 from mlp.module import MLPClassifier  # noqa: E402
 from mlp.net import MLP  # noqa: E402
+from mlp.trials import group_cli  # noqa: E402
 
 
 def plain_loop(batches: Sized, model: MLPClassifier, device: torch.device, epochs: int) -> list[float]:

@@ -7,7 +7,7 @@
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
-    python scripts/tune.py --quiet                          # print only the final report
+    python scripts/tune.py --quiet                          # print only the answer, in a few lines
 
 In a terminal a progress bar counts the study's finished trials (every worker's), with pruned and failed
 counts and the best val/acc so far; Optuna's one line per finished trial is written above it.
@@ -50,7 +50,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"
     )
     study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
-    study.add_argument("--quiet", action="store_true", help="print only the final report: no bar, no line per trial")
+    study.add_argument(
+        "--quiet", action="store_true",
+        help="no bar, no line per trial: print only the answer, its test figure, the best trial and where the whole "
+        "report (report.json) is",
+    )
     study.add_argument(
         "--fuse", type=fuse_count, default="auto", metavar="K",
         help="train up to K trials at once in one Trainer as stacked networks (per depth on a GPU, per depth and "
@@ -97,8 +101,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     if isinstance(summary, str):  # another worker writes the report
         print(summary)
         return None
-    print(json.dumps(summary, indent=2))
+    print("\n".join(short_summary(summary)) if options.quiet else json.dumps(summary, indent=2))
     return summary
+
+
+def short_summary(summary: dict) -> list[str]:
+    """--quiet's lines: the answer and its test figure, the best trial, and where the whole report is."""
+    counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
+    lines = [f"study {summary['study']}: {counts}"]
+    if "best_trial" in summary:
+        final = summary["final"]
+        answer = final["answer"]
+        figure = "no test figure" if answer is None else f"test accuracy {final['test_acc']:.4f}"
+        lines.append(f"answer: {answer or final.get('fallback', 'none')} ({figure})")
+        params = ", ".join(f"{name}={value:.4g}" for name, value in summary["best_params"].items())
+        lines.append(f"best trial: {summary['best_trial']}, val accuracy {summary['best_val_acc']:.4f} ({params})")
+    else:
+        lines.append("no trial completed, so there is no answer")
+    lines.append(f"report: {summary['report_json']}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def real_data_available() -> bool:
 def epoch_values(trial) -> list[float]:
     """The val/acc a trial reached at the end of each epoch it trained, read back from its intermediate values.
 
-    Trials report at percent of their own schedule (mlp.search.report_schedule_fraction); an epoch ends on a
+    Trials report at percent of their own schedule (mlp.search.record_intermediate_values); an epoch ends on a
     whole percent, with its own value, when the epoch count divides 100, as in these tests' small studies.
     """
     epochs = trial.params["epochs"]

@@ -46,7 +46,7 @@ def test_stacked_forward_and_gradients_equal_separate_nets(depth, activation):
         torch.testing.assert_close(logits[k], net(x), rtol=1e-12, atol=1e-12)
         nn.functional.cross_entropy(net(x), y).backward()
         alone = MLP(13, depth, stacked.widths[k] or 1, 5, "kaiming", activation).double()
-        alone.load_state_dict(stacked.extract(k))
+        alone.load_state_dict(stacked.state_of(k))
         # Extracting model k's slices of the stacked gradients must give the single net's gradients.
         for i, grad in enumerate(net.params):
             sliced = stacked.params[i].grad[k][tuple(slice(0, n) for n in grad.shape)]
@@ -201,6 +201,25 @@ class StopAfterFirstEpoch(L.Callback):
             module.stop(self.name, "pruned")
 
 
+class RunningKeys(L.Callback):
+    """The models' val/acc keys in the Trainer's callback metrics at the start of every epoch."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[set[str], set[str]]] = []  # (keys, the names of the models in the stack)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        keys = {key for key in trainer.callback_metrics if key.startswith("val/acc/")}
+        self.keys.append((keys, {f"val/acc/{name}" for name in module.names}))
+
+
+def test_a_departed_models_val_acc_leaves_the_trainers_callback_metrics():
+    keys = RunningKeys()
+    train_fused(classifiers(HPARAMS), HPARAMS, ["a", "b", "c"], [keys])
+    # Epochs 1-3: after the sanity check's keys, only those of the models still training (b leaves after epoch 1).
+    assert [seen for seen, _ in keys.keys[1:]] == [running for _, running in keys.keys[1:]]
+    assert keys.keys[2][0] == {"val/acc/a", "val/acc/c"}
+
+
 @pytest.mark.parametrize("backward", ["autograd", "manual"])
 def test_dropping_a_model_mid_run_leaves_the_others_unchanged(backward):
     models = classifiers(HPARAMS, backward=backward)
@@ -301,7 +320,7 @@ def test_a_diverging_model_leaves_the_stack_and_the_others_go_on():
 
 
 class StopAfterValidation(L.Callback):
-    """Stops model `name` with reason `how` after its first validation, as ReportAndPrune does."""
+    """Stops model `name` with reason `how` after its first validation, as JudgeEachEpoch does."""
 
     def __init__(self, name: str, how: str) -> None:
         self.name, self.how = name, how

@@ -1,6 +1,7 @@
 """`scripts/tune.py --fuse K` on synthetic data: per-trial outcomes, runs, checkpoints, heartbeats and Ctrl-C."""
 
 import json
+import logging
 import signal
 import sys
 import time
@@ -18,12 +19,10 @@ from mlp import final
 from mlp.cli import build_cli
 from mlp.errors import UserError
 from mlp.fused import FusedClassifier
-from mlp.fused_trials import (
+from mlp.gpu_sizing import (
     AUTO_FUSE_MAX,
     CPU_FUSE,
     DATASET_BYTES,
-    FusedTrials,
-    Heartbeats,
     auto_fuse,
     check_fusable,
     check_stack_fits,
@@ -31,7 +30,8 @@ from mlp.fused_trials import (
 )
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
-from mlp.study import open_study
+from mlp.study import Heartbeats, open_study
+from mlp.trials import Trials
 from tests.conftest import epoch_values
 from tests.test_reliability import created_trials, run, start, wait_for
 from tests.test_reliability import tune_args as slow_tune_args
@@ -62,7 +62,7 @@ class RecordsRefills(FusedClassifier):
 def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_checkpoint(
     synthetic_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
+    monkeypatch.setattr("mlp.trials.FusedClassifier", RecordsRefills)
     monkeypatch.setattr(RecordsRefills, "refills", [])
     monkeypatch.setattr(RecordsRefills, "stacks_at_start", [])
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -91,14 +91,15 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
     # building them (which seeds their initial weights) left the group's batch order and dropout draws alone.
     assert RecordsRefills.refills[0] == ({"4", "5"}, True) and all(same for _, same in RecordsRefills.refills)
     assert all(trial.datetime_start < trials[0].datetime_complete for trial in trials[4:])
-    steps_per_epoch = EventAccumulator(trials[0].user_attrs["log_dir"]).Reload().Scalars("val/acc")[0].step
+    # An epoch's scalars are written at its last step, as Lightning writes an unfused run's (from step 0).
+    steps_per_epoch = EventAccumulator(trials[0].user_attrs["log_dir"]).Reload().Scalars("val/acc")[0].step + 1
     for trial in trials:
         run = EventAccumulator(trial.user_attrs["log_dir"]).Reload()
         scalars = set(run.Tags()["scalars"])
         assert {"val/acc", "val/loss", "hp_metric", "train/loss_epoch", "train/acc"} <= scalars
         # Each run counts its own steps and epochs, from where the trial joined, as an unfused trial's does.
         epochs = range(trial.user_attrs["epochs_trained"])
-        assert [e.step for e in run.Scalars("val/acc")] == [steps_per_epoch * (epoch + 1) for epoch in epochs]
+        assert [e.step for e in run.Scalars("val/acc")] == [steps_per_epoch * (epoch + 1) - 1 for epoch in epochs]
         assert [e.value for e in run.Scalars("epoch")][-1] == epochs[-1]
         if trial.state == TrialState.COMPLETE:  # a pruned one may stop reporting mid-epoch, at a check
             assert [e.value for e in run.Scalars("val/acc")] == pytest.approx(epoch_values(trial))
@@ -123,9 +124,9 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
 @pytest.mark.parametrize("refill", [True, False])
 def test_a_freed_place_is_refilled_only_while_may_refill_allows(synthetic_dir, tmp_path, monkeypatch, refill):
     if not refill:  # as at --timeout's deadline
-        start_trials = FusedTrials.start_trials
+        start_trials = Trials.start_trials
         never = lambda self, study, _: start_trials(self, study, lambda: False)  # noqa: E731
-        monkeypatch.setattr(FusedTrials, "start_trials", never)
+        monkeypatch.setattr(Trials, "start_trials", never)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="test", storage=url, direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL, "epochs": 1})  # leaves after epoch 0
@@ -141,9 +142,9 @@ def test_a_freed_place_is_refilled_only_while_may_refill_allows(synthetic_dir, t
 def test_a_worker_whose_free_place_another_took_first_trains_nothing_and_looks_again(tmp_path):
     """run_trials saw a place free, and another worker took it before this one asked (as a retry taken by
     another survivor in the three-worker PostgreSQL test): start_trials returns, with no trial and no error."""
-    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     taken = study.ask()  # the other worker's trial, in the study's only place
-    objective = FusedTrials(SearchSpace(), [], "s", n_trials=1, fuse=2)
+    objective = Trials(SearchSpace(), [], "s", n_trials=1, fuse=2)
     objective.start_trials(study, may_refill=lambda: True)
     assert [t.number for t in study.trials] == [taken.number] and objective.ran == []
 
@@ -225,7 +226,7 @@ def test_by_default_trials_of_searched_widths_train_one_at_a_time_on_the_cpu_and
 
 
 def test_by_default_trials_of_one_width_train_stacked_on_the_cpu(synthetic_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("mlp.fused_trials.FusedClassifier", RecordsRefills)
+    monkeypatch.setattr("mlp.trials.FusedClassifier", RecordsRefills)
     monkeypatch.setattr(RecordsRefills, "refills", [])
     monkeypatch.setattr(RecordsRefills, "stacks_at_start", [])
     args = tune_args(synthetic_dir, tmp_path, n_trials=5)
@@ -249,7 +250,7 @@ def test_a_fuse_that_is_neither_a_number_nor_auto_is_a_clear_error(capsys):
 
 
 def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypatch):
-    monkeypatch.setattr("mlp.fused_trials.HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage)
     trials = [study.ask() for _ in range(3)]
@@ -258,6 +259,29 @@ def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypa
         assert storage._get_stale_trial_ids(study._study_id) == []
     time.sleep(4)
     assert sorted(storage._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in trials)
+
+
+def test_a_failed_heartbeat_is_logged_and_tried_again_and_the_trials_stay_alive(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr("mlp.study.RETRY_SECONDS", 0.1)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage)
+    trials = [study.ask() for _ in range(2)]
+    record_heartbeat, failures = storage.record_heartbeat, []
+
+    def unreachable_once(trial_id: int) -> None:
+        if not failures:
+            failures.append(trial_id)
+            raise optuna.exceptions.StorageInternalError("the database is unreachable")
+        record_heartbeat(trial_id)
+
+    monkeypatch.setattr(storage, "record_heartbeat", unreachable_once)
+    monkeypatch.setattr(logging.getLogger("optuna"), "propagate", True)  # to caplog
+    with Heartbeats(study, trials) as beats:
+        time.sleep(3)  # past the grace period, which SQLite's clock counts in whole seconds
+        assert beats.thread.is_alive()
+        assert storage._get_stale_trial_ids(study._study_id) == []
+    assert failures and "Heartbeat of trial 0 failed (the database is unreachable); trying again." in caplog.text
 
 
 def group_training(tmp_path: Path) -> bool:
@@ -283,7 +307,6 @@ def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_pa
 
 def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(synthetic_dir, tmp_path):
     quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
-    quick_heartbeat += "; import mlp.fused_trials; mlp.fused_trials.HEARTBEAT_SECONDS = 1"
     args = [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"]
     process = start("tune.py", args, patch=quick_heartbeat)
     wait_for(process, lambda: group_training(tmp_path), "three trials training together")
@@ -323,8 +346,9 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     from optuna.distributions import FloatDistribution, IntDistribution
 
     from mlp.data import FashionMNISTDataModule, IndexBatches
-    from mlp.final import accuracy, checkpoint_softmax, refits
-    from mlp.search import LOG_SCALE
+    from mlp.final import accuracy, checkpoint_softmax, refit_trials
+    from mlp.search import LOG_SCALE, suggest, trial_args
+    from mlp.trials import save_config
 
     space = SearchSpace(lr=(1e-3, 1.0), epochs=(1, 3), depth=(1, 2), width=(8, 16), weight_decay=(1e-5, 1e-3),
                         dropout=(0.0, 0.5), label_smoothing=(0.0, 0.2))
@@ -350,9 +374,13 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     for name, fuse in (("alone", 1), ("stacked", 2)):
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
         for value, config in enumerate(configs):
-            study.add_trial(optuna.trial.create_trial(params={**config, "dropout": 0.0}, distributions=distributions,
-                                                      value=value / 10))
-        results[name] = refits(study, fit_args, space, [0, 1, 2, 3], fuse)
+            params = {**config, "dropout": 0.0}
+            trained = build_cli(trial_args(fit_args, suggest(optuna.trial.FixedTrial(params), space), name,
+                                           f"trial_{value}"))
+            save_config(trained)  # what the trial's own fit saved, which its refit rebuilds
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value / 10,
+                                                      user_attrs={"log_dir": trained.trainer.log_dir}))
+        results[name] = refit_trials(study, [0, 1, 2, 3], fuse)
         assert [r["trial"] for r in results[name]] == [0, 1, 2, 3]
         assert study.user_attrs["refit_1"] == results[name][1]  # cached in the study
 

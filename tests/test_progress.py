@@ -184,11 +184,16 @@ def test_terminal_shows_the_bar_with_counts_and_the_best_trial(study_args):
     assert "trials 0/2" in ANSI.sub("", output) and "failed 1" in ANSI.sub("", output).split("Trial 1 finished")[0]
 
 
-def test_quiet_prints_only_the_final_report(study_args):
+def test_quiet_prints_only_the_answer_and_where_the_report_is(study_args):
     result = run_piped([*study_args, "--quiet"])
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr == ""
-    summary = json.loads(result.stdout)  # nothing but the report: no table of test results, no log lines
+    # Nothing but a few lines: no table of test results, no log lines, no JSON.
+    study, answer, best, report = result.stdout.splitlines()
+    summary = json.loads(Path(report.removeprefix("report: ")).read_text())
     assert summary["best_trial"] == 1 and summary["trials"] == {"complete": 1, "pruned": 1, "fail": 1}
     assert not math.isnan(summary["test_acc"])
+    assert study == "study test: 1 complete, 1 pruned, 1 fail"
+    assert answer == f"answer: {summary['final']['answer']} (test accuracy {summary['test_acc']:.4f})"
+    assert best.startswith(f"best trial: 1, val accuracy {summary['best_val_acc']:.4f} (lr=0.1, epochs=2, ")

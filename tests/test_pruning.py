@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from mlp.search import SearchSpace, make_pruner, report_schedule_fraction
+from mlp.search import SearchSpace, make_pruner, record_intermediate_values
 
 
 def accuracy_at(fraction: float, final: float) -> float:
@@ -16,7 +16,7 @@ def run(study: optuna.Study, epochs: int, final: float) -> tuple[optuna.Trial, i
     trial, previous = study.ask(), None
     for epoch in range(epochs):
         value = accuracy_at((epoch + 1) / epochs, final)
-        prune = report_schedule_fraction(trial, epoch, epochs, value, previous)
+        prune = record_intermediate_values(trial, epoch, epochs, value, previous)
         previous = value
         if prune:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -61,3 +61,12 @@ def test_median_warm_up_is_a_fraction_of_the_schedule():
         run(study, 10, final)
     _, pruned = run(study, 20, 0.5)
     assert pruned == 5  # the end of epoch 6 of 20 is 30 % of its schedule: the first step after the warm-up
+
+
+def test_a_trial_that_trained_all_its_epochs_is_never_pruned():
+    # Every value is below the threshold: the first epoch's end is pruned, the last epoch's end never is.
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    assert record_intermediate_values(trial, 0, 2, 0.1, None)
+    assert not record_intermediate_values(trial, 1, 2, 0.1, 0.1)
+    assert trial.should_prune()  # the pruner would still prune it: only the finished schedule spares it

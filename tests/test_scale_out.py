@@ -22,7 +22,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from mlp.errors import UserError
-from mlp.search import SearchSpace, TrialSeededTPE, suggest
+from mlp.search import FIT_FLAGS, SearchSpace, TrialSeededTPE, suggest
 from mlp.study import (
     FINISHED,
     connect,
@@ -134,11 +134,22 @@ def test_a_sqlite_file_another_process_reads_in_a_transaction_keeps_working_in_r
     reader.close()
 
 
+def test_fit_defaults_are_trial_0_whichever_worker_asks_first(tmp_path):
+    url, first = f"sqlite:///{tmp_path / 'study.db'}", {"lr": 0.1, "epochs": 20, "depth": 2, "width": 512,
+                                                         "weight_decay": 5e-4, "dropout": 0.0, "label_smoothing": 0.0}
+    creator = open_study("s", url, "none", SearchSpace().epochs[0], seed=0, first=first)
+    joiner = open_study("s", url, "none", SearchSpace().epochs[0], seed=0, first=first)
+    # The worker that joined asks before the one that created the study: the first trial is still fit's.
+    assert draws(joiner) == {"number": 0, **{FIT_FLAGS[name]: value for name, value in first.items()}}
+    second = draws(creator)
+    assert second["number"] == 1 and second["model.lr"] != first["lr"]
+
+
 # -- the stop rule -------------------------------------------------------------------------------------------
 
 
 class Quadratic:
-    """A stand-in for mlp.tune.Objective: instant trials."""
+    """A stand-in for mlp.trials.Trials: instant trials."""
 
     interrupted = False
 
@@ -162,7 +173,7 @@ class AsksMayRefill(Quadratic):
 
 
 def test_a_fused_worker_may_refill_its_stack_until_the_timeout(tmp_path):
-    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     objective = AsksMayRefill()
     run_trials(study, objective, n_trials=1, timeout=5)
     assert objective.answers == [True, False]
@@ -172,7 +183,7 @@ def test_a_fused_worker_may_refill_its_stack_until_the_timeout(tmp_path):
 def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monkeypatch):
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr("mlp.study.GRACE_SECONDS", 2)
-    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     dead = study.ask()  # a worker that started a trial, beat once and died
     dead.suggest_float("x", -1, 1)
     study._storage.record_heartbeat(dead._trial_id)  # what Study.optimize does while a trial runs
@@ -188,7 +199,7 @@ def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monk
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_exactly_one_reporter_when_workers_outnumber_the_remaining_trials(tmp_path):
-    study, _ = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     # Three workers started together on a study that needs two more trials: the third worker's trial is
     # surplus, so it trains nothing and waits for the other two.
     first, second, surplus = study.ask(), study.ask(), study.ask()
@@ -264,7 +275,7 @@ def test_a_trial_whose_place_a_retry_is_owed_stops_at_its_epochs_end_and_the_ret
         return surplus_trials(study, n_trials)
 
     monkeypatch.setattr("mlp.study.surplus_trials", retry_queued_after_the_first_check)
-    monkeypatch.setattr("mlp.fused_trials.surplus_trials", retry_queued_after_the_first_check)
+    monkeypatch.setattr("mlp.trials.surplus_trials", retry_queued_after_the_first_check)
     tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--pruner=none", f"--fuse={fuse}"])
 
     trials = optuna.load_study(study_name="test", storage=url).trials

@@ -194,6 +194,23 @@ def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_b
     )  # four one-epoch trials of 784-8-10
 
 
+def test_refits_and_the_best_checkpoints_test_rebuild_each_trial_from_its_own_saved_config(synthetic_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="test", storage=storage, direction="maximize")
+    study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), "--final=refit"]
+    tune.main([*args, "--model.activation=tanh"])
+    for cached in ("refit_0", "test_trial", "ensemble", "refit_ensemble"):  # as if the report had not been written
+        study.set_user_attr(cached, None)
+
+    # Resumed with other flags: the refit is still trial 0's tanh net, tested on trial 0's split.
+    summary = tune.main([*args, "--data.val_size=200"])
+
+    assert MLPClassifier.load_from_checkpoint(summary["final"]["refit"]["checkpoint"]).hparams.activation == "tanh"
+    tested = (tmp_path / "logs" / "tune" / "test" / "best_trial_test" / "hparams.yaml").read_text()
+    assert "val_size: 100" in tested and "activation: tanh" in tested
+
+
 def test_trial_keeps_the_val_acc_checkpoint_when_the_user_adds_another(synthetic_dir, tmp_path):
     """The first ModelCheckpoint in the Trainer is the user's here; the trial must still use --checkpoint's."""
     study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
@@ -210,6 +227,12 @@ def test_trial_keeps_the_val_acc_checkpoint_when_the_user_adds_another(synthetic
 def test_tune_without_a_logger_is_a_clear_error(synthetic_dir, tmp_path):
     with pytest.raises(UserError, match="--trainer.logger=false"):
         tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--trainer.logger=false"])
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_tune_without_a_validation_split_is_a_clear_error(synthetic_dir, tmp_path):
+    with pytest.raises(UserError, match="--data.val_size must be > 0"):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--data.val_size=0"])
     assert not (tmp_path / "study.db").exists()
 
 

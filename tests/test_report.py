@@ -1,0 +1,31 @@
+"""The study's report: figures that compare across machines and --fuse."""
+
+import datetime
+
+import optuna
+from optuna.trial import TrialState
+
+from mlp.report import cost
+
+START = datetime.datetime(2026, 1, 1)
+
+
+def add_trial(study: optuna.Study, start: float, end: float) -> None:
+    """A finished trial that ran from `start` to `end` seconds."""
+    trial = optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5)
+    trial.datetime_start = START + datetime.timedelta(seconds=start)
+    trial.datetime_complete = START + datetime.timedelta(seconds=end)
+    study.add_trial(trial)
+
+
+def test_cost_counts_trials_trained_together_once():
+    # Two trials stacked from 0 to 1.5 s (one of them leaves at 1.4 s), a third alone from 2 to 3 s.
+    study = optuna.create_study()
+    for start, end in ((0, 1.5), (0, 1.4), (2, 3)):
+        add_trial(study, start, end)
+    assert cost(study)["busy_wall_seconds"] == 2.5
+    # The same trials one after another take the sum of their times.
+    study = optuna.create_study()
+    for start, end in ((0, 1.5), (1.5, 2.9), (3, 4)):
+        add_trial(study, start, end)
+    assert cost(study)["busy_wall_seconds"] == 3.9
