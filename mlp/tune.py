@@ -6,6 +6,7 @@ lives in `mlp.search`, the rules workers share in `mlp.study`, a trial's life in
 in `mlp.final` and the report in `mlp.report`.
 """
 
+import logging
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -16,7 +17,9 @@ from optuna.trial import TrialState
 
 from mlp.cli import build_cli
 from mlp.data import locate_fashion_mnist
+from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
+from mlp.progress import LIGHTNING_LOGGERS
 from mlp.gpu_sizing import auto_fuse, check_fusable, free_gpu_bytes
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
@@ -76,20 +79,28 @@ def run_study(
     if pinned:
         space = space.pin(pinned)
         print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
+    workers = one_device_args(fit_args, cli.trainer)
     if fuse == "auto":
-        fuse, why = auto_fuse(space, cli, free_gpu_bytes(cli), n_trials)
+        # The quarter-of-the-study rule holds for all the workers' stacks together.
+        fuse, why = auto_fuse(space, cli, free_gpu_bytes(cli), -(-n_trials // len(workers)))
         print(f"--fuse auto: {fuse} ({why})")
     if fuse > 1:
         check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
-    study = open_study(study_name, storage_url, pruner, shortest_epochs, seed, fit_defaults(cli, space))
+    opening = (study_name, storage_url, pruner, shortest_epochs, seed, fit_defaults(cli, space))
+    study = open_study(*opening)
     start = time.perf_counter()
-    trials = Trials(space, fit_args, study_name, n_trials, fuse)
+    trials = Trials(space, workers[0], study_name, n_trials, fuse)
     finished_before = finished_numbers(study)
-    run_trials(study, trials, n_trials, timeout, progress)
-    if not writes_report(study, trials.ran, finished_before):
+    with OtherDevices(train_trials, (space, opening, n_trials, timeout, fuse), workers) as others:
+        run_trials(study, trials, n_trials, timeout, progress)
+    # The workers this command started report nothing: their trials count as its own.
+    ran = trials.ran + [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in others.names]
+    if failed := others.failed():
+        print(f"{', '.join(failed)} stopped early; the other workers retried its trials")
+    if not writes_report(study, ran, finished_before):
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if running:  # run_trials returns with trials running elsewhere only at the deadline
             return (
@@ -98,3 +109,14 @@ def run_study(
             )
         return "another worker finished the study's last trial and writes the report"
     return report(study, tune_dir / study_name, time.perf_counter() - start, final, fuse)
+
+
+def train_trials(space: SearchSpace, opening: tuple, n_trials: int, timeout: float | None, fuse: int,
+                 fit_args: list[str]) -> None:
+    """One more worker on the study `run_study` opened (`opening`: `open_study`'s arguments), training on the
+    device its `fit_args` name; the process that started it shows the progress and writes the report."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in LIGHTNING_LOGGERS:  # each trial's "GPU available" lines, once per worker
+        logging.getLogger(name).setLevel(logging.WARNING)
+    study = open_study(*opening)
+    run_trials(study, Trials(space, fit_args, opening[0], n_trials, fuse), n_trials, timeout)

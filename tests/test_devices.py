@@ -1,0 +1,51 @@
+"""tune.py with several devices: one worker per device on one study, never a DDP trial, one report."""
+
+import signal
+
+from optuna.trial import TrialState
+
+from mlp.devices import cpu_threads, one_device_args
+from mlp.cli import build_cli
+from tests.test_reliability import run, start, trials_of, tune_args, wait_for
+
+TWO_CPU_DEVICES = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--fuse=1", "--pruner=none"]
+
+
+def test_each_worker_gets_one_device_and_its_share_of_the_cores(synthetic_dir, tmp_path):
+    fit_args = [f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert one_device_args(fit_args, build_cli(fit_args).trainer) == [fit_args]
+    two = [*fit_args, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    workers = one_device_args(two, build_cli(two).trainer)
+    assert workers == [[*two, "--trainer.devices=1", "--trainer.strategy=auto"]] * 2
+    assert build_cli(workers[0]).trainer.num_devices == 1
+    assert cpu_threads(2) >= 1 and cpu_threads(10_000) == 1
+
+
+def test_two_cpu_devices_run_two_workers_that_both_train_and_one_report(synthetic_dir, tmp_path):
+    result = run("tune.py", [*tune_args(synthetic_dir, tmp_path, n_trials=2), *TWO_CPU_DEVICES], timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = trials_of(tmp_path)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2 and TrialState.RUNNING not in [t.state for t in trials]
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # one trial on each device's worker
+    assert result.stdout.count('"best_trial"') == 1  # the report, printed once
+    assert (tmp_path / "logs" / "tune" / "faults" / "report.json").is_file()
+
+
+def test_sigint_to_the_tune_command_fails_every_workers_running_trial(synthetic_dir, tmp_path):
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=4), *TWO_CPU_DEVICES, "--epochs", "100", "100"]
+    process = start("tune.py", args)
+
+    def both_running() -> bool:
+        trials = trials_of(tmp_path) if (tmp_path / "study.db").exists() else []
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        return len(running) == 2 and all(t.intermediate_values for t in running)
+
+    wait_for(process, both_running, "a running trial on each worker")
+    process.send_signal(signal.SIGINT)  # to the command alone, as `kill -INT`; a terminal's Ctrl-C reaches all
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "run the same command again to continue" in stderr
+    trials = trials_of(tmp_path)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all(t.user_attrs.get("interrupted") for t in trials)
