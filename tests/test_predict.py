@@ -121,7 +121,18 @@ def run_without_the_project(code: str, cwd: Path) -> subprocess.CompletedProcess
     """Python code run in a fresh interpreter that sees torch but not this project: -I ignores PYTHONPATH and
     the current folder, -S skips site's .pth files, among them the editable install's path to `mlp`."""
     path = f"import sys; sys.path += {site.getsitepackages()!r}\n"
-    return subprocess.run([sys.executable, "-I", "-S", "-c", path + code], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-I", "-S", "-c", path + NO_PROJECT + code], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+NO_PROJECT = """
+try:
+    import mlp
+except ImportError:
+    pass
+else:
+    raise SystemExit(f"mlp is importable from {mlp.__file__}")
+"""
 
 
 def test_the_exported_answer_runs_without_the_project_and_predicts_as_the_module(study, tmp_path):
@@ -132,12 +143,6 @@ def test_the_exported_answer_runs_without_the_project_and_predicts_as_the_module
 
     code = """
 import torch
-try:
-    import mlp
-except ImportError:
-    pass
-else:
-    raise SystemExit(f"mlp is importable from {mlp.__file__}")
 model = torch.export.load("answer.pt2").module()
 torch.save(model(torch.load("images.pt")), "probabilities.pt")
 """
@@ -161,12 +166,6 @@ def test_the_answer_exported_as_onnx_runs_in_onnxruntime_without_the_project_and
 
     code = """
 import numpy, onnxruntime
-try:
-    import mlp
-except ImportError:
-    pass
-else:
-    raise SystemExit(f"mlp is importable from {mlp.__file__}")
 session = onnxruntime.InferenceSession("answer.onnx")
 images = numpy.load("images.npy")
 numpy.save("probabilities.npy", session.run(None, {"images": images})[0])
