@@ -10,7 +10,6 @@ on a study follows (`mlp.study`); this process writes the report once all are do
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,9 +85,8 @@ class OtherDevices:
                 process.join()
 
     @property
-    def names(self) -> set[str]:
-        """The workers' names as a trial records its worker (`host:pid`)."""
-        return {f"{socket.gethostname()}:{process.pid}" for process in self.processes}
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
 
     def failed(self) -> list[str]:
         """The workers that ended in an error (their trials were failed and retried by the others)."""

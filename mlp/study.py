@@ -3,7 +3,9 @@ for other workers, the heartbeats by which a dead worker's trial is found and re
 the report."""
 
 import math
+import os
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -169,6 +171,11 @@ class Heartbeats:
     def __exit__(self, *exc: object) -> None:
         self.stopped.set()
         self.thread.join()
+
+
+def worker_name(pid: int | None = None) -> str:
+    """How a trial records the worker that trains it (the `worker` user attribute): host and process id."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def place(trial: FrozenTrial) -> int:

@@ -14,8 +14,6 @@ is owed its place) and tell the study how it ended.
 """
 
 import gc
-import os
-import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,9 @@ from mlp.cli import MLPCLI, build_cli, divergence_message, fit
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.net import multiply_adds
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
-from mlp.study import Heartbeats, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials
+from mlp.study import (
+    Heartbeats, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials, worker_name
+)
 
 
 class Trials:
@@ -85,7 +85,7 @@ class Trials:
         cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
         trial.set_user_attr("log_dir", cli.trainer.log_dir)
         trial.set_user_attr("multiply_adds", multiply_adds(cli.model.hparams.depth, cli.model.hparams.width))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", worker_name())
         self.ran.append(trial.number)
         return cli
 

@@ -23,7 +23,7 @@ from mlp.progress import LIGHTNING_LOGGERS
 from mlp.gpu_sizing import auto_fuse, check_fusable, free_gpu_bytes
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
-from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, writes_report
+from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
 from mlp.trials import Trials
 
 
@@ -97,7 +97,8 @@ def run_study(
     with OtherDevices(train_trials, (space, opening, n_trials, timeout, fuse), workers) as others:
         run_trials(study, trials, n_trials, timeout, progress)
     # The workers this command started report nothing: their trials count as its own.
-    ran = trials.ran + [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in others.names]
+    started_here = {worker_name(pid) for pid in others.pids}
+    ran = trials.ran + [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in started_here]
     if failed := others.failed():
         print(f"{', '.join(failed)} stopped early; the other workers retried its trials")
     if not writes_report(study, ran, finished_before):
