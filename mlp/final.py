@@ -24,7 +24,6 @@ from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
 from mlp.fused import FusedClassifier, save_single
 from mlp.module import MLPClassifier
-from mlp.net import multiply_adds
 from mlp.trials import group_cli, pads_widths, save_config
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
@@ -211,7 +210,7 @@ def refit_result(
         "val_acc": None,
         "checkpoint": checkpoint,
         "epochs": cli.trainer.max_epochs,
-        "multiply_adds": multiply_adds(cli.model.hparams.depth, cli.model.hparams.width),
+        "multiply_adds": cli.model.net.multiply_adds(),
         "train_images": len(data.train_set),
     }
     if stacked_with:

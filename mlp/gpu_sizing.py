@@ -9,6 +9,7 @@ import torch
 from mlp.cli import MLPCLI
 from mlp.data import EVAL_BATCH_SIZE
 from mlp.errors import check
+from mlp.net import MLP
 from mlp.search import SearchSpace
 
 DATASET_BYTES = 70_000 * (784 * 4 + 8)  # the whole of Fashion-MNIST as float pixels and int64 labels
@@ -37,6 +38,12 @@ def free_gpu_bytes(cli: MLPCLI) -> int | None:
 def why_unfusable(cli: MLPCLI) -> tuple[str, str] | None:
     """Which fit flag keeps stacked trials from training as each would alone: why, and what to do instead; None
     when none does."""
+    if type(cli.model.net) is not MLP:
+        return (
+            f"the model's net is a {type(cli.model.net).__name__}, and only mlp.net.MLP stacks (mlp.stacked.StackedMLP "
+            "gives each of its parameters a model dimension)",
+            "use --fuse 1, or teach mlp/stacked.py your net (docs/forking.md)",
+        )
     if cli.trainer.gradient_clip_val is not None:
         return (
             "--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' gradients "

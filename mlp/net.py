@@ -121,6 +121,11 @@ class MLP(nn.Module):
         params = list(self.params)
         return list(zip(params[0::2], params[1::2]))
 
+    def multiply_adds(self) -> int:
+        """Multiply-adds of one example's forward pass, its weight matrices' entries: what a study counts a trial's
+        work in, so that a net of another shape brings its own count."""
+        return sum(weight.numel() for weight, _ in self.layers)
+
     def slope(self, layer: int) -> Tensor:
         """The prelu slope of a hidden layer, shaped to broadcast against that layer's activations."""
         return self.slopes[layer]
@@ -183,10 +188,3 @@ class MLP(nn.Module):
             else:
                 grad = grad * ACTIVATIONS[self.activation][1](z)
         return grads + slope_grads
-
-
-def multiply_adds(depth: int, width: int) -> int:
-    """Multiply-adds per example of a 784-(width x depth)-10 net's forward pass (depth 0: softmax regression)."""
-    if depth == 0:
-        return 784 * 10
-    return 784 * width + (depth - 1) * width * width + width * 10

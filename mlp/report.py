@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from mlp.errors import UserError, check
 from mlp.final import ensemble, refit_ensemble, refit_trials, trial_run
 from mlp.module import MLPClassifier
-from mlp.net import multiply_adds
+from mlp.net import MLP
 
 # Also the order of fallbacks when the chosen one has no test figure.
 FINAL_CHOICES = ("refit_ensemble", "ensemble", "refit", "best")
@@ -22,7 +22,7 @@ def epochs_trained(study: optuna.Study) -> int:
     return sum(t.user_attrs.get("epochs_trained", 0) for t in study.get_trials(deepcopy=False))
 
 
-DEFAULT_NET_MULTIPLY_ADDS = multiply_adds(depth=2, width=512)  # fit.py's 784-512-512-10
+DEFAULT_NET_MULTIPLY_ADDS = MLP(784, depth=2, width=512).multiply_adds()  # fit.py's 784-512-512-10
 DEFAULT_TRAIN_IMAGES = 55_000  # fit.py's training split: 60,000 less the 5,000 validation images
 
 

@@ -28,7 +28,6 @@ from optuna.trial import TrialState
 
 from mlp.cli import MLPCLI, build_cli, divergence_message, fit
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
-from mlp.net import multiply_adds
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
     Heartbeats, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials, worker_name
@@ -84,7 +83,7 @@ class Trials:
         """The trial's own run, as fit.py would build it, with what the report and other workers need to know."""
         cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
         trial.set_user_attr("log_dir", cli.trainer.log_dir)
-        trial.set_user_attr("multiply_adds", multiply_adds(cli.model.hparams.depth, cli.model.hparams.width))
+        trial.set_user_attr("multiply_adds", cli.model.net.multiply_adds())
         trial.set_user_attr("worker", worker_name())
         self.ran.append(trial.number)
         return cli

@@ -406,3 +406,19 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     # the data settings each checkpoint holds: stacked refits hold them as unfused ones do.
     ensembles = {name: final.test_checkpoints([r["checkpoint"] for r in results[name]]) for name in results}
     assert ensembles["stacked"]["test_acc"] == ensembles["alone"]["test_acc"] > 0.5
+
+
+def test_fuse_auto_stacks_only_a_net_that_stacks_and_fuse_k_refuses_another(synthetic_dir, tmp_path, monkeypatch):
+    """A fork's own net (not mlp.net.MLP) trains one trial at a time under auto, and --fuse K says why not."""
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    space = SearchSpace().pin(["width"])
+    assert auto_fuse(space, cli, None, 1000)[0] == CPU_FUSE
+
+    class OwnNet(torch.nn.Module):
+        pass
+
+    cli.model.net = OwnNet()
+    fuse, why = auto_fuse(space, cli, None, 1000)
+    assert fuse == 1 and "OwnNet" in why and "only mlp.net.MLP stacks" in why
+    with pytest.raises(UserError, match="OwnNet.*use --fuse 1"):
+        check_fusable(2, space, cli)

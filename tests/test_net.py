@@ -182,3 +182,13 @@ def test_kaiming_init_matches_torch_kaiming_normal_statistics():
     ours = init_weight(500, 400, "kaiming")
     reference = nn.init.kaiming_normal_(torch.empty(400, 500), nonlinearity="relu")  # (out, in)
     assert ours.std().item() == pytest.approx(reference.std().item(), rel=0.02)
+
+
+@pytest.mark.parametrize("depth, width", [(0, 64), (1, 256), (2, 512), (3, 33)])
+def test_multiply_adds_are_what_torch_counts_for_one_examples_forward_pass(depth, width):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = MLP(784, depth, width)
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(1, 784))
+    assert net.multiply_adds() == counter.get_total_flops() // 2  # torch counts a multiply-add as two flops
