@@ -141,17 +141,23 @@ class SaveWeightsOfEachRank(L.Callback):
         torch.save(weights, self.folder / f"{self.name}_rank{trainer.global_rank}.pt")
 
 
+def train_in_float64(synthetic_dir: Path, tmp_path: Path, name: str, *flags: str) -> None:
+    """A 700-image fit of a 784-16-16-10 net in float64 for 2 epochs, in this process (ddp_fork for two), each
+    rank's final weights saved as tmp_path/<name>_rank<r>.pt."""
+    cli = build_cli([
+        f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / name}",
+        "--data.val_size=100", "--data.batch_size=64", "--trainer.max_epochs=2", "--progress_bar.refresh_rate=0",
+        "--model.depth=2", "--model.width=16", "--trainer.precision=64-true", *flags,
+    ])
+    cli.trainer.callbacks.append(SaveWeightsOfEachRank(tmp_path, name))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
 def test_manual_backward_under_ddp_averages_gradients_as_autograd_ddp_does(synthetic_dir, tmp_path):
     # ddp_fork runs the two processes from this one: the same DDP code path, without a second Python start-up.
     for backward in ("autograd", "manual"):
-        cli = build_cli([
-            f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / backward}",
-            "--data.val_size=100", "--data.batch_size=64", "--trainer.max_epochs=2", "--progress_bar.refresh_rate=0",
-            "--model.depth=2", "--model.width=16", "--model.dropout=0.3", "--trainer.precision=64-true",
-            f"--model.backward={backward}", *TWO_PROCESSES, "--trainer.strategy=ddp_fork",
-        ])
-        cli.trainer.callbacks.append(SaveWeightsOfEachRank(tmp_path, backward))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        train_in_float64(synthetic_dir, tmp_path, backward, "--model.dropout=0.3", f"--model.backward={backward}",
+                         *TWO_PROCESSES, "--trainer.strategy=ddp_fork")
     weights = {name: torch.load(tmp_path / f"{name}.pt") for name in
                ("autograd_rank0", "autograd_rank1", "manual_rank0", "manual_rank1")}
     for name, rank0 in weights.items():
@@ -199,14 +205,8 @@ def test_without_dropout_two_processes_train_the_weights_one_process_trains(synt
     # 700 training images in batches of 64: every batch, the last one of 60 too, halves evenly, so the mean of
     # the two halves' mean gradients is the whole batch's mean gradient; float64 leaves only rounding between them.
     for processes in ("1", "2"):
-        cli = build_cli([
-            f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / processes}",
-            "--data.val_size=100", "--data.batch_size=64", "--trainer.max_epochs=2", "--progress_bar.refresh_rate=0",
-            "--model.depth=2", "--model.width=16", "--trainer.precision=64-true", "--trainer.accelerator=cpu",
-            f"--trainer.devices={processes}", *(["--trainer.strategy=ddp_fork"] if processes == "2" else []),
-        ])
-        cli.trainer.callbacks.append(SaveWeightsOfEachRank(tmp_path, f"{processes}_processes"))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        train_in_float64(synthetic_dir, tmp_path, f"{processes}_processes", "--trainer.accelerator=cpu",
+                         f"--trainer.devices={processes}", *(["--trainer.strategy=ddp_fork"] if processes == "2" else []))
     one = torch.load(tmp_path / "1_processes_rank0.pt")
     for rank in (0, 1):
         for alone, split in zip(one, torch.load(tmp_path / f"2_processes_rank{rank}.pt")):
