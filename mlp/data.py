@@ -30,6 +30,7 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 IMAGE_SIDE = 28
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training set, of which val_size are held out for validation
 EVAL_BATCH_SIZE = 2048  # evaluation keeps no activations for backward, so larger batches cost nothing extra
 
 

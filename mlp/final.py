@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from torch import Tensor
 
 from mlp.cli import MLPCLI, build_cli, fit
@@ -24,6 +24,7 @@ from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
 from mlp.fused import FusedClassifier, save_single
 from mlp.module import MLPClassifier
+from mlp.study import best_first
 from mlp.trials import group_cli, pads_widths, save_config
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
@@ -42,11 +43,6 @@ def accuracy(probabilities: Tensor, labels: Tensor) -> float:
 def checkpoint_softmax(checkpoint: str, images: Tensor) -> Tensor:
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
     return softmax_of(MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu"), images)
-
-
-def best_first(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
 def ensemble(study: optuna.Study) -> dict[str, Any]:
@@ -236,7 +232,7 @@ def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -
         "val_acc": None,
     }
     if not chosen.get("trials"):
-        return {**result, "test_acc": None, "why_no_test": "there is no ensemble to refit"}
+        return {**result, "test_acc": None, "why_no_test": chosen.get("why_none", "there is no ensemble to refit")}
     cached = study.user_attrs.get("refit_ensemble")
     if cached and cached["trials"] == chosen["trials"]:
         return cached
@@ -246,6 +242,8 @@ def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -
         return {**result, "test_acc": None, "why_no_test": str(error)}
     diverged = [r["trial"] for r in members if r["test_acc"] is None]
     result.update(trials=chosen["trials"], checkpoints=[r["checkpoint"] for r in members], diverged=diverged)
+    if "smaller_than" in chosen:  # the budget left no time for the refits of the ensemble chosen on val
+        result["smaller_than"] = chosen["smaller_than"]
     if diverged:
         # Dropping a member would make an ensemble that validation did not choose; report none instead.
         result.update(test_acc=None, why_no_test=f"the refits of trials {diverged} diverged")

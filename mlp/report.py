@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from mlp.budget import AFTER_REFITS_SECONDS, Budget
 from mlp.errors import UserError, check
 from mlp.final import ensemble, refit_ensemble, refit_trials, trial_run
 from mlp.module import MLPClassifier
@@ -110,24 +111,61 @@ def best_checkpoint(study: optuna.Study) -> dict[str, Any]:
         return {**result, "test_acc": None, "why_no_test": str(error)}
 
 
-def refit_best(study: optuna.Study) -> dict[str, Any]:
+def refit_best(study: optuna.Study, budget: Budget) -> dict[str, Any]:
+    result = {"what": "the best trial's configuration refit", "test_acc": None}
+    best = study.best_trial
+    if f"refit_{best.number}" not in study.user_attrs and (why := over_budget(budget, [best], fuse=1)):
+        return {**result, "why_no_test": why}
     try:
-        return refit_trials(study, [study.best_trial.number], fuse=1)[0]
+        return refit_trials(study, [best.number], fuse=1)[0]
     except UserError as error:  # its configuration is missing
-        return {"what": "the best trial's configuration refit", "test_acc": None, "why_no_test": str(error)}
+        return {**result, "why_no_test": str(error)}
 
 
-def final_models(study: optuna.Study, answer: str, fuse: int = 1) -> dict[str, Any]:
+def over_budget(budget: Budget, trials: list[FrozenTrial], fuse: int | None = None) -> str | None:
+    """Why refitting `trials` does not fit in the time left, or None if it does."""
+    needed, left = budget.refit_seconds(trials, fuse), budget.left() - AFTER_REFITS_SECONDS
+    if needed <= left:
+        return None
+    return f"its refits would take about {needed:.0f} s and {max(left, 0):.0f} s of --timeout were left for them"
+
+
+def affordable_ensemble(study: optuna.Study, averaged: dict[str, Any], budget: Budget) -> dict[str, Any]:
+    """The ensemble to refit: `averaged`'s, or, when its refits do not fit in the budget, the best on
+    validation of the smaller ones (the k best trials, any k) whose refits do; with none, no members (and why)."""
+    if not averaged.get("trials"):
+        return averaged
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    candidates = averaged["candidates"]
+
+    def untrained(k: int) -> list[FrozenTrial]:
+        return [by_number[n] for n in candidates[:k] if f"refit_{n}" not in study.user_attrs]
+
+    by_val = sorted(range(1, len(averaged["val_acc_by_k"]) + 1), key=lambda k: (-averaged["val_acc_by_k"][k - 1], k))
+    if over_budget(budget, untrained(averaged["k"])) is None:
+        return averaged
+    for k in by_val:
+        if over_budget(budget, untrained(k)) is None:
+            why = f"the ensemble of {averaged['k']} chosen on val: {over_budget(budget, untrained(averaged['k']))}"
+            return {**averaged, "k": k, "trials": candidates[:k], "smaller_than": why}
+    return {**averaged, "trials": [], "why_none": over_budget(budget, untrained(1))}
+
+
+def final_models(study: optuna.Study, answer: str, budget: Budget) -> dict[str, Any]:
     """Every candidate final model with its val and test figures, and the answer: `answer` if it could be
     tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure.
-    With fuse > 1 the refits train as stacks, as the trials did."""
+    With budget.fuse > 1 the refits train as stacks, as the trials did; a refit that would overrun the budget
+    is not trained (see affordable_ensemble), and its candidate says why it has no test figure. The answer's
+    refits go first."""
     averaged = ensemble(study)
-    candidates = {
-        "refit_ensemble": refit_ensemble(study, averaged, fuse),
-        "ensemble": averaged,
-        "refit": refit_best(study),
-        "best": best_checkpoint(study),
+    makers = {
+        "refit_ensemble": lambda: refit_ensemble(study, affordable_ensemble(study, averaged, budget), budget.fuse),
+        "ensemble": lambda: averaged,
+        "refit": lambda: refit_best(study, budget),
+        "best": lambda: best_checkpoint(study),
     }
+    made = {name: makers[name]() for name in dict.fromkeys((answer, *FINAL_CHOICES))}
+    candidates = {name: made[name] for name in FINAL_CHOICES}
     tested = [name for name in (answer, *FINAL_CHOICES) if candidates[name]["test_acc"] is not None]
     chosen = tested[0] if tested else None
     summary = {"answer": chosen, "test_acc": candidates[chosen]["test_acc"] if chosen else None, **candidates}
@@ -143,7 +181,7 @@ def refits_cost(study: optuna.Study) -> float:
     return work / (DEFAULT_NET_MULTIPLY_ADDS * DEFAULT_TRAIN_IMAGES)
 
 
-def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, fuse: int = 1) -> dict[str, Any]:
+def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, budget: Budget) -> dict[str, Any]:
     """Summarise the study, pick and test its final model once, write report.json and the plots."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
@@ -153,8 +191,9 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
         "epochs_trained": epochs_trained(study),
         "cost": cost(study),
         "wall_seconds_this_run": round(wall_seconds, 1),
-        "fuse_this_run": fuse,
+        "fuse_this_run": budget.fuse,
         "diverged": {str(t.number): t.user_attrs["diverged"] for t in trials if "diverged" in t.user_attrs},
+        "cut": {str(t.number): t.user_attrs["cut"] for t in trials if "cut" in t.user_attrs},
     }
     if counts["complete"]:
         best = study.best_trial
@@ -164,7 +203,7 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
             best_val_acc=best.value,
             best_checkpoint=best.user_attrs["best_checkpoint"],
         )
-        summary["final"] = final_models(study, answer, fuse)
+        summary["final"] = final_models(study, answer, budget)
         summary["test_acc"] = summary["final"]["test_acc"]
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)
     summary["plots"] = write_plots(study, log_dir)

@@ -2,7 +2,6 @@
 for other workers, the heartbeats by which a dead worker's trial is found and rerun, and which worker writes
 the report."""
 
-import math
 import os
 import random
 import socket
@@ -20,6 +19,7 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from mlp.budget import Budget
 from mlp.cli import MLPCLI
 from mlp.errors import UserError
 from mlp.search import SearchSpace, TrialSeededTPE, make_pruner
@@ -246,10 +246,11 @@ def run_trials(
     study: optuna.Study,
     objective: TrialRunner,
     n_trials: int,
-    timeout: float | None,
+    budget: Budget,
     progress: Callable[[optuna.Study], None] = lambda study: None,
 ) -> None:
-    """Run trials until the study holds n_trials finished ones and no trial is running anywhere.
+    """Run trials until the study holds n_trials finished ones and no trial is running anywhere, or until the
+    time left in the `budget` is what the final model needs.
 
     `progress` is called with the study after each trial and while waiting (see mlp.progress).
 
@@ -257,16 +258,15 @@ def run_trials(
     WAITING one or fewer than n_trials live ones. With nothing to start it waits for the other workers'
     trials, so that if one of them dies, its trial is failed once the heartbeat is stale and rerun here.
     """
-    deadline = time.monotonic() + (math.inf if timeout is None else timeout)
 
     def may_refill() -> bool:
         """Whether a worker training several trials at once may start another as one ends (see mlp.trials)."""
         fail_stale_trials(study)
         progress(study)
-        return time.monotonic() < deadline
+        return budget.trials_may_start(best_first(study))
 
     waiting_logged = False
-    while time.monotonic() < deadline:
+    while budget.trials_may_start(best_first(study)):
         fail_stale_trials(study)
         progress(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
@@ -278,9 +278,15 @@ def run_trials(
             if not waiting_logged:
                 log.info(f"No trial left to start; waiting for {states.count(TrialState.RUNNING)} running elsewhere.")
                 waiting_logged = True
-            time.sleep(HEARTBEAT_SECONDS)
+            time.sleep(max(0.0, min(HEARTBEAT_SECONDS, budget.left())))
         else:
             return
+
+
+def best_first(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's complete trials, best value first (the earlier of equal ones)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
 def finished_numbers(study: optuna.Study) -> set[int]:

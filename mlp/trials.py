@@ -14,6 +14,7 @@ is owed its place) and tell the study how it ended.
 """
 
 import gc
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,20 +27,23 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from optuna.trial import TrialState
 
+from mlp.budget import Budget
 from mlp.cli import MLPCLI, build_cli, divergence_message, fit
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
-    Heartbeats, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials, worker_name
+    Heartbeats, best_first, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials, worker_name
 )
 
 
 class Trials:
     """Runs up to `fuse` trials at once; `mlp.study.run_trials` calls `start_trials` while the study may start one."""
 
-    def __init__(self, space: SearchSpace, fit_args: list[str], study_name: str, n_trials: int, fuse: int) -> None:
+    def __init__(
+        self, space: SearchSpace, fit_args: list[str], study_name: str, n_trials: int, fuse: int, budget: Budget
+    ) -> None:
         self.space, self.fit_args, self.study_name = space, fit_args, study_name
-        self.n_trials, self.fuse = n_trials, fuse
+        self.n_trials, self.fuse, self.budget = n_trials, fuse, budget
         self.interrupted = False  # on Ctrl-C every running trial is failed, then run_trials stops
         self.ran: list[int] = []  # numbers of the trials this worker trained
 
@@ -94,7 +98,8 @@ class Trials:
         running: list[optuna.Trial],
     ) -> None:
         """Tell the study how the trial ended: "finished" (its value is its best val/acc, kept by `checkpoint`),
-        "surplus" (failed, counting as no failure), "diverged" or "pruned"."""
+        "surplus" (failed, counting as no failure), "diverged", "pruned" or "cut" (pruned at the budget's
+        deadline, see mlp.budget)."""
         if how == "finished":
             value = checkpoint.best_model_score.item()
             trial.set_user_attr("best_checkpoint", checkpoint.best_model_path)
@@ -104,10 +109,10 @@ class Trials:
             mark_surplus(trial)
             study.tell(trial, state=TrialState.FAIL)
         else:
-            if how == "diverged":
-                trial.set_user_attr("diverged", detail)
+            if how in ("diverged", "cut"):
+                trial.set_user_attr(how, detail)
             study.tell(trial, state=TrialState.PRUNED)
-            log.info(f"Trial {trial.number} pruned{f' (diverged in {detail})' if detail else ''}.")
+            log.info(f"Trial {trial.number} pruned{f' ({how}, {detail})' if detail else ''}.")
         running.remove(trial)
 
     def train_alone(
@@ -115,11 +120,10 @@ class Trials:
     ) -> None:
         """Train one trial in its own Trainer, as fit.py would; its end is told once the Trainer stops."""
         cli = self.build(trial, flags)
-        judge = JudgeEachEpoch(study, {str(trial.number): EpochEnds(trial)}, self.n_trials)
+        judge = JudgeEachEpoch(study, {str(trial.number): EpochEnds(trial)}, self.n_trials, self.budget)
         cli.trainer.callbacks.append(judge)
         fit(cli)
-        how = judge.stopped.get(str(trial.number), "finished")
-        detail = ""
+        how, detail = judge.stopped.get(str(trial.number), ("finished", ""))
         if how != "surplus" and (reason := divergence_message(cli.trainer)):
             how, detail = "diverged", reason
         # The CLI's own val/acc checkpoint: trainer.checkpoint_callback is whichever ModelCheckpoint comes first.
@@ -174,7 +178,7 @@ class Trials:
         # A trial pruned at this epoch's validation leaves the stack only at the epoch's end, so its checkpoint
         # still saves this epoch's weights when they are its best, as an unfused trial's does.
         trial_checkpoints = TrialCheckpoints(dict(checkpoints))
-        group_run.trainer.callbacks += [JudgeEachEpoch(study, epoch_ends, self.n_trials), trial_checkpoints]
+        group_run.trainer.callbacks += [JudgeEachEpoch(study, epoch_ends, self.n_trials, self.budget), trial_checkpoints]
         models = [cli.model for cli in clis]
         group_run.model = FusedClassifier(
             models, epochs, list(trials), loggers, on_leave=leave, refill=refill, pad_widths=pads_widths(group_run)
@@ -189,41 +193,56 @@ class EpochEnds:
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
         self.previous: float | None = None  # its val/acc at its previous epoch's end
+        self.started = time.monotonic()  # when its run was built
 
-    def judge(self, epoch: int, epochs: int, value: float, surplus: set[int]) -> str | None:
+    def judge(self, epoch: int, epochs: int, value: float, surplus: set[int], cut: Callable[[float], bool]) -> str | None:
         """How the trial stops after `epoch` (from 0) of `epochs`, having reached val/acc `value`: "surplus",
-        "pruned", or None to go on; `surplus` holds the numbers of the trials the study has no place for."""
+        "pruned", "cut", or None to go on; `surplus` holds the numbers of the trials the study has no place for,
+        `cut(seconds)` says whether a trial needing that many more seconds would overrun the budget."""
         if self.trial.number in surplus:
             gives_way(self.trial, epoch + 1)
             return "surplus"
         prune = record_intermediate_values(self.trial, epoch, epochs, value, self.previous)
         self.previous = value
-        return "pruned" if prune else None
+        if prune:
+            return "pruned"
+        seconds_per_epoch = (time.monotonic() - self.started) / (epoch + 1)
+        return "cut" if epoch + 1 < epochs and cut((epochs - epoch - 1) * seconds_per_epoch) else None
 
 
 class JudgeEachEpoch(L.Callback):
     """At each validation's end, every trial in the Trainer (one alone, or each of a stack's by name) is judged
     (`EpochEnds.judge`); one judged to stop trains to the end of the epoch and no further. `stopped` keeps how."""
 
-    def __init__(self, study: optuna.Study, trials: dict[str, EpochEnds], n_trials: int) -> None:
-        self.study, self.trials, self.n_trials = study, trials, n_trials
-        self.stopped: dict[str, str] = {}
+    def __init__(self, study: optuna.Study, trials: dict[str, EpochEnds], n_trials: int, budget: Budget) -> None:
+        self.study, self.trials, self.n_trials, self.budget = study, trials, n_trials, budget
+        self.stopped: dict[str, tuple[str, str]] = {}  # how a trial stopped, and the detail told with it
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        surplus = surplus_trials(self.study, self.n_trials)  # one query for the whole stack
+        surplus = surplus_trials(self.study, self.n_trials)  # one query each for the whole stack
+        ranked = best_first(self.study)
+
+        def cut(seconds: float) -> bool:
+            return self.budget.cuts(seconds, ranked)
+
         if isinstance(module, FusedClassifier):
             for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
                 value = trainer.callback_metrics[f"val/acc/{name}"].item()
-                if how := self.trials[name].judge(module.progress(k)[0], epochs, value, surplus):
-                    module.stop(name, how)
+                epoch = module.progress(k)[0]
+                if how := self.trials[name].judge(epoch, epochs, value, surplus, cut):
+                    module.stop(name, how, cut_detail(epoch + 1, epochs) if how == "cut" else "")
             return
         ((name, trial),) = self.trials.items()
         value = trainer.callback_metrics["val/acc"].item()
-        if how := trial.judge(module.current_epoch, trainer.max_epochs, value, surplus):
-            self.stopped[name] = how
+        if how := trial.judge(module.current_epoch, trainer.max_epochs, value, surplus, cut):
+            self.stopped[name] = (how, cut_detail(module.current_epoch + 1, trainer.max_epochs) if how == "cut" else "")
             trainer.should_stop = True
+
+
+def cut_detail(epochs_trained: int, epochs: int) -> str:
+    return f"after epoch {epochs_trained} of {epochs}: the --timeout budget left no time for the rest"
 
 
 def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:

@@ -7,6 +7,7 @@ in `mlp.final` and the report in `mlp.report`.
 """
 
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from mlp.budget import FINISH_SECONDS, Budget
 from mlp.cli import build_cli
-from mlp.data import locate_fashion_mnist
+from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
 from mlp.progress import LIGHTNING_LOGGERS
@@ -41,7 +43,8 @@ def run_study(
     fuse: int | str = 1,
     final: str = "ensemble",
 ) -> dict[str, Any] | str:
-    """Run trials until the study holds n_trials finished ones (or timeout passes), then report.
+    """Run trials until the study holds n_trials finished ones, then report; with a timeout, the whole of it
+    (the final model, its test and the plots too) ends within `timeout` seconds (see mlp.budget).
 
     A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
     ranges the user gave explicitly, which must not be pinned as well. `progress` is shown the study as
@@ -51,8 +54,14 @@ def run_study(
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
-    check(timeout is None or timeout > 0, f"--timeout must be positive seconds, got {timeout}")
+    check(
+        timeout is None or timeout > FINISH_SECONDS,
+        f"--timeout {timeout:g} leaves no time for trials: it bounds the whole command, and the final model's test "
+        f"and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or drop --timeout"
+        if timeout is not None else "",
+    )
     check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
+    started = time.time()
     check(
         fuse == "auto" or fuse >= 1,
         f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once) or auto, got {fuse}",
@@ -91,11 +100,14 @@ def run_study(
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
     opening = (study_name, storage_url, pruner, shortest_epochs, seed, fit_defaults(cli, space))
     study = open_study(*opening)
+    # A refit trains on train + val, so its epochs take longer than its trial's.
+    refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
+    budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse, started)
     start = time.perf_counter()
-    trials = Trials(space, workers[0], study_name, n_trials, fuse)
+    trials = Trials(space, workers[0], study_name, n_trials, fuse, budget)
     finished_before = finished_numbers(study)
-    with OtherDevices(train_trials, (space, opening, n_trials, timeout, fuse), workers) as others:
-        run_trials(study, trials, n_trials, timeout, progress)
+    with OtherDevices(train_trials, (space, opening, n_trials, budget, fuse), workers) as others:
+        run_trials(study, trials, n_trials, budget, progress)
     # The workers this command started report nothing: their trials count as its own.
     started_here = {worker_name(pid) for pid in others.pids}
     ran = trials.ran + [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in started_here]
@@ -109,10 +121,10 @@ def run_study(
                 "other workers; the worker that finishes the study's last trial writes the report"
             )
         return "another worker finished the study's last trial and writes the report"
-    return report(study, tune_dir / study_name, time.perf_counter() - start, final, fuse)
+    return report(study, tune_dir / study_name, time.perf_counter() - start, final, budget)
 
 
-def train_trials(space: SearchSpace, opening: tuple, n_trials: int, timeout: float | None, fuse: int,
+def train_trials(space: SearchSpace, opening: tuple, n_trials: int, budget: Budget, fuse: int,
                  fit_args: list[str]) -> None:
     """One more worker on the study `run_study` opened (`opening`: `open_study`'s arguments), training on the
     device its `fit_args` name; the process that started it shows the progress and writes the report."""
@@ -120,4 +132,4 @@ def train_trials(space: SearchSpace, opening: tuple, n_trials: int, timeout: flo
     for name in LIGHTNING_LOGGERS:  # each trial's "GPU available" lines, once per worker
         logging.getLogger(name).setLevel(logging.WARNING)
     study = open_study(*opening)
-    run_trials(study, Trials(space, fit_args, opening[0], n_trials, fuse), n_trials, timeout)
+    run_trials(study, Trials(space, fit_args, opening[0], n_trials, fuse, budget), n_trials, budget)

@@ -2,7 +2,7 @@
 
     python scripts/budget_curve.py                       # 120 300 600 1200 2400 s, seeds 0 and 1, in lightning_logs
     python scripts/budget_curve.py --out lightning_logs/budget_gpu --budgets 60 120 300 -- --trainer.accelerator gpu
-    python scripts/budget_curve.py --out /tmp/try --budgets 20 --seeds 0 --n-trials 2 -- --model.width 16  # a quick try
+    python scripts/budget_curve.py --out /tmp/try --budgets 40 --seeds 0 --n-trials 2 -- --model.width 16  # a quick try
 
 For each budget T and sampler seed S it runs `tune.py --timeout T --sampler-seed S --study-name budget_T_sS
 --quiet` in a log folder of its own (OUT/budget_T_sS), so that no study resumes another, times the whole command

@@ -41,7 +41,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     study = parser.add_argument_group("study")
     study.add_argument("--n-trials", type=int, default=30, help="finished trials the study should hold (default 30)")
-    study.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    study.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS",
+        help="the whole command ends within this many seconds after start-up, the final model's refits, its test and "
+        "the plots included: trials stop in time to leave the final model what it needs, estimated from the trials' "
+        "own times, and the refits that do not fit are not trained (the report says so)",
+    )
     study.add_argument("--study-name", default="mlp", help="name of the study in the storage (default mlp)")
     study.add_argument(
         "--storage", default=None, help="Optuna RDB URL (default sqlite:///lightning_logs/tune/optuna.db)"

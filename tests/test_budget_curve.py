@@ -164,18 +164,18 @@ def test_a_real_curve_of_one_tiny_budget(synthetic_dir, tmp_path):
     record_finished_fit(tmp_path, test_acc=0.8125, wall_seconds=9.5)
     tiny = [f"--data.data_dir={synthetic_dir}", "--data.val_size=100", "--data.batch_size=32", "--model.depth=1",
             "--model.width=16", "--trainer.max_epochs=1", "--trainer.accelerator=cpu"]
-    curve = ["--out", str(tmp_path), "--budgets", "1", "--seeds", "3", "--n-trials", "1"]
+    curve = ["--out", str(tmp_path), "--budgets", "30", "--seeds", "3", "--n-trials", "1"]
     result = budget_curve.main([*curve, "--", *tiny])
 
     assert result["fit"]["test_acc"] == 0.8125 and result["fit"]["wall_seconds"] == 9.5
     (row,) = result["rows"]
-    report = json.loads((tmp_path / "budget_1_s3" / "tune" / "budget_1_s3" / "report.json").read_text())
+    report = json.loads((tmp_path / "budget_30_s3" / "tune" / "budget_30_s3" / "report.json").read_text())
     assert row["test_acc"] == report["test_acc"] and 0 < row["test_acc"] <= 1
     assert row["answer"] == report["final"]["answer"] and row["trials_complete"] == 1
-    assert row["wall_seconds"] == json.loads((tmp_path / "budget_1_s3" / "run.json").read_text())["wall_seconds"] > 0
+    assert row["wall_seconds"] == json.loads((tmp_path / "budget_30_s3" / "run.json").read_text())["wall_seconds"] > 0
     assert result["hardware"].endswith(f"optuna {budget_curve.version('optuna')}") and "GPU" not in result["hardware"]
     markdown = (tmp_path / "budget_curve.md").read_text()
-    assert f"| tune.py | 1 | 3 | {row['wall_seconds']:.0f} |" in markdown
+    assert f"| tune.py | 30 | 3 | {row['wall_seconds']:.0f} |" in markdown
     assert f"| {row['answer']} | {row['test_acc']:.4f} | {row['test_acc'] - 0.8125:+.4f} |" in markdown
 
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mlp import final
+from mlp.budget import Budget
 from mlp.cli import build_cli
 from mlp.errors import UserError
 from mlp.fused import FusedClassifier
@@ -144,7 +145,7 @@ def test_a_worker_whose_free_place_another_took_first_trains_nothing_and_looks_a
     another survivor in the three-worker PostgreSQL test): start_trials returns, with no trial and no error."""
     study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     taken = study.ask()  # the other worker's trial, in the study's only place
-    objective = Trials(SearchSpace(), [], "s", n_trials=1, fuse=2)
+    objective = Trials(SearchSpace(), [], "s", n_trials=1, fuse=2, budget=Budget())
     objective.start_trials(study, may_refill=lambda: True)
     assert [t.number for t in study.trials] == [taken.number] and objective.ran == []
 

@@ -21,6 +21,7 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from mlp.budget import Budget
 from mlp.errors import UserError
 from mlp.search import FIT_FLAGS, SearchSpace, TrialSeededTPE, suggest
 from mlp.study import (
@@ -172,10 +173,11 @@ class AsksMayRefill(Quadratic):
         study.optimize(self, n_trials=1)
 
 
-def test_a_fused_worker_may_refill_its_stack_until_the_timeout(tmp_path):
+def test_a_fused_worker_may_refill_its_stack_until_the_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr("mlp.budget.FINISH_SECONDS", 0)  # no final model to keep time for
     study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
     objective = AsksMayRefill()
-    run_trials(study, objective, n_trials=1, timeout=5)
+    run_trials(study, objective, n_trials=1, budget=Budget(time.time() + 5))
     assert objective.answers == [True, False]
 
 
@@ -188,7 +190,7 @@ def test_idle_worker_waits_for_a_dead_workers_trial_and_reruns_it(tmp_path, monk
     dead.suggest_float("x", -1, 1)
     study._storage.record_heartbeat(dead._trial_id)  # what Study.optimize does while a trial runs
 
-    run_trials(study, Quadratic(), n_trials=1, timeout=60)
+    run_trials(study, Quadratic(), n_trials=1, budget=Budget(time.time() + 60))
 
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]

@@ -238,6 +238,8 @@ def test_tune_without_a_validation_split_is_a_clear_error(synthetic_dir, tmp_pat
 
 def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
+    for module in ("mlp.budget", "mlp.tune"):  # a one-second budget, with no final model to keep time for
+        monkeypatch.setattr(f"{module}.FINISH_SECONDS", 0)
     study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
     study.ask()  # another worker's trial, running: the study needs no more, so this worker waits for it
 

@@ -1,0 +1,72 @@
+"""What `tune.py --timeout SECONDS` bounds: the whole command after start-up, not just the trials.
+
+The trials stop early enough to leave the final model the time it needs, estimated from the trials' own measured
+times: a trial is started only while the time left before the final model's is enough for the quickest trial so
+far, and a running trial stops (told as pruned, with the user attribute `cut`) at the first epoch end from which its remaining epochs would
+run into that time. The final model then refits what fits in the time left (see `mlp.report.final_models`).
+Without --timeout nothing stops: the deadline is infinitely far.
+"""
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from optuna.trial import FrozenTrial
+
+# After the trials, beside the refits' training: the ensemble's choice on val and its test, the best checkpoint's
+# test, the plots and report.json. Measured 8-11 s on the 2-core CPU after short studies; twice that, as machines
+# of a kind differ 2x in speed.
+FINISH_SECONDS = 20.0
+# The part of FINISH_SECONDS still to come once the refits start: their ensemble's test, the best checkpoint's
+# test, the plots and report.json (6-7 s measured).
+AFTER_REFITS_SECONDS = 12.0
+REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (0.4 s measured)
+# While trials run, time is kept back to refit this many of the best trials: the refit ensembles of the default
+# studies held 2 to 6 (docs/results.md).
+RESERVED_REFITS = 3
+
+
+@dataclass
+class Budget:
+    """The command's deadline, as wall-clock time so that the workers it starts share it (infinity: no timeout).
+
+    `refit_scale` is how much longer a refit's epoch is than its trial's: the refit trains on train + val, the
+    trial on train. `fuse` is how many refits train at once, stacked as the trials were.
+    """
+
+    deadline: float = math.inf
+    refit_scale: float = 1.0
+    fuse: int = 1
+    started: float = field(default_factory=time.time)
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def refit_seconds(self, trials: Iterable[FrozenTrial], fuse: int | None = None) -> float:
+        """Estimated seconds to refit `trials` (complete ones): each trial's epochs at its own measured seconds per
+        epoch, scaled to the refit's training images; stacked `fuse` at a time (default: the study's), a stack
+        lasting as long as its longest member."""
+        fuse = fuse or self.fuse
+        each = [REFIT_START_SECONDS + self.refit_scale * trial_seconds(t) for t in trials]
+        return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
+
+    def reserve(self, best_first: list[FrozenTrial]) -> float:
+        """The time kept back for the final model while trials run: refits of the RESERVED_REFITS best complete
+        trials (`best_first`) and what follows them."""
+        return FINISH_SECONDS + self.refit_seconds(best_first[:RESERVED_REFITS])
+
+    def trials_may_start(self, best_first: list[FrozenTrial]) -> bool:
+        """Whether a trial may start: the time left before the final model's is at least the quickest complete
+        trial's (a trial that cannot finish would be cut, its epochs wasted)."""
+        quickest = min((trial_seconds(t) for t in best_first), default=0.0)
+        return self.left() - self.reserve(best_first) > quickest
+
+    def cuts(self, seconds_to_finish: float, best_first: list[FrozenTrial]) -> bool:
+        """Whether a running trial that needs `seconds_to_finish` more would eat into the final model's time."""
+        return math.isfinite(self.deadline) and seconds_to_finish > self.left() - self.reserve(best_first)
+
+
+def trial_seconds(trial: FrozenTrial) -> float:
+    """Wall seconds a finished trial took, from its ask to its tell: its epochs, and its build and checkpoints."""
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()

@@ -1,0 +1,126 @@
+"""--timeout bounds the whole command: trials stop in time for the final model, which refits only what fits."""
+
+import datetime
+import json
+import math
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mlp.budget import AFTER_REFITS_SECONDS, FINISH_SECONDS, REFIT_START_SECONDS, Budget
+from mlp.errors import UserError
+from mlp.report import affordable_ensemble
+from tests.test_sweeps import tune, tune_args
+
+START = datetime.datetime(2026, 1, 1)
+
+
+def trial_of(seconds: float, value: float = 0.5) -> optuna.trial.FrozenTrial:
+    trial = optuna.trial.create_trial(state=TrialState.COMPLETE, value=value)
+    trial.datetime_start, trial.datetime_complete = START, START + datetime.timedelta(seconds=seconds)
+    return trial
+
+
+class Left(Budget):
+    """A budget with a fixed number of seconds left."""
+
+    def __init__(self, seconds: float, refit_scale: float = 1.0, fuse: int = 1) -> None:
+        super().__init__(time.time() + seconds, refit_scale, fuse)
+        self.seconds = seconds
+
+    def left(self) -> float:
+        return self.seconds
+
+
+def test_a_refit_is_estimated_from_its_trials_time_and_a_stack_lasts_as_long_as_its_longest_member():
+    trials = [trial_of(10), trial_of(30), trial_of(20)]
+    alone = Budget(refit_scale=1.1)
+    assert alone.refit_seconds(trials) == pytest.approx(3 * REFIT_START_SECONDS + 1.1 * 60)
+    stacked = Budget(refit_scale=1.1, fuse=2)  # [10, 30] together, then [20]
+    assert stacked.refit_seconds(trials) == pytest.approx(2 * REFIT_START_SECONDS + 1.1 * 50)
+    assert alone.refit_seconds(trials, fuse=3) == pytest.approx(REFIT_START_SECONDS + 1.1 * 30)
+
+
+def test_trials_start_while_the_time_before_the_final_models_share_fits_the_quickest_trial():
+    best = [trial_of(30, 0.9), trial_of(10, 0.8), trial_of(40, 0.7), trial_of(50, 0.6)]
+    reserve = FINISH_SECONDS + 3 * REFIT_START_SECONDS + 80  # the three best trials' refits, not the fourth's
+    assert Left(0).reserve(best) == pytest.approx(reserve)
+    assert Left(reserve + 10.5).trials_may_start(best) and not Left(reserve + 9.5).trials_may_start(best)
+    assert Left(FINISH_SECONDS + 1).trials_may_start([]) and not Left(FINISH_SECONDS - 1).trials_may_start([])
+    assert Budget().trials_may_start(best) and not Budget().cuts(math.inf, best)  # no --timeout: nothing stops
+
+
+def test_a_running_trial_is_cut_when_its_remaining_epochs_would_eat_the_final_models_time():
+    best = [trial_of(10)]
+    spare = Left(100).left() - Left(100).reserve(best)
+    assert Left(100).cuts(spare + 1, best) and not Left(100).cuts(spare - 1, best)
+
+
+def ensemble_of(k: int) -> dict:
+    """An ensemble as mlp.final.ensemble gives it: four candidates, best k=3 on val, k=2 second best."""
+    return {"candidates": [0, 1, 2, 3], "val_acc_by_k": [0.80, 0.83, 0.84, 0.82], "k": k, "trials": [0, 1, 2][:k]}
+
+
+def study_of_quick_trials() -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    for value in (0.8, 0.7, 0.6, 0.5):
+        study.add_trial(trial_of(0, value))
+    return study
+
+
+def test_an_ensemble_whose_refits_fit_is_refit_whole():
+    assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Budget()) == ensemble_of(3)
+    assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Left(AFTER_REFITS_SECONDS + 6.5)) == ensemble_of(3)
+
+
+def test_when_the_ensembles_refits_do_not_fit_the_best_smaller_one_on_val_that_fits_is_refit():
+    study = study_of_quick_trials()
+    two = affordable_ensemble(study, ensemble_of(3), Left(AFTER_REFITS_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
+    assert two["trials"] == [0, 1] and two["k"] == 2
+    assert "ensemble of 3 chosen on val" in two["smaller_than"] and "--timeout" in two["smaller_than"]
+    study.set_user_attr("refit_1", {"cached": True})  # a refit already trained costs nothing
+    three = affordable_ensemble(study, ensemble_of(3), Left(AFTER_REFITS_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
+    assert three == ensemble_of(3)
+
+
+def test_when_no_refit_fits_there_is_no_ensemble_to_refit_and_it_says_why():
+    none = affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Left(AFTER_REFITS_SECONDS + 1))
+    assert none["trials"] == [] and "--timeout were left" in none["why_none"]
+
+
+def test_a_timeout_that_leaves_no_time_for_trials_is_a_clear_error(synthetic_dir, tmp_path):
+    with pytest.raises(UserError, match="--timeout 5 leaves no time for trials"):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--timeout=5"])
+
+
+@pytest.mark.parametrize("fuse", ["1", "2"])
+def test_trials_that_cannot_finish_in_time_are_cut_after_their_epoch_and_counted_as_pruned(
+    synthetic_dir, tmp_path, monkeypatch, fuse
+):
+    monkeypatch.setattr(Budget, "cuts", lambda self, seconds, best_first: True)  # never time for one more epoch
+    args = tune_args(synthetic_dir, tmp_path, n_trials=2)
+    args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["3", "3"]
+    args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # no trial diverges
+    summary = tune.main([*args, "--pruner=none", f"--fuse={fuse}", "--quiet"])
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert [t.user_attrs["epochs_trained"] for t in trials] == [1, 1]
+    assert summary["cut"] == {str(t.number): "after epoch 1 of 3: the --timeout budget left no time for the rest"
+                              for t in trials}
+
+
+def test_when_the_refits_do_not_fit_the_answer_falls_back_to_the_ensemble_and_the_report_says_why(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    # Every refit would take longer than any budget: once one trial is complete, no more start either.
+    monkeypatch.setattr("mlp.budget.REFIT_START_SECONDS", 1e6)
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=3), "--timeout=100000", "--quiet"])
+    final = summary["final"]
+    assert summary["trials"] == {"complete": 1} and final["answer"] == "ensemble"
+    assert final["fallback"].startswith("refit_ensemble has no test figure (its refits would take about 1000")
+    assert "--timeout were left" in final["refit"]["why_no_test"]
+    assert not any(key.startswith("refit_") for key in optuna.load_study(
+        study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").user_attrs)
+    assert json.loads((tmp_path / "logs" / "tune" / "test" / "report.json").read_text())["final"]["answer"] == "ensemble"
