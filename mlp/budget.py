@@ -1,10 +1,11 @@
 """What `tune.py --timeout SECONDS` bounds: the whole command after start-up, not just the trials.
 
 The trials stop early enough to leave the final model the time it needs, estimated from the trials' own measured
-times: a trial is started only while the time left before the final model's is enough for the quickest trial so
-far, and a running trial stops (told as pruned, with the user attribute `cut`) at the first epoch end from which its remaining epochs would
-run into that time. The final model then refits what fits in the time left (see `mlp.report.final_models`).
-Without --timeout nothing stops: the deadline is infinitely far.
+times: a trial is started only while the time left before the final model's share is enough for the quickest trial
+so far, and a running trial stops (told as pruned, with the user attribute `cut`) at the first epoch end from which
+its remaining epochs would run into that share; once only the share without refits is left, every trial stops at
+once, mid-epoch. The final model then refits what fits in the time left (see `mlp.report.final_models`). Without
+--timeout nothing stops: the deadline is infinitely far.
 """
 
 import math
@@ -61,6 +62,10 @@ class Budget:
         trial's (a trial that cannot finish would be cut, its epochs wasted)."""
         quickest = min((trial_seconds(t) for t in best_first), default=0.0)
         return self.left() - self.reserve(best_first) > quickest
+
+    def overdue(self) -> bool:
+        """Whether training must stop now: only the final model's share without refits is left."""
+        return self.left() < FINISH_SECONDS
 
     def cuts(self, seconds_to_finish: float, best_first: list[FrozenTrial]) -> bool:
         """Whether a running trial that needs `seconds_to_finish` more would eat into the final model's time."""

@@ -212,14 +212,30 @@ class EpochEnds:
 
 class JudgeEachEpoch(L.Callback):
     """At each validation's end, every trial in the Trainer (one alone, or each of a stack's by name) is judged
-    (`EpochEnds.judge`); one judged to stop trains to the end of the epoch and no further. `stopped` keeps how."""
+    (`EpochEnds.judge`); one judged to stop trains to the end of the epoch and no further. `stopped` keeps how.
+
+    Past the budget's last moment for training (`Budget.overdue`) every trial stops at once, mid-epoch: an epoch
+    of a big net on a loaded CPU can outlast what is left, and the final model still has the checkpoints."""
 
     def __init__(self, study: optuna.Study, trials: dict[str, EpochEnds], n_trials: int, budget: Budget) -> None:
         self.study, self.trials, self.n_trials, self.budget = study, trials, n_trials, budget
         self.stopped: dict[str, tuple[str, str]] = {}  # how a trial stopped, and the detail told with it
+        self.overdue = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: object) -> None:
+        if self.overdue or not self.budget.overdue():
+            return
+        self.overdue = True
+        trainer.should_stop = True
+        detail = "in an epoch: the --timeout budget's time for trials was over"
+        if isinstance(module, FusedClassifier):
+            for name in module.names:
+                module.stop(name, "cut", detail)
+        else:
+            self.stopped[next(iter(self.trials))] = ("cut", detail)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self.overdue:  # a trial cut mid-epoch has no epoch's end to judge
             return
         surplus = surplus_trials(self.study, self.n_trials)  # one query each for the whole stack
         ranked = best_first(self.study)
