@@ -193,7 +193,7 @@ class EpochEnds:
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
         self.previous: float | None = None  # its val/acc at its previous epoch's end
-        self.started = time.monotonic()  # when its run was built
+        self.started = time.monotonic()  # when it started training (see JudgeEachEpoch.on_train_start)
 
     def judge(self, epoch: int, epochs: int, value: float, surplus: set[int], cut: Callable[[float], bool]) -> str | None:
         """How the trial stops after `epoch` (from 0) of `epochs`, having reached val/acc `value`: "surplus",
@@ -221,6 +221,12 @@ class JudgeEachEpoch(L.Callback):
         self.study, self.trials, self.n_trials, self.budget = study, trials, n_trials, budget
         self.stopped: dict[str, tuple[str, str]] = {}  # how a trial stopped, and the detail told with it
         self.overdue = False
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Its seconds per epoch leave out the build, the data's loading and the sanity check; a trial that joins
+        # a stack later starts training as it is built.
+        for trial in self.trials.values():
+            trial.started = time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: object) -> None:
         if self.overdue or not self.budget.overdue():
