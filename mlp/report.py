@@ -141,11 +141,12 @@ def affordable_ensemble(study: optuna.Study, averaged: dict[str, Any], budget: B
     def untrained(k: int) -> list[FrozenTrial]:
         return [by_number[n] for n in candidates[:k] if f"refit_{n}" not in study.user_attrs]
 
-    by_val = sorted(range(1, len(averaged["val_acc_by_k"]) + 1), key=lambda k: (-averaged["val_acc_by_k"][k - 1], k))
-    if over_budget(budget, untrained(averaged["k"])) is None:
-        return averaged
+    # Best on val first, ties to the smaller: the ensemble chosen on val comes first.
+    by_val = sorted(range(1, len(candidates) + 1), key=lambda k: (-averaged["val_acc_by_k"][k - 1], k))
     for k in by_val:
         if over_budget(budget, untrained(k)) is None:
+            if k == averaged["k"]:
+                return averaged
             why = f"the ensemble of {averaged['k']} chosen on val: {over_budget(budget, untrained(averaged['k']))}"
             return {**averaged, "k": k, "trials": candidates[:k], "smaller_than": why}
     return {**averaged, "trials": [], "why_none": over_budget(budget, untrained(1))}
