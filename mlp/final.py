@@ -27,30 +27,22 @@ from mlp.trials import RunEnd, train_runs
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
 
 
-@torch.no_grad()
-def softmax_of(model: MLPClassifier, images: Tensor) -> Tensor:
-    model.eval()
-    return torch.cat([model(x.to(model.device)).softmax(dim=1).cpu() for x in images.split(EVAL_BATCH_SIZE)])
-
-
 def accuracy(probabilities: Tensor, labels: Tensor) -> float:
     return (probabilities.argmax(dim=1) == labels.cpu()).float().mean().item()
 
 
+@torch.no_grad()
 def checkpoint_softmax(checkpoint: str, images: Tensor) -> Tensor:
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
-    return softmax_of(MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu"), images)
-
-
-def best_first(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-t.value, t.number))
+    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    return torch.cat([model(x.cpu()).softmax(dim=1) for x in images.split(EVAL_BATCH_SIZE)])
 
 
 def ensemble(study: optuna.Study) -> dict[str, Any]:
     """The top-k average with k chosen on validation, tested once, on the split of the best trial with a
     checkpoint here (its own data settings); cached in the study for the same candidates."""
-    ranked = best_first(study)[:ENSEMBLE_MAX]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ranked = sorted(complete, key=lambda t: (-t.value, t.number))[:ENSEMBLE_MAX]
     present = [t for t in ranked if Path(t.user_attrs.get("best_checkpoint", "")).is_file()]
     missing = [t.number for t in ranked if t not in present]
     cached = study.user_attrs.get("ensemble")
@@ -105,34 +97,31 @@ def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
     return build_cli([f"--config={trial_config(trial)}", f"--trainer.logger.init_args.version={version}", *flags])
 
 
-def refit_run(study: optuna.Study, number: int) -> MLPCLI:
-    """Trial `number`'s configuration as a fit run on all training images (`--data.val_size=0`)."""
-    return trial_run(study.get_trials(deepcopy=False)[number], f"refit_trial_{number}", "--data.val_size=0")
-
-
 def refit_trials(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str, Any]]:
     """The refits of trials `numbers`, each trained on all training images and its final weights tested once;
     cached in the study per trial, so the refit of the best trial serves both final models that need it. With
     fuse > 1, those not yet cached train up to `fuse` at once, stacked as tune.py --fuse stacks trials
     (`mlp.trials.train_runs`): the same runs, checkpoints and cached results. Runs whose data settings differ (a
     study resumed with other data flags) cannot share batches, and train one at a time."""
-    todo = [n for n in numbers if f"refit_{n}" not in study.user_attrs]
+    trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if f"refit_{n}" not in study.user_attrs]
     size = fuse if len(todo) > 1 else 1
     for start in range(0, len(todo), size):
-        runs = {n: refit_run(study, n) for n in todo[start : start + size]}
+        # Each trial's configuration as a fit run on all training images.
+        runs = {n: trial_run(trials[n], f"refit_trial_{n}", "--data.val_size=0") for n in todo[start : start + size]}
         data = [dict(cli.datamodule.hparams) for cli in runs.values()]
         if size > 1 and data.count(data[0]) == len(data):
-            train_refits(study, runs, size)
+            train_and_test_refits(study, runs, size)
         else:
             for n, cli in runs.items():
-                train_refits(study, {n: cli}, 1)
+                train_and_test_refits(study, {n: cli}, 1)
     return [study.user_attrs[f"refit_{n}"] for n in numbers]
 
 
-def train_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int) -> None:
+def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int) -> None:
     """Train the refit runs of `runs` (by trial number) alone (fuse == 1) or stacked, then test each once."""
     ends: dict[str, RunEnd] = {}
-    group_args = [f"--config={trial_config(study.get_trials(deepcopy=False)[next(iter(runs))])}", "--data.val_size=0"]
+    first = study.get_trials(deepcopy=False)[next(iter(runs))]
+    group_args = [f"--config={trial_config(first)}", "--data.val_size=0"]
     data = train_runs({str(n): cli for n, cli in runs.items()}, group_args, fuse, ends.__setitem__)
     for n, cli in runs.items():
         refit_result(study, n, cli, ends[str(n)], data, stacked_with=list(runs) if fuse > 1 else None)
@@ -203,10 +192,9 @@ def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -
 def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dict[str, Any]:
     """The softmax average of the given checkpoints (one is a plain test), on the split they were trained
     with: its validation accuracy when they held one out, and its test accuracy, measured once."""
-    for path in checkpoints:
-        check(Path(path).is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
     splits, settings = {}, []
     for path in checkpoints:
+        check(Path(path).is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
         hparams = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
         check(
             hparams is not None, f"{path} holds no data module settings; pass a checkpoint written by fit.py or tune.py"
