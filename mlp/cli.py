@@ -35,13 +35,12 @@ class MLPCLI(LightningCLI):
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
     ) -> None:
-        # The default callbacks are not part of the parser: LightningCLI adds each run's own at instantiation.
-        defaults = {key: value for key, value in self.trainer_defaults.items() if key != "callbacks"}
         # Everything LightningCLI builds the parser from: the classes whose signatures become flags, and the settings.
         classes = (self.trainer_class, self.model_class, self.datamodule_class, self.subclass_mode_model,
                    self.subclass_mode_data, self.auto_configure_optimizers)
         settings = repr(
-            (classes, add_subcommands, main_kwargs, subparser_kwargs, defaults, self.seed_everything_default)
+            (classes, add_subcommands, main_kwargs, subparser_kwargs, self.trainer_defaults,
+             self.seed_everything_default)
         )
         if settings not in self.parsers:
             super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -86,11 +85,14 @@ class MLPCLI(LightningCLI):
         # evaluation and shuffle each rank apart.
         check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "
               "the data module splits the batches between the processes itself")
-        if self.config.data.val_size == 0:
+        validates = self.config.data.val_size > 0
+        if not validates:
             # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.
             self.config.trainer.limit_val_batches = 0
             self.config.checkpoint.monitor = None
             self.config.checkpoint.filename = "epoch{epoch:02d}"
+        # Added to the run's own callbacks at instantiation; the guard watches the loss this run has.
+        self.trainer_defaults["callbacks"] = [latest_checkpoint(), divergence_guard(validates)]
         if self.config.ckpt_path == "last":
             self.resume_last()
 
@@ -143,9 +145,14 @@ def latest_checkpoint() -> ModelCheckpoint:
     return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
-def divergence_guard() -> EarlyStopping:
-    """Stops training as soon as the validation loss is NaN or infinite, and at no other time."""
-    return EarlyStopping(monitor="val/loss", check_finite=True, patience=sys.maxsize, check_on_train_epoch_end=False)
+def divergence_guard(validates: bool) -> EarlyStopping:
+    """Stops training as soon as the epoch's loss is NaN or infinite, and at no other time: the validation loss,
+    or in a run without a validation split (a refit) the training loss. `FusedClassifier` applies the same rule
+    to each stacked model."""
+    loss = "val/loss" if validates else "train/loss_epoch"
+    # Not strict without validation: an epoch resumed after its last step logs no training loss.
+    return EarlyStopping(loss, check_finite=True, patience=sys.maxsize, check_on_train_epoch_end=not validates,
+                         strict=validates)
 
 
 def divergence_message(trainer: Trainer) -> str | None:
@@ -196,7 +203,6 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
             trainer_defaults={
                 "max_epochs": 20,
                 "use_distributed_sampler": False,
-                "callbacks": [latest_checkpoint(), divergence_guard()],
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": LOG_DIR, "name": "fit", "default_hp_metric": False},

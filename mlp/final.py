@@ -13,36 +13,30 @@ same command neither retrains nor retests.
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import optuna
 import torch
 from optuna.trial import FrozenTrial
 from torch import Tensor
 
-from mlp.cli import MLPCLI, build_cli, fit
+from mlp.cli import MLPCLI, build_cli
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
-from mlp.fused import FusedClassifier, save_single
 from mlp.module import MLPClassifier
 from mlp.study import best_first
-from mlp.trials import group_cli, pads_widths, save_config
+from mlp.trials import RunEnd, train_runs
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
-
-
-@torch.no_grad()
-def softmax_of(model: MLPClassifier, images: Tensor) -> Tensor:
-    model.eval()
-    return torch.cat([model(x.to(model.device)).softmax(dim=1).cpu() for x in images.split(EVAL_BATCH_SIZE)])
 
 
 def accuracy(probabilities: Tensor, labels: Tensor) -> float:
     return (probabilities.argmax(dim=1) == labels.cpu()).float().mean().item()
 
 
+@torch.no_grad()
 def checkpoint_softmax(checkpoint: str, images: Tensor) -> Tensor:
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
-    return softmax_of(MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu"), images)
+    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    return torch.cat([model(x.cpu()).softmax(dim=1) for x in images.split(EVAL_BATCH_SIZE)])
 
 
 def ensemble(study: optuna.Study) -> dict[str, Any]:
@@ -103,120 +97,64 @@ def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
     return build_cli([f"--config={trial_config(trial)}", f"--trainer.logger.init_args.version={version}", *flags])
 
 
-def refit_run(study: optuna.Study, number: int) -> MLPCLI:
-    """Trial `number`'s configuration as a fit run on all training images (`--data.val_size=0`)."""
-    return trial_run(study.get_trials(deepcopy=False)[number], f"refit_trial_{number}", "--data.val_size=0")
-
-
-def train_refit(study: optuna.Study, number: int) -> dict[str, Any]:
-    """Trial `number`'s configuration trained on all training images, its final weights tested once; cached in
-    the study per trial, so the refit of the best trial serves both final models that need it."""
-    cached = study.user_attrs.get(f"refit_{number}")
-    if cached:
-        return cached
-    cli = refit_run(study, number)
-    fit(cli)
-    loss = cli.trainer.callback_metrics.get("train/loss_epoch")
-    diverged = None
-    if loss is None or not torch.isfinite(loss) or not all(torch.isfinite(p).all() for p in cli.model.parameters()):
-        diverged = f"final training loss {loss}"
-    # The CLI's own checkpoint, not a user-added one.
-    checkpoint = cli.config_init["checkpoint"].best_model_path
-    return refit_result(study, number, cli, checkpoint, cli.datamodule, diverged)
-
-
 def refit_trials(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str, Any]]:
-    """The refits of trials `numbers`. With fuse > 1, those not yet cached train up to `fuse` at once, stacked
-    as tune.py --fuse stacks trials; the same runs, checkpoints and cached results. Runs whose data settings
-    differ (a study resumed with other data flags) cannot share batches, and train one at a time."""
-    todo = [n for n in numbers if f"refit_{n}" not in study.user_attrs]
-    if fuse > 1 and len(todo) > 1:
-        for start in range(0, len(todo), fuse):
-            together = todo[start : start + fuse]
-            runs = {n: refit_run(study, n) for n in together}
-            first = runs[together[0]]
-            if any(dict(cli.datamodule.hparams) != dict(first.datamodule.hparams) for cli in runs.values()):
-                continue
-            group_args = [f"--config={trial_config(study.get_trials(deepcopy=False)[together[0]])}"]
-            saved, data = train_refits_stacked({str(n): cli for n, cli in runs.items()}, group_args)
+    """The refits of trials `numbers`, each trained on all training images and its final weights tested once;
+    cached in the study per trial, so the refit of the best trial serves both final models that need it. With
+    fuse > 1, those not yet cached train up to `fuse` at once, stacked as tune.py --fuse stacks trials
+    (`mlp.trials.train_runs`): the same runs, checkpoints and cached results. Runs whose data settings differ (a
+    study resumed with other data flags) cannot share batches, and train one at a time."""
+    trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if f"refit_{n}" not in study.user_attrs]
+    size = fuse if len(todo) > 1 else 1
+    for start in range(0, len(todo), size):
+        # Each trial's configuration as a fit run on all training images.
+        runs = {n: trial_run(trials[n], f"refit_trial_{n}", "--data.val_size=0") for n in todo[start : start + size]}
+        data = [dict(cli.datamodule.hparams) for cli in runs.values()]
+        if size > 1 and data.count(data[0]) == len(data):
+            train_and_test_refits(study, runs, size)
+        else:
             for n, cli in runs.items():
-                checkpoint, finite = saved[str(n)]
-                diverged = None if finite else "a training loss or weight of its last epoch is not finite"
-                refit_result(study, n, cli, checkpoint, data, diverged, stacked_with=together)
-    return [train_refit(study, n) for n in numbers]
+                train_and_test_refits(study, {n: cli}, 1)
+    return [study.user_attrs[f"refit_{n}"] for n in numbers]
 
 
-def train_refits_stacked(
-    runs: dict[str, MLPCLI], group_args: list[str]
-) -> tuple[dict[str, tuple[str, bool]], FashionMNISTDataModule]:
-    """Train refit runs together in one Trainer built from `group_args` (stacked as `mlp.trials.Trials` stacks
-    trials), each as its own `runs[name]` (built with --data.val_size=0) would train alone, and write each
-    model's final weights as an ordinary checkpoint at its own last epoch.
-
-    Returns, by name, the checkpoint's path and whether the model's last epoch ended finite (every step's
-    training loss and every weight), which is what an unfused refit checks; and the data they trained on.
-    """
-    for cli in runs.values():
-        save_config(cli)
-    epochs = [cli.trainer.max_epochs for cli in runs.values()]
-    group = group_cli([*group_args, "--data.val_size=0"], max(epochs))
-    saver = FinalWeights({name: str(Path(cli.trainer.log_dir) / "checkpoints") for name, cli in runs.items()})
-    group.trainer.callbacks.append(saver)
-    loggers = [cli.trainer.logger for cli in runs.values()]
-    models = [cli.model for cli in runs.values()]
-    group.model = FusedClassifier(models, epochs, list(runs), loggers, pad_widths=pads_widths(group))
-    fit(group)
-    return saver.saved, group.datamodule
-
-
-class FinalWeights(L.Callback):
-    """At the end of each model's own last epoch, before the module lets it leave the stack, writes its
-    weights to `dirpaths[name]/epochNN.ckpt` (an unfused refit's file name) and notes whether it ended finite."""
-
-    def __init__(self, dirpaths: dict[str, str]) -> None:
-        self.dirpaths = dirpaths
-        self.saved: dict[str, tuple[str, bool]] = {}
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
-        for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
-            epoch = module.progress(k)[0]
-            if epoch + 1 == epochs:
-                path = str(Path(self.dirpaths[name]) / f"epoch{epoch:02d}.ckpt")
-                single = save_single(trainer, name, path)
-                losses = torch.stack([loss[k] for loss, _, _ in module.train_step_outputs])
-                finite = torch.isfinite(losses).all() and all(p.isfinite().all() for p in single.parameters())
-                self.saved[name] = (path, bool(finite))
+def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int) -> None:
+    """Train the refit runs of `runs` (by trial number) alone (fuse == 1) or stacked, then test each once."""
+    ends: dict[str, RunEnd] = {}
+    first = study.get_trials(deepcopy=False)[next(iter(runs))]
+    group_args = [f"--config={trial_config(first)}", "--data.val_size=0"]
+    data = train_runs({str(n): cli for n, cli in runs.items()}, group_args, fuse, ends.__setitem__)
+    for n, cli in runs.items():
+        refit_result(study, n, cli, ends[str(n)], data, stacked_with=list(runs) if fuse > 1 else None)
 
 
 def refit_result(
     study: optuna.Study,
     number: int,
     cli: MLPCLI,
-    checkpoint: str,
+    end: RunEnd,
     data: FashionMNISTDataModule,
-    diverged: str | None,
     stacked_with: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Test refit run `cli`'s final weights (`checkpoint`) once on `data`, the data it trained on, unless it
+    """Test refit run `cli`'s final weights (`end.checkpoint`) once on `data`, the data it trained on, unless it
     diverged; keep the result in the study as `refit_<number>`."""
     result: dict[str, Any] = {
         "what": f"trial {number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
         " epochs; no validation figure, as no image was held out",
         "trial": number,
         "val_acc": None,
-        "checkpoint": checkpoint,
+        "checkpoint": end.checkpoint,
         "epochs": cli.trainer.max_epochs,
         "multiply_adds": cli.model.net.multiply_adds(),
         "train_images": len(data.train_set),
     }
     if stacked_with:
         result["stacked_with"] = stacked_with  # trained in one stack (--fuse), each as it would alone
-    if diverged:
-        result.update(test_acc=None, why_no_test=f"the refit diverged ({diverged})")
+    if end.how == "diverged":
+        result.update(test_acc=None, why_no_test=f"the refit diverged ({end.detail})")
     else:
         data.setup("test")
         test_x, test_y = data.test_set.tensors
-        result["test_acc"] = accuracy(checkpoint_softmax(checkpoint, test_x), test_y)
+        result["test_acc"] = accuracy(checkpoint_softmax(end.checkpoint, test_x), test_y)
     study.set_user_attr(f"refit_{number}", result)
     return result
 
@@ -256,10 +194,9 @@ def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -
 def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dict[str, Any]:
     """The softmax average of the given checkpoints (one is a plain test), on the split they were trained
     with: its validation accuracy when they held one out, and its test accuracy, measured once."""
-    for path in checkpoints:
-        check(Path(path).is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
     splits, settings = {}, []
     for path in checkpoints:
+        check(Path(path).is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
         hparams = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
         check(
             hparams is not None, f"{path} holds no data module settings; pass a checkpoint written by fit.py or tune.py"

@@ -245,6 +245,9 @@ class FusedClassifier(L.LightningModule):
             scalars = {"train/loss_epoch": metrics.train_loss.compute(), "train/acc": metrics.train_acc.compute(),
                        "train/examples_per_sec": examples_per_sec}
             self.write(k, scalars)
+            if not self.trainer.limit_val_batches and not scalars["train/loss_epoch"].isfinite():
+                # Nothing validates (a refit): the training loss shows a divergence, as a run alone's guard sees it.
+                self.diverged(k, "train/loss_epoch", scalars["train/loss_epoch"])
             metrics.train_loss.reset()
             metrics.train_acc.reset()
         for k, name in enumerate(self.names):
@@ -279,8 +282,11 @@ class FusedClassifier(L.LightningModule):
                 continue
             self.write(k, {"val/loss": loss, "val/acc": acc, "hp_metric": metrics.val_acc_best.compute()})
             if not math.isfinite(loss.item()):
-                detail = f"epoch {self.current_epoch}: val/loss = {loss.item()} is not finite"
-                self.stopping[name] = ("diverged", detail)
+                self.diverged(k, "val/loss", loss)
+
+    def diverged(self, k: int, key: str, loss: Tensor) -> None:
+        """Model k's loss `key` is NaN or infinite at this epoch's end: it leaves the stack, as a run alone stops."""
+        self.stop(self.names[k], "diverged", f"epoch {self.progress(k)[0]}: {key} = {loss.item()} is not finite")
 
     def stop(self, name: str, how: str, detail: str = "") -> None:
         """Take model `name` out of the stack at the end of this epoch (e.g. its trial was pruned). The first
@@ -407,21 +413,24 @@ class FusedClassifier(L.LightningModule):
 
 
 class ModelInStackCheckpoint(ModelCheckpoint):
-    """The best checkpoint (by val/acc) of one model of a FusedClassifier, written as an ordinary
-    MLPClassifier checkpoint that `MLPClassifier.load_from_checkpoint` loads alone.
+    """The best checkpoint (by val/acc) of one model of a FusedClassifier, or when nothing `validates` (a refit)
+    its latest weights, written as an ordinary MLPClassifier checkpoint that `MLPClassifier.load_from_checkpoint`
+    loads alone, under the name a run alone gives it (`mlp.cli.MLPCLI`).
 
     Lightning's ModelCheckpoint keeps the bookkeeping (best score and path, top-k, file names); only what is
     written differs. It stops when its model leaves the stack.
     """
 
-    def __init__(self, name: str, dirpath: str) -> None:
+    def __init__(self, name: str, dirpath: str, validates: bool = True) -> None:
         super().__init__(
             dirpath=dirpath,
-            monitor=f"val/acc/{name}",
+            monitor=f"val/acc/{name}" if validates else None,
             mode="max",
-            filename=f"epoch{{epoch:02d}}-val_acc{{val/acc/{name}:.4f}}",
+            filename=f"epoch{{epoch:02d}}-val_acc{{val/acc/{name}:.4f}}" if validates else "epoch{epoch:02d}",
             auto_insert_metric_name=False,
-            save_on_train_epoch_end=False,  # at validation's end, before the module drops finished models
+            # At validation's end, or without validation at the epoch's end, which `mlp.trials.TrialCheckpoints`
+            # calls before the module's own: both before the module drops the models whose run ends there.
+            save_on_train_epoch_end=not validates,
         )
         self.name = name
 
@@ -445,25 +454,18 @@ class ModelInStackCheckpoint(ModelCheckpoint):
         for it (trainer.save_checkpoint would write the whole stack), so this private method, the one every save
         of ModelCheckpoint goes through, is overridden here and nowhere else; tests/test_private_apis.py fails if
         an upgrade stops calling it. Lightning's own also notes the step saved, to skip saving twice at one
-        step, which validation's end never asks for."""
-        save_single(trainer, self.name, filepath)
-
-
-def save_single(trainer: L.Trainer, name: str, filepath: str) -> MLPClassifier:
-    """Write model `name` of the trainer's FusedClassifier as an ordinary MLPClassifier checkpoint; returns it."""
-    module = trainer.lightning_module
-    single = module.single(name)
-    epoch, step = module.progress(module.names.index(name))
-    checkpoint = {
-        "epoch": epoch,
-        "global_step": step,
-        "pytorch-lightning_version": L.__version__,
-        "state_dict": single.state_dict(),
-    }
-    # The model's and the data module's settings, as Lightning's own checkpoints hold them: test_checkpoints
-    # and scripts/ensemble.py rebuild the split a checkpoint was trained on from the data module's.
-    for part in (single, trainer.datamodule):
-        if part is not None and part.hparams:
-            checkpoint[part.CHECKPOINT_HYPER_PARAMS_KEY] = dict(part.hparams)
-    trainer.strategy.save_checkpoint(checkpoint, filepath)
-    return single
+        step, which a checkpoint saved once an epoch never needs."""
+        single = self.module.single(self.name)
+        epoch, step = self.module.progress(self.module.names.index(self.name))
+        checkpoint = {
+            "epoch": epoch,
+            "global_step": step,
+            "pytorch-lightning_version": L.__version__,
+            "state_dict": single.state_dict(),
+        }
+        # The model's and the data module's settings, as Lightning's own checkpoints hold them: test_checkpoints
+        # and scripts/ensemble.py rebuild the split a checkpoint was trained on from the data module's.
+        for part in (single, trainer.datamodule):
+            if part is not None and part.hparams:
+                checkpoint[part.CHECKPOINT_HYPER_PARAMS_KEY] = dict(part.hparams)
+        trainer.strategy.save_checkpoint(checkpoint, filepath)

@@ -98,11 +98,6 @@ AUTO_FUSE_MAX = 128  # the most trials per stack measured on a GPU; it trained t
 CPU_FUSE = 8
 
 
-def one_width(space: SearchSpace) -> bool:
-    """Whether every trial of the search has the same width: pinned by a fit flag, or a range of one value."""
-    return space.width is None or space.width[0] == space.width[1]
-
-
 def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials: int) -> tuple[int, str]:
     """`--fuse auto` (tune.py's default): K for the device the trials train on and a study of `n_trials`, and why.
 
@@ -121,7 +116,7 @@ def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials:
     if unfusable := why_unfusable(cli):
         return 1, "one trial at a time: " + unfusable[0]
     if free_bytes is None:
-        if not one_width(space):
+        if space.width is not None and space.width[0] != space.width[1]:  # not pinned, nor a range of one value
             return 1, (
                 "one trial at a time on the CPU, where trials of searched widths rarely share a stack and fusing "
                 "them measured no faster"

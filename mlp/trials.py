@@ -10,7 +10,8 @@ end takes its place, so up to K trials train at every epoch.
 
 Either way the same `Trials` methods ask for the trial, record its user attributes, beat its heart, judge it at
 each epoch's end (its val/acc reported at fractions of its own schedule, pruned on its own, stopped when a retry
-is owed its place) and tell the study how it ended.
+is owed its place) and tell the study how it ended; and `train_runs` trains it, as it trains the final models'
+refits (`mlp.final`): one way to stack runs, keep their checkpoints, find a divergence and say how each ended.
 """
 
 import gc
@@ -18,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import optuna
@@ -29,6 +30,7 @@ from optuna.trial import TrialState
 
 from mlp.budget import Budget
 from mlp.cli import MLPCLI, build_cli, divergence_message, fit
+from mlp.data import FashionMNISTDataModule
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
@@ -55,10 +57,7 @@ class Trials:
         running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
         with Heartbeats(study, running):
             try:
-                if self.fuse == 1:
-                    self.train_alone(study, *asked[0], running)
-                else:
-                    self.train_stacked(study, asked, running, may_refill)
+                self.train(study, asked, running, may_refill)
             except BaseException as error:
                 self.interrupted = isinstance(error, KeyboardInterrupt)
                 for trial in running:
@@ -92,98 +91,128 @@ class Trials:
         self.ran.append(trial.number)
         return cli
 
-    @staticmethod
-    def tell(
-        study: optuna.Study, trial: optuna.Trial, how: str, detail: str, checkpoint: ModelCheckpoint,
-        running: list[optuna.Trial],
-    ) -> None:
-        """Tell the study how the trial ended: "finished" (its value is its best val/acc, kept by `checkpoint`),
-        "surplus" (failed, counting as no failure), "diverged", "pruned" or "cut" (pruned at the budget's
-        deadline, see mlp.budget)."""
-        if how == "finished":
-            value = checkpoint.best_model_score.item()
-            trial.set_user_attr("best_checkpoint", checkpoint.best_model_path)
-            study.tell(trial, value)
-            log.info(f"Trial {trial.number} finished with value: {value} and parameters: {trial.params}.")
-        elif how == "surplus":
-            mark_surplus(trial)
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            if how in ("diverged", "cut"):
-                trial.set_user_attr(how, detail)
-            study.tell(trial, state=TrialState.PRUNED)
-            log.info(f"Trial {trial.number} pruned{f' ({how}, {detail})' if detail else ''}.")
-        running.remove(trial)
-
-    def train_alone(
-        self, study: optuna.Study, trial: optuna.Trial, flags: dict[str, Any], running: list[optuna.Trial]
-    ) -> None:
-        """Train one trial in its own Trainer, as fit.py would; its end is told once the Trainer stops."""
-        cli = self.build(trial, flags)
-        judge = JudgeEachEpoch(study, {str(trial.number): EpochEnds(trial)}, self.n_trials, self.budget)
-        cli.trainer.callbacks.append(judge)
-        fit(cli)
-        how, detail = judge.stopped.get(str(trial.number), ("finished", ""))
-        if how != "surplus" and (reason := divergence_message(cli.trainer)):
-            how, detail = "diverged", reason
-        # The CLI's own val/acc checkpoint: trainer.checkpoint_callback is whichever ModelCheckpoint comes first.
-        self.tell(study, trial, how, detail, cli.config_init["checkpoint"], running)
-
-    def train_stacked(
+    def train(
         self,
         study: optuna.Study,
-        group: list[tuple[optuna.Trial, dict[str, Any]]],
+        asked: list[tuple[optuna.Trial, dict[str, Any]]],
         running: list[optuna.Trial],
         may_refill: Callable[[], bool],
     ) -> None:
-        """Train the trials of `group` in one Trainer. Each trial's end is told the study as it leaves its stack,
-        so a trial with fewer epochs completes at its own last epoch; then, while `may_refill()` allows, trials
-        asked from the study join for the next epoch in the places freed."""
-        trials: dict[str, optuna.Trial] = {}
-        checkpoints: dict[str, ModelInStackCheckpoint] = {}
-        epoch_ends: dict[str, EpochEnds] = {}
+        """Train the `asked` trials (`train_runs`), judged at each epoch's end, each told the study as it ends;
+        stacked, trials asked while `may_refill()` allows take the places freed."""
+        judge = JudgeEachEpoch(study, {}, self.n_trials, self.budget)
 
-        def prepare(trial: optuna.Trial, flags: dict[str, Any]) -> MLPCLI:
-            """The trial's own run, its saved config (which its own fit would write) and its checkpoint."""
-            cli = self.build(trial, flags)
-            save_config(cli)
-            name = str(trial.number)
-            trials[name], epoch_ends[name] = trial, EpochEnds(trial)
-            checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"))
-            return cli
+        def runs(asked: list[tuple[optuna.Trial, dict[str, Any]]]) -> dict[str, MLPCLI]:
+            judge.trials.update({str(trial.number): EpochEnds(trial) for trial, _ in asked})
+            return {str(trial.number): self.build(trial, flags) for trial, flags in asked}
 
-        def leave(name: str, how: str, detail: str) -> None:
-            self.tell(study, trials[name], how, detail, checkpoints[name], running)
-            del trial_checkpoints.running[name]
+        def more(free: int) -> dict[str, MLPCLI]:
+            asked = self.ask(study, free) if may_refill() else []
+            running.extend(trial for trial, _ in asked)
+            return runs(asked)
 
-        def refill(module: FusedClassifier) -> None:
-            free = self.fuse - len(module.names)
-            if not free or not may_refill():
-                return
-            for trial, flags in self.ask(study, free):
-                running.append(trial)
-                # A trial's build seeds the random generators for its initial weights; the group's batch order
-                # and dropout masks go on from where they were.
-                with torch.random.fork_rng(devices=[module.device.index] if module.device.type == "cuda" else []):
-                    cli = prepare(trial, flags)
-                checkpoint = checkpoints[str(trial.number)]
-                checkpoint.setup(group_run.trainer, module, stage="fit")
-                trial_checkpoints.running[str(trial.number)] = checkpoint
-                module.add(cli.model, cli.trainer.max_epochs, str(trial.number), cli.trainer.logger)
+        def tell(name: str, end: "RunEnd") -> None:
+            self.tell(study, judge.trials[name].trial, end, running)
 
-        clis = [prepare(trial, flags) for trial, flags in group]
-        epochs = [cli.trainer.max_epochs for cli in clis]
-        loggers = [cli.trainer.logger for cli in clis]
-        group_run = group_cli(self.fit_args, max(epochs))
-        # A trial pruned at this epoch's validation leaves the stack only at the epoch's end, so its checkpoint
-        # still saves this epoch's weights when they are its best, as an unfused trial's does.
-        trial_checkpoints = TrialCheckpoints(dict(checkpoints))
-        group_run.trainer.callbacks += [JudgeEachEpoch(study, epoch_ends, self.n_trials, self.budget), trial_checkpoints]
-        models = [cli.model for cli in clis]
-        group_run.model = FusedClassifier(
-            models, epochs, list(trials), loggers, on_leave=leave, refill=refill, pad_widths=pads_widths(group_run)
-        )
-        fit(group_run)
+        train_runs(runs(asked), self.fit_args, self.fuse, tell, judge, more)
+
+    @staticmethod
+    def tell(study: optuna.Study, trial: optuna.Trial, end: "RunEnd", running: list[optuna.Trial]) -> None:
+        """Tell the study how the trial ended: "finished" (its value is its best val/acc, kept by its checkpoint),
+        "surplus" (failed, counting as no failure), "diverged", "pruned" or "cut" (pruned for the --timeout budget,
+        see mlp.budget)."""
+        if end.how == "finished":
+            trial.set_user_attr("best_checkpoint", end.checkpoint)
+            study.tell(trial, end.score)
+            log.info(f"Trial {trial.number} finished with value: {end.score} and parameters: {trial.params}.")
+        elif end.how == "surplus":
+            mark_surplus(trial)
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            if end.how in ("diverged", "cut"):
+                trial.set_user_attr(end.how, end.detail)
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info(f"Trial {trial.number} pruned{f' ({end.how}, {end.detail})' if end.detail else ''}.")
+        running.remove(trial)
+
+
+class RunEnd(NamedTuple):
+    """How a run ended: "finished", "diverged" or "cut" (`detail` says when and why), "pruned" or "surplus"; its
+    checkpoint (its best by val/acc, or without a validation split its final weights) and that one's val/acc."""
+
+    how: str
+    detail: str
+    checkpoint: str
+    score: float | None
+
+
+def train_runs(
+    runs: dict[str, MLPCLI],
+    group_args: list[str],
+    fuse: int,
+    on_end: Callable[[str, RunEnd], None],
+    judge: "JudgeEachEpoch | None" = None,
+    more: Callable[[int], dict[str, MLPCLI]] | None = None,
+) -> FashionMNISTDataModule:
+    """Train `runs` (by name, each built by `build_cli`) as their own fits would, and call `on_end(name, end)` as
+    each ends. With fuse == 1 the one run trains in its own Trainer. Otherwise they train stacked in one Trainer
+    built from `group_args` (`group_cli`), each with its own logger, saved config and checkpoint, up to `fuse` at
+    once: at each epoch's end `more(free)` may give runs for the places freed. Either way a run diverges when
+    its epoch's loss is not finite (`mlp.cli.divergence_guard`), its checkpoint is kept as its own fit keeps it,
+    and `judge` may stop it at an epoch's end. Returns the data they trained on."""
+    if fuse == 1:
+        ((name, cli),) = runs.items()
+        if judge:
+            cli.trainer.callbacks.append(judge)
+        fit(cli)
+        how, detail = judge.stopped.get(name, ("finished", "")) if judge else ("finished", "")
+        if how != "surplus" and (reason := divergence_message(cli.trainer)):
+            how, detail = "diverged", reason
+        # The CLI's own checkpoint: trainer.checkpoint_callback is whichever ModelCheckpoint comes first.
+        on_end(name, run_end(how, detail, cli.config_init["checkpoint"]))
+        return cli.datamodule
+
+    group = group_cli(group_args, max(cli.trainer.max_epochs for cli in runs.values()))
+    validates = bool(group.trainer.limit_val_batches)
+    # By name, while the run trains; a stopped one leaves the stack only at its epoch's end, so its checkpoint
+    # still saves this epoch's weights when they are its best, as a run alone's does.
+    checkpoints: dict[str, ModelInStackCheckpoint] = {}
+
+    def join(name: str, cli: MLPCLI) -> None:
+        save_config(cli)
+        checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"), validates)
+
+    def leave(name: str, how: str, detail: str) -> None:
+        on_end(name, run_end(how, detail, checkpoints.pop(name)))
+
+    def refill(module: FusedClassifier) -> None:
+        if not (free := fuse - len(module.names)):
+            return
+        # Building a run seeds the random generators for its initial weights; the group's batch order and
+        # dropout masks go on from where they were.
+        with torch.random.fork_rng(devices=[module.device.index] if module.device.type == "cuda" else []):
+            joining = more(free)
+        for name, cli in joining.items():
+            join(name, cli)
+            checkpoints[name].setup(group.trainer, module, stage="fit")
+            module.add(cli.model, cli.trainer.max_epochs, name, cli.trainer.logger)
+
+    for name, cli in runs.items():
+        join(name, cli)
+    group.trainer.callbacks += [*([judge] if judge else []), TrialCheckpoints(checkpoints)]
+    clis = list(runs.values())
+    group.model = FusedClassifier(
+        [cli.model for cli in clis], [cli.trainer.max_epochs for cli in clis], list(runs),
+        [cli.trainer.logger for cli in clis], on_leave=leave, refill=refill if more else None,
+        pad_widths=pads_widths(group),
+    )
+    fit(group)
+    return group.datamodule
+
+
+def run_end(how: str, detail: str, checkpoint: ModelCheckpoint) -> RunEnd:
+    score = checkpoint.best_model_score
+    return RunEnd(how, detail, checkpoint.best_model_path, None if score is None else score.item())
 
 
 class EpochEnds:
@@ -297,8 +326,8 @@ def save_config(cli: MLPCLI) -> None:
 
 class TrialCheckpoints(L.Callback):
     """The running trials' checkpoint callbacks, called as one. Lightning calls every callback at every hook of
-    every step, and a `ModelInStackCheckpoint` acts only when training starts and at validation's end, so K of
-    them cost K calls per hook where this costs one: 2.5-3.3 ms less a step for 128 tiny trials, 1.2-1.7 ms for
+    every step, and a `ModelInStackCheckpoint` acts only when training starts, at validation's end and (without
+    validation) at an epoch's end, so K of them cost K calls per hook where this costs one: 2.5-3.3 ms less a step for 128 tiny trials, 1.2-1.7 ms for
     64, on the 2-core CPU."""
 
     def __init__(self, running: dict[str, ModelInStackCheckpoint]) -> None:
@@ -315,3 +344,7 @@ class TrialCheckpoints(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
         for checkpoint in list(self.running.values()):
             checkpoint.on_validation_end(trainer, module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
+        for checkpoint in list(self.running.values()):
+            checkpoint.on_train_epoch_end(trainer, module)

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mlp import final
 from mlp.budget import Budget
-from mlp.cli import build_cli
+from mlp.cli import MLPCLI, build_cli
 from mlp.errors import UserError
 from mlp.fused import FusedClassifier
 from mlp.gpu_sizing import (
@@ -407,6 +407,30 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     # the data settings each checkpoint holds: stacked refits hold them as unfused ones do.
     ensembles = {name: final.test_checkpoints([r["checkpoint"] for r in results[name]]) for name in results}
     assert ensembles["stacked"]["test_acc"] == ensembles["alone"]["test_acc"] > 0.5
+
+
+def test_a_run_without_validation_that_diverges_stops_there_alone_and_stacked_alike(synthetic_dir, tmp_path):
+    """A refit holds no validation split: its training loss shows a divergence, to its own guard alone and to
+    the stack, which both stop it at that epoch and keep that epoch's weights under the name a refit's has."""
+    from mlp.trials import train_runs
+
+    args = [f"--data.data_dir={synthetic_dir}", "--data.val_size=0", "--trainer.max_epochs=3", "--model.depth=1",
+            "--model.width=8"]
+
+    def run(version: str, lr: float) -> MLPCLI:
+        return build_cli([*args, f"--trainer.logger.init_args.save_dir={tmp_path}",
+                          f"--trainer.logger.init_args.version={version}", f"--model.lr={lr}"])
+
+    ends = {}
+    train_runs({"alone": run("alone", 1e30)}, [], 1, ends.__setitem__)
+    data = train_runs({"stacked": run("stacked", 1e30), "learns": run("learns", 0.1)}, args, 2, ends.__setitem__)
+    for name in ("alone", "stacked"):
+        assert ends[name].how == "diverged" and ends[name].detail.startswith("epoch 0: ")
+        assert "train/loss_epoch = nan is not finite" in ends[name].detail
+        assert ends[name].checkpoint == str(tmp_path / "fit" / name / "checkpoints" / "epoch00.ckpt")
+    # The other model of the stack trains on to its last epoch, whose weights it keeps.
+    assert ends["learns"] == ("finished", "", str(tmp_path / "fit" / "learns" / "checkpoints" / "epoch02.ckpt"), None)
+    assert len(data.train_set) == 800
 
 
 def test_fuse_auto_stacks_only_a_net_that_stacks_and_fuse_k_refuses_another(synthetic_dir, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import inspect
 
 import lightning as L
 import optuna
+import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mlp.module import MLPClassifier
@@ -20,9 +21,11 @@ def test_storage_of_is_the_storage_the_study_was_opened_with(tmp_path):
     assert isinstance(storage_of(study), optuna.storages.BaseStorage) and callable(storage_of(study).record_heartbeat)
 
 
-def test_every_save_of_a_model_checkpoint_goes_through_its_save_checkpoint(tmp_path):
-    """mlp.fused.ModelInStackCheckpoint overrides ModelCheckpoint._save_checkpoint to write one model of a stack;
-    an upgrade that saved any other way would write whole stacks, or nothing, under the best model's name."""
+@pytest.mark.parametrize("validates", [True, False])
+def test_every_save_of_a_model_checkpoint_goes_through_its_save_checkpoint(tmp_path, validates):
+    """mlp.fused.ModelInStackCheckpoint overrides ModelCheckpoint._save_checkpoint to write one model of a stack,
+    its best by val/acc or, without validation (a refit), its latest; an upgrade that saved any other way would
+    write whole stacks, or nothing, under the model's name."""
     assert list(inspect.signature(ModelCheckpoint._save_checkpoint).parameters) == ["self", "trainer", "filepath"]
     saved = []
 
@@ -30,9 +33,12 @@ def test_every_save_of_a_model_checkpoint_goes_through_its_save_checkpoint(tmp_p
         def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
             saved.append(filepath)
 
-    checkpoint = Records(dirpath=tmp_path, monitor="val/acc", mode="max", save_on_train_epoch_end=False)
+    checkpoint = Records(dirpath=tmp_path, monitor="val/acc" if validates else None, mode="max",
+                         save_on_train_epoch_end=not validates)
     train, val = loaders()
     L.Trainer(
-        max_epochs=2, logger=False, callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False
+        max_epochs=2, logger=False, callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=1.0 if validates else 0,
     ).fit(MLPClassifier(depth=0), train, val)
     assert saved and checkpoint.best_model_path in saved and list(tmp_path.iterdir()) == []
+    assert validates or len(saved) == 2  # without validation, at each epoch's end
