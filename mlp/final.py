@@ -103,7 +103,7 @@ def refit_trials(study: optuna.Study, numbers: list[int], fuse: int) -> list[dic
     fuse > 1, those not yet cached train up to `fuse` at once, stacked as tune.py --fuse stacks trials
     (`mlp.trials.train_runs`): the same runs, checkpoints and cached results. Runs whose data settings differ (a
     study resumed with other data flags) cannot share batches, and train one at a time."""
-    trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if f"refit_{n}" not in study.user_attrs]
+    trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if not refit_done(study, n)]
     size = fuse if len(todo) > 1 else 1
     for start in range(0, len(todo), size):
         # Each trial's configuration as a fit run on all training images.
@@ -115,6 +115,12 @@ def refit_trials(study: optuna.Study, numbers: list[int], fuse: int) -> list[dic
             for n, cli in runs.items():
                 train_and_test_refits(study, {n: cli}, 1)
     return [study.user_attrs[f"refit_{n}"] for n in numbers]
+
+
+def refit_done(study: optuna.Study, number: int) -> bool:
+    """Whether trial `number`'s refit was trained and tested (a user attribute set to None, as Optuna cannot delete
+    one, counts as not)."""
+    return bool(study.user_attrs.get(f"refit_{number}"))
 
 
 def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int) -> None:

@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import AFTER_REFITS_SECONDS, Budget
 from mlp.errors import UserError, check
-from mlp.final import ensemble, refit_ensemble, refit_trials, trial_run
+from mlp.final import ensemble, refit_done, refit_ensemble, refit_trials, trial_run
 from mlp.module import MLPClassifier
 from mlp.net import MLP
 
@@ -114,7 +114,7 @@ def best_checkpoint(study: optuna.Study) -> dict[str, Any]:
 def refit_best(study: optuna.Study, budget: Budget) -> dict[str, Any]:
     result = {"what": "the best trial's configuration refit", "test_acc": None}
     best = study.best_trial
-    if f"refit_{best.number}" not in study.user_attrs and (why := over_budget(budget, [best], fuse=1)):
+    if not refit_done(study, best.number) and (why := over_budget(budget, [best], fuse=1)):
         return {**result, "why_no_test": why}
     try:
         return refit_trials(study, [best.number], fuse=1)[0]
@@ -139,7 +139,7 @@ def affordable_ensemble(study: optuna.Study, averaged: dict[str, Any], budget: B
     candidates = averaged["candidates"]
 
     def untrained(k: int) -> list[FrozenTrial]:
-        return [by_number[n] for n in candidates[:k] if f"refit_{n}" not in study.user_attrs]
+        return [by_number[n] for n in candidates[:k] if not refit_done(study, n)]
 
     # Best on val first, ties to the smaller: the ensemble chosen on val comes first.
     by_val = sorted(range(1, len(candidates) + 1), key=lambda k: (-averaged["val_acc_by_k"][k - 1], k))
