@@ -1,8 +1,9 @@
 """What `tune.py --timeout SECONDS` bounds: the whole command after start-up, not just the trials.
 
 The trials stop early enough to leave the final model the time it needs, estimated from the trials' own measured
-times: a trial is started only while the time left before the final model's share is enough for the quickest trial
-so far, and a running trial stops (told as pruned, with the user attribute `cut`) at the first epoch end from which
+times: a trial is trained only if its estimated time fits in what is left before the final model's share (one
+that does not is skipped: failed, with the user attribute `skipped`, counting as no failure), and a running trial
+stops (told as pruned, with the user attribute `cut`) at the first epoch end from which
 its remaining epochs would run into that share; once only the share without refits is left, every trial stops at
 once, mid-epoch. The final model then refits what fits in the time left (see `mlp.report.final_models`). Without
 --timeout nothing stops: the deadline is infinitely far.
@@ -26,6 +27,9 @@ REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (0
 # While trials run, time is kept back to refit this many of the best trials: the refit ensembles of the default
 # studies held 2 to 6 (docs/results.md).
 RESERVED_REFITS = 3
+# Near the deadline the sampler may keep drawing trials too long for the time left; after this many skipped in a
+# row, no more are asked.
+SKIPS_IN_A_ROW = 5
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Budget:
     refit_scale: float = 1.0
     fuse: int = 1
     started: float = field(default_factory=time.time)
+    skipped_in_a_row: int = 0
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -58,10 +63,25 @@ class Budget:
         return FINISH_SECONDS + self.refit_seconds(best_first[:RESERVED_REFITS])
 
     def trials_may_start(self, best_first: list[FrozenTrial]) -> bool:
-        """Whether a trial may start: the time left before the final model's is at least the quickest complete
-        trial's (a trial that cannot finish would be cut, its epochs wasted)."""
-        quickest = min((trial_seconds(t) for t in best_first), default=0.0)
-        return self.left() - self.reserve(best_first) > quickest
+        """Whether a trial may be asked: time is left before the final model's share, and the last few trials
+        asked were not all skipped as too long for it (see `no_time_for`)."""
+        return self.skipped_in_a_row < SKIPS_IN_A_ROW and self.left() > self.reserve(best_first)
+
+    def no_time_for(self, epochs: int, multiply_adds: int, best_first: list[FrozenTrial]) -> str | None:
+        """Why a trial of `epochs` epochs of a net of `multiply_adds` per example cannot finish before the final
+        model's share, or None if it can (or nothing is known yet): its time estimated from the complete trials'
+        median seconds per epoch and multiply-add. Counts the trials skipped in a row."""
+        rates = sorted(trial_seconds(t) / (t.user_attrs["epochs_trained"] * t.user_attrs["multiply_adds"])
+                       for t in best_first if {"epochs_trained", "multiply_adds"} <= t.user_attrs.keys())
+        if not rates or not math.isfinite(self.deadline):
+            self.skipped_in_a_row = 0
+            return None
+        needed, spare = epochs * multiply_adds * rates[len(rates) // 2], self.left() - self.reserve(best_first)
+        if needed <= spare:
+            self.skipped_in_a_row = 0
+            return None
+        self.skipped_in_a_row += 1
+        return f"it would take about {needed:.0f} s and {max(spare, 0):.0f} s were left before the final model's share"
 
     def overdue(self) -> bool:
         """Whether training must stop now: only the final model's share without refits is left."""

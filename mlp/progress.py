@@ -26,7 +26,8 @@ LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
 @dataclass(frozen=True)
 class StudyCounts:
-    """Trials of a study by state, and the best so far; surplus trials (see mlp.study.surplus_trials) are no failure."""
+    """Trials of a study by state, and the best so far; surplus trials (see mlp.study.surplus_trials) and those
+    skipped as too long for the --timeout budget (see mlp.budget) are no failure."""
 
     complete: int = 0
     pruned: int = 0
@@ -46,7 +47,7 @@ class StudyCounts:
         return cls(
             complete=len(complete),
             pruned=sum(t.state == TrialState.PRUNED for t in trials),
-            failed=sum(t.state == TrialState.FAIL and not t.user_attrs.get("surplus") for t in trials),
+            failed=sum(t.state == TrialState.FAIL and not {"surplus", "skipped"} & t.user_attrs.keys() for t in trials),
             running=sum(t.state == TrialState.RUNNING for t in trials),
             best_value=None if best is None else best.value,
             best_number=None if best is None else best.number,

@@ -193,8 +193,9 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
         "cost": cost(study),
         "wall_seconds_this_run": round(wall_seconds, 1),
         "fuse_this_run": budget.fuse,
-        "diverged": {str(t.number): t.user_attrs["diverged"] for t in trials if "diverged" in t.user_attrs},
-        "cut": {str(t.number): t.user_attrs["cut"] for t in trials if "cut" in t.user_attrs},
+        # Trials that ended early, and why: diverged or cut (pruned), or skipped (failed) for the --timeout budget.
+        **{how: {str(t.number): t.user_attrs[how] for t in trials if how in t.user_attrs}
+           for how in ("diverged", "cut", "skipped")},
     }
     if counts["complete"]:
         best = study.best_trial

@@ -88,7 +88,6 @@ class Trials:
         trial.set_user_attr("log_dir", cli.trainer.log_dir)
         trial.set_user_attr("multiply_adds", cli.model.net.multiply_adds())
         trial.set_user_attr("worker", worker_name())
-        self.ran.append(trial.number)
         return cli
 
     def train(
@@ -103,8 +102,21 @@ class Trials:
         judge = JudgeEachEpoch(study, {}, self.n_trials, self.budget)
 
         def runs(asked: list[tuple[optuna.Trial, dict[str, Any]]]) -> dict[str, MLPCLI]:
-            judge.trials.update({str(trial.number): EpochEnds(trial) for trial, _ in asked})
-            return {str(trial.number): self.build(trial, flags) for trial, flags in asked}
+            """The asked trials' runs, less those skipped as too long for the budget."""
+            built = {}
+            for trial, flags in asked:
+                cli = self.build(trial, flags)
+                why = self.budget.no_time_for(cli.trainer.max_epochs, cli.model.net.multiply_adds(), best_first(study))
+                if why:
+                    trial.set_user_attr("skipped", why)
+                    study.tell(trial, state=TrialState.FAIL)
+                    running.remove(trial)
+                    log.info(f"Trial {trial.number} skipped: {why}.")
+                    continue
+                self.ran.append(trial.number)
+                judge.trials[str(trial.number)] = EpochEnds(trial)
+                built[str(trial.number)] = cli
+            return built
 
         def more(free: int) -> dict[str, MLPCLI]:
             asked = self.ask(study, free) if may_refill() else []
@@ -114,7 +126,8 @@ class Trials:
         def tell(name: str, end: "RunEnd") -> None:
             self.tell(study, judge.trials[name].trial, end, running)
 
-        train_runs(runs(asked), self.fit_args, self.fuse, tell, judge, more)
+        if first := runs(asked):
+            train_runs(first, self.fit_args, self.fuse, tell, judge, more)
 
     @staticmethod
     def tell(study: optuna.Study, trial: optuna.Trial, end: "RunEnd", running: list[optuna.Trial]) -> None:

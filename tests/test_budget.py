@@ -9,8 +9,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mlp.budget import AFTER_REFITS_SECONDS, FINISH_SECONDS, REFIT_START_SECONDS, Budget
+from mlp.budget import AFTER_REFITS_SECONDS, FINISH_SECONDS, REFIT_START_SECONDS, SKIPS_IN_A_ROW, Budget
 from mlp.errors import UserError
+from mlp.progress import StudyCounts
 from mlp.report import affordable_ensemble
 from tests.test_sweeps import tune, tune_args
 
@@ -43,13 +44,30 @@ def test_a_refit_is_estimated_from_its_trials_time_and_a_stack_lasts_as_long_as_
     assert alone.refit_seconds(trials, fuse=3) == pytest.approx(REFIT_START_SECONDS + 1.1 * 30)
 
 
-def test_trials_start_while_the_time_before_the_final_models_share_fits_the_quickest_trial():
+def test_trials_are_asked_while_time_is_left_before_the_final_models_share():
     best = [trial_of(30, 0.9), trial_of(10, 0.8), trial_of(40, 0.7), trial_of(50, 0.6)]
     reserve = FINISH_SECONDS + 3 * REFIT_START_SECONDS + 80  # the three best trials' refits, not the fourth's
     assert Left(0).reserve(best) == pytest.approx(reserve)
-    assert Left(reserve + 10.5).trials_may_start(best) and not Left(reserve + 9.5).trials_may_start(best)
+    assert Left(reserve + 0.5).trials_may_start(best) and not Left(reserve - 0.5).trials_may_start(best)
     assert Left(FINISH_SECONDS + 1).trials_may_start([]) and not Left(FINISH_SECONDS - 1).trials_may_start([])
     assert Budget().trials_may_start(best) and not Budget().cuts(math.inf, best)  # no --timeout: nothing stops
+
+
+def test_a_trial_is_skipped_when_its_estimate_does_not_fit_and_a_run_of_skips_ends_the_asking():
+    # 10 s for 5 epochs of 2e6 multiply-adds: 1e-6 s per epoch and multiply-add (the median of the three).
+    best = [trial_of(10), trial_of(8), trial_of(40)]
+    for trial, (epochs, multiply_adds) in zip(best, [(5, 2e6), (4, 2e6), (5, 2e6)]):
+        trial.set_user_attr("epochs_trained", epochs)
+        trial.set_user_attr("multiply_adds", multiply_adds)
+    spare = 50
+    budget = Left(Left(0).reserve(best) + spare)
+    assert budget.no_time_for(25, 2e6, best) is None  # 50 s: just fits
+    for _ in range(SKIPS_IN_A_ROW - 1):
+        assert "about 52 s and 50 s were left" in budget.no_time_for(26, 2e6, best)
+    assert budget.trials_may_start(best)
+    assert budget.no_time_for(26, 2e6, best) and not budget.trials_may_start(best)
+    assert Left(0).no_time_for(10**6, 2e6, []) is None  # nothing known yet: the trial trains, and may be cut
+    assert Budget().no_time_for(10**6, 2e6, best) is None
 
 
 def test_a_running_trial_is_cut_when_its_remaining_epochs_would_eat_the_final_models_time():
@@ -136,3 +154,21 @@ def test_past_the_time_for_trials_every_running_trial_stops_at_once_mid_epoch(sy
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all("epochs_trained" not in t.user_attrs and not t.intermediate_values for t in trials)  # no epoch ended
     assert set(summary["cut"].values()) == {"in an epoch: the --timeout budget's time for trials was over"}
+
+
+@pytest.mark.parametrize("fuse", ["1", "2"])
+def test_trials_too_long_for_the_time_left_are_skipped_as_no_failure_until_a_run_of_them_ends_the_study(
+    synthetic_dir, tmp_path, monkeypatch, fuse
+):
+    def too_long(budget: Budget, epochs: int, multiply_adds: int, best_first: list) -> str:
+        budget.skipped_in_a_row += 1
+        return "too long"
+
+    monkeypatch.setattr(Budget, "no_time_for", too_long)
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=30), f"--fuse={fuse}", "--quiet"])
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    # Trials are asked a stack's free places at a time.
+    assert SKIPS_IN_A_ROW <= len(trials) < SKIPS_IN_A_ROW + int(fuse) and all(t.state == TrialState.FAIL for t in trials)
+    assert summary["skipped"] == {str(t.number): "too long" for t in trials}
+    assert str(StudyCounts.of(trials)).startswith("pruned 0, failed 0,")
+    assert not (tmp_path / "logs" / "tune" / "test" / "trial_0").exists()  # a skipped trial leaves no run
