@@ -58,9 +58,20 @@ class Budget:
         return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
 
     def reserve(self, best_first: list[FrozenTrial]) -> float:
-        """The time kept back for the final model while trials run: refits of the RESERVED_REFITS best complete
-        trials (`best_first`) and what follows them."""
-        return FINISH_SECONDS + self.refit_seconds(best_first[:RESERVED_REFITS])
+        """The time kept back for the final model while trials run: refits of the best complete trials
+        (`best_first`), the most of the RESERVED_REFITS best that fitted in the time left when the last of them
+        completed, and what follows them.
+
+        From then on trials stop when the time left is what is kept back, so those refits stay affordable. Refits
+        that did not fit then never will: they keep nothing back, and the time goes to trials, whose checkpoints
+        the final model will have."""
+        kept = 0.0
+        for j in range(1, min(RESERVED_REFITS, len(best_first)) + 1):
+            seconds = self.refit_seconds(best_first[:j])
+            completed = max(t.datetime_complete.timestamp() for t in best_first[:j])
+            if seconds <= self.deadline - completed - FINISH_SECONDS:
+                kept = seconds
+        return FINISH_SECONDS + kept
 
     def trials_may_start(self, best_first: list[FrozenTrial]) -> bool:
         """Whether a trial may be asked: time is left before the final model's share, and the last few trials
