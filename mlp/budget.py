@@ -12,7 +12,7 @@ once, mid-epoch. The final model then refits what fits in the time left (see `ml
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
 
@@ -43,8 +43,12 @@ class Budget:
     deadline: float = math.inf
     refit_scale: float = 1.0
     fuse: int = 1
-    started: float = field(default_factory=time.time)
     skipped_in_a_row: int = 0
+
+    @property
+    def bounded(self) -> bool:
+        """Whether there is a deadline (--timeout was given)."""
+        return math.isfinite(self.deadline)
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -84,7 +88,7 @@ class Budget:
         median seconds per epoch and multiply-add. Counts the trials skipped in a row."""
         rates = sorted(trial_seconds(t) / (t.user_attrs["epochs_trained"] * t.user_attrs["multiply_adds"])
                        for t in best_first if {"epochs_trained", "multiply_adds"} <= t.user_attrs.keys())
-        if not rates or not math.isfinite(self.deadline):
+        if not rates or not self.bounded:
             self.skipped_in_a_row = 0
             return None
         needed, spare = epochs * multiply_adds * rates[len(rates) // 2], self.left() - self.reserve(best_first)
@@ -100,7 +104,7 @@ class Budget:
 
     def cuts(self, seconds_to_finish: float, best_first: list[FrozenTrial]) -> bool:
         """Whether a running trial that needs `seconds_to_finish` more would eat into the final model's time."""
-        return math.isfinite(self.deadline) and seconds_to_finish > self.left() - self.reserve(best_first)
+        return self.bounded and seconds_to_finish > self.left() - self.reserve(best_first)
 
 
 def trial_seconds(trial: FrozenTrial) -> float:

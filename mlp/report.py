@@ -143,11 +143,12 @@ def affordable_ensemble(study: optuna.Study, averaged: dict[str, Any], budget: B
 
     # Best on val first, ties to the smaller: the ensemble chosen on val comes first.
     by_val = sorted(range(1, len(candidates) + 1), key=lambda k: (-averaged["val_acc_by_k"][k - 1], k))
+    whole = over_budget(budget, untrained(averaged["k"]))
     for k in by_val:
         if over_budget(budget, untrained(k)) is None:
             if k == averaged["k"]:
                 return averaged
-            why = f"the ensemble of {averaged['k']} chosen on val: {over_budget(budget, untrained(averaged['k']))}"
+            why = f"the ensemble of {averaged['k']} chosen on val: {whole}"
             return {**averaged, "k": k, "trials": candidates[:k], "smaller_than": why}
     return {**averaged, "trials": [], "why_none": over_budget(budget, untrained(1))}
 

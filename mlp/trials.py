@@ -106,8 +106,8 @@ class Trials:
             built = {}
             for trial, flags in asked:
                 cli = self.build(trial, flags)
-                why = self.budget.no_time_for(cli.trainer.max_epochs, cli.model.net.multiply_adds(), best_first(study))
-                if why:
+                ranked = best_first(study) if self.budget.bounded else []
+                if why := self.budget.no_time_for(cli.trainer.max_epochs, cli.model.net.multiply_adds(), ranked):
                     trial.set_user_attr("skipped", why)
                     study.tell(trial, state=TrialState.FAIL)
                     running.remove(trial)
@@ -286,7 +286,7 @@ class JudgeEachEpoch(L.Callback):
         if trainer.sanity_checking or self.overdue:  # a trial cut mid-epoch has no epoch's end to judge
             return
         surplus = surplus_trials(self.study, self.n_trials)  # one query each for the whole stack
-        ranked = best_first(self.study)
+        ranked = best_first(self.study) if self.budget.bounded else []  # what the budget's estimates read
 
         def cut(seconds: float) -> bool:
             return self.budget.cuts(seconds, ranked)

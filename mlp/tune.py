@@ -54,12 +54,12 @@ def run_study(
     """
     space.validate()
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
-    check(
-        timeout is None or timeout > FINISH_SECONDS,
-        f"--timeout {timeout:g} leaves no time for trials: it bounds the whole command, and the final model's test "
-        f"and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or drop --timeout"
-        if timeout is not None else "",
-    )
+    if timeout is not None:
+        check(
+            timeout > FINISH_SECONDS,
+            f"--timeout {timeout:g} leaves no time for trials: it bounds the whole command, and the final model's "
+            f"test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or drop --timeout",
+        )
     check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
     started = time.time()
     check(
@@ -102,7 +102,7 @@ def run_study(
     study = open_study(*opening)
     # A refit trains on train + val, so its epochs take longer than its trial's.
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
-    budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse, started)
+    budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse)
     start = time.perf_counter()
     trials = Trials(space, workers[0], study_name, n_trials, fuse, budget)
     finished_before = finished_numbers(study)
