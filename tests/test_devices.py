@@ -47,5 +47,5 @@ def test_sigint_to_the_tune_command_fails_every_workers_running_trial(synthetic_
     assert process.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
     assert "run the same command again to continue" in stderr
     trials = trials_of(tmp_path)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL], stderr[-3000:]
     assert all(t.user_attrs.get("interrupted") for t in trials)
