@@ -1,8 +1,10 @@
 """A study's trials, from ask to tell: one at a time (--fuse 1) or up to K at once, stacked (--fuse K).
 
-Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions, so it trains exactly
-what `scripts/fit.py` with the same flags would train (same initial weights, TensorBoard folder, checkpoint
-folder). Alone, it trains in its own Trainer. Stacked, its model joins a `FusedClassifier` with the other trials
+Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions and its own seed, so it
+trains exactly what `scripts/fit.py` with those flags would train (same initial weights, TensorBoard folder,
+checkpoint folder). Trial n trains with the fit flags' --seed_everything + n: trials (and their refits) of one
+shape would otherwise start from the same weights and see the same batches, and an ensemble of them would
+repeat one model's mistakes; trial 0, fit's own configuration, is fit's own run. Alone, it trains in its own Trainer. Stacked, its model joins a `FusedClassifier` with the other trials
 asked with it, in one Trainer built from the same fit flags: on a GPU one stack per depth, padded to its widest
 trial; on the CPU one stack per depth and width, as padding costs the CPU its arithmetic (`pads_widths`). A
 stacked trial leaves its stack when it ends, and while the study has trials to start, one asked at that epoch's
@@ -42,10 +44,12 @@ class Trials:
     """Runs up to `fuse` trials at once; `mlp.study.run_trials` calls `start_trials` while the study may start one."""
 
     def __init__(
-        self, space: SearchSpace, fit_args: list[str], study_name: str, n_trials: int, fuse: int, budget: Budget
+        self, space: SearchSpace, fit_args: list[str], study_name: str, n_trials: int, fuse: int, budget: Budget,
+        seed: int | None = 0,
     ) -> None:
         self.space, self.fit_args, self.study_name = space, fit_args, study_name
         self.n_trials, self.fuse, self.budget = n_trials, fuse, budget
+        self.seed = seed  # the fit flags' --seed_everything; None where it is false (nothing seeded)
         self.interrupted = False  # on Ctrl-C every running trial is failed, then run_trials stops
         self.ran: list[int] = []  # numbers of the trials this worker trained
 
@@ -84,6 +88,8 @@ class Trials:
 
     def build(self, trial: optuna.Trial, flags: dict[str, Any]) -> MLPCLI:
         """The trial's own run, as fit.py would build it, with what the report and other workers need to know."""
+        if self.seed is not None:
+            flags = {**flags, "seed_everything": self.seed + trial.number}
         cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
         trial.set_user_attr("log_dir", cli.trainer.log_dir)
         trial.set_user_attr("multiply_adds", cli.model.net.multiply_adds())

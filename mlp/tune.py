@@ -104,9 +104,10 @@ def run_study(
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
     budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse)
     start = time.perf_counter()
-    trials = Trials(space, workers[0], study_name, n_trials, fuse, budget)
+    seed = None if cli.config.seed_everything is False else cli.config.seed_everything  # an int once parsed
+    trials = Trials(space, workers[0], study_name, n_trials, fuse, budget, seed)
     finished_before = finished_numbers(study)
-    with OtherDevices(train_trials, (space, opening, n_trials, budget, fuse), workers) as others:
+    with OtherDevices(train_trials, (space, opening, n_trials, budget, fuse, seed), workers) as others:
         run_trials(study, trials, n_trials, budget, progress)
     # The workers this command started report nothing: their trials count as its own.
     started_here = {worker_name(pid) for pid in others.pids}
@@ -124,7 +125,7 @@ def run_study(
     return report(study, tune_dir / study_name, time.perf_counter() - start, final, budget)
 
 
-def train_trials(space: SearchSpace, opening: tuple, n_trials: int, budget: Budget, fuse: int,
+def train_trials(space: SearchSpace, opening: tuple, n_trials: int, budget: Budget, fuse: int, seed: int | None,
                  fit_args: list[str]) -> None:
     """One more worker on the study `run_study` opened (`opening`: `open_study`'s arguments), training on the
     device its `fit_args` name; the process that started it shows the progress and writes the report."""
@@ -132,4 +133,4 @@ def train_trials(space: SearchSpace, opening: tuple, n_trials: int, budget: Budg
     for name in LIGHTNING_LOGGERS:  # each trial's "GPU available" lines, once per worker
         logging.getLogger(name).setLevel(logging.WARNING)
     study = open_study(*opening)
-    run_trials(study, Trials(space, fit_args, opening[0], n_trials, fuse, budget), n_trials, budget)
+    run_trials(study, Trials(space, fit_args, opening[0], n_trials, fuse, budget, seed), n_trials, budget)

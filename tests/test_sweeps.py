@@ -8,6 +8,7 @@ import lightning as L
 import optuna
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 
 from mlp.data import FILES, FashionMNISTDataModule
@@ -84,6 +85,9 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
     assert json.loads((report_dir / "report.json").read_text()) == summary
     assert (report_dir / "optimization_history.png").stat().st_size > 0
     assert (report_dir / "trial_0" / "checkpoints").is_dir()
+    # Each trial trains with its own seed, the fit flags' (0 by default) plus its number.
+    seeds = [yaml.safe_load((report_dir / f"trial_{n}" / "config.yaml").read_text())["seed_everything"] for n in range(3)]
+    assert seeds == [0, 1, 2]
 
     resumed = tune.main(tune_args(synthetic_dir, tmp_path, n_trials=4))
 
@@ -91,6 +95,23 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
     assert [t.number for t in trials] == [0, 1, 2, 3]
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
     assert resumed["epochs_trained"] == summary["epochs_trained"] + trials[3].user_attrs["epochs_trained"]
+
+
+def test_trial_n_trains_with_the_fit_seed_plus_n_so_same_shaped_trials_start_apart(synthetic_dir, tmp_path):
+    from mlp.budget import Budget
+    from mlp.cli import build_cli
+    from mlp.search import SearchSpace
+    from mlp.trials import Trials
+
+    fit_args = [f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--data.val_size=100", "--seed_everything=7"]
+    study = optuna.create_study(direction="maximize")
+    trials = Trials(SearchSpace(), fit_args, "s", n_trials=2, fuse=1, budget=Budget(), seed=7)
+    built = [trials.build(study.ask(), {}) for _ in range(2)]  # two trials of fit's own configuration
+    assert [cli.config.seed_everything for cli in built] == [7, 8]
+    first_weights = [next(cli.model.net.parameters()) for cli in (build_cli(fit_args), *built)]
+    assert torch.equal(first_weights[1], first_weights[0])  # trial 0 is fit's own run
+    assert not torch.equal(first_weights[2], first_weights[1])
 
 
 def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
