@@ -3,9 +3,12 @@
 scripts/fit.py and scripts/tune.py both build their runs here, so a flag means the same in both.
 """
 
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
+from types import FrameType
 from typing import Any, ClassVar
 
 import torch
@@ -92,7 +95,7 @@ class MLPCLI(LightningCLI):
             self.config.checkpoint.monitor = None
             self.config.checkpoint.filename = "epoch{epoch:02d}"
         # Added to the run's own callbacks at instantiation; the guard watches the loss this run has.
-        self.trainer_defaults["callbacks"] = [latest_checkpoint(), divergence_guard(validates)]
+        self.trainer_defaults["callbacks"] = [latest_checkpoint(), divergence_guard(validates), InterruptAtBatchEnd()]
         if self.config.ckpt_path == "last":
             self.resume_last()
 
@@ -143,6 +146,57 @@ class ResumableOnInterrupt(Callback):
 def latest_checkpoint() -> ModelCheckpoint:
     """Keeps last.ckpt, the end of the latest epoch, for `--ckpt_path last` to resume from."""
     return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
+
+class InterruptAtBatchEnd(Callback):
+    """During a run, Ctrl-C stops it at the end of the current batch instead of wherever Python was.
+
+    A KeyboardInterrupt can land inside a library's critical section and leave it broken: landing in TensorBoard's
+    queue.put after the item was counted but before its writer thread was woken, it left the run's final flush
+    waiting for that thread's next timed flush, two minutes later (`tune.py` on two devices then failed its
+    trial only after the other worker had finished the study). So from setup to teardown SIGINT only records the
+    request, and the next batch's end raises KeyboardInterrupt, which Lightning handles as any Ctrl-C: a second
+    Ctrl-C raises at once, and a request with no batch left is raised at teardown.
+    """
+
+    def __init__(self) -> None:
+        self.requested = self.active = False
+        self.previous: Any = signal.default_int_handler  # the SIGINT handler before the run, put back after it
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.requested, self.active = False, True
+            self.previous = signal.signal(signal.SIGINT, self.request) or signal.default_int_handler
+
+    def request(self, signum: int, frame: FrameType | None) -> None:
+        if not self.active:
+            # Lightning puts back the handlers of the run's start after an interrupted run, so this one can
+            # outlive its run: then it is the handler it replaced.
+            if callable(self.previous):
+                self.previous(signum, frame)
+            elif self.previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
+        elif self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def raise_if_requested(self, *_: Any) -> None:
+        if self.active and self.requested:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = on_predict_batch_end = raise_if_requested
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.active = False
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.active:
+            return
+        self.active = False
+        if signal.getsignal(signal.SIGINT) == self.request:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def divergence_guard(validates: bool) -> EarlyStopping:

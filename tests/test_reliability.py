@@ -229,6 +229,37 @@ def test_children_take_sigint_even_when_pytest_was_started_with_it_ignored(tmp_p
 LIGHTNING_WARNINGS_ABOUT_OUR_CALLS = ("was called without a model", "there is no last checkpoint available", "LeafSpec")
 
 
+def test_ctrl_c_inside_a_step_stops_the_fit_at_that_batchs_end_and_not_inside_the_code_it_hit(synthetic_dir, tmp_path):
+    # A KeyboardInterrupt raised wherever Python was can break a library mid-update (TensorBoard's queue.put left
+    # its writer asleep for two minutes); the fit must finish the line the signal hit, then stop at the batch end.
+    import lightning as L
+
+    from mlp.cli import build_cli
+    from mlp.cli import fit as fit_run
+
+    class CtrlCInStep(L.Callback):
+        lines_after_the_signal = 0
+
+        def on_train_batch_start(self, trainer: L.Trainer, *_: object) -> None:
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                self.lines_after_the_signal += 1
+
+    cli = build_cli(fit_args(synthetic_dir, tmp_path))
+    ctrl_c = CtrlCInStep()
+    cli.trainer.callbacks.append(ctrl_c)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, however pytest started
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_run(cli)
+        assert ctrl_c.lines_after_the_signal == 1 and cli.trainer.global_step == 3  # that batch trained, no other
+        with pytest.raises(KeyboardInterrupt):  # after the run, Ctrl-C interrupts at once again
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epochs(synthetic_dir, tmp_path):
     args = fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=40", "--model.width=256")
     run_dir = tmp_path / "logs" / "fit" / "version_0"
