@@ -319,7 +319,7 @@ def running_trial(tmp_path: Path) -> bool:
 
 
 def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_dir, tmp_path):
-    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    args = tune_args(synthetic_dir, tmp_path, n_trials=2)
     process = start("tune.py", args)
     wait_for(process, lambda: running_trial(tmp_path), "a running trial")
     process.send_signal(signal.SIGINT)
@@ -332,12 +332,12 @@ def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_di
     assert again.returncode == 0, again.stderr[-2000:]
     states = [t.state for t in trials_of(tmp_path)]
     assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
-    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 3
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 2
 
 
 def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_once(synthetic_dir, tmp_path):
     quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
-    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    args = tune_args(synthetic_dir, tmp_path, n_trials=2)
     process = start("tune.py", args, patch=quick_heartbeat)
     wait_for(process, lambda: running_trial(tmp_path), "a running trial")
     process.kill()
@@ -352,7 +352,7 @@ def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_o
     assert trials[killed.number].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].params == killed.params
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
     assert TrialState.RUNNING not in [t.state for t in trials]
 
 
