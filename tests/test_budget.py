@@ -93,8 +93,8 @@ def test_a_running_trial_is_cut_when_its_remaining_epochs_would_eat_the_final_mo
 
 
 def ensemble_of(k: int) -> dict:
-    """An ensemble as mlp.final.ensemble gives it: four candidates, best k=3 on val, k=2 second best."""
-    return {"candidates": [0, 1, 2, 3], "val_acc_by_k": [0.80, 0.83, 0.84, 0.82], "k": k, "trials": [0, 1, 2][:k]}
+    """An ensemble as mlp.final.ensemble gives it: four candidates, best k=3 on val, k=1 second best."""
+    return {"candidates": [0, 1, 2, 3], "val_acc_by_k": [0.83, 0.82, 0.84, 0.80], "k": k, "trials": [0, 1, 2][:k]}
 
 
 def study_of_quick_trials() -> optuna.Study:
@@ -109,10 +109,10 @@ def test_an_ensemble_whose_refits_fit_is_refit_whole():
     assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Left(AFTER_REFITS_SECONDS + 6.5)) == ensemble_of(3)
 
 
-def test_when_the_ensembles_refits_do_not_fit_the_best_smaller_one_on_val_that_fits_is_refit():
+def test_when_the_ensembles_refits_do_not_fit_the_largest_smaller_one_that_fits_is_refit_not_the_best_on_val():
     study = study_of_quick_trials()
     two = affordable_ensemble(study, ensemble_of(3), Left(AFTER_REFITS_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
-    assert two["trials"] == [0, 1] and two["k"] == 2
+    assert two["trials"] == [0, 1] and two["k"] == 2  # k=1 is better on val, within noise; two refits average more
     assert "ensemble of 3 chosen on val" in two["smaller_than"] and "--timeout" in two["smaller_than"]
     study.set_user_attr("refit_1", {"cached": True})  # a refit already trained costs nothing
     three = affordable_ensemble(study, ensemble_of(3), Left(AFTER_REFITS_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
