@@ -101,7 +101,7 @@ def trial_args(fit_args: list[str], flags: dict[str, Any], study_name: str, vers
 
 
 SCHEDULE_STEPS = 100  # a trial's intermediate values are indexed by the percent of its own schedule done
-CHECK_EVERY = 10  # percent: pruning is checked at every tenth of a schedule crossed, and at each epoch's end
+REPORT_EVERY = 10  # percent: a trial reports its val/acc, and the pruner judges it, at every tenth of its schedule
 
 
 def record_intermediate_values(trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None) -> bool:
@@ -109,20 +109,22 @@ def record_intermediate_values(trial: optuna.Trial, epoch: int, epochs: int, val
 
     Trials with different epoch counts run different one-cycle schedules, so they are compared at the same
     fraction of their own schedule: step 50 is the middle of every trial. Optuna's pruners compare a trial with
-    the others' values at exactly one step, so every whole percent this epoch crosses gets a value, interpolated
-    from the previous epoch's (`previous`, None for the first epoch, whose value stands back to step 1), and
-    pruning is checked at each tenth crossed (Hyperband's rungs among them) as well as at the epoch's end, but
-    never in the last epoch: a trial that trained all its epochs has spent its compute, and pruning it would
-    only drop it from the final models. Also counts the epochs trained in the user attribute `epochs_trained`.
+    the others' values at exactly one step, so every trial reports at the same steps, the tenths of its
+    schedule: each tenth this epoch crosses gets a value, interpolated from the previous epoch's (`previous`,
+    None for the first epoch, whose value stands back to step 10), and pruning is checked there (Hyperband's
+    rungs are tenths), but never in the last epoch: a trial that trained all its epochs has spent its compute,
+    and pruning it would only drop it from the final models. Only tenths, as each value and each check is a
+    storage transaction, and every percent cost a fused trial three times the storage time. Also counts the
+    epochs trained in the user attribute `epochs_trained`.
     """
     trial.set_user_attr("epochs_trained", epoch + 1)
     start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
-    last = math.floor(end)
     finished = epoch + 1 == epochs
-    for step in range(math.floor(start) + 1, last + 1):
+    first = REPORT_EVERY * (math.floor(start) // REPORT_EVERY + 1)  # the first tenth after the previous epoch's end
+    for step in range(first, math.floor(end) + 1, REPORT_EVERY):
         share = (step - start) / (end - start)
         trial.report(value if previous is None else previous + share * (value - previous), step)
-        if (step % CHECK_EVERY == 0 or step == last) and not finished and trial.should_prune():
+        if not finished and trial.should_prune():
             return True
     return False
 
@@ -133,7 +135,7 @@ def make_pruner(name: str, shortest_epochs: int) -> optuna.pruners.BasePruner:
     No trial is judged before the shortest schedule's first epoch (`shortest_epochs` long) has ended: earlier
     steps hold that epoch's value, which would flatter short schedules.
     """
-    first_epoch_end = CHECK_EVERY * math.ceil(SCHEDULE_STEPS / shortest_epochs / CHECK_EVERY)
+    first_epoch_end = REPORT_EVERY * math.ceil(SCHEDULE_STEPS / shortest_epochs / REPORT_EVERY)
     if name == "hyperband":
         # Rungs at first_epoch_end (20 % for the default space), then three times as far.
         return optuna.pruners.HyperbandPruner(

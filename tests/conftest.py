@@ -63,9 +63,9 @@ def real_data_available() -> bool:
 def epoch_values(trial) -> list[float]:
     """The val/acc a trial reached at the end of each epoch it trained, read back from its intermediate values.
 
-    Trials report at percent of their own schedule (mlp.search.record_intermediate_values); an epoch ends on a
-    whole percent, with its own value, when the epoch count divides 100, as in these tests' small studies.
+    Trials report at the tenths of their own schedule (mlp.search.record_intermediate_values); an epoch ends on
+    a tenth, with its own value, when the epoch count divides 10, as in these tests' small studies.
     """
     epochs = trial.params["epochs"]
-    assert 100 % epochs == 0, "epoch ends fall between percents"
+    assert 10 % epochs == 0, "epoch ends fall between tenths"
     return [trial.intermediate_values[100 * (e + 1) // epochs] for e in range(trial.user_attrs["epochs_trained"])]

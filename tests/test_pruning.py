@@ -25,14 +25,24 @@ def run(study: optuna.Study, epochs: int, final: float) -> tuple[optuna.Trial, i
     return trial, None
 
 
-def test_every_percent_of_a_schedule_gets_a_value_interpolated_between_epochs():
+def test_every_tenth_of_a_schedule_gets_a_value_interpolated_between_epochs():
     study = optuna.create_study(direction="maximize")
     _, pruned = run(study, 3, 0.9)
     values = study.trials[0].intermediate_values
-    assert pruned is None and sorted(values) == list(range(1, 101))
-    assert values[33] == accuracy_at(1 / 3, 0.9) and values[100] == accuracy_at(1, 0.9)
-    assert values[50] == pytest.approx((accuracy_at(1 / 3, 0.9) + accuracy_at(2 / 3, 0.9)) / 2, abs=0.01)
+    assert pruned is None and sorted(values) == list(range(10, 101, 10))
+    # The first epoch's value stands back to step 10; step 50 is halfway between the ends of epochs 1 and 2.
+    assert values[10] == values[30] == accuracy_at(1 / 3, 0.9) and values[100] == accuracy_at(1, 0.9)
+    assert values[50] == pytest.approx((accuracy_at(1 / 3, 0.9) + accuracy_at(2 / 3, 0.9)) / 2)
     assert study.trials[0].user_attrs["epochs_trained"] == 3
+
+
+def test_an_epoch_that_crosses_no_tenth_is_neither_reported_nor_judged():
+    # 40 epochs of 2.5 % each: the first three cross no tenth, so the first value and the first check end epoch 4.
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    stops = [record_intermediate_values(trial, epoch, 40, 0.1, None if epoch == 0 else 0.1) for epoch in range(4)]
+    assert stops == [False, False, False, True]
+    assert study.trials[0].intermediate_values == {10: 0.1} and study.trials[0].user_attrs["epochs_trained"] == 4
 
 
 @pytest.mark.parametrize("pruner", ["median", "hyperband"])
