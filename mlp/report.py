@@ -77,6 +77,8 @@ def test_best(study: optuna.Study) -> float:
 
 def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     """The study's plots as TensorBoard images (tag study/<name>) and PNG files; returns the names written."""
+    import matplotlib.image
+    from matplotlib import pyplot
     from optuna.visualization import matplotlib as plots
     from torch.utils.tensorboard import SummaryWriter
 
@@ -97,8 +99,12 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
                 continue
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             figure.set_size_inches(10, 6)
-            figure.savefig(log_dir / f"{name}.png", bbox_inches="tight")
-            writer.add_figure(f"study/{name}", figure, global_step=len(study.trials))
+            png = log_dir / f"{name}.png"
+            figure.savefig(png, bbox_inches="tight")
+            pyplot.close(figure)
+            # The PNG, not the figure: drawing a figure costs more than reading its PNG back (add_figure draws again).
+            image = matplotlib.image.imread(png)[..., :3]
+            writer.add_image(f"study/{name}", image, global_step=len(study.trials), dataformats="HWC")
             written.append(name)
     return written
 

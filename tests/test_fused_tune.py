@@ -34,7 +34,7 @@ from mlp.search import SearchSpace
 from mlp.study import Heartbeats, open_study
 from mlp.trials import Trials
 from tests.conftest import epoch_values
-from tests.test_reliability import created_trials, run, start, wait_for
+from tests.test_reliability import created_trials, start, wait_for
 from tests.test_reliability import tune_args as slow_tune_args
 from tests.test_sweeps import FAST_TRIAL, threshold_pruner, tune_args  # noqa: F401 (a fixture)
 
@@ -306,7 +306,7 @@ def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_pa
     assert all(t.user_attrs["interrupted"] for t in trials)
 
 
-def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(synthetic_dir, tmp_path):
+def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(synthetic_dir, tmp_path, monkeypatch):
     quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
     args = [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"]
     process = start("tune.py", args, patch=quick_heartbeat)
@@ -315,8 +315,9 @@ def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(syn
     process.communicate(timeout=300)
     time.sleep(3)  # let their heartbeats go stale
 
-    again = run("tune.py", args, patch=quick_heartbeat, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr("mlp.study.GRACE_SECONDS", 2)
+    tune.main([*args, "--quiet"])  # the same command again, in this process
     trials = created_trials(f"sqlite:///{tmp_path / 'study.db'}", "faults")
     killed = trials[:3]
     assert [t.state for t in killed] == [TrialState.FAIL] * 3
