@@ -113,9 +113,9 @@ def record_intermediate_values(trial: optuna.Trial, epoch: int, epochs: int, val
     schedule: each tenth this epoch crosses gets a value, interpolated from the previous epoch's (`previous`,
     None for the first epoch, whose value stands back to step 10), and pruning is checked there (Hyperband's
     rungs are tenths), but never in the last epoch: a trial that trained all its epochs has spent its compute,
-    and pruning it would only drop it from the final models. Only tenths, as each value and each check is a
-    storage transaction, and every percent cost a fused trial three times the storage time. Also counts the
-    epochs trained in the user attribute `epochs_trained`.
+    and pruning it would only drop it from the final models. Only tenths, as each value is a storage transaction
+    and each check reads the study: every percent cost a trial three to four times the storage time. Also counts
+    the epochs trained in the user attribute `epochs_trained`.
     """
     trial.set_user_attr("epochs_trained", epoch + 1)
     start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
