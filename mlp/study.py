@@ -76,9 +76,9 @@ def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
 
     A trial writes each of its intermediate values and user attributes in a transaction of its own; in SQLite's
     default rollback-journal mode each waits for the disk twice. With the log, a commit is one append (2.3 ms down
-    to 0.8 ms each on the 2-core machine, measured when a trial wrote ~100 values: about 1.2 s of an 8-trial study). A crashed or killed worker loses
-    nothing; a power cut may lose the last commits, never corrupt the file. Any process reading the file
-    (optuna-dashboard, a test) uses the log too.
+    to 0.8 ms each on the 2-core machine, measured when a trial wrote ~100 values: about 1.2 s of an 8-trial
+    study). A crashed or killed worker loses nothing; a power cut may lose the last commits, never corrupt the
+    file. Any process reading the file (optuna-dashboard, a test) uses the log too.
     """
     cursor = connection.cursor()
     if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

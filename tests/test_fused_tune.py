@@ -317,7 +317,7 @@ def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(syn
 
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr("mlp.study.GRACE_SECONDS", 2)
-    tune.main([*args, "--quiet"])  # the same command again, in this process
+    tune.main([*args, "--quiet"])  # the same study again, in this process
     trials = created_trials(f"sqlite:///{tmp_path / 'study.db'}", "faults")
     killed = trials[:3]
     assert [t.state for t in killed] == [TrialState.FAIL] * 3

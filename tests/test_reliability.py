@@ -328,13 +328,15 @@ def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_di
     assert "run the same command again to continue" in stderr
     assert [t.state for t in trials_of(tmp_path)] == [TrialState.COMPLETE, TrialState.FAIL]
 
-    tune.main([*args, "--quiet"])  # the same command again, in this process: what it resumes is in the storage
+    tune.main([*args, "--quiet"])  # the same study again, in this process: what it resumes is in the storage
     states = [t.state for t in trials_of(tmp_path)]
     assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
     assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 2
 
 
-def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_once(synthetic_dir, tmp_path, monkeypatch):
+def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_once(
+    synthetic_dir, tmp_path, monkeypatch
+):
     quick_heartbeat = "import mlp.study; mlp.study.HEARTBEAT_SECONDS = 1; mlp.study.GRACE_SECONDS = 2"
     args = tune_args(synthetic_dir, tmp_path, n_trials=2)
     process = start("tune.py", args, patch=quick_heartbeat)
@@ -347,7 +349,7 @@ def test_sigkill_of_tune_leaves_a_running_trial_that_a_rerun_fails_and_retries_o
 
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr("mlp.study.GRACE_SECONDS", 2)
-    tune.main([*args, "--quiet"])  # the same command again, in this process
+    tune.main([*args, "--quiet"])  # the same study again, in this process
     trials = trials_of(tmp_path)
     assert trials[killed.number].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
