@@ -54,14 +54,26 @@ def activations_image(selected: str) -> np.ndarray:
 
 
 def predictions_figure(images: Tensor, predicted: Tensor, true: Tensor, columns: int = 8) -> Figure:
-    """A grid of images titled 'predicted / true', red where the two differ."""
+    """A grid of images titled 'predicted / true', red where the two differ.
+
+    The grid is one picture in one axes, each image scaled to its own range: an axes per image made drawing
+    this figure most of a test run on the 2-core CPU (0.8 s against 0.2 s)."""
+    side, title = 28, 14  # pixels of an image, and of the blank band above it that holds its title
     rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, p, t in zip(axes.flat, images.cpu(), predicted.tolist(), true.tolist()):
-        ax.imshow(image.reshape(28, 28).numpy(), cmap="gray")
-        ax.set_title(f"{CLASS_NAMES[p]}\n{CLASS_NAMES[t]}", fontsize=7, color="black" if p == t else "red")
-    fig.suptitle("predicted / true", fontsize=9)
-    fig.tight_layout()
+    pictures = images.detach().cpu().float().reshape(-1, side, side)
+    low = pictures.amin(dim=(1, 2), keepdim=True)
+    pictures = (pictures - low) / (pictures.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
+    grid = torch.ones(rows, title + side, columns, side + 2)  # white bands between the images
+    for k, picture in enumerate(pictures):
+        grid[k // columns, title:, k % columns, 1:-1] = picture
+    grid = grid.reshape(rows * (title + side), columns * (side + 2))
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 22, grid.shape[0] / 22 + 0.3))  # 22 pixels of the grid an inch
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    for k, (p, t) in enumerate(zip(predicted.tolist(), true.tolist())):
+        x, y = (k % columns) * (side + 2) + (side + 2) / 2, (k // columns) * (title + side) + title - 1
+        ax.text(x, y, f"{CLASS_NAMES[p]}\n{CLASS_NAMES[t]}", fontsize=7, ha="center", va="bottom",
+                color="black" if p == t else "red")
+    ax.set_title("predicted / true", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / fig.get_figheight())
     return fig

@@ -33,7 +33,7 @@ def test_two_cpu_devices_run_two_workers_that_both_train_and_one_report(syntheti
 
 
 def test_sigint_to_the_tune_command_fails_every_workers_running_trial(synthetic_dir, tmp_path):
-    args = [*tune_args(synthetic_dir, tmp_path, n_trials=4), *TWO_CPU_DEVICES, "--epochs", "100", "100"]
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=4), *TWO_CPU_DEVICES, "--epochs", "50", "50"]
     process = start("tune.py", args)
 
     def both_running() -> bool:

@@ -27,6 +27,31 @@ def fit_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def test_predictions_figure_shows_each_image_in_its_place_titled_predicted_over_true_red_where_wrong():
+    import torch
+    from matplotlib import pyplot
+
+    from mlp.data import CLASS_NAMES
+    from mlp.plots import predictions_figure
+
+    images = torch.rand(10, 784) * 3 - 1  # normalised images: any range, each shown scaled to its own
+    predicted, true = torch.arange(10), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 9, 8])
+    figure = predictions_figure(images, predicted, true, columns=4)
+    (axes,) = figure.axes
+    grid = torch.from_numpy(axes.images[0].get_array().data)
+    assert grid.shape == (3 * (14 + 28), 4 * 30)  # three rows of four, each image under its title band
+    for k, image in enumerate(images):
+        row, column = divmod(k, 4)
+        shown = grid[row * 42 + 14 : (row + 1) * 42, column * 30 + 1 : column * 30 + 29]
+        scaled = (image - image.min()) / (image.max() - image.min())
+        assert torch.allclose(shown, scaled.reshape(28, 28), atol=1e-6)
+    assert (grid[:14] == 1).all() and (grid[84:, 60:] == 1).all()  # title bands and the empty places are blank
+    titles = [(text.get_text(), text.get_color()) for text in axes.texts]
+    assert titles[:8] == [(f"{CLASS_NAMES[k]}\n{CLASS_NAMES[k]}", "black") for k in range(8)]
+    assert titles[8:] == [("Bag\nAnkle boot", "red"), ("Ankle boot\nBag", "red")]
+    pyplot.close(figure)
+
+
 def test_val_size_zero_trains_on_everything_without_validation_and_tests_the_final_weights(synthetic_dir, tmp_path, capsys):
     args = fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=32")
     results = fit.main([*args, "--data.val_size=0"])
