@@ -254,6 +254,10 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
+            # The model and data save their own __init__ arguments (save_hyperparameters), all plain values, so a
+            # checkpoint reloads without LightningCLI's copy of the whole config, which it dumps to YAML and
+            # parses back in every build: a third of a tuning trial's build (69 ms against 45 on the 2-core CPU).
+            load_from_checkpoint_support=False,
             trainer_defaults={
                 "max_epochs": 20,
                 "use_distributed_sampler": False,

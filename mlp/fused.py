@@ -404,10 +404,7 @@ class FusedClassifier(L.LightningModule):
         """Model `name` as an ordinary single MLPClassifier with its own hyperparameters."""
         k = self.names.index(name)
         with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the training's random stream
-            hparams = self.hparams_per_model[k]
-            single = MLPClassifier(**{key: v for key, v in hparams.items() if not key.startswith("_")}).to(self.dtype)
-        # LightningCLI adds `_instantiator` to the saved hyperparameters; load_from_checkpoint expects it back.
-        single.hparams.update(hparams)
+            single = MLPClassifier(**self.hparams_per_model[k]).to(self.dtype)
         single.net.load_state_dict(self.model_state(name))
         return single
 
