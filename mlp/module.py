@@ -54,9 +54,8 @@ def start_run(
     if isinstance(logger, TensorBoardLogger):
         # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
         data_hparams = datamodule.hparams if datamodule else {}
-        # max_epochs too, which tune.py searches; not Lightning's bookkeeping ("_..."), which is no hyperparameter.
-        logged = {**hparams, **data_hparams, "max_epochs": max_epochs}
-        logger.log_hyperparams({name: v for name, v in logged.items() if not name.startswith("_")}, {"hp_metric": 0.0})
+        # max_epochs too, which tune.py searches.
+        logger.log_hyperparams({**hparams, **data_hparams, "max_epochs": max_epochs}, {"hp_metric": 0.0})
         logger.experiment.add_image("activations", activations_image(hparams["activation"]))
 
 
