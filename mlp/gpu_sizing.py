@@ -9,7 +9,7 @@ import torch
 from mlp.cli import MLPCLI
 from mlp.data import EVAL_BATCH_SIZE
 from mlp.errors import check
-from mlp.net import MLP
+from mlp.fused import stack_error
 from mlp.search import SearchSpace
 
 DATASET_BYTES = 70_000 * (784 * 4 + 8)  # the whole of Fashion-MNIST as float pixels and int64 labels
@@ -38,11 +38,11 @@ def free_gpu_bytes(cli: MLPCLI) -> int | None:
 def why_unfusable(cli: MLPCLI) -> tuple[str, str] | None:
     """Which fit flag keeps stacked trials from training as each would alone: why, and what to do instead; None
     when none does."""
-    if type(cli.model.net) is not MLP:
+    if (error := stack_error(cli.model)) is not None:
         return (
-            f"the model's net is a {type(cli.model.net).__name__}, and only mlp.net.MLP stacks (mlp.stacked.StackedMLP "
-            "gives each of its parameters a model dimension)",
-            "use --fuse 1, or teach mlp/stacked.py your net (docs/forking.md)",
+            f"the model's net, a {type(cli.model.net).__name__}, does not run under torch.func.vmap, which stacks "
+            f"trials ({error})",
+            "use --fuse 1, or build the net of per-example operations (docs/forking.md)",
         )
     if cli.trainer.gradient_clip_val is not None:
         return (

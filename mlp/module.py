@@ -20,24 +20,27 @@ from mlp.plots import activations_image, predictions_figure
 NUM_CLASSES = len(CLASS_NAMES)
 
 
-def cross_entropy_grad(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy_grad(logits: Tensor, y: Tensor, label_smoothing: float | Tensor = 0.0) -> Tensor:
     """d mean-cross-entropy / d logits = (softmax(logits) - target) / batch size.
 
     The target is onehot(y), or with label smoothing (1 - label_smoothing) onehot(y) + label_smoothing / classes,
     as F.cross_entropy mixes it.
     """
-    grad = logits.softmax(dim=1) - label_smoothing / logits.shape[1]
-    grad[torch.arange(len(y), device=y.device), y] -= 1 - label_smoothing
-    return grad / len(y)
+    classes = logits.shape[-1]
+    target = (1 - label_smoothing) * F.one_hot(y, classes).to(logits.dtype) + label_smoothing / classes
+    return (logits.softmax(dim=-1) - target) / len(y)
 
 
-def make_optimizer(params: Iterable, hp: Mapping[str, Any], fused: bool = False) -> torch.optim.Optimizer:
-    """The optimiser the hyperparameters `hp` name, over `params`: tensors, or parameter groups whose own lr
-    and weight_decay take precedence over hp's (as `FusedClassifier` gives each stacked model).
+def make_optimizer(params: Iterable, hp: Mapping[str, Any], fused: bool = True) -> torch.optim.Optimizer:
+    """The optimiser the hyperparameters `hp` name, over `params`.
 
-    `fused` picks torch's fused implementation, one kernel per parameter group rather than one per tensor and
-    operation: the same update up to rounding, faster where there are many groups of few tensors.
+    `fused` picks torch's fused implementation where the device has one: one kernel for all the tensors rather than
+    one per tensor and operation, the same update up to rounding; it matters where a stack (`mlp.fused`) steps one
+    optimiser per model. It writes a parameter that is a strided view (a model's slice of a padded stack) as if it
+    were contiguous, so a stack that pads turns it off.
     """
+    params = list(params)
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
     if hp["optimizer"] == "sgd":
         return torch.optim.SGD(
             params, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"],
@@ -77,7 +80,15 @@ class MLPClassifier(L.LightningModule):
         backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
         label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
         input_size: numbers in one example; fit.py and tune.py take it from the data module's `input_size`.
+
+    Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same
+    methods under `torch.func.vmap`, so a fork that overrides `loss` or swaps `self.net` changes stacked trials too.
     """
+
+    # Hyperparameters in which models stacked by `mlp.fused` may differ: each model keeps them in its own optimiser
+    # and schedule, or in tensors of its own (dropout's rate, the label smoothing) that vmap maps over.
+    PER_MODEL = ("lr", "weight_decay", "momentum", "nesterov", "optimizer", "schedule", "init", "dropout",
+                 "label_smoothing")
 
     def __init__(
         self,
@@ -107,15 +118,19 @@ class MLPClassifier(L.LightningModule):
         check(0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
         self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout)
+        # A tensor, not a float, so that models stacked by vmap each smooth by their own share.
+        self.register_buffer("label_smoothing", torch.tensor(float(label_smoothing)), persistent=False)
         # Manual mode steps the optimiser itself (manual_training_step), with gradients from MLP.backward.
         self.automatic_optimization = backward == "autograd"
         # A metric update costs more than a training step of this small net, so the training metrics are
         # updated once an epoch from the collected step outputs (Lightning's pattern for epoch-level work);
-        # they keep NaN, because a diverging loss must show.
-        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        # they keep NaN, because a diverging loss must show. The predictions are argmaxes of the logits, valid
+        # by construction, so torchmetrics' input checks are skipped: a stack of K models would pay them K times.
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
+        self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
@@ -125,16 +140,37 @@ class MLPClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The batch's mean loss and predictions."""
         x, y = batch
         logits = self(x)
-        return self.loss(logits, y), logits.argmax(dim=1), y
+        return self.loss(logits, y), logits.argmax(dim=-1)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        # Smoothing shapes the training target only; val/loss and test/loss stay the plain cross-entropy, so
-        # they compare across runs with and without it.
-        smoothing = self.hparams.label_smoothing if self.training else 0.0
-        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+        """Cross-entropy, in training with label smoothing. Override it to change what every run trains on: fit,
+        trials alone and stacked, refits.
+
+        Smoothing shapes the training target only; val/loss and test/loss stay the plain cross-entropy, so they
+        compare across runs with and without it. Mixed as F.cross_entropy's label_smoothing mixes it, written out
+        because that takes a float, and a stack's models each carry their own share as a tensor.
+        """
+        log_probs = logits.log_softmax(dim=-1)
+        plain = F.nll_loss(log_probs, y)
+        if not self.training:
+            return plain
+        return (1 - self.label_smoothing) * plain - self.label_smoothing * log_probs.mean()
+
+    def stack_key(self, pad_widths: bool) -> tuple:
+        """Models with equal keys compute the same function of their own tensors, so `mlp.fused` stacks them: they
+        differ only in PER_MODEL, in their weights, and with `pad_widths` in the width of an `MLP`'s hidden layers,
+        zero-padded in the stack to the widest (padded units stay zero: no model's optimiser sees them).
+
+        Whether dropout is on decides whether masks are drawn, so it is part of the key; its rate is not.
+        """
+        pads = pad_widths and type(self.net) is MLP
+        shared = {k: v for k, v in self.hparams.items() if k not in self.PER_MODEL and not (pads and k == "width")}
+        shapes = () if pads else tuple(tuple(t.shape) for t in self.net.parameters())
+        return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, shapes
 
     def on_train_start(self) -> None:
         # The sanity-check validation ran on an untrained net; it must not count as the best so far.
@@ -145,15 +181,14 @@ class MLPClassifier(L.LightningModule):
         self.epoch_start = time.perf_counter()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, preds, y = self.model_step(batch) if self.automatic_optimization else self.manual_training_step(batch)
-        self.train_step_outputs.append((loss.detach(), preds, y))
+        loss, preds = self.model_step(batch) if self.automatic_optimization else self.manual_training_step(batch)
+        self.train_step_outputs.append((loss.detach(), preds, batch[1]))
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps Lightning writes out
             self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        if not self.train_step_outputs:  # resumed from a checkpoint taken after the epoch's last step
-            return
+    def train_epoch_scalars(self) -> dict[str, Tensor]:
+        """The epoch's training loss, accuracy and examples per second, from the collected step outputs."""
         losses, preds, targets = zip(*self.train_step_outputs)
         self.train_step_outputs.clear()
         batch_sizes = torch.tensor([len(y) for y in targets], device=self.device)
@@ -161,29 +196,46 @@ class MLPClassifier(L.LightningModule):
         # drops the weights (Lightning-AI/torchmetrics#3434), and the short last batch would count as a full one.
         self.train_loss.update(torch.stack(losses).repeat_interleave(batch_sizes))
         self.train_acc.update(torch.cat(preds), torch.cat(targets))
-        self.log("train/loss_epoch", self.train_loss)
-        self.log("train/acc", self.train_acc)
+        scalars = {"train/loss_epoch": self.train_loss.compute(), "train/acc": self.train_acc.compute()}
+        self.train_loss.reset()
+        self.train_acc.reset()
         # Lightning's ThroughputMonitor synchronises the GPU on every step; one reading per epoch is enough.
+        seconds = time.perf_counter() - self.epoch_start
+        scalars["train/examples_per_sec"] = batch_sizes.sum() / seconds
+        return scalars
+
+    def on_train_epoch_end(self) -> None:
+        if not self.train_step_outputs:  # resumed from a checkpoint taken after the epoch's last step
+            return
+        scalars = self.train_epoch_scalars()
         # Under DDP, the sum of every process's rate.
-        examples_per_sec = batch_sizes.sum().item() / (time.perf_counter() - self.epoch_start)
-        self.log("train/examples_per_sec", examples_per_sec, sync_dist=True, reduce_fx="sum")
+        self.log("train/examples_per_sec", scalars.pop("train/examples_per_sec"), sync_dist=True, reduce_fx="sum")
+        self.log_dict(scalars)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, preds, y = self.model_step(batch)
+        self.update_val_metrics(*self.model_step(batch), batch[1])
+
+    def update_val_metrics(self, loss: Tensor, preds: Tensor, y: Tensor) -> None:
         self.val_acc.update(preds, y)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True)
+        self.val_loss.update(loss.expand(len(y)))  # one loss per example: see train_epoch_scalars
+
+    def val_epoch_scalars(self) -> dict[str, Tensor]:
+        """The validation's loss and accuracy, and the best accuracy so far as `hp_metric`, which TensorBoard's
+        HParams tab compares runs by. Under DDP already the same on every process: torchmetrics syncs in compute."""
+        acc, loss = self.val_acc.compute(), self.val_loss.compute()
+        self.val_acc.reset()
+        self.val_loss.reset()
+        self.val_acc_best.update(acc)
+        return {"val/loss": loss, "val/acc": acc, "hp_metric": self.val_acc_best.compute()}
 
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_acc.compute()
-        self.val_acc.reset()
-        self.val_acc_best.update(acc)
-        # Both are already the same on every process (torchmetrics syncs in compute); sync_dist says so to Lightning.
-        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
-        # TensorBoard's HParams tab compares runs by `hp_metric`.
-        self.log("hp_metric", self.val_acc_best.compute(), sync_dist=True)
+        scalars = self.val_epoch_scalars()
+        self.log("val/acc", scalars.pop("val/acc"), prog_bar=True, sync_dist=True)
+        self.log_dict(scalars, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, preds, y = self.model_step(batch)
+        loss, preds = self.model_step(batch)
+        y = batch[1]
         self.test_acc.update(preds, y)
         self.test_confusion.update(preds, y)
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
@@ -200,31 +252,39 @@ class MLPClassifier(L.LightningModule):
         self.test_confusion.reset()
 
     def configure_optimizers(self):
+        return self.optimizer_and_schedule(self.trainer.estimated_stepping_batches)
+
+    def optimizer_and_schedule(self, steps: int, fused: bool = True) -> dict[str, Any]:
+        """The optimiser over this model's parameters (`make_optimizer`) and its learning-rate schedule over `steps`
+        optimiser steps, as Lightning's configure_optimizers returns them."""
         hp = self.hparams
-        optimizer = make_optimizer(self.parameters(), hp)
-        if hp.schedule == "constant":
-            return optimizer
-        steps = self.trainer.estimated_stepping_batches
+        optimizer = make_optimizer(self.parameters(), hp, fused)
         if hp.schedule == "onecycle":
             # Momentum stays what the `momentum` flag says instead of cycling with the learning rate.
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=hp.lr, total_steps=steps, cycle_momentum=False
             )
-        else:
+        elif hp.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        else:
+            return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def manual_gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The batch's loss, predictions and the gradients of `self.net.parameters()`, by `MLP.backward`."""
+        cache = []
+        logits = self.net(x, cache)
+        grad_logits = cross_entropy_grad(logits, y, self.label_smoothing)
+        return self.loss(logits, y), logits.argmax(dim=-1), self.net.backward(cache, grad_logits)
+
     @torch.no_grad()  # proves that autograd plays no part
-    def manual_training_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def manual_training_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Forward, backward by hand, and one optimiser and scheduler step, as the automatic path does.
 
         The optimiser sees the same p.grad as after autograd's backward, so weight decay and momentum act alike;
         under DDP, averaged over the processes as DDP averages autograd's (it does so only inside autograd).
         """
-        x, y = batch
-        cache = []
-        logits = self.net(x, cache)
-        grads = self.net.backward(cache, cross_entropy_grad(logits, y, self.hparams.label_smoothing))
+        loss, preds, grads = self.manual_gradients(*batch)
         if self.trainer.world_size > 1:  # one collective for all of them, as DDP reduces a bucket at a time
             flat = self.trainer.strategy.reduce(torch.cat([grad.flatten() for grad in grads]), reduce_op="mean")
             grads = [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)]
@@ -233,4 +293,4 @@ class MLPClassifier(L.LightningModule):
         self.optimizers().step()
         if scheduler := self.lr_schedulers():
             scheduler.step()
-        return self.loss(logits, y), logits.argmax(dim=1), y
+        return loss, preds

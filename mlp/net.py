@@ -59,9 +59,11 @@ def tanh_grad(x: Tensor) -> Tensor:
 ACTIVATIONS = {"relu": (relu, relu_grad), "sigmoid": (sigmoid, sigmoid_grad), "tanh": (tanh, tanh_grad)}
 
 
-def dropout_mask(x: Tensor, p: float) -> Tensor:
+def dropout_mask(x: Tensor, p: float | Tensor) -> Tensor:
     """0 with probability p, else 1 / (1 - p), so that x * mask has the expected value of x."""
-    return torch.rand_like(x).ge_(p).div_(1 - p)  # in place: a third of the time of fresh tensors per step
+    # In place: a third of the time of fresh tensors per step. Under vmap, torch has no batching rule for ge_ with
+    # a per-model p and loops over the models, which still measured faster than the out-of-place forms.
+    return torch.rand_like(x).ge_(p).div_(1 - p)
 
 
 def init_weight(fan_in: int, fan_out: int, scheme: InitScheme) -> Tensor:
@@ -106,6 +108,9 @@ class MLP(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.activation, self.dropout = activation, dropout
+        # The rate as a tensor too, which models stacked by vmap (`mlp.fused`) each have their own of; the float
+        # says whether masks are drawn at all.
+        self.register_buffer("dropout_rate", torch.tensor(float(dropout)), persistent=False)
         sizes = [num_inputs] + [width] * depth + [num_outputs]
         self.params = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -140,7 +145,7 @@ class MLP(nn.Module):
 
     def hidden_mask(self, z: Tensor) -> Tensor | None:
         """What a hidden layer's activations are multiplied by: the dropout mask in training, else None."""
-        return dropout_mask(z, self.dropout) if self.training and self.dropout > 0 else None
+        return dropout_mask(z, self.dropout_rate) if self.training and self.dropout > 0 else None
 
     def forward(self, x: Tensor, cache: list | None = None) -> Tensor:
         """Logits for x. If a `cache` list is given, each layer appends what `backward` needs: its input,

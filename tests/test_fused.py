@@ -1,94 +1,73 @@
 """Fused trials: the stacked network and FusedClassifier against separate single models, which stay the reference."""
 
 import copy
-import math
 
 import lightning as L
 import pytest
 import torch
-from torch import nn
+from torch.func import vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlp.fused import FusedClassifier, ModelInStackCheckpoint
-from mlp.module import MLPClassifier, cross_entropy_grad
-from mlp.net import MLP
-from mlp.schedules import SCHEDULES
-from mlp.stacked import StackedMLP
+from mlp.fused import FusedClassifier, ModelInStackCheckpoint, Stack
+from mlp.module import MLPClassifier
+from mlp.net import dropout_mask
 
 
-def random_nets(depth: int, activation: str, widths: list[int], dropout: float = 0.0) -> list[MLP]:
-    """float64 nets with every parameter random, so no gradient is trivially zero or one."""
-    nets = []
+
+
+def random_classifiers(depth: int, activation: str, widths: list[int], dropout: float = 0.0) -> list[MLPClassifier]:
+    """float64 models with every parameter random, so no gradient is trivially zero or one."""
+    models = []
     for width in widths:
-        net = MLP(13, depth, width, 5, "kaiming", activation, dropout).double()
+        model = MLPClassifier(depth, width, activation=activation, dropout=dropout, input_size=13).double()
         with torch.no_grad():
-            for bias in net.params[1::2]:
+            for bias in model.net.params[1::2]:
                 bias.normal_(0, 0.5)
-            for slope in net.slopes:
+            for slope in model.net.slopes:
                 slope.uniform_(-0.5, 0.5)
-        nets.append(net)
-    return nets
+        models.append(model)
+    return models
 
 
 @pytest.mark.parametrize("activation", ["relu", "prelu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("depth", [0, 1, 3])
-def test_stacked_forward_and_gradients_equal_separate_nets(depth, activation):
+def test_a_stacks_losses_and_gradients_are_each_models_own_padded_or_not(depth, activation):
     torch.manual_seed(depth)
-    nets = random_nets(depth, activation, widths=[4, 7, 2])
-    stacked = StackedMLP(nets)
-    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
-    cache = []
-    logits = stacked(x, cache)
-    assert logits.shape == (3, 11, 5)
-    sum(nn.functional.cross_entropy(one, y) for one in logits).backward()
-    manual = stacked.backward(cache, torch.stack([cross_entropy_grad(one, y) for one in logits.detach()]))
-    for k, net in enumerate(nets):
-        torch.testing.assert_close(logits[k], net(x), rtol=1e-12, atol=1e-12)
-        nn.functional.cross_entropy(net(x), y).backward()
-        alone = MLP(13, depth, stacked.widths[k] or 1, 5, "kaiming", activation).double()
-        alone.load_state_dict(stacked.state_of(k))
-        # Extracting model k's slices of the stacked gradients must give the single net's gradients.
-        for i, grad in enumerate(net.params):
-            sliced = stacked.params[i].grad[k][tuple(slice(0, n) for n in grad.shape)]
-            torch.testing.assert_close(sliced, net.params[i].grad, rtol=1e-10, atol=1e-12)
-        for s_stacked, s_single in zip(stacked.slopes, net.slopes):
-            torch.testing.assert_close(s_stacked.grad[k], s_single.grad, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(alone(x), net(x), rtol=0, atol=0)
-    for grad, p in zip(manual, stacked.parameters()):
-        torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-12)
-    for i, p in enumerate(stacked.params):  # padded weights get no gradient at all
-        padding = torch.ones_like(p.grad, dtype=torch.bool)
-        for k in range(3):
-            padding[k][tuple(slice(0, n) for n in nets[k].params[i].shape)] = False
-        assert (p.grad[padding] == 0).all()
+    models = random_classifiers(depth, activation, widths=[4, 7, 2])
+    alone = copy.deepcopy(models)
+    stack = Stack(models)
+    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 10, (11,))
+    losses, preds = stack(x, y, manual=False)
+    losses.sum().backward()
+    stack.hand_out_grads()
+    with torch.no_grad():
+        manual_losses, _, manual_grads = stack(x, y, manual=True)
+    for k, (model, reference) in enumerate(zip(models, alone)):
+        loss, reference_preds = reference.model_step((x, y))
+        loss.backward()
+        torch.testing.assert_close(losses[k], loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(manual_losses[k], loss, rtol=1e-12, atol=1e-12)
+        assert torch.equal(preds[k], reference_preds)
+        for p, grad, q in zip(model.net.parameters(), manual_grads, reference.net.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)  # its slice of the stacked gradient
+            torch.testing.assert_close(grad[k][tuple(slice(0, n) for n in q.shape)], q.grad, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(p, q, rtol=0, atol=0)  # a view of the stack, with the model's own values
+    for p in stack.params.values():  # each model's parameters are views of the stack, padded with zeros
+        real = sum(q.numel() for q in stack.model_params[next(n for n, v in stack.params.items() if v is p)])
+        assert (p != 0).sum() <= real
 
 
-def test_dropout_masks_are_drawn_per_model_and_padding_stays_zero():
+def test_dropout_masks_are_drawn_per_model_at_each_models_own_rate():
     torch.manual_seed(0)
-    stacked = StackedMLP(random_nets(2, "sigmoid", widths=[300, 200], dropout=0.5)).train()
-    cache = []
-    stacked(torch.randn(64, 13, dtype=torch.float64), cache)
-    for _, _, mask in cache[:-1]:
-        real = mask[:, :, :200]  # units both models have
-        assert not torch.equal(real[0], real[1])
-        assert 0.4 < (real == 0).double().mean() < 0.6
-        assert (mask[1, :, 200:] == 0).all()  # model 1's padded units, whose sigmoid would be 0.5
-
-
-@pytest.mark.parametrize("total_steps", [10, 37, 200])
-def test_schedule_factors_equal_torch_schedulers(total_steps):
-    for name, make_torch in [
-        ("onecycle", lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.3, total_steps, cycle_momentum=False)),
-        ("cosine", lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)),
-    ]:
-        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.3)
-        scheduler, factor = make_torch(optimizer), SCHEDULES[name](total_steps)
-        for step in range(total_steps + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            assert math.isclose(lr, 0.3 * factor(step), rel_tol=0, abs_tol=1e-12), (name, step)
-            optimizer.step()
-            if step < total_steps:
-                scheduler.step()
+    models = random_classifiers(2, "relu", widths=[30, 30], dropout=0.5)
+    models[1] = MLPClassifier(2, 30, dropout=0.2, input_size=13).double()
+    stack = Stack(models)
+    rates = stack.buffers["model.net.dropout_rate"]
+    assert rates.tolist() == pytest.approx([0.5, 0.2])  # each model's own, which vmap hands to its forward
+    masks = vmap(dropout_mask, in_dims=(None, 0), randomness="different")(torch.ones(64, 300), rates)
+    assert not torch.equal(masks[0] == 0, masks[1] == 0)  # each model draws its own
+    assert 0.45 < (masks[0] == 0).double().mean() < 0.55 and 0.15 < (masks[1] == 0).double().mean() < 0.25
+    assert torch.equal(masks[1][masks[1] != 0], torch.full_like(masks[1][masks[1] != 0], 1 / 0.8))
 
 
 # FusedClassifier against separate MLPClassifier runs on the same batches in the same order.
@@ -131,7 +110,8 @@ class FinalStates(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
         for k, name in enumerate(module.names):  # by the model's own epoch
-            self.states.setdefault(name, {})[module.progress(k)[0]] = module.model_state(name)
+            state = {key: value.clone() for key, value in module.model(name).net.state_dict().items()}
+            self.states.setdefault(name, {})[module.progress(k)[0]] = state
 
 
 def train_fused(
@@ -169,14 +149,15 @@ MIXED_DEPTHS = [{**HPARAMS[0], "depth": 3}, {**HPARAMS[1], "depth": 1}, {**HPARA
 
 def stack_shapes(module: FusedClassifier) -> list[tuple[int, int]]:
     """(depth, width padded to) of each stack, in stack order."""
-    return [(stack.depth, stack.params[0].shape[2] if stack.depth else 0) for stack in module.stacks]
+    return [(stack.models[0].hparams.depth, stack.params["model.net.params.0"].shape[2] if stack.models[0].hparams.depth
+             else 0) for stack in module.stacks]
 
 
 @pytest.mark.parametrize("backward", ["autograd", "manual"])
 @pytest.mark.parametrize(
     "pad_widths,shapes,order",
-    [(True, [(0, 0), (1, 20), (3, 12)], "cbda"),  # a stack per depth, b and d padded to 20
-     (False, [(0, 0), (1, 9), (1, 20), (3, 12)], "cdba")],  # a stack per depth and width: no padding
+    [(True, [(3, 12), (1, 20), (0, 0)], "abdc"),  # a stack per depth, b and d padded to 20
+     (False, [(3, 12), (1, 20), (0, 0), (1, 9)], "abcd")],  # a stack per depth and width: no padding
 )
 def test_models_of_different_depths_train_in_one_module_exactly_as_separate_runs(backward, pad_widths, shapes, order):
     names = ["a", "b", "c", "d"]

@@ -51,7 +51,9 @@ class RecordsRefills(FusedClassifier):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        type(self).stacks_at_start = [(stack.depth, stack.widths) for stack in self.stacks]
+        type(self).stacks_at_start = [
+            (stack.models[0].hparams.depth, [model.hparams.width for model in stack.models]) for stack in self.stacks
+        ]
 
     def on_train_epoch_end(self) -> None:
         before, names = torch.get_rng_state(), set(self.names)
@@ -87,7 +89,7 @@ def test_fused_study_prunes_and_completes_per_trial_with_each_trials_run_and_che
     assert trials[3].user_attrs["epochs_trained"] == 1 and max(trials[3].intermediate_values) == 100
     assert trials[3].datetime_complete < trials[0].datetime_complete
     # On the CPU a stack per depth and width: the narrower trial 3 is not padded to the others' 16 units.
-    assert RecordsRefills.stacks_at_start == [(1, [9]), (1, [16, 16, 16])]
+    assert RecordsRefills.stacks_at_start == [(1, [16, 16, 16]), (1, [9])]
     # Trials 4 and 5 took places freed at the end of epoch 0, in the same Trainer, while trial 0 trained on;
     # building them (which seeds their initial weights) left the group's batch order and dropout draws alone.
     assert RecordsRefills.refills[0] == ({"4", "5"}, True) and all(same for _, same in RecordsRefills.refills)
@@ -445,6 +447,6 @@ def test_fuse_auto_stacks_only_a_net_that_stacks_and_fuse_k_refuses_another(synt
 
     cli.model.net = OwnNet()
     fuse, why = auto_fuse(space, cli, None, 1000)
-    assert fuse == 1 and "OwnNet" in why and "only mlp.net.MLP stacks" in why
+    assert fuse == 1 and "OwnNet" in why and "does not run under torch.func.vmap" in why
     with pytest.raises(UserError, match="OwnNet.*use --fuse 1"):
         check_fusable(2, space, cli)
