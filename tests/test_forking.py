@@ -1,4 +1,4 @@
-"""docs/forking.md's worked example, run: a copy of the project with momentum added to the search, as the page
+"""Forking: a change to the one model reaches stacked trials by itself; docs/forking.md's worked example, run: a copy of the project with momentum added to the search, as the page
 says, tunes it; the edits are the page's own lines, so the page and the test cannot drift apart."""
 
 import json
@@ -8,6 +8,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from mlp.cli import MLPCLI, build_cli
+from mlp.module import MLPClassifier
+from mlp.net import relu
+from mlp.trials import train_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = (ROOT / "docs" / "forking.md").read_text()
@@ -48,3 +56,79 @@ def test_the_momentum_example_of_forking_md_tunes_momentum(synthetic_dir, tmp_pa
     report = json.loads((tmp_path / "logs" / "tune" / "momentum" / "report.json").read_text())
     assert 0.5 <= report["best_params"]["momentum"] <= 0.95
     assert sum(report["trials"].get(state, 0) for state in ("complete", "pruned")) == 2
+
+
+# A fork changes the one model and --fuse follows: trials stacked two at a time train exactly as alone.
+
+
+class ResidualMLP(torch.nn.Module):
+    """A fork's own net, built where MLPClassifier builds its `MLP`: x W_in, then `depth` residual blocks
+    h + relu(h W + b), then the logits. Per-example operations only, and no line of stacking code."""
+
+    def __init__(self, num_inputs: int, depth: int, width: int, num_outputs: int, *_: object) -> None:
+        super().__init__()
+        self.w_in = torch.nn.Parameter(torch.randn(num_inputs, width) / num_inputs**0.5)
+        self.blocks = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(width, width) / width) for _ in range(depth))
+        self.biases = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(width)) for _ in range(depth))
+        self.w_out = torch.nn.Parameter(torch.randn(width, num_outputs) / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1) @ self.w_in
+        for w, b in zip(self.blocks, self.biases):
+            h = h + relu(h @ w + b)
+        return h @ self.w_out
+
+    def multiply_adds(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.dim() == 2)
+
+
+def penalised_loss(self: MLPClassifier, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A fork's loss: the template's plus a penalty on the logits' size."""
+    return ORIGINAL_LOSS(self, logits, y) + 0.01 * logits.pow(2).mean()
+
+
+ORIGINAL_LOSS = MLPClassifier.loss
+
+
+def final_weights(synthetic_dir: Path, tmp_path: Path, fuse: int, precision: str, *flags: str) -> dict[str, dict]:
+    """Two trials' final weights (their lr differs), trained by `train_runs` one at a time or stacked. Both are
+    seeded as the group is, so they start alike and every run draws the same batches (a stack's order is its
+    group's, a run alone's its own)."""
+    args = [f"--data.data_dir={synthetic_dir}", "--data.val_size=0", "--trainer.max_epochs=2", "--model.depth=1",
+            "--model.width=16", "--data.batch_size=64", f"--trainer.precision={precision}", *flags]
+
+    def run(name: str, lr: float) -> MLPCLI:
+        return build_cli([*args, f"--trainer.logger.init_args.save_dir={tmp_path / str(fuse)}",
+                          f"--trainer.logger.init_args.version={name}", f"--model.lr={lr}"])
+
+    runs, ends = {"a": run("a", 0.05), "b": run("b", 0.2)}, {}
+    if fuse == 1:
+        for name, cli in runs.items():
+            train_runs({name: cli}, args, 1, ends.__setitem__)
+    else:
+        train_runs(runs, args, fuse, ends.__setitem__)
+    assert {name: end.how for name, end in ends.items()} == {"a": "finished", "b": "finished"}
+    return {name: torch.load(end.checkpoint, weights_only=True)["state_dict"] for name, end in ends.items()}
+
+
+@pytest.mark.parametrize("fork", ["loss", "net", "manual backward"])
+@pytest.mark.parametrize("precision,tolerance", [("64-true", 1e-9), ("32-true", 1e-5)])
+def test_a_forks_loss_or_net_trains_stacked_exactly_as_alone(fork, precision, tolerance, synthetic_dir, tmp_path,
+                                                              monkeypatch):
+    flags = ["--model.backward=manual"] if fork == "manual backward" else []
+    if fork == "loss":
+        monkeypatch.setattr(MLPClassifier, "loss", penalised_loss)
+    if fork == "net":
+        monkeypatch.setattr("mlp.module.MLP", ResidualMLP)
+    alone = final_weights(synthetic_dir, tmp_path, 1, precision, *flags)
+    stacked = final_weights(synthetic_dir, tmp_path, 2, precision, *flags)
+    if fork == "net":
+        assert any("blocks" in key for key in alone["a"])
+    for name in ("a", "b"):
+        assert alone[name].keys() == stacked[name].keys()
+        for key, value in alone[name].items():
+            torch.testing.assert_close(stacked[name][key], value, rtol=tolerance, atol=tolerance)
+    if fork == "loss":  # the override was trained on: without it, the weights differ
+        monkeypatch.setattr(MLPClassifier, "loss", ORIGINAL_LOSS)
+        plain = final_weights(synthetic_dir, tmp_path / "plain", 2, precision, *flags)
+        assert (plain["a"]["net.params.0"] - stacked["a"]["net.params.0"]).abs().max() > 1e-4
