@@ -167,7 +167,7 @@ class MLPClassifier(L.LightningModule):
 
         Whether dropout is on decides whether masks are drawn, so it is part of the key; its rate is not.
         """
-        pads = pad_widths and type(self.net) is MLP
+        pads = pad_widths and getattr(self.net, "widths_pad_exactly", False)
         shared = {k: v for k, v in self.hparams.items() if k not in self.PER_MODEL and not (pads and k == "width")}
         shapes = () if pads else tuple(tuple(t.shape) for t in self.net.parameters())
         return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, shapes

@@ -92,6 +92,10 @@ class MLP(nn.Module):
     `slopes` holds one learned slope per hidden layer.
     """
 
+    # Nets of one depth and several widths stack (`mlp.fused`) zero-padded to the widest: a padded unit's weights
+    # in and out are zero and stay zero (no model's optimiser sees them), so it adds nothing to any output.
+    widths_pad_exactly = True
+
     def __init__(
         self,
         num_inputs: int = 784,

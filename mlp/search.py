@@ -2,7 +2,7 @@
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy
@@ -13,32 +13,27 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlp.errors import check
 
-# The fit flag that sets each searched hyperparameter.
-FIT_FLAGS = {
-    "lr": "model.lr",
-    "epochs": "trainer.max_epochs",
-    "depth": "model.depth",
-    "width": "model.width",
-    "weight_decay": "model.weight_decay",
-    "dropout": "model.dropout",
-    "label_smoothing": "model.label_smoothing",
-}
+def searched(low: float, high: float, flag: str, log: bool = False) -> Any:
+    """A SearchSpace field: the default inclusive range, the fit flag that sets the hyperparameter (how a trial
+    passes its value, how the user pins it, and where fit's own value is read for the study's first trial), and
+    whether it is searched on a log scale."""
+    return field(default=(low, high), metadata={"flag": flag, "log": log})
 
 
 @dataclass
 class SearchSpace:
-    """Ranges searched jointly; lr, width and weight_decay on a log scale. Bounds are inclusive.
+    """Ranges searched jointly; a range of None is not searched: the user's fit flag pins that hyperparameter (see
+    `pinned_by`). Each field is the whole declaration: tune.py's `--<name> LOW HIGH` flag, the fit flag a trial sets,
+    pinning, the first trial (`mlp.study.fit_defaults`). Stacked trials (`--fuse`) may differ in any of them.
+    Integer bounds give integers."""
 
-    A range of None is not searched: the user's fit flag pins that hyperparameter (see `pinned_by`).
-    """
-
-    lr: tuple[float, float] | None = (0.02, 0.5)
-    epochs: tuple[int, int] | None = (5, 40)
-    depth: tuple[int, int] | None = (1, 3)
-    width: tuple[int, int] | None = (128, 1024)
-    weight_decay: tuple[float, float] | None = (1e-5, 3e-3)
-    dropout: tuple[float, float] | None = (0.0, 0.5)
-    label_smoothing: tuple[float, float] | None = (0.0, 0.2)
+    lr: tuple[float, float] | None = searched(0.02, 0.5, "model.lr", log=True)
+    epochs: tuple[int, int] | None = searched(5, 40, "trainer.max_epochs")
+    depth: tuple[int, int] | None = searched(1, 3, "model.depth")
+    width: tuple[int, int] | None = searched(128, 1024, "model.width", log=True)
+    weight_decay: tuple[float, float] | None = searched(1e-5, 3e-3, "model.weight_decay", log=True)
+    dropout: tuple[float, float] | None = searched(0.0, 0.5, "model.dropout")
+    label_smoothing: tuple[float, float] | None = searched(0.0, 0.2, "model.label_smoothing")
 
     def searched(self) -> dict[str, tuple]:
         return {name: bounds for name, bounds in asdict(self).items() if bounds is not None}
@@ -49,8 +44,8 @@ class SearchSpace:
     def validate(self) -> None:
         for name, (low, high) in self.searched().items():
             check(low <= high, f"--{name.replace('_', '-')}: the low bound {low} is above the high bound {high}")
-        check(self.lr[0] > 0, f"--lr: the range must be positive, got {self.lr}")
-        check(self.weight_decay[0] > 0, f"--weight-decay: the range must be positive (log scale), got {self.weight_decay}")
+            if name in LOG_SCALE:
+                check(low > 0, f"--{name.replace('_', '-')}: the range must be positive (log scale), got {(low, high)}")
         check(self.epochs[0] >= 1, f"--epochs: at least 1 epoch, got {self.epochs}")
         check(self.depth[0] >= 0, f"--depth: at least 0 hidden layers, got {self.depth}")
         check(self.width[0] >= 1, f"--width: at least 1 unit, got {self.width}")
@@ -61,7 +56,9 @@ class SearchSpace:
         )
 
 
-LOG_SCALE = {"lr", "width", "weight_decay"}
+# The fit flag that sets each searched hyperparameter, and those searched on a log scale, as SearchSpace declares.
+FIT_FLAGS = {f.name: f.metadata["flag"] for f in fields(SearchSpace)}
+LOG_SCALE = {f.name for f in fields(SearchSpace) if f.metadata["log"]}
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mlp.budget import Budget
 from mlp.cli import MLPCLI
 from mlp.errors import UserError
-from mlp.search import SearchSpace, TrialSeededTPE, make_pruner
+from mlp.search import FIT_FLAGS, SearchSpace, TrialSeededTPE, make_pruner
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that are or will be counted towards --n-trials: a WAITING one is run by the next worker to ask.
@@ -114,9 +114,7 @@ def fit_defaults(cli: MLPCLI, space: SearchSpace) -> dict[str, Any] | None:
     fit.py's defaults were chosen on the validation split, so the search starts from a known-good point. A
     pinned hyperparameter comes from the fit flags, as in every trial.
     """
-    hp = cli.model.hparams
-    start = {"lr": hp.lr, "epochs": cli.trainer.max_epochs, "depth": hp.depth, "width": hp.width,
-             "weight_decay": hp.weight_decay, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing}
+    start = {name: cli.config[flag] for name, flag in FIT_FLAGS.items()}
     searched = space.searched()
     if all(low <= start[name] <= high for name, (low, high) in searched.items()):
         return {name: start[name] for name in searched}
