@@ -3,6 +3,7 @@
 scripts/fit.py and scripts/tune.py both build their runs here, so a flag means the same in both.
 """
 
+import logging
 import signal
 import sys
 import threading
@@ -25,6 +26,10 @@ LOG_DIR = "lightning_logs"
 # Lightning 2.6 builds a LeafSpec, which this torch deprecates, whenever it flattens a batch: printed at every fit
 # start, nothing in how we call Lightning causes it, and nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger", "... litmodels") at every Trainer it builds.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip:")
+)
 
 
 class MLPCLI(LightningCLI):

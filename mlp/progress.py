@@ -2,8 +2,8 @@
 
 In a terminal the bar sits at the bottom and Optuna's one line per finished trial is written above it; when the
 output goes to a file or a pipe there is no bar, only those lines; with --quiet there is neither. The bar counts
-every worker's trials, however they were finished (`study.optimize` here, `study.tell` anywhere), because it
-asks the storage rather than listening to this worker.
+every worker's trials, whoever told the study their end, because it asks the storage rather than listening to this
+worker.
 """
 
 import contextlib

@@ -63,7 +63,7 @@ def test_val_size_zero_trains_on_everything_without_validation_and_tests_the_fin
     assert "epoch02.ckpt" in capsys.readouterr().out
 
 
-def test_fit_trains_tests_and_writes_logs_checkpoints_and_config(synthetic_dir, tmp_path, capsys):
+def test_fit_trains_tests_and_writes_logs_checkpoints_and_config(synthetic_dir, tmp_path, capfd):
     log_dir = tmp_path / "logs"
     results = fit.main(fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=32"))
 
@@ -83,9 +83,10 @@ def test_fit_trains_tests_and_writes_logs_checkpoints_and_config(synthetic_dir, 
     best_val = max(e.value for e in events.Scalars("val/acc"))
     assert events.Scalars("hp_metric")[-1].value == pytest.approx(best_val)
 
-    printed = capsys.readouterr().out
+    printed, logged = capfd.readouterr()
     assert f"test accuracy {results['test/acc']:.4f}" in printed
     assert str(run) in printed
+    assert "Tip:" not in printed + logged  # Lightning's advertisements (litlogger, litmodels) are filtered out
 
 
 def test_fit_trains_with_manual_backward_tanh_and_dropout(synthetic_dir, tmp_path):
