@@ -1,19 +1,19 @@
-"""A study's trials, from ask to tell: one at a time (--fuse 1) or up to K at once, stacked (--fuse K).
+"""A study's trials, from ask to tell: up to K at once (--fuse K), stacked in one Trainer; one alone is a stack of one.
 
 Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions and its own seed, so it
 trains exactly what `scripts/fit.py` with those flags would train (same initial weights, TensorBoard folder,
 checkpoint folder). Trial n trains with the fit flags' --seed_everything + n: trials (and their refits) of one
 shape would otherwise start from the same weights and see the same batches, and an ensemble of them would
-repeat one model's mistakes; trial 0, fit's own configuration, is fit's own run. Alone, it trains in its own Trainer. Stacked, its model joins a `FusedClassifier` with the other trials
-asked with it, in one Trainer built from the same fit flags: on a GPU one stack per depth, padded to its widest
-trial; on the CPU one stack per depth and width, as padding costs the CPU its arithmetic (`pads_widths`). A
-stacked trial leaves its stack when it ends, and while the study has trials to start, one asked at that epoch's
-end takes its place, so up to K trials train at every epoch.
+repeat one model's mistakes; trial 0, fit's own configuration, is fit's own run. Its model joins a
+`FusedClassifier` with the other trials asked with it, in one Trainer built from the same fit flags: on a GPU one
+stack per depth, padded to its widest trial; on the CPU one stack per depth and width, as padding costs the CPU its
+arithmetic (`pads_widths`). A trial leaves its stack when it ends, and while the study has trials to start, one
+asked at that epoch's end takes its place, so up to K trials train at every epoch.
 
-Either way the same `Trials` methods ask for the trial, record its user attributes, beat its heart, judge it at
-each epoch's end (its val/acc reported at fractions of its own schedule, pruned on its own, stopped when a retry
-is owed its place) and tell the study how it ended; and `train_runs` trains it, as it trains the final models'
-refits (`mlp.final`): one way to stack runs, keep their checkpoints, find a divergence and say how each ended.
+The `Trials` methods ask for the trial, record its user attributes, beat its heart, judge it at each epoch's end
+(its val/acc reported at fractions of its own schedule, pruned on its own, stopped when a retry is owed its place)
+and tell the study how it ended; and `train_runs` trains it, as it trains the final models' refits (`mlp.final`):
+one way to stack runs, keep their checkpoints, find a divergence and say how each ended.
 """
 
 import gc
@@ -31,7 +31,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from optuna.trial import TrialState
 
 from mlp.budget import Budget
-from mlp.cli import MLPCLI, build_cli, divergence_message, fit
+from mlp.cli import MLPCLI, build_cli, fit
 from mlp.data import FashionMNISTDataModule
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
@@ -174,24 +174,14 @@ def train_runs(
     more: Callable[[int], dict[str, MLPCLI]] | None = None,
 ) -> FashionMNISTDataModule:
     """Train `runs` (by name, each built by `build_cli`) as their own fits would, and call `on_end(name, end)` as
-    each ends. With fuse == 1 the one run trains in its own Trainer. Otherwise they train stacked in one Trainer
-    built from `group_args` (`group_cli`), each with its own logger, saved config and checkpoint, up to `fuse` at
-    once: at each epoch's end `more(free)` may give runs for the places freed. Either way a run diverges when
-    its epoch's loss is not finite (`mlp.cli.divergence_guard`), its checkpoint is kept as its own fit keeps it,
-    and `judge` may stop it at an epoch's end. Returns the data they trained on."""
-    if fuse == 1:
-        ((name, cli),) = runs.items()
-        if judge:
-            cli.trainer.callbacks.append(judge)
-        fit(cli)
-        how, detail = judge.stopped.get(name, ("finished", "")) if judge else ("finished", "")
-        if how != "surplus" and (reason := divergence_message(cli.trainer)):
-            how, detail = "diverged", reason
-        # The CLI's own checkpoint: trainer.checkpoint_callback is whichever ModelCheckpoint comes first.
-        on_end(name, run_end(how, detail, cli.config_init["checkpoint"]))
-        return cli.datamodule
-
-    group = group_cli(group_args, max(cli.trainer.max_epochs for cli in runs.values()))
+    each ends: stacked in one Trainer built from `group_args` (`group_cli`), each with its own logger, saved config
+    and checkpoint, up to `fuse` at once (one alone is a stack of one). At each epoch's end `more(free)` may give
+    runs for the places freed. A run diverges when its epoch's loss is not finite, as its own fit's
+    `mlp.cli.divergence_guard` sees it, its checkpoint is kept as its own fit keeps it, and `judge` may stop it at
+    an epoch's end. Returns the data they trained on."""
+    # The group draws its batches by the first run's seed: a run alone by its own, as its own fit would.
+    seed = next(iter(runs.values())).config.seed_everything
+    group = group_cli([*group_args, f"--seed_everything={seed}"], max(cli.trainer.max_epochs for cli in runs.values()))
     validates = bool(group.trainer.limit_val_batches)
     # By name, while the run trains; a stopped one leaves the stack only at its epoch's end, so its checkpoint
     # still saves this epoch's weights when they are its best, as a run alone's does.
@@ -260,14 +250,13 @@ class EpochEnds:
 
 class JudgeEachEpoch(L.Callback):
     """At each validation's end, every trial in the Trainer (one alone, or each of a stack's by name) is judged
-    (`EpochEnds.judge`); one judged to stop trains to the end of the epoch and no further. `stopped` keeps how.
+    (`EpochEnds.judge`); one judged to stop trains to the end of the epoch and no further.
 
     Past the budget's last moment for training (`Budget.overdue`) every trial stops at once, mid-epoch: an epoch
     of a big net on a loaded CPU can outlast what is left, and the final model still has the checkpoints."""
 
     def __init__(self, study: optuna.Study, trials: dict[str, EpochEnds], n_trials: int, budget: Budget) -> None:
         self.study, self.trials, self.n_trials, self.budget = study, trials, n_trials, budget
-        self.stopped: dict[str, tuple[str, str]] = {}  # how a trial stopped, and the detail told with it
         self.overdue = False
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -282,11 +271,8 @@ class JudgeEachEpoch(L.Callback):
         self.overdue = True
         trainer.should_stop = True
         detail = "in an epoch: the --timeout budget's time for trials was over"
-        if isinstance(module, FusedClassifier):
-            for name in module.names:
-                module.stop(name, "cut", detail)
-        else:
-            self.stopped[next(iter(self.trials))] = ("cut", detail)
+        for name in module.names:
+            module.stop(name, "cut", detail)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.overdue:  # a trial cut mid-epoch has no epoch's end to judge
@@ -297,18 +283,11 @@ class JudgeEachEpoch(L.Callback):
         def cut(seconds: float) -> bool:
             return self.budget.cuts(seconds, ranked)
 
-        if isinstance(module, FusedClassifier):
-            for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
-                value = trainer.callback_metrics[f"val/acc/{name}"].item()
-                epoch = module.progress(k)[0]
-                if how := self.trials[name].judge(epoch, epochs, value, surplus, cut):
-                    module.stop(name, how, cut_detail(epoch + 1, epochs) if how == "cut" else "")
-            return
-        ((name, trial),) = self.trials.items()
-        value = trainer.callback_metrics["val/acc"].item()
-        if how := trial.judge(module.current_epoch, trainer.max_epochs, value, surplus, cut):
-            self.stopped[name] = (how, cut_detail(module.current_epoch + 1, trainer.max_epochs) if how == "cut" else "")
-            trainer.should_stop = True
+        for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
+            value = trainer.callback_metrics[f"val/acc/{name}"].item()
+            epoch = module.progress(k)[0]
+            if how := self.trials[name].judge(epoch, epochs, value, surplus, cut):
+                module.stop(name, how, cut_detail(epoch + 1, epochs) if how == "cut" else "")
 
 
 def cut_detail(epochs_trained: int, epochs: int) -> str:
