@@ -10,6 +10,7 @@ Each candidate's test accuracy is measured once and kept in the study's user att
 same command neither retrains nor retests.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,16 @@ def accuracy(probabilities: Tensor, labels: Tensor) -> float:
 
 
 @torch.no_grad()
-def checkpoint_softmax(checkpoint: str, images: Tensor) -> Tensor:
-    # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
-    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    return torch.cat([model(x.cpu()).softmax(dim=1) for x in images.split(EVAL_BATCH_SIZE)])
+def evaluate(checkpoints: Sequence[str], splits: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+    """Each checkpoint's softmax over each split's images (by split name), each checkpoint loaded once. The report,
+    the final models and scripts/ensemble.py all score checkpoints here."""
+    softmaxes: dict[str, list[Tensor]] = {name: [] for name in splits}
+    for checkpoint in checkpoints:
+        # The checkpoint carries its run's hyperparameters, so it rebuilds the run's net by itself.
+        model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+        for name, images in splits.items():
+            softmaxes[name].append(torch.cat([model(x.cpu()).softmax(dim=1) for x in images.split(EVAL_BATCH_SIZE)]))
+    return softmaxes
 
 
 def ensemble(study: optuna.Study) -> dict[str, Any]:
@@ -57,15 +64,14 @@ def ensemble(study: optuna.Study) -> dict[str, Any]:
         return {**result, "test_acc": None, "why_no_test": "no checkpoint of a complete trial is on this machine"}
     data = trial_run(present[0], "final").datamodule
     data.setup("test")
-    val_x, val_y = data.val_set.tensors
-    # Each checkpoint's validation softmax once; the running sum gives every top-k average.
-    total, val_accs = torch.zeros(len(val_y), 10), []
-    for trial in present:
-        total += checkpoint_softmax(trial.user_attrs["best_checkpoint"], val_x)
-        val_accs.append(accuracy(total, val_y))  # argmax of the sum is argmax of the average
+    (val_x, val_y), (test_x, test_y) = data.val_set.tensors, data.test_set.tensors
+    # Both splits in one pass over the checkpoints; k is chosen on val alone, and only the chosen k's test
+    # softmaxes are read.
+    softmax = evaluate([t.user_attrs["best_checkpoint"] for t in present], {"val": val_x, "test": test_x})
+    # The running sum gives every top-k average; argmax of the sum is argmax of the average.
+    val_accs = [accuracy(total, val_y) for total in torch.stack(softmax["val"]).cumsum(0)]
     k = max(range(len(present)), key=lambda i: (val_accs[i], -i)) + 1  # ties go to the smaller ensemble
-    test_x, test_y = data.test_set.tensors
-    test_total = sum(checkpoint_softmax(t.user_attrs["best_checkpoint"], test_x) for t in present[:k])
+    test_total = sum(softmax["test"][:k])
     result.update(
         k=k,
         trials=[t.number for t in present[:k]],
@@ -160,7 +166,7 @@ def refit_result(
     else:
         data.setup("test")
         test_x, test_y = data.test_set.tensors
-        result["test_acc"] = accuracy(checkpoint_softmax(end.checkpoint, test_x), test_y)
+        result["test_acc"] = accuracy(evaluate([end.checkpoint], {"test": test_x})["test"][0], test_y)
     study.set_user_attr(f"refit_{number}", result)
     return result
 
@@ -217,10 +223,7 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
     val_size, seed = splits[checkpoints[0]]
     data = FashionMNISTDataModule(data_dir or settings[0]["data_dir"], val_size=val_size, seed=seed)
     data.setup("test")
-    result: dict[str, Any] = {"checkpoints": checkpoints, "val_acc": None}
-    if val_size:
-        val_x, val_y = data.val_set.tensors
-        result["val_acc"] = accuracy(sum(checkpoint_softmax(p, val_x) for p in checkpoints), val_y)
-    test_x, test_y = data.test_set.tensors
-    result["test_acc"] = accuracy(sum(checkpoint_softmax(p, test_x) for p in checkpoints), test_y)
-    return result
+    splits = {"val": data.val_set, "test": data.test_set} if val_size else {"test": data.test_set}
+    softmax = evaluate(checkpoints, {name: split.tensors[0] for name, split in splits.items()})
+    accuracies = {name: accuracy(sum(softmax[name]), split.tensors[1]) for name, split in splits.items()}
+    return {"checkpoints": checkpoints, "val_acc": accuracies.get("val"), "test_acc": accuracies["test"]}

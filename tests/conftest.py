@@ -69,3 +69,11 @@ def epoch_values(trial) -> list[float]:
     epochs = trial.params["epochs"]
     assert 10 % epochs == 0, "epoch ends fall between tenths"
     return [trial.intermediate_values[100 * (e + 1) // epochs] for e in range(trial.user_attrs["epochs_trained"])]
+
+
+@torch.no_grad()
+def checkpoint_softmax(checkpoint: str, images: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's softmax over `images`, loaded and run here: the reference that mlp.final's figures meet."""
+    from mlp.module import MLPClassifier
+
+    return MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()(images).softmax(dim=1)

@@ -33,7 +33,7 @@ from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
 from mlp.study import Heartbeats, open_study
 from mlp.trials import Trials
-from tests.conftest import epoch_values
+from tests.conftest import checkpoint_softmax, epoch_values
 from tests.test_reliability import created_trials, start, wait_for
 from tests.test_reliability import tune_args as slow_tune_args
 from tests.test_sweeps import FAST_TRIAL, threshold_pruner, tune_args  # noqa: F401 (a fixture)
@@ -350,7 +350,7 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     from optuna.distributions import FloatDistribution, IntDistribution
 
     from mlp.data import FashionMNISTDataModule, IndexBatches
-    from mlp.final import accuracy, checkpoint_softmax, refit_trials
+    from mlp.final import accuracy, refit_trials
     from mlp.search import LOG_SCALE, suggest, trial_args
     from mlp.trials import save_config
 

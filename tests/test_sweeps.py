@@ -129,7 +129,8 @@ def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_b
 
     import mlp.final
     from mlp.data import FashionMNISTDataModule
-    from mlp.final import accuracy, checkpoint_softmax
+    from mlp.final import accuracy
+    from tests.conftest import checkpoint_softmax
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="test", storage=storage, direction="maximize")
