@@ -5,7 +5,7 @@ times: a trial is trained only if its estimated time fits in what is left before
 that does not is skipped: failed, with the user attribute `skipped`, counting as no failure), and a running trial
 stops (told as pruned, with the user attribute `cut`) at the first epoch end from which
 its remaining epochs would run into that share; once only the share without refits is left, every trial stops at
-once, mid-epoch. The final model then refits what fits in the time left (see `mlp.report.final_models`). Without
+once, mid-epoch. The final model then refits what fits in the time left (see `mlp.final.final_models`). Without
 --timeout nothing stops: the deadline is infinitely far.
 """
 

@@ -208,9 +208,10 @@ class MLPClassifier(L.LightningModule):
         if not self.train_step_outputs:  # resumed from a checkpoint taken after the epoch's last step
             return
         scalars = self.train_epoch_scalars()
-        # Under DDP, the sum of every process's rate.
+        # Under DDP, the sum of every process's rate; the loss and accuracy are already the same on every process
+        # (torchmetrics syncs in compute), which sync_dist tells Lightning.
         self.log("train/examples_per_sec", scalars.pop("train/examples_per_sec"), sync_dist=True, reduce_fx="sum")
-        self.log_dict(scalars)
+        self.log_dict(scalars, sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.update_val_metrics(*self.model_step(batch), batch[1])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlp.errors import run_script  # noqa: E402
 from mlp.progress import study_output  # noqa: E402
-from mlp.report import FINAL_CHOICES  # noqa: E402
+from mlp.final import FINAL_CHOICES  # noqa: E402
 from mlp.search import FIT_FLAGS, SearchSpace  # noqa: E402
 from mlp.tune import run_study  # noqa: E402
 

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from mlp.budget import AFTER_REFITS_SECONDS, FINISH_SECONDS, REFIT_START_SECONDS, SKIPS_IN_A_ROW, Budget
 from mlp.errors import UserError
 from mlp.progress import StudyCounts
-from mlp.report import affordable_ensemble
+from mlp.final import affordable_ensemble
 from tests.test_sweeps import tune, tune_args
 
 START = datetime.datetime(2026, 1, 1)
