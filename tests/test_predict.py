@@ -208,24 +208,38 @@ def test_fit_best_checkpoint_loads_and_exports_with_its_test_accuracy(synthetic_
     assert exported(images[:1]).shape == (1, 10)  # any number of images, one included
 
 
-def test_a_checkpoint_whose_training_images_moved_asks_for_data_dir(synthetic_dir, tmp_path, no_download, monkeypatch):
+def test_a_checkpoint_carries_its_standardisation_so_predict_reads_no_training_images(
+    synthetic_dir, tmp_path, no_download, monkeypatch
+):
+    """fit.py's checkpoints hold the data module's state_dict, the split's mean and standard deviation: predict
+    needs no training images, and creates nothing where they were. One without them (an older checkpoint, or a
+    stacked trial's) recomputes them from the training images, and asks for --data_dir when they are gone."""
     fit.main([
         f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         "--data.val_size=100", "--model.depth=1", "--model.width=8", "--trainer.max_epochs=1",
         "--progress_bar.refresh_rate=0",
     ])
     (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
-    before = load_answer([best]).members[0].mean
+    data = FashionMNISTDataModule(str(synthetic_dir), val_size=100)
+    data.setup("fit")
+    content = torch.load(best, map_location="cpu", weights_only=True)
+    assert content["FashionMNISTDataModule"] == {"mean": data.mean, "std": data.std}
+    without = {key: value for key, value in content.items() if key != "FashionMNISTDataModule"}
+    torch.save(without, tmp_path / "without.ckpt")
     monkeypatch.setattr("mlp.data.DEBIAN_DIR", tmp_path / "nowhere")
     synthetic_dir.rename(tmp_path / "moved")
     Image.new("L", (28, 28)).save(tmp_path / "black.png")
 
-    with pytest.raises(SystemExit) as exit:
-        run_script(lambda: predict.main([str(best), str(tmp_path / "black.png")]), interrupted="")
-    assert len(exit.value.code.splitlines()) == 1 and "pass their folder with --data_dir" in exit.value.code
+    model = load_answer([best])
+    assert (model.members[0].mean.item(), model.members[0].std.item()) == pytest.approx((data.mean, data.std))
+    assert len(predict.main([str(best), str(tmp_path / "black.png")])) == 1
+    assert not synthetic_dir.exists()  # nothing created or downloaded where the training images were
 
-    assert load_answer([best], data_dir=str(tmp_path / "moved")).members[0].mean == before
-    assert len(predict.main([str(best), str(tmp_path / "black.png"), f"--data_dir={tmp_path / 'moved'}"])) == 1
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main([str(tmp_path / "without.ckpt"), str(tmp_path / "black.png")]), interrupted="")
+    assert len(exit.value.code.splitlines()) == 1 and "pass their folder with --data_dir" in exit.value.code
+    recomputed = load_answer([tmp_path / "without.ckpt"], data_dir=str(tmp_path / "moved")).members[0]
+    assert (recomputed.mean, recomputed.std) == (model.members[0].mean, model.members[0].std)
 
 
 def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study, tmp_path, capsys):
