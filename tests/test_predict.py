@@ -17,6 +17,7 @@ from PIL import Image
 from mlp.answer import Answer, Member, export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
 from mlp.errors import run_script
+from mlp.images import read_images
 from mlp.module import MLPClassifier
 from mlp.net import MLP
 from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
@@ -313,6 +314,75 @@ def test_predict_writes_csv_with_output(study, tmp_path, capsys):
     assert len(rows) == 5 and "5 predictions written" in capsys.readouterr().out
 
 
+def product_photos(folder: Path, images: torch.Tensor) -> list[Path]:
+    """Each image as a photo of the item: dark on white, 100x100, RGB, with a white margin, JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        photo = Image.new("RGB", (130, 110), "white")
+        photo.paste(Image.fromarray(255 - image.numpy()).resize((100, 100)).convert("RGB"), (20, 5))
+        paths.append(folder / f"photo{i}.jpg")
+        photo.save(paths[-1], quality=90)
+    return paths
+
+
+def test_predict_prepares_photos_in_a_folder_says_so_once_and_saves_what_it_classified(study, tmp_path, capsys):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    photos = product_photos(tmp_path / "photos", images[:3])
+    (tmp_path / "photos" / "notes.txt").write_text("not an image, and not picked: its suffix is no image's")
+
+    rows = predict.main([str(study), str(tmp_path / "photos"), "--top", "3", "--save-prepared", str(tmp_path / "seen")])
+
+    out, err = capsys.readouterr()
+    assert err.count("images prepared as Fashion-MNIST's were made") == 1 and len(err.splitlines()) == 1
+    saved = [tmp_path / "seen" / f"{photo.name}-28x28.png" for photo in photos]
+    assert sorted(tmp_path.joinpath("seen").iterdir()) == saved
+    seen = torch.stack([torch.from_numpy(numpy.array(Image.open(path))) for path in saved])
+    assert torch.equal(seen, torch.cat([read_images(photo, prepare_images=True) for photo in photos]))
+    probabilities, predicted = load_answer(study)(seen).topk(3, dim=1)
+    expected = [f"{photo}: " + ", ".join(f"{CLASS_NAMES[c]} ({p:.4f})" for c, p in zip(cs, ps))
+                for photo, cs, ps in zip(photos, predicted.tolist(), probabilities.tolist())]
+    assert out.splitlines() == expected
+    assert [row[0] for row in rows] == list(map(str, photos)) and len(rows[0]) == 7
+
+    # --no-prepare takes them as they are, which for photos is a refusal naming the size.
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main([str(study), str(photos[0]), "--no-prepare"]), interrupted="")
+    assert "images are 130x110 pixels; with --no-prepare" in exit.value.code
+
+
+def test_predict_top_k_writes_one_column_pair_per_rank(study, tmp_path):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    write_idx(tmp_path / "images-idx3-ubyte", images[:4])
+
+    predict.main([str(study), str(tmp_path / "images-idx3-ubyte"), "--top", "2", "--output", str(tmp_path / "o.csv")])
+
+    with open(tmp_path / "o.csv", newline="") as file:
+        written = list(csv.reader(file))
+    assert written[0] == ["file", "class", "probability", "class_2", "probability_2"]
+    probabilities, predicted = load_answer(study)(images[:4]).topk(2, dim=1)
+    assert [row[1::2][:2] for row in written[1:]] == [[CLASS_NAMES[c] for c in cs] for cs in predicted.tolist()]
+    assert [float(row[2]) >= float(row[4]) for row in written[1:]] == [True] * 4
+
+
+@pytest.mark.parametrize("flag", ["--output", "--save-prepared", "--export"])
+def test_predict_refuses_to_write_over_an_input_and_leaves_it_untouched(study, tmp_path, flag):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    (photo,) = product_photos(tmp_path, images[:1])
+    before = photo.read_bytes()
+    target = {"--output": photo, "--export": photo, "--save-prepared": tmp_path}[flag]
+    if flag == "--save-prepared":  # an input named as the image saved for another input would be
+        Image.open(photo).save(tmp_path / "photo0.jpg-28x28.png")
+    args = [str(study), str(photo), *([str(tmp_path / "photo0.jpg-28x28.png")] if flag == "--save-prepared" else []),
+            flag, str(target)]
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main(args), interrupted="")
+
+    assert exit.value.code.startswith(f"error: {flag} ") and "is one of the input files" in exit.value.code
+    assert len(exit.value.code.splitlines()) == 1 and photo.read_bytes() == before
+
+
 def untested_report(study: Path, tmp_path: Path) -> Path:
     """A copy of the study's report whose every final model lacks a test figure, as when all checkpoints are gone."""
     report = json.loads((study / "report.json").read_text())
@@ -343,7 +413,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
     Image.new("L", (28, 28)).save(tmp_path / "fine.png")
     args = {
         "missing image": [str(study), str(tmp_path / "missing.png")],
-        "wrong size": [str(study), str(tmp_path / "wide.png")],
+        "wrong size": [str(study), str(tmp_path / "wide.png"), "--no-prepare"],
         "not an image": [str(study), str(tmp_path / "notes.png")],
         "untested study": [str(untested_report(study, tmp_path)), str(tmp_path / "fine.png")],
         "missing study": [str(tmp_path / "nowhere"), str(tmp_path / "fine.png")],
