@@ -157,6 +157,22 @@ def test_a_16_bit_png_reads_as_its_8_bit_original(tmp_path):
         assert numpy.array_equal(read_images(tmp_path / "deep.png", prepare_images)[0].numpy(), image)
 
 
+def test_a_camera_jpeg_over_the_pixel_bound_is_decoded_smaller_and_an_mpo_read_from_its_photo(tmp_path):
+    photo = Image.new("L", (7000, 6000), 255)  # 42 million pixels, over the bound: decoded at a quarter
+    photo.paste(40, (1000, 1000, 6000, 5000))
+    photo.save(tmp_path / "camera.jpg")
+    prepared = read_images(tmp_path / "camera.jpg", prepare_images=True)[0].numpy()
+    assert prepared[4:24].min() > 200 and prepared[:3].max() == 0 and prepared[25:].max() == 0  # 28x22, centred
+
+    small = Image.new("RGB", (280, 240), "white")
+    small.paste((40, 40, 40), (40, 40, 240, 200))
+    small.save(tmp_path / "camera.mpo", "MPO", save_all=True, append_images=[Image.new("RGB", (280, 240))])
+    with Image.open(tmp_path / "camera.mpo") as opened:
+        assert (opened.format, opened.n_frames) == ("MPO", 2)
+        opened.convert("RGB").save(tmp_path / "first.png")  # its first frame, as decoded
+    assert torch.equal(read_images(tmp_path / "camera.mpo", True), read_images(tmp_path / "first.png", True))
+
+
 def png(width: int, height: int, colour_type: int = 0, bands: list[bytes] | None = None, extra: bytes = b"") -> bytes:
     """A PNG file written chunk by chunk, so that a huge image is a small file: its rows are zeros, or `bands`
     (rows' bytes, filter byte first) each repeated over an equal part of the height; `extra` chunks come before
