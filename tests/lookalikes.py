@@ -6,6 +6,10 @@ issue 40's done-when with predict.py on 1,000 of them (docs/results.md):
     python scripts/predict.py CKPT /tmp/look/raw --no-prepare --output /tmp/look/raw.csv
     python scripts/predict.py CKPT /tmp/look/photos --output /tmp/look/photos.csv
     python tests/lookalikes.py score /tmp/look raw.csv photos.csv
+
+and to draw docs/predict_steps.png, each preparation step of one of them:
+
+    python tests/lookalikes.py steps docs/predict_steps.png
 """
 
 import argparse
@@ -78,6 +82,30 @@ def score(out: Path, predictions: list[str]) -> None:
         print(f"{name}: {right}/{len(rows)} = {right / len(rows):.4f}")
 
 
+def steps(out: Path) -> None:
+    """One test image as a photo on a beige background, then each step `mlp.images` takes, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlp.images import preparation_steps
+
+    images, _ = fashion_mnist_test_set()
+    rng = numpy.random.default_rng(3)
+    photo = numpy.asarray(product_photo(images[0], rng, side=(240, 240), jpeg=False)).astype(float) / 255
+    beige = numpy.array([235, 222, 200]) / 255
+    photo = Image.fromarray((photo * beige * 255).round().astype(numpy.uint8))
+    shown = preparation_steps(photo)
+    figure, axes = plt.subplots(1, len(shown), figsize=(1.3 * len(shown), 1.75), dpi=80)
+    for axis, (name, image) in zip(axes, shown):
+        axis.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        axis.set_title(f"{name}\n{image.width}x{image.height}", fontsize=8)
+        axis.set_xticks([]), axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(out)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,8 +116,12 @@ if __name__ == "__main__":
     scoring = commands.add_parser("score")
     scoring.add_argument("out", type=Path)
     scoring.add_argument("predictions", nargs="+", help="CSV files predict.py wrote, relative to OUT")
+    drawing = commands.add_parser("steps")
+    drawing.add_argument("out", type=Path)
     options = parser.parse_args()
     if options.command == "make":
         make(options.out, options.n, options.seed)
-    else:
+    elif options.command == "score":
         score(options.out, options.predictions)
+    else:
+        steps(options.out)
