@@ -42,6 +42,21 @@ def image_suffixes() -> set[str]:
     return {suffix for suffix, name in Image.registered_extensions().items() if name in FORMATS}
 
 
+def image_files(paths: list[str]) -> list[Path]:
+    """The paths of the images a command is given, a folder standing for the image files directly in it (picked
+    by their suffixes: a folder of photos may hold other files too)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in image_suffixes() and p.is_file()
+                           and not p.name.startswith("."))
+            check(found, f"{path} holds no image files (PNG, JPEG, WebP...)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def open_image(path: Path) -> Image.Image:
     """The image in `path`, decoded only after its header passed the checks; 16-bit grayscale made 8-bit.
 
@@ -55,7 +70,7 @@ def open_image(path: Path) -> Image.Image:
             raise UserError(f"{path}: refused before decoding: {error}") from None
     try:
         if image.format in ("JPEG", "MPO"):
-            image.draft("RGB" if image.mode != "L" else "L", (WORKING_SIDE, WORKING_SIDE))  # decodes at 1/2 to 1/8
+            image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))  # decodes at 1/2 to 1/8 of the size
         width, height = image.size
         check(
             width * height <= MAX_PIXELS,

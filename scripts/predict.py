@@ -41,22 +41,6 @@ def split_model_and_images(paths: list[str]) -> tuple[list[str], list[str]]:
     return paths[:model], paths[model:]
 
 
-def image_files(paths: list[str]) -> list[Path]:
-    """The image arguments, a folder standing for the image files directly in it (by their suffixes)."""
-    from mlp.images import image_suffixes
-
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in image_suffixes() and p.is_file()
-                           and not p.name.startswith("."))
-            check(found, f"{path} holds no image files (PNG, JPEG, WebP...)")
-            files += found
-        else:
-            files.append(path)
-    return files
-
-
 def check_not_an_input(output: Path, inputs: list[Path], flag: str) -> None:
     """Refuse to write over a file the command reads: `predict.py CKPT image.png --output image.png` would
     otherwise replace the image with the CSV."""
@@ -85,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     from PIL import Image
 
     from mlp.answer import check_exportable, export, load_answer
-    from mlp.images import read_images
+    from mlp.images import image_files, read_images
 
     parser = argparse.ArgumentParser(
         usage="%(prog)s MODEL [IMAGE|FOLDER ...] [--top K] [--no-prepare] [--save-prepared DIR] [--output CSV] "

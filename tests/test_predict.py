@@ -405,6 +405,9 @@ def untested_report(study: Path, tmp_path: Path) -> Path:
         ("image as model", "is not a study's folder, its report.json or a .ckpt file"),
         ("missing checkpoint", "checkpoint nowhere.ckpt not found"),
         ("no images", "nothing to do"),
+        ("folder without images", "holds no image files"),
+        ("top 11", "--top must be 1-10"),
+        ("save-prepared onto a file", "is a file; pass a folder"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
@@ -420,7 +423,13 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
         "image as model": [str(tmp_path / "fine.png"), str(tmp_path / "fine.png")],
         "missing checkpoint": ["nowhere.ckpt", str(tmp_path / "fine.png")],
         "no images": [str(study)],
+        "folder without images": [str(study), str(tmp_path / "empty")],
+        "top 11": [str(study), str(tmp_path / "fine.png"), "--top", "11"],
+        "save-prepared onto a file": [str(study), str(tmp_path / "fine.png"), "--save-prepared",
+                                      str(tmp_path / "wide.png")],
     }[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
 
     with pytest.raises(SystemExit) as exit:
         run_script(lambda: predict.main(args), interrupted="nothing was written")
