@@ -267,53 +267,6 @@ def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study
     assert accuracy(load_answer(study)(images[:4]), labels[:4]) > 0.7  # it learned the bands, so the lines say it
 
 
-@pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
-def test_predict_names_the_class_of_real_test_images_saved_as_png_after_a_short_fit(tmp_path, capsys):
-    fit.main([
-        f"--data.data_dir={tmp_path / 'data'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--model.depth=1", "--model.width=32", "--trainer.max_epochs=1", "--trainer.limit_train_batches=50",
-        "--progress_bar.refresh_rate=0",
-    ])
-    (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
-    images, labels = raw_test_images(tmp_path / "data", tmp_path)
-    pngs = [tmp_path / f"test{i}.png" for i in range(4)]  # an ankle boot, a pullover and two trousers
-    for png, image in zip(pngs, images):
-        Image.fromarray(image.numpy()).save(png)
-    capsys.readouterr()
-
-    predict.main([str(best), *map(str, pngs)])
-
-    lines = capsys.readouterr().out.splitlines()
-    # What fit.py's own test pipeline predicts for the same images: standardised by its data module, its net.
-    data = FashionMNISTDataModule(str(tmp_path / "data"))
-    data.setup("test")
-    model = MLPClassifier.load_from_checkpoint(best, map_location="cpu").eval()
-    with torch.no_grad():
-        probabilities = model.net(data.test_set.tensors[0][:4]).softmax(dim=1)
-    best_probability, predicted = probabilities.max(dim=1)
-    assert [line.rsplit(" (", 1)[0] for line in lines] == [f"{png}: {CLASS_NAMES[c]}" for png, c in zip(pngs, predicted)]
-    printed = [float(line.rsplit("(", 1)[1].rstrip(")")) for line in lines]
-    assert printed == pytest.approx(best_probability.tolist(), abs=1e-4)
-    # A 50-step net gets most of them right (1 in 10 by chance); which ones depends on the machine's arithmetic.
-    assert sum(line.startswith(f"{png}: {CLASS_NAMES[y]} (") for line, png, y in zip(lines, pngs, labels)) >= 2
-
-
-def test_predict_writes_csv_with_output(study, tmp_path, capsys):
-    images, _ = raw_test_images(study.parents[2] / "data")
-    write_idx(tmp_path / "images-idx3-ubyte", images[:5])
-
-    rows = predict.main([str(study / "report.json"), str(tmp_path / "images-idx3-ubyte"),
-                         "--output", str(tmp_path / "out.csv")])
-
-    with open(tmp_path / "out.csv", newline="") as file:
-        written = list(csv.reader(file))
-    probabilities, predicted = load_answer(study)(images[:5]).max(dim=1)
-    assert written[0] == ["file", "class", "probability"]
-    assert [row[1] for row in written[1:]] == [CLASS_NAMES[c] for c in predicted]
-    assert [float(row[2]) for row in written[1:]] == pytest.approx(probabilities.tolist(), abs=1e-6)
-    assert len(rows) == 5 and "5 predictions written" in capsys.readouterr().out
-
-
 def product_photos(folder: Path, images: torch.Tensor) -> list[Path]:
     """Each image as a photo of the item: dark on white, 100x100, RGB, with a white margin, JPEG."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -383,6 +336,79 @@ def test_predict_refuses_to_write_over_an_input_and_leaves_it_untouched(study, t
     assert len(exit.value.code.splitlines()) == 1 and photo.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("folder without images", "holds no image files"),
+        ("top 11", "--top must be 1-10"),
+        ("save-prepared onto a file", "is a file; pass a folder"),
+    ],
+)
+def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    args = {
+        "folder without images": [str(study), str(tmp_path / "empty")],
+        "top 11": [str(study), str(tmp_path / "fine.png"), "--top", "11"],
+        "save-prepared onto a file": [str(study), str(tmp_path / "fine.png"), "--save-prepared",
+                                      str(tmp_path / "empty" / "notes.txt")],
+    }[case]
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main(args), interrupted="nothing was written")
+
+    assert isinstance(exit.value.code, str) and len(exit.value.code.splitlines()) == 1
+    assert exit.value.code.startswith("error: ") and expected in exit.value.code
+
+
+@pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+def test_predict_names_the_class_of_real_test_images_saved_as_png_after_a_short_fit(tmp_path, capsys):
+    fit.main([
+        f"--data.data_dir={tmp_path / 'data'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--model.depth=1", "--model.width=32", "--trainer.max_epochs=1", "--trainer.limit_train_batches=50",
+        "--progress_bar.refresh_rate=0",
+    ])
+    (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    images, labels = raw_test_images(tmp_path / "data", tmp_path)
+    pngs = [tmp_path / f"test{i}.png" for i in range(4)]  # an ankle boot, a pullover and two trousers
+    for png, image in zip(pngs, images):
+        Image.fromarray(image.numpy()).save(png)
+    capsys.readouterr()
+
+    predict.main([str(best), *map(str, pngs)])
+
+    lines = capsys.readouterr().out.splitlines()
+    # What fit.py's own test pipeline predicts for the same images: standardised by its data module, its net.
+    data = FashionMNISTDataModule(str(tmp_path / "data"))
+    data.setup("test")
+    model = MLPClassifier.load_from_checkpoint(best, map_location="cpu").eval()
+    with torch.no_grad():
+        probabilities = model.net(data.test_set.tensors[0][:4]).softmax(dim=1)
+    best_probability, predicted = probabilities.max(dim=1)
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [f"{png}: {CLASS_NAMES[c]}" for png, c in zip(pngs, predicted)]
+    printed = [float(line.rsplit("(", 1)[1].rstrip(")")) for line in lines]
+    assert printed == pytest.approx(best_probability.tolist(), abs=1e-4)
+    # A 50-step net gets most of them right (1 in 10 by chance); which ones depends on the machine's arithmetic.
+    assert sum(line.startswith(f"{png}: {CLASS_NAMES[y]} (") for line, png, y in zip(lines, pngs, labels)) >= 2
+
+
+def test_predict_writes_csv_with_output(study, tmp_path, capsys):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    write_idx(tmp_path / "images-idx3-ubyte", images[:5])
+
+    rows = predict.main([str(study / "report.json"), str(tmp_path / "images-idx3-ubyte"),
+                         "--output", str(tmp_path / "out.csv")])
+
+    with open(tmp_path / "out.csv", newline="") as file:
+        written = list(csv.reader(file))
+    probabilities, predicted = load_answer(study)(images[:5]).max(dim=1)
+    assert written[0] == ["file", "class", "probability"]
+    assert [row[1] for row in written[1:]] == [CLASS_NAMES[c] for c in predicted]
+    assert [float(row[2]) for row in written[1:]] == pytest.approx(probabilities.tolist(), abs=1e-6)
+    assert len(rows) == 5 and "5 predictions written" in capsys.readouterr().out
+
+
 def untested_report(study: Path, tmp_path: Path) -> Path:
     """A copy of the study's report whose every final model lacks a test figure, as when all checkpoints are gone."""
     report = json.loads((study / "report.json").read_text())
@@ -405,9 +431,6 @@ def untested_report(study: Path, tmp_path: Path) -> Path:
         ("image as model", "is not a study's folder, its report.json or a .ckpt file"),
         ("missing checkpoint", "checkpoint nowhere.ckpt not found"),
         ("no images", "nothing to do"),
-        ("folder without images", "holds no image files"),
-        ("top 11", "--top must be 1-10"),
-        ("save-prepared onto a file", "is a file; pass a folder"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
@@ -423,13 +446,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
         "image as model": [str(tmp_path / "fine.png"), str(tmp_path / "fine.png")],
         "missing checkpoint": ["nowhere.ckpt", str(tmp_path / "fine.png")],
         "no images": [str(study)],
-        "folder without images": [str(study), str(tmp_path / "empty")],
-        "top 11": [str(study), str(tmp_path / "fine.png"), "--top", "11"],
-        "save-prepared onto a file": [str(study), str(tmp_path / "fine.png"), "--save-prepared",
-                                      str(tmp_path / "wide.png")],
     }[case]
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("not an image")
 
     with pytest.raises(SystemExit) as exit:
         run_script(lambda: predict.main(args), interrupted="nothing was written")
