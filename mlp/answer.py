@@ -106,7 +106,7 @@ def resolve(checkpoint: Path, report_path: Path) -> Path:
 
 def training_statistics(data_settings: dict, data_dir: str | None) -> tuple[float, float]:
     """Mean and standard deviation of the training split a checkpoint learned from, computed as the data module
-    computed them: the checkpoint keeps the split's settings (data_dir, val_size, seed), not the figures."""
+    computed them, from the split's settings (data_dir, val_size, seed), for a checkpoint that lacks the figures."""
     data = FashionMNISTDataModule(data_dir or data_settings["data_dir"], val_size=data_settings["val_size"],
                                   seed=data_settings["seed"])
     try:
@@ -132,12 +132,27 @@ def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Mem
         data_settings is not None and "hyper_parameters" in content,
         f"{checkpoint} holds no model or data module settings; pass a checkpoint written by fit.py or tune.py",
     )
+    # The checkpoint carries the run's hyperparameters, so it rebuilds the run's net by itself.
+    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    saved = stored_statistics(content)
+    if saved is not None:
+        return Member(model.net, *saved)
     key = (data_dir or data_settings["data_dir"], data_settings["val_size"], data_settings["seed"])
     if key not in statistics:
         statistics[key] = training_statistics(data_settings, data_dir)
-    # The checkpoint carries the run's hyperparameters, so it rebuilds the run's net by itself.
-    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     return Member(model.net, *statistics[key])
+
+
+def stored_statistics(content: dict) -> tuple[float, float] | None:
+    """The mean and standard deviation the data module's state_dict put in the checkpoint, or None where the
+    checkpoint predates that or its writer left them out: they are then recomputed from the training images."""
+    state = content.get(FashionMNISTDataModule.__qualname__)
+    if not isinstance(state, dict):
+        return None
+    mean, std = state.get("mean"), state.get("std")
+    if isinstance(mean, float) and isinstance(std, float) and std > 0:
+        return mean, std
+    return None
 
 
 def load_answer(

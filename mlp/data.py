@@ -242,6 +242,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
             images, labels = load_split(self.files, "test", cache_dir)
             self.test_set = self._dataset(unit_pixels(images), labels, device)
 
+    def state_dict(self) -> dict[str, float]:
+        """The training split's standardisation, which Lightning writes into every checkpoint (under the class's
+        name), so a checkpoint standardises new images without the training images (`mlp.answer`)."""
+        return {"mean": self.mean, "std": self.std} if self.train_set is not None else {}
+
     def _dataset(self, pixels: Tensor, labels: Tensor, device: torch.device) -> TensorDataset:
         """Standardises `pixels` in place: one copy of the training images in memory, not three."""
         return TensorDataset(pixels.sub_(self.mean).div_(self.std).to(device), labels.to(device))

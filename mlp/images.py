@@ -1,9 +1,24 @@
-"""A user's images as Fashion-MNIST stores its own: uint8 tensors (N, 28, 28), read by PIL or torchvision."""
+"""A user's images as Fashion-MNIST stores its own: uint8 tensors (N, 28, 28), read by PIL or torchvision.
 
+A photo becomes a Fashion-MNIST image by the steps the dataset's paper gives for its own (Xiao, Rasul & Vollgraf,
+2017, section 2): trim the edges close to the corners' colour, resize the longest edge to 28, sharpen, pad the
+shortest edge to 28 with the item centred, negate, make it 8-bit grayscale. `preparation_steps` does them with
+PIL's own operations. Two decisions the paper leaves open: the background is the corners' colour, whatever it is
+(a transparent one counts as white), and "negate" is the difference from that colour, which on white is exactly
+the negation and on any other colour still turns the background black. An image that is already
+Fashion-MNIST-like (28x28 on a dark background) is left as it is.
+
+Every file is checked before it is decoded: its format is one of a few raster formats (no PostScript, which PIL
+hands to Ghostscript), its header's size bounds the decoded bytes, and PIL's own limits bound its text chunks.
+"""
+
+import functools
 import tempfile
+import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy
+from PIL import Image, ImageChops, ImageFilter, ImageOps, ImageStat, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -11,24 +26,164 @@ from mlp.data import CorruptDatasetError, read_idx
 from mlp.errors import UserError, check
 
 SIZE = 28
+# Raster formats PIL decodes itself (JPEG includes MPO, the JPEG many cameras write, its first frame the photo).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
+# Decoded, a 40-megapixel RGBA image takes 160 MB, bounding what one image costs in memory; a larger JPEG is
+# decoded at a fraction of its size (PIL's draft mode), so only other formats meet the bound.
+MAX_PIXELS = 40_000_000
+WORKING_SIDE = 1024  # larger photos are first shrunk to this: the result is 28 pixels, so no detail is lost
+TRIM_TOLERANCE = 0.05 * 255  # the paper's "close to the corners' colour": within 5 % of the maximum intensity
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # PIL opens 16-bit grayscale PNG and TIFF so
 
 
-def read_images(path: Path) -> Tensor:
-    """The images in an image file PIL reads (PNG, JPEG...: one image, made grayscale) or in an IDX file
-    (any number, as Fashion-MNIST's own files hold them, possibly .gz), as uint8 (N, 28, 28)."""
-    check(path.is_file(), f"{path} not found; pass image files (PNG, JPEG) or IDX files")
+def image_suffixes() -> set[str]:
+    """File name suffixes of the formats read, as a folder's images are picked."""
+    return {suffix for suffix, name in Image.registered_extensions().items() if name in FORMATS}
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The paths of the images a command is given, a folder standing for the image files directly in it (picked
+    by their suffixes: a folder of photos may hold other files too)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in image_suffixes() and p.is_file()
+                           and not p.name.startswith("."))
+            check(found, f"{path} holds no image files (PNG, JPEG, WebP...)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image in `path`, decoded only after its header passed the checks; 16-bit grayscale made 8-bit.
+
+    Raises UnidentifiedImageError for a file that is none of FORMATS, UserError for one refused."""
+    with warnings.catch_warnings():
+        # PIL warns above its own MAX_IMAGE_PIXELS; the bound below, lower, refuses such images in one line.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path, formats=FORMATS)  # reads the header only
+        except Image.DecompressionBombError as error:
+            raise UserError(f"{path}: refused before decoding: {error}") from None
     try:
-        with Image.open(path) as image:
+        if image.format in ("JPEG", "MPO"):
+            image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))  # decodes at 1/2 to 1/8 of the size
+        width, height = image.size
+        check(
+            width * height <= MAX_PIXELS,
+            f"{path}: refused before decoding: {width}x{height} pixels is more than the {MAX_PIXELS:,} this reads; "
+            "save it smaller",
+        )
+        check(
+            image.mode in EIGHT_BIT_MODES | SIXTEEN_BIT_MODES,
+            f"{path}: images with {image.mode!r} pixels are not read; save it as an 8- or 16-bit PNG or a JPEG",
+        )
+        # A MPO's other frames are previews or a second view of the same photo; other formats' are other images.
+        frames = getattr(image, "n_frames", 1)
+        check(
+            image.format == "MPO" or frames == 1,
+            f"{path}: an image of {frames} frames (animated or multi-page): which one shows the item is not clear; "
+            "save that frame alone",
+        )
+        image.load()
+    except BaseException:
+        image.close()
+        raise
+    if image.mode in SIXTEEN_BIT_MODES:
+        # PIL's convert("L") clips 16-bit values at 255 (nearly every pixel white); the top 8 bits are the image.
+        pixels = numpy.asarray(image)
+        check(int(pixels.max(initial=0)) < 2**16 and int(pixels.min(initial=0)) >= 0,
+              f"{path}: its {image.mode} pixels are outside 16 bits; save it as an 8- or 16-bit PNG")
+        image = Image.fromarray((pixels.astype(numpy.uint32) >> 8).astype(numpy.uint8))
+    return image
+
+
+def corner_colour(image: Image.Image) -> tuple[int, ...]:
+    """The background's colour: per band, the median of the four corners' mean colours (each a 2% patch), so one
+    corner the item reaches into, or JPEG noise, does not decide it."""
+    width, height = image.size
+    side = max(1, min(width, height) // 50)
+    boxes = [(0, 0), (width - side, 0), (0, height - side), (width - side, height - side)]
+    means = numpy.array([ImageStat.Stat(image.crop((x, y, x + side, y + side))).mean for x, y in boxes])
+    return tuple(int(round(v)) for v in numpy.median(means, axis=0))
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB, transparency composited onto white: a cut-out product photo's background is its transparent part."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
+    """The paper's steps applied to `image`, each as (what was done, the image after it); the last is the 28x28
+    8-bit grayscale image, light on dark. Raises UserError for an image of one colour, with nothing to trim to."""
+    steps = [("input", image)]
+    if image.mode in ("1", "P", "PA"):
+        image = image.convert("RGBA")  # PIL resizes palette images by nearest neighbour only
+    if max(image.size) > WORKING_SIDE:
+        scale = WORKING_SIDE / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    image = ImageOps.exif_transpose(image)  # a phone's portrait photo is stored sideways, with an EXIF tag
+    rgb = flatten(image)
+    background = corner_colour(rgb)
+    if rgb.size == (SIZE, SIZE) and max(background) < 128:
+        return steps + [("already Fashion-MNIST-like: kept", rgb.convert("L"))]
+    plain = Image.new("RGB", rgb.size, background)
+    # The largest difference over the bands, so an item differing from the background in colour alone counts.
+    difference = functools.reduce(ImageChops.lighter, ImageChops.difference(rgb, plain).split())
+    box = difference.point(lambda v: 255 if v > TRIM_TOLERANCE else 0).getbbox()
+    check(box is not None, "the image is all one colour (nothing differs from its corners by more than 5 %): "
+          "there is no item to classify")
+    trimmed = rgb.crop(box)
+    resized = ImageOps.contain(trimmed, (SIZE, SIZE), Image.Resampling.LANCZOS)
+    # The paper's Gaussian of radius and sigma 1.0; PIL's radius is the Gaussian's sigma.
+    sharpened = resized.filter(ImageFilter.UnsharpMask(radius=1.0, percent=100, threshold=0))
+    padded = ImageOps.pad(sharpened, (SIZE, SIZE), color=background, centering=(0.5, 0.5))
+    negated = ImageChops.difference(padded, Image.new("RGB", padded.size, background))
+    # On a background other than white or black an item can differ from it by less than 255 (black on mid grey
+    # by 128): the difference is scaled to the largest possible, so the item keeps Fashion-MNIST's contrast.
+    # On white, as in the paper, the scale is 1.
+    furthest = Image.new("RGB", (1, 1), tuple(max(c, 255 - c) for c in background)).convert("L").getpixel((0, 0))
+    grayscale = negated.convert("L").point(lambda v: min(255, round(v * 255 / furthest)))
+    return steps + [("trim", trimmed), ("resize", resized), ("sharpen", sharpened), ("pad", padded),
+                    ("negate", negated), ("8-bit grayscale", grayscale)]
+
+
+def prepare(image: Image.Image) -> Image.Image:
+    """`image` made a Fashion-MNIST image: 28x28, 8-bit grayscale, light on dark (see `preparation_steps`)."""
+    return preparation_steps(image)[-1][1]
+
+
+def read_images(path: Path, prepare_images: bool = False) -> Tensor:
+    """The images in an image file PIL reads (PNG, JPEG...: one image) or in an IDX file (any number, as
+    Fashion-MNIST's own files hold them, possibly .gz), as uint8 (N, 28, 28). With `prepare_images` an image
+    file is prepared as Fashion-MNIST's were made; without, it must be 28x28 already and is only made grayscale.
+    IDX files hold Fashion-MNIST's form already and are taken as they are."""
+    check(path.is_file(), f"{path} not found; pass image files (PNG, JPEG), folders of them, or IDX files")
+    try:
+        with open_image(path) as image:
+            if prepare_images:
+                try:
+                    image = prepare(image)
+                except UserError as error:
+                    raise UserError(f"{path}: {error}") from None
             images = pil_to_tensor(image.convert("L"))  # (1, height, width)
     except UnidentifiedImageError:
         images = read_idx_images(path)
-    except OSError as error:  # a truncated or damaged image file
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # Truncated or damaged; PIL's bound on text chunks raises ValueError, some damaged headers SyntaxError.
         raise UserError(f"{path}: cannot be read as an image ({error})") from None
     height, width = images.shape[1:]
     check(
         (height, width) == (SIZE, SIZE),
-        f"{path}: images are {width}x{height} pixels; the model takes 28x28 grayscale images, as Fashion-MNIST's: "
-        "resize it to 28x28 first",
+        f"{path}: images are {width}x{height} pixels; with --no-prepare the model takes 28x28 grayscale images, "
+        "as Fashion-MNIST's: leave --no-prepare out, or resize it to 28x28 first",
     )
     return images
 

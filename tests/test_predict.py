@@ -17,6 +17,7 @@ from PIL import Image
 from mlp.answer import Answer, Member, export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
 from mlp.errors import run_script
+from mlp.images import read_images
 from mlp.module import MLPClassifier
 from mlp.net import MLP
 from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
@@ -208,24 +209,38 @@ def test_fit_best_checkpoint_loads_and_exports_with_its_test_accuracy(synthetic_
     assert exported(images[:1]).shape == (1, 10)  # any number of images, one included
 
 
-def test_a_checkpoint_whose_training_images_moved_asks_for_data_dir(synthetic_dir, tmp_path, no_download, monkeypatch):
+def test_a_checkpoint_carries_its_standardisation_so_predict_reads_no_training_images(
+    synthetic_dir, tmp_path, no_download, monkeypatch
+):
+    """fit.py's checkpoints hold the data module's state_dict, the split's mean and standard deviation: predict
+    needs no training images, and creates nothing where they were. One without them (an older checkpoint, or a
+    stacked trial's) recomputes them from the training images, and asks for --data_dir when they are gone."""
     fit.main([
         f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         "--data.val_size=100", "--model.depth=1", "--model.width=8", "--trainer.max_epochs=1",
         "--progress_bar.refresh_rate=0",
     ])
     (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
-    before = load_answer([best]).members[0].mean
+    data = FashionMNISTDataModule(str(synthetic_dir), val_size=100)
+    data.setup("fit")
+    content = torch.load(best, map_location="cpu", weights_only=True)
+    assert content["FashionMNISTDataModule"] == {"mean": data.mean, "std": data.std}
+    without = {key: value for key, value in content.items() if key != "FashionMNISTDataModule"}
+    torch.save(without, tmp_path / "without.ckpt")
     monkeypatch.setattr("mlp.data.DEBIAN_DIR", tmp_path / "nowhere")
     synthetic_dir.rename(tmp_path / "moved")
     Image.new("L", (28, 28)).save(tmp_path / "black.png")
 
-    with pytest.raises(SystemExit) as exit:
-        run_script(lambda: predict.main([str(best), str(tmp_path / "black.png")]), interrupted="")
-    assert len(exit.value.code.splitlines()) == 1 and "pass their folder with --data_dir" in exit.value.code
+    model = load_answer([best])
+    assert (model.members[0].mean.item(), model.members[0].std.item()) == pytest.approx((data.mean, data.std))
+    assert len(predict.main([str(best), str(tmp_path / "black.png")])) == 1
+    assert not synthetic_dir.exists()  # nothing created or downloaded where the training images were
 
-    assert load_answer([best], data_dir=str(tmp_path / "moved")).members[0].mean == before
-    assert len(predict.main([str(best), str(tmp_path / "black.png"), f"--data_dir={tmp_path / 'moved'}"])) == 1
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main([str(tmp_path / "without.ckpt"), str(tmp_path / "black.png")]), interrupted="")
+    assert len(exit.value.code.splitlines()) == 1 and "pass their folder with --data_dir" in exit.value.code
+    recomputed = load_answer([tmp_path / "without.ckpt"], data_dir=str(tmp_path / "moved")).members[0]
+    assert (recomputed.mean, recomputed.std) == (model.members[0].mean, model.members[0].std)
 
 
 def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study, tmp_path, capsys):
@@ -250,6 +265,101 @@ def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study
     assert [c for _, c, _ in rows[5:]] == [CLASS_NAMES[c] for c in predicted[:3]]
     assert len(lines) == 8
     assert accuracy(load_answer(study)(images[:4]), labels[:4]) > 0.7  # it learned the bands, so the lines say it
+
+
+def product_photos(folder: Path, images: torch.Tensor) -> list[Path]:
+    """Each image as a photo of the item: dark on white, 100x100, RGB, with a white margin, JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        photo = Image.new("RGB", (130, 110), "white")
+        photo.paste(Image.fromarray(255 - image.numpy()).resize((100, 100)).convert("RGB"), (20, 5))
+        paths.append(folder / f"photo{i}.jpg")
+        photo.save(paths[-1], quality=90)
+    return paths
+
+
+def test_predict_prepares_photos_in_a_folder_says_so_once_and_saves_what_it_classified(study, tmp_path, capsys):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    photos = product_photos(tmp_path / "photos", images[:3])
+    (tmp_path / "photos" / "notes.txt").write_text("not an image, and not picked: its suffix is no image's")
+
+    rows = predict.main([str(study), str(tmp_path / "photos"), "--top", "3", "--save-prepared", str(tmp_path / "seen")])
+
+    out, err = capsys.readouterr()
+    assert err.count("images prepared as Fashion-MNIST's were made") == 1 and len(err.splitlines()) == 1
+    saved = [tmp_path / "seen" / f"{photo.name}-28x28.png" for photo in photos]
+    assert sorted(tmp_path.joinpath("seen").iterdir()) == saved
+    seen = torch.stack([torch.from_numpy(numpy.array(Image.open(path))) for path in saved])
+    assert torch.equal(seen, torch.cat([read_images(photo, prepare_images=True) for photo in photos]))
+    probabilities, predicted = load_answer(study)(seen).topk(3, dim=1)
+    expected = [f"{photo}: " + ", ".join(f"{CLASS_NAMES[c]} ({p:.4f})" for c, p in zip(cs, ps))
+                for photo, cs, ps in zip(photos, predicted.tolist(), probabilities.tolist())]
+    assert out.splitlines() == expected
+    assert [row[0] for row in rows] == list(map(str, photos)) and len(rows[0]) == 7
+
+    # --no-prepare takes them as they are, which for photos is a refusal naming the size.
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main([str(study), str(photos[0]), "--no-prepare"]), interrupted="")
+    assert "images are 130x110 pixels; with --no-prepare" in exit.value.code
+
+
+def test_predict_top_k_writes_one_column_pair_per_rank(study, tmp_path):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    write_idx(tmp_path / "images-idx3-ubyte", images[:4])
+
+    predict.main([str(study), str(tmp_path / "images-idx3-ubyte"), "--top", "2", "--output", str(tmp_path / "o.csv")])
+
+    with open(tmp_path / "o.csv", newline="") as file:
+        written = list(csv.reader(file))
+    assert written[0] == ["file", "class", "probability", "class_2", "probability_2"]
+    probabilities, predicted = load_answer(study)(images[:4]).topk(2, dim=1)
+    assert [row[1::2][:2] for row in written[1:]] == [[CLASS_NAMES[c] for c in cs] for cs in predicted.tolist()]
+    assert [float(row[2]) >= float(row[4]) for row in written[1:]] == [True] * 4
+
+
+@pytest.mark.parametrize("flag", ["--output", "--save-prepared", "--export"])
+def test_predict_refuses_to_write_over_an_input_and_leaves_it_untouched(study, tmp_path, flag):
+    images, _ = raw_test_images(study.parents[2] / "data")
+    (photo,) = product_photos(tmp_path, images[:1])
+    before = photo.read_bytes()
+    target = {"--output": photo, "--export": photo, "--save-prepared": tmp_path}[flag]
+    if flag == "--save-prepared":  # an input named as the image saved for another input would be
+        Image.open(photo).save(tmp_path / "photo0.jpg-28x28.png")
+    args = [str(study), str(photo), *([str(tmp_path / "photo0.jpg-28x28.png")] if flag == "--save-prepared" else []),
+            flag, str(target)]
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main(args), interrupted="")
+
+    assert exit.value.code.startswith(f"error: {flag} ") and "is one of the input files" in exit.value.code
+    assert len(exit.value.code.splitlines()) == 1 and photo.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("folder without images", "holds no image files"),
+        ("top 11", "--top must be 1-10"),
+        ("save-prepared onto a file", "is a file; pass a folder"),
+    ],
+)
+def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    args = {
+        "folder without images": [str(study), str(tmp_path / "empty")],
+        "top 11": [str(study), str(tmp_path / "fine.png"), "--top", "11"],
+        "save-prepared onto a file": [str(study), str(tmp_path / "fine.png"), "--save-prepared",
+                                      str(tmp_path / "empty" / "notes.txt")],
+    }[case]
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: predict.main(args), interrupted="nothing was written")
+
+    assert isinstance(exit.value.code, str) and len(exit.value.code.splitlines()) == 1
+    assert exit.value.code.startswith("error: ") and expected in exit.value.code
 
 
 @pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
@@ -329,7 +439,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
     Image.new("L", (28, 28)).save(tmp_path / "fine.png")
     args = {
         "missing image": [str(study), str(tmp_path / "missing.png")],
-        "wrong size": [str(study), str(tmp_path / "wide.png")],
+        "wrong size": [str(study), str(tmp_path / "wide.png"), "--no-prepare"],
         "not an image": [str(study), str(tmp_path / "notes.png")],
         "untested study": [str(untested_report(study, tmp_path)), str(tmp_path / "fine.png")],
         "missing study": [str(tmp_path / "nowhere"), str(tmp_path / "fine.png")],
