@@ -439,4 +439,7 @@ class ModelInStackCheckpoint(ModelCheckpoint):
         for part in (model, trainer.datamodule):
             if part is not None and part.hparams:
                 checkpoint[part.CHECKPOINT_HYPER_PARAMS_KEY] = dict(part.hparams)
+        # And the data module's state, the training split's standardisation, as Lightning keeps it: by class name.
+        if trainer.datamodule is not None and (state := trainer.datamodule.state_dict()):
+            checkpoint[type(trainer.datamodule).__qualname__] = state
         trainer.strategy.save_checkpoint(checkpoint, filepath)
