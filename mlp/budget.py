@@ -37,13 +37,16 @@ class Budget:
     """The command's deadline, as wall-clock time so that the workers it starts share it (infinity: no timeout).
 
     `refit_scale` is how much longer a refit's epoch is than its trial's: the refit trains on train + val, the
-    trial on train. `fuse` is how many refits train at once, stacked as the trials were.
+    trial on train. `fuse` is how many refits train at once, stacked as the trials were. `refitted` holds the
+    numbers of the trials whose refits an earlier run made: they cost nothing more, so a rerun keeps no time back
+    for them and trains new trials.
     """
 
     deadline: float = math.inf
     refit_scale: float = 1.0
     fuse: int = 1
     skipped_in_a_row: int = 0
+    refitted: frozenset[int] = frozenset()
 
     @property
     def bounded(self) -> bool:
@@ -58,6 +61,7 @@ class Budget:
         epoch, scaled to the refit's training images; stacked `fuse` at a time (default: the study's), a stack
         lasting as long as its longest member."""
         fuse = fuse or self.fuse
+        trials = [t for t in trials if t.number not in self.refitted]
         each = [REFIT_START_SECONDS + self.refit_scale * trial_seconds(t) for t in trials]
         return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
 

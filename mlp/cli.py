@@ -61,7 +61,8 @@ class MLPCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                # Lightning 2.6 writes last.ckpt only when the best improves; the "latest" callback writes it every epoch.
+                # Lightning 2.6 writes last.ckpt only when the best improves; the "latest" callback writes it every
+                # epoch.
                 "checkpoint.save_last": False,
                 "checkpoint.filename": "epoch{epoch:02d}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,

@@ -132,6 +132,11 @@ def refit_done(study: optuna.Study, number: int) -> bool:
     return bool(study.user_attrs.get(f"refit_{number}"))
 
 
+def refitted(study: optuna.Study) -> frozenset[int]:
+    """The numbers of the trials whose refits were trained and tested."""
+    return frozenset(int(key[6:]) for key in study.user_attrs if key[6:].isdigit() and refit_done(study, int(key[6:])))
+
+
 def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int) -> None:
     """Train the refit runs of `runs` (by trial number) alone (fuse == 1) or stacked, then test each once."""
     ends: dict[str, RunEnd] = {}
@@ -323,5 +328,6 @@ def final_models(study: optuna.Study, answer: str, budget: Budget) -> dict[str, 
     chosen = tested[0] if tested else None
     summary = {"answer": chosen, "test_acc": candidates[chosen]["test_acc"] if chosen else None, **candidates}
     if chosen != answer:
-        summary["fallback"] = f"{answer} has no test figure ({candidates[answer]['why_no_test']}); answering with {chosen}"
+        why = candidates[answer]["why_no_test"]
+        summary["fallback"] = f"{answer} has no test figure ({why}); answering with {chosen}"
     return summary

@@ -13,7 +13,6 @@ untouched; a model added at an epoch's end (`add`) trains from the next epoch fo
 
 import copy
 import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from mlp.module import MLPClassifier, start_run
 
 # torch has no vmap batching rule for the in-place comparison `mlp.net.dropout_mask` draws its mask with, and
 # warns that it loops over the models instead; that loop measured faster than the out-of-place forms.
-warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching")
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batch")
 
 
 class ModelStep(nn.Module):

@@ -101,7 +101,9 @@ SCHEDULE_STEPS = 100  # a trial's intermediate values are indexed by the percent
 REPORT_EVERY = 10  # percent: a trial reports its val/acc, and the pruner judges it, at every tenth of its schedule
 
 
-def record_intermediate_values(trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None) -> bool:
+def record_intermediate_values(
+    trial: optuna.Trial, epoch: int, epochs: int, value: float, previous: float | None
+) -> bool:
     """Report the val/acc `value` reached at the end of `epoch` (from 0) of `epochs`; True if the trial should stop.
 
     Trials with different epoch counts run different one-cycle schedules, so they are compared at the same

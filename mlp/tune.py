@@ -21,6 +21,7 @@ from mlp.cli import build_cli
 from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
+from mlp.final import refitted
 from mlp.progress import LIGHTNING_LOGGERS
 from mlp.gpu_sizing import auto_fuse, check_fusable, free_gpu_bytes
 from mlp.report import report
@@ -58,7 +59,8 @@ def run_study(
         check(
             timeout > FINISH_SECONDS,
             f"--timeout {timeout:g} leaves no time for trials: it bounds the whole command, and the final model's "
-            f"test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or drop --timeout",
+            f"test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or drop "
+            "--timeout",
         )
     check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
     started = time.time()
@@ -83,11 +85,13 @@ def run_study(
     for name in pinned:
         check(
             name not in ranges_given,
-            f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: drop one of them",
+            f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: "
+            "drop one of them",
         )
     if pinned:
         space = space.pin(pinned)
-        print("pinned by the fit flags, not searched: " + ", ".join(f"{name}={value}" for name, value in pinned.items()))
+        pins = ", ".join(f"{name}={value}" for name, value in pinned.items())
+        print(f"pinned by the fit flags, not searched: {pins}")
     workers = one_device_args(fit_args, cli.trainer)
     if fuse == "auto":
         # The quarter-of-the-study rule holds for all the workers' stacks together.
@@ -102,7 +106,7 @@ def run_study(
     study = open_study(*opening)
     # A refit trains on train + val, so its epochs take longer than its trial's.
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
-    budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse)
+    budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse, refitted=refitted(study))
     start = time.perf_counter()
     seed = None if cli.config.seed_everything is False else cli.config.seed_everything  # an int once parsed
     trials = Trials(space, workers[0], study_name, n_trials, fuse, budget, seed)
@@ -111,7 +115,8 @@ def run_study(
         run_trials(study, trials, n_trials, budget, progress)
     # The workers this command started report nothing: their trials count as its own.
     started_here = {worker_name(pid) for pid in others.pids}
-    ran = trials.ran + [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in started_here]
+    trials_here = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in started_here]
+    ran = trials.ran + [t.number for t in trials_here]
     if failed := others.failed():
         print(f"{', '.join(failed)} stopped early; the other workers retried its trials")
     if not writes_report(study, ran, finished_before):

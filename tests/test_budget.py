@@ -69,6 +69,16 @@ def test_refits_that_did_not_fit_when_their_trials_completed_keep_no_time_back()
     assert budget.reserve([ended_ago(0, 100, 0.9)]) == FINISH_SECONDS  # its refit never fits: trials get the time
 
 
+def test_refits_an_earlier_run_made_keep_no_time_back_so_a_rerun_trains_new_trials():
+    best = [ended_ago(10, 30, 0.9), ended_ago(0, 20, 0.8)]
+    for number, trial in enumerate(best):
+        trial.number = number
+    assert Budget(time.time() + 100).reserve(best) == pytest.approx(FINISH_SECONDS + 2 * REFIT_START_SECONDS + 50, abs=0.1)
+    rerun = Budget(time.time() + 100, refitted=frozenset({0}))
+    assert rerun.reserve(best) == pytest.approx(FINISH_SECONDS + REFIT_START_SECONDS + 20, abs=0.1)
+    assert Budget(time.time() + 100, refitted=frozenset({0, 1})).reserve(best) == FINISH_SECONDS
+
+
 def test_a_trial_is_skipped_when_its_estimate_does_not_fit_and_a_run_of_skips_ends_the_asking():
     # 10 s for 5 epochs of 2e6 multiply-adds: 1e-6 s per epoch and multiply-add (the median of the three).
     best = [trial_of(10), trial_of(8), trial_of(40)]
