@@ -21,7 +21,7 @@ from torch import Tensor
 from mlp.cli import MLPCLI, build_cli
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
-from mlp.module import MLPClassifier
+from mlp.loading import load_model, read_checkpoint
 from mlp.study import best_first
 from mlp.trials import RunEnd, train_runs
 
@@ -35,7 +35,7 @@ def accuracy(probabilities: Tensor, labels: Tensor) -> float:
 @torch.no_grad()
 def checkpoint_softmax(checkpoint: str, images: Tensor) -> Tensor:
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
-    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    model = load_model(Path(checkpoint)).eval()
     return torch.cat([model(x.cpu()).softmax(dim=1) for x in images.split(EVAL_BATCH_SIZE)])
 
 
@@ -202,12 +202,8 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
     with: its validation accuracy when they held one out, and its test accuracy, measured once."""
     splits, settings = {}, []
     for path in checkpoints:
-        check(Path(path).is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
-        hparams = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
-        check(
-            hparams is not None, f"{path} holds no data module settings; pass a checkpoint written by fit.py or tune.py"
-        )
-        splits[path] = (hparams["val_size"], hparams["seed"])
+        hparams = read_checkpoint(Path(path)).datamodule_hyper_parameters  # tensors and plain values only
+        splits[path] = (hparams.val_size, hparams.seed)
         settings.append(hparams)
     check(
         len(set(splits.values())) == 1,
@@ -215,7 +211,7 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
         f"{sorted(set(splits.values()))}; average checkpoints from one split",
     )
     val_size, seed = splits[checkpoints[0]]
-    data = FashionMNISTDataModule(data_dir or settings[0]["data_dir"], val_size=val_size, seed=seed)
+    data = FashionMNISTDataModule(data_dir or settings[0].data_dir, val_size=val_size, seed=seed)
     data.setup("test")
     result: dict[str, Any] = {"checkpoints": checkpoints, "val_acc": None}
     if val_size:

@@ -68,7 +68,7 @@ def test_best(study: optuna.Study) -> float:
     )
     cli = trial_run(best, "best_trial_test")  # its own data settings, whatever today's flags
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
-    model = MLPClassifier.load_from_checkpoint(checkpoint)
+    model = MLPClassifier.load_from_checkpoint(checkpoint, weights_only=True)  # tensors and plain values only
     (results,) = cli.trainer.test(model, datamodule=cli.datamodule)
     study.set_user_attr("test_trial", best.number)
     study.set_user_attr("test_acc", results["test/acc"])
