@@ -63,6 +63,17 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+class Payload:
+    """Pickled into a checkpoint, it calls open(marker, "w") as the checkpoint is unpickled: any function could
+    stand in its place, so a test that finds no marker shows that nothing in the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.marker), "w")
+
+
 def real_data_available() -> bool:
     return all((DEBIAN_DIR / f"{name}.gz").is_file() for name in FILES.values())
 

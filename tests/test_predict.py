@@ -20,7 +20,7 @@ from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fas
 from mlp.errors import run_script
 from mlp.module import MLPClassifier
 from mlp.net import MLP
-from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
+from tests.conftest import Payload, real_data_available, write_idx, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -393,16 +393,6 @@ def test_predict_on_a_bad_file_prints_one_line_without_a_traceback(study, tmp_pa
 
 
 # -- files that would run code -------------------------------------------------------------------------------
-
-
-class Payload:
-    """Unpickled, it calls open(marker, "w"): any function could stand in its place."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return open, (str(self.marker), "w")
 
 
 def booby_trapped(study: Path, path: Path, marker: Path) -> Path:

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mlp.data import FILES, CorruptDatasetError, DatasetNotFoundError, FashionMNISTDataModule, locate_fashion_mnist
 from mlp.errors import UserError, run_script
-from tests.conftest import write_idx, write_synthetic_dataset
+from tests.conftest import Payload, write_idx, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -340,6 +340,18 @@ def running_trial(tmp_path: Path) -> bool:
         return False
     trials = trials_of(tmp_path)
     return len(trials) >= 2 and trials[-1].state == TrialState.RUNNING and bool(trials[-1].intermediate_values)
+
+
+def test_a_checkpoint_to_resume_from_that_would_run_code_is_refused_in_one_line(synthetic_dir, tmp_path, capsys):
+    marker = tmp_path / "payload_ran"
+    torch.save({"epoch": 3, "payload": Payload(marker)}, tmp_path / "shared.ckpt")
+    args = fit_args(synthetic_dir, tmp_path / "logs", f"--ckpt_path={tmp_path / 'shared.ckpt'}")
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: fit.main(args), interrupted="")
+    assert exit.value.code == (f"error: --ckpt_path {tmp_path / 'shared.ckpt'} is refused: it would call io.open as "
+                               "it loads, which could run any code; only checkpoints of tensors and plain values are "
+                               "loaded, as fit.py and tune.py write them")
+    assert not marker.exists()
 
 
 def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_dir, tmp_path):
