@@ -327,9 +327,10 @@ def best_checkpoint(study: Path) -> dict:
     return torch.load(study.parents[2] / report["best_checkpoint"], weights_only=True)  # relative to where it ran
 
 
-def without_val_size(study: Path, path: Path) -> Path:
+def edited_checkpoint(study: Path, path: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of the study's best checkpoint as `edit` changed it."""
     content = best_checkpoint(study)
-    del content["datamodule_hyper_parameters"]["val_size"]
+    edit(content)
     torch.save(content, path)
     return path
 
@@ -349,6 +350,7 @@ def without_val_size(study: Path, path: Path) -> Path:
         ("report of wrong types", "(trials.complete: input should be a valid integer; final.best.test_acc: input "
          "should be a valid number)"),
         ("checkpoint without val_size", "(datamodule_hyper_parameters.val_size: field required)"),
+        ("checkpoint whose weights do not fit its net", "its model does not load (Error(s) in loading state_dict"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
@@ -371,7 +373,15 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
                                                                r["final"]["best"].update(test_acc="high")))),
             str(tmp_path / "fine.png"),
         ],
-        "checkpoint without val_size": [str(without_val_size(study, tmp_path / "c.ckpt")), str(tmp_path / "fine.png")],
+        "checkpoint without val_size": [
+            str(edited_checkpoint(study, tmp_path / "c.ckpt",
+                                  lambda content: content["datamodule_hyper_parameters"].pop("val_size"))),
+            str(tmp_path / "fine.png"),
+        ],
+        "checkpoint whose weights do not fit its net": [
+            str(edited_checkpoint(study, tmp_path / "d.ckpt", lambda c: c["hyper_parameters"].update(width=9))),
+            str(tmp_path / "fine.png"),
+        ],
     }[case]
 
     with pytest.raises(SystemExit) as exit:
