@@ -121,10 +121,12 @@ def tune_row(out: Path, budget: int, seed: int, n_trials: int | None, flags: lis
                str(seed), "--study-name", name, "--quiet", f"--trainer.logger.init_args.save_dir={out / name}",
                *(["--n-trials", str(n_trials)] if n_trials else []), *flags]
     seconds = run_once(name, command, out, writes=f"tune/{name}/report.json")
-    report = json.loads((out / name / "tune" / name / "report.json").read_text())
+    from mlp.loading import read_report  # imports torch: not for --help
+
+    report = read_report(out / name / "tune" / name / "report.json")
     return {"run": name, "budget": budget, "seed": seed, "wall_seconds": round(seconds, 2),
-            "test_acc": report.get("test_acc"), "answer": report.get("final", {}).get("answer"),
-            "trials_complete": report["trials"].get("complete", 0), "trials_pruned": report["trials"].get("pruned", 0)}
+            "test_acc": report.test_acc, "answer": report.final.answer if report.final else None,
+            "trials_complete": report.trials.get("complete", 0), "trials_pruned": report.trials.get("pruned", 0)}
 
 
 def within_bound(row: dict[str, Any]) -> bool:

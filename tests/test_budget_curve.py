@@ -10,6 +10,7 @@ import pytest
 from matplotlib.image import imread
 
 from mlp.errors import UserError, run_script
+from mlp.loading import FINAL_MODELS
 from tests.conftest import snapshot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -96,7 +97,8 @@ class FakeRuns:
         if "--study-name" in command:
             name = command[command.index("--study-name") + 1]
             (save_dir / "tune" / name).mkdir(parents=True)
-            report = {"trials": {"complete": 3}, "test_acc": 0.91, "final": {"answer": "ensemble"}}
+            final = {"answer": "ensemble", **{model: {"test_acc": 0.91} for model in FINAL_MODELS}}
+            report = {"study": name, "trials": {"complete": 3}, "test_acc": 0.91, "final": final}
             (save_dir / "tune" / name / "report.json").write_text(json.dumps(report))
             output.write_text("{...}\n")
             return 0, 12.5
