@@ -115,10 +115,13 @@ def why_not_weights(path: Path) -> str:
 
 
 def load_model(path: Path) -> MLPClassifier:
-    """The model in a checkpoint, rebuilt from its own hyperparameters, after `read_checkpoint` checked it."""
-    read_checkpoint(path)
+    """The model in a checkpoint, rebuilt from its own hyperparameters by Lightning's loader, tensors and plain
+    values only. Callers handed the file check it with `read_checkpoint` first; a study's own trials need not."""
+    check(path.is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
     try:
         return MLPClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is refused: {why_not_weights(path)}") from None
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # arguments or weights that do not fit the net
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path}: its model does not load ({first_line}); pass a checkpoint fit.py or tune.py "

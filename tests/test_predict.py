@@ -17,7 +17,8 @@ from PIL import Image
 
 from mlp.answer import Answer, Member, export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
-from mlp.errors import run_script
+from mlp.errors import UserError, run_script
+from mlp.loading import load_model
 from mlp.module import MLPClassifier
 from mlp.net import MLP
 from tests.conftest import Payload, real_data_available, write_idx, write_synthetic_dataset
@@ -431,6 +432,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_its_code_ne
     line = error_line(main)
 
     assert f"{trapped} is refused: it would call io.open as it loads, which could run any code" in line
+    with pytest.raises(UserError, match="is refused: it would call io.open"):  # as a study's own trials load
+        load_model(trapped)
     assert not marker.exists()
     # The trap is live: a loader that unpickles anything runs it.
     torch.load(trapped, weights_only=False)
