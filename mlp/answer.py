@@ -7,7 +7,6 @@ standardised (a refit trained on all 60,000 images, a trial on 55,000: their mea
 that module as one file that torch alone loads, or as ONNX.
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from mlp.data import CLASS_NAMES, DatasetNotFoundError, FashionMNISTDataModule
 from mlp.errors import UserError, check
-from mlp.module import MLPClassifier
+from mlp.loading import inside, load_model, read_checkpoint, read_report
 from mlp.net import MLP
 
 PIXELS = 28 * 28
@@ -61,7 +60,7 @@ class Answer(nn.Module):
 
 def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     """The checkpoints of the answer a study's report.json names (or of `answer`, one of its final models);
-    `source` is the report or the study's folder holding it."""
+    `source` is the report or the study's folder holding it. They must lie inside that folder."""
     check(source.exists(), f"{source} not found; pass a study's folder (lightning_logs/tune/NAME), its report.json, "
           "or .ckpt files")
     check(
@@ -70,27 +69,26 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     )
     report_path = source / "report.json" if source.is_dir() else source
     check(report_path.is_file(), f"{source} holds no report.json: tune.py writes it when its study ends")
-    try:
-        report = json.loads(report_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{report_path} is not a study's report.json ({error}); pass the one tune.py wrote") from None
-    final = report.get("final") if isinstance(report, dict) else None
-    check(isinstance(final, dict), f"{report_path} holds no final model; pass the report.json that tune.py wrote")
-    name = answer or final.get("answer")
-    chosen = final.get(name) if name else None
+    report = read_report(report_path)
+    final = report.final
+    check(final is not None, f"{report_path} holds no final model; pass the report.json that tune.py wrote")
+    name = answer or final.answer
+    chosen = final.candidate(name)
     check(
-        isinstance(chosen, dict) and chosen.get("test_acc") is not None,
+        chosen is not None and chosen.test_acc is not None,
         f"the study in {report_path.parent} has no tested {name or 'answer'}"
-        + (f" ({chosen['why_no_test']})" if isinstance(chosen, dict) and "why_no_test" in chosen else "")
+        + (f" ({chosen.why_no_test})" if chosen is not None and chosen.why_no_test else "")
         + "; run tune.py until it reports one, or pass .ckpt files",
     )
-    if "checkpoints" in chosen:
-        paths = chosen["checkpoints"]
-    elif "checkpoint" in chosen:
-        paths = [chosen["checkpoint"]]
+    if chosen.checkpoints is not None:
+        paths = chosen.checkpoints
+    elif chosen.checkpoint is not None:
+        paths = [chosen.checkpoint]
     else:  # the best checkpoint's entry does not repeat the study's best_checkpoint
-        paths = [report["best_checkpoint"]]
-    return [resolve(Path(path), report_path) for path in paths]
+        paths = [report.best_checkpoint]
+    check(all(paths), f"{report_path} names no checkpoint for its {name}; pass the report.json that tune.py wrote")
+    folder = report_path.parent
+    return [inside(resolve(Path(path), report_path), folder, f"{report_path} names {path}") for path in paths]
 
 
 def resolve(checkpoint: Path, report_path: Path) -> Path:
@@ -122,37 +120,17 @@ def training_statistics(data_settings: dict, data_dir: str | None) -> tuple[floa
 def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Member:
     """The net in a checkpoint of fit.py or tune.py with its training split's standardisation; `statistics`
     caches those per split, as an ensemble's members share one."""
-    check(checkpoint.is_file(), f"checkpoint {checkpoint} not found; pass .ckpt files written by fit.py or tune.py")
-    try:
-        content = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        data_settings = content.get("datamodule_hyper_parameters")
-    except Exception as error:  # torch.load raises many kinds for a file that is no checkpoint
-        raise UserError(f"{checkpoint} is not a checkpoint ({type(error).__name__}); pass a .ckpt file") from None
-    check(
-        data_settings is not None and "hyper_parameters" in content,
-        f"{checkpoint} holds no model or data module settings; pass a checkpoint written by fit.py or tune.py",
-    )
+    content = read_checkpoint(checkpoint)
     # The checkpoint carries the run's hyperparameters, so it rebuilds the run's net by itself.
-    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
-    saved = stored_statistics(content)
-    if saved is not None:
-        return Member(model.net, *saved)
-    key = (data_dir or data_settings["data_dir"], data_settings["val_size"], data_settings["seed"])
+    net = load_model(checkpoint).net
+    if content.FashionMNISTDataModule is not None:  # the split's figures, as the data module's state_dict keeps them
+        return Member(net, content.FashionMNISTDataModule.mean, content.FashionMNISTDataModule.std)
+    # A checkpoint that predates them: recomputed from the training images.
+    data_settings = content.datamodule_hyper_parameters
+    key = (data_dir or data_settings.data_dir, data_settings.val_size, data_settings.seed)
     if key not in statistics:
-        statistics[key] = training_statistics(data_settings, data_dir)
-    return Member(model.net, *statistics[key])
-
-
-def stored_statistics(content: dict) -> tuple[float, float] | None:
-    """The mean and standard deviation the data module's state_dict put in the checkpoint, or None where the
-    checkpoint predates that or its writer left them out: they are then recomputed from the training images."""
-    state = content.get(FashionMNISTDataModule.__qualname__)
-    if not isinstance(state, dict):
-        return None
-    mean, std = state.get("mean"), state.get("std")
-    if isinstance(mean, float) and isinstance(std, float) and std > 0:
-        return mean, std
-    return None
+        statistics[key] = training_statistics(data_settings.model_dump(), data_dir)
+    return Member(net, *statistics[key])
 
 
 def load_answer(

@@ -4,6 +4,7 @@ scripts/fit.py and scripts/tune.py both build their runs here, so a flag means t
 """
 
 import logging
+import pickle
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlp.data import FashionMNISTDataModule
 from mlp.errors import UserError, check
+from mlp.loading import why_not_weights
 from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
@@ -230,7 +232,10 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     error handler, Optuna's trial bookkeeping) need to know it was an interruption, not an ordinary exit.
     """
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--ckpt_path {ckpt_path} is refused: {why_not_weights(Path(str(ckpt_path)))}") from None
     except SystemExit as exit:
         if cli.trainer.interrupted:
             raise KeyboardInterrupt from exit

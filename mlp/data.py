@@ -5,17 +5,20 @@ itself; here an epoch's batches are slices of one float tensor, on the training 
 """
 
 import gzip
+import math
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import FashionMNIST
-from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.mnist import SN3_PASCALVINCENT_TYPEMAP, read_image_file, read_label_file
 
 from mlp.augment import shift_and_flip
 from mlp.errors import UserError, check
@@ -32,6 +35,9 @@ FILES = {
 IMAGE_SIDE = 28
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training set, of which val_size are held out for validation
 EVAL_BATCH_SIZE = 2048  # evaluation keeps no activations for backward, so larger batches cost nothing extra
+# An IDX file decompressed from .gz is bounded: 2.8 times Fashion-MNIST's largest (47 MB), 171,000 images.
+MAX_IDX_BYTES = 2**27
+CHUNK_BYTES = 2**20
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -91,11 +97,35 @@ def decompress(gz: Path, plain: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=plain.parent, prefix=f".{plain.name}.", delete=False) as temporary:
         try:
             with gzip.open(gz) as source:
-                temporary.write(source.read())
+                copy_idx(source, temporary)
         except BaseException:
             Path(temporary.name).unlink()
             raise
     os.replace(temporary.name, plain)
+
+
+def copy_idx(source: BinaryIO, target: BinaryIO) -> None:
+    """Copy the IDX file in `source` (a decompressing stream) to `target` in chunks, no more than its header
+    declares and at most MAX_IDX_BYTES: a small .gz can expand to gigabytes, and reading it whole would hold them
+    all in memory. A file longer than its header says is refused as torchvision would refuse it, only sooner."""
+    magic = source.read(4)
+    # The header: two zero bytes, the element type, the number of dimensions, then each dimension big-endian.
+    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in SN3_PASCALVINCENT_TYPEMAP:
+        raise ValueError(f"no IDX header (magic number {magic.hex() or 'missing'})")
+    dimensions = source.read(4 * magic[3])
+    if len(dimensions) < 4 * magic[3]:
+        raise ValueError("its header ends before its dimensions")
+    shape = struct.unpack(f">{magic[3]}I", dimensions)
+    size = math.prod(shape) * SN3_PASCALVINCENT_TYPEMAP[magic[2]].itemsize
+    if size > MAX_IDX_BYTES - len(magic + dimensions):
+        raise ValueError(f"its header declares {size:,} bytes of data {shape}, above the {MAX_IDX_BYTES:,} read "
+                         "from a .gz")
+    target.write(magic + dimensions)
+    while size and (chunk := source.read(min(size, CHUNK_BYTES))):
+        target.write(chunk)
+        size -= len(chunk)
+    if source.read(1):
+        raise ValueError(f"it holds more data than its header declares {shape}")
 
 
 def read_idx(path: Path, cache_dir: Path) -> Tensor:

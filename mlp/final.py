@@ -23,7 +23,7 @@ from mlp.budget import AFTER_REFITS_SECONDS, Budget
 from mlp.cli import MLPCLI, build_cli
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
-from mlp.module import MLPClassifier
+from mlp.loading import load_model, read_checkpoint
 from mlp.study import best_first
 from mlp.trials import RunEnd, train_runs
 
@@ -43,7 +43,7 @@ def evaluate(checkpoints: Sequence[str], splits: dict[str, Tensor]) -> dict[str,
     softmaxes: dict[str, list[Tensor]] = {name: [] for name in splits}
     for checkpoint in checkpoints:
         # The checkpoint carries its run's hyperparameters, so it rebuilds the run's net by itself.
-        model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+        model = load_model(Path(checkpoint)).eval()
         for name, images in splits.items():
             softmaxes[name].append(torch.cat([model(x.cpu()).softmax(dim=1) for x in images.split(EVAL_BATCH_SIZE)]))
     return softmaxes
@@ -216,12 +216,8 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
     with: its validation accuracy when they held one out, and its test accuracy, measured once."""
     splits, settings = {}, []
     for path in checkpoints:
-        check(Path(path).is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
-        hparams = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
-        check(
-            hparams is not None, f"{path} holds no data module settings; pass a checkpoint written by fit.py or tune.py"
-        )
-        splits[path] = (hparams["val_size"], hparams["seed"])
+        hparams = read_checkpoint(Path(path)).datamodule_hyper_parameters  # tensors and plain values only
+        splits[path] = (hparams.val_size, hparams.seed)
         settings.append(hparams)
     check(
         len(set(splits.values())) == 1,
@@ -229,7 +225,7 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
         f"{sorted(set(splits.values()))}; average checkpoints from one split",
     )
     val_size, seed = splits[checkpoints[0]]
-    data = FashionMNISTDataModule(data_dir or settings[0]["data_dir"], val_size=val_size, seed=seed)
+    data = FashionMNISTDataModule(data_dir or settings[0].data_dir, val_size=val_size, seed=seed)
     data.setup("test")
     splits = {"val": data.val_set, "test": data.test_set} if val_size else {"test": data.test_set}
     softmax = evaluate(checkpoints, {name: split.tensors[0] for name, split in splits.items()})
@@ -250,7 +246,7 @@ def test_best(study: optuna.Study) -> float:
     )
     cli = trial_run(best, "best_trial_test")  # its own data settings, whatever today's flags
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
-    model = MLPClassifier.load_from_checkpoint(checkpoint)
+    model = load_model(Path(checkpoint))
     (results,) = cli.trainer.test(model, datamodule=cli.datamodule)
     study.set_user_attr("test_trial", best.number)
     study.set_user_attr("test_acc", results["test/acc"])

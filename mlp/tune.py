@@ -8,6 +8,7 @@ in `mlp.final` and the report in `mlp.report`.
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -28,6 +29,9 @@ from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
 from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
 from mlp.trials import Trials
+
+# A study's name is also its folder's in the log folder's tune/: one path segment, nothing that climbs out of it.
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def run_study(
@@ -54,6 +58,11 @@ def run_study(
     Returns the report, or, when another worker writes it, a line saying why this one does not.
     """
     space.validate()
+    check(
+        STUDY_NAME.fullmatch(study_name) is not None,
+        f"--study-name {study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not first): it "
+        "names the study's folder in the log folder's tune/",
+    )
     check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
     if timeout is not None:
         check(
@@ -104,6 +113,7 @@ def run_study(
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
     opening = (study_name, storage_url, pruner, shortest_epochs, seed, fit_defaults(cli, space))
     study = open_study(*opening)
+    check_folder_is_the_studys(study, tune_dir / study_name)
     # A refit trains on train + val, so its epochs take longer than its trial's.
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
     budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse, refitted=refitted(study))
@@ -128,6 +138,24 @@ def run_study(
             )
         return "another worker finished the study's last trial and writes the report"
     return report(study, tune_dir / study_name, time.perf_counter() - start, final, budget)
+
+
+def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
+    """Refuse a study folder that holds another study's runs: the same --study-name in another --storage (or in a
+    storage started afresh) would write its trials and report over them, report.json, config.yaml files and
+    last.ckpt included. The folder is this study's when it is new or empty, or when one of its trials logged there
+    (the trials of every worker, so workers that start one after another agree)."""
+    held = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+    if not held:
+        return
+    logged = {Path(t.user_attrs["log_dir"]).resolve().parent for t in study.get_trials(deepcopy=False)
+              if "log_dir" in t.user_attrs}
+    check(
+        folder.resolve() in logged,
+        f"{folder} holds another study's runs ({', '.join(held[:3])}{', ...' * (len(held) > 3)}): no trial of study "
+        f"{study.study_name!r} in this storage logged there, and its trials and report would overwrite them; choose "
+        "another --study-name, or another log folder with --trainer.logger.init_args.save_dir",
+    )
 
 
 def train_trials(space: SearchSpace, opening: tuple, n_trials: int, budget: Budget, fuse: int, seed: int | None,

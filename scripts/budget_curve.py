@@ -12,7 +12,8 @@ so they are fit flags; --n-trials goes to tune.py alone.
 
 Each run keeps its output (output.txt) and, once it has succeeded, its wall time (run.json) in its folder. A run
 with a run.json is not run again, so the same command continues an interrupted curve; a run without one starts
-over in an emptied folder, since a resumed study's wall time would mean nothing.
+over in an emptied folder, since a resumed study's wall time would mean nothing. So OUT is a new or empty folder,
+or one a curve wrote: a folder holding other runs (lightning_logs, with fit.py's runs in fit/) is refused.
 
 Writes OUT/budget_curve.json (the rows), OUT/budget_curve.md (a table with the commit and the hardware, and whether
 the issue's goals hold) and OUT/budget_curve.png (test accuracy and wall time against the budget).
@@ -46,6 +47,33 @@ STARTUP_SECONDS = 30.0
 GOAL_FROM_SECONDS = 300
 MARGIN = 0.003
 FIT_TEST = re.compile(r"^test accuracy (\d+(?:\.\d+)?)", re.M)
+
+
+RESULTS = ("budget_curve.json", "budget_curve.md", "budget_curve.png")
+RUN_FOLDER = re.compile(r"fit|budget_\d+_s\d+")
+
+
+def check_out_is_a_curves(out: Path) -> None:
+    """Refuse an --out that holds anything but a curve's own runs and results: a run without a record is rerun in
+    an emptied folder, so `--out lightning_logs` would empty fit.py's runs in lightning_logs/fit."""
+    if not out.exists():
+        return
+    check(out.is_dir(), f"--out {out} is a file; pass a folder")
+    others = [entry.name for entry in sorted(out.iterdir()) if not curves_own(entry)]
+    check(
+        not others,
+        f"--out {out} holds other runs ({', '.join(others[:3])}{', ...' * (len(others) > 3)}): budget_curve.py empties "
+        "the run folders it reruns, so it takes a new or empty folder, or one it wrote before",
+    )
+
+
+def curves_own(entry: Path) -> bool:
+    """Whether `entry` of OUT is the curve's: one of its results, or a run folder it started (output.txt is the
+    first file it writes there; a fit.py run folder has none)."""
+    if entry.name in RESULTS:
+        return entry.is_file()
+    owned = (entry / "output.txt").is_file() or not any(entry.iterdir()) if entry.is_dir() else False
+    return RUN_FOLDER.fullmatch(entry.name) is not None and owned
 
 
 def timed_run(command: list[str], output: Path) -> tuple[int, float]:
@@ -93,10 +121,12 @@ def tune_row(out: Path, budget: int, seed: int, n_trials: int | None, flags: lis
                str(seed), "--study-name", name, "--quiet", f"--trainer.logger.init_args.save_dir={out / name}",
                *(["--n-trials", str(n_trials)] if n_trials else []), *flags]
     seconds = run_once(name, command, out, writes=f"tune/{name}/report.json")
-    report = json.loads((out / name / "tune" / name / "report.json").read_text())
+    from mlp.loading import read_report  # imports torch: not for --help
+
+    report = read_report(out / name / "tune" / name / "report.json")
     return {"run": name, "budget": budget, "seed": seed, "wall_seconds": round(seconds, 2),
-            "test_acc": report.get("test_acc"), "answer": report.get("final", {}).get("answer"),
-            "trials_complete": report["trials"].get("complete", 0), "trials_pruned": report["trials"].get("pruned", 0)}
+            "test_acc": report.test_acc, "answer": report.final.answer if report.final else None,
+            "trials_complete": report.trials.get("complete", 0), "trials_pruned": report.trials.get("pruned", 0)}
 
 
 def within_bound(row: dict[str, Any]) -> bool:
@@ -251,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check(args.n_trials is None or args.n_trials >= 1, f"--n-trials must be >= 1, got {args.n_trials}")
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     out = args.out.resolve()
+    check_out_is_a_curves(out)
     fit = fit_row(out, flags)
     rows = [tune_row(out, budget, seed, args.n_trials, flags) for budget in sorted(set(args.budgets))
             for seed in sorted(set(args.seeds))]

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny, learnable Fashion-MNIST look-alikes written as real IDX files."""
 
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
@@ -54,6 +55,23 @@ def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("offline")
 
     monkeypatch.setattr("mlp.data.FashionMNIST", refuse)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its content's digest: equal snapshots, untouched files."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).digest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+class Payload:
+    """Pickled into a checkpoint, it calls open(marker, "w") as the checkpoint is unpickled: any function could
+    stand in its place, so a test that finds no marker shows that nothing in the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.marker), "w")
 
 
 def real_data_available() -> bool:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from mlp.errors import UserError
+from mlp.errors import UserError, run_script
+from mlp.loading import FINAL_MODELS
+from tests.conftest import snapshot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import budget_curve  # noqa: E402
@@ -95,7 +97,8 @@ class FakeRuns:
         if "--study-name" in command:
             name = command[command.index("--study-name") + 1]
             (save_dir / "tune" / name).mkdir(parents=True)
-            report = {"trials": {"complete": 3}, "test_acc": 0.91, "final": {"answer": "ensemble"}}
+            final = {"answer": "ensemble", **{model: {"test_acc": 0.91} for model in FINAL_MODELS}}
+            report = {"study": name, "trials": {"complete": 3}, "test_acc": 0.91, "final": final}
             (save_dir / "tune" / name / "report.json").write_text(json.dumps(report))
             output.write_text("{...}\n")
             return 0, 12.5
@@ -151,9 +154,29 @@ def test_a_study_that_ends_without_its_report_stops_the_curve_and_is_not_recorde
     assert not (tmp_path / "budget_10_s0" / "run.json").exists()
 
 
+@pytest.mark.parametrize("held", ["fit", "tune"])
+def test_an_out_folder_holding_other_runs_is_refused_in_one_line_and_left_as_it_was(tmp_path, monkeypatch, held):
+    # --out lightning_logs: fit.py's runs in lightning_logs/fit (which the curve's own fit/ would have emptied),
+    # a study in lightning_logs/tune.
+    logs = tmp_path / "lightning_logs"
+    run = logs / held / ("version_0" if held == "fit" else "mlp")
+    run.mkdir(parents=True)
+    (run / "last.ckpt").write_bytes(b"weights")
+    before = snapshot(logs)
+    runs = FakeRuns()
+    monkeypatch.setattr(budget_curve, "timed_run", runs)
+
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: budget_curve.main(["--out", str(logs), "--budgets", "10", "--seeds", "0"]), interrupted="")
+
+    assert exit.value.code == (f"error: --out {logs} holds other runs ({held}): budget_curve.py empties the run "
+                               "folders it reruns, so it takes a new or empty folder, or one it wrote before")
+    assert runs.ran == [] and snapshot(logs) == before
+
+
 def record_finished_fit(out: Path, test_acc: float, wall_seconds: float) -> None:
     """OUT/fit as a curve leaves it once fit.py has run: its output and its record."""
-    (out / "fit").mkdir()
+    (out / "fit").mkdir(parents=True)
     (out / "fit" / "output.txt").write_text(f"test accuracy {test_acc:.4f} (best checkpoint: x)\n")
     (out / "fit" / "run.json").write_text(json.dumps({"command": ["fit.py"], "wall_seconds": wall_seconds}))
 
@@ -161,20 +184,21 @@ def record_finished_fit(out: Path, test_acc: float, wall_seconds: float) -> None
 def test_a_real_curve_of_one_tiny_budget(synthetic_dir, tmp_path):
     # fit.py's run is recorded as finished, as when a curve continues: a real one would double the test's time
     # (fit.py's output is the one test_train checks; FakeRuns shows how it is read).
-    record_finished_fit(tmp_path, test_acc=0.8125, wall_seconds=9.5)
+    out = tmp_path / "curve"  # beside synthetic_dir's data/, which the curve would refuse to share a folder with
+    record_finished_fit(out, test_acc=0.8125, wall_seconds=9.5)
     tiny = [f"--data.data_dir={synthetic_dir}", "--data.val_size=100", "--data.batch_size=32", "--model.depth=1",
             "--model.width=16", "--trainer.max_epochs=1", "--trainer.accelerator=cpu"]
-    curve = ["--out", str(tmp_path), "--budgets", "30", "--seeds", "3", "--n-trials", "1"]
+    curve = ["--out", str(out), "--budgets", "30", "--seeds", "3", "--n-trials", "1"]
     result = budget_curve.main([*curve, "--", *tiny])
 
     assert result["fit"]["test_acc"] == 0.8125 and result["fit"]["wall_seconds"] == 9.5
     (row,) = result["rows"]
-    report = json.loads((tmp_path / "budget_30_s3" / "tune" / "budget_30_s3" / "report.json").read_text())
+    report = json.loads((out / "budget_30_s3" / "tune" / "budget_30_s3" / "report.json").read_text())
     assert row["test_acc"] == report["test_acc"] and 0 < row["test_acc"] <= 1
     assert row["answer"] == report["final"]["answer"] and row["trials_complete"] == 1
-    assert row["wall_seconds"] == json.loads((tmp_path / "budget_30_s3" / "run.json").read_text())["wall_seconds"] > 0
+    assert row["wall_seconds"] == json.loads((out / "budget_30_s3" / "run.json").read_text())["wall_seconds"] > 0
     assert result["hardware"].endswith(f"optuna {budget_curve.version('optuna')}") and "GPU" not in result["hardware"]
-    markdown = (tmp_path / "budget_curve.md").read_text()
+    markdown = (out / "budget_curve.md").read_text()
     assert f"| tune.py | 30 | 3 | {row['wall_seconds']:.0f} |" in markdown
     assert f"| {row['answer']} | {row['test_acc']:.4f} | {row['test_acc'] - 0.8125:+.4f} |" in markdown
 

@@ -7,6 +7,7 @@ import os
 import site
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy
@@ -16,14 +17,16 @@ from PIL import Image
 
 from mlp.answer import Answer, Member, export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
-from mlp.errors import run_script
+from mlp.errors import UserError, run_script
 from mlp.images import read_images
+from mlp.loading import load_model
 from mlp.module import MLPClassifier
 from mlp.net import MLP
-from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
+from tests.conftest import Payload, real_data_available, write_idx, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+import ensemble  # noqa: E402
 import fit  # noqa: E402
 import predict  # noqa: E402
 import tune  # noqa: E402
@@ -409,15 +412,38 @@ def test_predict_writes_csv_with_output(study, tmp_path, capsys):
     assert len(rows) == 5 and "5 predictions written" in capsys.readouterr().out
 
 
+def edited_report(study: Path, folder: Path, edit: Callable[[dict], object]) -> Path:
+    """`folder` holding a copy of the study's report.json as `edit` changed it."""
+    report = json.loads((study / "report.json").read_text())
+    edit(report)
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
 def untested_report(study: Path, tmp_path: Path) -> Path:
     """A copy of the study's report whose every final model lacks a test figure, as when all checkpoints are gone."""
+
+    def untested(report: dict) -> None:
+        for name in FINAL_MODELS:
+            report["final"][name].update(test_acc=None, why_no_test="its checkpoints are gone")
+        report["final"].update(answer=None, test_acc=None)
+
+    return edited_report(study, tmp_path / "untested", untested)
+
+
+def best_checkpoint(study: Path) -> dict:
+    """The content of the study's best checkpoint, as torch loads it."""
     report = json.loads((study / "report.json").read_text())
-    for name in FINAL_MODELS:
-        report["final"][name].update(test_acc=None, why_no_test="its checkpoints are gone")
-    report["final"].update(answer=None, test_acc=None)
-    (tmp_path / "untested").mkdir()
-    (tmp_path / "untested" / "report.json").write_text(json.dumps(report))
-    return tmp_path / "untested"
+    return torch.load(study.parents[2] / report["best_checkpoint"], weights_only=True)  # relative to where it ran
+
+
+def edited_checkpoint(study: Path, path: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of the study's best checkpoint as `edit` changed it."""
+    content = best_checkpoint(study)
+    edit(content)
+    torch.save(content, path)
+    return path
 
 
 @pytest.mark.parametrize(
@@ -431,6 +457,11 @@ def untested_report(study: Path, tmp_path: Path) -> Path:
         ("image as model", "is not a study's folder, its report.json or a .ckpt file"),
         ("missing checkpoint", "checkpoint nowhere.ckpt not found"),
         ("no images", "nothing to do"),
+        ("report without an answer", "is not a report.json as tune.py writes it (final.answer: field required)"),
+        ("report of wrong types", "(trials.complete: input should be a valid integer; final.best.test_acc: input "
+         "should be a valid number)"),
+        ("checkpoint without val_size", "(datamodule_hyper_parameters.val_size: field required)"),
+        ("checkpoint whose weights do not fit its net", "its model does not load (Error(s) in loading state_dict"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
@@ -446,6 +477,22 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
         "image as model": [str(tmp_path / "fine.png"), str(tmp_path / "fine.png")],
         "missing checkpoint": ["nowhere.ckpt", str(tmp_path / "fine.png")],
         "no images": [str(study)],
+        "report without an answer": [str(edited_report(study, tmp_path / "a", lambda r: r["final"].pop("answer"))),
+                                     str(tmp_path / "fine.png")],
+        "report of wrong types": [
+            str(edited_report(study, tmp_path / "b", lambda r: (r["trials"].update(complete="2"),
+                                                               r["final"]["best"].update(test_acc="high")))),
+            str(tmp_path / "fine.png"),
+        ],
+        "checkpoint without val_size": [
+            str(edited_checkpoint(study, tmp_path / "c.ckpt",
+                                  lambda content: content["datamodule_hyper_parameters"].pop("val_size"))),
+            str(tmp_path / "fine.png"),
+        ],
+        "checkpoint whose weights do not fit its net": [
+            str(edited_checkpoint(study, tmp_path / "d.ckpt", lambda c: c["hyper_parameters"].update(width=9))),
+            str(tmp_path / "fine.png"),
+        ],
     }[case]
 
     with pytest.raises(SystemExit) as exit:
@@ -464,3 +511,61 @@ def test_predict_on_a_bad_file_prints_one_line_without_a_traceback(study, tmp_pa
     assert finished.returncode != 0
     assert finished.stderr.strip().splitlines() == [f"error: {tmp_path / 'notes.png'} is neither an image "
                                                     "(PNG, JPEG...) nor an IDX file of images"]
+
+
+# -- files that would run code -------------------------------------------------------------------------------
+
+
+def booby_trapped(study: Path, path: Path, marker: Path) -> Path:
+    """A copy of the study's best checkpoint that also carries a pickle payload writing `marker` as it loads."""
+    torch.save({**best_checkpoint(study), "payload": Payload(marker)}, path)
+    return path
+
+
+def error_line(main: Callable[[], object]) -> str:
+    """The one line a script prints when `main` fails, asserting it is one line and an error."""
+    with pytest.raises(SystemExit) as exit:
+        run_script(main, interrupted="")
+    assert isinstance(exit.value.code, str) and len(exit.value.code.splitlines()) == 1
+    assert exit.value.code.startswith("error: ")
+    return exit.value.code
+
+
+@pytest.mark.parametrize("script", ["predict", "ensemble"])
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_its_code_never_runs(study, tmp_path, script):
+    marker = tmp_path / "payload_ran"
+    trapped = booby_trapped(study, tmp_path / "shared.ckpt", marker)
+    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    main = {"predict": lambda: predict.main([str(trapped), str(tmp_path / "fine.png")]),
+            "ensemble": lambda: ensemble.main([str(trapped)])}[script]
+
+    line = error_line(main)
+
+    assert f"{trapped} is refused: it would call io.open as it loads, which could run any code" in line
+    with pytest.raises(UserError, match="is refused: it would call io.open"):  # as a study's own trials load
+        load_model(trapped)
+    assert not marker.exists()
+    # The trap is live: a loader that unpickles anything runs it.
+    torch.load(trapped, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("where", ["absolute path", "../ path", "inside the folder"])
+def test_a_report_naming_a_checkpoint_that_would_run_code_is_refused_in_one_line(study, tmp_path, where):
+    marker = tmp_path / "payload_ran"
+    shared = tmp_path / "shared"  # a study folder someone handed over, its report.json crafted
+    named = {"absolute path": tmp_path / "elsewhere.ckpt", "../ path": Path("../elsewhere.ckpt"),
+             "inside the folder": Path("trial_0.ckpt")}[where]
+    booby_trapped(study, tmp_path / "elsewhere.ckpt", marker)
+    edited_report(study, shared, lambda report: (report["final"].update(answer="best"),
+                                                 report.update(best_checkpoint=str(named))))
+    booby_trapped(study, shared / "trial_0.ckpt", marker)
+    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+
+    line = error_line(lambda: predict.main([str(shared), str(tmp_path / "fine.png")]))
+
+    if where == "inside the folder":
+        assert f"{shared / named} is refused: it would call io.open as it loads" in line
+    else:
+        assert f"{shared / 'report.json'} names {named}, outside its study's folder {shared}" in line
+    assert not marker.exists()

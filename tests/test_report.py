@@ -5,7 +5,8 @@ import datetime
 import optuna
 from optuna.trial import TrialState
 
-from mlp.report import cost
+from mlp.loading import FINAL_MODELS
+from mlp.report import FINAL_CHOICES, cost
 
 START = datetime.datetime(2026, 1, 1)
 
@@ -29,3 +30,7 @@ def test_cost_counts_trials_trained_together_once():
     for start, end in ((0, 1.5), (1.5, 2.9), (3, 4)):
         add_trial(study, start, end)
     assert cost(study)["busy_wall_seconds"] == 3.9
+
+
+def test_the_typed_loader_of_report_json_knows_every_final_model_the_report_writes():
+    assert FINAL_MODELS == FINAL_CHOICES

@@ -12,9 +12,9 @@ import yaml
 from optuna.trial import TrialState
 
 from mlp.data import FILES, FashionMNISTDataModule
-from mlp.errors import UserError
+from mlp.errors import UserError, run_script
 from mlp.module import MLPClassifier
-from tests.conftest import synthetic_split, write_idx
+from tests.conftest import snapshot, synthetic_split, write_idx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import tune  # noqa: E402
@@ -59,7 +59,9 @@ def independent_test_acc(checkpoint: str, data_dir: Path) -> float:
     return results["test/acc"]
 
 
-def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp_path, threshold_pruner):
+def test_study_prunes_survives_divergence_resumes_reports_and_no_other_study_writes_over_it(
+    synthetic_dir, tmp_path, threshold_pruner
+):
     mislabel_test_split(synthetic_dir)
     study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
     study.enqueue_trial({"lr": 0.1, **FAST_TRIAL})  # learns the bands
@@ -96,6 +98,13 @@ def test_study_prunes_survives_divergence_resumes_and_reports(synthetic_dir, tmp
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
     assert resumed["epochs_trained"] == summary["epochs_trained"] + trials[3].user_attrs["epochs_trained"]
 
+    # The same name in another storage is another study: it would write its trials and report over these.
+    before = snapshot(tmp_path / "logs")
+    another_storage = [*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--storage=sqlite:///{tmp_path / 'b.db'}"]
+    with pytest.raises(UserError, match=f"{report_dir} holds another study's runs .*: no trial of study 'test' in"):
+        tune.main(another_storage)
+    assert snapshot(tmp_path / "logs") == before
+
 
 def test_trial_n_trains_with_the_fit_seed_plus_n_so_same_shaped_trials_start_apart(synthetic_dir, tmp_path):
     from mlp.budget import Budget
@@ -120,6 +129,16 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     with pytest.raises(UserError, match="--epochs"):
         tune.main(args)
     assert not (tmp_path / "study.db").exists()
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/absolute", "a/b", "..", ".hidden", ""])
+def test_a_study_name_that_is_not_one_folder_name_is_refused_before_anything_is_written(synthetic_dir, tmp_path, name):
+    args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--study-name={name}"]
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: tune.main(args), interrupted="")
+    assert len(exit.value.code.splitlines()) == 1
+    assert exit.value.code.startswith(f"error: --study-name {name!r} must be one folder name of letters, digits")
+    assert [path.name for path in tmp_path.iterdir()] == ["data"] and not Path("/tmp/absolute").exists()
 
 
 def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_back(

@@ -1,0 +1,147 @@
+"""Files a user hands over (a checkpoint, a study's report.json) read without running code, and checked against
+what the code reads from them: each problem is one line, never a traceback.
+
+A checkpoint is a pickle, and a pickle can call any function as it loads; torch's weights-only unpickler
+(`torch.load(weights_only=True)`) builds only tensors and plain values and refuses everything else. Every
+checkpoint fit.py and tune.py write holds nothing more, so that is all we ever load.
+"""
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError
+
+from mlp.errors import UserError, check
+from mlp.module import MLPClassifier
+
+FinalModel = Literal["refit_ensemble", "ensemble", "refit", "best"]  # mlp.final.FINAL_CHOICES, which trains
+FINAL_MODELS = get_args(FinalModel)
+PROBLEMS_SHOWN = 3  # a file wrong in many places is named by its first few problems, still in one line
+
+
+class Schema(BaseModel):
+    """What the code reads from a file, typed; keys it does not read are ignored. Strict: "5000" is no int."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class DataSettings(Schema):
+    """The data module's arguments a checkpoint keeps: they rebuild the split it trained on."""
+
+    data_dir: str
+    val_size: int
+    seed: int
+
+
+class Standardisation(Schema):
+    """The training split's figures, as the data module's state_dict keeps them in a checkpoint."""
+
+    mean: float
+    std: float = Field(gt=0)
+
+
+class Checkpoint(Schema):
+    hyper_parameters: dict[str, Any]  # the model's arguments, checked by MLPClassifier itself
+    datamodule_hyper_parameters: DataSettings
+    state_dict: dict[str, InstanceOf[torch.Tensor]]
+    FashionMNISTDataModule: Standardisation | None = None  # absent from checkpoints written before it was kept
+
+
+class Candidate(Schema):
+    """One of the report's final models."""
+
+    test_acc: float | None
+    why_no_test: str | None = None
+    checkpoints: list[str] | None = None
+    checkpoint: str | None = None
+
+
+class Final(Schema):
+    answer: FinalModel | None
+    refit_ensemble: Candidate
+    ensemble: Candidate
+    refit: Candidate
+    best: Candidate
+
+    def candidate(self, name: str | None) -> Candidate | None:
+        return getattr(self, name) if name in FINAL_MODELS else None
+
+
+class Report(Schema):
+    study: str
+    trials: dict[str, int]
+    best_checkpoint: str | None = None  # these three only when a trial completed
+    final: Final | None = None
+    test_acc: float | None = None
+
+
+def problems(error: ValidationError) -> str:
+    """Pydantic's errors as one line: where in the file, and what is wrong there."""
+    found = [f"{'.'.join(map(str, e['loc'])) or 'the whole file'}: {e['msg'].lower()}" for e in error.errors()]
+    more = f"; and {len(found) - PROBLEMS_SHOWN} more" if len(found) > PROBLEMS_SHOWN else ""
+    return "; ".join(found[:PROBLEMS_SHOWN]) + more
+
+
+def read_report(path: Path) -> Report:
+    """A study's report.json as tune.py writes it (`mlp.report.report`)."""
+    try:
+        return Report.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not a study's report.json ({error}); pass the one tune.py wrote") from None
+    except ValidationError as error:
+        raise UserError(f"{path} is not a report.json as tune.py writes it ({problems(error)})") from None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The settings in a checkpoint of fit.py or tune.py, loaded as tensors and plain values only."""
+    check(path.is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is refused: {why_not_weights(path)}") from None
+    except Exception as error:  # torch.load raises many kinds for a file that is no checkpoint
+        raise UserError(f"{path} is not a checkpoint ({type(error).__name__}); pass a .ckpt file") from None
+    try:
+        return Checkpoint.model_validate(content)
+    except ValidationError as error:
+        raise UserError(f"{path} is not a checkpoint as fit.py or tune.py write it ({problems(error)})") from None
+
+
+def why_not_weights(path: Path) -> str:
+    """Why the weights-only unpickler refused a file, naming what it would have called when torch can tell."""
+    try:
+        # Scans the pickle's opcodes for the globals it names; it runs none of them.
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not torch.save's zip format either
+        unsafe = []
+    calls = f"it would call {', '.join(unsafe)} as it loads" if unsafe else "it holds more than tensors and values"
+    return (f"{calls}, which could run any code; only checkpoints of tensors and plain values are loaded, as "
+            "fit.py and tune.py write them")
+
+
+def load_model(path: Path) -> MLPClassifier:
+    """The model in a checkpoint, rebuilt from its own hyperparameters by Lightning's loader, tensors and plain
+    values only. Callers handed the file check it with `read_checkpoint` first; a study's own trials need not."""
+    check(path.is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
+    try:
+        return MLPClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is refused: {why_not_weights(path)}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:  # arguments or weights that do not fit the net
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: its model does not load ({first_line}); pass a checkpoint fit.py or tune.py "
+                        "wrote") from None
+
+
+def inside(path: Path, folder: Path, named: str) -> Path:
+    """`path`, resolved, if it lies inside `folder`; one elsewhere is refused, so that a report handed over (a
+    shared study folder) cannot point the loader at any file on the machine. `named` says who named it."""
+    resolved, folder = path.resolve(), folder.resolve()
+    check(
+        resolved.is_relative_to(folder),
+        f"{named}, outside its study's folder {folder}: a report's checkpoints are loaded only from inside it",
+    )
+    return resolved
