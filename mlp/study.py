@@ -145,9 +145,12 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
         self.set_trial_system_attr(trial_id, "heartbeat", time.time())
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # A trial that never beat counts from its start: its worker beats as soon as it has asked for its trials
+        # (Heartbeats), so one that died in between would otherwise stay RUNNING, and the study unfinished.
         now = time.time()
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        stale = [t.number for t in running if now - t.system_attrs.get("heartbeat", now) > GRACE_SECONDS]
+        last = {t.number: t.system_attrs.get("heartbeat") or t.datetime_start.timestamp() for t in running}
+        stale = [number for number, beat in last.items() if now - beat > GRACE_SECONDS]
         return [self.get_trial_id_from_study_id_trial_number(study_id, number) for number in stale]
 
     def get_heartbeat_interval(self) -> int:

@@ -46,6 +46,20 @@ def test_a_dead_workers_trial_is_failed_once_its_heartbeat_is_stale_and_rerun(ki
     assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == dead.number
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_on_a_journal_file_a_trial_whose_worker_died_before_its_first_beat_is_stale_after_the_grace_period(
+    tmp_path, monkeypatch
+):
+    """Optuna's RDBStorage never fails such a trial (it has no heartbeat row), and the study waits for it forever."""
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr("mlp.study.GRACE_SECONDS", 2)
+    study = open_study("s", storage_in(tmp_path, "journal"), "none", SearchSpace().epochs[0], seed=0)
+    dead = study.ask()
+    dead.suggest_float("x", -1, 1)
+    run_trials(study, Quadratic(), n_trials=1, budget=Budget(time.time() + 60))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
 class CountsReads:
     """Counts get_all_trials calls on a storage."""
 
