@@ -48,8 +48,9 @@ def connect(storage: str) -> BaseStorage:
     try:
         return heartbeat_storage(storage)
     # SQLAlchemy's errors cover a bad URL and, wrapped, the driver's (unreachable server, refused login); an
-    # ImportError is a driver that is not installed. Anything else is a bug and keeps its traceback.
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
+    # ImportError is a driver that is not installed, a ValueError a port that is no number. Anything else is a
+    # bug and keeps its traceback.
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         first_line = str(error).splitlines()[0]  # SQLAlchemy appends the SQL and a link to its docs
         raise UserError(f"cannot open the study storage {shown(storage)}: {masked(first_line, storage)}") from None
 
