@@ -179,6 +179,12 @@ def available_mb() -> float:
         return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:")) / 1024
 
 
+def ended_before(trials: list[FrozenTrial], number: int, when: float) -> bool:
+    """Whether trial `number` ended before `when` (the trials' times are this machine's clock)."""
+    trial = next((t for t in trials if t.number == number), None)
+    return trial is not None and trial.datetime_complete is not None and trial.datetime_complete.timestamp() < when
+
+
 def pid_of(trial: FrozenTrial) -> int | None:
     worker = trial.user_attrs.get("worker")
     return int(worker.rsplit(":", 1)[1]) if worker else None
@@ -194,6 +200,8 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
                  for i in range(workers)]
     try:
         killed: dict[int, float] = {}  # trial number: when its worker was killed
+        missed: list[float] = []  # when a worker was killed whose trial had just ended
+        signalled: set[int] = set()  # the indexes of the workers killed or interrupted
         interrupted: list[int] = []  # the interrupted workers' indexes
         peak_rss, peak_pss, peak_connections, trials = 0.0, 0.0, 0, []
         deadline = time.monotonic() + args.timeout
@@ -207,19 +215,26 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
             if (connections := reader.connections()) is not None:
                 peak_connections = max(peak_connections, connections)
             trials = reader.trials()
+            # A trial read as running may have ended before the kill landed (the read is up to a poll old): that
+            # kill hit no trial, so another worker's is killed instead.
+            for number in [n for n, when in killed.items() if ended_before(trials, n, when)]:
+                missed.append(killed.pop(number))
             if len(killed) < kill or len(interrupted) < interrupt:
                 # Only a trial that reported an epoch has surely beaten; a worker holds one trial (--fuse 1).
                 by_pid = {pid_of(t): t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values}
                 for index, process in enumerate(processes):
                     trial = by_pid.get(process.pid)
-                    if trial is None or process.poll() is not None or index in interrupted:
-                        continue
-                    if len(killed) < kill:
+                    untouched = sum(p.poll() is None for i, p in enumerate(processes) if i not in signalled)
+                    if trial is None or index in signalled or untouched < 2:
+                        continue  # the last worker untouched is left to finish the study
+                    if len(killed) < kill and trial.number not in killed:
                         process.send_signal(signal.SIGKILL)
                         killed[trial.number] = time.time()
+                        signalled.add(index)
                     elif len(interrupted) < interrupt:
                         process.send_signal(signal.SIGINT)
                         interrupted.append(index)
+                        signalled.add(index)
             time.sleep(0.5)
     finally:  # on an error here, or Ctrl-C, no worker is left behind
         for process in processes:
@@ -227,11 +242,14 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
                 process.kill()
                 process.wait()
     trials = reader.trials()
+    for number in [n for n, when in killed.items() if ended_before(trials, n, when)]:
+        missed.append(killed.pop(number))
     outputs = [(folder / f"worker{i}.log").read_text() for i in range(workers)]
     times = [json.loads(f.read_text()) for f in sorted(folder.glob("worker*.json"))]
     return dict(storage=storage, launched=launched, trials=trials, killed=killed, interrupted=interrupted,
                 processes=processes, outputs=outputs, times=times, peak_rss=peak_rss, peak_pss=peak_pss,
                 grace=args.grace, study=study, kill=kill, interrupt=interrupt, logs=logs, n_trials=n_trials,
+                missed=missed,
                 peak_connections=peak_connections if "postgresql" in storage else None)
 
 
@@ -248,7 +266,8 @@ def checks(run: dict[str, Any]) -> list[tuple[str, bool, str]]:
     ]
     signalled = (len(run["killed"]), len(run["interrupted"]))
     result.append(("killed and interrupted as asked, mid-trial", signalled == (run["kill"], run["interrupt"]),
-                   "{} killed, {} interrupted".format(*signalled)))
+                   "{} killed, {} interrupted; {} more killed just after their trial ended".format(
+                       *signalled, len(run["missed"]))))
     delays, replaced = [], []
     for number, when in run["killed"].items():
         trial = by_number[number]
