@@ -147,10 +147,12 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         # A trial that never beat counts from its start: its worker beats as soon as it has asked for its trials
-        # (Heartbeats), so one that died in between would otherwise stay RUNNING, and the study unfinished.
+        # (Heartbeats), so one that died in between would otherwise stay RUNNING, and the study unfinished. A beat
+        # before the start is not this run's: a retry inherits its dead original's system attributes, last beat
+        # included (RetryHeartbeatStaleTrialCallback), and was failed as stale the moment it started.
         now = time.time()
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        last = {t.number: t.system_attrs.get("heartbeat") or t.datetime_start.timestamp() for t in running}
+        last = {t.number: max(t.system_attrs.get("heartbeat", 0.0), t.datetime_start.timestamp()) for t in running}
         stale = [number for number, beat in last.items() if now - beat > GRACE_SECONDS]
         return [self.get_trial_id_from_study_id_trial_number(study_id, number) for number in stale]
 
