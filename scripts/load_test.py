@@ -220,8 +220,10 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
             for number in [n for n, when in killed.items() if ended_before(trials, n, when)]:
                 missed.append(killed.pop(number))
             if len(killed) < kill or len(interrupted) < interrupt:
-                # Only a trial that reported an epoch has surely beaten; a worker holds one trial (--fuse 1).
-                by_pid = {pid_of(t): t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values}
+                # Only a trial that reported an epoch has surely beaten, and one with all ten of its reports (at the
+                # tenths of its schedule) is about to end: a worker holds one trial (--fuse 1).
+                by_pid = {pid_of(t): t for t in trials
+                          if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 10}
                 for index, process in enumerate(processes):
                     trial = by_pid.get(process.pid)
                     untouched = sum(p.poll() is None for i, p in enumerate(processes) if i not in signalled)
