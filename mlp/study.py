@@ -4,6 +4,7 @@ the report."""
 
 import os
 import random
+import re
 import socket
 import sqlite3
 import threading
@@ -16,7 +17,9 @@ from typing import Any, Protocol, Self
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import Budget
@@ -35,20 +38,50 @@ RETRY_SECONDS = 1  # after a heartbeat that failed: the grace period leaves time
 log = optuna.logging.get_logger("optuna.mlp")
 
 
-def connect(storage_url: str) -> RDBStorage:
-    """The storage, with heartbeats on; its tables are created on first use."""
-    if storage_url.startswith("sqlite:///"):
-        Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+def connect(storage: str) -> BaseStorage:
+    """The storage, with heartbeats on: a journal file for a path (no `://`, as optuna-dashboard reads one),
+    else an RDB URL whose tables are created on first use."""
+    if is_journal(storage):
+        return journal_storage(storage)
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return heartbeat_storage(storage_url)
+        return heartbeat_storage(storage)
     # SQLAlchemy's errors cover a bad URL and, wrapped, the driver's (unreachable server, refused login); an
-    # ImportError is a driver that is not installed. Anything else is a bug and keeps its traceback.
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
+    # ImportError is a driver that is not installed, a ValueError a port that is no number. Anything else is a
+    # bug and keeps its traceback.
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         first_line = str(error).splitlines()[0]  # SQLAlchemy appends the SQL and a link to its docs
-        raise UserError(f"cannot open the study storage {storage_url!r}: {first_line}") from None
+        raise UserError(f"cannot open the study storage {shown(storage)}: {masked(first_line, storage)}") from None
 
 
-def heartbeat_storage(storage_url: str, attempts: int = 3) -> RDBStorage:
+def is_journal(storage: str) -> bool:
+    return "://" not in storage
+
+
+def shown(storage: str) -> str:
+    """The storage as it may be printed or logged: a URL with its password masked."""
+    if is_journal(storage):
+        return repr(storage)
+    try:
+        return repr(sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True))
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # not a URL SQLAlchemy parses (a bad port...)
+        return repr(PASSWORD.sub(r"\1***@", storage))
+
+
+PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")  # user:password@ in a URL SQLAlchemy cannot parse
+
+
+def masked(message: str, storage: str) -> str:
+    """A message about the storage (a driver's error, a failed heartbeat) with the URL's password masked."""
+    try:
+        password = sqlalchemy.engine.make_url(storage).password if not is_journal(storage) else None
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        password = None
+    return message.replace(str(password), "***") if password else message
+
+
+def heartbeat_storage(storage_url: str, attempts: int = 6) -> RDBStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -57,18 +90,85 @@ def heartbeat_storage(storage_url: str, attempts: int = 3) -> RDBStorage:
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=GRACE_SECONDS,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                engine_kwargs=engine_kwargs(storage_url),
             )
-    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-        # Workers started together on an empty database race to create the same tables and types; a loser
-        # gets one of these errors and finds everything made when it tries again.
-        if attempts == 1:
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as error:
+        # Workers started together on an empty database race to create the same tables and types; a loser gets
+        # one of these errors (SQLite: "database is locked", "table ... already exists") and finds everything
+        # made when it tries again. Backing off, doubled each time, spreads 32 workers' retries out.
+        if attempts == 1 or not table_race(error):
             raise
-        time.sleep(random.uniform(0.5, 2))
+        time.sleep(random.uniform(0.5, 1.5) * 2 ** (6 - attempts))
         return heartbeat_storage(storage_url, attempts - 1)
     if storage.engine.name == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
         sqlalchemy.event.listen(storage.engine, "connect", write_ahead_log)
         storage.engine.dispose()  # the connections that created the tables reopen with it
     return storage
+
+
+def table_race(error: sqlalchemy.exc.SQLAlchemyError) -> bool:
+    """Whether the error is one a worker gets when another creates the tables at the same moment, rather than
+    a refused login or an unreachable server (OperationalErrors too, which no retry mends)."""
+    message = str(error)
+    return not isinstance(error, sqlalchemy.exc.OperationalError) or "locked" in message or "already exists" in message
+
+
+def engine_kwargs(storage_url: str) -> dict[str, Any]:
+    """The worker's one connection pool: its main thread and its heartbeat thread hold a connection each at most.
+
+    A server's connections are few (PostgreSQL's default max_connections is 100, #1347 "too many clients"), so
+    each worker keeps at most two, where SQLAlchemy's default pool would let it open 15. pre_ping replaces a
+    pooled connection the server closed (a restart, an idle timeout) before it is used, rather than failing the
+    call that gets it (Optuna turns it on for MySQL alone).
+    """
+    if storage_url.startswith("sqlite"):
+        return {}
+    return {"pool_size": 2, "max_overflow": 0, "pool_timeout": 60, "pool_pre_ping": True}
+
+
+class HeartbeatJournal(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with the heartbeats Optuna gives only its RDBStorage (5.1): a beat is the trial's
+    `heartbeat` system attribute, the time it was recorded; a running trial whose beat is older than the grace
+    period is stale. Optuna's own fail_stale_trials and RetryHeartbeatStaleTrialCallback then fail and requeue
+    it as on an RDB. The clock is the machine's, which every worker on a journal file shares.
+
+    BaseHeartbeat is private to Optuna ("not supposed to be directly accessed by library users"), but it is what
+    fail_stale_trials asks a storage for; tests/test_storage.py's dead-worker test fails on the upgrade that
+    changes it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(JournalFileBackend(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.stale_callback = RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # A trial that never beat counts from its start: its worker beats as soon as it has asked for its trials
+        # (Heartbeats), so one that died in between would otherwise stay RUNNING, and the study unfinished. A beat
+        # before the start is not this run's: a retry inherits its dead original's system attributes, last beat
+        # included (RetryHeartbeatStaleTrialCallback), and was failed as stale the moment it started.
+        now = time.time()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        last = {t.number: max(t.system_attrs.get("heartbeat", 0.0), t.datetime_start.timestamp()) for t in running}
+        stale = [number for number, beat in last.items() if now - beat > GRACE_SECONDS]
+        return [self.get_trial_id_from_study_id_trial_number(study_id, number) for number in stale]
+
+    def get_heartbeat_interval(self) -> int:
+        return HEARTBEAT_SECONDS
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
+        return self.stale_callback
+
+
+def journal_storage(path: str) -> HeartbeatJournal:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return HeartbeatJournal(path)
+    except (OSError, ValueError) as error:  # a folder in the way, no permission; ValueError: not a journal
+        raise UserError(f"cannot open the study storage {shown(path)} as a journal file: {error}") from None
 
 
 def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
@@ -149,7 +249,7 @@ class Heartbeats:
             for trial in list(self.trials):
                 try:
                     self.storage.record_heartbeat(self.trial_id(trial.number))
-                except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
+                except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError) as error:
                     first_line = str(error).splitlines()[0]
                     log.warning(f"Heartbeat of trial {trial.number} failed ({first_line}); trying again.")
                     wait = RETRY_SECONDS
@@ -226,9 +326,10 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def may_start_trial(study: optuna.Study, n_trials: int) -> bool:
-    """Whether a worker may start a trial: the study holds a WAITING one, or fewer than n_trials live ones."""
-    states = [t.state for t in study.get_trials(deepcopy=False)]
+def may_start_trial(study: optuna.Study, n_trials: int, trials: list[FrozenTrial] | None = None) -> bool:
+    """Whether a worker may start a trial: the study holds a WAITING one, or fewer than n_trials live ones.
+    `trials`: the study's trials, if just read."""
+    states = [t.state for t in (study.get_trials(deepcopy=False) if trials is None else trials)]
     return TrialState.WAITING in states or sum(state in LIVE for state in states) < n_trials
 
 
@@ -264,11 +365,16 @@ def run_trials(
         return budget.trials_may_start(best_first(study))
 
     waiting_logged = False
-    while budget.trials_may_start(best_first(study)):
+    while True:
+        # One read of the study's trials serves the whole pass: with 32 workers each pass's reads add up (the
+        # stale trials' query and the progress bar's read aside, each pass read them four times).
         fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if not budget.trials_may_start(ranked(trials)):
+            return
         progress(study)
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        if may_start_trial(study, n_trials):
+        states = [t.state for t in trials]
+        if may_start_trial(study, n_trials, trials):
             objective.start_trials(study, may_refill)
             if objective.interrupted:
                 raise KeyboardInterrupt
@@ -283,7 +389,12 @@ def run_trials(
 
 def best_first(study: optuna.Study) -> list[FrozenTrial]:
     """The study's complete trials, best value first (the earlier of equal ones)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return ranked(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The complete ones of `trials`, best value first (the earlier of equal ones)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     return sorted(complete, key=lambda t: (-t.value, t.number))
 
 

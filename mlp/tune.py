@@ -109,7 +109,7 @@ def run_study(
     if fuse > 1:
         check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
-    storage_url = storage_url or f"sqlite:///{tune_dir / 'optuna.db'}"
+    storage_url = storage_url or default_storage(tune_dir, len(workers))
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
     opening = (study_name, storage_url, pruner, shortest_epochs, seed, fit_defaults(cli, space))
     study = open_study(*opening)
@@ -156,6 +156,16 @@ def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
         f"{study.study_name!r} in this storage logged there, and its trials and report would overwrite them; choose "
         "another --study-name, or another log folder with --trainer.logger.init_args.save_dir",
     )
+
+
+def default_storage(tune_dir: Path, workers: int) -> str:
+    """The study's storage when --storage is not given: a study already in the folder is continued (its journal
+    file first); a new one goes to a journal file when several workers share it (Optuna's FAQ: SQLite is for one
+    process), to SQLite for one (docs/scaling.md says why)."""
+    journal, sqlite = tune_dir / "optuna.journal", tune_dir / "optuna.db"
+    if journal.exists() or (workers > 1 and not sqlite.exists()):
+        return str(journal)
+    return f"sqlite:///{sqlite}"
 
 
 def train_trials(space: SearchSpace, opening: tuple, n_trials: int, budget: Budget, fuse: int, seed: int | None,

@@ -7,6 +7,7 @@
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
     python scripts/tune.py @search.txt                      # flags read from a file, one per line
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
+    python scripts/tune.py --storage study.journal          # each of several workers on one machine
     python scripts/tune.py --quiet                          # print only the answer, in a few lines
 
 In a terminal a progress bar counts the study's finished trials (every worker's), with pruned and failed
@@ -49,7 +50,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     study.add_argument("--study-name", default="mlp", help="name of the study in the storage (default mlp)")
     study.add_argument(
-        "--storage", default=None, help="Optuna RDB URL (default sqlite:///lightning_logs/tune/optuna.db)"
+        "--storage", default=None, metavar="URL_OR_PATH",
+        help="an Optuna RDB URL (postgresql+psycopg://USER@HOST/DB for several machines), or a path without :// "
+        "for a journal file (several workers on one machine). Default: the study already in lightning_logs/tune/, "
+        "else optuna.journal there for several workers (--trainer.devices N), sqlite:///.../optuna.db for one",
     )
     study.add_argument(
         "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"

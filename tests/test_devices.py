@@ -1,14 +1,36 @@
-"""tune.py with several devices: one worker per device on one study, never a DDP trial, one report."""
+"""tune.py with several devices: one worker per device on one study, never a DDP trial, one report; the study in
+a journal file unless --storage names another."""
 
 import signal
+from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 
 from mlp.devices import cpu_threads, one_device_args
 from mlp.cli import build_cli
-from tests.test_reliability import run, start, trials_of, tune_args, wait_for
+from tests.test_reliability import run, start, tune_args, wait_for
 
 TWO_CPU_DEVICES = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--fuse=1", "--pruner=none"]
+
+
+def default_storage_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
+    """tune_args less --storage: the study goes where tune.py puts it by default."""
+    return [arg for arg in tune_args(synthetic_dir, tmp_path, n_trials) if not arg.startswith("--storage")]
+
+
+def journal(tmp_path: Path) -> Path:
+    return tmp_path / "logs" / "tune" / "optuna.journal"  # the default storage of several workers
+
+
+def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    if not journal(tmp_path).exists():  # opening it would create it
+        return []
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal(tmp_path))))
+    try:
+        return optuna.load_study(study_name="faults", storage=storage).trials
+    except KeyError:  # the study is not created yet
+        return []
 
 
 def test_each_worker_gets_one_device_and_its_share_of_the_cores(synthetic_dir, tmp_path):
@@ -22,7 +44,7 @@ def test_each_worker_gets_one_device_and_its_share_of_the_cores(synthetic_dir, t
 
 
 def test_two_cpu_devices_run_two_workers_that_both_train_and_one_report(synthetic_dir, tmp_path):
-    result = run("tune.py", [*tune_args(synthetic_dir, tmp_path, n_trials=2), *TWO_CPU_DEVICES], timeout=500)
+    result = run("tune.py", [*default_storage_args(synthetic_dir, tmp_path, n_trials=2), *TWO_CPU_DEVICES], timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = trials_of(tmp_path)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -30,14 +52,15 @@ def test_two_cpu_devices_run_two_workers_that_both_train_and_one_report(syntheti
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # one trial on each device's worker
     assert result.stdout.count('"best_trial"') == 1  # the report, printed once
     assert (tmp_path / "logs" / "tune" / "faults" / "report.json").is_file()
+    assert not (tmp_path / "logs" / "tune" / "optuna.db").exists()
 
 
 def test_sigint_to_the_tune_command_fails_every_workers_running_trial(synthetic_dir, tmp_path):
-    args = [*tune_args(synthetic_dir, tmp_path, n_trials=4), *TWO_CPU_DEVICES, "--epochs", "50", "50"]
+    args = [*default_storage_args(synthetic_dir, tmp_path, n_trials=4), *TWO_CPU_DEVICES, "--epochs", "50", "50"]
     process = start("tune.py", args)
 
     def both_running() -> bool:
-        trials = trials_of(tmp_path) if (tmp_path / "study.db").exists() else []
+        trials = trials_of(tmp_path)
         running = [t for t in trials if t.state == TrialState.RUNNING]
         return len(running) == 2 and all(t.intermediate_values for t in running)
 

@@ -6,7 +6,8 @@ import optuna
 from optuna.trial import TrialState
 
 from mlp.loading import FINAL_MODELS
-from mlp.report import FINAL_CHOICES, cost
+from mlp.final import FINAL_CHOICES
+from mlp.report import cost
 
 START = datetime.datetime(2026, 1, 1)
 

@@ -2,15 +2,12 @@
 one report, with trials trained one at a time or stacked. The workers run against a real PostgreSQL server
 started on loopback for the test."""
 
-import glob
 import os
-import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +20,7 @@ from optuna.trial import TrialState
 
 from mlp.budget import Budget
 from mlp.errors import UserError
+from mlp.postgres import Unavailable, throwaway_postgres
 from mlp.search import FIT_FLAGS, SearchSpace, TrialSeededTPE, suggest
 from mlp.study import (
     FINISHED,
@@ -93,7 +91,8 @@ def test_unreachable_storage_is_one_clear_line(synthetic_dir, tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("url", ["not a url", "nosuchdatabase://host/db", "postgresql+nosuchdriver://user@host/db"])
+@pytest.mark.parametrize("url", ["://no-scheme", "nosuchdatabase://host/db", "postgresql+nosuchdriver://user@host/db",
+                                 "postgresql://user:pw@host:noport/db"])
 def test_bad_storage_url_is_one_clear_line(url):
     with pytest.raises(UserError, match="cannot open the study storage") as error:
         connect(url)
@@ -292,58 +291,14 @@ def test_a_trial_whose_place_a_retry_is_owed_stops_at_its_epochs_end_and_the_ret
 # -- a real PostgreSQL server --------------------------------------------------------------------------------
 
 
-def postgres_bin() -> Path | None:
-    """The folder holding initdb and pg_ctl: Debian's /usr/lib/postgresql/<version>/bin, or PATH."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
-    on_path = shutil.which("initdb")
-    candidates += [str(Path(on_path).parent)] if on_path else []
-    return next((Path(c) for c in candidates if (Path(c) / "pg_ctl").is_file()), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL server on 127.0.0.1 with an empty database; its URL for SQLAlchemy."""
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'psycopg[binary]'")
-    # PostgreSQL refuses to run as root, so root runs it as the postgres user, in a folder that user owns
-    # (pytest's tmp_path is private to root).
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="tune-postgres-"))
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root needs runuser to start PostgreSQL as another user")
-        try:
-            shutil.chown(root, user="postgres")
-        except LookupError:
-            pytest.skip("running as root needs a 'postgres' user to start PostgreSQL as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", free_port()
-
-    def pg(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
-
     try:
-        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
-        # -F: no fsync, -k: the socket in our folder rather than /var/run/postgresql.
-        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
-           "-o", f"-h 127.0.0.1 -p {port} -k {root} -F", "start")
-        import psycopg
-
-        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as c:
-            c.execute("CREATE DATABASE tune")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/tune"
-    finally:
-        if (data / "postmaster.pid").exists():
-            pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root)
+        with throwaway_postgres() as url:
+            yield url
+    except Unavailable as why:
+        pytest.skip(str(why))
 
 
 # -- workers -----------------------------------------------------------------------------------------------
