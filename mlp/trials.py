@@ -139,7 +139,12 @@ class Trials:
     def tell(study: optuna.Study, trial: optuna.Trial, end: "RunEnd", running: list[optuna.Trial]) -> None:
         """Tell the study how the trial ended: "finished" (its value is its best val/acc, kept by its checkpoint),
         "surplus" (failed, counting as no failure), "diverged", "pruned" or "cut" (pruned for the --timeout budget,
-        see mlp.budget)."""
+        see mlp.budget). A trial another worker failed as stale (its heartbeat late) is told nothing more: its retry
+        has its place."""
+        if end.how == "stale" or study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+            log.warning(f"Trial {trial.number} was failed as stale by another worker while it trained; not told again.")
+            running.remove(trial)
+            return
         if end.how == "finished":
             trial.set_user_attr("best_checkpoint", end.checkpoint)
             study.tell(trial, end.score)
@@ -156,8 +161,9 @@ class Trials:
 
 
 class RunEnd(NamedTuple):
-    """How a run ended: "finished", "diverged" or "cut" (`detail` says when and why), "pruned" or "surplus"; its
-    checkpoint (its best by val/acc, or without a validation split its final weights) and that one's val/acc."""
+    """How a run ended: "finished", "diverged" or "cut" (`detail` says when and why), "pruned", "surplus" or
+    "stale"; its checkpoint (its best by val/acc, or without a validation split its final weights) and that one's
+    val/acc."""
 
     how: str
     detail: str
@@ -237,12 +243,15 @@ class EpochEnds:
         self, epoch: int, epochs: int, value: float, surplus: set[int], cut: Callable[[float], bool]
     ) -> str | None:
         """How the trial stops after `epoch` (from 0) of `epochs`, having reached val/acc `value`: "surplus",
-        "pruned", "cut", or None to go on; `surplus` holds the numbers of the trials the study has no place for,
+        "pruned", "cut", "stale" (another worker failed it, its heartbeat late), or None to go on; `surplus` holds the numbers of the trials the study has no place for,
         `cut(seconds)` says whether a trial needing that many more seconds would overrun the budget."""
         if self.trial.number in surplus:
             gives_way(self.trial, epoch + 1)
             return "surplus"
-        prune = record_intermediate_values(self.trial, epoch, epochs, value, self.previous)
+        try:
+            prune = record_intermediate_values(self.trial, epoch, epochs, value, self.previous)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale elsewhere: its retry has its place
+            return "stale"
         self.previous = value
         if prune:
             return "pruned"

@@ -45,7 +45,7 @@ from mlp.data import FashionMNISTDataModule  # noqa: E402
 from mlp.fused import FusedClassifier  # noqa: E402
 from mlp.module import MLPClassifier  # noqa: E402
 from mlp.net import MLP  # noqa: E402
-from mlp.trials import group_cli  # noqa: E402
+from mlp.trials import group_cli, pads_widths  # noqa: E402
 
 
 def plain_loop(batches: Sized, model: MLPClassifier, device: torch.device, epochs: int) -> list[float]:
@@ -140,7 +140,8 @@ def fused(flags: list[str], k: int, epochs: int) -> float:
     cli = group_cli(flags, epochs)
     timer = EpochTimer()
     cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(FusedClassifier(models, [epochs] * k, [str(i) for i in range(k)]), datamodule=cli.datamodule)
+    stack = FusedClassifier(models, [epochs] * k, [str(i) for i in range(k)], pad_widths=pads_widths(cli))
+    cli.trainer.fit(stack, datamodule=cli.datamodule)
     return sum(timer.models[1:]) / sum(timer.times[1:])
 
 

@@ -152,6 +152,21 @@ def test_a_worker_whose_free_place_another_took_first_trains_nothing_and_looks_a
     assert [t.number for t in study.trials] == [taken.number] and objective.ran == []
 
 
+def test_a_trial_another_worker_failed_as_stale_stops_and_is_told_nothing_more(tmp_path):
+    """Its heartbeat came late (a loaded machine, a journal file's lock), so another worker failed it and retried
+    it; the worker still training it stops it at the epoch's end and tells the study nothing, with no traceback."""
+    from mlp.trials import EpochEnds, RunEnd
+
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0)
+    trial = study.ask()
+    study.tell(trial.number, state=TrialState.FAIL)  # the other worker's doing
+    assert EpochEnds(trial).judge(0, 3, 0.5, set(), lambda seconds: False) == "stale"
+    for end in (RunEnd("stale", "", "", None), RunEnd("finished", "", "x.ckpt", 0.5)):  # also if it ended then
+        running = [trial]
+        Trials.tell(study, trial, end, running)
+        assert running == [] and study.trials[0].state == TrialState.FAIL and study.trials[0].value is None
+
+
 @pytest.mark.parametrize("fuse", ["0", "-2"])
 def test_fuse_below_one_is_a_clear_error_before_any_trial(synthetic_dir, tmp_path, fuse):
     with pytest.raises(UserError, match="--fuse must be >= 1"):
