@@ -298,7 +298,7 @@ class FusedClassifier(L.LightningModule):
             if member.name not in self.stopping and self.progress(k)[0] + 1 >= member.epochs:
                 self.stopping[member.name] = ("finished", "")
         self.drop([name for name in self.names if name in self.stopping])
-        if self.refill is not None:
+        if self.refill is not None and not self.trainer.should_stop:  # no model joins a Trainer that is stopping
             self.refill(self)
         if not self.members:
             self.trainer.should_stop = True
