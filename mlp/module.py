@@ -156,7 +156,7 @@ class MLPClassifier(L.LightningModule):
         """
         log_probs = logits.log_softmax(dim=-1)
         plain = F.nll_loss(log_probs, y)
-        if not self.training or not self.hparams.label_smoothing:
+        if not self.training:
             return plain
         return (1 - self.label_smoothing) * plain - self.label_smoothing * log_probs.mean()
 
@@ -165,14 +165,12 @@ class MLPClassifier(L.LightningModule):
         differ only in PER_MODEL, in their weights, and with `pad_widths` in the width of an `MLP`'s hidden layers,
         zero-padded in the stack to the widest (padded units stay zero: no model's optimiser sees them).
 
-        Whether dropout is on decides whether masks are drawn, and whether label smoothing is on whether it is
-        mixed in, so both are part of the key; their values are not.
+        Whether dropout is on decides whether masks are drawn, so it is part of the key; its rate is not.
         """
         pads = pad_widths and getattr(self.net, "widths_pad_exactly", False)
         shared = {k: v for k, v in self.hparams.items() if k not in self.PER_MODEL and not (pads and k == "width")}
         shapes = () if pads else tuple(tuple(t.shape) for t in self.net.parameters())
-        switches = self.hparams.dropout > 0, self.hparams.label_smoothing > 0
-        return type(self), type(self.net), repr(sorted(shared.items())), switches, shapes
+        return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, shapes
 
     def on_train_start(self) -> None:
         # The sanity-check validation ran on an untrained net; it must not count as the best so far.

@@ -43,14 +43,16 @@ import tune  # noqa: E402
 
 
 class RecordsRefills(FusedClassifier):
-    """Notes the stacks' depths and widths at the start, and at each epoch's end the trials that joined and
-    whether the random stream stayed where it was."""
+    """Notes the stacks' depths and widths at the first group's start, and at each epoch's end the trials that
+    joined and whether the random stream stayed where it was."""
 
     refills: list[tuple[set[str], bool]] = []
     stacks_at_start: list[tuple[int, list[int]]] = []
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        if type(self).stacks_at_start:  # the study's first group's, not a later refit's (a stack of one)
+            return
         type(self).stacks_at_start = [
             (stack.models[0].hparams.depth, [model.hparams.width for model in stack.models]) for stack in self.stacks
         ]
@@ -440,7 +442,7 @@ def test_a_run_without_validation_that_diverges_stops_there_alone_and_stacked_al
                           f"--trainer.logger.init_args.version={version}", f"--model.lr={lr}"])
 
     ends = {}
-    train_runs({"alone": run("alone", 1e30)}, [], 1, ends.__setitem__)
+    train_runs({"alone": run("alone", 1e30)}, args, 1, ends.__setitem__)  # the group's flags, as callers give them
     data = train_runs({"stacked": run("stacked", 1e30), "learns": run("learns", 0.1)}, args, 2, ends.__setitem__)
     for name in ("alone", "stacked"):
         assert ends[name].how == "diverged" and ends[name].detail.startswith("epoch 0: ")

@@ -16,9 +16,11 @@ import load_test  # noqa: E402
 @pytest.mark.skipif(not real_data_available(), reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
 @pytest.mark.parametrize("storage, workers, interrupt", [("journal", 3, 1), ("postgresql", 2, 0)])
 def test_workers_some_killed_or_interrupted_finish_the_study(storage, workers, interrupt, tmp_path):
+    # Trials long enough (8 epochs of 3,000 images) for the half-second poll to find one mid-trial: a worker's next
+    # trial joins its running Trainer, with no start-up between them.
     (result,) = load_test.main([
-        f"--workers={workers}", "--n-trials=4", "--kill=1", f"--interrupt={interrupt}", f"--storage={storage}",
-        "--images=600", "--epochs=4", "--heartbeat=1", "--grace=3", "--timeout=240", f"--keep={tmp_path / 'load'}",
+        f"--workers={workers}", "--n-trials=6", "--kill=1", f"--interrupt={interrupt}", f"--storage={storage}",
+        "--images=3000", "--epochs=8", "--heartbeat=1", "--grace=3", "--timeout=240", f"--keep={tmp_path / 'load'}",
     ])
     if "skipped" in result:
         pytest.skip(result["skipped"])
