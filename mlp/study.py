@@ -262,6 +262,14 @@ class Heartbeats:
             self.trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
         return self.trial_ids[number]
 
+    def join(self, trials: list[optuna.Trial]) -> None:
+        """Beat for `trials` now and from then on: a trial asked while others train (a freed place refilled) would
+        otherwise have no heartbeat until the thread's next beat, and a worker killed in between would leave it
+        running for good where Optuna counts only trials that beat (SQLite, PostgreSQL)."""
+        for trial in trials:
+            self.storage.record_heartbeat(self.trial_id(trial.number))
+        self.trials.extend(trials)
+
     def __enter__(self) -> Self:
         self.thread.start()
         return self

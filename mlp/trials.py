@@ -59,9 +59,9 @@ class Trials:
         if not asked:  # another worker took the place run_trials saw free (its trial surplus, or a retry taken)
             return
         running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
-        with Heartbeats(study, running):
+        with Heartbeats(study, running) as heartbeats:
             try:
-                self.train(study, asked, running, may_refill)
+                self.train(study, asked, heartbeats, may_refill)
             except BaseException as error:
                 self.interrupted = isinstance(error, KeyboardInterrupt)
                 for trial in running:
@@ -100,12 +100,13 @@ class Trials:
         self,
         study: optuna.Study,
         asked: list[tuple[optuna.Trial, dict[str, Any]]],
-        running: list[optuna.Trial],
+        heartbeats: Heartbeats,
         may_refill: Callable[[], bool],
     ) -> None:
         """Train the `asked` trials (`train_runs`), judged at each epoch's end, each told the study as it ends;
         stacked, trials asked while `may_refill()` allows take the places freed."""
         judge = JudgeEachEpoch(study, {}, self.n_trials, self.budget)
+        running = heartbeats.trials  # a trial leaves it when the study is told its end
 
         def runs(asked: list[tuple[optuna.Trial, dict[str, Any]]]) -> dict[str, MLPCLI]:
             """The asked trials' runs, less those skipped as too long for the budget."""
@@ -126,7 +127,7 @@ class Trials:
 
         def more(free: int) -> dict[str, MLPCLI]:
             asked = self.ask(study, free) if may_refill() else []
-            running.extend(trial for trial, _ in asked)
+            heartbeats.join([trial for trial, _ in asked])
             return runs(asked)
 
         def tell(name: str, end: "RunEnd") -> None:
@@ -243,7 +244,8 @@ class EpochEnds:
         self, epoch: int, epochs: int, value: float, surplus: set[int], cut: Callable[[float], bool]
     ) -> str | None:
         """How the trial stops after `epoch` (from 0) of `epochs`, having reached val/acc `value`: "surplus",
-        "pruned", "cut", "stale" (another worker failed it, its heartbeat late), or None to go on; `surplus` holds the numbers of the trials the study has no place for,
+        "pruned", "cut", "stale" (another worker failed it, its heartbeat late), or None to go on; `surplus` holds
+        the numbers of the trials the study has no place for,
         `cut(seconds)` says whether a trial needing that many more seconds would overrun the budget."""
         if self.trial.number in surplus:
             gives_way(self.trial, epoch + 1)

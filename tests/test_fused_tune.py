@@ -281,6 +281,20 @@ def test_heartbeats_keep_every_running_trial_of_a_group_alive(tmp_path, monkeypa
     assert sorted(storage._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in trials)
 
 
+def test_a_trial_that_joins_a_running_group_beats_at_once(tmp_path, monkeypatch):
+    """A freed place's trial is asked while the others train; a worker killed before the thread's next beat must
+    not leave it unbeaten, as SQLite and PostgreSQL never count a trial that never beat as stale."""
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 60)  # the thread beats once, at the start
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage)
+    with Heartbeats(study, [study.ask()]) as beats:
+        joining = study.ask()
+        beats.join([joining])
+        assert beats.trials[-1] is joining
+        time.sleep(3.5)  # past the grace period, in SQLite's whole seconds: as if the worker had died
+        assert joining._trial_id in storage._get_stale_trial_ids(study._study_id)
+
+
 def test_a_failed_heartbeat_is_logged_and_tried_again_and_the_trials_stay_alive(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.2)
     monkeypatch.setattr("mlp.study.RETRY_SECONDS", 0.1)
