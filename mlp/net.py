@@ -135,17 +135,10 @@ class MLP(nn.Module):
         work in, so that a net of another shape brings its own count."""
         return sum(weight.numel() for weight, _ in self.layers)
 
-    def slope(self, layer: int) -> Tensor:
-        """The prelu slope of a hidden layer, shaped to broadcast against that layer's activations."""
-        return self.slopes[layer]
-
     def activate(self, z: Tensor, layer: int) -> Tensor:
         if self.activation == "prelu":
-            return prelu(z, self.slope(layer))
+            return prelu(z, self.slopes[layer])
         return ACTIVATIONS[self.activation][0](z)
-
-    def affine(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return torch.addmm(b, x, w)  # b + x @ w as one fused kernel, and one tensor fewer to allocate
 
     def hidden_mask(self, z: Tensor) -> Tensor | None:
         """What a hidden layer's activations are multiplied by: the dropout mask in training, else None."""
@@ -157,7 +150,7 @@ class MLP(nn.Module):
         x = x.flatten(1)
         *hidden, (w_out, b_out) = self.layers
         for layer, (w, b) in enumerate(hidden):
-            z = self.affine(x, w, b)
+            z = torch.addmm(b, x, w)  # b + x @ w as one fused kernel, and one tensor fewer to allocate
             mask = self.hidden_mask(z)
             if cache is not None:
                 cache.append((x, z, mask))
@@ -166,15 +159,14 @@ class MLP(nn.Module):
                 x = x * mask
         if cache is not None:
             cache.append((x, None, None))
-        return self.affine(x, w_out, b_out)
+        return torch.addmm(b_out, x, w_out)
 
     def backward(self, cache: list, grad_logits: Tensor) -> list[Tensor]:
         """Gradients of the loss with respect to `self.parameters()`, in that order, by the chain rule by hand.
 
         grad_logits is d loss / d logits; `cache` is what `forward(x, cache)` filled. For y = x @ W + b,
         dW = x^T dy, db = dy summed over the batch, dx = dy W^T; through the activation, dz = dx * act'(z).
-        Written for any leading dimensions (`mT`, sums over the batch axis -2), so `StackedMLP`, whose tensors
-        carry a model dimension first, runs this same code.
+        Stacked trials (`mlp.fused`) run this same code under vmap.
         """
         grads = [None] * len(self.params)
         slope_grads = [None] * len(self.slopes)
@@ -191,7 +183,7 @@ class MLP(nn.Module):
             if mask is not None:
                 grad = grad * mask
             if self.activation == "prelu":
-                d_z, d_slope = prelu_grad(z, self.slope(layer - 1))
+                d_z, d_slope = prelu_grad(z, self.slopes[layer - 1])
                 slope_grads[layer - 1] = (grad * d_slope).sum((-2, -1))
                 grad = grad * d_z
             else:
