@@ -50,12 +50,10 @@ class Stack:
     its optimiser never sees the padding, which stays zero."""
 
     def __init__(self, models: list[MLPClassifier]) -> None:
+        """Stack the models' current tensors and point their parameters at their slices. `FusedClassifier.restack`
+        builds its stacks anew whenever a model joins or leaves; the parameter objects stay the same, so the
+        models' optimisers keep their state."""
         self.models = models
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        """Stack the models' current tensors anew (after a model joined or left) and point their parameters at
-        their slices. The parameter objects stay the same, so optimisers keep their state."""
         self.step = ModelStep(self.models[0])
         # Each stacked parameter's per-model parameters, by name.
         self.model_params = transposed([dict(ModelStep(m).named_parameters()) for m in self.models])
