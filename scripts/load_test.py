@@ -6,7 +6,7 @@
 Each storage gets a fresh study in a temporary folder (PostgreSQL: a throwaway server on loopback, started as the
 scale-out test starts one, its URL carrying a password that must never be printed). The workers start at once
 and train 784-16/32-10 nets for 2 epochs on a slice of Fashion-MNIST (the first --images training and 500 test
-images), one thread each, heartbeats every 2 s, stale after 10 s. Once trials have reported an epoch, --kill
+images), one thread each, with tune.py's heartbeat (every 10 s, stale after 30 s). Once trials have reported an epoch, --kill
 workers are SIGKILLed mid-trial and --interrupt workers get SIGINT (Ctrl-C); the others finish the study.
 
 Checks, each printed with what was seen: exactly --n-trials finished trials, unique trial numbers, every killed
@@ -37,6 +37,7 @@ import optuna  # noqa: E402
 import sqlalchemy.exc  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
+import mlp.study  # noqa: E402
 from mlp.data import FILES, load_split, locate_fashion_mnist  # noqa: E402
 from mlp.errors import UserError, check, run_script  # noqa: E402
 from mlp.postgres import Unavailable, throwaway_postgres  # noqa: E402
@@ -365,10 +366,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--epochs", type=int, default=2, help="each trial's epochs (default 2)")
     parser.add_argument("--baseline", type=int, default=0, metavar="TRIALS",
                         help="also time one worker alone on a study of this many trials (default: not)")
-    parser.add_argument("--heartbeat", type=float, default=2, help="seconds between heartbeats (default 2)")
-    parser.add_argument("--grace", type=float, default=10,
-                        help="seconds without a heartbeat before a trial is stale (default 10: on 2 cores shared by 32 "
-                        "workers a beat may come late)")
+    parser.add_argument("--heartbeat", type=float, default=mlp.study.HEARTBEAT_SECONDS,
+                        help=f"seconds between heartbeats (default {mlp.study.HEARTBEAT_SECONDS}, as tune.py's)")
+    parser.add_argument("--grace", type=float, default=mlp.study.GRACE_SECONDS,
+                        help=f"seconds without a heartbeat before a trial is stale (default {mlp.study.GRACE_SECONDS})")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the workers may take (default 1800)")
     parser.add_argument("--keep", help="a folder to keep the workers' logs and studies in (default: removed)")
     args = parser.parse_args(argv)
