@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
 
+from mlp.records import TrialRecord
+
 # After the trials, beside the refits' training: the ensemble's choice on val and its test, the best checkpoint's
 # test, the plots and report.json. Measured 8-11 s on the 2-core CPU after short studies; twice that, as machines
 # of a kind differ 2x in speed.
@@ -90,8 +92,9 @@ class Budget:
         """Why a trial of `epochs` epochs of a net of `multiply_adds` per example cannot finish before the final
         model's share, or None if it can (or nothing is known yet): its time estimated from the complete trials'
         median seconds per epoch and multiply-add. Counts the trials skipped in a row."""
-        rates = sorted(trial_seconds(t) / (t.user_attrs["epochs_trained"] * t.user_attrs["multiply_adds"])
-                       for t in best_first if {"epochs_trained", "multiply_adds"} <= t.user_attrs.keys())
+        records = [(t, TrialRecord.of(t)) for t in best_first]
+        rates = sorted(trial_seconds(t) / (r.epochs_trained * r.multiply_adds) for t, r in records
+                       if r.epochs_trained and r.multiply_adds)
         if not rates or not self.bounded:
             self.skipped_in_a_row = 0
             return None

@@ -24,6 +24,7 @@ from mlp.cli import MLPCLI, build_cli
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
 from mlp.loading import load_model, read_checkpoint
+from mlp.records import TrialRecord
 from mlp.study import best_first
 from mlp.trials import RunEnd, train_runs
 
@@ -53,7 +54,7 @@ def ensemble(study: optuna.Study) -> dict[str, Any]:
     """The top-k average with k chosen on validation, tested once, on the split of the best trial with a
     checkpoint here (its own data settings); cached in the study for the same candidates."""
     ranked = best_first(study)[:ENSEMBLE_MAX]
-    present = [t for t in ranked if Path(t.user_attrs.get("best_checkpoint", "")).is_file()]
+    present = [t for t in ranked if Path(TrialRecord.of(t).best_checkpoint).is_file()]
     missing = [t.number for t in ranked if t not in present]
     cached = study.user_attrs.get("ensemble")
     if cached and cached["candidates"] == [t.number for t in present]:
@@ -70,7 +71,8 @@ def ensemble(study: optuna.Study) -> dict[str, Any]:
     (val_x, val_y), (test_x, test_y) = data.val_set.tensors, data.test_set.tensors
     # Both splits in one pass over the checkpoints; k is chosen on val alone, and only the chosen k's test
     # softmaxes are read.
-    softmax = evaluate([t.user_attrs["best_checkpoint"] for t in present], {"val": val_x, "test": test_x})
+    checkpoints = [TrialRecord.of(t).best_checkpoint for t in present]
+    softmax = evaluate(checkpoints, {"val": val_x, "test": test_x})
     # The running sum gives every top-k average; argmax of the sum is argmax of the average.
     val_accs = [accuracy(total, val_y) for total in torch.stack(softmax["val"]).cumsum(0)]
     k = max(range(len(present)), key=lambda i: (val_accs[i], -i)) + 1  # ties go to the smaller ensemble
@@ -80,7 +82,7 @@ def ensemble(study: optuna.Study) -> dict[str, Any]:
         trials=[t.number for t in present[:k]],
         val_acc_by_k=val_accs,
         val_acc=val_accs[k - 1],
-        checkpoints=[t.user_attrs["best_checkpoint"] for t in present[:k]],  # for scripts/ensemble.py
+        checkpoints=checkpoints[:k],  # for scripts/ensemble.py
         test_acc=accuracy(test_total, test_y),
     )
     study.set_user_attr("ensemble", result)
@@ -89,12 +91,12 @@ def ensemble(study: optuna.Study) -> dict[str, Any]:
 
 def trial_config(trial: FrozenTrial) -> str:
     """The config.yaml the trial's fit saved in its log folder: what the trial trained, whatever today's flags."""
-    config = Path(trial.user_attrs.get("log_dir", "")) / "config.yaml"
+    trial_record = TrialRecord.of(trial)
+    config = Path(trial_record.log_dir) / "config.yaml"
     check(
-        config.is_file(),
-        f"trial {trial.number}'s configuration {config} is not on this machine; worker "
-        f"{trial.user_attrs.get('worker')} trained it: run the same command on that host, or share the log folder "
-        "between machines",
+        bool(trial_record.log_dir) and config.is_file(),
+        f"trial {trial.number}'s configuration {config} is not on this machine; worker {trial_record.worker} trained "
+        "it: run the same command on that host, or share the log folder between machines",
     )
     return str(config)
 
@@ -238,11 +240,11 @@ def test_best(study: optuna.Study) -> float:
     best = study.best_trial
     if study.user_attrs.get("test_trial") == best.number:
         return study.user_attrs["test_acc"]
-    checkpoint = best.user_attrs["best_checkpoint"]
+    checkpoint, worker = TrialRecord.of(best).best_checkpoint, TrialRecord.of(best).worker
     check(
         Path(checkpoint).is_file(),
-        f"the best trial's checkpoint {checkpoint} is not on this machine; worker {best.user_attrs.get('worker')} "
-        "trained it: run the same command on that host, or share the log folder between machines",
+        f"the best trial's checkpoint {checkpoint} is not on this machine; worker {worker} trained it: run the same "
+        "command on that host, or share the log folder between machines",
     )
     cli = trial_run(best, "best_trial_test")  # its own data settings, whatever today's flags
     # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.

@@ -20,6 +20,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mlp.records import TrialRecord
+
 # Lightning's per-run chatter ("Seed set to 0", "GPU available: ...") would repeat for every trial.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
@@ -47,7 +49,7 @@ class StudyCounts:
         return cls(
             complete=len(complete),
             pruned=sum(t.state == TrialState.PRUNED for t in trials),
-            failed=sum(t.state == TrialState.FAIL and not {"surplus", "skipped"} & t.user_attrs.keys() for t in trials),
+            failed=sum(t.state == TrialState.FAIL and TrialRecord.of(t).counts_as_failure for t in trials),
             running=sum(t.state == TrialState.RUNNING for t in trials),
             best_value=None if best is None else best.value,
             best_number=None if best is None else best.number,

@@ -9,25 +9,27 @@ import optuna
 from optuna.trial import TrialState
 
 from mlp.budget import Budget
-from mlp.final import final_models
-from mlp.net import MLP
+from mlp.data import TRAIN_IMAGES, FashionMNISTDataModule
+from mlp.final import final_models, refitted
+from mlp.module import MLPClassifier
+from mlp.records import TrialRecord
+
 
 def epochs_trained(study: optuna.Study) -> int:
     """Epochs trained across every trial, pruned and failed ones included, as each trial counted them."""
-    return sum(t.user_attrs.get("epochs_trained", 0) for t in study.get_trials(deepcopy=False))
+    return sum(TrialRecord.of(t).epochs_trained for t in study.get_trials(deepcopy=False))
 
 
-DEFAULT_NET_MULTIPLY_ADDS = MLP(784, depth=2, width=512).multiply_adds()  # fit.py's 784-512-512-10
-DEFAULT_TRAIN_IMAGES = 55_000  # fit.py's training split: 60,000 less the 5,000 validation images
+# A study's cost is counted in epochs of fit.py's default net on fit.py's default training split.
+DEFAULT_NET_MULTIPLY_ADDS = MLPClassifier().net.multiply_adds()
+DEFAULT_TRAIN_IMAGES = TRAIN_IMAGES - FashionMNISTDataModule().hparams.val_size
 
 
 def cost(study: optuna.Study) -> dict[str, float]:
     """The study's training cost in epochs of fit.py's default net (each trial's epochs weighted by its net's
     multiply-adds per example), so studies on different machines compare; and in busy wall seconds."""
-    model_epochs = sum(
-        t.user_attrs.get("epochs_trained", 0) * t.user_attrs.get("multiply_adds", 0)
-        for t in study.get_trials(deepcopy=False)
-    ) / DEFAULT_NET_MULTIPLY_ADDS
+    records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    model_epochs = sum(r.epochs_trained * r.multiply_adds for r in records) / DEFAULT_NET_MULTIPLY_ADDS
     return {"default_net_epochs": round(model_epochs, 3), "busy_wall_seconds": round(busy_wall_seconds(study), 1)}
 
 
@@ -84,8 +86,8 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
 
 
 def refits_cost(study: optuna.Study) -> float:
-    """The final models' refits, in epochs of fit.py's default net on its default 55,000 training images."""
-    refits = [value for key, value in study.user_attrs.items() if key.startswith("refit_") and key[6:].isdigit()]
+    """The final models' refits, in epochs of fit.py's default net on its default training split."""
+    refits = [study.user_attrs[f"refit_{number}"] for number in refitted(study)]
     work = sum(r["epochs"] * r["multiply_adds"] * r["train_images"] for r in refits)
     return work / (DEFAULT_NET_MULTIPLY_ADDS * DEFAULT_TRAIN_IMAGES)
 
@@ -102,7 +104,7 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
         "wall_seconds_this_run": round(wall_seconds, 1),
         "fuse_this_run": budget.fuse,
         # Trials that ended early, and why: diverged or cut (pruned), or skipped (failed) for the --timeout budget.
-        **{how: {str(t.number): t.user_attrs[how] for t in trials if how in t.user_attrs}
+        **{how: {str(t.number): why for t in trials if (why := getattr(TrialRecord.of(t), how))}
            for how in ("diverged", "cut", "skipped")},
     }
     if counts["complete"]:
@@ -111,7 +113,7 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
             best_trial=best.number,
             best_params=best.params,
             best_val_acc=best.value,
-            best_checkpoint=best.user_attrs["best_checkpoint"],
+            best_checkpoint=TrialRecord.of(best).best_checkpoint,
         )
         summary["final"] = final_models(study, answer, budget)
         summary["test_acc"] = summary["final"]["test_acc"]

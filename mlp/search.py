@@ -12,6 +12,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from mlp.errors import check
+from mlp.records import record
+
 
 def searched(low: float, high: float, flag: str, log: bool = False) -> Any:
     """A SearchSpace field: the default inclusive range, the fit flag that sets the hyperparameter (how a trial
@@ -116,7 +118,7 @@ def record_intermediate_values(
     and each check reads the study: every percent cost a trial three to four times the storage time. Also counts
     the epochs trained in the user attribute `epochs_trained`.
     """
-    trial.set_user_attr("epochs_trained", epoch + 1)
+    record(trial, epochs_trained=epoch + 1)
     start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
     finished = epoch + 1 == epochs
     first = REPORT_EVERY * (math.floor(start) // REPORT_EVERY + 1)  # the first tenth after the previous epoch's end

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mlp.budget import Budget
 from mlp.cli import MLPCLI
 from mlp.errors import UserError
+from mlp.records import record
 from mlp.search import FIT_FLAGS, SearchSpace, TrialSeededTPE, make_pruner
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -317,13 +318,13 @@ def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
 def mark_surplus(trial: optuna.Trial) -> None:
     """Record that the study had no place for the trial; it is then failed, but counts as no failure (see
     mlp.progress)."""
-    trial.set_user_attr("surplus", True)
+    record(trial, surplus=True)
 
 
 def gives_way(trial: optuna.Trial, epochs_trained: int) -> None:
     """Note a running trial found surplus at the end of an epoch: a retry of an older trial took its place. The
     epochs it trained count in the report's cost, though it reports no value for the last of them."""
-    trial.set_user_attr("epochs_trained", epochs_trained)
+    record(trial, epochs_trained=epochs_trained)
     log.info(f"Trial {trial.number} stops: a retry of an older trial took its place in the study.")
 
 

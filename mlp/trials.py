@@ -34,10 +34,29 @@ from mlp.budget import Budget
 from mlp.cli import MLPCLI, build_cli, fit
 from mlp.data import FashionMNISTDataModule
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
+from mlp.records import Ending, record
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
-    Heartbeats, best_first, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials, worker_name
+    Heartbeats,
+    best_first,
+    gives_way,
+    is_surplus,
+    log,
+    mark_surplus,
+    may_start_trial,
+    surplus_trials,
+    worker_name,
 )
+
+
+class RunEnd(NamedTuple):
+    """How a run ended (`detail` says when and why it diverged or was cut); its checkpoint (its best by val/acc, or
+    without a validation split its final weights) and that one's val/acc."""
+
+    how: Ending
+    detail: str
+    checkpoint: str
+    score: float | None
 
 
 class Trials:
@@ -66,7 +85,7 @@ class Trials:
                 self.interrupted = isinstance(error, KeyboardInterrupt)
                 for trial in running:
                     if self.interrupted:
-                        trial.set_user_attr("interrupted", True)
+                        record(trial, interrupted=True)
                     study.tell(trial, state=TrialState.FAIL)
                 if not self.interrupted:
                     raise
@@ -91,9 +110,7 @@ class Trials:
         if self.seed is not None:
             flags = {**flags, "seed_everything": self.seed + trial.number}
         cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
-        trial.set_user_attr("log_dir", cli.trainer.log_dir)
-        trial.set_user_attr("multiply_adds", cli.model.net.multiply_adds())
-        trial.set_user_attr("worker", worker_name())
+        record(trial, log_dir=cli.trainer.log_dir, multiply_adds=cli.model.net.multiply_adds(), worker=worker_name())
         return cli
 
     def train(
@@ -115,7 +132,7 @@ class Trials:
                 cli = self.build(trial, flags)
                 ranked = best_first(study) if self.budget.bounded else []
                 if why := self.budget.no_time_for(cli.trainer.max_epochs, cli.model.net.multiply_adds(), ranked):
-                    trial.set_user_attr("skipped", why)
+                    record(trial, skipped=why)
                     study.tell(trial, state=TrialState.FAIL)
                     running.remove(trial)
                     log.info(f"Trial {trial.number} skipped: {why}.")
@@ -130,46 +147,34 @@ class Trials:
             heartbeats.join([trial for trial, _ in asked])
             return runs(asked)
 
-        def tell(name: str, end: "RunEnd") -> None:
+        def tell(name: str, end: RunEnd) -> None:
             self.tell(study, judge.trials[name].trial, end, running)
 
         if first := runs(asked):
             train_runs(first, self.fit_args, self.fuse, tell, judge, more)
 
     @staticmethod
-    def tell(study: optuna.Study, trial: optuna.Trial, end: "RunEnd", running: list[optuna.Trial]) -> None:
-        """Tell the study how the trial ended: "finished" (its value is its best val/acc, kept by its checkpoint),
-        "surplus" (failed, counting as no failure), "diverged", "pruned" or "cut" (pruned for the --timeout budget,
-        see mlp.budget). A trial another worker failed as stale (its heartbeat late) is told nothing more: its retry
-        has its place."""
-        if end.how == "stale" or study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+    def tell(study: optuna.Study, trial: optuna.Trial, end: RunEnd, running: list[optuna.Trial]) -> None:
+        """Tell the study how the trial ended: finished, its value its best val/acc, kept by its checkpoint;
+        surplus, failed; diverged, pruned or cut, pruned. A trial another worker failed as stale (its heartbeat late)
+        is told nothing more: its retry has its place."""
+        if end.how == Ending.STALE or study.get_trials(deepcopy=False)[trial.number].state.is_finished():
             log.warning(f"Trial {trial.number} was failed as stale by another worker while it trained; not told again.")
             running.remove(trial)
             return
-        if end.how == "finished":
-            trial.set_user_attr("best_checkpoint", end.checkpoint)
+        if end.how == Ending.FINISHED:
+            record(trial, best_checkpoint=end.checkpoint)
             study.tell(trial, end.score)
             log.info(f"Trial {trial.number} finished with value: {end.score} and parameters: {trial.params}.")
-        elif end.how == "surplus":
+        elif end.how == Ending.SURPLUS:
             mark_surplus(trial)
             study.tell(trial, state=TrialState.FAIL)
         else:
-            if end.how in ("diverged", "cut"):
-                trial.set_user_attr(end.how, end.detail)
+            if end.how in (Ending.DIVERGED, Ending.CUT):
+                record(trial, **{end.how: end.detail})
             study.tell(trial, state=TrialState.PRUNED)
             log.info(f"Trial {trial.number} pruned{f' ({end.how}, {end.detail})' if end.detail else ''}.")
         running.remove(trial)
-
-
-class RunEnd(NamedTuple):
-    """How a run ended: "finished", "diverged" or "cut" (`detail` says when and why), "pruned", "surplus" or
-    "stale"; its checkpoint (its best by val/acc, or without a validation split its final weights) and that one's
-    val/acc."""
-
-    how: str
-    detail: str
-    checkpoint: str
-    score: float | None
 
 
 def train_runs(
@@ -199,7 +204,7 @@ def train_runs(
         checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"), validates)
 
     def leave(name: str, how: str, detail: str) -> None:
-        on_end(name, run_end(how, detail, checkpoints.pop(name)))
+        on_end(name, run_end(Ending(how), detail, checkpoints.pop(name)))
 
     def refill(module: FusedClassifier) -> None:
         if not (free := fuse - len(module.names)):
@@ -226,7 +231,7 @@ def train_runs(
     return group.datamodule
 
 
-def run_end(how: str, detail: str, checkpoint: ModelCheckpoint) -> RunEnd:
+def run_end(how: Ending, detail: str, checkpoint: ModelCheckpoint) -> RunEnd:
     score = checkpoint.best_model_score
     return RunEnd(how, detail, checkpoint.best_model_path, None if score is None else score.item())
 
@@ -242,23 +247,22 @@ class EpochEnds:
 
     def judge(
         self, epoch: int, epochs: int, value: float, surplus: set[int], cut: Callable[[float], bool]
-    ) -> str | None:
-        """How the trial stops after `epoch` (from 0) of `epochs`, having reached val/acc `value`: "surplus",
-        "pruned", "cut", "stale" (another worker failed it, its heartbeat late), or None to go on; `surplus` holds
-        the numbers of the trials the study has no place for,
-        `cut(seconds)` says whether a trial needing that many more seconds would overrun the budget."""
+    ) -> Ending | None:
+        """How the trial stops after `epoch` (from 0) of `epochs`, having reached val/acc `value`, or None to go on:
+        `surplus` holds the numbers of the trials the study has no place for, `cut(seconds)` says whether a trial
+        needing that many more seconds would overrun the budget."""
         if self.trial.number in surplus:
             gives_way(self.trial, epoch + 1)
-            return "surplus"
+            return Ending.SURPLUS
         try:
             prune = record_intermediate_values(self.trial, epoch, epochs, value, self.previous)
         except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale elsewhere: its retry has its place
-            return "stale"
+            return Ending.STALE
         self.previous = value
         if prune:
-            return "pruned"
+            return Ending.PRUNED
         seconds_per_epoch = (time.monotonic() - self.started) / (epoch + 1)
-        return "cut" if epoch + 1 < epochs and cut((epochs - epoch - 1) * seconds_per_epoch) else None
+        return Ending.CUT if epoch + 1 < epochs and cut((epochs - epoch - 1) * seconds_per_epoch) else None
 
 
 class JudgeEachEpoch(L.Callback):
@@ -285,7 +289,7 @@ class JudgeEachEpoch(L.Callback):
         trainer.should_stop = True
         detail = "in an epoch: the --timeout budget's time for trials was over"
         for name in module.names:
-            module.stop(name, "cut", detail)
+            module.stop(name, Ending.CUT, detail)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.overdue:  # a trial cut mid-epoch has no epoch's end to judge
@@ -300,7 +304,7 @@ class JudgeEachEpoch(L.Callback):
             value = trainer.callback_metrics[f"val/acc/{name}"].item()
             epoch = module.progress(k)[0]
             if how := self.trials[name].judge(epoch, epochs, value, surplus, cut):
-                module.stop(name, how, cut_detail(epoch + 1, epochs) if how == "cut" else "")
+                module.stop(name, how, cut_detail(epoch + 1, epochs) if how == Ending.CUT else "")
 
 
 def cut_detail(epochs_trained: int, epochs: int) -> str:

@@ -10,7 +10,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from mlp.cli import build_cli
 from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
-from mlp.final import refitted
-from mlp.progress import LIGHTNING_LOGGERS
+from mlp.final import FINAL_CHOICES, refitted
 from mlp.gpu_sizing import auto_fuse, check_fusable, free_gpu_bytes
+from mlp.progress import LIGHTNING_LOGGERS
+from mlp.records import TrialRecord
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
 from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
@@ -34,48 +36,59 @@ from mlp.trials import Trials
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def run_study(
-    space: SearchSpace,
-    fit_args: list[str],
-    study_name: str,
-    storage_url: str | None,
-    n_trials: int,
-    timeout: float | None,
-    pruner: str,
-    seed: int,
-    ranges_given: Collection[str] = (),
-    progress: Callable[[optuna.Study], None] = lambda study: None,
-    fuse: int | str = 1,
-    final: str = "ensemble",
-) -> dict[str, Any] | str:
-    """Run trials until the study holds n_trials finished ones, then report; with a timeout, the whole of it
-    (the final model, its test and the plots too) ends within `timeout` seconds (see mlp.budget).
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study as tune.py's flags describe it (`scripts/tune.py --help` says what each does)."""
 
-    A searched hyperparameter that the fit flags set is pinned, not searched; `ranges_given` names the search
-    ranges the user gave explicitly, which must not be pinned as well. `progress` is shown the study as
-    trials finish (see mlp.progress). fuse > 1 trains up to that many trials at once as stacked networks
-    (`mlp.trials`); fuse "auto" picks K for the device (`mlp.gpu_sizing.auto_fuse`).
-    Returns the report, or, when another worker writes it, a line saying why this one does not.
-    """
-    space.validate()
-    check(
-        STUDY_NAME.fullmatch(study_name) is not None,
-        f"--study-name {study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not first): it "
-        "names the study's folder in the log folder's tune/",
-    )
-    check(n_trials >= 1, f"--n-trials must be >= 1, got {n_trials}")
-    if timeout is not None:
+    fit_args: list[str] = field(default_factory=list)  # the flags tune.py does not know: fit flags for every trial
+    space: SearchSpace = field(default_factory=SearchSpace)
+    ranges_given: frozenset[str] = frozenset()  # the ranges of `space` the user gave, which no fit flag may pin
+    study_name: str = "mlp"
+    storage: str | None = None  # None: `default_storage`
+    n_trials: int = 30
+    timeout: float | None = None  # seconds the whole command may take (see mlp.budget)
+    pruner: str = "median"
+    sampler_seed: int = 0
+    fuse: int | str = "auto"  # trials trained at once, stacked (`mlp.trials`); auto: `mlp.gpu_sizing.auto_fuse`
+    final: str = FINAL_CHOICES[0]  # the final model the report answers with (`mlp.final`)
+
+    def validate(self) -> None:
+        self.space.validate()
         check(
-            timeout > FINISH_SECONDS,
-            f"--timeout {timeout:g} leaves no time for trials: it bounds the whole command, and the final model's "
-            f"test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or drop "
-            "--timeout",
+            STUDY_NAME.fullmatch(self.study_name) is not None,
+            f"--study-name {self.study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not "
+            "first): it names the study's folder in the log folder's tune/",
         )
-    check(seed >= 0, f"--sampler-seed must be >= 0, got {seed}")
+        check(self.n_trials >= 1, f"--n-trials must be >= 1, got {self.n_trials}")
+        if self.timeout is not None:
+            check(
+                self.timeout > FINISH_SECONDS,
+                f"--timeout {self.timeout:g} leaves no time for trials: it bounds the whole command, and the final "
+                f"model's test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or "
+                "drop --timeout",
+            )
+        check(self.sampler_seed >= 0, f"--sampler-seed must be >= 0, got {self.sampler_seed}")
+        check(
+            self.fuse == "auto" or self.fuse >= 1,
+            f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once) or auto, got {self.fuse}",
+        )
+        check(self.final in FINAL_CHOICES, f"--final must be one of {', '.join(FINAL_CHOICES)}, got {self.final!r}")
+
+
+def run_study(
+    config: StudyConfig, progress: Callable[[optuna.Study], None] = lambda study: None
+) -> dict[str, Any] | str:
+    """Run trials until the study holds `config.n_trials` finished ones, then report; with a timeout, the whole of
+    it (the final model, its test and the plots too) ends within `config.timeout` seconds (see mlp.budget).
+    `progress` is shown the study as trials finish (see mlp.progress).
+
+    A searched hyperparameter that the fit flags set is pinned, not searched. Returns the report, or, when another
+    worker writes it, a line saying why this one does not.
+    """
+    config.validate()
     started = time.time()
-    check(
-        fuse == "auto" or fuse >= 1,
-        f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once) or auto, got {fuse}",
+    space, fit_args, study_name, n_trials, fuse = (
+        config.space, config.fit_args, config.study_name, config.n_trials, config.fuse
     )
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
@@ -93,7 +106,7 @@ def run_study(
     pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
     for name in pinned:
         check(
-            name not in ranges_given,
+            name not in config.ranges_given,
             f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: "
             "drop one of them",
         )
@@ -109,14 +122,15 @@ def run_study(
     if fuse > 1:
         check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
-    storage_url = storage_url or default_storage(tune_dir, len(workers))
+    storage_url = config.storage or default_storage(tune_dir, len(workers))
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
-    opening = (study_name, storage_url, pruner, shortest_epochs, seed, fit_defaults(cli, space))
+    opening = (study_name, storage_url, config.pruner, shortest_epochs, config.sampler_seed, fit_defaults(cli, space))
     study = open_study(*opening)
     check_folder_is_the_studys(study, tune_dir / study_name)
     # A refit trains on train + val, so its epochs take longer than its trial's.
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
-    budget = Budget(started + timeout if timeout else math.inf, refit_scale, fuse, refitted=refitted(study))
+    deadline = started + config.timeout if config.timeout else math.inf
+    budget = Budget(deadline, refit_scale, fuse, refitted=refitted(study))
     start = time.perf_counter()
     seed = None if cli.config.seed_everything is False else cli.config.seed_everything  # an int once parsed
     trials = Trials(space, workers[0], study_name, n_trials, fuse, budget, seed)
@@ -125,7 +139,7 @@ def run_study(
         run_trials(study, trials, n_trials, budget, progress)
     # The workers this command started report nothing: their trials count as its own.
     started_here = {worker_name(pid) for pid in others.pids}
-    trials_here = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in started_here]
+    trials_here = [t for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).worker in started_here]
     ran = trials.ran + [t.number for t in trials_here]
     if failed := others.failed():
         print(f"{', '.join(failed)} stopped early; the other workers retried its trials")
@@ -133,11 +147,11 @@ def run_study(
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if running:  # run_trials returns with trials running elsewhere only at the deadline
             return (
-                f"stopped at --timeout {timeout:g} s with {running} trial{'s' * (running > 1)} still running on "
+                f"stopped at --timeout {config.timeout:g} s with {running} trial{'s' * (running > 1)} still running on "
                 "other workers; the worker that finishes the study's last trial writes the report"
             )
         return "another worker finished the study's last trial and writes the report"
-    return report(study, tune_dir / study_name, time.perf_counter() - start, final, budget)
+    return report(study, tune_dir / study_name, time.perf_counter() - start, config.final, budget)
 
 
 def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
@@ -148,8 +162,8 @@ def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
     held = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
     if not held:
         return
-    logged = {Path(t.user_attrs["log_dir"]).resolve().parent for t in study.get_trials(deepcopy=False)
-              if "log_dir" in t.user_attrs}
+    logs = [TrialRecord.of(t).log_dir for t in study.get_trials(deepcopy=False)]
+    logged = {Path(log_dir).resolve().parent for log_dir in logs if log_dir}
     check(
         folder.resolve() in logged,
         f"{folder} holds another study's runs ({', '.join(held[:3])}{', ...' * (len(held) > 3)}): no trial of study "

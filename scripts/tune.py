@@ -1,4 +1,5 @@
-"""Search learning rate, epochs, depth, width, weight decay, dropout and label smoothing jointly with Optuna (TPE + pruning).
+"""Search learning rate, epochs, depth, width, weight decay, dropout and label smoothing jointly with Optuna
+(TPE + pruning).
 
     python scripts/tune.py                                  # the default study, resumable
     python scripts/tune.py --n-trials 40 --timeout 600 --pruner hyperband
@@ -21,64 +22,68 @@ training images and averaged, a refit of the best configuration, the best checkp
 """
 
 import argparse
-from dataclasses import fields
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlp.errors import run_script  # noqa: E402
-from mlp.progress import study_output  # noqa: E402
 from mlp.final import FINAL_CHOICES  # noqa: E402
+from mlp.progress import study_output  # noqa: E402
 from mlp.search import FIT_FLAGS, SearchSpace  # noqa: E402
-from mlp.tune import run_study  # noqa: E402
+from mlp.tune import StudyConfig, run_study  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    defaults = SearchSpace()
+    defaults = StudyConfig()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, fromfile_prefix_chars="@"
     )
     study = parser.add_argument_group("study")
-    study.add_argument("--n-trials", type=int, default=30, help="finished trials the study should hold (default 30)")
+    study.add_argument("--n-trials", type=int, default=defaults.n_trials,
+                       help=f"finished trials the study should hold (default {defaults.n_trials})")
     study.add_argument(
-        "--timeout", type=float, default=None, metavar="SECONDS",
+        "--timeout", type=float, default=defaults.timeout, metavar="SECONDS",
         help="the whole command ends within this many seconds after start-up, the final model's refits, its test and "
         "the plots included: trials stop in time to leave the final model what it needs, estimated from the trials' "
         "own times, and the refits that do not fit are not trained (the report says so)",
     )
-    study.add_argument("--study-name", default="mlp", help="name of the study in the storage (default mlp)")
+    study.add_argument("--study-name", default=defaults.study_name,
+                       help=f"name of the study in the storage (default {defaults.study_name})")
     study.add_argument(
-        "--storage", default=None, metavar="URL_OR_PATH",
+        "--storage", default=defaults.storage, metavar="URL_OR_PATH",
         help="an Optuna RDB URL (postgresql+psycopg://USER@HOST/DB for several machines), or a path without :// "
         "for a journal file (several workers on one machine). Default: the study already in lightning_logs/tune/, "
         "else optuna.journal there for several workers (--trainer.devices N), sqlite:///.../optuna.db for one",
     )
     study.add_argument(
-        "--pruner", choices=["median", "hyperband", "none"], default="median", help="early stopping of trials (default median)"
+        "--pruner", choices=["median", "hyperband", "none"], default=defaults.pruner,
+        help=f"early stopping of trials (default {defaults.pruner})",
     )
-    study.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    study.add_argument("--sampler-seed", type=int, default=defaults.sampler_seed,
+                       help=f"seed of the TPE sampler (default {defaults.sampler_seed})")
     study.add_argument(
         "--quiet", action="store_true",
         help="no bar, no line per trial: print only the answer, its test figure, the best trial and where the whole "
         "report (report.json) is",
     )
     study.add_argument(
-        "--fuse", type=fuse_count, default="auto", metavar="K",
+        "--fuse", type=fuse_count, default=defaults.fuse, metavar="K",
         help="train up to K trials at once in one Trainer as stacked networks (per depth on a GPU, per depth and "
         "width on the CPU), each freed place taken by the next trial; 1 trains one at a time. Default auto: on "
         "the CPU 8 when every trial has the same width, else 1; on a GPU as many as fit, up to 128; either way at "
         "most a quarter of --n-trials, so that TPE learns from finished trials",
     )
     study.add_argument(
-        "--final", choices=FINAL_CHOICES, default="refit_ensemble",
+        "--final", choices=FINAL_CHOICES, default=defaults.final,
         help="the answer the report tests and gives: the k best checkpoints averaged (k chosen on val) with their "
         "configurations refit on train + val (refit_ensemble, the default), or not refit (ensemble); the best "
         "configuration refit; or the best checkpoint. All four are in report.json",
     )
     space = parser.add_argument_group("search space (inclusive ranges)")
-    for name, (low, high) in vars(defaults).items():
+    for name, (low, high) in vars(defaults.space).items():
         kind = type(low)
         space.add_argument(
             f"--{name.replace('_', '-')}", type=kind, nargs=2, metavar=("LOW", "HIGH"),
@@ -102,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     given = {field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)
              if getattr(options, field.name) is not None}
     with study_output(options.n_trials, options.quiet) as progress:
-        summary = run_study(
-            SearchSpace(**given), fit_args, options.study_name, options.storage, options.n_trials, options.timeout,
-            options.pruner, options.sampler_seed, ranges_given=set(given), fuse=options.fuse, progress=progress,
-            final=options.final,
+        config = StudyConfig(
+            fit_args, SearchSpace(**given), frozenset(given), options.study_name, options.storage, options.n_trials,
+            options.timeout, options.pruner, options.sampler_seed, options.fuse, options.final,
         )
+        summary = run_study(config, progress)
     if isinstance(summary, str):  # another worker writes the report
         print(summary)
         return None
