@@ -2,9 +2,11 @@
 for other workers, the heartbeats by which a dead worker's trial is found and rerun, and which worker writes
 the report."""
 
+import fcntl
 import os
 import random
 import re
+import signal
 import socket
 import sqlite3
 import threading
@@ -19,7 +21,7 @@ import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import Budget
@@ -138,7 +140,7 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
     changes it."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(JournalFileBackend(path))
+        super().__init__(JournalFileBackend(path, KernelLock(path)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.stale_callback = RetryHeartbeatStaleTrialCallback(max_retry=1)
@@ -162,6 +164,28 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
 
     def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
         return self.stale_callback
+
+
+class KernelLock(JournalFileOpenLock):
+    """The journal file's write lock as the kernel's `flock` on a file beside it. Optuna's own locks are a lock file
+    that a writer creates and deletes: one killed while writing leaves it behind, and every other worker waits out a
+    30 s grace period before breaking it (32 workers with 3 killed stalled together, and their heartbeats went
+    stale); and a waiter polls, sleeping up to 1 s between tries. The kernel releases a dead process's flock at
+    once and wakes a waiter as soon as the lock is free. Every worker of this template takes this lock; a plain
+    Optuna process writing to the same file would not wait for it (reading, as optuna-dashboard does, takes none)."""
+
+    def __init__(self, journal: str) -> None:
+        self.path, self.held = f"{journal}.flock", -1
+
+    def acquire(self) -> bool:
+        held = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        self.held = held
+        return True
+
+    def release(self) -> None:
+        held, self.held = self.held, -1
+        os.close(held)  # closing the file releases its lock
 
 
 def journal_storage(path: str) -> HeartbeatJournal:
@@ -241,15 +265,20 @@ class Heartbeats:
     def __init__(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         self.storage, self.study_name, self.trials = storage_of(study), study.study_name, trials
         self.trial_ids: dict[int, int] = {}  # by trial number, looked up once
+        self.failed_elsewhere: set[int] = set()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.beat, daemon=True)
 
     def beat(self) -> None:
         while True:
             wait = HEARTBEAT_SECONDS
-            for trial in list(self.trials):
+            for trial in [t for t in self.trials if t.number not in self.failed_elsewhere]:
                 try:
                     self.storage.record_heartbeat(self.trial_id(trial.number))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # Another worker failed it as stale (a journal file's beats may be late under load): its retry
+                    # has its place, and its epoch's end stops it here (EpochEnds.judge).
+                    self.failed_elsewhere.add(trial.number)
                 except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError) as error:
                     first_line = str(error).splitlines()[0]
                     log.warning(f"Heartbeat of trial {trial.number} failed ({first_line}); trying again.")
@@ -374,26 +403,55 @@ def run_trials(
         return budget.trials_may_start(best_first(study))
 
     waiting_logged = False
-    while True:
-        # One read of the study's trials serves the whole pass: with 32 workers each pass's reads add up (the
-        # stale trials' query and the progress bar's read aside, each pass read them four times).
-        fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        if not budget.trials_may_start(ranked(trials)):
-            return
-        progress(study)
-        states = [t.state for t in trials]
-        if may_start_trial(study, n_trials, trials):
-            objective.start_trials(study, may_refill)
-            if objective.interrupted:
-                raise KeyboardInterrupt
-        elif TrialState.RUNNING in states:
-            if not waiting_logged:
-                log.info(f"No trial left to start; waiting for {states.count(TrialState.RUNNING)} running elsewhere.")
-                waiting_logged = True
-            time.sleep(max(0.0, min(HEARTBEAT_SECONDS, budget.left())))
-        else:
-            return
+    with CtrlC() as ctrl_c:
+        while True:
+            ctrl_c.raise_if_requested()
+            # One read of the study's trials serves the whole pass: with 32 workers each pass's reads add up (the
+            # stale trials' query and the progress bar's read aside, each pass read them four times).
+            fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if not budget.trials_may_start(ranked(trials)):
+                return
+            progress(study)
+            states = [t.state for t in trials]
+            if may_start_trial(study, n_trials, trials):
+                objective.start_trials(study, may_refill)
+                if objective.interrupted:
+                    raise KeyboardInterrupt
+            elif TrialState.RUNNING in states:
+                if not waiting_logged:
+                    running = states.count(TrialState.RUNNING)
+                    log.info(f"No trial left to start; waiting for {running} running elsewhere.")
+                    waiting_logged = True
+                time.sleep(max(0.0, min(HEARTBEAT_SECONDS, budget.left())))
+            else:
+                return
+
+
+class CtrlC:
+    """While the with block runs, Ctrl-C is recorded as well as raised, and `raise_if_requested` raises it again.
+
+    Python raises KeyboardInterrupt wherever the main thread is; raised inside a weakref callback or a __del__ (as
+    the gc.collect after a stack runs them) it is printed as "Exception ignored" and dropped, and a worker went on
+    to train the next trial. Within a run `mlp.cli.InterruptAtBatchEnd` takes Ctrl-C over, and hands it back."""
+
+    def __enter__(self) -> Self:
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum: int, frame: object) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def raise_if_requested(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def best_first(study: optuna.Study) -> list[FrozenTrial]:

@@ -2,7 +2,10 @@
 it, what one worker reads and holds of the storage, workers started at once, and URLs printed without their
 password."""
 
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -14,12 +17,12 @@ from optuna.trial import TrialState
 from mlp.budget import Budget
 from mlp.errors import UserError
 from mlp.search import SearchSpace
-from mlp.study import connect, fail_stale_trials, open_study, run_trials, shown, storage_of
+from mlp.study import Heartbeats, KernelLock, connect, fail_stale_trials, open_study, run_trials, shown, storage_of
 from tests.test_reliability import ROOT
 from tests.test_scale_out import Quadratic
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import tune  # noqa: E402
+import tune
 
 
 def storage_in(tmp_path, kind: str) -> str:
@@ -110,6 +113,70 @@ def test_a_pass_of_the_worker_loop_reads_the_trials_once(tmp_path, monkeypatch):
     run_trials(study, Counted(), n_trials=4, budget=Budget(time.time() + 60))
     # The stale trials' check and the pass's own read (before: three reads a pass beside the stale trials' query).
     assert Counted.per_pass[1:] == [2, 2, 2]
+
+
+def test_a_journal_writer_killed_while_it_holds_the_lock_holds_no_other_worker_back(tmp_path):
+    """Optuna's own lock file outlives a killed writer, and every other worker waited its 30 s grace period."""
+    journal = str(tmp_path / "study.journal")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from mlp.study import KernelLock\nKernelLock({journal!r}).acquire()\n"
+         "print('held', flush=True)\nimport time\ntime.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
+    lock, acquired = KernelLock(journal), threading.Event()
+    waiter = threading.Thread(target=lambda: lock.acquire() and acquired.set(), daemon=True)
+    waiter.start()
+    assert not acquired.wait(1)  # held: the writer is alive
+    holder.kill()
+    holder.wait()
+    assert acquired.wait(20)  # a grace period would be 30 s
+    lock.release()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_heartbeats_go_on_for_the_other_trials_when_another_worker_failed_one_as_stale(tmp_path, monkeypatch):
+    """On a journal file the beat of a trial failed elsewhere raises; it once killed the thread, so this worker's
+    other trials stopped beating and were failed as stale too."""
+    monkeypatch.setattr("mlp.study.HEARTBEAT_SECONDS", 0.1)
+    study = open_study("s", storage_in(tmp_path, "journal"), "none", SearchSpace().epochs[0], seed=0)
+    failed, alive = study.ask(), study.ask()
+    other_worker = optuna.load_study(study_name="s", storage=connect(storage_in(tmp_path, "journal")))
+    with Heartbeats(study, [failed, alive]) as heartbeats:
+        time.sleep(0.3)
+        other_worker.tell(failed.number, state=TrialState.FAIL)
+        before = study.trials[alive.number].system_attrs["heartbeat"]
+        time.sleep(0.5)
+        assert heartbeats.thread.is_alive()
+        assert study.trials[alive.number].system_attrs["heartbeat"] > before
+
+
+class DroppedCtrlC:
+    """A worker's trials, during which Ctrl-C lands in a finaliser, where Python prints the KeyboardInterrupt as
+    "Exception ignored" and drops it (as the gc.collect after a stack runs finalisers)."""
+
+    interrupted = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def start_trials(self, study, may_refill) -> None:
+        self.calls += 1
+
+        class Finalised:
+            def __del__(self) -> None:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        Finalised()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_ctrl_c_dropped_inside_a_finaliser_still_stops_the_worker(tmp_path):
+    study = open_study("s", storage_in(tmp_path, "journal"), "none", SearchSpace().epochs[0], seed=0)
+    trials = DroppedCtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(study, trials, n_trials=3, budget=Budget(time.time() + 60))
+    assert trials.calls == 1
 
 
 def test_a_journal_file_in_a_folder_that_cannot_exist_is_one_clear_line(tmp_path):
