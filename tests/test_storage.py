@@ -119,8 +119,8 @@ def test_a_journal_writer_killed_while_it_holds_the_lock_holds_no_other_worker_b
     """Optuna's own lock file outlives a killed writer, and every other worker waited its 30 s grace period."""
     journal = str(tmp_path / "study.journal")
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from mlp.study import KernelLock\nKernelLock({journal!r}).acquire()\n"
-         "print('held', flush=True)\nimport time\ntime.sleep(600)"],
+        [sys.executable, "-c", (f"from mlp.study import KernelLock\nKernelLock({journal!r}).acquire()\n"
+                                "print('held', flush=True)\nimport time\ntime.sleep(600)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdout.readline() == "held\n"
