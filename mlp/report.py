@@ -1,12 +1,13 @@
 """The study's final report: what was chosen, on what, at what cost, and one test figure for the answer."""
 
 import json
+from collections import Counter
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import Budget
 from mlp.data import TRAIN_IMAGES, FashionMNISTDataModule
@@ -49,6 +50,19 @@ def busy_wall_seconds(study: optuna.Study) -> float:
             seconds += (end - start).total_seconds()
         covered_to = end if covered_to is None else max(covered_to, end)
     return seconds
+
+
+# How the report counts trials: by state, except the failed ones that were no failure.
+OUTCOMES = ("running", "waiting", "complete", "pruned", "fail", "skipped (budget)", "surplus")
+
+
+def outcome(trial: FrozenTrial) -> str:
+    """The trial's state, or why a failed one was none: it would not have fitted the --timeout budget (it is failed,
+    not pruned, so that the sampler learns nothing from it), or the study had no place left for it."""
+    record = TrialRecord.of(trial)
+    if trial.state == TrialState.FAIL and (record.skipped or record.surplus):
+        return "skipped (budget)" if record.skipped else "surplus"
+    return trial.state.name.lower()
 
 
 def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
@@ -95,10 +109,10 @@ def refits_cost(study: optuna.Study) -> float:
 def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, budget: Budget) -> dict[str, Any]:
     """Summarise the study, pick and test its final model once, write report.json and the plots."""
     trials = study.get_trials(deepcopy=False)
-    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    counts = Counter(outcome(t) for t in trials)
     summary: dict[str, Any] = {
         "study": study.study_name,
-        "trials": {name: n for name, n in counts.items() if n},
+        "trials": {name: counts[name] for name in OUTCOMES if counts[name]},
         "epochs_trained": epochs_trained(study),
         "cost": cost(study),
         "wall_seconds_this_run": round(wall_seconds, 1),

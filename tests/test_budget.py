@@ -196,5 +196,16 @@ def test_trials_too_long_for_the_time_left_are_skipped_as_no_failure_until_a_run
     # Trials are asked a stack's free places at a time.
     assert SKIPS_IN_A_ROW <= len(trials) < SKIPS_IN_A_ROW + int(fuse) and all(t.state == TrialState.FAIL for t in trials)
     assert summary["skipped"] == {str(t.number): "too long" for t in trials}
+    assert summary["trials"] == {"skipped (budget)": len(trials)}  # not counted as failures in the report either
     assert str(StudyCounts.of(trials)).startswith("pruned 0, failed 0,")
     assert not (tmp_path / "logs" / "tune" / "test" / "trial_0").exists()  # a skipped trial leaves no run
+
+
+def test_a_rerun_of_a_finished_study_with_more_trials_and_a_timeout_adds_them(synthetic_dir, tmp_path):
+    """The README's "rerun to continue": the first run's refits and tests are reused, not kept back for, so the
+    second run's budget goes to its new trials (it once ran none, keeping its time for refits that existed)."""
+    tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=2), "--quiet"])
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=4), "--timeout=120", "--quiet"])
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    assert summary["wall_seconds_this_run"] > 0 and summary["test_acc"] is not None
