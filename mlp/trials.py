@@ -1,19 +1,11 @@
 """A study's trials, from ask to tell: up to K at once (--fuse K), stacked in one Trainer; one alone is a stack of one.
 
-Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions and its own seed, so it
-trains exactly what `scripts/fit.py` with those flags would train (same initial weights, TensorBoard folder,
-checkpoint folder). Trial n trains with the fit flags' --seed_everything + n: trials (and their refits) of one
-shape would otherwise start from the same weights and see the same batches, and an ensemble of them would
-repeat one model's mistakes; trial 0, fit's own configuration, is fit's own run. Its model joins a
-`FusedClassifier` with the other trials asked with it, in one Trainer built from the same fit flags: on a GPU one
-stack per depth, padded to its widest trial; on the CPU one stack per depth and width, as padding costs the CPU its
-arithmetic (`pads_widths`). A trial leaves its stack when it ends, and while the study has trials to start, one
-asked at that epoch's end takes its place, so up to K trials train at every epoch.
-
-The `Trials` methods ask for the trial, record its user attributes, beat its heart, judge it at each epoch's end
-(its val/acc reported at fractions of its own schedule, pruned on its own, stopped when a retry is owed its place)
-and tell the study how it ended; and `train_runs` trains it, as it trains the final models' refits (`mlp.final`):
-one way to stack runs, keep their checkpoints, find a divergence and say how each ended.
+Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions, so it trains what
+`scripts/fit.py` with those flags would (same initial weights, folders, checkpoint). Trial n is seeded with fit's
+--seed_everything + n: trials of one shape would otherwise start alike and repeat one model's mistakes in an
+ensemble; trial 0, fit's own configuration, is fit's own run. Its model joins a `FusedClassifier` with the trials
+asked with it: on a GPU one stack per depth, padded to its widest; on the CPU one per depth and width
+(`pads_widths`). A trial leaves its stack when it ends, and one asked then takes its place.
 """
 
 import gc
@@ -37,15 +29,7 @@ from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.records import Ending, record
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
-    Heartbeats,
-    best_first,
-    gives_way,
-    is_surplus,
-    log,
-    mark_surplus,
-    may_start_trial,
-    surplus_trials,
-    worker_name,
+    Heartbeats, best_first, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials, worker_name
 )
 
 
