@@ -13,12 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mlp.data import CLASS_NAMES, DatasetNotFoundError, FashionMNISTDataModule
+from mlp.data import CLASS_NAMES, IMAGE_SIDE, DatasetNotFoundError, FashionMNISTDataModule
 from mlp.errors import UserError, check
 from mlp.loading import inside, load_model, read_checkpoint, read_report
 from mlp.net import MLP
-
-PIXELS = 28 * 28
 
 
 class Member(nn.Module):
@@ -51,8 +49,9 @@ class Answer(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         pixels = images.flatten(1)
-        if pixels.shape[1] != PIXELS:
-            raise ValueError(f"expected images of 28x28 = 784 pixels, got shape {tuple(images.shape)}")
+        if pixels.shape[1] != FashionMNISTDataModule.input_size:
+            raise ValueError(f"expected images of {IMAGE_SIDE}x{IMAGE_SIDE} = {FashionMNISTDataModule.input_size} "
+                             f"pixels, got shape {tuple(images.shape)}")
         # As the data module turns the IDX file's bytes into pixels (mlp.data.unit_pixels).
         pixels = pixels.float().div(255) if images.dtype == torch.uint8 else pixels.float()
         return torch.stack([member(pixels) for member in self.members]).mean(dim=0)

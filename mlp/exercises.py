@@ -1,19 +1,21 @@
 """The exercises of d2l's "Multilayer Perceptrons from Scratch", as sweeps that choose on validation.
 
 Each sweep changes one thing in d2l's setting (784-256-10, std-0.01 init, plain SGD at a constant lr of 0.1,
-10 epochs, batch 256). Every run is an ordinary fit through `mlp.cli.build_cli`, kept at its best epoch by
-val/acc; a sweep selects its best run on val/acc and tests that run once. The textbook chose on the test set.
+10 epochs, batch 256). Every run trains as fit.py's does (`mlp.run.train`), kept at its best epoch by val/acc;
+a sweep selects its best run on val/acc and tests that run once (`mlp.run.test_once`). The textbook chose on
+the test set.
 """
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
 
-from mlp.cli import LOG_DIR, build_cli
+import mlp.run
+from mlp.cli import LOG_DIR, build_cli, divergence_message
 from mlp.errors import check
 
 D2L_SETTING = {
@@ -63,49 +65,41 @@ def fit_flags(changes: dict, save_dir: Path, name: str, extra: list[str]) -> lis
     return [*flags, *logger, *quiet, *extra]  # `extra` last, so it overrides
 
 
-class ValidationHistory(Callback):
-    """val/acc and val/loss after every training epoch (the sanity check before training is left out)."""
+class ValidationAccuracies(Callback):
+    """val/acc after every training epoch (the sanity check before training is left out)."""
 
     def __init__(self) -> None:
-        self.acc, self.loss = [], []
+        self.per_epoch: list[float] = []
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.acc.append(trainer.callback_metrics["val/acc"].item())
-            self.loss.append(trainer.callback_metrics["val/loss"].item())
-
-
-def best_by_val_acc(trainer) -> ModelCheckpoint:
-    return next(c for c in trainer.checkpoint_callbacks if c.monitor == "val/acc")
+            self.per_epoch.append(trainer.callback_metrics["val/acc"].item())
 
 
 def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
-    """Fit one configuration; its best val/acc, the epoch it came at, and that epoch's checkpoint."""
+    """Fit one configuration as fit.py does; its best val/acc, the epoch it came at, and that epoch's checkpoint."""
     name = run_name(changes)
     shutil.rmtree(save_dir / "exercises" / name, ignore_errors=True)  # what an interrupted attempt left
     cli = build_cli(fit_flags(changes, save_dir, name, extra))
-    history = ValidationHistory()
+    history = ValidationAccuracies()
     cli.trainer.callbacks.append(history)
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    checkpoint = best_by_val_acc(cli.trainer)
+    checkpoint = mlp.run.train(cli)
     return {
         "changes": differences(changes),
-        "val_acc": checkpoint.best_model_score.item(),
-        "best_epoch": history.acc.index(max(history.acc)) + 1,
-        "val_acc_per_epoch": history.acc,
-        "diverged": not all(math.isfinite(loss) for loss in history.loss),
-        "checkpoint": checkpoint.best_model_path,
+        "val_acc": cli.trainer.checkpoint_callback.best_model_score.item(),
+        "best_epoch": history.per_epoch.index(max(history.per_epoch)) + 1,
+        "val_acc_per_epoch": history.per_epoch,
+        "diverged": divergence_message(cli.trainer) is not None,
+        "checkpoint": checkpoint,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
 
 def test(run: dict, save_dir: Path, extra: list[str]) -> float:
     """Test accuracy of a run's best checkpoint; called once per selected run, as the results file records."""
-    name = run_name(run["changes"])
-    cli = build_cli(fit_flags(run["changes"], save_dir, name, extra))
-    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=run["checkpoint"])
-    return results["test/acc"]
+    cli = build_cli(fit_flags(run["changes"], save_dir, run_name(run["changes"]), extra))
+    return mlp.run.test_once(cli, run["checkpoint"])["test/acc"]
 
 
 def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None = None, extra=()) -> dict:

@@ -7,25 +7,26 @@ from itertools import pairwise
 import torch
 
 from mlp.cli import MLPCLI
-from mlp.data import EVAL_BATCH_SIZE
+from mlp.data import CLASS_NAMES, EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import check
 from mlp.fused import stack_error
 from mlp.search import SearchSpace
 
-DATASET_BYTES = 70_000 * (784 * 4 + 8)  # the whole of Fashion-MNIST as float pixels and int64 labels
+INPUTS, CLASSES = FashionMNISTDataModule.input_size, len(CLASS_NAMES)
+DATASET_BYTES = 70_000 * (INPUTS * 4 + 8)  # the whole of Fashion-MNIST as float pixels and int64 labels
 
 
 def stack_bytes(fuse: int, depth: int, width: int, batch_size: int, optimizer: str, bytes_per_number: int) -> int:
     """A generous estimate of the device memory a stack of `fuse` models of this shape needs to train."""
-    sizes = [784] + [width] * depth + [10]
+    sizes = [INPUTS] + [width] * depth + [CLASSES]
     params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(sizes)) + depth
     # Parameters, gradients, one more copy while the stack is rebuilt without a model, and the optimiser's
     # state (SGD's momentum; Adam's two moments).
     weights = (3 + {"sgd": 1, "adam": 2}[optimizer]) * params
     # Per example: the input each model reads, and per hidden unit its pre-activation, activation, mask and
     # their gradients; evaluation keeps no gradients but takes larger batches.
-    training = batch_size * (784 + 6 * depth * width + 3 * 10)
-    evaluation = max(batch_size, EVAL_BATCH_SIZE) * (784 + 2 * depth * width + 10)
+    training = batch_size * (INPUTS + 6 * depth * width + 3 * CLASSES)
+    evaluation = max(batch_size, EVAL_BATCH_SIZE) * (INPUTS + 2 * depth * width + CLASSES)
     return fuse * (weights + max(training, evaluation)) * bytes_per_number
 
 
@@ -40,20 +41,20 @@ def why_unfusable(cli: MLPCLI) -> tuple[str, str] | None:
     when none does."""
     if (error := stack_error(cli.model)) is not None:
         return (
-            f"the model's net, a {type(cli.model.net).__name__}, does not run under torch.func.vmap, which stacks "
-            f"trials ({error})",
+            (f"the model's net, a {type(cli.model.net).__name__}, does not run under torch.func.vmap, which stacks "
+             f"trials ({error})"),
             "use --fuse 1, or build the net of per-example operations (docs/forking.md)",
         )
     if cli.trainer.gradient_clip_val is not None:
         return (
-            "--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' gradients "
-            "together, not each trial's own",
+            ("--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' gradients "
+             "together, not each trial's own"),
             "drop the flag or use --fuse 1",
         )
     if getattr(cli.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed on a GPU
         return (
-            f"--trainer.precision {cli.trainer.precision} with --fuse: its one loss scaler would skip every stacked "
-            "trial's step whenever one trial's gradients overflow",
+            (f"--trainer.precision {cli.trainer.precision} with --fuse: its one loss scaler would skip every stacked "
+             "trial's step whenever one trial's gradients overflow"),
             "use --trainer.precision bf16-mixed or --fuse 1",
         )
     return None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlp.errors import UserError  # noqa: E402
+from mlp.errors import run_script
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -40,7 +40,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    run_script(main, interrupted="finished runs are kept; run the same command again to continue")

@@ -10,7 +10,7 @@ from mlp import exercises
 from mlp.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import exercises as exercises_script  # noqa: E402
+import exercises as exercises_script
 
 
 @pytest.fixture
@@ -37,8 +37,9 @@ def test_sweep_selects_on_validation_tests_the_choice_once_and_resumes(sweep_arg
     assert len(tested) == 1 and 0.0 < runs[outcome["selected"]]["test_acc"] <= 1.0
     for name, run in runs.items():
         assert run["val_acc"] == pytest.approx(max(run["val_acc_per_epoch"]))
-        # lr 10 diverges, and the divergence guard stops it after its first epoch.
+        # lr 10 diverges, and the divergence guard stops it after its first epoch, as fit.py's does.
         assert len(run["val_acc_per_epoch"]) == (1 if name == "lr=10.0" else 2)
+        assert run["diverged"] == (name == "lr=10.0")
         assert Path(run["checkpoint"]).is_file()
     table = capsys.readouterr().out
     assert f"| {outcome['selected']} ← selected |" in table

@@ -42,3 +42,53 @@ def test_every_save_of_a_model_checkpoint_goes_through_its_save_checkpoint(tmp_p
     ).fit(MLPClassifier(depth=0), train, val)
     assert saved and checkpoint.best_model_path in saved and list(tmp_path.iterdir()) == []
     assert validates or len(saved) == 2  # without validation, at each epoch's end
+
+
+def test_max_epochs_raised_on_the_fit_loop_mid_fit_trains_the_added_epochs():
+    """mlp.fused.FusedClassifier.add lengthens a running fit, for a model that joins its stack, by raising
+    trainer.fit_loop.max_epochs at an epoch's end; Lightning has no public way to. An upgrade that read the limit
+    once, at the fit's start, would end the fit before the joined model's epochs."""
+    epochs_run = []
+
+    class Lengthens(MLPClassifier):
+        def on_train_epoch_end(self) -> None:
+            super().on_train_epoch_end()
+            epochs_run.append(self.current_epoch)
+            if self.current_epoch == 0:
+                self.trainer.fit_loop.max_epochs = max(self.trainer.max_epochs, 3)
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Lengthens(depth=0, schedule="constant"), *loaders())
+    assert epochs_run == [0, 1, 2] and trainer.max_epochs == 3
+
+
+def test_a_key_popped_from_callback_metrics_is_gone_for_the_callbacks_after():
+    """mlp.fused.FusedClassifier.drop pops a departed model's val/acc/<name> from trainer.callback_metrics, which
+    otherwise keeps every key ever logged (and each checkpoint callback copies them all every epoch). That works
+    while callback_metrics is the Trainer's own dict and Lightning does not merge the key back in from the results
+    it stored; an upgrade that changed either would keep the key for every callback after."""
+    seen = []  # whether a callback sees the key, at each validation's end and at the fit's end
+
+    class Departs(MLPClassifier):
+        def on_validation_epoch_end(self) -> None:
+            super().on_validation_epoch_end()
+            if self.current_epoch == 0:  # the sanity check's and the first epoch's validation
+                self.log("val/acc/departed", 0.5, logger=False)
+
+        def on_train_epoch_end(self) -> None:  # after the epoch's validation, as FusedClassifier drops its models
+            super().on_train_epoch_end()
+            if self.current_epoch == 0:
+                self.trainer.callback_metrics.pop("val/acc/departed", None)
+
+    class Sees(L.Callback):
+        def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if not trainer.sanity_checking:
+                seen.append("val/acc/departed" in trainer.callback_metrics)
+
+        on_train_end = on_validation_end
+
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Sees()])
+    trainer.fit(Departs(depth=0, schedule="constant"), *loaders())
+    assert seen == [True, False, False, False]

@@ -1,0 +1,41 @@
+"""One run, as fit.py and the d2l exercises make it: train it, keeping its best checkpoint, then test one
+checkpoint once.
+
+Training never sees the test set; a caller tests only the run it chose, on validation, and that run only once.
+"""
+
+from pathlib import Path
+
+from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, fit
+from mlp.errors import UserError
+
+
+def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
+    """Fit the CLI's model, resuming from `ckpt_path` if given; its best checkpoint by val/acc (without
+    validation, its final epoch's), None if it kept none. A divergence is printed with what to try instead."""
+    trainer = cli.trainer
+    if runs := getattr(trainer.logger, "root_dir", None):
+        # The folder of all runs, not this run's: under DDP the other processes start later and would take the
+        # next version folder; Lightning creates the run's folder once they agree on it.
+        try:
+            Path(runs).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(
+                f"cannot write to the log folder {runs} ({error.strerror}); "
+                "choose another with --trainer.logger.init_args.save_dir"
+            ) from None
+    trainer.callbacks.append(ResumableOnInterrupt())
+    fit(cli, ckpt_path=ckpt_path)
+    if trainer.is_global_zero and (reason := divergence_message(trainer)):
+        print(
+            f"training diverged and stopped in {reason}\n"
+            f"try a lower learning rate than --model.lr {cli.model.hparams.lr}; the best checkpoint so far is kept"
+        )
+    best = trainer.checkpoint_callback
+    return (best.best_model_path if best else "") or None
+
+
+def test_once(cli: MLPCLI, checkpoint: str | None) -> dict[str, float]:
+    """The test metrics of `checkpoint`, or with None of the model's weights as they are."""
+    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
+    return results
