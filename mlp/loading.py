@@ -1,9 +1,6 @@
 """Files a user hands over (a checkpoint, a study's report.json) read without running code, and checked against
-what the code reads from them: each problem is one line, never a traceback.
-
-A checkpoint is a pickle, and a pickle can call any function as it loads; torch's weights-only unpickler
-(`torch.load(weights_only=True)`) builds only tensors and plain values and refuses everything else. Every
-checkpoint fit.py and tune.py write holds nothing more, so that is all we ever load.
+what the code reads from them: each problem is one line, never a traceback. A checkpoint is a pickle, which can
+call any function as it loads, so only torch's weights-only unpickler (tensors and plain values) ever loads one.
 """
 
 import json
@@ -47,7 +44,7 @@ class Checkpoint(Schema):
     hyper_parameters: dict[str, Any]  # the model's arguments, checked by MLPClassifier itself
     datamodule_hyper_parameters: DataSettings
     state_dict: dict[str, InstanceOf[torch.Tensor]]
-    FashionMNISTDataModule: Standardisation | None = None  # absent from checkpoints written before it was kept
+    FashionMNISTDataModule: Standardisation | None = None  # older checkpoints lack it
 
 
 class Candidate(Schema):
