@@ -23,8 +23,7 @@ from torch.func import functional_call, vmap
 
 from mlp.module import MLPClassifier, start_run
 
-# torch has no vmap batching rule for the in-place comparison `mlp.net.dropout_mask` draws its mask with, and
-# warns that it loops over the models instead; that loop measured faster than the out-of-place forms.
+# vmap has no batching rule for `mlp.net.dropout_mask`'s in-place ge_ and warns that it loops, which measured faster.
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batch")
 
 
@@ -149,12 +148,10 @@ class FusedClassifier(L.LightningModule):
     """The `models` trained together, model k for `epochs[k]` epochs, named `names[k]` in logged metric keys
     (`val/acc/<name>`), each writing its scalars and hyperparameters to `loggers[k]` as it would alone.
 
-    With `pad_widths`, MLPs of one depth share a stack, padded to the widest: the fewest batched matmuls, which is
-    what a GPU wants. Without it, only models of one shape share one and no multiply-add is spent on padding,
-    which is what a CPU wants (docs/results.md#padding-cpu).
-
-    on_leave(name, how, detail), when given, is called as each model leaves (see `outcomes`); refill(module), when
-    given, at each epoch's end once the leaving models have left: it may `add` models to train from the next epoch.
+    With `pad_widths`, MLPs of one depth share a stack padded to the widest, the fewest matmuls, as a GPU wants;
+    without, only models of one shape do, spending nothing on padding, as a CPU wants (docs/results.md#padding-cpu).
+    on_leave(name, how, detail) is called as each model leaves (see `outcomes`); refill(module) at each epoch's end
+    once the leaving models have left: it may `add` models to train from the next epoch.
     """
 
     def __init__(
@@ -200,8 +197,6 @@ class FusedClassifier(L.LightningModule):
     def model(self, name: str) -> MLPClassifier:
         return self.members[self.names.index(name)].model
 
-    # The stacks
-
     def restack(self) -> None:
         """One stack per `stack_key`; the members in stack order, so that model k is the k-th output."""
         stacks: dict[tuple, list[Member]] = {}
@@ -217,8 +212,6 @@ class FusedClassifier(L.LightningModule):
         """Each model's loss and predictions, in member order, from the stacks' outputs with a model axis."""
         return [(loss[j], preds[j]) for loss, preds, *_ in outputs for j in range(len(loss))]
 
-    # Training
-
     def configure_optimizers(self) -> Optimizers:
         self.steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
         for member in self.members:
@@ -233,12 +226,8 @@ class FusedClassifier(L.LightningModule):
         member.scheduler = configured.get("lr_scheduler", {}).get("scheduler")
 
     def on_train_start(self) -> None:
-        for member in self.members:  # the sanity check's validation ran on untrained nets
-            self.start_run(member)
-
-    def start_run(self, member: Member) -> None:
-        member.model.val_acc_best.reset()
-        start_run(member.logger, member.model.hparams, self.trainer.datamodule, member.epochs)
+        for member in self.members:
+            start_run(member.model, member.logger, self.trainer.datamodule, member.epochs)
 
     def on_train_epoch_start(self) -> None:
         for member in self.members:
@@ -287,8 +276,6 @@ class FusedClassifier(L.LightningModule):
         if not self.members:
             self.trainer.should_stop = True
 
-    # Validation
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         for member, (loss, preds) in zip(self.members, self.per_model([stack(*batch, False) for stack in self.stacks])):
             member.model.update_val_metrics(loss, preds, batch[1])
@@ -324,8 +311,6 @@ class FusedClassifier(L.LightningModule):
             values = {key: float(v) for key, v in scalars.items()}
             member.logger.log_metrics({**values, "epoch": epoch}, steps_done - 1 if step is None else step)
 
-    # Leaving and joining
-
     def drop(self, names: Sequence[str]) -> None:
         """Remove models, their optimisers and their loggers; their stacks are rebuilt without them."""
         if not names:
@@ -360,7 +345,7 @@ class FusedClassifier(L.LightningModule):
         self.all_optimizers.optimizers.append(member.optimizer)
         self.restack()
         self.trainer.fit_loop.max_epochs = max(self.trainer.max_epochs, member.first_epoch + epochs)
-        self.start_run(member)
+        start_run(model, logger, self.trainer.datamodule, epochs)
 
 
 class ModelInStackCheckpoint(ModelCheckpoint):

@@ -128,7 +128,7 @@ def load_model(path: Path) -> MLPClassifier:
     except pickle.UnpicklingError:
         raise UserError(f"{path} is refused: {why_not_weights(path)}") from None
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # arguments or weights that do not fit the net
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise UserError(f"{path}: its model does not load ({first_line}); pass a checkpoint fit.py or tune.py "
                         "wrote") from None
 
@@ -137,8 +137,6 @@ def inside(path: Path, folder: Path, named: str) -> Path:
     """`path`, resolved, if it lies inside `folder`; one elsewhere is refused, so that a report handed over (a
     shared study folder) cannot point the loader at any file on the machine. `named` says who named it."""
     resolved, folder = path.resolve(), folder.resolve()
-    check(
-        resolved.is_relative_to(folder),
-        f"{named}, outside its study's folder {folder}: a report's checkpoints are loaded only from inside it",
-    )
+    check(resolved.is_relative_to(folder),
+          f"{named}, outside its study's folder {folder}: a report's checkpoints are loaded only from inside it")
     return resolved

@@ -43,15 +43,16 @@ def make_optimizer(params: Iterable, hp: Mapping[str, Any], fused: bool = True) 
 
 
 def start_run(
-    logger: Logger | None, hparams: Mapping[str, Any], datamodule: L.LightningDataModule | None, max_epochs: int
+    model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None, max_epochs: int
 ) -> None:
-    """A model's hyperparameters and activation figure in its TensorBoard run, whether it trains alone or in a
-    stack (`mlp.fused`), so that both write the same."""
+    """A model's run begins, alone or in a stack (`mlp.fused`), both alike: the sanity check's validation ran on an
+    untrained net and must not count as the best so far; its TensorBoard run gets its hyperparameters and figure."""
+    model.val_acc_best.reset()
     if isinstance(logger, TensorBoardLogger):
         # max_epochs too, which tune.py searches; hp_metric (the best val/acc) declared as Lightning's docs advise.
         data_hparams = datamodule.hparams if datamodule else {}
-        logger.log_hyperparams({**hparams, **data_hparams, "max_epochs": max_epochs}, {"hp_metric": 0.0})
-        logger.experiment.add_image("activations", activations_image(hparams["activation"]))
+        logger.log_hyperparams({**model.hparams, **data_hparams, "max_epochs": max_epochs}, {"hp_metric": 0.0})
+        logger.experiment.add_image("activations", activations_image(model.hparams["activation"]))
 
 
 class MLPClassifier(L.LightningModule):
@@ -158,9 +159,7 @@ class MLPClassifier(L.LightningModule):
         return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, shapes
 
     def on_train_start(self) -> None:
-        # The sanity-check validation ran on an untrained net; it must not count as the best so far.
-        self.val_acc_best.reset()
-        start_run(self.logger, self.hparams, self.trainer.datamodule, self.trainer.max_epochs)
+        start_run(self, self.logger, self.trainer.datamodule, self.trainer.max_epochs)
 
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()

@@ -77,12 +77,9 @@ def init_weight(fan_in: int, fan_out: int, scheme: InitScheme) -> Tensor:
 
 
 class MLP(nn.Module):
-    """num_inputs -> `depth` hidden layers of `width` units -> num_outputs logits.
-
-    Each hidden layer is activation(x @ W + b), followed in training by dropout with probability `dropout`.
-    depth 0 is softmax regression; depth 1, width 256 is d2l's 784-256-10 net.
-    Parameters are stored as [W_1, b_1, W_2, b_2, ...] with W_i of shape (fan_in, fan_out); with prelu,
-    `slopes` holds one learned slope per hidden layer.
+    """num_inputs -> `depth` hidden layers of `width` units -> num_outputs logits; depth 0 is softmax regression,
+    depth 1, width 256 d2l's 784-256-10 net. Each hidden layer is activation(x @ W + b), in training followed by
+    dropout. `params` holds [W_1, b_1, W_2, b_2, ...], W_i (fan_in, fan_out); with prelu, `slopes` one per layer.
     """
 
     # Nets of one depth and several widths stack (`mlp.fused`) zero-padded to the widest: a padded unit's weights
