@@ -1,8 +1,5 @@
-"""Data augmentation on batches of flat images already on the training device: random shifts and flips.
-
-A per-sample torchvision transform would move every image through Python; here one batch is shifted with one
-gather and flipped with one `torch.where`, so augmentation costs about as much as copying the batch.
-"""
+"""Random shifts and flips of a batch of flat images on the training device: one gather and one `torch.where`
+a batch, where a per-sample torchvision transform would move every image through Python."""
 
 import torch
 from torch import Tensor

@@ -1,8 +1,5 @@
-"""Fashion-MNIST as in-memory tensors: decoded once, normalised once, served by indexing.
-
-Per-sample PIL decoding and ToTensor make the d2l pipeline several times slower than the training
-itself; here an epoch's batches are slices of one float tensor, on the training device.
-"""
+"""Fashion-MNIST as in-memory tensors on the training device: decoded once, normalised once, served by indexing,
+since per-sample PIL decoding and ToTensor (d2l's pipeline) cost several times the training itself."""
 
 import gzip
 import math
@@ -26,17 +23,12 @@ from mlp.errors import UserError, check
 CLASS_NAMES = list(FashionMNIST.classes)
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
+FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+         "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 IMAGE_SIDE = 28
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training set, of which val_size are held out for validation
 EVAL_BATCH_SIZE = 2048  # evaluation keeps no activations for backward, so larger batches cost nothing extra
-# An IDX file decompressed from .gz is bounded: 2.8 times Fashion-MNIST's largest (47 MB), 171,000 images.
-MAX_IDX_BYTES = 2**27
+MAX_IDX_BYTES = 2**27  # what a .gz may decompress to: 2.8 times Fashion-MNIST's largest file
 CHUNK_BYTES = 2**20
 
 
@@ -50,15 +42,9 @@ class CorruptDatasetError(UserError, ValueError):
 
 def _find_in(folder: Path) -> dict[str, Path] | None:
     """The four IDX files in `folder`, each as found (uncompressed preferred over .gz), or None if any is missing."""
-    found = {}
-    for key, name in FILES.items():
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
-                found[key] = candidate
-                break
-        else:
-            return None
-    return found
+    found = {key: next((c for c in (folder / name, folder / f"{name}.gz") if c.is_file()), None)
+             for key, name in FILES.items()}
+    return found if all(found.values()) else None
 
 
 def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
@@ -68,8 +54,7 @@ def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
         raise DatasetNotFoundError(f"data_dir {data_dir} is a file, not a folder; pass a folder with --data.data_dir")
     places = [data_dir, data_dir / "FashionMNIST" / "raw", DEBIAN_DIR]
     for folder in places:
-        found = _find_in(folder)
-        if found:
+        if found := _find_in(folder):
             return found
     try:
         FashionMNIST(data_dir, download=True)
@@ -87,12 +72,8 @@ def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
 
 
 def decompress(gz: Path, plain: Path) -> None:
-    """Write gz's content to plain atomically: plain appears whole or not at all.
-
-    Several processes (tune workers, a fit beside a tune) may decompress the same file at once, and any of
-    them may be killed midway; each writes its own temporary file and renames it, so nobody reads, or keeps
-    forever, a half-written one.
-    """
+    """Write gz's content to plain atomically. Several processes (tune workers, a fit beside a tune) may decompress
+    the same file at once, and any may be killed midway: each writes its own temporary file and renames it."""
     plain.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=plain.parent, prefix=f".{plain.name}.", delete=False) as temporary:
         try:
@@ -106,8 +87,8 @@ def decompress(gz: Path, plain: Path) -> None:
 
 def copy_idx(source: BinaryIO, target: BinaryIO) -> None:
     """Copy the IDX file in `source` (a decompressing stream) to `target` in chunks, no more than its header
-    declares and at most MAX_IDX_BYTES: a small .gz can expand to gigabytes, and reading it whole would hold them
-    all in memory. A file longer than its header says is refused as torchvision would refuse it, only sooner."""
+    declares and at most MAX_IDX_BYTES: a small .gz can expand to gigabytes. A file longer than its header says is
+    refused as torchvision would refuse it, only sooner."""
     magic = source.read(4)
     # The header: two zero bytes, the element type, the number of dimensions, then each dimension big-endian.
     if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in SN3_PASCALVINCENT_TYPEMAP:
@@ -155,12 +136,8 @@ def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Ten
 
 
 def check_workers_fit_device(num_workers: int, device: torch.device) -> None:
-    """Worker processes only gather from tensors; on a GPU they would have to re-initialise CUDA, which fails."""
-    check(
-        num_workers == 0 or device.type != "cuda",
-        f"--data.num_workers must be 0 on a GPU, got {num_workers}: the data already sits on the GPU, and worker "
-        "processes cannot use CUDA",
-    )
+    check(num_workers == 0 or device.type != "cuda", f"--data.num_workers must be 0 on a GPU, got {num_workers}: "
+          "the data already sits on the GPU, and worker processes cannot use CUDA")
 
 
 def unit_pixels(images: Tensor) -> Tensor:
@@ -169,16 +146,12 @@ def unit_pixels(images: Tensor) -> Tensor:
 
 
 class IndexBatches(Sampler[Tensor]):
-    """Batches of indices as tensors, and under DDP this process's share of each.
+    """Batches of indices as tensors (slices of a permutation, where torch's BatchSampler builds Python lists that
+    cost more than a training step), and under DDP this process's share of each.
 
-    torch's BatchSampler over RandomSampler builds each batch as a Python list of ints, which costs more
-    than a training step of a small net; a slice of a permutation costs nothing.
-
-    Shuffled (training): epoch e's permutation comes from a generator seeded by (seed, e), so every rank draws
-    the same one whatever else its dropout and augmentation draw; each batch of `batch_size` indices is cut into
-    one part per rank. The ranks' steps together are the one-device run's steps: each image once an epoch, in
-    the same batches. Unshuffled (evaluation): each rank takes one contiguous part of the indices, the parts
-    may differ in size and nothing is padded, so every image is evaluated exactly once.
+    Shuffled (training): epoch e's permutation comes from a generator seeded by (seed, e), so every rank draws the
+    same one, and each batch is cut into one part per rank: the ranks' steps together are the one-device run's.
+    Unshuffled (evaluation): each rank takes one contiguous part, unpadded, so every image is evaluated once.
     """
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, ranks: int = 1) -> None:
@@ -187,7 +160,7 @@ class IndexBatches(Sampler[Tensor]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this at the start of every training epoch, as it does for DistributedSampler."""
+        """Called by Lightning at every training epoch's start, as for DistributedSampler."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -211,10 +184,9 @@ class IndexBatches(Sampler[Tensor]):
 class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST with a fixed-seed validation split carved from the training images.
 
-    The test images are loaded only for `trainer.test`, so model selection never sees them. `val_size` 0 trains
-    on all training images with no validation at all (a refit whose epochs were chosen before).
-    `augment_shift` (pixels) and `augment_flip` augment the training batches only, on the training device.
-    `batch_size` is the batch of one optimiser step; under DDP each rank takes its part of it (`IndexBatches`).
+    The test images are loaded only for `trainer.test`, so model selection never sees them. `val_size` 0 trains on
+    all training images with no validation (a refit). `augment_shift` (pixels) and `augment_flip` augment the
+    training batches only. `batch_size` is one optimiser step's; under DDP each rank takes its part of it.
     """
 
     input_size = IMAGE_SIDE * IMAGE_SIDE  # what a model's first layer takes: one flattened image
@@ -238,30 +210,23 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
 
     def setup(self, stage: str) -> None:
-        data_dir = Path(self.hparams.data_dir).expanduser()
+        hp = self.hparams
+        data_dir = Path(hp.data_dir).expanduser()
         cache_dir = data_dir / "FashionMNIST" / "raw"
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        check_workers_fit_device(self.hparams.num_workers, device)
+        check_workers_fit_device(hp.num_workers, device)
         ranks = self.trainer.world_size if self.trainer else 1
-        check(
-            self.hparams.batch_size >= ranks,
-            f"--data.batch_size ({self.hparams.batch_size}) must be at least the number of processes ({ranks}): "
-            "each takes its part of every batch",
-        )
-        check(
-            self.hparams.val_size == 0 or self.hparams.val_size >= ranks,
-            f"--data.val_size ({self.hparams.val_size}) must be 0 or at least the number of processes ({ranks}): "
-            "each validates its part of the split",
-        )
+        check(hp.batch_size >= ranks, f"--data.batch_size ({hp.batch_size}) must be at least the number of processes "
+              f"({ranks}): each takes its part of every batch")
+        check(hp.val_size == 0 or hp.val_size >= ranks, f"--data.val_size ({hp.val_size}) must be 0 or at least the "
+              f"number of processes ({ranks}): each validates its part of the split")
         if self.train_set is None:
             self.files = locate_fashion_mnist(data_dir)
             images, labels = load_split(self.files, "train", cache_dir)
-            check(
-                self.hparams.val_size < len(images),
-                f"val_size must be below the {len(images)} training images, got {self.hparams.val_size}",
-            )
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.seed))
-            val_idx, train_idx = order[: self.hparams.val_size], order[self.hparams.val_size :]
+            check(hp.val_size < len(images),
+                  f"val_size must be below the {len(images)} training images, got {hp.val_size}")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(hp.seed))
+            val_idx, train_idx = order[: hp.val_size], order[hp.val_size :]
             # Statistics of the training split alone, so nothing about validation or test leaks into the inputs.
             train_pixels = unit_pixels(images[train_idx])
             self.mean, self.std = train_pixels.mean().item(), train_pixels.std().item()
@@ -282,15 +247,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return TensorDataset(pixels.sub_(self.mean).div_(self.std).to(device), labels.to(device))
 
     def _loader(self, dataset: TensorDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        # The sampler yields a tensor of indices per batch and the dataset answers with one gather,
-        # instead of collating batch_size single samples. The run's seed (--seed_everything) seeds its shuffling.
+        # One gather per batch instead of collating single samples; the run's seed (--seed_everything) shuffles.
         rank, ranks = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return DataLoader(
-            dataset,
-            sampler=IndexBatches(len(dataset), batch_size, shuffle, torch.initial_seed(), rank, ranks),
-            batch_size=None,
-            num_workers=self.hparams.num_workers,
-        )
+        sampler = IndexBatches(len(dataset), batch_size, shuffle, torch.initial_seed(), rank, ranks)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.hparams.num_workers)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         hp = self.hparams

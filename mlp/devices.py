@@ -1,10 +1,8 @@
 """tune.py on several devices: one worker per device, each training its own trials on its device alone.
 
-A small net gains nothing from DDP across devices, and Lightning launches DDP's other ranks by running the
-script again, which a tune command must not do. So `--trainer.devices N` (or `auto` on a host with several
-GPUs) means N workers on one study: this process trains on the first device, and one process per other device
-is started from here, each with fit flags that put it on its device alone. They follow the rules every worker
-on a study follows (`mlp.study`); this process writes the report once all are done.
+A small net gains nothing from DDP, and Lightning launches DDP's other ranks by running the script again, which a
+tune command must not do. So `--trainer.devices N` means N workers on one study: this process trains on the first
+device and starts one process per other device, each with fit flags that put it on its device alone.
 """
 
 import multiprocessing
@@ -13,7 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
+from typing import Self
 
 import torch
 from lightning import Trainer
@@ -27,11 +25,8 @@ def one_device_args(fit_args: list[str], trainer: Trainer) -> list[list[str]]:
     """For each of the Trainer's devices, the fit flags that train on it alone: one list per worker."""
     if trainer.num_devices == 1:
         return [fit_args]
-    check(
-        trainer.num_nodes == 1,
-        "tune.py spreads its trials over one machine's devices; for several machines run the same tune.py on "
-        "each with --trainer.num_nodes 1 and a shared --storage (see docs/scaling.md)",
-    )
+    check(trainer.num_nodes == 1, "tune.py spreads its trials over one machine's devices; for several machines "
+          "run the same tune.py on each with --trainer.num_nodes 1 and a shared --storage (see docs/scaling.md)")
     if trainer.strategy.root_device.type == "cpu":
         device_flags = ["--trainer.devices=1"] * trainer.num_devices
     else:
@@ -57,7 +52,7 @@ class OtherDevices:
             for k, (fit_args, ready) in enumerate(zip(worker_args[1:], self.ready), start=1)
         ]
 
-    def __enter__(self) -> "OtherDevices":
+    def __enter__(self) -> Self:
         if self.processes:
             torch.set_num_threads(cpu_threads(len(self.processes) + 1))
         for process in self.processes:
@@ -72,7 +67,7 @@ class OtherDevices:
             raise
         return self
 
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         if isinstance(error, KeyboardInterrupt):
             # A terminal's Ctrl-C reaches every worker; a signal sent to this process alone is passed on.
             for process in self.processes:

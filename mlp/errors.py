@@ -9,7 +9,6 @@ class UserError(Exception):
 
 
 def check(condition: bool, message: str) -> None:
-    """Raise UserError(message) unless condition holds."""
     if not condition:
         raise UserError(message)
 

@@ -1,14 +1,10 @@
 """K models trained at once on the same batches, each exactly as it would train alone: horizontal fusion derived
-from the one model, `MLPClassifier`, with no second copy of its math.
+from the one model, `MLPClassifier` (or a fork's subclass), with no second copy of its math.
 
-Each model is an ordinary `MLPClassifier` (or a fork's subclass, with its own net and loss) with its own
-hyperparameters, optimiser, schedule, metrics, TensorBoard run and fate. Models whose `stack_key`s agree compute
-the same function of their own tensors, so their parameters and buffers are stacked along a new first axis and
-one `torch.func.vmap` over `functional_call` of one of them computes them all (PyTorch's model-ensembling recipe):
-the loss, the predictions and, with `--model.backward manual`, the hand-written gradients are the model's own
-methods. Each model's parameters are views of its slice of its stack, so its own optimiser steps the stack in
-place. A model leaves when it finishes its epochs, diverges or is stopped (pruned), and the others go on
-untouched; a model added at an epoch's end (`add`) trains from the next epoch for its own epochs.
+Models whose `stack_key`s agree have their parameters and buffers stacked along a new first axis, and one
+`torch.func.vmap` over `functional_call` of one of them computes them all (PyTorch's model-ensembling recipe). Each
+model's parameters are views of its slice of the stack, so its own optimiser steps the stack in place. Models leave
+(finished, diverged, pruned) and join (`add`) at epochs' ends; the others go on untouched.
 """
 
 import copy
@@ -27,8 +23,7 @@ from torch.func import functional_call, vmap
 
 from mlp.module import MLPClassifier, start_run
 
-# torch has no vmap batching rule for the in-place comparison `mlp.net.dropout_mask` draws its mask with, and
-# warns that it loops over the models instead; that loop measured faster than the out-of-place forms.
+# vmap has no batching rule for `mlp.net.dropout_mask`'s in-place ge_ and warns that it loops, which measured faster.
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batch")
 
 
@@ -50,12 +45,10 @@ class Stack:
     its optimiser never sees the padding, which stays zero."""
 
     def __init__(self, models: list[MLPClassifier]) -> None:
-        """Stack the models' current tensors and point their parameters at their slices. `FusedClassifier.restack`
-        builds its stacks anew whenever a model joins or leaves; the parameter objects stay the same, so the
-        models' optimisers keep their state."""
+        """Stack the models' current tensors; the parameter objects stay the same, so that when a model joins or
+        leaves and `FusedClassifier.restack` builds new stacks, the models' optimisers keep their state."""
         self.models = models
         self.step = ModelStep(self.models[0])
-        # Each stacked parameter's per-model parameters, by name.
         self.model_params = transposed([dict(ModelStep(m).named_parameters()) for m in self.models])
         self.params = {name: stacked(group).requires_grad_() for name, group in self.model_params.items()}
         buffers = [dict(ModelStep(m).named_buffers()) for m in self.models]
@@ -73,7 +66,7 @@ class Stack:
         """Give each model's parameters their slices of the stacked gradients."""
         for name, p in self.params.items():
             for model_p, grad in zip(self.model_params[name], p.grad):
-                model_p.grad = grad[tuple(slice(0, n) for n in model_p.shape)]
+                model_p.grad = grad[tuple(map(slice, model_p.shape))]
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -100,16 +93,11 @@ def stacked(tensors: list[Tensor]) -> Tensor:
     """The tensors along a new first axis, each zero-padded to the largest; each tensor's data becomes a view of
     its slice, so that what changes the stack in place (an optimiser's step, a running statistic) changes it."""
     shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
-    out = torch.stack([resized(t.detach(), shape) for t in tensors])
+    out = tensors[0].new_zeros((len(tensors), *shape))
     for j, t in enumerate(tensors):
-        t.data = out[j][tuple(slice(0, n) for n in t.shape)]
-    return out
-
-
-def resized(t: Tensor, shape: Sequence[int]) -> Tensor:
-    """t in the top-left corner of a zero tensor of `shape`."""
-    out = t.new_zeros(shape)
-    out[tuple(slice(0, n) for n in t.shape)] = t
+        corner = out[j][tuple(map(slice, t.shape))]
+        corner.copy_(t.detach())
+        t.data = corner
     return out
 
 
@@ -160,12 +148,10 @@ class FusedClassifier(L.LightningModule):
     """The `models` trained together, model k for `epochs[k]` epochs, named `names[k]` in logged metric keys
     (`val/acc/<name>`), each writing its scalars and hyperparameters to `loggers[k]` as it would alone.
 
-    With `pad_widths`, MLPs of one depth share a stack, padded to the widest: the fewest batched matmuls, which is
-    what a GPU wants. Without it, only models of one shape share one, and no multiply-add is spent on padding,
-    which is what a CPU wants (padding the default search's widths per depth cost 1.78x the nets' own there).
-
-    on_leave(name, how, detail), when given, is called as each model leaves (see `outcomes`); refill(module), when
-    given, at each epoch's end once the leaving models have left: it may `add` models to train from the next epoch.
+    With `pad_widths`, MLPs of one depth share a stack padded to the widest, the fewest matmuls, as a GPU wants;
+    without, only models of one shape do, spending nothing on padding, as a CPU wants (docs/results.md#padding-cpu).
+    on_leave(name, how, detail) is called as each model leaves (see `outcomes`); refill(module) at each epoch's end
+    once the leaving models have left: it may `add` models to train from the next epoch.
     """
 
     def __init__(
@@ -211,8 +197,6 @@ class FusedClassifier(L.LightningModule):
     def model(self, name: str) -> MLPClassifier:
         return self.members[self.names.index(name)].model
 
-    # The stacks
-
     def restack(self) -> None:
         """One stack per `stack_key`; the members in stack order, so that model k is the k-th output."""
         stacks: dict[tuple, list[Member]] = {}
@@ -224,14 +208,9 @@ class FusedClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         self.restack()
 
-    def forward_stacks(self, x: Tensor, y: Tensor, manual: bool = False) -> list[tuple]:
-        return [stack(x, y, manual) for stack in self.stacks]
-
     def per_model(self, outputs: list[tuple]) -> list[tuple[Tensor, Tensor]]:
         """Each model's loss and predictions, in member order, from the stacks' outputs with a model axis."""
         return [(loss[j], preds[j]) for loss, preds, *_ in outputs for j in range(len(loss))]
-
-    # Training
 
     def configure_optimizers(self) -> Optimizers:
         self.steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
@@ -247,12 +226,8 @@ class FusedClassifier(L.LightningModule):
         member.scheduler = configured.get("lr_scheduler", {}).get("scheduler")
 
     def on_train_start(self) -> None:
-        for member in self.members:  # the sanity check's validation ran on untrained nets
-            self.start_run(member)
-
-    def start_run(self, member: Member) -> None:
-        member.model.val_acc_best.reset()
-        start_run(member.logger, member.model.hparams, self.trainer.datamodule, member.epochs)
+        for member in self.members:
+            start_run(member.model, member.logger, self.trainer.datamodule, member.epochs)
 
     def on_train_epoch_start(self) -> None:
         for member in self.members:
@@ -265,12 +240,12 @@ class FusedClassifier(L.LightningModule):
             stack.zero_grad()
         if self.manual:
             with torch.no_grad():  # proves that autograd plays no part
-                outputs = self.forward_stacks(x, y, manual=True)
+                outputs = [stack(x, y, True) for stack in self.stacks]
             for stack, (_, _, grads) in zip(self.stacks, outputs):
                 for p, grad in zip(stack.params.values(), grads):
                     p.grad = grad
         else:
-            outputs = self.forward_stacks(x, y)
+            outputs = [stack(x, y, False) for stack in self.stacks]
             # Each model's gradient is that of its own mean loss.
             self.manual_backward(sum(loss.sum() for loss, *_ in outputs))
         for stack in self.stacks:
@@ -301,10 +276,8 @@ class FusedClassifier(L.LightningModule):
         if not self.members:
             self.trainer.should_stop = True
 
-    # Validation
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        for member, (loss, preds) in zip(self.members, self.per_model(self.forward_stacks(*batch))):
+        for member, (loss, preds) in zip(self.members, self.per_model([stack(*batch, False) for stack in self.stacks])):
             member.model.update_val_metrics(loss, preds, batch[1])
 
     def on_validation_epoch_end(self) -> None:
@@ -327,10 +300,8 @@ class FusedClassifier(L.LightningModule):
         """Take model `name` out at the end of this epoch (e.g. its trial was pruned). The first reason stands,
         except "surplus": a trial whose place in the study is another's must not count, so it overrides even a
         divergence found in the same epoch."""
-        if how == "surplus":
+        if how == "surplus" or name not in self.stopping:
             self.stopping[name] = (how, detail)
-        else:
-            self.stopping.setdefault(name, (how, detail))
 
     def write(self, member: Member, scalars: dict[str, Tensor], step: int | None = None) -> None:
         """The model's scalars in its own run, at its own epoch and `step`: by default its epoch's last step, where
@@ -339,8 +310,6 @@ class FusedClassifier(L.LightningModule):
             epoch, steps_done = self.progress(self.members.index(member))
             values = {key: float(v) for key, v in scalars.items()}
             member.logger.log_metrics({**values, "epoch": epoch}, steps_done - 1 if step is None else step)
-
-    # Leaving and joining
 
     def drop(self, names: Sequence[str]) -> None:
         """Remove models, their optimisers and their loggers; their stacks are rebuilt without them."""
@@ -376,16 +345,13 @@ class FusedClassifier(L.LightningModule):
         self.all_optimizers.optimizers.append(member.optimizer)
         self.restack()
         self.trainer.fit_loop.max_epochs = max(self.trainer.max_epochs, member.first_epoch + epochs)
-        self.start_run(member)
+        start_run(model, logger, self.trainer.datamodule, epochs)
 
 
 class ModelInStackCheckpoint(ModelCheckpoint):
     """The best checkpoint (by val/acc) of one model of a FusedClassifier, or when nothing `validates` (a refit)
-    its latest weights, written as an ordinary MLPClassifier checkpoint that `MLPClassifier.load_from_checkpoint`
-    loads alone, under the name a run alone gives it (`mlp.cli.MLPCLI`).
-
-    Lightning's ModelCheckpoint keeps the bookkeeping (best score and path, top-k, file names); only what is
-    written differs. It stops when its model leaves the stack.
+    its latest, written as an ordinary MLPClassifier checkpoint under the name a run alone gives it. Lightning's
+    ModelCheckpoint keeps the bookkeeping (best score and path, top-k, file names); only what is written differs.
     """
 
     def __init__(self, name: str, dirpath: str, validates: bool = True) -> None:
@@ -417,11 +383,10 @@ class ModelInStackCheckpoint(ModelCheckpoint):
         return super().format_checkpoint_name(metrics, *args, **kwargs)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        """What is written: the model alone, as an MLPClassifier checkpoint. ModelCheckpoint has no public hook
-        for it (trainer.save_checkpoint would write the whole stack), so this private method, the one every save
-        of ModelCheckpoint goes through, is overridden here and nowhere else; tests/test_private_apis.py fails if
-        an upgrade stops calling it. Lightning's own also notes the step saved, to skip saving twice at one
-        step, which a checkpoint saved once an epoch never needs."""
+        """The model alone, as an MLPClassifier checkpoint. ModelCheckpoint has no public hook for what is written
+        (trainer.save_checkpoint would write the whole stack), so this private method, which every save goes
+        through, is overridden here alone; tests/test_private_apis.py fails if an upgrade stops calling it.
+        Lightning's own also notes the step saved, to skip saving twice in a step: never needed once an epoch."""
         model = self.module.model(self.name)
         epoch, step = self.module.progress(self.module.names.index(self.name))
         checkpoint = {
@@ -431,8 +396,8 @@ class ModelInStackCheckpoint(ModelCheckpoint):
             # Cloned: the parameters are views of the whole stack, which torch.save would write with each.
             "state_dict": {key: value.clone() for key, value in model.state_dict().items()},
         }
-        # The model's and the data module's settings, as Lightning's own checkpoints hold them: test_checkpoints
-        # and scripts/ensemble.py rebuild the split a checkpoint was trained on from the data module's.
+        # The model's and the data module's settings, as Lightning's own checkpoints hold them: the data module's
+        # rebuild the split a checkpoint was trained on (scripts/ensemble.py).
         for part in (model, trainer.datamodule):
             if part is not None and part.hparams:
                 checkpoint[part.CHECKPOINT_HYPER_PARAMS_KEY] = dict(part.hparams)

@@ -1,15 +1,9 @@
 """A user's images as Fashion-MNIST stores its own: uint8 tensors (N, 28, 28), read by PIL or torchvision.
 
-A photo becomes a Fashion-MNIST image by the steps the dataset's paper gives for its own (Xiao, Rasul & Vollgraf,
-2017, section 2): trim the edges close to the corners' colour, resize the longest edge to 28, sharpen, pad the
-shortest edge to 28 with the item centred, negate, make it 8-bit grayscale. `preparation_steps` does them with
-PIL's own operations. Two decisions the paper leaves open: the background is the corners' colour, whatever it is
-(a transparent one counts as white), and "negate" is the difference from that colour, which on white is exactly
-the negation and on any other colour still turns the background black. An image that is already
-Fashion-MNIST-like (28x28 on a dark background) is left as it is.
-
-Every file is checked before it is decoded: its format is one of a few raster formats (no PostScript, which PIL
-hands to Ghostscript), its header's size bounds the decoded bytes, and PIL's own limits bound its text chunks.
+A photo is made a Fashion-MNIST image by the steps the dataset's paper gives (Xiao, Rasul & Vollgraf, 2017,
+section 2), with PIL's own operations; docs/predict.md says what the paper leaves open and how we decide it.
+Every file is checked before it is decoded: one of a few raster formats (no PostScript, which PIL hands to
+Ghostscript), its header's size bounding the decoded bytes.
 """
 
 import functools
@@ -28,8 +22,7 @@ from mlp.errors import UserError, check
 SIZE = 28
 # Raster formats PIL decodes itself (JPEG includes MPO, the JPEG many cameras write, its first frame the photo).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
-# Decoded, a 40-megapixel RGBA image takes 160 MB, bounding what one image costs in memory; a larger JPEG is
-# decoded at a fraction of its size (PIL's draft mode), so only other formats meet the bound.
+# 160 MB decoded as RGBA; a larger JPEG is decoded at a fraction of its size (draft mode), so only others meet it.
 MAX_PIXELS = 40_000_000
 WORKING_SIDE = 1024  # larger photos are first shrunk to this: the result is 28 pixels, so no detail is lost
 TRIM_TOLERANCE = 0.05 * 255  # the paper's "close to the corners' colour": within 5 % of the maximum intensity
@@ -37,18 +30,14 @@ EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # PIL opens 16-bit grayscale PNG and TIFF so
 
 
-def image_suffixes() -> set[str]:
-    """File name suffixes of the formats read, as a folder's images are picked."""
-    return {suffix for suffix, name in Image.registered_extensions().items() if name in FORMATS}
-
-
 def image_files(paths: list[str]) -> list[Path]:
     """The paths of the images a command is given, a folder standing for the image files directly in it (picked
     by their suffixes: a folder of photos may hold other files too)."""
     files = []
+    suffixes = {suffix for suffix, name in Image.registered_extensions().items() if name in FORMATS}
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in image_suffixes() and p.is_file()
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file()
                            and not p.name.startswith("."))
             check(found, f"{path} holds no image files (PNG, JPEG, WebP...)")
             files += found
@@ -58,9 +47,8 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 def open_image(path: Path) -> Image.Image:
-    """The image in `path`, decoded only after its header passed the checks; 16-bit grayscale made 8-bit.
-
-    Raises UnidentifiedImageError for a file that is none of FORMATS, UserError for one refused."""
+    """The image in `path`, decoded only after its header passed the checks; 16-bit grayscale made 8-bit. Raises
+    UnidentifiedImageError for a file that is none of FORMATS, UserError for one refused."""
     with warnings.catch_warnings():
         # PIL warns above its own MAX_IMAGE_PIXELS; the bound below, lower, refuses such images in one line.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -72,22 +60,14 @@ def open_image(path: Path) -> Image.Image:
         if image.format in ("JPEG", "MPO"):
             image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))  # decodes at 1/2 to 1/8 of the size
         width, height = image.size
-        check(
-            width * height <= MAX_PIXELS,
-            f"{path}: refused before decoding: {width}x{height} pixels is more than the {MAX_PIXELS:,} this reads; "
-            "save it smaller",
-        )
-        check(
-            image.mode in EIGHT_BIT_MODES | SIXTEEN_BIT_MODES,
-            f"{path}: images with {image.mode!r} pixels are not read; save it as an 8- or 16-bit PNG or a JPEG",
-        )
+        check(width * height <= MAX_PIXELS, f"{path}: refused before decoding: {width}x{height} pixels is more than "
+              f"the {MAX_PIXELS:,} this reads; save it smaller")
+        check(image.mode in EIGHT_BIT_MODES | SIXTEEN_BIT_MODES,
+              f"{path}: images with {image.mode!r} pixels are not read; save it as an 8- or 16-bit PNG or a JPEG")
         # A MPO's other frames are previews or a second view of the same photo; other formats' are other images.
         frames = getattr(image, "n_frames", 1)
-        check(
-            image.format == "MPO" or frames == 1,
-            f"{path}: an image of {frames} frames (animated or multi-page): which one shows the item is not clear; "
-            "save that frame alone",
-        )
+        check(image.format == "MPO" or frames == 1, f"{path}: an image of {frames} frames (animated or multi-page): "
+              "which one shows the item is not clear; save that frame alone")
         image.load()
     except BaseException:
         image.close()
@@ -146,9 +126,8 @@ def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
     sharpened = resized.filter(ImageFilter.UnsharpMask(radius=1.0, percent=100, threshold=0))
     padded = ImageOps.pad(sharpened, (SIZE, SIZE), color=background, centering=(0.5, 0.5))
     negated = ImageChops.difference(padded, Image.new("RGB", padded.size, background))
-    # On a background other than white or black an item can differ from it by less than 255 (black on mid grey
-    # by 128): the difference is scaled to the largest possible, so the item keeps Fashion-MNIST's contrast.
-    # On white, as in the paper, the scale is 1.
+    # On a background other than white or black an item can differ from it by less than 255 (black on mid grey by
+    # 128): the difference is scaled to the largest possible, keeping Fashion-MNIST's contrast (on white, by 1).
     furthest = Image.new("RGB", (1, 1), tuple(max(c, 255 - c) for c in background)).convert("L").getpixel((0, 0))
     grayscale = negated.convert("L").point(lambda v: min(255, round(v * 255 / furthest)))
     return steps + [("trim", trimmed), ("resize", resized), ("sharpen", sharpened), ("pad", padded),
@@ -161,10 +140,9 @@ def prepare(image: Image.Image) -> Image.Image:
 
 
 def read_images(path: Path, prepare_images: bool = False) -> Tensor:
-    """The images in an image file PIL reads (PNG, JPEG...: one image) or in an IDX file (any number, as
-    Fashion-MNIST's own files hold them, possibly .gz), as uint8 (N, 28, 28). With `prepare_images` an image
-    file is prepared as Fashion-MNIST's were made; without, it must be 28x28 already and is only made grayscale.
-    IDX files hold Fashion-MNIST's form already and are taken as they are."""
+    """The images in an image file PIL reads (one image) or in an IDX file (any number, possibly .gz, taken as they
+    are), as uint8 (N, 28, 28). With `prepare_images` an image file is prepared as Fashion-MNIST's were made;
+    without, it must be 28x28 already and is only made grayscale."""
     check(path.is_file(), f"{path} not found; pass image files (PNG, JPEG), folders of them, or IDX files")
     try:
         with open_image(path) as image:
@@ -180,11 +158,8 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
         # Truncated or damaged; PIL's bound on text chunks raises ValueError, some damaged headers SyntaxError.
         raise UserError(f"{path}: cannot be read as an image ({error})") from None
     height, width = images.shape[1:]
-    check(
-        (height, width) == (SIZE, SIZE),
-        f"{path}: images are {width}x{height} pixels; with --no-prepare the model takes 28x28 grayscale images, "
-        "as Fashion-MNIST's: leave --no-prepare out, or resize it to 28x28 first",
-    )
+    check((height, width) == (SIZE, SIZE), f"{path}: images are {width}x{height} pixels; with --no-prepare the "
+          "model takes 28x28 grayscale images, as Fashion-MNIST's: leave --no-prepare out, or resize it to 28x28 first")
     return images
 
 

@@ -1,9 +1,6 @@
 """Files a user hands over (a checkpoint, a study's report.json) read without running code, and checked against
-what the code reads from them: each problem is one line, never a traceback.
-
-A checkpoint is a pickle, and a pickle can call any function as it loads; torch's weights-only unpickler
-(`torch.load(weights_only=True)`) builds only tensors and plain values and refuses everything else. Every
-checkpoint fit.py and tune.py write holds nothing more, so that is all we ever load.
+what the code reads from them: each problem is one line, never a traceback. A checkpoint is a pickle, which can
+call any function as it loads, so only torch's weights-only unpickler (tensors and plain values) ever loads one.
 """
 
 import json
@@ -47,7 +44,7 @@ class Checkpoint(Schema):
     hyper_parameters: dict[str, Any]  # the model's arguments, checked by MLPClassifier itself
     datamodule_hyper_parameters: DataSettings
     state_dict: dict[str, InstanceOf[torch.Tensor]]
-    FashionMNISTDataModule: Standardisation | None = None  # absent from checkpoints written before it was kept
+    FashionMNISTDataModule: Standardisation | None = None  # older checkpoints lack it
 
 
 class Candidate(Schema):
@@ -131,7 +128,7 @@ def load_model(path: Path) -> MLPClassifier:
     except pickle.UnpicklingError:
         raise UserError(f"{path} is refused: {why_not_weights(path)}") from None
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # arguments or weights that do not fit the net
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise UserError(f"{path}: its model does not load ({first_line}); pass a checkpoint fit.py or tune.py "
                         "wrote") from None
 
@@ -140,8 +137,6 @@ def inside(path: Path, folder: Path, named: str) -> Path:
     """`path`, resolved, if it lies inside `folder`; one elsewhere is refused, so that a report handed over (a
     shared study folder) cannot point the loader at any file on the machine. `named` says who named it."""
     resolved, folder = path.resolve(), folder.resolve()
-    check(
-        resolved.is_relative_to(folder),
-        f"{named}, outside its study's folder {folder}: a report's checkpoints are loaded only from inside it",
-    )
+    check(resolved.is_relative_to(folder),
+          f"{named}, outside its study's folder {folder}: a report's checkpoints are loaded only from inside it")
     return resolved

@@ -1,5 +1,6 @@
 """The LightningModule: owns the loss, the metrics and the optimiser; the network itself lives in net.py."""
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
+from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -21,45 +23,36 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 
 def cross_entropy_grad(logits: Tensor, y: Tensor, label_smoothing: float | Tensor = 0.0) -> Tensor:
-    """d mean-cross-entropy / d logits = (softmax(logits) - target) / batch size.
-
-    The target is onehot(y), or with label smoothing (1 - label_smoothing) onehot(y) + label_smoothing / classes,
-    as F.cross_entropy mixes it.
-    """
+    """d mean-cross-entropy / d logits = (softmax(logits) - target) / batch size, the target onehot(y) mixed with
+    label smoothing as F.cross_entropy mixes it."""
     classes = logits.shape[-1]
     target = (1 - label_smoothing) * F.one_hot(y, classes).to(logits.dtype) + label_smoothing / classes
     return (logits.softmax(dim=-1) - target) / len(y)
 
 
 def make_optimizer(params: Iterable, hp: Mapping[str, Any], fused: bool = True) -> torch.optim.Optimizer:
-    """The optimiser the hyperparameters `hp` name, over `params`.
-
-    `fused` picks torch's fused implementation where the device has one: one kernel for all the tensors rather than
-    one per tensor and operation, the same update up to rounding; it matters where a stack (`mlp.fused`) steps one
-    optimiser per model. It writes a parameter that is a strided view (a model's slice of a padded stack) as if it
-    were contiguous, so a stack that pads turns it off.
-    """
+    """The optimiser the hyperparameters `hp` name, over `params`. `fused` picks torch's one-kernel implementation
+    where the device has one, which matters where a stack (`mlp.fused`) steps one optimiser per model; it writes a
+    strided view (a model's slice of a padded stack) as if it were contiguous, so a stack that pads turns it off."""
     params = list(params)
     fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
+    common = {"lr": hp["lr"], "weight_decay": hp["weight_decay"], "fused": fused}
     if hp["optimizer"] == "sgd":
-        return torch.optim.SGD(
-            params, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"],
-            fused=fused,
-        )
-    return torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp["weight_decay"], fused=fused)
+        return torch.optim.SGD(params, momentum=hp["momentum"], nesterov=hp["nesterov"], **common)
+    return torch.optim.Adam(params, **common)
 
 
 def start_run(
-    logger: Logger | None, hparams: Mapping[str, Any], datamodule: L.LightningDataModule | None, max_epochs: int
+    model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None, max_epochs: int
 ) -> None:
-    """A model's hyperparameters and activation figure in its TensorBoard run, whether it trains alone or in a
-    stack (`mlp.fused`), so that both write the same."""
+    """A model's run begins, alone or in a stack (`mlp.fused`), both alike: the sanity check's validation ran on an
+    untrained net and must not count as the best so far; its TensorBoard run gets its hyperparameters and figure."""
+    model.val_acc_best.reset()
     if isinstance(logger, TensorBoardLogger):
-        # Declares hp_metric (the best val/acc) as the HParams tab's metric, as Lightning's docs advise.
+        # max_epochs too, which tune.py searches; hp_metric (the best val/acc) declared as Lightning's docs advise.
         data_hparams = datamodule.hparams if datamodule else {}
-        # max_epochs too, which tune.py searches.
-        logger.log_hyperparams({**hparams, **data_hparams, "max_epochs": max_epochs}, {"hp_metric": 0.0})
-        logger.experiment.add_image("activations", activations_image(hparams["activation"]))
+        logger.log_hyperparams({**model.hparams, **data_hparams, "max_epochs": max_epochs}, {"hp_metric": 0.0})
+        logger.experiment.add_image("activations", activations_image(model.hparams["activation"]))
 
 
 class MLPClassifier(L.LightningModule):
@@ -110,7 +103,7 @@ class MLPClassifier(L.LightningModule):
         super().__init__()
         check(depth >= 0, f"depth (hidden layers) must be >= 0, got {depth}")
         check(width >= 1, f"width (hidden units) must be >= 1, got {width}")
-        check(lr > 0 and lr == lr and lr != float("inf"), f"lr must be a positive finite number, got {lr}")
+        check(math.isfinite(lr) and lr > 0, f"lr must be a positive finite number, got {lr}")
         check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
         check(not (nesterov and optimizer == "sgd" and momentum == 0), "nesterov needs momentum > 0")
@@ -120,12 +113,10 @@ class MLPClassifier(L.LightningModule):
         self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout)
         # A tensor, not a float, so that models stacked by vmap each smooth by their own share.
         self.register_buffer("label_smoothing", torch.tensor(float(label_smoothing)), persistent=False)
-        # Manual mode steps the optimiser itself (manual_training_step), with gradients from MLP.backward.
         self.automatic_optimization = backward == "autograd"
-        # A metric update costs more than a training step of this small net, so the training metrics are
-        # updated once an epoch from the collected step outputs (Lightning's pattern for epoch-level work);
-        # they keep NaN, because a diverging loss must show. The predictions are argmaxes of the logits, valid
-        # by construction, so torchmetrics' input checks are skipped: a stack of K models would pay them K times.
+        # A metric update costs more than a training step of this small net, so the training metrics are updated
+        # once an epoch from the collected step outputs. They keep NaN: a diverging loss must show. Predictions are
+        # argmaxes, valid by construction, so input checks are skipped: a stack of K models would pay them K times.
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -147,12 +138,10 @@ class MLPClassifier(L.LightningModule):
         return self.loss(logits, y), logits.argmax(dim=-1)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Cross-entropy, in training with label smoothing. Override it to change what every run trains on: fit,
-        trials alone and stacked, refits.
+        """Cross-entropy, in training with label smoothing; override it to change what every run trains on.
 
-        Smoothing shapes the training target only; val/loss and test/loss stay the plain cross-entropy, so they
-        compare across runs with and without it. Mixed as F.cross_entropy's label_smoothing mixes it, written out
-        because that takes a float, and a stack's models each carry their own share as a tensor.
+        val/loss and test/loss stay plain, so they compare across runs with and without smoothing. Written out
+        because F.cross_entropy's label_smoothing takes a float, and a stack's models each carry their own tensor.
         """
         log_probs = logits.log_softmax(dim=-1)
         plain = F.nll_loss(log_probs, y)
@@ -162,20 +151,15 @@ class MLPClassifier(L.LightningModule):
 
     def stack_key(self, pad_widths: bool) -> tuple:
         """Models with equal keys compute the same function of their own tensors, so `mlp.fused` stacks them: they
-        differ only in PER_MODEL, in their weights, and with `pad_widths` in the width of an `MLP`'s hidden layers,
-        zero-padded in the stack to the widest (padded units stay zero: no model's optimiser sees them).
-
-        Whether dropout is on decides whether masks are drawn, so it is part of the key; its rate is not.
-        """
+        differ only in PER_MODEL, their weights, and with `pad_widths` an `MLP`'s width (zero-padded to the widest).
+        Whether dropout is on decides whether masks are drawn, so it is part of the key; its rate is not."""
         pads = pad_widths and getattr(self.net, "widths_pad_exactly", False)
         shared = {k: v for k, v in self.hparams.items() if k not in self.PER_MODEL and not (pads and k == "width")}
         shapes = () if pads else tuple(tuple(t.shape) for t in self.net.parameters())
         return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, shapes
 
     def on_train_start(self) -> None:
-        # The sanity-check validation ran on an untrained net; it must not count as the best so far.
-        self.val_acc_best.reset()
-        start_run(self.logger, self.hparams, self.trainer.datamodule, self.trainer.max_epochs)
+        start_run(self, self.logger, self.trainer.datamodule, self.trainer.max_epochs)
 
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
@@ -200,16 +184,14 @@ class MLPClassifier(L.LightningModule):
         self.train_loss.reset()
         self.train_acc.reset()
         # Lightning's ThroughputMonitor synchronises the GPU on every step; one reading per epoch is enough.
-        seconds = time.perf_counter() - self.epoch_start
-        scalars["train/examples_per_sec"] = batch_sizes.sum() / seconds
+        scalars["train/examples_per_sec"] = batch_sizes.sum() / (time.perf_counter() - self.epoch_start)
         return scalars
 
     def on_train_epoch_end(self) -> None:
         if not self.train_step_outputs:  # resumed from a checkpoint taken after the epoch's last step
             return
         scalars = self.train_epoch_scalars()
-        # Under DDP, the sum of every process's rate; the loss and accuracy are already the same on every process
-        # (torchmetrics syncs in compute), which sync_dist tells Lightning.
+        # Under DDP the rate is summed over the processes; loss and accuracy are already synced by torchmetrics.
         self.log("train/examples_per_sec", scalars.pop("train/examples_per_sec"), sync_dist=True, reduce_fx="sum")
         self.log_dict(scalars, sync_dist=True)
 
@@ -262,11 +244,9 @@ class MLPClassifier(L.LightningModule):
         optimizer = make_optimizer(self.parameters(), hp, fused)
         if hp.schedule == "onecycle":
             # Momentum stays what the `momentum` flag says instead of cycling with the learning rate.
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.lr, total_steps=steps, cycle_momentum=False
-            )
+            scheduler = OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps, cycle_momentum=False)
         elif hp.schedule == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            scheduler = CosineAnnealingLR(optimizer, T_max=steps)
         else:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -280,11 +260,8 @@ class MLPClassifier(L.LightningModule):
 
     @torch.no_grad()  # proves that autograd plays no part
     def manual_training_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Forward, backward by hand, and one optimiser and scheduler step, as the automatic path does.
-
-        The optimiser sees the same p.grad as after autograd's backward, so weight decay and momentum act alike;
-        under DDP, averaged over the processes as DDP averages autograd's (it does so only inside autograd).
-        """
+        """Forward, backward by hand, and one optimiser and scheduler step. The optimiser sees the same p.grad as
+        after autograd's backward, under DDP averaged over the processes as DDP does (only inside autograd)."""
         loss, preds, grads = self.manual_gradients(*batch)
         if self.trainer.world_size > 1:  # one collective for all of them, as DDP reduces a bucket at a time
             flat = self.trainer.strategy.reduce(torch.cat([grad.flatten() for grad in grads]), reduce_op="mean")

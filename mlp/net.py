@@ -1,9 +1,7 @@
-"""The multilayer perceptron itself, from scratch: explicit weight tensors, our own activations, init and dropout,
-and a hand-written backward pass.
+"""The multilayer perceptron from scratch: explicit weight tensors, our own activations, init and dropout, and a
+hand-written backward pass. Everything is a matmul, an addition, an exp or an elementwise comparison."""
 
-Everything here is a matmul, an addition, an exp or an elementwise comparison; no library layers or activations.
-"""
-
+import itertools
 import math
 from typing import Literal
 
@@ -61,8 +59,7 @@ ACTIVATIONS = {"relu": (relu, relu_grad), "sigmoid": (sigmoid, sigmoid_grad), "t
 
 def dropout_mask(x: Tensor, p: float | Tensor) -> Tensor:
     """0 with probability p, else 1 / (1 - p), so that x * mask has the expected value of x."""
-    # In place: a third of the time of fresh tensors per step. Under vmap, torch has no batching rule for ge_ with
-    # a per-model p and loops over the models, which still measured faster than the out-of-place forms.
+    # In place, which measured faster than fresh tensors, even under vmap, where ge_ loops over the models.
     return torch.rand_like(x).ge_(p).div_(1 - p)
 
 
@@ -73,23 +70,16 @@ def init_weight(fan_in: int, fan_out: int, scheme: InitScheme) -> Tensor:
     kaiming: std sqrt(2 / fan_in), which keeps the activation variance constant through relu layers.
     xavier: std sqrt(2 / (fan_in + fan_out)), which balances forward and backward variance for linear units.
     """
-    stds = {
-        "normal": 0.01,
-        "kaiming": math.sqrt(2.0 / fan_in),
-        "xavier": math.sqrt(2.0 / (fan_in + fan_out)),
-    }
+    stds = {"normal": 0.01, "kaiming": math.sqrt(2.0 / fan_in), "xavier": math.sqrt(2.0 / (fan_in + fan_out))}
     if scheme not in stds:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {sorted(stds)}")
     return torch.randn(fan_in, fan_out) * stds[scheme]
 
 
 class MLP(nn.Module):
-    """num_inputs -> `depth` hidden layers of `width` units -> num_outputs logits.
-
-    Each hidden layer is activation(x @ W + b), followed in training by dropout with probability `dropout`.
-    depth 0 is softmax regression; depth 1, width 256 is d2l's 784-256-10 net.
-    Parameters are stored as [W_1, b_1, W_2, b_2, ...] with W_i of shape (fan_in, fan_out); with prelu,
-    `slopes` holds one learned slope per hidden layer.
+    """num_inputs -> `depth` hidden layers of `width` units -> num_outputs logits; depth 0 is softmax regression,
+    depth 1, width 256 d2l's 784-256-10 net. Each hidden layer is activation(x @ W + b), in training followed by
+    dropout. `params` holds [W_1, b_1, W_2, b_2, ...], W_i (fan_in, fan_out); with prelu, `slopes` one per layer.
     """
 
     # Nets of one depth and several widths stack (`mlp.fused`) zero-padded to the widest: a padded unit's weights
@@ -112,12 +102,11 @@ class MLP(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.activation, self.dropout = activation, dropout
-        # The rate as a tensor too, which models stacked by vmap (`mlp.fused`) each have their own of; the float
-        # says whether masks are drawn at all.
+        # A tensor too, each stacked model's own under vmap (`mlp.fused`); the float says whether masks are drawn.
         self.register_buffer("dropout_rate", torch.tensor(float(dropout)), persistent=False)
         sizes = [num_inputs] + [width] * depth + [num_outputs]
         self.params = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             self.params.append(nn.Parameter(init_weight(fan_in, fan_out, init)))
             self.params.append(nn.Parameter(torch.zeros(fan_out)))
         n_slopes = depth if activation == "prelu" else 0
@@ -131,18 +120,8 @@ class MLP(nn.Module):
         return list(zip(params[0::2], params[1::2]))
 
     def multiply_adds(self) -> int:
-        """Multiply-adds of one example's forward pass, its weight matrices' entries: what a study counts a trial's
-        work in, so that a net of another shape brings its own count."""
+        """Multiply-adds of one example's forward pass: what a study counts a trial's work in (a fork's net its own)."""
         return sum(weight.numel() for weight, _ in self.layers)
-
-    def activate(self, z: Tensor, layer: int) -> Tensor:
-        if self.activation == "prelu":
-            return prelu(z, self.slopes[layer])
-        return ACTIVATIONS[self.activation][0](z)
-
-    def hidden_mask(self, z: Tensor) -> Tensor | None:
-        """What a hidden layer's activations are multiplied by: the dropout mask in training, else None."""
-        return dropout_mask(z, self.dropout_rate) if self.training and self.dropout > 0 else None
 
     def forward(self, x: Tensor, cache: list | None = None) -> Tensor:
         """Logits for x. If a `cache` list is given, each layer appends what `backward` needs: its input,
@@ -151,10 +130,10 @@ class MLP(nn.Module):
         *hidden, (w_out, b_out) = self.layers
         for layer, (w, b) in enumerate(hidden):
             z = torch.addmm(b, x, w)  # b + x @ w as one fused kernel, and one tensor fewer to allocate
-            mask = self.hidden_mask(z)
+            mask = dropout_mask(z, self.dropout_rate) if self.training and self.dropout > 0 else None
             if cache is not None:
                 cache.append((x, z, mask))
-            x = self.activate(z, layer)
+            x = prelu(z, self.slopes[layer]) if self.activation == "prelu" else ACTIVATIONS[self.activation][0](z)
             if mask is not None:
                 x = x * mask
         if cache is not None:
@@ -166,7 +145,6 @@ class MLP(nn.Module):
 
         grad_logits is d loss / d logits; `cache` is what `forward(x, cache)` filled. For y = x @ W + b,
         dW = x^T dy, db = dy summed over the batch, dx = dy W^T; through the activation, dz = dx * act'(z).
-        Stacked trials (`mlp.fused`) run this same code under vmap.
         """
         grads = [None] * len(self.params)
         slope_grads = [None] * len(self.slopes)

@@ -54,10 +54,8 @@ def activations_image(selected: str) -> np.ndarray:
 
 
 def predictions_figure(images: Tensor, predicted: Tensor, true: Tensor, columns: int = 8) -> Figure:
-    """A grid of images titled 'predicted / true', red where the two differ.
-
-    The grid is one picture in one axes, each image scaled to its own range: an axes per image made drawing
-    this figure most of a test run on the 2-core CPU (1.1 s against 0.2 s, drawn and logged)."""
+    """A grid of images titled 'predicted / true', red where the two differ: one picture in one axes, each image
+    scaled to its own range, since an axes per image made drawing this figure most of a test run on a CPU."""
     side, title = 28, 14  # pixels of an image, and of the blank band above it that holds its title
     rows = (len(images) + columns - 1) // columns
     pictures = images.detach().cpu().float().reshape(-1, side, side)
