@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mlp.module import MLPClassifier, start_run
+from mlp.records import Ending
 
 # vmap has no batching rule for `mlp.net.dropout_mask`'s in-place ge_ and warns that it loops, which measured faster.
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batch")
@@ -160,7 +161,7 @@ class FusedClassifier(L.LightningModule):
         epochs: Sequence[int],
         names: Sequence[str],
         loggers: Sequence[Logger | None] | None = None,
-        on_leave: Callable[[str, str, str], None] | None = None,
+        on_leave: Callable[[str, Ending, str], None] | None = None,
         refill: Callable[["FusedClassifier"], None] | None = None,
         pad_widths: bool = True,
     ) -> None:
@@ -176,9 +177,9 @@ class FusedClassifier(L.LightningModule):
         self.members = [Member(*member) for member in zip(names, models, epochs, loggers)]
         self.restack()  # and again once Lightning has moved the models to their device (on_fit_start)
         self.steps_per_epoch = 0  # set with the optimisers
-        # name -> (how, detail) for models that leave at this epoch's end, and for those that left: ("finished", ""),
-        # ("diverged", when and why) or what `stop` was told (e.g. ("pruned", "")).
-        self.stopping: dict[str, tuple[str, str]] = {}
+        # name -> (how, detail) for models that leave at this epoch's end, and for those that left: (FINISHED, ""),
+        # (DIVERGED, when and why) or what `stop` was told (e.g. (PRUNED, "")).
+        self.stopping: dict[str, tuple[Ending, str]] = {}
         self.outcomes: dict[str, tuple[str, str]] = {}
 
     @property
@@ -269,7 +270,7 @@ class FusedClassifier(L.LightningModule):
                 # Nothing validates (a refit): the training loss shows a divergence, as a run alone's guard sees it.
                 self.diverged(k, "train/loss_epoch", scalars["train/loss_epoch"])
             if member.name not in self.stopping and self.progress(k)[0] + 1 >= member.epochs:
-                self.stopping[member.name] = ("finished", "")
+                self.stopping[member.name] = (Ending.FINISHED, "")
         self.drop([name for name in self.names if name in self.stopping])
         if self.refill is not None and not self.trainer.should_stop:  # no model joins a Trainer that is stopping
             self.refill(self)
@@ -294,13 +295,13 @@ class FusedClassifier(L.LightningModule):
 
     def diverged(self, k: int, key: str, loss: Tensor) -> None:
         """Model k's loss `key` is NaN or infinite at this epoch's end: it leaves, as a run alone stops."""
-        self.stop(self.members[k].name, "diverged", f"epoch {self.progress(k)[0]}: {key} = {loss.item()} is not finite")
+        self.stop(self.members[k].name, Ending.DIVERGED, f"epoch {self.progress(k)[0]}: {key} = {loss.item()} is not finite")
 
-    def stop(self, name: str, how: str, detail: str = "") -> None:
+    def stop(self, name: str, how: Ending, detail: str = "") -> None:
         """Take model `name` out at the end of this epoch (e.g. its trial was pruned). The first reason stands,
-        except "surplus": a trial whose place in the study is another's must not count, so it overrides even a
+        except SURPLUS: a trial whose place in the study is another's must not count, so it overrides even a
         divergence found in the same epoch."""
-        if how == "surplus" or name not in self.stopping:
+        if how == Ending.SURPLUS or name not in self.stopping:
             self.stopping[name] = (how, detail)
 
     def write(self, member: Member, scalars: dict[str, Tensor], step: int | None = None) -> None:

@@ -187,8 +187,8 @@ def train_runs(
         save_config(cli)
         checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"), validates)
 
-    def leave(name: str, how: str, detail: str) -> None:
-        on_end(name, run_end(Ending(how), detail, checkpoints.pop(name)))
+    def leave(name: str, how: Ending, detail: str) -> None:
+        on_end(name, run_end(how, detail, checkpoints.pop(name)))
 
     def refill(module: FusedClassifier) -> None:
         if not (free := fuse - len(module.names)):
