@@ -147,13 +147,11 @@ class Member:
 
 class FusedClassifier(L.LightningModule):
     """The `models` trained together, model k for `epochs[k]` epochs, named `names[k]` in logged metric keys
-    (`val/acc/<name>`), each writing its scalars and hyperparameters to `loggers[k]` as it would alone.
-
-    With `pad_widths`, MLPs of one depth share a stack padded to the widest, the fewest matmuls, as a GPU wants;
-    without, only models of one shape do, spending nothing on padding, as a CPU wants (docs/results.md#padding-cpu).
+    (`val/acc/<name>`), each writing its scalars and hyperparameters to `loggers[k]` as it would alone. With
+    `pad_widths`, MLPs of one depth share a stack padded to the widest, the fewest matmuls, as a GPU wants; without,
+    only models of one shape do, spending nothing on padding, as a CPU wants (docs/results.md#padding-cpu).
     on_leave(name, how, detail) is called as each model leaves (see `outcomes`); refill(module) at each epoch's end
-    once the leaving models have left: it may `add` models to train from the next epoch.
-    """
+    once the leaving models have left: it may `add` models to train from the next epoch."""
 
     def __init__(
         self,
@@ -166,8 +164,7 @@ class FusedClassifier(L.LightningModule):
         pad_widths: bool = True,
     ) -> None:
         super().__init__()
-        backwards = {model.hparams.backward for model in models}
-        if len(backwards) > 1:
+        if len(backwards := {model.hparams.backward for model in models}) > 1:
             raise ValueError("models fused together must share --model.backward")
         self.manual = backwards == {"manual"}
         self.automatic_optimization = False  # each model's optimiser steps in training_step
@@ -177,10 +174,9 @@ class FusedClassifier(L.LightningModule):
         self.members = [Member(*member) for member in zip(names, models, epochs, loggers)]
         self.restack()  # and again once Lightning has moved the models to their device (on_fit_start)
         self.steps_per_epoch = 0  # set with the optimisers
-        # name -> (how, detail) for models that leave at this epoch's end, and for those that left: (FINISHED, ""),
-        # (DIVERGED, when and why) or what `stop` was told (e.g. (PRUNED, "")).
+        # name -> (how, detail), of models that leave at this epoch's end, and of those that left.
         self.stopping: dict[str, tuple[Ending, str]] = {}
-        self.outcomes: dict[str, tuple[str, str]] = {}
+        self.outcomes: dict[str, tuple[Ending, str]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -295,7 +291,8 @@ class FusedClassifier(L.LightningModule):
 
     def diverged(self, k: int, key: str, loss: Tensor) -> None:
         """Model k's loss `key` is NaN or infinite at this epoch's end: it leaves, as a run alone stops."""
-        self.stop(self.members[k].name, Ending.DIVERGED, f"epoch {self.progress(k)[0]}: {key} = {loss.item()} is not finite")
+        detail = f"epoch {self.progress(k)[0]}: {key} = {loss.item()} is not finite"
+        self.stop(self.members[k].name, Ending.DIVERGED, detail)
 
     def stop(self, name: str, how: Ending, detail: str = "") -> None:
         """Take model `name` out at the end of this epoch (e.g. its trial was pruned). The first reason stands,

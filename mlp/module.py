@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
-from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR, OneCycleLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule
 from mlp.errors import check
 from mlp.net import MLP, Activation, InitScheme
-from mlp.plots import activations_image, predictions_figure
+from mlp.plots import activations_image, add_test_figures
 
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -42,6 +42,23 @@ def make_optimizer(params: Iterable, hp: Mapping[str, Any], fused: bool = True) 
     return torch.optim.Adam(params, **common)
 
 
+# Where the "step" schedule multiplies the learning rate by STEP_DECAY, as fractions of the run: the schedule of the
+# best published MLP on Fashion-MNIST (Nøkland & Eidnes 2019: Adam, x0.25 at epochs 100, 150, 175 and 188 of 200).
+STEP_DECAY_AT, STEP_DECAY = (0.5, 0.75, 0.875, 0.94), 0.25
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], steps: int) -> LRScheduler | None:
+    """The learning-rate schedule `hp` names over `steps` optimiser steps; None for a constant rate."""
+    if hp["schedule"] == "onecycle":
+        # Momentum stays what the `momentum` flag says instead of cycling with the learning rate.
+        return OneCycleLR(optimizer, max_lr=hp["lr"], total_steps=steps, cycle_momentum=False)
+    if hp["schedule"] == "cosine":
+        return CosineAnnealingLR(optimizer, T_max=steps)
+    if hp["schedule"] == "step":
+        return MultiStepLR(optimizer, [round(steps * at) for at in STEP_DECAY_AT], gamma=STEP_DECAY)
+    return None
+
+
 def start_run(
     model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None, max_epochs: int
 ) -> None:
@@ -53,6 +70,18 @@ def start_run(
         data_hparams = datamodule.hparams if datamodule else {}
         logger.log_hyperparams({**model.hparams, **data_hparams, "max_epochs": max_epochs}, {"hp_metric": 0.0})
         logger.experiment.add_image("activations", activations_image(model.hparams["activation"]))
+
+
+def check_hyperparameters(hp: Mapping[str, Any]) -> None:
+    """A clear error for a hyperparameter out of its range, before anything is built."""
+    check(hp["depth"] >= 0, f"depth (hidden layers) must be >= 0, got {hp['depth']}")
+    check(hp["width"] >= 1, f"width (hidden units) must be >= 1, got {hp['width']}")
+    check(math.isfinite(hp["lr"]) and hp["lr"] > 0, f"lr must be a positive finite number, got {hp['lr']}")
+    check(0 <= hp["momentum"] < 1, f"momentum must be in [0, 1), got {hp['momentum']}")
+    check(hp["weight_decay"] >= 0, f"weight_decay must be >= 0, got {hp['weight_decay']}")
+    check(not (hp["nesterov"] and hp["optimizer"] == "sgd" and hp["momentum"] == 0), "nesterov needs momentum > 0")
+    check(0 <= hp["dropout"] < 1, f"dropout must be in [0, 1), got {hp['dropout']}")
+    check(0 <= hp["label_smoothing"] < 1, f"label_smoothing must be in [0, 1), got {hp['label_smoothing']}")
 
 
 class MLPClassifier(L.LightningModule):
@@ -67,8 +96,9 @@ class MLPClassifier(L.LightningModule):
         momentum: SGD momentum (Adam's beta1 ignores it).
         nesterov: Nesterov momentum for SGD.
         weight_decay: L2 penalty coefficient.
-        schedule: "onecycle" (warm up, then anneal to ~0), "cosine" (anneal from lr) or "constant".
-        activation: "relu", "prelu" (learned slope per layer), "sigmoid" or "tanh", all in `mlp.net`.
+        schedule: "onecycle" (warm up, then anneal to ~0), "cosine" (anneal from lr), "step" (x0.25 at 50, 75, 87.5
+            and 94 % of the run, as the best published MLP) or "constant".
+        activation: "relu", "leaky_relu", "prelu" (learned slope per layer), "sigmoid" or "tanh", all in `mlp.net`.
         dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
         backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
         label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
@@ -78,8 +108,8 @@ class MLPClassifier(L.LightningModule):
     methods under `torch.func.vmap`, so a fork that overrides `loss` or swaps `self.net` changes stacked trials too.
     """
 
-    # Hyperparameters in which models stacked by `mlp.fused` may differ: each model keeps them in its own optimiser
-    # and schedule, or in tensors of its own (dropout's rate, the label smoothing) that vmap maps over.
+    # Hyperparameters in which stacked models (`mlp.fused`) may differ: each keeps them in its optimiser and schedule,
+    # or in tensors of its own that vmap maps over (dropout's rate, the label smoothing).
     PER_MODEL = ("lr", "weight_decay", "momentum", "nesterov", "optimizer", "schedule", "init", "dropout",
                  "label_smoothing")
 
@@ -93,7 +123,7 @@ class MLPClassifier(L.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 5e-4,
-        schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle",
         activation: Activation = "relu",
         dropout: float = 0.0,
         backward: Literal["autograd", "manual"] = "autograd",
@@ -101,22 +131,14 @@ class MLPClassifier(L.LightningModule):
         input_size: int = FashionMNISTDataModule.input_size,
     ) -> None:
         super().__init__()
-        check(depth >= 0, f"depth (hidden layers) must be >= 0, got {depth}")
-        check(width >= 1, f"width (hidden units) must be >= 1, got {width}")
-        check(math.isfinite(lr) and lr > 0, f"lr must be a positive finite number, got {lr}")
-        check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        check(not (nesterov and optimizer == "sgd" and momentum == 0), "nesterov needs momentum > 0")
-        check(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
-        check(0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
+        check_hyperparameters(self.hparams)
         self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout)
         # A tensor, not a float, so that models stacked by vmap each smooth by their own share.
         self.register_buffer("label_smoothing", torch.tensor(float(label_smoothing)), persistent=False)
         self.automatic_optimization = backward == "autograd"
-        # A metric update costs more than a training step of this small net, so the training metrics are updated
-        # once an epoch from the collected step outputs. They keep NaN: a diverging loss must show. Predictions are
-        # argmaxes, valid by construction, so input checks are skipped: a stack of K models would pay them K times.
+        # Training metrics are updated once an epoch from the collected step outputs (an update costs more than a
+        # step), keeping NaN so a diverging loss shows; argmaxes need no input checks, which a stack pays K times.
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_step_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -125,17 +147,15 @@ class MLPClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
-        # Also set here: a run resumed mid-epoch starts without on_train_epoch_start.
-        self.epoch_start = time.perf_counter()
+        self.epoch_start = time.perf_counter()  # a run resumed mid-epoch starts without on_train_epoch_start
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
     def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """The batch's mean loss and predictions."""
-        x, y = batch
-        logits = self(x)
-        return self.loss(logits, y), logits.argmax(dim=-1)
+        logits = self(batch[0])
+        return self.loss(logits, batch[1]), logits.argmax(dim=-1)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy, in training with label smoothing; override it to change what every run trains on.
@@ -203,8 +223,8 @@ class MLPClassifier(L.LightningModule):
         self.val_loss.update(loss.expand(len(y)))  # one loss per example: see train_epoch_scalars
 
     def val_epoch_scalars(self) -> dict[str, Tensor]:
-        """The validation's loss and accuracy, and the best accuracy so far as `hp_metric`, which TensorBoard's
-        HParams tab compares runs by. Under DDP already the same on every process: torchmetrics syncs in compute."""
+        """The validation's loss, accuracy and best accuracy so far (`hp_metric`, by which TensorBoard's HParams tab
+        compares runs); under DDP the same on every process, as torchmetrics syncs in compute."""
         acc, loss = self.val_acc.compute(), self.val_loss.compute()
         self.val_acc.reset()
         self.val_loss.reset()
@@ -228,10 +248,7 @@ class MLPClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         if isinstance(self.logger, TensorBoardLogger):
-            confusion_figure, _ = self.test_confusion.plot(labels=CLASS_NAMES)
-            confusion_figure.set_size_inches(9, 9)
-            self.logger.experiment.add_figure("test/confusion_matrix", confusion_figure)
-            self.logger.experiment.add_figure("test/predictions", predictions_figure(*self.test_examples))
+            add_test_figures(self.logger.experiment, self.test_confusion, self.test_examples)
         self.test_confusion.reset()
 
     def configure_optimizers(self):
@@ -242,12 +259,7 @@ class MLPClassifier(L.LightningModule):
         optimiser steps, as Lightning's configure_optimizers returns them."""
         hp = self.hparams
         optimizer = make_optimizer(self.parameters(), hp, fused)
-        if hp.schedule == "onecycle":
-            # Momentum stays what the `momentum` flag says instead of cycling with the learning rate.
-            scheduler = OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps, cycle_momentum=False)
-        elif hp.schedule == "cosine":
-            scheduler = CosineAnnealingLR(optimizer, T_max=steps)
-        else:
+        if (scheduler := make_schedule(optimizer, hp, steps)) is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

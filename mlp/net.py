@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 InitScheme = Literal["normal", "kaiming", "xavier"]
-Activation = Literal["relu", "prelu", "sigmoid", "tanh"]
+Activation = Literal["relu", "leaky_relu", "prelu", "sigmoid", "tanh"]
 PRELU_INIT_SLOPE = 0.25  # He et al. (2015), and PyTorch's default
+LEAKY_SLOPE = 0.01  # Maas et al. (2013), and PyTorch's default
 
 
 def relu(x: Tensor) -> Tensor:
@@ -31,6 +32,15 @@ def prelu_grad(x: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
     """d prelu / dx (1 or the slope) and d prelu / d slope (0 or x), elementwise."""
     positive = x > 0
     return torch.where(positive, torch.ones_like(x), slope), torch.where(positive, torch.zeros_like(x), x)
+
+
+def leaky_relu(x: Tensor) -> Tensor:
+    """prelu with a fixed slope, LEAKY_SLOPE: a unit below zero still passes some gradient."""
+    return torch.where(x > 0, x, LEAKY_SLOPE * x)
+
+
+def leaky_relu_grad(x: Tensor) -> Tensor:
+    return torch.full_like(x, LEAKY_SLOPE).masked_fill_(x > 0, 1.0)
 
 
 def sigmoid(x: Tensor) -> Tensor:
@@ -54,7 +64,10 @@ def tanh_grad(x: Tensor) -> Tensor:
 
 
 # Activations without parameters, with their derivatives; prelu, which has one, is handled by MLP itself.
-ACTIVATIONS = {"relu": (relu, relu_grad), "sigmoid": (sigmoid, sigmoid_grad), "tanh": (tanh, tanh_grad)}
+ACTIVATIONS = {
+    "relu": (relu, relu_grad), "leaky_relu": (leaky_relu, leaky_relu_grad), "sigmoid": (sigmoid, sigmoid_grad),
+    "tanh": (tanh, tanh_grad),
+}
 
 
 def dropout_mask(x: Tensor, p: float | Tensor) -> Tensor:

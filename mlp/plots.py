@@ -2,6 +2,7 @@
 with their predicted and true labels (d2l's predict_ch3)."""
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,19 +15,19 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from mlp.data import CLASS_NAMES
-from mlp.net import PRELU_INIT_SLOPE, prelu, prelu_grad, relu, relu_grad, sigmoid, sigmoid_grad, tanh, tanh_grad
+from mlp.net import ACTIVATIONS, PRELU_INIT_SLOPE, prelu, prelu_grad
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+    from torchmetrics.classification import MulticlassConfusionMatrix
 
 
 def activations_figure(selected: str) -> Figure:
     """Each activation and its derivative on [-8, 8], side by side; `selected` (this run's) is titled in bold."""
     x = torch.linspace(-8, 8, 401)
     slope = torch.tensor(PRELU_INIT_SLOPE)
-    curves = {
-        "relu": (relu(x), relu_grad(x)),
-        "prelu": (prelu(x, slope), prelu_grad(x, slope)[0]),  # at its initial slope
-        "sigmoid": (sigmoid(x), sigmoid_grad(x)),
-        "tanh": (tanh(x), tanh_grad(x)),
-    }
+    curves = {name: (value(x), derivative(x)) for name, (value, derivative) in ACTIVATIONS.items()}
+    curves["prelu"] = (prelu(x, slope), prelu_grad(x, slope)[0])  # at its initial slope
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), sharey=True)
     for ax, (name, (value, derivative)) in zip(axes, curves.items()):
         ax.plot(x, value, label=f"{name}(x)")
@@ -75,3 +76,11 @@ def predictions_figure(images: Tensor, predicted: Tensor, true: Tensor, columns:
     ax.set_title("predicted / true", fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / fig.get_figheight())
     return fig
+
+
+def add_test_figures(writer: "SummaryWriter", confusion: "MulticlassConfusionMatrix", examples: tuple) -> None:
+    """The test's confusion matrix, and its first images with their predicted and true labels, in TensorBoard."""
+    confusion_figure, _ = confusion.plot(labels=CLASS_NAMES)
+    confusion_figure.set_size_inches(9, 9)
+    writer.add_figure("test/confusion_matrix", confusion_figure)
+    writer.add_figure("test/predictions", predictions_figure(*examples))

@@ -29,7 +29,7 @@ def random_classifiers(depth: int, activation: str, widths: list[int], dropout: 
     return models
 
 
-@pytest.mark.parametrize("activation", ["relu", "prelu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "prelu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_a_stacks_losses_and_gradients_are_each_models_own_padded_or_not(depth, activation):
     torch.manual_seed(depth)
@@ -127,7 +127,9 @@ def train_fused(
 
 
 @pytest.mark.parametrize("backward", ["autograd", "manual"])
-@pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adam", "cosine"), ("sgd", "constant")])
+@pytest.mark.parametrize(
+    "optimizer,schedule", [("sgd", "onecycle"), ("adam", "cosine"), ("adam", "step"), ("sgd", "constant")]
+)
 def test_fused_models_train_exactly_as_separate_runs(backward, optimizer, schedule):
     models = classifiers(HPARAMS, optimizer=optimizer, schedule=schedule, backward=backward, activation="prelu")
     states = train_fused(models, HPARAMS, ["a", "b", "c"])

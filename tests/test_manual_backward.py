@@ -52,7 +52,7 @@ def test_loss_gradient_creates_its_tensors_on_the_logits_device():
     assert created.devices and set(created.devices) == {torch.device("meta")}
 
 
-@pytest.mark.parametrize("activation", ["relu", "prelu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "prelu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("depth", [0, 1, 2, 4])
 def test_manual_gradients_equal_autograd_in_float64(depth, activation):
     torch.manual_seed(depth)

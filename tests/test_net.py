@@ -11,6 +11,8 @@ from mlp.net import (
     MLP,
     dropout_mask,
     init_weight,
+    leaky_relu,
+    leaky_relu_grad,
     prelu,
     prelu_grad,
     relu,
@@ -42,8 +44,11 @@ def extreme_inputs() -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "ours, derivative, reference",
-    [(sigmoid, sigmoid_grad, torch.sigmoid), (tanh, tanh_grad, torch.tanh), (relu, relu_grad, torch.relu)],
-    ids=["sigmoid", "tanh", "relu"],
+    [
+        (sigmoid, sigmoid_grad, torch.sigmoid), (tanh, tanh_grad, torch.tanh), (relu, relu_grad, torch.relu),
+        (leaky_relu, leaky_relu_grad, torch.nn.functional.leaky_relu),
+    ],
+    ids=["sigmoid", "tanh", "relu", "leaky_relu"],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_activation_matches_pytorch_in_value_autograd_gradient_and_hand_derivative(ours, derivative, reference, dtype):

@@ -276,3 +276,19 @@ def test_the_model_takes_its_input_size_from_the_data_module_and_reloads_alone(s
     cli.trainer.strategy.connect(cli.model)
     cli.trainer.save_checkpoint(checkpoint)
     assert MLPClassifier.load_from_checkpoint(checkpoint).net.layers[0][0].shape == (392, 8)
+
+
+def test_the_step_schedule_quarters_the_rate_where_the_published_record_did():
+    """Nøkland & Eidnes' Adam schedule: x0.25 at epochs 100, 150, 175 and 188 of 200, here as fractions of the run."""
+    from mlp.module import MLPClassifier
+
+    config = MLPClassifier(depth=0, optimizer="adam", lr=1e-3, schedule="step").optimizer_and_schedule(steps=200)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(200):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    changes = [step for step in range(1, 200) if rates[step] != rates[step - 1]]
+    assert changes == [100, 150, 175, 188]
+    assert rates[0] == 1e-3 and rates[-1] == pytest.approx(1e-3 * 0.25**4)
