@@ -142,13 +142,21 @@ def test_heartbeats_go_on_for_the_other_trials_when_another_worker_failed_one_as
     study = open_study("s", storage_in(tmp_path, "journal"), "none", SearchSpace().epochs[0], seed=0)
     failed, alive = study.ask(), study.ask()
     other_worker = optuna.load_study(study_name="s", storage=connect(storage_in(tmp_path, "journal")))
+    def beat_of(trial: optuna.Trial) -> float:
+        return study.trials[trial.number].system_attrs.get("heartbeat", 0.0)
+
+    def until(condition, seconds: float = 20) -> bool:  # polled: a loaded machine may run the thread late
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return condition()
+
     with Heartbeats(study, [failed, alive]) as heartbeats:
-        time.sleep(0.3)
+        assert until(lambda: beat_of(failed) > 0)
         other_worker.tell(failed.number, state=TrialState.FAIL)
-        before = study.trials[alive.number].system_attrs["heartbeat"]
-        time.sleep(0.5)
+        before = beat_of(alive)
+        assert until(lambda: beat_of(alive) > before + 0.2)  # beats after the failed trial's beat raised
         assert heartbeats.thread.is_alive()
-        assert study.trials[alive.number].system_attrs["heartbeat"] > before
 
 
 class DroppedCtrlC:
