@@ -10,6 +10,7 @@ model's parameters are views of its slice of the stack, so its own optimiser ste
 import copy
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,9 +108,10 @@ class Optimizers(torch.optim.Optimizer):
     A model's optimiser joins and leaves with it; the optimisers themselves are never edited."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        # No super().__init__: this holds no parameters of its own, only other optimisers.
+        # No super().__init__ (it holds no parameters, only other optimisers), so the step hooks' dicts that torch's
+        # step wrapper (profile_hook_step, on `step` below) reads are set here; tests/test_private_apis.py pins them.
         self.optimizers, self.defaults = optimizers, {}
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = OrderedDict(), OrderedDict()  # as torch's
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -119,6 +121,7 @@ class Optimizers(torch.optim.Optimizer):
     def state(self) -> dict[Tensor, Any]:
         return {p: s for optimizer in self.optimizers for p, s in optimizer.state.items()}
 
+    @torch.optim.Optimizer.profile_hook_step  # as torch wraps every optimiser's step in Optimizer.__init__
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure() if closure is not None else None
         for optimizer in self.optimizers:

@@ -92,3 +92,23 @@ def test_a_key_popped_from_callback_metrics_is_gone_for_the_callbacks_after():
                         enable_model_summary=False, callbacks=[Sees()])
     trainer.fit(Departs(depth=0, schedule="constant"), *loaders())
     assert seen == [True, False, False, False]
+
+
+def test_optimizers_runs_torchs_step_hooks_from_the_attributes_it_sets_itself():
+    """mlp.fused.Optimizers holds other optimisers and no parameters, so it skips Optimizer.__init__: it wraps its
+    step in torch's profile_hook_step itself and sets the hooks' dicts that the wrapper reads. An upgrade that reads
+    other attributes there fails this step, or runs no hook."""
+    import torch
+
+    from mlp.fused import Optimizers
+
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    both = Optimizers([torch.optim.SGD([p], lr=0.5) for p in params])
+    ran = []
+    both.register_step_pre_hook(lambda *_: ran.append("pre"))
+    both.register_step_post_hook(lambda *_: ran.append("post"))
+    both.step()
+    assert ran == ["pre", "post"]
+    assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in params)
