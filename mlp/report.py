@@ -1,12 +1,14 @@
 """The study's final report: what was chosen, on what, at what cost, and one test figure for the answer."""
 
 import json
-from collections import Counter
 import warnings
+from collections import Counter
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import Budget
@@ -21,8 +23,14 @@ def epochs_trained(study: optuna.Study) -> int:
     return sum(TrialRecord.of(t).epochs_trained for t in study.get_trials(deepcopy=False))
 
 
-# A study's cost is counted in epochs of fit.py's default net on fit.py's default training split.
-DEFAULT_NET_MULTIPLY_ADDS = MLPClassifier().net.multiply_adds()
+@cache
+def default_net_multiply_adds() -> int:
+    """A study's cost is counted in epochs of fit.py's default net on fit.py's default training split: the net's
+    multiply-adds per example, of a net built on the meta device, so that no weights are drawn."""
+    with torch.device("meta"):
+        return MLPClassifier().net.multiply_adds()
+
+
 DEFAULT_TRAIN_IMAGES = TRAIN_IMAGES - FashionMNISTDataModule().hparams.val_size
 
 
@@ -30,7 +38,7 @@ def cost(study: optuna.Study) -> dict[str, float]:
     """The study's training cost in epochs of fit.py's default net (each trial's epochs weighted by its net's
     multiply-adds per example), so studies on different machines compare; and in busy wall seconds."""
     records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
-    model_epochs = sum(r.epochs_trained * r.multiply_adds for r in records) / DEFAULT_NET_MULTIPLY_ADDS
+    model_epochs = sum(r.epochs_trained * r.multiply_adds for r in records) / default_net_multiply_adds()
     return {"default_net_epochs": round(model_epochs, 3), "busy_wall_seconds": round(busy_wall_seconds(study), 1)}
 
 
@@ -60,7 +68,7 @@ def outcome(trial: FrozenTrial) -> str:
     """The trial's state, or why a failed one was none: it would not have fitted the --timeout budget (it is failed,
     not pruned, so that the sampler learns nothing from it), or the study had no place left for it."""
     record = TrialRecord.of(trial)
-    if trial.state == TrialState.FAIL and (record.skipped or record.surplus):
+    if trial.state == TrialState.FAIL and not record.counts_as_failure:
         return "skipped (budget)" if record.skipped else "surplus"
     return trial.state.name.lower()
 
@@ -103,7 +111,7 @@ def refits_cost(study: optuna.Study) -> float:
     """The final models' refits, in epochs of fit.py's default net on its default training split."""
     refits = [study.user_attrs[f"refit_{number}"] for number in refitted(study)]
     work = sum(r["epochs"] * r["multiply_adds"] * r["train_images"] for r in refits)
-    return work / (DEFAULT_NET_MULTIPLY_ADDS * DEFAULT_TRAIN_IMAGES)
+    return work / (default_net_multiply_adds() * DEFAULT_TRAIN_IMAGES)
 
 
 def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, budget: Budget) -> dict[str, Any]:
