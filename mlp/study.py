@@ -175,6 +175,7 @@ class KernelLock(JournalFileOpenLock):
     Optuna process writing to the same file would not wait for it (reading, as optuna-dashboard does, takes none)."""
 
     def __init__(self, journal: str) -> None:
+        # Optuna's lock class only for its interface (the base, BaseJournalFileLock, is private): none of its state.
         self.path, self.held = f"{journal}.flock", -1
 
     def acquire(self) -> bool:
