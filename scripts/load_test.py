@@ -6,8 +6,9 @@
 Each storage gets a fresh study in a temporary folder (PostgreSQL: a throwaway server on loopback, started as the
 scale-out test starts one, its URL carrying a password that must never be printed). The workers start at once
 and train 784-16/32-10 nets for 2 epochs on a slice of Fashion-MNIST (the first --images training and 500 test
-images), one thread each, with tune.py's heartbeat (every 10 s, stale after 30 s). Once trials have reported an epoch, --kill
-workers are SIGKILLed mid-trial and --interrupt workers get SIGINT (Ctrl-C); the others finish the study.
+images), one thread each, with tune.py's heartbeat (every 10 s, stale after 30 s). Once trials have reported an
+epoch, --kill workers are SIGKILLed mid-trial and --interrupt workers get SIGINT (Ctrl-C); the others finish the
+study.
 
 Checks, each printed with what was seen: exactly --n-trials finished trials, unique trial numbers, every killed
 trial failed by heartbeat and rerun (with its delay after the kill), no storage error in any worker's output,
