@@ -63,7 +63,6 @@ class Budget:
         epoch, scaled to the refit's training images; stacked `fuse` at a time (default: the study's), a stack
         lasting as long as its longest member."""
         fuse = fuse or self.fuse
-        trials = [t for t in trials if t.number not in self.refitted]
         each = [REFIT_START_SECONDS + self.refit_scale * trial_seconds(t) for t in trials]
         return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
 
@@ -77,7 +76,7 @@ class Budget:
         the final model will have."""
         kept = 0.0
         for j in range(1, min(RESERVED_REFITS, len(best_first)) + 1):
-            seconds = self.refit_seconds(best_first[:j])
+            seconds = self.refit_seconds(t for t in best_first[:j] if t.number not in self.refitted)
             completed = max(t.datetime_complete.timestamp() for t in best_first[:j])
             if seconds <= self.deadline - completed - FINISH_SECONDS:
                 kept = seconds

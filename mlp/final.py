@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 import torch
+import yaml
 from optuna.trial import FrozenTrial
 from torch import Tensor
 
@@ -29,6 +30,9 @@ from mlp.study import best_first
 from mlp.trials import RunEnd, train_runs
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
+# The most runs a refit ensemble averages, its configurations' later seed rounds included (see seed_rounds).
+REFIT_MEMBERS_MAX = 10
+ROUND_SEED_STRIDE = 1_000_003  # a later round's seed: the trial's own plus this per round, apart from every trial's
 # Also the order of fallbacks when the chosen one has no test figure.
 FINAL_CHOICES = ("refit_ensemble", "ensemble", "refit", "best")
 
@@ -108,57 +112,81 @@ def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
     return build_cli([f"--config={trial_config(trial)}", f"--trainer.logger.init_args.version={version}", *flags])
 
 
-def refit_trials(study: optuna.Study, numbers: list[int], fuse: int) -> list[dict[str, Any]]:
+def refit_trials(study: optuna.Study, numbers: list[int], fuse: int, round_: int = 0) -> list[dict[str, Any]]:
     """The refits of trials `numbers`, each trained on all training images and its final weights tested once;
-    cached in the study per trial, so the refit of the best trial serves both final models that need it. With
-    fuse > 1, those not yet cached train up to `fuse` at once, stacked as tune.py --fuse stacks trials
-    (`mlp.trials.train_runs`): the same runs, checkpoints and cached results. Runs whose data settings differ (a
-    study resumed with other data flags) cannot share batches, and train one at a time."""
-    trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if not refit_done(study, n)]
+    cached in the study per trial and round, so the refit of the best trial serves both final models that need
+    it. Round 0 refits a trial with its own seed; a later round with another (`seed_flag`), to average more runs
+    of the same configuration. With fuse > 1, those not yet cached train up to `fuse` at once, stacked as tune.py
+    --fuse stacks trials (`mlp.trials.train_runs`): the same runs, checkpoints and cached results. Runs whose data
+    settings differ (a study resumed with other data flags) cannot share batches, and train one at a time."""
+    trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if not refit_done(study, n, round_)]
     size = fuse if len(todo) > 1 else 1
     for start in range(0, len(todo), size):
         # Each trial's configuration as a fit run on all training images.
-        runs = {n: trial_run(trials[n], f"refit_trial_{n}", "--data.val_size=0") for n in todo[start : start + size]}
+        runs = {n: trial_run(trials[n], refit_name(n, round_, "refit_trial"), "--data.val_size=0",
+                             *seed_flag(trials[n], round_))
+                for n in todo[start : start + size]}
         data = [dict(cli.datamodule.hparams) for cli in runs.values()]
         if size > 1 and data.count(data[0]) == len(data):
-            train_and_test_refits(study, runs, size)
+            train_and_test_refits(study, runs, size, round_)
         else:
             for n, cli in runs.items():
-                train_and_test_refits(study, {n: cli}, 1)
-    return [study.user_attrs[f"refit_{n}"] for n in numbers]
+                train_and_test_refits(study, {n: cli}, 1, round_)
+    return [study.user_attrs[refit_name(n, round_)] for n in numbers]
 
 
-def refit_done(study: optuna.Study, number: int) -> bool:
+def refit_name(number: int, round_: int, prefix: str = "refit") -> str:
+    """The study attribute (or, with prefix refit_trial, the log folder) of trial `number`'s refit in `round_`."""
+    return f"{prefix}_{number}" if round_ == 0 else f"{prefix}_{number}_seed{round_}"
+
+
+def seed_flag(trial: FrozenTrial, round_: int) -> list[str]:
+    """The flag that seeds a later round's refit apart from the trial's own seed (none in round 0, or where the
+    study seeded nothing)."""
+    seed = yaml.safe_load(Path(trial_config(trial)).read_text()).get("seed_everything")
+    if round_ == 0 or isinstance(seed, bool) or seed is None:
+        return []
+    return [f"--seed_everything={seed + ROUND_SEED_STRIDE * round_}"]
+
+
+def refit_done(study: optuna.Study, number: int, round_: int = 0) -> bool:
     """Whether trial `number`'s refit was trained and tested (a user attribute set to None, as Optuna cannot delete
     one, counts as not)."""
-    return bool(study.user_attrs.get(f"refit_{number}"))
+    return bool(study.user_attrs.get(refit_name(number, round_)))
 
 
 def refitted(study: optuna.Study) -> frozenset[int]:
-    """The numbers of the trials whose refits were trained and tested."""
+    """The numbers of the trials whose round-0 refits were trained and tested."""
     return frozenset(int(key[6:]) for key in study.user_attrs if key[6:].isdigit() and refit_done(study, int(key[6:])))
 
 
-def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int) -> None:
+def all_refits(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every refit trained and tested, of every round."""
+    return [value for key, value in study.user_attrs.items()
+            if key.startswith("refit_") and key.split("_")[1].isdigit() and value]
+
+
+def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int, round_: int) -> None:
     """Train the refit runs of `runs` (by trial number) alone (fuse == 1) or stacked, then test each once."""
     ends: dict[str, RunEnd] = {}
     first = study.get_trials(deepcopy=False)[next(iter(runs))]
     group_args = [f"--config={trial_config(first)}", "--data.val_size=0"]
     data = train_runs({str(n): cli for n, cli in runs.items()}, group_args, fuse, ends.__setitem__)
     for n, cli in runs.items():
-        refit_result(study, n, cli, ends[str(n)], data, stacked_with=list(runs) if fuse > 1 else None)
+        refit_result(study, n, round_, cli, ends[str(n)], data, stacked_with=list(runs) if fuse > 1 else None)
 
 
 def refit_result(
     study: optuna.Study,
     number: int,
+    round_: int,
     cli: MLPCLI,
     end: RunEnd,
     data: FashionMNISTDataModule,
     stacked_with: list[int] | None = None,
 ) -> dict[str, Any]:
     """Test refit run `cli`'s final weights (`end.checkpoint`) once on `data`, the data it trained on, unless it
-    diverged; keep the result in the study as `refit_<number>`."""
+    diverged; keep the result in the study (`refit_name`)."""
     result: dict[str, Any] = {
         "what": f"trial {number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
         " epochs; no validation figure, as no image was held out",
@@ -169,6 +197,8 @@ def refit_result(
         "multiply_adds": cli.model.net.multiply_adds(),
         "train_images": len(data.train_set),
     }
+    if round_:
+        result["seed_round"] = round_  # another seed of the configuration (see refit_ensemble)
     if stacked_with:
         result["stacked_with"] = stacked_with  # trained in one stack (--fuse), each as it would alone
     if end.how == "diverged":
@@ -177,15 +207,19 @@ def refit_result(
         data.setup("test")
         test_x, test_y = data.test_set.tensors
         result["test_acc"] = accuracy(evaluate([end.checkpoint], {"test": test_x})["test"][0], test_y)
-    study.set_user_attr(f"refit_{number}", result)
+    study.set_user_attr(refit_name(number, round_), result)
     return result
 
 
-def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -> dict[str, Any]:
+def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], budget: Budget) -> dict[str, Any]:
     """The configurations of the ensemble `chosen` on validation, each refit on train + val (as stacks of up to
-    `fuse`), softmax-averaged and tested once, on the test images standardised as the refits' own training
+    budget.fuse), softmax-averaged and tested once, on the test images standardised as the refits' own training
     images were (all 60,000, not the trials' 55,000). Like a refit it has no validation figure; k is the
-    ensemble's."""
+    ensemble's.
+
+    Time the budget still has once they are trained goes to more runs of the same configurations, each with
+    another seed (`seed_rounds`), best first: averaging more runs lowers the ensemble's variance, and the choice
+    they average was made on validation."""
     result: dict[str, Any] = {
         "what": "the ensemble's k configurations, each retrained on train + val, softmax-averaged; no validation "
         "figure, as no image was held out",
@@ -197,20 +231,42 @@ def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], fuse: int = 1) -
     if cached and cached["trials"] == chosen["trials"]:
         return cached
     try:
-        members = refit_trials(study, chosen["trials"], fuse)
+        members = refit_trials(study, chosen["trials"], budget.fuse)
     except UserError as error:  # a member's configuration is missing
         return {**result, "test_acc": None, "why_no_test": str(error)}
     diverged = [r["trial"] for r in members if r["test_acc"] is None]
-    result.update(trials=chosen["trials"], checkpoints=[r["checkpoint"] for r in members], diverged=diverged)
+    result.update(trials=chosen["trials"], diverged=diverged)
     if "smaller_than" in chosen:  # the budget left no time for the refits of the ensemble chosen on val
         result["smaller_than"] = chosen["smaller_than"]
     if diverged:
         # Dropping a member would make an ensemble that validation did not choose; report none instead.
-        result.update(test_acc=None, why_no_test=f"the refits of trials {diverged} diverged")
+        result.update(checkpoints=[r["checkpoint"] for r in members], test_acc=None,
+                      why_no_test=f"the refits of trials {diverged} diverged")
     else:
+        # A later round's diverged run is left out: its configuration is in the ensemble already.
+        members += [r for r in seed_rounds(study, chosen["trials"], budget) if r["test_acc"] is not None]
+        result.update(checkpoints=[r["checkpoint"] for r in members],
+                      seeds_per_trial={str(n): sum(r["trial"] == n for r in members) for n in chosen["trials"]})
         result["test_acc"] = test_checkpoints(result["checkpoints"])["test_acc"]
     study.set_user_attr("refit_ensemble", result)
     return result
+
+
+def seed_rounds(study: optuna.Study, numbers: list[int], budget: Budget) -> list[dict[str, Any]]:
+    """Once the --timeout budget has stopped the trials, the refits of further rounds, each round the ensemble's
+    best configurations that fit in the time left (all of them while they fit), until none fits or the ensemble
+    holds REFIT_MEMBERS_MAX runs: so a budget no trial fitted in is spent on the final model."""
+    if not budget.bounded or budget.trials_may_start(best_first(study)):
+        return []  # no --timeout, or the study ended on its --n-trials with time to spare
+    by_number, made = {t.number: t for t in study.get_trials(deepcopy=False)}, []
+    for round_ in range(1, REFIT_MEMBERS_MAX):
+        room = REFIT_MEMBERS_MAX - len(numbers) - len(made)
+        fits = [k for k in range(min(len(numbers), room), 0, -1)
+                if over_budget(budget, [by_number[n] for n in numbers[:k]]) is None]
+        if not fits:
+            break
+        made += refit_trials(study, numbers[: fits[0]], budget.fuse, round_)
+    return made
 
 
 def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dict[str, Any]:
@@ -315,7 +371,7 @@ def final_models(study: optuna.Study, answer: str, budget: Budget) -> dict[str, 
     refits go first."""
     averaged = ensemble(study)
     makers = {
-        "refit_ensemble": lambda: refit_ensemble(study, affordable_ensemble(study, averaged, budget), budget.fuse),
+        "refit_ensemble": lambda: refit_ensemble(study, affordable_ensemble(study, averaged, budget), budget),
         "ensemble": lambda: averaged,
         "refit": lambda: refit_best(study, budget),
         "best": lambda: best_checkpoint(study),

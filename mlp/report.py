@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import Budget
 from mlp.data import TRAIN_IMAGES, FashionMNISTDataModule
-from mlp.final import final_models, refitted
+from mlp.final import all_refits, final_models
 from mlp.module import MLPClassifier
 from mlp.records import TrialRecord
 
@@ -109,8 +109,7 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
 
 def refits_cost(study: optuna.Study) -> float:
     """The final models' refits, in epochs of fit.py's default net on its default training split."""
-    refits = [study.user_attrs[f"refit_{number}"] for number in refitted(study)]
-    work = sum(r["epochs"] * r["multiply_adds"] * r["train_images"] for r in refits)
+    work = sum(r["epochs"] * r["multiply_adds"] * r["train_images"] for r in all_refits(study))
     return work / (default_net_multiply_adds() * DEFAULT_TRAIN_IMAGES)
 
 

@@ -7,6 +7,7 @@ import time
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from mlp.budget import AFTER_REFITS_SECONDS, FINISH_SECONDS, REFIT_START_SECONDS, SKIPS_IN_A_ROW, Budget
@@ -209,3 +210,30 @@ def test_a_rerun_of_a_finished_study_with_more_trials_and_a_timeout_adds_them(sy
     trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
     assert summary["wall_seconds_this_run"] > 0 and summary["test_acc"] is not None
+
+
+def test_time_the_trials_could_not_use_goes_to_more_seeds_of_the_ensembles_configurations(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    """Once the budget stops the trials, the refit ensemble averages further runs of its configurations, each
+    seeded apart, while they fit in the time left (here up to 4 runs); a study that ends on --n-trials adds none."""
+    monkeypatch.setattr("mlp.final.REFIT_MEMBERS_MAX", 4)
+    monkeypatch.setattr(Budget, "trials_may_start", lambda self, best_first: len(best_first) < 2)
+    args = tune_args(synthetic_dir, tmp_path, n_trials=30)
+    args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # no trial diverges
+    final = tune.main([*args, "--pruner=none", "--timeout=100000", "--quiet"])["final"]
+    members = final["refit_ensemble"]
+    assert final["answer"] == "refit_ensemble" and len(members["trials"]) < len(members["checkpoints"]) == 4
+    assert sum(members["seeds_per_trial"].values()) == 4 and set(members["seeds_per_trial"]) == {
+        str(n) for n in members["trials"]}
+    study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    first = members["trials"][0]
+    runs = [study.user_attrs[key] for key in (f"refit_{first}", f"refit_{first}_seed1")]
+    assert all(run["test_acc"] is not None for run in runs) and runs[1]["seed_round"] == 1
+    weights = [torch.load(run["checkpoint"], weights_only=True)["state_dict"] for run in runs]
+    assert any(not torch.equal(weights[0][name], weights[1][name]) for name in weights[0])  # another seed
+
+    monkeypatch.setattr(Budget, "trials_may_start", lambda self, best_first: True)
+    ended_on_n_trials = tune.main([*tune_args(synthetic_dir, tmp_path / "n", n_trials=2), "--timeout=100000",
+                                   "--quiet"])["final"]["refit_ensemble"]
+    assert len(ended_on_n_trials["checkpoints"]) == len(ended_on_n_trials["trials"])
