@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import SN3_PASCALVINCENT_TYPEMAP, read_image_file, read_label_file
 
-from mlp.augment import shift_and_flip
 from mlp.errors import UserError, check
 
 CLASS_NAMES = list(FashionMNIST.classes)
@@ -185,8 +184,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST with a fixed-seed validation split carved from the training images.
 
     The test images are loaded only for `trainer.test`, so model selection never sees them. `val_size` 0 trains on
-    all training images with no validation (a refit). `augment_shift` (pixels) and `augment_flip` augment the
-    training batches only. `batch_size` is one optimiser step's; under DDP each rank takes its part of it.
+    all training images with no validation (a refit). `batch_size` is one optimiser step's; under DDP each rank
+    takes its part of it. Augmentation is the model's (`MLPClassifier.inputs`), so stacked trials differ in it.
     """
 
     input_size = IMAGE_SIDE * IMAGE_SIDE  # what a model's first layer takes: one flattened image
@@ -198,14 +197,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
         val_size: int = 5000,
         seed: int = 0,
         num_workers: int = 0,
-        augment_shift: int = 0,
-        augment_flip: bool = False,
     ) -> None:
         super().__init__()
         check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
         check(val_size >= 0, f"val_size must be >= 0 (0: train on everything, no validation), got {val_size}")
         check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
-        check(0 <= augment_shift < 14, f"augment_shift must be 0-13 pixels, got {augment_shift}")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
 
@@ -251,13 +247,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
         rank, ranks = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = IndexBatches(len(dataset), batch_size, shuffle, torch.initial_seed(), rank, ranks)
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.hparams.num_workers)
-
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        hp = self.hparams
-        if self.trainer is not None and self.trainer.training and (hp.augment_shift or hp.augment_flip):
-            x, y = batch
-            return shift_and_flip(x, hp.augment_shift, hp.augment_flip, self.background), y
-        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)

@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mlp.augment import shift_and_flip
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule
 from mlp.errors import check
 from mlp.net import MLP, Activation, InitScheme
@@ -63,8 +64,11 @@ def start_run(
     model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None, max_epochs: int
 ) -> None:
     """A model's run begins, alone or in a stack (`mlp.fused`), both alike: the sanity check's validation ran on an
-    untrained net and must not count as the best so far; its TensorBoard run gets its hyperparameters and figure."""
+    untrained net and must not count as the best so far; its TensorBoard run gets its hyperparameters and figure.
+    Shifts bring in the data's background: a black pixel as the data module standardised it."""
     model.val_acc_best.reset()
+    if datamodule is not None and hasattr(datamodule, "background"):
+        model.background.fill_(datamodule.background)
     if isinstance(logger, TensorBoardLogger):
         # max_epochs too, which tune.py searches; hp_metric (the best val/acc) declared as Lightning's docs advise.
         data_hparams = datamodule.hparams if datamodule else {}
@@ -82,6 +86,8 @@ def check_hyperparameters(hp: Mapping[str, Any]) -> None:
     check(not (hp["nesterov"] and hp["optimizer"] == "sgd" and hp["momentum"] == 0), "nesterov needs momentum > 0")
     check(0 <= hp["dropout"] < 1, f"dropout must be in [0, 1), got {hp['dropout']}")
     check(0 <= hp["label_smoothing"] < 1, f"label_smoothing must be in [0, 1), got {hp['label_smoothing']}")
+    check(0 <= hp["augment_shift"] < 14, f"augment_shift must be 0-13 pixels, got {hp['augment_shift']}")
+    check(0 <= hp["augment_flip"] <= 1, f"augment_flip (a probability) must be in [0, 1], got {hp['augment_flip']}")
 
 
 class MLPClassifier(L.LightningModule):
@@ -102,6 +108,9 @@ class MLPClassifier(L.LightningModule):
         dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
         backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
         label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
+        augment_shift: in training, each image moved by a random whole-pixel offset of up to this many pixels on
+            each axis (`mlp.augment`; 0 turns it off).
+        augment_flip: in training, the probability of mirroring each image left-right (0 turns it off).
         input_size: numbers in one example; fit.py and tune.py take it from the data module's `input_size`.
 
     Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same
@@ -111,7 +120,7 @@ class MLPClassifier(L.LightningModule):
     # Hyperparameters in which stacked models (`mlp.fused`) may differ: each keeps them in its optimiser and schedule,
     # or in tensors of its own that vmap maps over (dropout's rate, the label smoothing).
     PER_MODEL = ("lr", "weight_decay", "momentum", "nesterov", "optimizer", "schedule", "init", "dropout",
-                 "label_smoothing")
+                 "label_smoothing", "augment_shift", "augment_flip")
 
     def __init__(
         self,
@@ -128,6 +137,8 @@ class MLPClassifier(L.LightningModule):
         dropout: float = 0.0,
         backward: Literal["autograd", "manual"] = "autograd",
         label_smoothing: float = 0.0,
+        augment_shift: int = 0,
+        augment_flip: float = 0.0,
         input_size: int = FashionMNISTDataModule.input_size,
     ) -> None:
         super().__init__()
@@ -136,6 +147,11 @@ class MLPClassifier(L.LightningModule):
         self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout)
         # A tensor, not a float, so that models stacked by vmap each smooth by their own share.
         self.register_buffer("label_smoothing", torch.tensor(float(label_smoothing)), persistent=False)
+        # Augmentation's settings as tensors too; the background is set when a run starts (`start_run`).
+        self.augments = augment_shift > 0 or augment_flip > 0
+        self.register_buffer("shift", torch.tensor(float(augment_shift)), persistent=False)
+        self.register_buffer("flip_chance", torch.tensor(float(augment_flip)), persistent=False)
+        self.register_buffer("background", torch.tensor(0.0), persistent=False)
         self.automatic_optimization = backward == "autograd"
         # Training metrics are updated once an epoch from the collected step outputs (an update costs more than a
         # step), keeping NaN so a diverging loss shows; argmaxes need no input checks, which a stack pays K times.
@@ -154,8 +170,15 @@ class MLPClassifier(L.LightningModule):
 
     def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """The batch's mean loss and predictions."""
-        logits = self(batch[0])
+        logits = self(self.inputs(batch[0]))
         return self.loss(logits, batch[1]), logits.argmax(dim=-1)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """What the net sees of the images `x`: in training, shifted and flipped as augment_shift and augment_flip
+        say. Augmentation belongs to the model, not the data, so that stacked models each augment by their own."""
+        if not (self.training and self.augments):
+            return x
+        return shift_and_flip(x, self.shift, self.flip_chance, self.background)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy, in training with label smoothing; override it to change what every run trains on.
@@ -172,11 +195,12 @@ class MLPClassifier(L.LightningModule):
     def stack_key(self, pad_widths: bool) -> tuple:
         """Models with equal keys compute the same function of their own tensors, so `mlp.fused` stacks them: they
         differ only in PER_MODEL, their weights, and with `pad_widths` an `MLP`'s width (zero-padded to the widest).
-        Whether dropout is on decides whether masks are drawn, so it is part of the key; its rate is not."""
+        Whether dropout or augmentation is on decides whether random draws are made, so it is part of the key; their
+        rates are not."""
         pads = pad_widths and getattr(self.net, "widths_pad_exactly", False)
         shared = {k: v for k, v in self.hparams.items() if k not in self.PER_MODEL and not (pads and k == "width")}
         shapes = () if pads else tuple(tuple(t.shape) for t in self.net.parameters())
-        return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, shapes
+        return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, self.augments, shapes
 
     def on_train_start(self) -> None:
         start_run(self, self.logger, self.trainer.datamodule, self.trainer.max_epochs)
@@ -266,7 +290,7 @@ class MLPClassifier(L.LightningModule):
     def manual_gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """The batch's loss, predictions and the gradients of `self.net.parameters()`, by `MLP.backward`."""
         cache = []
-        logits = self.net(x, cache)
+        logits = self.net(self.inputs(x), cache)
         grad_logits = cross_entropy_grad(logits, y, self.label_smoothing)
         return self.loss(logits, y), logits.argmax(dim=-1), self.net.backward(cache, grad_logits)
 

@@ -15,11 +15,12 @@ from mlp.errors import check
 from mlp.records import record
 
 
-def searched(low: float, high: float, flag: str, log: bool = False) -> Any:
-    """A SearchSpace field: the default inclusive range, the fit flag that sets the hyperparameter (how a trial
-    passes its value, how the user pins it, and where fit's own value is read for the study's first trial), and
-    whether it is searched on a log scale."""
-    return field(default=(low, high), metadata={"flag": flag, "log": log})
+def searched(low: float | None, high: float | None, flag: str, log: bool = False, wide: tuple | None = None) -> Any:
+    """A SearchSpace field: the default inclusive range (None: not searched unless asked), the fit flag that sets
+    the hyperparameter (how a trial passes its value, how the user pins it, and where fit's own value is read for
+    the study's first trial), whether it is searched on a log scale, and the range of `--space wide` (if other)."""
+    default = None if low is None else (low, high)
+    return field(default=default, metadata={"flag": flag, "log": log, "wide": wide or default})
 
 
 @dataclass
@@ -30,12 +31,22 @@ class SearchSpace:
     Integer bounds give integers."""
 
     lr: tuple[float, float] | None = searched(0.02, 0.5, "model.lr", log=True)
-    epochs: tuple[int, int] | None = searched(5, 40, "trainer.max_epochs")
+    epochs: tuple[int, int] | None = searched(5, 40, "trainer.max_epochs", wide=(5, 200))
     depth: tuple[int, int] | None = searched(1, 3, "model.depth")
-    width: tuple[int, int] | None = searched(128, 1024, "model.width", log=True)
+    width: tuple[int, int] | None = searched(128, 1024, "model.width", log=True, wide=(128, 2048))
     weight_decay: tuple[float, float] | None = searched(1e-5, 3e-3, "model.weight_decay", log=True)
     dropout: tuple[float, float] | None = searched(0.0, 0.5, "model.dropout")
     label_smoothing: tuple[float, float] | None = searched(0.0, 0.2, "model.label_smoothing")
+    # Augmentation slows a short run's learning (docs/tuning.md): searched by --space wide, for long budgets.
+    augment_shift: tuple[int, int] | None = searched(None, None, "model.augment_shift", wide=(0, 3))
+    augment_flip: tuple[float, float] | None = searched(None, None, "model.augment_flip", wide=(0.0, 0.5))
+
+    @classmethod
+    def preset(cls, name: str) -> "SearchSpace":
+        """tune.py's --space: `default`, the ranges above, or `wide`: schedules up to 200 epochs, widths up to 2048
+        and augmentation, what the best published MLPs train with, worth it at budgets of hours."""
+        check(name in SPACES, f"--space must be one of {', '.join(SPACES)}, got {name!r}")
+        return cls() if name == "default" else cls(**{f.name: f.metadata["wide"] for f in fields(cls)})
 
     def searched(self) -> dict[str, tuple]:
         return {name: bounds for name, bounds in asdict(self).items() if bounds is not None}
@@ -48,16 +59,20 @@ class SearchSpace:
             check(low <= high, f"--{name.replace('_', '-')}: the low bound {low} is above the high bound {high}")
             if name in LOG_SCALE:
                 check(low > 0, f"--{name.replace('_', '-')}: the range must be positive (log scale), got {(low, high)}")
-        check(self.epochs[0] >= 1, f"--epochs: at least 1 epoch, got {self.epochs}")
-        check(self.depth[0] >= 0, f"--depth: at least 0 hidden layers, got {self.depth}")
-        check(self.width[0] >= 1, f"--width: at least 1 unit, got {self.width}")
-        check(0 <= self.dropout[0] and self.dropout[1] < 1, f"--dropout: probabilities in [0, 1), got {self.dropout}")
-        check(
-            0 <= self.label_smoothing[0] and self.label_smoothing[1] < 1,
-            f"--label-smoothing: shares in [0, 1), got {self.label_smoothing}",
-        )
+        ranges = self.searched()
+        for name, lowest, highest, what in [
+            ("epochs", 1, math.inf, "at least 1 epoch"), ("depth", 0, math.inf, "at least 0 hidden layers"),
+            ("width", 1, math.inf, "at least 1 unit"), ("dropout", 0, BELOW_1, "probabilities in [0, 1)"),
+            ("label_smoothing", 0, BELOW_1, "shares in [0, 1)"), ("augment_shift", 0, 13, "0 to 13 pixels"),
+            ("augment_flip", 0, 1, "probabilities in [0, 1]"),
+        ]:
+            if name in ranges:
+                low, high = ranges[name]
+                check(lowest <= low and high <= highest, f"--{name.replace('_', '-')}: {what}, got {(low, high)}")
 
 
+SPACES = ("default", "wide")
+BELOW_1 = math.nextafter(1.0, 0.0)  # the highest probability below 1
 # The fit flag that sets each searched hyperparameter, and those searched on a log scale, as SearchSpace declares.
 FIT_FLAGS = {f.name: f.metadata["flag"] for f in fields(SearchSpace)}
 LOG_SCALE = {f.name for f in fields(SearchSpace) if f.metadata["log"]}

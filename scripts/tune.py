@@ -24,7 +24,7 @@ training images and averaged, a refit of the best configuration, the best checkp
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlp.errors import run_script  # noqa: E402
 from mlp.final import FINAL_CHOICES  # noqa: E402
 from mlp.progress import study_output  # noqa: E402
-from mlp.search import FIT_FLAGS, SearchSpace  # noqa: E402
+from mlp.search import FIT_FLAGS, SPACES, SearchSpace  # noqa: E402
 from mlp.tune import StudyConfig, run_study  # noqa: E402
 
 
@@ -83,11 +83,19 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "configuration refit; or the best checkpoint. All four are in report.json",
     )
     space = parser.add_argument_group("search space (inclusive ranges)")
-    for name, (low, high) in vars(defaults.space).items():
-        kind = type(low)
+    space.add_argument(
+        "--space", choices=SPACES, default="default",
+        help="the ranges searched, before the flags below change them: default, or wide (--epochs 5 200, --width "
+        "128 2048, --augment-shift 0 3, --augment-flip 0 0.5): what the best published MLPs train with, for "
+        "budgets of hours (docs/tuning.md)",
+    )
+    wide = SearchSpace.preset("wide")
+    for field in fields(SearchSpace):
+        default, low = getattr(defaults.space, field.name), getattr(wide, field.name)[0]
         space.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, nargs=2, metavar=("LOW", "HIGH"),
-            help=f"default {low} {high}; a fit flag setting it (--{FIT_FLAGS[name]}) pins it instead",
+            f"--{field.name.replace('_', '-')}", type=type(low), nargs=2, metavar=("LOW", "HIGH"),
+            help=f"default {' '.join(map(str, default)) if default else 'not searched'}; a fit flag setting it "
+            f"(--{FIT_FLAGS[field.name]}) pins it instead",
         )
     return parser.parse_known_args(argv)
 
@@ -103,13 +111,14 @@ def fuse_count(text: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     options, fit_args = parse(argv)
-    # Ranges left unset keep SearchSpace's defaults; run_study needs to know which were given.
+    # Ranges left unset keep the --space preset's; run_study needs to know which were given.
     given = {field.name: tuple(getattr(options, field.name)) for field in fields(SearchSpace)
              if getattr(options, field.name) is not None}
+    space = replace(SearchSpace.preset(options.space), **given)
     with study_output(options.n_trials, options.quiet) as progress:
         config = StudyConfig(
-            fit_args, SearchSpace(**given), frozenset(given), options.study_name, options.storage, options.n_trials,
-            options.timeout, options.pruner, options.sampler_seed, options.fuse, options.final,
+            fit_args, space, frozenset(given), options.study_name, options.storage, options.n_trials, options.timeout,
+            options.pruner, options.sampler_seed, options.fuse, options.final,
         )
         summary = run_study(config, progress)
     if isinstance(summary, str):  # another worker writes the report

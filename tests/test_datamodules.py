@@ -158,7 +158,7 @@ def test_shifts_move_a_known_image_by_at_most_max_shift_and_flips_mirror_it():
     image = torch.zeros(28, 28)
     image[10, 3] = 1.0  # one lit pixel, off-centre so a flip shows
     torch.manual_seed(0)
-    moved = shift_and_flip(image.reshape(1, 784).repeat(500, 1), max_shift=2, flip=False, background=-1.0)
+    moved = shift_and_flip(image.reshape(1, 784).repeat(500, 1), max_shift=2, flip_chance=0.0, background=-1.0)
     where = [divmod(row.argmax().item(), 28) for row in moved]
     assert {(r - 10, c - 3) for r, c in where} == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
     for row, (r, c) in zip(moved, where):  # the rest is the image's zeros or background moved in at the edge
@@ -175,40 +175,38 @@ def test_shifts_move_a_known_image_by_at_most_max_shift_and_flips_mirror_it():
         if dx < 0:
             expected[:, dx:] = -1.0
         assert torch.equal(row.reshape(28, 28), expected)
-    flipped = shift_and_flip(image.reshape(1, 784).repeat(200, 1), max_shift=0, flip=True, background=-1.0)
+    flipped = shift_and_flip(image.reshape(1, 784).repeat(200, 1), max_shift=0, flip_chance=0.5, background=-1.0)
     mirrored = image.flip(-1).reshape(784)
     is_mirrored = (flipped == mirrored).all(dim=1)
     assert ((flipped == image.reshape(784)).all(dim=1) | is_mirrored).all()
     assert 50 < is_mirrored.sum() < 150
 
 
-class RecordBatches(L.Callback):
-    """Keeps every batch the model sees, after the data module's on_after_batch_transfer, by stage."""
+class RecordInputs(L.Callback):
+    """Keeps what the net sees of every batch (after the model's augmentation), by stage."""
 
     def __init__(self) -> None:
-        self.seen: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
+        self.seen: dict[str, list[torch.Tensor]] = {"train": [], "validate": [], "test": []}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen["train"].append((trainer.current_epoch, batch[0].clone()))
+    def on_fit_start(self, trainer, pl_module):
+        def keep(net, args):
+            stage = "train" if trainer.training else "test" if trainer.testing else "validate"
+            self.seen[stage].append((trainer.current_epoch, args[0].clone()))
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.seen["val"].append(batch[0].clone())
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.seen["test"].append(batch[0].clone())
+        pl_module.net.register_forward_pre_hook(keep)
 
 
-def test_augmentation_changes_training_batches_each_epoch_and_never_validation_or_test(synthetic_dir):
+def test_augmentation_changes_training_inputs_each_epoch_and_never_validation_or_test(synthetic_dir):
     from mlp.module import MLPClassifier
 
     L.seed_everything(0, verbose=False)
-    data = FashionMNISTDataModule(str(synthetic_dir), batch_size=64, val_size=100, augment_shift=1, augment_flip=True)
-    record = RecordBatches()
+    data = FashionMNISTDataModule(str(synthetic_dir), batch_size=64, val_size=100)
+    record = RecordInputs()
     trainer = L.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[record], num_sanity_val_steps=0,
     )
-    trainer.fit(MLPClassifier(depth=1, width=8), datamodule=data)
+    trainer.fit(MLPClassifier(depth=1, width=8, augment_shift=1, augment_flip=0.5), datamodule=data)
     trainer.test(datamodule=data, ckpt_path=None, model=trainer.lightning_module)
     train = data.train_set.tensors[0]
     originals = {row.numpy().tobytes() for row in train}
@@ -217,10 +215,11 @@ def test_augmentation_changes_training_batches_each_epoch_and_never_validation_o
         assert images.shape == train.shape
         unchanged = sum(row.numpy().tobytes() in originals for row in images) / len(images)
         assert 0.02 < unchanged < 0.15  # 1/9 unshifted x 1/2 unflipped: 1/18
+        assert images.min() == pytest.approx(data.background)  # pixels moved in are black, as standardised
     assert not torch.equal(epochs[0].sort(dim=0).values, epochs[1].sort(dim=0).values)
     val, test = data.val_set.tensors[0], data.test_set.tensors[0]
-    assert torch.equal(torch.cat(record.seen["val"]), torch.cat([val, val]))  # two epochs of validation
-    assert torch.equal(torch.cat(record.seen["test"]), test)
+    assert torch.equal(torch.cat([x for _, x in record.seen["validate"]]), torch.cat([val, val]))  # two epochs
+    assert torch.equal(torch.cat([x for _, x in record.seen["test"]]), test)
 
 
 # -- the .gz cache under several processes -----------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_two_process_fit_exits_0_prints_once_and_reports_what_one_process_measur
         f"--data.data_dir={data_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         "--data.val_size=301", "--data.batch_size=64", "--trainer.max_epochs=2", "--progress_bar.refresh_rate=0",
         "--model.depth=1", "--model.width=4", "--model.lr=0.003", "--model.dropout=0.5",
-        "--data.augment_shift=2", "--data.augment_flip=true", *TWO_PROCESSES, "--trainer.strategy=ddp",
+        "--model.augment_shift=2", "--model.augment_flip=0.5", *TWO_PROCESSES, "--trainer.strategy=ddp",
         "--trainer.callbacks+=tests.test_ddp.RecordTrainingIndices", f"--trainer.callbacks.folder={record}",
     ]
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fit.py"), *args], capture_output=True, text=True,

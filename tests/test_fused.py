@@ -5,7 +5,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from torch.func import vmap
+from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint, Stack
@@ -68,6 +68,46 @@ def test_dropout_masks_are_drawn_per_model_at_each_models_own_rate():
     assert not torch.equal(masks[0] == 0, masks[1] == 0)  # each model draws its own
     assert 0.45 < (masks[0] == 0).double().mean() < 0.55 and 0.15 < (masks[1] == 0).double().mean() < 0.25
     assert torch.equal(masks[1][masks[1] != 0], torch.full_like(masks[1][masks[1] != 0], 1 / 0.8))
+
+
+def shifted(image: torch.Tensor, dy: int, dx: int, background: float) -> torch.Tensor:
+    """A 28x28 image moved by (dy, dx), the pixels moved in set to `background`: the reference for mlp.augment."""
+    moved = torch.full((68, 68), background, dtype=image.dtype)
+    moved[20 + dy : 48 + dy, 20 + dx : 48 + dx] = image
+    return moved[20:48, 20:48]
+
+
+def test_stacked_models_each_augment_their_batch_by_their_own_settings():
+    always_mirrors = MLPClassifier(1, 8, augment_flip=1.0).train()
+    shifts = MLPClassifier(1, 8, augment_shift=2).train()
+    assert always_mirrors.stack_key(False) == shifts.stack_key(False)  # they differ only in per-model tensors
+    assert shifts.stack_key(False) != MLPClassifier(1, 8).stack_key(False)  # one that draws nothing stacks apart
+    for model in (always_mirrors, shifts):
+        model.background.fill_(-1.0)
+    stack = Stack([always_mirrors, shifts])
+
+    class Inputs(torch.nn.Module):  # named as the stack's tensors are (mlp.fused.ModelStep)
+        def __init__(self, model: MLPClassifier) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model.inputs(x)  # what each model's step feeds its net
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 784)
+    each = Inputs(always_mirrors)
+    seen = vmap(lambda state: functional_call(each, state, (x,)), randomness="different")(
+        {**stack.params, **stack.buffers})
+    images = x.view(64, 28, 28)
+    assert torch.equal(seen[0], images.flip(-1).reshape(64, 784))  # mirrored every time, never moved
+    offsets = set()
+    for image, got in zip(images, seen[1].view(64, 28, 28)):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(got, shifted(image, dy, dx, -1.0))]
+        assert len(matches) == 1  # moved by at most 2 pixels each way, never mirrored
+        offsets.add(matches[0])
+    assert len(offsets) > 10  # each image by its own offset
 
 
 # FusedClassifier against separate MLPClassifier runs on the same batches in the same order.

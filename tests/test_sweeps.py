@@ -291,6 +291,22 @@ def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir,
     assert "finished the study's last trial" not in printed
 
 
+def test_the_wide_space_searches_augmentation_and_stacked_trials_each_train_with_their_own(
+    synthetic_dir, tmp_path
+):
+    args = tune_args(synthetic_dir, tmp_path, n_trials=4)
+    args[args.index("--width") + 1 : args.index("--width") + 3] = ["8", "8"]  # one width: the trials stack by 2
+    tune.main([*args, "--space=wide", "--fuse=2", "--pruner=none", "--quiet"])
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    drawn = {(t.params["augment_shift"], t.params["augment_flip"]) for t in trials}
+    assert len(drawn) == 4 and all(0 <= shift <= 3 and 0 <= flip <= 0.5 for shift, flip in drawn)
+    for trial in trials:  # each trial's run trained with its own
+        config = yaml.safe_load((Path(trial.user_attrs["log_dir"]) / "config.yaml").read_text())["model"]
+        assert (config["augment_shift"], config["augment_flip"]) == (trial.params["augment_shift"],
+                                                                     trial.params["augment_flip"])
+    assert "augment_shift" not in tune.SearchSpace().searched()  # not in the default space
+
+
 def test_fit_flags_pin_searched_hyperparameters_in_every_trial(synthetic_dir, tmp_path, capsys):
     config = tmp_path / "fit.yaml"
     config.write_text("model:\n  dropout: 0.25\n")  # a config file pins too
@@ -320,3 +336,16 @@ def test_a_search_range_and_a_fit_flag_pinning_it_are_refused_together(synthetic
     with pytest.raises(UserError, match="--depth searches depth but --model.depth pins it to 2"):
         tune.main(args)
     assert not (tmp_path / "study.db").exists()
+
+
+def test_the_wide_space_starts_from_fits_own_configuration(tmp_path):
+    from mlp.cli import build_cli
+    from mlp.study import fit_defaults
+
+    fit = build_cli([f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert fit_defaults(fit, tune.SearchSpace.preset("wide")) == {
+        "lr": 0.1, "epochs": 20, "depth": 2, "width": 512, "weight_decay": 5e-4, "dropout": 0.0,
+        "label_smoothing": 0.0, "augment_shift": 0, "augment_flip": 0.0,
+    }
+    with pytest.raises(UserError, match="--space must be one of default, wide"):
+        tune.SearchSpace.preset("huge")
