@@ -155,15 +155,15 @@ def refit_done(study: optuna.Study, number: int, round_: int = 0) -> bool:
     return bool(study.user_attrs.get(refit_name(number, round_)))
 
 
-def refitted(study: optuna.Study) -> frozenset[int]:
-    """The numbers of the trials whose round-0 refits were trained and tested."""
-    return frozenset(int(key[6:]) for key in study.user_attrs if key[6:].isdigit() and refit_done(study, int(key[6:])))
-
-
 def all_refits(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every refit trained and tested, of every round."""
+    """Every refit trained and tested, of every round (the study attributes `refit_name` names)."""
     return [value for key, value in study.user_attrs.items()
             if key.startswith("refit_") and key.split("_")[1].isdigit() and value]
+
+
+def refitted(study: optuna.Study) -> frozenset[int]:
+    """The numbers of the trials whose round-0 refits were trained and tested."""
+    return frozenset(refit["trial"] for refit in all_refits(study) if not refit.get("seed_round"))
 
 
 def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int, round_: int) -> None:
@@ -261,11 +261,11 @@ def seed_rounds(study: optuna.Study, numbers: list[int], budget: Budget) -> list
     by_number, made = {t.number: t for t in study.get_trials(deepcopy=False)}, []
     for round_ in range(1, REFIT_MEMBERS_MAX):
         room = REFIT_MEMBERS_MAX - len(numbers) - len(made)
-        fits = [k for k in range(min(len(numbers), room), 0, -1)
-                if over_budget(budget, [by_number[n] for n in numbers[:k]]) is None]
+        fits = next((k for k in range(min(len(numbers), room), 0, -1)
+                     if over_budget(budget, [by_number[n] for n in numbers[:k]]) is None), 0)
         if not fits:
             break
-        made += refit_trials(study, numbers[: fits[0]], budget.fuse, round_)
+        made += refit_trials(study, numbers[:fits], budget.fuse, round_)
     return made
 
 
