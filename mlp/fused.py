@@ -77,7 +77,8 @@ class Stack:
 
 def stack_error(model: MLPClassifier) -> str | None:
     """Why models like `model` cannot be stacked, or None: one stacked step of two copies on a batch of two. A net
-    made of per-example operations stacks; one with batch statistics or data-dependent Python does not."""
+    made of per-example operations stacks, and so does one with batch statistics over its own batch (batch_norm);
+    one with data-dependent Python does not."""
     copies = [copy.deepcopy(model).train() for _ in range(2)]
     try:
         x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)

@@ -23,9 +23,10 @@ def stack_bytes(fuse: int, depth: int, width: int, batch_size: int, optimizer: s
     # Parameters, gradients, one more copy while the stack is rebuilt without a model, and the optimiser's
     # state (SGD's momentum; Adam's two moments).
     weights = (3 + {"sgd": 1, "adam": 2}[optimizer]) * params
-    # Per example: the input each model reads, and per hidden unit its pre-activation, activation, mask and
-    # their gradients; evaluation keeps no gradients but takes larger batches.
-    training = batch_size * (INPUTS + 6 * depth * width + 3 * CLASSES)
+    # Per example: the input each model reads, and per hidden unit its pre-activation, activation, mask (with
+    # batch_norm also x @ W and its standardised value) and their gradients; evaluation keeps no gradients but
+    # takes larger batches.
+    training = batch_size * (INPUTS + 8 * depth * width + 3 * CLASSES)
     evaluation = max(batch_size, EVAL_BATCH_SIZE) * (INPUTS + 2 * depth * width + CLASSES)
     return fuse * (weights + max(training, evaluation)) * bytes_per_number
 

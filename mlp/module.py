@@ -111,6 +111,8 @@ class MLPClassifier(L.LightningModule):
         augment_shift: in training, each image moved by a random whole-pixel offset of up to this many pixels on
             each axis (`mlp.augment`; 0 turns it off).
         augment_flip: in training, the probability of mirroring each image left-right (0 turns it off).
+        batch_norm: normalise each hidden layer's pre-activations over the batch, with a learned scale and shift
+            (`mlp.net.batch_norm`); stacked models each normalise over their own batch.
         input_size: numbers in one example; fit.py and tune.py take it from the data module's `input_size`.
 
     Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same
@@ -139,12 +141,13 @@ class MLPClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         augment_shift: int = 0,
         augment_flip: float = 0.0,
+        batch_norm: bool = False,
         input_size: int = FashionMNISTDataModule.input_size,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_hyperparameters(self.hparams)
-        self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout)
+        self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout, batch_norm)
         # A tensor, not a float, so that models stacked by vmap each smooth by their own share.
         self.register_buffer("label_smoothing", torch.tensor(float(label_smoothing)), persistent=False)
         # Augmentation's settings as tensors too; the background is set when a run starts (`start_run`).

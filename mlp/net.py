@@ -76,6 +76,41 @@ def dropout_mask(x: Tensor, p: float | Tensor) -> Tensor:
     return torch.rand_like(x).ge_(p).div_(1 - p)
 
 
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # PyTorch's BatchNorm1d defaults
+
+
+def batch_norm(z: Tensor, scale: Tensor, shift: Tensor, running_mean: Tensor, running_var: Tensor, training: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Each unit of z (batch, units) standardised, then scaled and shifted: d2l's from-scratch batch normalisation.
+
+    In training it uses the batch's mean and (biased) variance and moves the running statistics towards them, in
+    place, the variance's unbiased (as PyTorch's BatchNorm1d); in evaluation it uses the running statistics.
+    Returns the output, the standardised z (`z_hat`) and 1 / std, which the backward pass needs.
+    """
+    if training:
+        mean, var = z.mean(0), z.var(0, correction=0)
+        with torch.no_grad():
+            running_mean.lerp_(mean, BN_MOMENTUM)
+            running_var.lerp_(var * len(z) / max(len(z) - 1, 1), BN_MOMENTUM)
+    else:
+        mean, var = running_mean, running_var
+    inv_std = (var + BN_EPS).rsqrt()
+    z_hat = (z - mean) * inv_std
+    return z_hat * scale + shift, z_hat, inv_std
+
+
+def batch_norm_grad(grad: Tensor, z_hat: Tensor, inv_std: Tensor, scale: Tensor, training: bool
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """d loss / d z, d loss / d scale and d loss / d shift, from `grad` = d loss / d output. In training the mean
+    and variance depend on every example, so d z_hat / d z carries the batch's averages (Ioffe & Szegedy 2015)."""
+    grad_z_hat = grad * scale
+    if training:
+        grad_z = inv_std * (grad_z_hat - grad_z_hat.mean(0) - z_hat * (grad_z_hat * z_hat).mean(0))
+    else:
+        grad_z = grad_z_hat * inv_std
+    return grad_z, (grad * z_hat).sum(0), grad.sum(0)
+
+
 def init_weight(fan_in: int, fan_out: int, scheme: InitScheme) -> Tensor:
     """A (fan_in, fan_out) weight matrix drawn from a zero-mean normal whose std the scheme sets.
 
@@ -93,6 +128,9 @@ class MLP(nn.Module):
     """num_inputs -> `depth` hidden layers of `width` units -> num_outputs logits; depth 0 is softmax regression,
     depth 1, width 256 d2l's 784-256-10 net. Each hidden layer is activation(x @ W + b), in training followed by
     dropout. `params` holds [W_1, b_1, W_2, b_2, ...], W_i (fan_in, fan_out); with prelu, `slopes` one per layer.
+    With `batch_norm`, a hidden layer is activation(batch_norm(x @ W) * s + b) (`batch_norm`): b, which the
+    normalisation would cancel before it, shifts after it; the scales s are the rows of `norm_scale` (depth, width),
+    the running statistics those of `running_mean` and `running_var`.
     """
 
     # Nets of one depth and several widths stack (`mlp.fused`) zero-padded to the widest: a padded unit's weights
@@ -108,6 +146,7 @@ class MLP(nn.Module):
         init: InitScheme = "kaiming",
         activation: Activation = "relu",
         dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if activation != "prelu" and activation not in ACTIVATIONS:
@@ -124,6 +163,11 @@ class MLP(nn.Module):
             self.params.append(nn.Parameter(torch.zeros(fan_out)))
         n_slopes = depth if activation == "prelu" else 0
         self.slopes = nn.ParameterList([nn.Parameter(torch.tensor(PRELU_INIT_SLOPE)) for _ in range(n_slopes)])
+        self.batch_norm = batch_norm and depth > 0
+        if self.batch_norm:  # a module's own parameters come first in `parameters()`, and so in `backward`'s list
+            self.norm_scale = nn.Parameter(torch.ones(depth, width))
+            self.register_buffer("running_mean", torch.zeros(depth, width))
+            self.register_buffer("running_var", torch.ones(depth, width))
 
     @property
     def layers(self) -> list[tuple[Tensor, Tensor]]:
@@ -137,20 +181,25 @@ class MLP(nn.Module):
         return sum(weight.numel() for weight, _ in self.layers)
 
     def forward(self, x: Tensor, cache: list | None = None) -> Tensor:
-        """Logits for x. If a `cache` list is given, each layer appends what `backward` needs: its input,
-        and for hidden layers also the pre-activation and the dropout mask (None when dropout is off)."""
+        """Logits for x. If a `cache` list is given, each layer appends what `backward` needs: its input, and for
+        hidden layers also the activation's input, the dropout mask (None when dropout is off) and with batch_norm
+        its z_hat and 1 / std (else None)."""
         x = x.flatten(1)
         *hidden, (w_out, b_out) = self.layers
         for layer, (w, b) in enumerate(hidden):
-            z = torch.addmm(b, x, w)  # b + x @ w as one fused kernel, and one tensor fewer to allocate
+            if self.batch_norm:
+                z, *norm = batch_norm(x @ w, self.norm_scale[layer], b, self.running_mean[layer],
+                                      self.running_var[layer], self.training)
+            else:  # b + x @ w as one fused kernel, and one tensor fewer to allocate
+                z, norm = torch.addmm(b, x, w), None
             mask = dropout_mask(z, self.dropout_rate) if self.training and self.dropout > 0 else None
             if cache is not None:
-                cache.append((x, z, mask))
+                cache.append((x, z, mask, norm))
             x = prelu(z, self.slopes[layer]) if self.activation == "prelu" else ACTIVATIONS[self.activation][0](z)
             if mask is not None:
                 x = x * mask
         if cache is not None:
-            cache.append((x, None, None))
+            cache.append((x, None, None, None))
         return torch.addmm(b_out, x, w_out)
 
     def backward(self, cache: list, grad_logits: Tensor) -> list[Tensor]:
@@ -161,15 +210,18 @@ class MLP(nn.Module):
         """
         grads = [None] * len(self.params)
         slope_grads = [None] * len(self.slopes)
+        scale_grads = [None] * (len(cache) - 1)
         grad = grad_logits
         layers = self.layers
         for layer in reversed(range(len(cache))):
-            x, _, _ = cache[layer]
+            x = cache[layer][0]
             w, _ = layers[layer]
-            grads[2 * layer], grads[2 * layer + 1] = x.mT @ grad, grad.sum(-2)
+            grads[2 * layer] = x.mT @ grad
+            if grads[2 * layer + 1] is None:  # else b is the layer's batch_norm shift, its gradient found below
+                grads[2 * layer + 1] = grad.sum(-2)
             if layer == 0:
                 break
-            _, z, mask = cache[layer - 1]
+            _, z, mask, norm = cache[layer - 1]
             grad = grad @ w.mT
             if mask is not None:
                 grad = grad * mask
@@ -179,4 +231,7 @@ class MLP(nn.Module):
                 grad = grad * d_z
             else:
                 grad = grad * ACTIVATIONS[self.activation][1](z)
-        return grads + slope_grads
+            if norm is not None:
+                grad, scale_grads[layer - 1], grads[2 * layer - 1] = batch_norm_grad(
+                    grad, *norm, self.norm_scale[layer - 1], self.training)
+        return ([torch.stack(scale_grads)] if self.batch_norm else []) + grads + slope_grads

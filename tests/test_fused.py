@@ -15,12 +15,16 @@ from mlp.net import dropout_mask
 
 
 
-def random_classifiers(depth: int, activation: str, widths: list[int], dropout: float = 0.0) -> list[MLPClassifier]:
+def random_classifiers(depth: int, activation: str, widths: list[int], dropout: float = 0.0,
+                       batch_norm: bool = False) -> list[MLPClassifier]:
     """float64 models with every parameter random, so no gradient is trivially zero or one."""
     models = []
     for width in widths:
-        model = MLPClassifier(depth, width, activation=activation, dropout=dropout, input_size=13).double()
+        model = MLPClassifier(depth, width, activation=activation, dropout=dropout, input_size=13,
+                              batch_norm=batch_norm).double()
         with torch.no_grad():
+            if model.net.batch_norm:
+                model.net.norm_scale.uniform_(0.5, 1.5)
             for bias in model.net.params[1::2]:
                 bias.normal_(0, 0.5)
             for slope in model.net.slopes:
@@ -29,11 +33,12 @@ def random_classifiers(depth: int, activation: str, widths: list[int], dropout: 
     return models
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "prelu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("depth", [0, 1, 3])
-def test_a_stacks_losses_and_gradients_are_each_models_own_padded_or_not(depth, activation):
+def test_a_stacks_losses_and_gradients_are_each_models_own_padded_or_not(depth, activation, batch_norm):
     torch.manual_seed(depth)
-    models = random_classifiers(depth, activation, widths=[4, 7, 2])
+    models = random_classifiers(depth, activation, widths=[4, 7, 2], batch_norm=batch_norm)
     alone = copy.deepcopy(models)
     stack = Stack(models)
     x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 10, (11,))
@@ -52,6 +57,11 @@ def test_a_stacks_losses_and_gradients_are_each_models_own_padded_or_not(depth, 
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)  # its slice of the stacked gradient
             torch.testing.assert_close(grad[k][tuple(slice(0, n) for n in q.shape)], q.grad, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(p, q, rtol=0, atol=0)  # a view of the stack, with the model's own values
+        if model.net.batch_norm:  # the stack stepped twice, the reference once more: each kept its own statistics
+            with torch.no_grad():
+                reference.model_step((x, y))
+            for name in ("running_mean", "running_var"):
+                torch.testing.assert_close(getattr(model.net, name), getattr(reference.net, name), rtol=1e-12, atol=0)
     for p in stack.params.values():  # each model's parameters are views of the stack, padded with zeros
         real = sum(q.numel() for q in stack.model_params[next(n for n, v in stack.params.items() if v is p)])
         assert (p != 0).sum() <= real
@@ -167,11 +177,14 @@ def train_fused(
 
 
 @pytest.mark.parametrize("backward", ["autograd", "manual"])
-@pytest.mark.parametrize(
-    "optimizer,schedule", [("sgd", "onecycle"), ("adam", "cosine"), ("adam", "step"), ("sgd", "constant")]
+@pytest.mark.parametrize(  # with batch_norm, each model normalises over its own batch and keeps its own statistics
+    "optimizer,schedule,batch_norm",
+    [("sgd", "onecycle", False), ("adam", "cosine", False), ("adam", "step", False), ("sgd", "constant", False),
+     ("sgd", "onecycle", True), ("adam", "step", True)],
 )
-def test_fused_models_train_exactly_as_separate_runs(backward, optimizer, schedule):
-    models = classifiers(HPARAMS, optimizer=optimizer, schedule=schedule, backward=backward, activation="prelu")
+def test_fused_models_train_exactly_as_separate_runs(backward, optimizer, schedule, batch_norm):
+    models = classifiers(HPARAMS, optimizer=optimizer, schedule=schedule, backward=backward, activation="prelu",
+                         batch_norm=batch_norm)
     states = train_fused(models, HPARAMS, ["a", "b", "c"])
     for model, hp, name in zip(models, HPARAMS, ["a", "b", "c"]):
         initial = copy.deepcopy(model.net.state_dict())
@@ -180,6 +193,7 @@ def test_fused_models_train_exactly_as_separate_runs(backward, optimizer, schedu
         final = states.states[name][hp["epochs"] - 1]
         assert (final["params.0"] - initial["params.0"].double()).abs().max() > 1e-4  # it did learn
         assert max(states.states[name]) == hp["epochs"] - 1  # it left the stack after its own last epoch
+        assert ("running_mean" in final) == batch_norm
         for key, value in model.net.state_dict().items():
             torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-6)
 

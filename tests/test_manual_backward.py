@@ -19,10 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import fit  # noqa: E402
 
 
-def random_net(depth: int, activation: str, dropout: float = 0.0) -> MLP:
+def random_net(depth: int, activation: str, dropout: float = 0.0, batch_norm: bool = False) -> MLP:
     """A float64 net with every parameter random, so no gradient is trivially zero or one."""
-    net = MLP(13, depth, 6, 5, "kaiming", activation, dropout).double()
+    net = MLP(13, depth, 6, 5, "kaiming", activation, dropout, batch_norm).double()
     with torch.no_grad():
+        if net.batch_norm:
+            net.norm_scale.uniform_(0.5, 1.5)
+            net.running_mean.normal_(0, 0.5)
+            net.running_var.uniform_(0.5, 2)
         for layer_bias in net.params[1::2]:
             layer_bias.normal_(0, 0.5)
         for slope in net.slopes:
@@ -69,13 +73,29 @@ def test_manual_gradients_equal_autograd_in_float64(depth, activation):
         torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "prelu", "tanh"])
+def test_manual_gradients_through_batch_norm_equal_autograd(activation, training):
+    torch.manual_seed(0)
+    net = random_net(3, activation, dropout=0.2, batch_norm=True).train(training)
+    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
+    cache = []
+    logits = net(x, cache)
+    nn.functional.cross_entropy(logits, y).backward()
+    manual = net.backward(cache, cross_entropy_grad(logits.detach(), y))
+    params = list(net.parameters())
+    assert len(manual) == len(params)
+    for grad, p in zip(manual, params):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_manual_gradients_through_dropout_equal_autograd():
     torch.manual_seed(0)
     net = random_net(3, "prelu", dropout=0.4).train()
     x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
     cache = []
     logits = net(x, cache)  # one forward, so both backward passes see the same masks
-    assert all(mask is not None and (mask == 0).any() for _, _, mask in cache[:-1])
+    assert all(mask is not None and (mask == 0).any() for _, _, mask, _ in cache[:-1])
     nn.functional.cross_entropy(logits, y).backward()
     manual = net.backward(cache, cross_entropy_grad(logits.detach(), y))
     for grad, p in zip(manual, net.parameters()):
@@ -120,15 +140,16 @@ def train_briefly(data_dir: Path, backward: str, **hparams) -> MLPClassifier:
         {"activation": "prelu", "dropout": 0.3},  # SGD, Nesterov momentum, weight decay, one-cycle: the defaults
         {"activation": "tanh", "optimizer": "adam", "lr": 0.01, "schedule": "cosine"},
         {"label_smoothing": 0.1},
+        {"batch_norm": True, "optimizer": "adam", "lr": 0.01, "schedule": "step"},
     ],
-    ids=["sgd-onecycle-prelu-dropout", "adam-cosine-tanh", "label-smoothing"],
+    ids=["sgd-onecycle-prelu-dropout", "adam-cosine-tanh", "label-smoothing", "batch-norm-adam-step"],
 )
 def test_manual_training_takes_the_same_steps_as_autograd(synthetic_dir, hparams):
     automatic = train_briefly(synthetic_dir, "autograd", **hparams)
     manual = train_briefly(synthetic_dir, "manual", **hparams)
     assert not manual.automatic_optimization
-    for (name, p_auto), p_manual in zip(automatic.named_parameters(), manual.parameters()):
-        torch.testing.assert_close(p_manual, p_auto, rtol=1e-10, atol=1e-10, msg=name)
+    for (name, auto), by_hand in zip(automatic.state_dict().items(), manual.state_dict().values()):  # and buffers
+        torch.testing.assert_close(by_hand, auto, rtol=1e-10, atol=1e-10, msg=name)
     assert manual.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2 * 11  # stepped every batch
 
 

@@ -9,6 +9,8 @@ from torch import nn
 from mlp.module import MLPClassifier
 from mlp.net import (
     MLP,
+    batch_norm,
+    batch_norm_grad,
     dropout_mask,
     init_weight,
     leaky_relu,
@@ -116,6 +118,42 @@ def test_shapes_and_parameter_count(depth, width):
     assert sum(p.numel() for p in net.parameters()) == expected
     assert len(net.params) == 2 * (depth + 1)
     assert net(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_matches_torch_batch_norm_in_value_gradients_and_running_statistics(training):
+    torch.manual_seed(0)
+    z = (torch.randn(9, 5, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    scale = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    z_ref, scale_ref, shift_ref = (t.detach().clone().requires_grad_(True) for t in (z, scale, shift))
+    mean_ref, var_ref, mean_before = mean.clone(), var.clone(), mean.clone()
+    out, z_hat, inv_std = batch_norm(z, scale, shift, mean, var, training)
+    reference = nn.functional.batch_norm(z_ref, mean_ref, var_ref, scale_ref, shift_ref, training)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(mean, mean_ref)  # moved towards the batch's statistics in training, kept in eval
+    torch.testing.assert_close(var, var_ref)
+    assert torch.equal(mean, mean_before) != training
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    for ours, theirs in [(z, z_ref), (scale, scale_ref), (shift, shift_ref)]:
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    by_hand = batch_norm_grad(upstream, z_hat.detach(), inv_std.detach(), scale.detach(), training)
+    for grad, theirs in zip(by_hand, [z_ref, scale_ref, shift_ref]):
+        torch.testing.assert_close(grad, theirs.grad)
+
+
+def test_batch_norm_net_normalises_each_hidden_layer_and_keeps_its_statistics_in_the_state_dict():
+    net = MLP(20, 3, 8, 5, batch_norm=True)
+    assert [name for name, _ in net.named_buffers() if name.startswith("running")] == ["running_mean", "running_var"]
+    assert {"running_mean", "running_var", "norm_scale"} <= set(net.state_dict())
+    assert net.norm_scale.shape == net.running_var.shape == (3, 8)
+    x = torch.randn(64, 20) * 5 + 3
+    net.train()(x)
+    assert not torch.equal(net.running_mean, torch.zeros(3, 8))
+    assert not hasattr(MLP(20, 0, 8, 5, batch_norm=True), "norm_scale")  # no hidden layer, nothing to normalise
 
 
 def test_forward_equals_a_linear_relu_stack_with_the_same_weights():

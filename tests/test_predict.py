@@ -106,9 +106,13 @@ def test_each_member_standardises_images_as_its_own_training_split_did(study):
 
 
 def test_an_answer_of_nets_of_every_activation_and_depth_exports_and_predicts_as_the_module(tmp_path):
-    nets = [MLP(784, depth, 16, 10, activation=activation).eval()
-            for depth, activation in ((0, "relu"), (1, "prelu"), (2, "sigmoid"), (1, "tanh"), (2, "leaky_relu"))]
-    standardisations = [(0.2, 0.3), (0.3, 0.35), (0.25, 0.4), (0.3, 0.3), (0.28, 0.33)]
+    nets = [MLP(784, depth, 16, 10, activation=activation, batch_norm=batch_norm).eval()
+            for depth, activation, batch_norm in ((0, "relu", False), (1, "prelu", False), (2, "sigmoid", False),
+                                                  (1, "tanh", False), (2, "leaky_relu", False), (2, "relu", True))]
+    with torch.no_grad():  # statistics as training would leave them, not the identity they start as
+        nets[-1].running_mean.normal_(0, 0.5)
+        nets[-1].running_var.uniform_(0.5, 2)
+    standardisations = [(0.2, 0.3), (0.3, 0.35), (0.25, 0.4), (0.3, 0.3), (0.28, 0.33), (0.3, 0.32)]
     model = Answer([Member(net, mean, std) for net, (mean, std) in zip(nets, standardisations)])
     images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
 
@@ -195,11 +199,12 @@ def test_onnx_export_without_its_packages_says_how_to_install_them(study, tmp_pa
     assert not (tmp_path / "answer.onnx").exists()
 
 
-def test_fit_best_checkpoint_loads_and_exports_with_its_test_accuracy(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("batch_norm", [False, True])  # with it, the test needs the checkpoint's running statistics
+def test_fit_best_checkpoint_loads_and_exports_with_its_test_accuracy(synthetic_dir, tmp_path, batch_norm):
     results = fit.main([
         f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         "--data.val_size=100", "--data.batch_size=32", "--model.depth=1", "--model.width=8",
-        "--trainer.max_epochs=1", "--progress_bar.refresh_rate=0",
+        "--trainer.max_epochs=1", "--progress_bar.refresh_rate=0", f"--model.batch_norm={batch_norm}",
     ])
     (best,) = (tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt")
     images, labels = raw_test_images(synthetic_dir)
