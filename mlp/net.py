@@ -88,7 +88,7 @@ def batch_norm(z: Tensor, scale: Tensor, shift: Tensor, running_mean: Tensor, ru
     Returns the output, the standardised z (`z_hat`) and 1 / std, which the backward pass needs.
     """
     if training:
-        mean, var = z.mean(0), z.var(0, correction=0)
+        var, mean = torch.var_mean(z, 0, correction=0)
         with torch.no_grad():
             running_mean.lerp_(mean, BN_MOMENTUM)
             running_var.lerp_(var * len(z) / max(len(z) - 1, 1), BN_MOMENTUM)
@@ -96,7 +96,7 @@ def batch_norm(z: Tensor, scale: Tensor, shift: Tensor, running_mean: Tensor, ru
         mean, var = running_mean, running_var
     inv_std = (var + BN_EPS).rsqrt()
     z_hat = (z - mean) * inv_std
-    return z_hat * scale + shift, z_hat, inv_std
+    return torch.addcmul(shift, z_hat, scale), z_hat, inv_std
 
 
 def batch_norm_grad(grad: Tensor, z_hat: Tensor, inv_std: Tensor, scale: Tensor, training: bool

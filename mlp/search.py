@@ -1,5 +1,6 @@
 """What a study searches, and how: the search space, a trial's fit flags, the sampler and the pruner."""
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -11,7 +12,8 @@ from jsonargparse import Namespace
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mlp.errors import check
+from mlp.errors import UserError, check
+from mlp.module import MLPClassifier, check_hyperparameters
 from mlp.records import record
 
 
@@ -20,7 +22,12 @@ def searched(low: float | None, high: float | None, flag: str, log: bool = False
     the hyperparameter (how a trial passes its value, how the user pins it, and where fit's own value is read for
     the study's first trial), whether it is searched on a log scale, and the range of `--space wide` (if other)."""
     default = None if low is None else (low, high)
-    return field(default=default, metadata={"flag": flag, "log": log, "wide": wide or default})
+    return field(default=default, metadata={"flag": flag, "log": log, "wide": wide or default, "choices": False})
+
+
+def chosen(flag: str, wide: tuple) -> Any:
+    """A SearchSpace field of choices rather than a range: not searched unless asked; `--space wide` tries `wide`."""
+    return field(default=None, metadata={"flag": flag, "log": False, "wide": wide, "choices": True})
 
 
 @dataclass
@@ -28,7 +35,7 @@ class SearchSpace:
     """Ranges searched jointly; a range of None is not searched: the user's fit flag pins that hyperparameter (see
     `pinned_by`). Each field is the whole declaration: tune.py's `--<name> LOW HIGH` flag, the fit flag a trial sets,
     pinning, the first trial (`mlp.study.fit_defaults`). Stacked trials (`--fuse`) may differ in any of them.
-    Integer bounds give integers."""
+    Integer bounds give integers. A field of choices (`chosen`) holds the values tried instead of a range."""
 
     lr: tuple[float, float] | None = searched(0.02, 0.5, "model.lr", log=True)
     epochs: tuple[int, int] | None = searched(5, 40, "trainer.max_epochs", wide=(5, 200))
@@ -40,6 +47,7 @@ class SearchSpace:
     # Augmentation slows a short run's learning (docs/tuning.md): searched by --space wide, for long budgets.
     augment_shift: tuple[int, int] | None = searched(None, None, "model.augment_shift", wide=(0, 3))
     augment_flip: tuple[float, float] | None = searched(None, None, "model.augment_flip", wide=(0.0, 0.5))
+    batch_norm: tuple[bool, ...] | None = chosen("model.batch_norm", wide=(False, True))
 
     @classmethod
     def preset(cls, name: str) -> "SearchSpace":
@@ -54,37 +62,46 @@ class SearchSpace:
     def pin(self, names: Iterable[str]) -> "SearchSpace":
         return replace(self, **{name: None for name in names})
 
+    def holds(self, name: str, value: Any) -> bool:
+        """Whether the searched hyperparameter `name` may take `value`."""
+        bounds = getattr(self, name)
+        return value in bounds if name in CHOICES else bounds[0] <= value <= bounds[1]
+
     def validate(self) -> None:
-        for name, (low, high) in self.searched().items():
-            check(low <= high, f"--{name.replace('_', '-')}: the low bound {low} is above the high bound {high}")
-            if name in LOG_SCALE:
-                check(low > 0, f"--{name.replace('_', '-')}: the range must be positive (log scale), got {(low, high)}")
-        ranges = self.searched()
-        for name, lowest, highest, what in [
-            ("epochs", 1, math.inf, "at least 1 epoch"), ("depth", 0, math.inf, "at least 0 hidden layers"),
-            ("width", 1, math.inf, "at least 1 unit"), ("dropout", 0, BELOW_1, "probabilities in [0, 1)"),
-            ("label_smoothing", 0, BELOW_1, "shares in [0, 1)"), ("augment_shift", 0, 13, "0 to 13 pixels"),
-            ("augment_flip", 0, 1, "probabilities in [0, 1]"),
-        ]:
-            if name in ranges:
-                low, high = ranges[name]
-                check(lowest <= low and high <= highest, f"--{name.replace('_', '-')}: {what}, got {(low, high)}")
+        """A clear error for a range no trial could train with: each bound is checked as the model checks a value."""
+        for name, bounds in self.searched().items():
+            flag = f"--{name.replace('_', '-')} {' '.join(map(str, bounds))}"
+            if name in CHOICES:
+                continue  # the flag's parser takes only the hyperparameter's values
+            check(bounds[0] <= bounds[1], f"{flag}: the low bound is above the high bound")
+            check(name not in LOG_SCALE or bounds[0] > 0, f"{flag}: the range must be positive (log scale)")
+            check(name != "epochs" or bounds[0] >= 1, f"{flag}: at least 1 epoch")
+            for bound in bounds if FIT_FLAGS[name].startswith("model.") else ():
+                try:
+                    check_hyperparameters({**MODEL_DEFAULTS, FIT_FLAGS[name].removeprefix("model."): bound})
+                except UserError as error:
+                    raise UserError(f"{flag}: {error}") from None
 
 
 SPACES = ("default", "wide")
-BELOW_1 = math.nextafter(1.0, 0.0)  # the highest probability below 1
-# The fit flag that sets each searched hyperparameter, and those searched on a log scale, as SearchSpace declares.
+# The fit flag that sets each searched hyperparameter, those searched on a log scale and those chosen from values,
+# as SearchSpace declares.
 FIT_FLAGS = {f.name: f.metadata["flag"] for f in fields(SearchSpace)}
 LOG_SCALE = {f.name for f in fields(SearchSpace) if f.metadata["log"]}
+CHOICES = {f.name for f in fields(SearchSpace) if f.metadata["choices"]}
+MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(MLPClassifier).parameters.items()}
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     """The trial's hyperparameters, as fit flags; a pinned one is left to the user's fit flag. Integer bounds
     (epochs, depth, width) give integers; the order is SearchSpace's, so draws stay as they were."""
     flags: dict[str, Any] = {}
-    for name, (low, high) in space.searched().items():
-        suggest_one = trial.suggest_int if isinstance(low, int) else trial.suggest_float
-        flags[FIT_FLAGS[name]] = suggest_one(name, low, high, log=name in LOG_SCALE)
+    for name, bounds in space.searched().items():
+        if name in CHOICES:
+            flags[FIT_FLAGS[name]] = trial.suggest_categorical(name, bounds)
+        else:
+            suggest_one = trial.suggest_int if isinstance(bounds[0], int) else trial.suggest_float
+            flags[FIT_FLAGS[name]] = suggest_one(name, *bounds, log=name in LOG_SCALE)
     return flags
 
 

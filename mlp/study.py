@@ -242,7 +242,7 @@ def fit_defaults(cli: MLPCLI, space: SearchSpace) -> dict[str, Any] | None:
     """
     start = {name: cli.config[flag] for name, flag in FIT_FLAGS.items()}
     searched = space.searched()
-    if all(low <= start[name] <= high for name, (low, high) in searched.items()):
+    if all(space.holds(name, start[name]) for name in searched):
         return {name: start[name] for name in searched}
     return None
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlp.errors import run_script  # noqa: E402
 from mlp.final import FINAL_CHOICES  # noqa: E402
 from mlp.progress import study_output  # noqa: E402
-from mlp.search import FIT_FLAGS, SPACES, SearchSpace  # noqa: E402
+from mlp.search import CHOICES, FIT_FLAGS, SPACES, SearchSpace  # noqa: E402
 from mlp.tune import StudyConfig, run_study  # noqa: E402
 
 
@@ -82,22 +82,31 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "configurations refit on train + val (refit_ensemble, the default), or not refit (ensemble); the best "
         "configuration refit; or the best checkpoint. All four are in report.json",
     )
-    space = parser.add_argument_group("search space (inclusive ranges)")
+    space = parser.add_argument_group("search space (inclusive ranges, or the values tried)")
     space.add_argument(
         "--space", choices=SPACES, default="default",
         help="the ranges searched, before the flags below change them: default, or wide (--epochs 5 200, --width "
-        "128 2048, --augment-shift 0 3, --augment-flip 0 0.5): what the best published MLPs train with, for "
-        "budgets of hours (docs/tuning.md)",
+        "128 2048, --augment-shift 0 3, --augment-flip 0 0.5, --batch-norm false true): what the best published "
+        "MLPs train with, for budgets of hours (docs/tuning.md)",
     )
     wide = SearchSpace.preset("wide")
     for field in fields(SearchSpace):
         default, low = getattr(defaults.space, field.name), getattr(wide, field.name)[0]
+        ranged = field.name not in CHOICES
+        shape = {"nargs": 2, "metavar": ("LOW", "HIGH")} if ranged else {"nargs": "+", "metavar": "VALUE"}
+        kind = true_or_false if isinstance(low, bool) else type(low)
         space.add_argument(
-            f"--{field.name.replace('_', '-')}", type=type(low), nargs=2, metavar=("LOW", "HIGH"),
+            f"--{field.name.replace('_', '-')}", type=kind, **shape,
             help=f"default {' '.join(map(str, default)) if default else 'not searched'}; a fit flag setting it "
             f"(--{FIT_FLAGS[field.name]}) pins it instead",
         )
     return parser.parse_known_args(argv)
+
+
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def fuse_count(text: str) -> int | str:

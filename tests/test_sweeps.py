@@ -291,7 +291,7 @@ def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir,
     assert "finished the study's last trial" not in printed
 
 
-def test_the_wide_space_searches_augmentation_and_stacked_trials_each_train_with_their_own(
+def test_the_wide_space_searches_augmentation_and_batch_norm_and_stacked_trials_each_train_with_their_own(
     synthetic_dir, tmp_path
 ):
     args = tune_args(synthetic_dir, tmp_path, n_trials=4)
@@ -302,8 +302,9 @@ def test_the_wide_space_searches_augmentation_and_stacked_trials_each_train_with
     assert len(drawn) == 4 and all(0 <= shift <= 3 and 0 <= flip <= 0.5 for shift, flip in drawn)
     for trial in trials:  # each trial's run trained with its own
         config = yaml.safe_load((Path(trial.user_attrs["log_dir"]) / "config.yaml").read_text())["model"]
-        assert (config["augment_shift"], config["augment_flip"]) == (trial.params["augment_shift"],
-                                                                     trial.params["augment_flip"])
+        assert (config["augment_shift"], config["augment_flip"], config["batch_norm"]) == (
+            trial.params["augment_shift"], trial.params["augment_flip"], trial.params["batch_norm"])
+    assert {trial.params["batch_norm"] for trial in trials} == {False, True}  # with and without, stacked apart
     assert "augment_shift" not in tune.SearchSpace().searched()  # not in the default space
 
 
@@ -345,7 +346,7 @@ def test_the_wide_space_starts_from_fits_own_configuration(tmp_path):
     fit = build_cli([f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert fit_defaults(fit, tune.SearchSpace.preset("wide")) == {
         "lr": 0.1, "epochs": 20, "depth": 2, "width": 512, "weight_decay": 5e-4, "dropout": 0.0,
-        "label_smoothing": 0.0, "augment_shift": 0, "augment_flip": 0.0,
+        "label_smoothing": 0.0, "augment_shift": 0, "augment_flip": 0.0, "batch_norm": False,
     }
     with pytest.raises(UserError, match="--space must be one of default, wide"):
         tune.SearchSpace.preset("huge")
