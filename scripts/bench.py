@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.tuning:
         return tuning(args, device)
     flags = [f"--model.depth={args.depth}", f"--model.width={args.width}", f"--data.batch_size={args.batch_size}",
-             f"--data.data_dir={args.data_dir}", f"--data.val_size={args.val_size}", f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
+             f"--data.data_dir={args.data_dir}", f"--data.val_size={args.val_size}",
+             f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
 
     data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
     data.setup("test")  # decompresses all four IDX files into torchvision's layout, which d2l's pipeline reads

@@ -1,8 +1,8 @@
 """Test the softmax average of checkpoints once: the ensemble a study reports, or several fit.py runs.
 
     python scripts/fit.py --seed_everything 1; python scripts/fit.py --seed_everything 2   # two models
-    python scripts/ensemble.py lightning_logs/fit/version_0/checkpoints/epoch*.ckpt lightning_logs/fit/version_1/checkpoints/epoch*.ckpt
-    python scripts/ensemble.py $(python -c "import json; print(*json.load(open('lightning_logs/tune/mlp/report.json'))['final']['ensemble']['checkpoints'])")
+    python scripts/ensemble.py lightning_logs/fit/version_{0,1}/checkpoints/epoch*.ckpt
+    python scripts/ensemble.py CHECKPOINT ...   # a study's: report.json lists them in final.ensemble.checkpoints
 
 The checkpoints must come from one validation split (the same --data.val_size and --data.seed); the split
 and the test set are read as they were for training. Prints the ensemble's val and test accuracy.

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         launched = time.time()
         workers = []
         for i in range(args.workers):
-            workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            workers.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            )
             if i == 0 and args.workers > 1:
                 time.sleep(3)  # the first worker creates the SQLite tables; see README, "Starting at once"
         storage = f"sqlite:///{logs}/tune/optuna.db"
