@@ -95,24 +95,22 @@ def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int
 
 
 AUTO_FUSE_MAX = 128  # the most trials per stack measured on a GPU; it trained the most model-epochs per second
-# On the CPU, with one width: 8 trials of 784-256-10 trained 2.0-2.2x faster at K = 8 than one at a time,
-# 8 of 784-512-512-10 1.29-1.41x (the most of K = 1, 2, 4, 8) and 30 of them 1.39-1.45x (see the README).
-CPU_FUSE = 8
+CPU_FUSE = 8  # trials of one width per stack on the CPU (docs/results.md#bench-tuning-cpu, #eight-trials-cpu)
 
 
 def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials: int) -> tuple[int, str]:
     """`--fuse auto` (tune.py's default): K for the device the trials train on and a study of `n_trials`, and why.
 
     On the CPU a stack holds trials of one depth and width (`mlp.trials.pads_widths`). When the width is searched, few
-    trials share one, so K models in a Trainer save only its per-step work, small against the default
-    search's arithmetic: the fused default study took 1.98 s per default-net epoch against the unfused
-    study's 1.74, and the same 8 default-space trials trained in 59.3 and 63.3 s fused against 60.5 and 71.8 s
-    unfused. So K is 1 there, and CPU_FUSE when every trial has one width and the stacks fill. On a GPU, as
-    many trials as fit in its free memory, up to AUTO_FUSE_MAX.
+    trials share one, so K models in a Trainer save only its per-step work, small against the default search's
+    arithmetic, and fusing measured no faster (docs/results.md#searched-widths-cpu). So K is 1 there, and CPU_FUSE
+    when every trial has one width and the stacks fill. On a GPU, as many trials as fit in its free memory, up to
+    AUTO_FUSE_MAX.
 
     Either way at most a quarter of the study's trials, rounded up: TPE draws a trial from the finished ones,
     and a stack of all the trials would ask every one before any finished, a random search. The fused default
-    study at K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc. With a fit flag that
+    study at K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc
+    (docs/results.md#study-fused-cpu). With a fit flag that
     `check_fusable` refuses for stacks (`why_unfusable`), 1.
     """
     if unfusable := why_unfusable(cli):

@@ -311,8 +311,8 @@ def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
 
 def pads_widths(cli: MLPCLI) -> bool:
     """Whether trials of one depth but different widths share a stack: on a GPU, where a stack of K costs
-    little more than one model, yes; on the CPU, where a step costs its multiply-adds and padding the default
-    search's widths measured 1.78x the nets' own (a stack per width: 1.03x), no."""
+    little more than one model, yes; on the CPU, where a step costs its multiply-adds, no: padding the default
+    search's widths costs more than it saves (docs/results.md#padding-cpu)."""
     return cli.trainer.strategy.root_device.type != "cpu"
 
 
