@@ -1,9 +1,15 @@
 """Pruning compares trials at the same fraction of their own schedules, whatever their epoch counts."""
 
+import sys
+from pathlib import Path
+
 import optuna
 import pytest
 
 from mlp.search import SearchSpace, make_pruner, record_intermediate_values
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import pruning  # noqa: E402
 
 
 def accuracy_at(fraction: float, final: float) -> float:
@@ -80,3 +86,28 @@ def test_a_trial_that_trained_all_its_epochs_is_never_pruned():
     assert record_intermediate_values(trial, 0, 2, 0.1, None)
     assert not record_intermediate_values(trial, 1, 2, 0.1, 0.1)
     assert trial.should_prune()  # the pruner would still prune it: only the finished schedule spares it
+
+
+def test_the_fairness_table_counts_each_group_pruned_at_a_tenth_and_ranks_completed_trials_early_and_late(
+    tmp_path, capsys
+):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    shift = {"augment_shift": optuna.distributions.IntDistribution(0, 3)}
+    steps = range(10, 101, 10)
+    for shifted, early, late, pruned_at in [(2, 0.5, 0.9, None), (0, 0.8, 0.85, None), (2, 0.4, 0.4, 30),
+                                            (0, 0.7, 0.8, None)]:
+        values = {step: early if step < 100 else late for step in steps if pruned_at is None or step <= pruned_at}
+        state = optuna.trial.TrialState.PRUNED if pruned_at else optuna.trial.TrialState.COMPLETE
+        study.add_trial(optuna.trial.create_trial(
+            params={"augment_shift": shifted}, distributions=shift, intermediate_values=values, state=state,
+            value=None if pruned_at else late,
+        ))
+
+    pruning.main(["--storage", storage, "--study-name", "s"])
+
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()}
+    # At 10 %, the shifted trial that completed ranks last of the three and ends first: a slow starter.
+    assert rows["10"] == ["2 / 0", "2 / 0", "17 then 83", "67 then 33 |"]
+    assert rows["30"][:2] == ["2 / 1", "2 / 0"]  # the shifted trial pruned at 30 %
+    assert rows["40"][:2] == ["1 / 0", "2 / 0"]
