@@ -56,6 +56,11 @@ class SearchSpace:
         check(name in SPACES, f"--space must be one of {', '.join(SPACES)}, got {name!r}")
         return cls() if name == "default" else cls(**{f.name: f.metadata["wide"] for f in fields(cls)})
 
+    @property
+    def has_slow_starters(self) -> bool:
+        """Whether augmented trials, which learn more slowly early, compete with others: augmentation is searched."""
+        return self.augment_shift is not None or self.augment_flip is not None
+
     def searched(self) -> dict[str, tuple]:
         return {name: bounds for name, bounds in asdict(self).items() if bounds is not None}
 
@@ -162,22 +167,29 @@ def record_intermediate_values(
     return False
 
 
-def make_pruner(name: str, shortest_epochs: int) -> optuna.pruners.BasePruner:
+SLOW_STARTERS_FIRST_JUDGED = 50  # percent of a schedule; docs/tuning.md#pruning-fair-to-slow-starters says why
+
+
+def make_pruner(name: str, shortest_epochs: int, slow_starters: bool = False) -> optuna.pruners.BasePruner:
     """A pruner whose steps are percent of a trial's schedule (see record_intermediate_values).
 
     No trial is judged before the shortest schedule's first epoch (`shortest_epochs` long) has ended: earlier
-    steps hold that epoch's value, which would flatter short schedules.
+    steps hold that epoch's value, which would flatter short schedules. With `slow_starters` (trials with and
+    without augmentation compete), none before SLOW_STARTERS_FIRST_JUDGED: until then augmented trials rank below
+    where they end, and the others above.
     """
-    first_epoch_end = REPORT_EVERY * math.ceil(SCHEDULE_STEPS / shortest_epochs / REPORT_EVERY)
+    first_judged = REPORT_EVERY * math.ceil(SCHEDULE_STEPS / shortest_epochs / REPORT_EVERY)
+    if slow_starters:
+        first_judged = max(first_judged, SLOW_STARTERS_FIRST_JUDGED)
     if name == "hyperband":
-        # Rungs at first_epoch_end (20 % for the default space), then three times as far.
+        # Rungs at first_judged (20 % for the default space), then three times as far.
         return optuna.pruners.HyperbandPruner(
-            min_resource=first_epoch_end, max_resource=SCHEDULE_STEPS, reduction_factor=3
+            min_resource=first_judged, max_resource=SCHEDULE_STEPS, reduction_factor=3
         )
     if name == "median":
         # One-cycle's learning rate peaks at 30 % of the schedule (OneCycleLR's pct_start); before that the
         # validation accuracy says little about where a trial ends.
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(30, first_epoch_end))
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(30, first_judged))
     return optuna.pruners.NopPruner()
 
 

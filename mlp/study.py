@@ -217,15 +217,16 @@ def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
 
 
 def open_study(
-    study_name: str, storage_url: str, pruner: str, shortest_epochs: int, seed: int, first: dict | None = None
+    study_name: str, storage_url: str, pruner: str, shortest_epochs: int, seed: int, first: dict | None = None,
+    slow_starters: bool = False,
 ) -> optuna.Study:
     """Create the study, or load it if it exists, so that rerunning the same command continues it; its trial 0
-    draws `first` (see TrialSeededTPE)."""
+    draws `first` (see TrialSeededTPE); the pruner is `make_pruner`'s."""
     settings = dict(
         study_name=study_name,
         storage=connect(storage_url),
         sampler=TrialSeededTPE(seed, first),
-        pruner=make_pruner(pruner, shortest_epochs),
+        pruner=make_pruner(pruner, shortest_epochs, slow_starters),
     )
     try:
         return optuna.create_study(direction="maximize", **settings)

@@ -124,7 +124,8 @@ def run_study(
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = config.storage or default_storage(tune_dir, len(workers))
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
-    opening = (study_name, storage_url, config.pruner, shortest_epochs, config.sampler_seed, fit_defaults(cli, space))
+    opening = (study_name, storage_url, config.pruner, shortest_epochs, config.sampler_seed, fit_defaults(cli, space),
+               space.has_slow_starters)
     study = open_study(*opening)
     check_folder_is_the_studys(study, tune_dir / study_name)
     # A refit trains on train + val, so its epochs take longer than its trial's.

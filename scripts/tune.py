@@ -146,7 +146,8 @@ def short_summary(summary: dict) -> list[str]:
         answer = final["answer"]
         figure = "no test figure" if answer is None else f"test accuracy {final['test_acc']:.4f}"
         lines.append(f"answer: {answer or final.get('fallback', 'none')} ({figure})")
-        params = ", ".join(f"{name}={value:.4g}" for name, value in summary["best_params"].items())
+        params = ", ".join(f"{name}={value if isinstance(value, bool) else format(value, '.4g')}"
+                           for name, value in summary["best_params"].items())
         lines.append(f"best trial: {summary['best_trial']}, val accuracy {summary['best_val_acc']:.4f} ({params})")
     else:
         lines.append("no trial completed, so there is no answer")

@@ -111,3 +111,22 @@ def test_the_fairness_table_counts_each_group_pruned_at_a_tenth_and_ranks_comple
     assert rows["10"] == ["2 / 0", "2 / 0", "17 then 83", "67 then 33 |"]
     assert rows["30"][:2] == ["2 / 1", "2 / 0"]  # the shifted trial pruned at 30 %
     assert rows["40"][:2] == ["1 / 0", "2 / 0"]
+
+
+@pytest.mark.parametrize("slow_starters, pruned_at", [(False, 30), (True, 50)])
+def test_where_augmented_trials_compete_with_others_the_median_pruner_judges_from_half_the_schedule(
+    slow_starters, pruned_at
+):
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", 5, slow_starters))
+    for _ in range(5):
+        study.add_trial(optuna.trial.create_trial(
+            value=0.8, intermediate_values={step: 0.8 for step in range(10, 101, 10)},
+            state=optuna.trial.TrialState.COMPLETE,
+        ))
+    behind = study.ask()
+    judged = []
+    for step in range(10, 101, 10):
+        behind.report(0.5, step)
+        judged.append(behind.should_prune())
+    assert judged.index(True) == pruned_at // 10 - 1
+    assert SearchSpace.preset("wide").has_slow_starters and not SearchSpace().has_slow_starters
