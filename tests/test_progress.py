@@ -26,7 +26,7 @@ from tests.test_sweeps import FAST_TRIAL, tune_args
 
 ROOT = Path(__file__).resolve().parent.parent
 # Deterministic pruning (the real pruners need several trials to compare with): below 0.5 after an epoch.
-PATCH = "import optuna, mlp.study; mlp.study.make_pruner = lambda name, space: optuna.pruners.ThresholdPruner(lower=0.5)"
+PATCH = "import optuna, mlp.study; mlp.study.make_pruner = lambda *_: optuna.pruners.ThresholdPruner(lower=0.5)"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

@@ -41,7 +41,7 @@ def tune_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
 @pytest.fixture
 def threshold_pruner(monkeypatch):
     """Prune any trial whose val/acc is below 0.5 after an epoch: deterministic, unlike the real pruners."""
-    monkeypatch.setattr("mlp.study.make_pruner", lambda name, space: optuna.pruners.ThresholdPruner(lower=0.5))
+    monkeypatch.setattr("mlp.study.make_pruner", lambda *_: optuna.pruners.ThresholdPruner(lower=0.5))
 
 
 def mislabel_test_split(data_dir: Path) -> None:
