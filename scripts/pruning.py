@@ -67,11 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study-name", default="mlp")
     parser.add_argument("--storage", help="the study's storage (default: tune.py's, in lightning_logs/tune/NAME)")
     parser.add_argument("--by", choices=sorted(GROUPS), default="augmentation", help="what groups the trials")
+    parser.add_argument("--first-trial", type=int, default=0,
+                        help="only trials numbered from this on (a study continued under another rule)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = args.storage or default_storage(Path("lightning_logs/tune") / args.study_name, workers=1)
     study = optuna.load_study(study_name=args.study_name, storage=connect(storage))
-    trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
+    trials = [t for t in study.trials[args.first_trial:]
+              if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
     print(fairness(trials, args.by))
 
 

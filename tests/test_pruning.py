@@ -111,6 +111,8 @@ def test_the_fairness_table_counts_each_group_pruned_at_a_tenth_and_ranks_comple
     assert rows["10"] == ["2 / 0", "2 / 0", "17 then 83", "67 then 33 |"]
     assert rows["30"][:2] == ["2 / 1", "2 / 0"]  # the shifted trial pruned at 30 %
     assert rows["40"][:2] == ["1 / 0", "2 / 0"]
+    pruning.main(["--storage", storage, "--study-name", "s", "--first-trial", "2"])  # the last two trials only
+    assert capsys.readouterr().out.splitlines()[4].startswith("| 30 | 1 / 1 | 1 / 0 |")
 
 
 @pytest.mark.parametrize("slow_starters, pruned_at", [(False, 30), (True, 50)])
