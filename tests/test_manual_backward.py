@@ -56,11 +56,9 @@ def test_loss_gradient_creates_its_tensors_on_the_logits_device():
     assert created.devices and set(created.devices) == {torch.device("meta")}
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "prelu", "sigmoid", "tanh"])
-@pytest.mark.parametrize("depth", [0, 1, 2, 4])
-def test_manual_gradients_equal_autograd_in_float64(depth, activation):
-    torch.manual_seed(depth)
-    net = random_net(depth, activation)
+def assert_manual_gradients_equal_autograd(net: MLP) -> list:
+    """One forward (so both backward passes see the same dropout masks and batch statistics), then autograd's
+    gradients and `MLP.backward`'s, compared; returns the forward's cache."""
     x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
     cache = []
     logits = net(x, cache)
@@ -71,35 +69,27 @@ def test_manual_gradients_equal_autograd_in_float64(depth, activation):
     for grad, p in zip(manual, params):
         assert grad.shape == p.shape
         torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
+    return cache
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "prelu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("depth", [0, 1, 2, 4])
+def test_manual_gradients_equal_autograd_in_float64(depth, activation):
+    torch.manual_seed(depth)
+    assert_manual_gradients_equal_autograd(random_net(depth, activation))
 
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ["relu", "prelu", "tanh"])
 def test_manual_gradients_through_batch_norm_equal_autograd(activation, training):
     torch.manual_seed(0)
-    net = random_net(3, activation, dropout=0.2, batch_norm=True).train(training)
-    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
-    cache = []
-    logits = net(x, cache)
-    nn.functional.cross_entropy(logits, y).backward()
-    manual = net.backward(cache, cross_entropy_grad(logits.detach(), y))
-    params = list(net.parameters())
-    assert len(manual) == len(params)
-    for grad, p in zip(manual, params):
-        torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
+    assert_manual_gradients_equal_autograd(random_net(3, activation, dropout=0.2, batch_norm=True).train(training))
 
 
 def test_manual_gradients_through_dropout_equal_autograd():
     torch.manual_seed(0)
-    net = random_net(3, "prelu", dropout=0.4).train()
-    x, y = torch.randn(11, 13, dtype=torch.float64), torch.randint(0, 5, (11,))
-    cache = []
-    logits = net(x, cache)  # one forward, so both backward passes see the same masks
+    cache = assert_manual_gradients_equal_autograd(random_net(3, "prelu", dropout=0.4).train())
     assert all(mask is not None and (mask == 0).any() for _, _, mask, _ in cache[:-1])
-    nn.functional.cross_entropy(logits, y).backward()
-    manual = net.backward(cache, cross_entropy_grad(logits.detach(), y))
-    for grad, p in zip(manual, net.parameters()):
-        torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.5])
