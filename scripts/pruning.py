@@ -1,7 +1,7 @@
 """Whether a study's pruner is fair to slow starters: trials with and without augmentation (or batch norm), pruned
 at the same fraction of their schedules, and how far behind early the trials that finished were.
 
-    python scripts/pruning.py --study-name mlp                  # the study in lightning_logs/tune/mlp
+    python scripts/pruning.py --study-name mlp                  # tune.py's default storage, lightning_logs/tune
     python scripts/pruning.py --storage sqlite:///PATH/optuna.db --study-name wide --by batch_norm
 
 Trials report their val/acc at each tenth of their own schedule (`mlp.search.record_intermediate_values`). For
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from mlp.errors import run_script  # noqa: E402
+from mlp.errors import UserError, check, run_script  # noqa: E402
 from mlp.search import REPORT_EVERY, SCHEDULE_STEPS  # noqa: E402
 from mlp.study import connect  # noqa: E402
 from mlp.tune import default_storage  # noqa: E402
@@ -49,12 +49,12 @@ def fairness(trials: list[FrozenTrial], by: str) -> str:
     for step in steps:
         at = {t.number: t.intermediate_values[step] for t in trials if step in t.intermediate_values}
         pruned = {t.number for t in trials if t.state == TrialState.PRUNED and max(t.intermediate_values) == step}
+        finished_there = [at[n] for n in at if n in final]
         cells = []
         for flag in (True, False):
             reached = [n for n in at if group[n] == flag]
             cells.append(f"{len(reached)} / {sum(n in pruned for n in reached)}")
         for flag in (True, False):
-            finished_there = [at[n] for n in at if n in final]
             ranks = [(percentile(at[n], finished_there), final_rank[n]) for n in at if n in final and group[n] == flag]
             cells.append(f"{statistics.mean(r for r, _ in ranks):.0f} then {statistics.mean(f for _, f in ranks):.0f}"
                          if ranks else "none")
@@ -65,14 +65,19 @@ def fairness(trials: list[FrozenTrial], by: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study-name", default="mlp")
-    parser.add_argument("--storage", help="the study's storage (default: tune.py's, in lightning_logs/tune/NAME)")
+    parser.add_argument("--storage", help="the study's storage (default: tune.py's, in lightning_logs/tune)")
     parser.add_argument("--by", choices=sorted(GROUPS), default="augmentation", help="what groups the trials")
     parser.add_argument("--first-trial", type=int, default=0,
                         help="only trials numbered from this on (a study continued under another rule)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = args.storage or default_storage(Path("lightning_logs/tune") / args.study_name, workers=1)
-    study = optuna.load_study(study_name=args.study_name, storage=connect(storage))
+    storage = args.storage or default_storage(Path("lightning_logs/tune"), workers=1)
+    local = storage.removeprefix("sqlite:///")
+    check("://" in local or Path(local).exists(), f"no study storage at {local}: give the study's --storage")
+    try:
+        study = optuna.load_study(study_name=args.study_name, storage=connect(storage))
+    except KeyError:  # Optuna's "Record does not exist"
+        raise UserError(f"no study named {args.study_name!r} in {local}: give its --study-name") from None
     trials = [t for t in study.trials[args.first_trial:]
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
     print(fairness(trials, args.by))

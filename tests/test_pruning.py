@@ -6,6 +6,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from mlp.errors import UserError
 from mlp.search import SearchSpace, make_pruner, record_intermediate_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -113,6 +114,11 @@ def test_the_fairness_table_counts_each_group_pruned_at_a_tenth_and_ranks_comple
     assert rows["40"][:2] == ["1 / 0", "2 / 0"]
     pruning.main(["--storage", storage, "--study-name", "s", "--first-trial", "2"])  # the last two trials only
     assert capsys.readouterr().out.splitlines()[4].startswith("| 30 | 1 / 1 | 1 / 0 |")
+    for args, said in [(["--storage", str(tmp_path / "none.db")], "no study storage at"),
+                       (["--storage", storage, "--study-name", "other"], "no study named 'other'")]:
+        with pytest.raises(UserError, match=said):
+            pruning.main(args)
+    assert not (tmp_path / "none.db").exists()
 
 
 @pytest.mark.parametrize("slow_starters, pruned_at", [(False, 30), (True, 50)])
