@@ -105,6 +105,18 @@ def trial_config(trial: FrozenTrial) -> str:
     return str(config)
 
 
+def refit_recipe(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's refit as a `fit.py --config` file holds it: the seed, epochs, model and batches of the config it
+    trained (`trial_config`), on all training images (val_size 0); this machine's folders and logger left out."""
+    trained = yaml.safe_load(Path(trial_config(trial)).read_text())
+    return {
+        "seed_everything": trained["seed_everything"],
+        "trainer": {"max_epochs": trained["trainer"]["max_epochs"]},
+        "model": trained["model"],
+        "data": {"batch_size": trained["data"]["batch_size"], "seed": trained["data"]["seed"], "val_size": 0},
+    }
+
+
 def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
     """A new run of the trial's own configuration (`trial_config`), logging to `version` beside it; `flags`
     change it (e.g. --data.val_size=0). Today's fit flags play no part: a study resumed with other flags still

@@ -9,11 +9,13 @@ from typing import Any
 
 import optuna
 import torch
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import Budget
 from mlp.data import TRAIN_IMAGES, FashionMNISTDataModule
-from mlp.final import all_refits, final_models
+from mlp.errors import UserError
+from mlp.final import all_refits, final_models, refit_recipe
 from mlp.module import MLPClassifier
 from mlp.records import TrialRecord
 
@@ -113,6 +115,20 @@ def refits_cost(study: optuna.Study) -> float:
     return work / (default_net_multiply_adds() * DEFAULT_TRAIN_IMAGES)
 
 
+def write_recipe(trial: FrozenTrial, study_name: str, log_dir: Path) -> str | None:
+    """best_config.yaml: the best trial's configuration refit on all training images, as a `fit.py --config` file
+    (the final model `refit`); None where the trial's config is on another machine."""
+    try:
+        recipe = yaml.safe_dump(refit_recipe(trial), sort_keys=False)
+    except UserError:
+        return None
+    path = log_dir / "best_config.yaml"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# Trial {trial.number} of study {study_name}, chosen on validation, refit on all training images:\n"
+    path.write_text(f"{header}#   python scripts/fit.py --config {path.name}\n{recipe}")
+    return str(path)
+
+
 def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, budget: Budget) -> dict[str, Any]:
     """Summarise the study, pick and test its final model once, write report.json and the plots."""
     trials = study.get_trials(deepcopy=False)
@@ -136,6 +152,7 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
             best_val_acc=best.value,
             best_checkpoint=TrialRecord.of(best).best_checkpoint,
         )
+        summary["best_config"] = write_recipe(best, study.study_name, log_dir)
         summary["final"] = final_models(study, answer, budget)
         summary["test_acc"] = summary["final"]["test_acc"]
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)

@@ -252,6 +252,32 @@ def test_refits_and_the_best_checkpoints_test_rebuild_each_trial_from_its_own_sa
     assert "val_size: 100" in tested and "activation: tanh" in tested
 
 
+def test_the_report_writes_the_best_trials_refit_as_a_fit_config_that_trains_the_same_model(synthetic_dir, tmp_path):
+    import fit
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="test", storage=storage, direction="maximize")
+    for lr in (0.1, 0.02):
+        study.enqueue_trial({**FAST_TRIAL, "lr": lr, "label_smoothing": 0.1})
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=2), "--pruner=none", "--final=refit"])
+
+    recipe = yaml.safe_load(Path(summary["best_config"]).read_text())
+    best = optuna.load_study(study_name="test", storage=storage).best_trial
+    assert recipe["model"]["lr"] == best.params["lr"] and recipe["trainer"]["max_epochs"] == best.params["epochs"]
+    assert recipe["data"]["val_size"] == 0 and recipe["seed_everything"] == best.number  # the fit seed 0 plus n
+    assert "data_dir" not in recipe["data"] and set(recipe["trainer"]) == {"max_epochs"}  # nothing of this machine
+    # fit.py with the file trains the refit again: the same weights, to the rounding by which a trial's stack of one
+    # differs from a run alone (tests/test_fused.py), so the same test figure up to one image in 200.
+    results = fit.main([f"--config={summary['best_config']}", f"--data.data_dir={synthetic_dir}",
+                        f"--trainer.logger.init_args.save_dir={tmp_path / 'fit'}"])
+    assert results["test/acc"] == pytest.approx(summary["final"]["refit"]["test_acc"], abs=0.005)
+    (fitted,) = (tmp_path / "fit").rglob("epoch*.ckpt")  # beside last.ckpt, for --ckpt_path last
+    fitted = torch.load(fitted, weights_only=True)["state_dict"]
+    refit = torch.load(summary["final"]["refit"]["checkpoint"], weights_only=True)["state_dict"]
+    assert list(fitted) == list(refit)
+    assert all(torch.allclose(fitted[key], refit[key], rtol=0, atol=1e-5) for key in refit)
+
+
 def test_trial_keeps_the_val_acc_checkpoint_when_the_user_adds_another(synthetic_dir, tmp_path):
     """The first ModelCheckpoint in the Trainer is the user's here; the trial must still use --checkpoint's."""
     study = optuna.create_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
