@@ -75,6 +75,16 @@ class Stack:
             p.grad = None
 
 
+def stack_key(model: MLPClassifier, pad_widths: bool) -> tuple:
+    """Models with equal keys compute the same function of their own tensors, so they stack: they differ only in
+    `PER_MODEL`, their weights, and with `pad_widths` an `MLP`'s width (zero-padded to the widest). Whether dropout
+    or augmentation is on decides whether random draws are made, so it is part of the key; their rates are not."""
+    pads = pad_widths and getattr(model.net, "widths_pad_exactly", False)
+    shared = {k: v for k, v in model.hparams.items() if k not in model.PER_MODEL and not (pads and k == "width")}
+    shapes = () if pads else tuple(tuple(t.shape) for t in model.net.parameters())
+    return type(model), type(model.net), repr(sorted(shared.items())), model.hparams.dropout > 0, model.augments, shapes
+
+
 def stack_error(model: MLPClassifier) -> str | None:
     """Why models like `model` cannot be stacked, or None: one stacked step of two copies on a batch of two. A net
     made of per-example operations stacks, and so does one with batch statistics over its own batch (batch_norm);
@@ -202,7 +212,7 @@ class FusedClassifier(L.LightningModule):
         """One stack per `stack_key`; the members in stack order, so that model k is the k-th output."""
         stacks: dict[tuple, list[Member]] = {}
         for member in self.members:
-            stacks.setdefault(member.model.stack_key(self.pad_widths), []).append(member)
+            stacks.setdefault(stack_key(member.model, self.pad_widths), []).append(member)
         self.members = [member for group in stacks.values() for member in group]
         self.stacks = [Stack([member.model for member in group]) for group in stacks.values()]
 

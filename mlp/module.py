@@ -94,33 +94,27 @@ class MLPClassifier(L.LightningModule):
     """Classifies flattened 28x28 images into 10 classes with a from-scratch MLP.
 
     Args:
-        depth: hidden layers (0 is softmax regression).
-        width: units in each hidden layer.
+        depth, width: hidden layers (0 is softmax regression), and units in each.
         init: weight init scheme, see `mlp.net.init_weight`.
-        optimizer: "sgd" (with momentum/nesterov) or "adam".
+        optimizer, weight_decay: "sgd" or "adam", and its L2 penalty coefficient.
         lr: learning rate; with the one-cycle schedule, the peak learning rate.
-        momentum: SGD momentum (Adam's beta1 ignores it).
-        nesterov: Nesterov momentum for SGD.
-        weight_decay: L2 penalty coefficient.
+        momentum, nesterov: SGD's momentum, and whether it is Nesterov's (Adam ignores both).
         schedule: "onecycle" (warm up, then anneal to ~0), "cosine" (anneal from lr), "step" (x0.25 at 50, 75, 87.5
             and 94 % of the run, as the best published MLP) or "constant".
         activation: "relu", "leaky_relu", "prelu" (learned slope per layer), "sigmoid" or "tanh", all in `mlp.net`.
         dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
         backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
         label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
-        augment_shift: in training, each image moved by a random whole-pixel offset of up to this many pixels on
-            each axis (`mlp.augment`; 0 turns it off).
-        augment_flip: in training, the probability of mirroring each image left-right (0 turns it off).
-        batch_norm: normalise each hidden layer's pre-activations over the batch, with a learned scale and shift
-            (`mlp.net.batch_norm`); stacked models each normalise over their own batch.
+        augment_shift, augment_flip: in training, each image moved by up to this many whole pixels on each axis,
+            and mirrored left-right with this probability (`mlp.augment`; 0 turns either off).
+        batch_norm: standardise each hidden layer's pre-activations over the batch (`mlp.net.batch_norm`).
         input_size: numbers in one example; fit.py and tune.py take it from the data module's `input_size`.
 
     Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same
     methods under `torch.func.vmap`, so a fork that overrides `loss` or swaps `self.net` changes stacked trials too.
     """
 
-    # Hyperparameters in which stacked models (`mlp.fused`) may differ: each keeps them in its optimiser and schedule,
-    # or in tensors of its own that vmap maps over (dropout's rate, the label smoothing).
+    # What stacked models (`mlp.fused`) may differ in: each keeps these in its optimiser, schedule or own tensors.
     PER_MODEL = ("lr", "weight_decay", "momentum", "nesterov", "optimizer", "schedule", "init", "dropout",
                  "label_smoothing", "augment_shift", "augment_flip")
 
@@ -148,13 +142,11 @@ class MLPClassifier(L.LightningModule):
         self.save_hyperparameters()
         check_hyperparameters(self.hparams)
         self.net = MLP(input_size, depth, width, NUM_CLASSES, init, activation, dropout, batch_norm)
-        # A tensor, not a float, so that models stacked by vmap each smooth by their own share.
-        self.register_buffer("label_smoothing", torch.tensor(float(label_smoothing)), persistent=False)
-        # Augmentation's settings as tensors too; the background is set when a run starts (`start_run`).
+        # Tensors, not floats, so that vmap gives each stacked model its own; `start_run` sets the background.
+        settings = {"label_smoothing": label_smoothing, "shift": augment_shift, "flip_chance": augment_flip}
+        for name, value in {**settings, "background": 0.0}.items():
+            self.register_buffer(name, torch.tensor(float(value)), persistent=False)
         self.augments = augment_shift > 0 or augment_flip > 0
-        self.register_buffer("shift", torch.tensor(float(augment_shift)), persistent=False)
-        self.register_buffer("flip_chance", torch.tensor(float(augment_flip)), persistent=False)
-        self.register_buffer("background", torch.tensor(0.0), persistent=False)
         self.automatic_optimization = backward == "autograd"
         # Training metrics are updated once an epoch from the collected step outputs (an update costs more than a
         # step), keeping NaN so a diverging loss shows; argmaxes need no input checks, which a stack pays K times.
@@ -179,9 +171,8 @@ class MLPClassifier(L.LightningModule):
     def inputs(self, x: Tensor) -> Tensor:
         """What the net sees of the images `x`: in training, shifted and flipped as augment_shift and augment_flip
         say. Augmentation belongs to the model, not the data, so that stacked models each augment by their own."""
-        if not (self.training and self.augments):
-            return x
-        return shift_and_flip(x, self.shift, self.flip_chance, self.background)
+        augments = self.training and self.augments
+        return shift_and_flip(x, self.shift, self.flip_chance, self.background) if augments else x
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy, in training with label smoothing; override it to change what every run trains on.
@@ -194,16 +185,6 @@ class MLPClassifier(L.LightningModule):
         if not self.training:
             return plain
         return (1 - self.label_smoothing) * plain - self.label_smoothing * log_probs.mean()
-
-    def stack_key(self, pad_widths: bool) -> tuple:
-        """Models with equal keys compute the same function of their own tensors, so `mlp.fused` stacks them: they
-        differ only in PER_MODEL, their weights, and with `pad_widths` an `MLP`'s width (zero-padded to the widest).
-        Whether dropout or augmentation is on decides whether random draws are made, so it is part of the key; their
-        rates are not."""
-        pads = pad_widths and getattr(self.net, "widths_pad_exactly", False)
-        shared = {k: v for k, v in self.hparams.items() if k not in self.PER_MODEL and not (pads and k == "width")}
-        shapes = () if pads else tuple(tuple(t.shape) for t in self.net.parameters())
-        return type(self), type(self.net), repr(sorted(shared.items())), self.hparams.dropout > 0, self.augments, shapes
 
     def on_train_start(self) -> None:
         start_run(self, self.logger, self.trainer.datamodule, self.trainer.max_epochs)
@@ -228,8 +209,8 @@ class MLPClassifier(L.LightningModule):
         self.train_loss.update(torch.stack(losses).repeat_interleave(batch_sizes))
         self.train_acc.update(torch.cat(preds), torch.cat(targets))
         scalars = {"train/loss_epoch": self.train_loss.compute(), "train/acc": self.train_acc.compute()}
-        self.train_loss.reset()
-        self.train_acc.reset()
+        for metric in (self.train_loss, self.train_acc):
+            metric.reset()
         # Lightning's ThroughputMonitor synchronises the GPU on every step; one reading per epoch is enough.
         scalars["train/examples_per_sec"] = batch_sizes.sum() / (time.perf_counter() - self.epoch_start)
         return scalars
@@ -253,8 +234,8 @@ class MLPClassifier(L.LightningModule):
         """The validation's loss, accuracy and best accuracy so far (`hp_metric`, by which TensorBoard's HParams tab
         compares runs); under DDP the same on every process, as torchmetrics syncs in compute."""
         acc, loss = self.val_acc.compute(), self.val_loss.compute()
-        self.val_acc.reset()
-        self.val_loss.reset()
+        for metric in (self.val_acc, self.val_loss):
+            metric.reset()
         self.val_acc_best.update(acc)
         return {"val/loss": loss, "val/acc": acc, "hp_metric": self.val_acc_best.compute()}
 
@@ -264,14 +245,13 @@ class MLPClassifier(L.LightningModule):
         self.log_dict(scalars, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, preds = self.model_step(batch)
-        y = batch[1]
+        (loss, preds), (x, y) = self.model_step(batch), batch
         self.test_acc.update(preds, y)
         self.test_confusion.update(preds, y)
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
         if batch_idx == 0:
-            self.test_examples = (batch[0][:32], preds[:32], y[:32])
+            self.test_examples = (x[:32], preds[:32], y[:32])
 
     def on_test_epoch_end(self) -> None:
         if isinstance(self.logger, TensorBoardLogger):
@@ -284,9 +264,8 @@ class MLPClassifier(L.LightningModule):
     def optimizer_and_schedule(self, steps: int, fused: bool = True) -> dict[str, Any]:
         """The optimiser over this model's parameters (`make_optimizer`) and its learning-rate schedule over `steps`
         optimiser steps, as Lightning's configure_optimizers returns them."""
-        hp = self.hparams
-        optimizer = make_optimizer(self.parameters(), hp, fused)
-        if (scheduler := make_schedule(optimizer, hp, steps)) is None:
+        optimizer = make_optimizer(self.parameters(), self.hparams, fused)
+        if (scheduler := make_schedule(optimizer, self.hparams, steps)) is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

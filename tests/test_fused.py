@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlp.fused import FusedClassifier, ModelInStackCheckpoint, Stack
+from mlp.fused import FusedClassifier, ModelInStackCheckpoint, Stack, stack_key
 from mlp.module import MLPClassifier
 from mlp.net import dropout_mask
 
@@ -90,8 +90,8 @@ def shifted(image: torch.Tensor, dy: int, dx: int, background: float) -> torch.T
 def test_stacked_models_each_augment_their_batch_by_their_own_settings():
     always_mirrors = MLPClassifier(1, 8, augment_flip=1.0).train()
     shifts = MLPClassifier(1, 8, augment_shift=2).train()
-    assert always_mirrors.stack_key(False) == shifts.stack_key(False)  # they differ only in per-model tensors
-    assert shifts.stack_key(False) != MLPClassifier(1, 8).stack_key(False)  # one that draws nothing stacks apart
+    assert stack_key(always_mirrors, False) == stack_key(shifts, False)  # they differ only in per-model tensors
+    assert stack_key(shifts, False) != stack_key(MLPClassifier(1, 8), False)  # one that draws nothing stacks apart
     for model in (always_mirrors, shifts):
         model.background.fill_(-1.0)
     stack = Stack([always_mirrors, shifts])
