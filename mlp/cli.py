@@ -96,6 +96,9 @@ class MLPCLI(LightningCLI):
         # evaluation and shuffle each rank apart.
         check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "
               "the data module splits the batches between the processes itself")
+        if self.config.trainer.enable_progress_bar is False:
+            # The bar is a callback of ours (`progress_bar`), which Lightning refuses beside this flag: hidden instead.
+            self.config.trainer.enable_progress_bar, self.config.progress_bar.refresh_rate = None, 0
         validates = self.config.data.val_size > 0
         if not validates:
             # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.

@@ -292,3 +292,11 @@ def test_the_step_schedule_quarters_the_rate_where_the_published_record_did():
     changes = [step for step in range(1, 200) if rates[step] != rates[step - 1]]
     assert changes == [100, 150, 175, 188]
     assert rates[0] == 1e-3 and rates[-1] == pytest.approx(1e-3 * 0.25**4)
+
+
+def test_enable_progress_bar_false_hides_our_bar_rather_than_failing(synthetic_dir, tmp_path):
+    from mlp.cli import build_cli
+
+    # Lightning refuses the flag beside a progress bar callback, which ours (`--progress_bar.*`) is.
+    cli = build_cli(fit_args(synthetic_dir, tmp_path, "--trainer.enable_progress_bar=false"))
+    assert cli.trainer.progress_bar_callback.is_disabled
