@@ -300,3 +300,13 @@ def test_enable_progress_bar_false_hides_our_bar_rather_than_failing(synthetic_d
     # Lightning refuses the flag beside a progress bar callback, which ours (`--progress_bar.*`) is.
     cli = build_cli(fit_args(synthetic_dir, tmp_path, "--trainer.enable_progress_bar=false"))
     assert cli.trainer.progress_bar_callback.is_disabled
+
+
+def test_the_shipped_best_mlp_config_builds_its_run_on_all_training_images(synthetic_dir, tmp_path):
+    from mlp.cli import build_cli
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "best_mlp.yaml"
+    cli = build_cli([f"--config={config}", f"--data.data_dir={synthetic_dir}",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.model.hparams.batch_norm and cli.model.hparams.width == 1000 and cli.trainer.max_epochs == 40
+    assert cli.datamodule.hparams.val_size == 0 and not cli.trainer.limit_val_batches  # the refit: nothing held out
