@@ -89,7 +89,6 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
         "intermediate_values": plots.plot_intermediate_values,
     }
     written = []
-    log_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), SummaryWriter(str(log_dir / "study")) as writer:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for name, make in makers.items():
@@ -123,7 +122,6 @@ def write_recipe(trial: FrozenTrial, study_name: str, log_dir: Path) -> str | No
     except UserError:
         return None
     path = log_dir / "best_config.yaml"
-    log_dir.mkdir(parents=True, exist_ok=True)
     header = f"# Trial {trial.number} of study {study_name}, chosen on validation, refit on all training images:\n"
     path.write_text(f"{header}#   python scripts/fit.py --config {path.name}\n{recipe}")
     return str(path)
@@ -131,6 +129,7 @@ def write_recipe(trial: FrozenTrial, study_name: str, log_dir: Path) -> str | No
 
 def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, budget: Budget) -> dict[str, Any]:
     """Summarise the study, pick and test its final model once, write report.json and the plots."""
+    log_dir.mkdir(parents=True, exist_ok=True)  # for best_config.yaml, the plots and report.json
     trials = study.get_trials(deepcopy=False)
     counts = Counter(outcome(t) for t in trials)
     summary: dict[str, Any] = {
@@ -158,6 +157,5 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)
     summary["plots"] = write_plots(study, log_dir)
     summary["report_json"] = str(log_dir / "report.json")
-    log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
