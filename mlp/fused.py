@@ -50,7 +50,9 @@ class Stack:
         """Stack the models' current tensors; the parameter objects stay the same, so that when a model joins or
         leaves and `FusedClassifier.restack` builds new stacks, the models' optimisers keep their state."""
         self.models = models
-        self.step = ModelStep(self.models[0])
+        # One model's code runs for all: one that draws dropout masks if any does. A rate of 0 then draws a mask of
+        # ones (x * 1 is x exactly), so a model without dropout shares the stack and still trains as it would alone.
+        self.step = ModelStep(max(self.models, key=lambda model: model.hparams.dropout > 0))
         self.model_params = transposed([dict(ModelStep(m).named_parameters()) for m in self.models])
         self.params = {name: stacked(group).requires_grad_() for name, group in self.model_params.items()}
         buffers = [dict(ModelStep(m).named_buffers()) for m in self.models]
@@ -77,12 +79,13 @@ class Stack:
 
 def stack_key(model: MLPClassifier, pad_widths: bool) -> tuple:
     """Models with equal keys compute the same function of their own tensors, so they stack: they differ only in
-    `PER_MODEL`, their weights, and with `pad_widths` an `MLP`'s width (zero-padded to the widest). Whether dropout
-    or augmentation is on decides whether random draws are made, so it is part of the key; their rates are not."""
+    `PER_MODEL`, their weights, and with `pad_widths` an `MLP`'s width (zero-padded to the widest). Whether
+    augmentation is on decides whether images are redrawn, so it is part of the key; its settings are not, nor is
+    dropout (see `Stack`)."""
     pads = pad_widths and getattr(model.net, "widths_pad_exactly", False)
     shared = {k: v for k, v in model.hparams.items() if k not in model.PER_MODEL and not (pads and k == "width")}
     shapes = () if pads else tuple(tuple(t.shape) for t in model.net.parameters())
-    return type(model), type(model.net), repr(sorted(shared.items())), model.hparams.dropout > 0, model.augments, shapes
+    return type(model), type(model.net), repr(sorted(shared.items())), model.augments, shapes
 
 
 def stack_error(model: MLPClassifier) -> str | None:
@@ -268,7 +271,7 @@ class FusedClassifier(L.LightningModule):
                 member.scheduler.step()
             member.model.train_step_outputs.append((loss.detach(), preds, y))
             if (steps - member.first_step + 1) % every == 0:  # where Lightning writes a run alone's, and how
-                self.write(member, {"train/loss_step": loss}, steps - member.first_step)
+                self.write(member, {"train/loss_step": loss.detach()}, steps - member.first_step)
 
     def on_train_epoch_end(self) -> None:
         """Write each model's training metrics, let the models whose run ends here leave, then let `refill` add

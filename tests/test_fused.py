@@ -80,6 +80,26 @@ def test_dropout_masks_are_drawn_per_model_at_each_models_own_rate():
     assert torch.equal(masks[1][masks[1] != 0], torch.full_like(masks[1][masks[1] != 0], 1 / 0.8))
 
 
+def test_a_model_without_dropout_shares_a_stack_with_one_that_drops_and_trains_as_alone():
+    torch.manual_seed(1)
+    (plain,), (drops,) = random_classifiers(2, "relu", widths=[30]), random_classifiers(2, "relu", [30], dropout=0.5)
+    assert stack_key(plain, False) == stack_key(drops, False)  # one stack, not two stack calls a step
+    alone = copy.deepcopy(plain)
+    stack = Stack([plain, drops])  # the model that drops comes second: the stack still draws masks
+    x, y = torch.randn(64, 13, dtype=torch.float64), torch.randint(0, 10, (64,))
+    losses, _ = stack(x, y, manual=False)
+    losses.sum().backward()
+    stack.hand_out_grads()
+    loss, _ = alone.train().model_step((x, y))
+    loss.backward()
+    torch.testing.assert_close(losses[0], loss, rtol=1e-12, atol=1e-12)  # masks of ones: the plain model's step
+    for p, q in zip(plain.net.parameters(), alone.net.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    no_dropout = copy.deepcopy(drops)
+    no_dropout.net.dropout = 0.0
+    assert (losses[1] - no_dropout.train().model_step((x, y))[0]).abs() > 1e-3  # the other one did drop units
+
+
 def shifted(image: torch.Tensor, dy: int, dx: int, background: float) -> torch.Tensor:
     """A 28x28 image moved by (dy, dx), the pixels moved in set to `background`: the reference for mlp.augment."""
     moved = torch.full((68, 68), background, dtype=image.dtype)
