@@ -74,7 +74,8 @@ def test_refits_an_earlier_run_made_keep_no_time_back_so_a_rerun_trains_new_tria
     best = [ended_ago(10, 30, 0.9), ended_ago(0, 20, 0.8)]
     for number, trial in enumerate(best):
         trial.number = number
-    assert Budget(time.time() + 100).reserve(best) == pytest.approx(FINISH_SECONDS + 2 * REFIT_START_SECONDS + 50, abs=0.1)
+    reserve = Budget(time.time() + 100).reserve(best)
+    assert reserve == pytest.approx(FINISH_SECONDS + 2 * REFIT_START_SECONDS + 50, abs=0.1)
     rerun = Budget(time.time() + 100, refitted=frozenset({0}))
     assert rerun.reserve(best) == pytest.approx(FINISH_SECONDS + REFIT_START_SECONDS + 20, abs=0.1)
     assert Budget(time.time() + 100, refitted=frozenset({0, 1})).reserve(best) == FINISH_SECONDS
@@ -117,7 +118,8 @@ def study_of_quick_trials() -> optuna.Study:
 
 def test_an_ensemble_whose_refits_fit_is_refit_whole():
     assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Budget()) == ensemble_of(3)
-    assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Left(AFTER_REFITS_SECONDS + 6.5)) == ensemble_of(3)
+    left = Left(AFTER_REFITS_SECONDS + 6.5)
+    assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), left) == ensemble_of(3)
 
 
 def test_when_the_ensembles_refits_do_not_fit_the_largest_smaller_one_that_fits_is_refit_not_the_best_on_val():
@@ -168,11 +170,13 @@ def test_when_the_refits_do_not_fit_the_answer_falls_back_to_the_ensemble_and_th
     assert "--timeout were left" in final["refit"]["why_no_test"]
     assert not any(key.startswith("refit_") for key in optuna.load_study(
         study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").user_attrs)
-    assert json.loads((tmp_path / "logs" / "tune" / "test" / "report.json").read_text())["final"]["answer"] == "ensemble"
+    report = json.loads((tmp_path / "logs" / "tune" / "test" / "report.json").read_text())
+    assert report["final"]["answer"] == "ensemble"
 
 
 @pytest.mark.parametrize("fuse", ["1", "2"])
-def test_past_the_time_for_trials_every_running_trial_stops_at_once_mid_epoch(synthetic_dir, tmp_path, monkeypatch, fuse):
+def test_past_the_time_for_trials_every_running_trial_stops_at_once_mid_epoch(synthetic_dir, tmp_path, monkeypatch,
+                                                                               fuse):
     monkeypatch.setattr(Budget, "overdue", lambda self: True)
     args = tune_args(synthetic_dir, tmp_path, n_trials=2)
     args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # no trial diverges
@@ -195,7 +199,8 @@ def test_trials_too_long_for_the_time_left_are_skipped_as_no_failure_until_a_run
     summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=30), f"--fuse={fuse}", "--quiet"])
     trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     # Trials are asked a stack's free places at a time.
-    assert SKIPS_IN_A_ROW <= len(trials) < SKIPS_IN_A_ROW + int(fuse) and all(t.state == TrialState.FAIL for t in trials)
+    assert SKIPS_IN_A_ROW <= len(trials) < SKIPS_IN_A_ROW + int(fuse)
+    assert all(t.state == TrialState.FAIL for t in trials)
     assert summary["skipped"] == {str(t.number): "too long" for t in trials}
     assert summary["trials"] == {"skipped (budget)": len(trials)}  # not counted as failures in the report either
     assert str(StudyCounts.of(trials)).startswith("pruned 0, failed 0,")

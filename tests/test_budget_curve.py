@@ -49,7 +49,8 @@ def test_table_and_plot_show_every_run_the_means_and_fit(tmp_path):
         ["tune.py", "600", "0"], ["tune.py", "600", "1"], ["mean", "600", "—"],
     ]
     assert all(len(row) == 9 for row in cells)
-    assert cells[0][3:] == ["400", "—", "—", "fit.py default, seeds 0 1 2 (0.8990, 0.9000, 0.9010)", "0.9000", "—"]
+    assert cells[0][3:] == ["400", "—", "—", "fit.py default, seeds 0 1 2 (0.8990, 0.9000, 0.9010)", "0.9000",
+                           "—"]
     assert cells[5] == ["tune.py", "300", "1", "400", "no", "5 + 2", "refit_ensemble", "0.9020", "+0.0020"]
     assert cells[6] == ["mean", "300", "—", "350", "—", "—", "—", "0.9030", "+0.0030"]
     assert [row[4] for row in cells if row[0] == "tune.py"] == ["yes", "yes", "yes", "no", "no", "yes"]
@@ -58,7 +59,8 @@ def test_table_and_plot_show_every_run_the_means_and_fit(tmp_path):
     assert "each budget's mean over the sampler seeds tests at least fit's default + 0.003: NOT met (short at " \
         "120 s)" in markdown
     assert "never worse on average over the seeds: met" in markdown
-    assert "between 0.85 × budget and 1.1 × budget + 30 s: NOT met (outside: budget_300_s1, budget_600_s0)" in markdown
+    assert ("between 0.85 × budget and 1.1 × budget + 30 s: NOT met (outside: budget_300_s1, budget_600_s0)"
+            in markdown)
 
     figure = budget_curve.plot(rows, FIT, tmp_path / "curve.png")
 

@@ -248,7 +248,8 @@ print("sizes", len(data.train_set), len(data.val_set), len(data.test_set), flush
 def loader_process(data_dir: Path, pause: float, go: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", SLOW_GUNZIP, str(data_dir), str(pause), str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 

@@ -206,7 +206,8 @@ def test_without_dropout_two_processes_train_the_weights_one_process_trains(synt
     # the two halves' mean gradients is the whole batch's mean gradient; float64 leaves only rounding between them.
     for processes in ("1", "2"):
         train_in_float64(synthetic_dir, tmp_path, f"{processes}_processes", "--trainer.accelerator=cpu",
-                         f"--trainer.devices={processes}", *(["--trainer.strategy=ddp_fork"] if processes == "2" else []))
+                         f"--trainer.devices={processes}",
+                         *(["--trainer.strategy=ddp_fork"] if processes == "2" else []))
     one = torch.load(tmp_path / "1_processes_rank0.pt")
     for rank in (0, 1):
         for alone, split in zip(one, torch.load(tmp_path / f"2_processes_rank{rank}.pt")):

@@ -37,8 +37,8 @@ def test_the_momentum_example_of_forking_md_tunes_momentum(synthetic_dir, tmp_pa
         shutil.copytree(ROOT / folder, fork / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (field,) = [line.strip() for line in example_blocks("python")[0].strip().splitlines()]
     search = fork / "mlp" / "search.py"
-    insert_after(search, '    label_smoothing: tuple[float, float] | None = searched(0.0, 0.2, "model.label_smoothing")\n',
-                 f"    {field}")
+    last_field = '    label_smoothing: tuple[float, float] | None = searched(0.0, 0.2, "model.label_smoothing")\n'
+    insert_after(search, last_field, f"    {field}")
 
     (command,) = example_blocks("bash")
     args = command.replace("\\\n", " ").split()[2:]  # after `python scripts/tune.py`
@@ -63,7 +63,8 @@ class ResidualMLP(torch.nn.Module):
     def __init__(self, num_inputs: int, depth: int, width: int, num_outputs: int, *_: object) -> None:
         super().__init__()
         self.w_in = torch.nn.Parameter(torch.randn(num_inputs, width) / num_inputs**0.5)
-        self.blocks = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(width, width) / width) for _ in range(depth))
+        self.blocks = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(width, width) / width) for _ in range(depth))
         self.biases = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(width)) for _ in range(depth))
         self.w_out = torch.nn.Parameter(torch.randn(width, num_outputs) / width**0.5)
 

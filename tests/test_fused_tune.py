@@ -370,7 +370,8 @@ def test_hyperband_judges_fused_trials_each_on_its_own_with_depth_and_width_pinn
     trials = study.trials
     assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert all("depth" not in t.params for t in trials)
-    runs = [MLPClassifier.load_from_checkpoint(t.user_attrs["best_checkpoint"]) for t in trials if t.state == TrialState.COMPLETE]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    runs = [MLPClassifier.load_from_checkpoint(t.user_attrs["best_checkpoint"]) for t in complete]
     assert runs and all((m.hparams.depth, m.hparams.width) == (1, 12) for m in runs)
     assert all(1 <= t.user_attrs["epochs_trained"] <= t.params["epochs"] for t in trials)
     assert summary["trials"] == {state.name.lower(): sum(t.state == state for t in trials) for state in
@@ -426,12 +427,14 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     x, y = everything.test_set.tensors
     for alone, stacked, config in zip(results["alone"], results["stacked"], configs):
         # The unfused refit's run, file name and figures; its weights at the end of its own last epoch.
-        assert Path(alone["checkpoint"]).name == Path(stacked["checkpoint"]).name == f"epoch{config['epochs'] - 1:02d}.ckpt"
+        last = f"epoch{config['epochs'] - 1:02d}.ckpt"
+        assert Path(alone["checkpoint"]).name == Path(stacked["checkpoint"]).name == last
         assert f"stacked/refit_trial_{stacked['trial']}" in stacked["checkpoint"]
         assert (Path(stacked["checkpoint"]).parent.parent / "config.yaml").is_file()
         assert stacked["epochs"] == alone["epochs"] == config["epochs"] and stacked["train_images"] == 800
         model = MLPClassifier.load_from_checkpoint(stacked["checkpoint"])
-        assert {k: model.hparams[k] for k in ("lr", "depth", "width")} == {k: config[k] for k in ("lr", "depth", "width")}
+        searched = ("lr", "depth", "width")
+        assert {k: model.hparams[k] for k in searched} == {k: config[k] for k in searched}
         assert stacked["test_acc"] == pytest.approx(accuracy(checkpoint_softmax(stacked["checkpoint"], x), y), abs=1e-6)
         assert stacked["test_acc"] == alone["test_acc"] > 0.5  # it learned: chance is 0.1
         weights = [MLPClassifier.load_from_checkpoint(r["checkpoint"]).net.state_dict() for r in (alone, stacked)]

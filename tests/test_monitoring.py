@@ -258,7 +258,8 @@ def test_tensorboard_serves_the_scalars_images_and_hparams_of_runs_and_trials(lo
 
 
 def test_optuna_dashboard_serves_the_study_its_trials_and_their_intermediate_values(logged):
-    pytest.importorskip("optuna_dashboard", reason="the dashboard extra is not installed: pip install -e '.[dashboard]'")
+    pytest.importorskip("optuna_dashboard",
+                        reason="the dashboard extra is not installed: pip install -e '.[dashboard]'")
     study = logged.study
 
     def dashboard(port: int) -> list[str]:

@@ -394,7 +394,8 @@ def test_predict_names_the_class_of_real_test_images_saved_as_png_after_a_short_
     with torch.no_grad():
         probabilities = model.net(data.test_set.tensors[0][:4]).softmax(dim=1)
     best_probability, predicted = probabilities.max(dim=1)
-    assert [line.rsplit(" (", 1)[0] for line in lines] == [f"{png}: {CLASS_NAMES[c]}" for png, c in zip(pngs, predicted)]
+    expected = [f"{png}: {CLASS_NAMES[c]}" for png, c in zip(pngs, predicted)]
+    assert [line.rsplit(" (", 1)[0] for line in lines] == expected
     printed = [float(line.rsplit("(", 1)[1].rstrip(")")) for line in lines]
     assert printed == pytest.approx(best_probability.tolist(), abs=1e-4)
     # A 50-step net gets most of them right (1 in 10 by chance); which ones depends on the machine's arithmetic.

@@ -49,7 +49,8 @@ def test_counts_come_from_the_storage_however_trials_were_finished():
     progress(study)
     progress.bar.close()
     last = drawn.getvalue().split("\r")[-1].rstrip()
-    assert re.fullmatch(r"trials 3/4 \|.+\| 00:\d\d elapsed, pruned 1, failed 1, running 1, best val/acc 0.9000 \(trial 1\)", last)
+    assert re.fullmatch(
+        r"trials 3/4 \|.+\| 00:\d\d elapsed, pruned 1, failed 1, running 1, best val/acc 0.9000 \(trial 1\)", last)
 
 
 def test_an_empty_study_has_no_best_yet():
@@ -70,9 +71,9 @@ def test_a_failed_trials_line_keeps_its_error_and_drops_the_traceback():
 
 def test_each_warning_is_shown_once():
     shown_once = ShownOnce()
-    record = lambda text: logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, "%s", (text,), None)
-    assert [shown_once.filter(record(text)) for text in ("a.py:1: UserWarning: x\n", "b\n", "a.py:1: UserWarning: x\n")] \
-        == [True, True, False]
+    texts = ("a.py:1: UserWarning: x\n", "b\n", "a.py:1: UserWarning: x\n")
+    records = [logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, "%s", (text,), None) for text in texts]
+    assert [shown_once.filter(record) for record in records] == [True, True, False]
 
 
 def test_printed_lines_go_above_the_bar():

@@ -117,7 +117,8 @@ def test_a_sqlite_study_file_commits_through_the_write_ahead_log(tmp_path):
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL; the default is FULL (2)
     with sqlite3.connect(path) as reader:  # the mode is kept in the file, for every process that opens it
         assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{path}").trials[0].intermediate_values == {1: 0.5}
+    reloaded = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{path}")
+    assert reloaded.trials[0].intermediate_values == {1: 0.5}
 
 
 def test_a_sqlite_file_another_process_reads_in_a_transaction_keeps_working_in_rollback_journal_mode(tmp_path):

@@ -88,7 +88,8 @@ def test_study_prunes_survives_divergence_resumes_reports_and_no_other_study_wri
     assert (report_dir / "optimization_history.png").stat().st_size > 0
     assert (report_dir / "trial_0" / "checkpoints").is_dir()
     # Each trial trains with its own seed, the fit flags' (0 by default) plus its number.
-    seeds = [yaml.safe_load((report_dir / f"trial_{n}" / "config.yaml").read_text())["seed_everything"] for n in range(3)]
+    configs = [yaml.safe_load((report_dir / f"trial_{n}" / "config.yaml").read_text()) for n in range(3)]
+    seeds = [config["seed_everything"] for config in configs]
     assert seeds == [0, 1, 2]
 
     resumed = tune.main(tune_args(synthetic_dir, tmp_path, n_trials=4))

@@ -52,7 +52,8 @@ def test_predictions_figure_shows_each_image_in_its_place_titled_predicted_over_
     pyplot.close(figure)
 
 
-def test_val_size_zero_trains_on_everything_without_validation_and_tests_the_final_weights(synthetic_dir, tmp_path, capsys):
+def test_val_size_zero_trains_on_everything_without_validation_and_tests_the_final_weights(synthetic_dir, tmp_path,
+                                                                                           capsys):
     args = fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=32")
     results = fit.main([*args, "--data.val_size=0"])
 
@@ -136,7 +137,8 @@ def test_training_metrics_measured_once_an_epoch_equal_step_by_step_updates(synt
             self.logged.append((metrics["train/loss_epoch"].item(), metrics["train/acc"].item()))
 
     # 700 training images in batches of 32: the last batch holds 28, so the loss mean must be weighted
-    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8", "--trainer.max_epochs=2"))
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8",
+                             "--trainer.max_epochs=2"))
     recorder = StepByStep()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -174,7 +176,8 @@ def test_checkpoint_reloads_alone(synthetic_dir, tmp_path):
 @pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
 def test_one_epoch_on_real_fashion_mnist_beats_80_percent(tmp_path):
     shutil.rmtree(tmp_path)
-    args = fit_args(tmp_path / "data", tmp_path / "logs", "--model.depth=1", "--model.width=256", "--trainer.max_epochs=1")
+    args = fit_args(tmp_path / "data", tmp_path / "logs", "--model.depth=1", "--model.width=256",
+                    "--trainer.max_epochs=1")
     results = fit.main([*args, "--data.val_size=5000", "--data.batch_size=256"])
     assert results["test/acc"] > 0.80
 
