@@ -190,8 +190,8 @@ class MLP(nn.Module):
             if self.batch_norm:
                 z, *norm = batch_norm(x @ w, self.norm_scale[layer], b, self.running_mean[layer],
                                       self.running_var[layer], self.training)
-            else:  # b + x @ w as one fused kernel, and one tensor fewer to allocate
-                z, norm = torch.addmm(b, x, w), None
+            else:  # b added in place: under vmap addmm is a batched matmul and an add into one more tensor
+                z, norm = (x @ w).add_(b), None
             mask = dropout_mask(z, self.dropout_rate) if self.training and self.dropout > 0 else None
             if cache is not None:
                 cache.append((x, z, mask, norm))
@@ -200,7 +200,7 @@ class MLP(nn.Module):
                 x = x * mask
         if cache is not None:
             cache.append((x, None, None, None))
-        return torch.addmm(b_out, x, w_out)
+        return (x @ w_out).add_(b_out)
 
     def backward(self, cache: list, grad_logits: Tensor) -> list[Tensor]:
         """Gradients of the loss with respect to `self.parameters()`, in that order, by the chain rule by hand.
