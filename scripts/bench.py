@@ -130,10 +130,12 @@ def ours(flags: list[str], epochs: int) -> list[float]:
         return timer.times
 
 
-def fused(flags: list[str], k: int, epochs: int) -> float:
+def fused(flags: list[str], k: int, epochs: int) -> tuple[float, list[int]]:
     """Model-epochs per second, epochs 2.. of k models (lr spread from 0.02 to 0.5) trained as one stack as
-    tune.py --fuse k does. Only the models still in the stack count: a model that diverged left it (which ones
-    diverge depends on the data order, so counting all k made the figure move with the seed)."""
+    tune.py --fuse k does, and how many models trained in each epoch. Only the models still in the stack count: a
+    model that diverged left it (which ones diverge depends on the data order and the last bits of rounding, so
+    counting all k made the figure move with the seed). A stack's cost is not proportional to its size either (on
+    a 2-core CPU one of seven costs what one of eight does), so the counts are printed beside the rate."""
     hparams = {key: v for key, v in build_cli(flags).model.hparams.items() if not key.startswith("_")}
     lrs = [0.02 * 25 ** (i / max(k - 1, 1)) for i in range(k)]
     models = [MLPClassifier(**{**hparams, "lr": lr}) for lr in lrs]
@@ -142,12 +144,12 @@ def fused(flags: list[str], k: int, epochs: int) -> float:
     cli.trainer.callbacks.append(timer)
     stack = FusedClassifier(models, [epochs] * k, [str(i) for i in range(k)], pad_widths=pads_widths(cli))
     cli.trainer.fit(stack, datamodule=cli.datamodule)
-    return sum(timer.models[1:]) / sum(timer.times[1:])
+    return sum(timer.models[1:]) / sum(timer.times[1:]), timer.models
 
 
 def tuning(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Model-epochs per second of the floor and of each --fuse K, for each of the two architectures."""
-    results = {}
+    results, stack_sizes = {}, {}
     for depth, width in ((1, 256), (2, 512)):
         arch = f"784-{'-'.join([str(width)] * depth)}-10"
         flags = [f"--model.depth={depth}", f"--model.width={width}", f"--data.batch_size={args.batch_size}",
@@ -159,14 +161,17 @@ def tuning(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
         floor = plain_loop(RandpermBatches(x, y, args.batch_size), build_cli(flags).model, device, args.epochs)
         results[f"{arch} floor"] = 1 / statistics.mean(floor[1:])
         for k in args.fuse:
-            rate = 1 / statistics.mean(ours(flags, args.epochs)[1:]) if k == 1 else fused(flags, k, args.epochs)
-            results[f"{arch} fuse {k}"] = rate
+            if k == 1:
+                results[f"{arch} fuse {k}"] = 1 / statistics.mean(ours(flags, args.epochs)[1:])
+            else:
+                results[f"{arch} fuse {k}"], stack_sizes[f"{arch} fuse {k}"] = fused(flags, k, args.epochs)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"tuning throughput, batch {args.batch_size}, {name}; model-epochs per second, epochs 2..{args.epochs}:")
     for key, rate in results.items():
         arch = key.split()[0]
         versus = f"   ({rate / results[f'{arch} fuse 1']:.2f} x fuse 1)" if f"{arch} fuse 1" in results else ""
-        print(f"  {key:28s} {rate:8.3f}{versus}")
+        sizes = f"   models each epoch: {' '.join(map(str, stack_sizes[key]))}" if key in stack_sizes else ""
+        print(f"  {key:28s} {rate:8.3f}{versus}{sizes}")
     return results
 
 
