@@ -93,8 +93,11 @@ def test_a_model_without_dropout_shares_a_stack_with_one_that_drops_and_trains_a
     loss, _ = alone.train().model_step((x, y))
     loss.backward()
     torch.testing.assert_close(losses[0], loss, rtol=1e-12, atol=1e-12)  # masks of ones: the plain model's step
-    for p, q in zip(plain.net.parameters(), alone.net.parameters()):
+    with torch.no_grad():
+        _, _, manual_grads = stack(x, y, manual=True)  # the hand-written backward, through the same masks
+    for p, manual, q in zip(plain.net.parameters(), manual_grads, alone.net.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(manual[0], q.grad, rtol=1e-10, atol=1e-12)
     no_dropout = copy.deepcopy(drops)
     no_dropout.net.dropout = 0.0
     assert (losses[1] - no_dropout.train().model_step((x, y))[0]).abs() > 1e-3  # the other one did drop units
