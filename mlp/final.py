@@ -105,10 +105,15 @@ def trial_config(trial: FrozenTrial) -> str:
     return str(config)
 
 
+def trained_config(trial: FrozenTrial) -> dict[str, Any]:
+    """The settings in the trial's `trial_config`."""
+    return yaml.safe_load(Path(trial_config(trial)).read_text())
+
+
 def refit_recipe(trial: FrozenTrial) -> dict[str, Any]:
     """The trial's refit as a `fit.py --config` file holds it: the seed, epochs, model and batches of the config it
     trained (`trial_config`), on all training images (val_size 0); this machine's folders and logger left out."""
-    trained = yaml.safe_load(Path(trial_config(trial)).read_text())
+    trained = trained_config(trial)
     return {
         "seed_everything": trained["seed_everything"],
         "trainer": {"max_epochs": trained["trainer"]["max_epochs"]},
@@ -155,7 +160,7 @@ def refit_name(number: int, round_: int, prefix: str = "refit") -> str:
 def seed_flag(trial: FrozenTrial, round_: int) -> list[str]:
     """The flag that seeds a later round's refit apart from the trial's own seed (none in round 0, or where the
     study seeded nothing)."""
-    seed = yaml.safe_load(Path(trial_config(trial)).read_text()).get("seed_everything")
+    seed = trained_config(trial).get("seed_everything")
     if round_ == 0 or isinstance(seed, bool) or seed is None:
         return []
     return [f"--seed_everything={seed + ROUND_SEED_STRIDE * round_}"]
