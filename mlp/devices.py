@@ -1,9 +1,6 @@
-"""tune.py on several devices: one worker per device, each training its own trials on its device alone.
-
-A small net gains nothing from DDP, and Lightning launches DDP's other ranks by running the script again, which a
-tune command must not do. So `--trainer.devices N` means N workers on one study: this process trains on the first
-device and starts one process per other device, each with fit flags that put it on its device alone.
-"""
+"""tune.py on several devices: `--trainer.devices N` means N workers on one study, this process on the first device
+and one spawned process on each other, each training its own trials on its device alone. Not DDP: a small net gains
+nothing from it, and Lightning launches DDP's other ranks by running the script again, which tune.py must not do."""
 
 import multiprocessing
 import os
@@ -78,10 +75,6 @@ class OtherDevices:
             if process.is_alive():
                 process.kill()
                 process.join()
-
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for process in self.processes]
 
     def failed(self) -> list[str]:
         """The workers that ended in an error (their trials were failed and retried by the others)."""

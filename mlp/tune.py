@@ -1,10 +1,7 @@
-"""Joint hyperparameter search with Optuna: `run_study`, what `scripts/tune.py` does.
-
-Each trial is an ordinary fit run built by `mlp.cli.build_cli` from the user's fit flags plus the trial's
-suggestions, so a trial trains exactly what `scripts/fit.py` with the same flags would train. What is searched
-lives in `mlp.search`, the rules workers share in `mlp.study`, a trial's life in `mlp.trials`, the final models
-in `mlp.final` and the report in `mlp.report`.
-"""
+"""Joint hyperparameter search with Optuna: `run_study`, what `scripts/tune.py` does. Each trial is a fit run built by
+`mlp.cli.build_cli` from the user's fit flags plus its suggestions: what `scripts/fit.py` would train with the same
+flags. What is searched lives in `mlp.search`, the rules workers share in `mlp.study`, a trial's life in
+`mlp.trials`, the final models in `mlp.final` and the report in `mlp.report`."""
 
 import logging
 import math
@@ -54,62 +51,44 @@ class StudyConfig:
 
     def validate(self) -> None:
         self.space.validate()
-        check(
-            STUDY_NAME.fullmatch(self.study_name) is not None,
-            f"--study-name {self.study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not "
-            "first): it names the study's folder in the log folder's tune/",
-        )
+        check(STUDY_NAME.fullmatch(self.study_name) is not None,
+              f"--study-name {self.study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not "
+              "first): it names the study's folder in the log folder's tune/")
         check(self.n_trials >= 1, f"--n-trials must be >= 1, got {self.n_trials}")
         if self.timeout is not None:
-            check(
-                self.timeout > FINISH_SECONDS,
-                f"--timeout {self.timeout:g} leaves no time for trials: it bounds the whole command, and the final "
-                f"model's test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, or "
-                "drop --timeout",
-            )
+            check(self.timeout > FINISH_SECONDS,
+                  f"--timeout {self.timeout:g} leaves no time for trials: it bounds the whole command, and the final "
+                  f"model's test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, "
+                  "or drop --timeout")
         check(self.sampler_seed >= 0, f"--sampler-seed must be >= 0, got {self.sampler_seed}")
-        check(
-            self.fuse == "auto" or self.fuse >= 1,
-            f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once) or auto, got {self.fuse}",
-        )
+        check(self.fuse == "auto" or self.fuse >= 1,
+              f"--fuse must be >= 1 (1 trains one trial at a time, K > 1 trains K at once) or auto, got {self.fuse}")
         check(self.final in FINAL_CHOICES, f"--final must be one of {', '.join(FINAL_CHOICES)}, got {self.final!r}")
 
 
-def run_study(
-    config: StudyConfig, progress: Callable[[optuna.Study], None] = lambda study: None
-) -> dict[str, Any] | str:
-    """Run trials until the study holds `config.n_trials` finished ones, then report; with a timeout, the whole of
-    it (the final model, its test and the plots too) ends within `config.timeout` seconds (see mlp.budget).
-    `progress` is shown the study as trials finish (see mlp.progress).
-
-    A searched hyperparameter that the fit flags set is pinned, not searched. Returns the report, or, when another
-    worker writes it, a line saying why this one does not.
-    """
+def run_study(config: StudyConfig,
+              progress: Callable[[optuna.Study], None] = lambda study: None) -> dict[str, Any] | str:
+    """Run trials until the study holds `config.n_trials` finished ones, then report, all within `config.timeout`
+    seconds if given (mlp.budget); `progress` is shown the study as trials finish. A searched hyperparameter that
+    the fit flags set is pinned. Returns the report, or, when another worker writes it, a line saying why."""
     config.validate()
     started = time.time()
-    space, fit_args, study_name, n_trials, fuse = (
-        config.space, config.fit_args, config.study_name, config.n_trials, config.fuse
-    )
+    space, fit_args, study_name = config.space, config.fit_args, config.study_name
+    n_trials, fuse = config.n_trials, config.fuse
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
-    check(
-        cli.trainer.logger is not None,
-        "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
-        "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)",
-    )
-    check(
-        cli.datamodule.hparams.val_size > 0,
-        "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
-        "refit on train + val by themselves)",
-    )
+    check(cli.trainer.logger is not None,
+          "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
+          "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
+    check(cli.datamodule.hparams.val_size > 0,
+          "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
+          "refit on train + val by themselves)")
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
     for name in pinned:
-        check(
-            name not in config.ranges_given,
-            f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: "
-            "drop one of them",
-        )
+        check(name not in config.ranges_given,
+              f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: drop "
+              "one of them")
     if pinned:
         space = space.pin(pinned)
         pins = ", ".join(f"{name}={value}" for name, value in pinned.items())
@@ -139,7 +118,7 @@ def run_study(
     with OtherDevices(train_trials, (space, opening, n_trials, budget, fuse, seed), workers) as others:
         run_trials(study, trials, n_trials, budget, progress)
     # The workers this command started report nothing: their trials count as its own.
-    started_here = {worker_name(pid) for pid in others.pids}
+    started_here = {worker_name(process.pid) for process in others.processes}
     trials_here = [t for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).worker in started_here]
     ran = trials.ran + [t.number for t in trials_here]
     if failed := others.failed():
@@ -147,30 +126,25 @@ def run_study(
     if not writes_report(study, ran, finished_before):
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if running:  # run_trials returns with trials running elsewhere only at the deadline
-            return (
-                f"stopped at --timeout {config.timeout:g} s with {running} trial{'s' * (running > 1)} still running on "
-                "other workers; the worker that finishes the study's last trial writes the report"
-            )
+            return (f"stopped at --timeout {config.timeout:g} s with {running} trial{'s' * (running > 1)} still "
+                    "running on other workers; the worker that finishes the study's last trial writes the report")
         return "another worker finished the study's last trial and writes the report"
     return report(study, tune_dir / study_name, time.perf_counter() - start, config.final, budget)
 
 
 def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
-    """Refuse a study folder that holds another study's runs: the same --study-name in another --storage (or in a
-    storage started afresh) would write its trials and report over them, report.json, config.yaml files and
-    last.ckpt included. The folder is this study's when it is new or empty, or when one of its trials logged there
-    (the trials of every worker, so workers that start one after another agree)."""
+    """Refuse a study folder that holds another study's runs (the same --study-name in another or a fresh
+    --storage), which its trials and report would overwrite. The folder is this study's when it is new or empty,
+    or when one of its trials, any worker's, logged there."""
     held = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
     if not held:
         return
     logs = [TrialRecord.of(t).log_dir for t in study.get_trials(deepcopy=False)]
     logged = {Path(log_dir).resolve().parent for log_dir in logs if log_dir}
-    check(
-        folder.resolve() in logged,
-        f"{folder} holds another study's runs ({', '.join(held[:3])}{', ...' * (len(held) > 3)}): no trial of study "
-        f"{study.study_name!r} in this storage logged there, and its trials and report would overwrite them; choose "
-        "another --study-name, or another log folder with --trainer.logger.init_args.save_dir",
-    )
+    check(folder.resolve() in logged,
+          f"{folder} holds another study's runs ({', '.join(held[:3])}{', ...' * (len(held) > 3)}): no trial of study "
+          f"{study.study_name!r} in this storage logged there, and its trials and report would overwrite them; "
+          "choose another --study-name, or another log folder with --trainer.logger.init_args.save_dir")
 
 
 def default_storage(tune_dir: Path, workers: int) -> str:
