@@ -1,10 +1,6 @@
-"""What tune.py shows while a study runs: a live bar over the study's finished trials, read from its storage.
-
-In a terminal the bar sits at the bottom and Optuna's one line per finished trial is written above it; when the
-output goes to a file or a pipe there is no bar, only those lines; with --quiet there is neither. The bar counts
-every worker's trials, whoever told the study their end, because it asks the storage rather than listening to this
-worker.
-"""
+"""What tune.py shows while a study runs: in a terminal, a live bar at the bottom with Optuna's one line per
+finished trial above it; into a file or a pipe, only those lines; with --quiet, neither. The bar reads the storage,
+so it counts every worker's trials."""
 
 import contextlib
 import io
@@ -46,14 +42,10 @@ class StudyCounts:
     def of(cls, trials: list[FrozenTrial]) -> "StudyCounts":
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = max(complete, key=lambda t: t.value, default=None)
-        return cls(
-            complete=len(complete),
-            pruned=sum(t.state == TrialState.PRUNED for t in trials),
-            failed=sum(t.state == TrialState.FAIL and TrialRecord.of(t).counts_as_failure for t in trials),
-            running=sum(t.state == TrialState.RUNNING for t in trials),
-            best_value=None if best is None else best.value,
-            best_number=None if best is None else best.number,
-        )
+        return cls(complete=len(complete), pruned=sum(t.state == TrialState.PRUNED for t in trials),
+                   failed=sum(t.state == TrialState.FAIL and TrialRecord.of(t).counts_as_failure for t in trials),
+                   running=sum(t.state == TrialState.RUNNING for t in trials),
+                   best_value=None if best is None else best.value, best_number=None if best is None else best.number)
 
     def __str__(self) -> str:
         best = "none yet" if self.best_value is None else f"{self.best_value:.4f} (trial {self.best_number})"
@@ -61,20 +53,13 @@ class StudyCounts:
 
 
 class StudyProgress:
-    """A tqdm bar of finished (complete or pruned) trials out of n_trials, with the counts beside it.
-
-    Call it with the study whenever something may have changed: after a trial, while waiting for other workers.
-    """
+    """A tqdm bar on `file` (None: hidden) of finished trials out of n_trials, with the counts beside it; call it
+    with the study whenever something may have changed."""
 
     def __init__(self, n_trials: int, file: TextIO | None) -> None:
-        """The bar is drawn on `file`; None hides it."""
-        self.bar = tqdm(
-            total=n_trials,
-            # tqdm puts ", " before the postfix
-            bar_format="trials {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed{postfix}",
-            disable=file is None,
-            file=file,
-        )
+        # tqdm puts ", " before the postfix
+        self.bar = tqdm(total=n_trials, bar_format="trials {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed{postfix}",
+                        disable=file is None, file=file)
         self.study: optuna.Study | None = None
 
     def __call__(self, study: optuna.Study) -> None:
@@ -82,11 +67,6 @@ class StudyProgress:
         counts = StudyCounts.of(study.get_trials(deepcopy=False))
         self.bar.n = counts.finished
         self.bar.set_postfix_str(str(counts))  # also redraws the bar
-
-    def refresh(self) -> None:
-        """Read the study seen last again: its last trial may have ended after the last call (at --timeout)."""
-        if self.study is not None:
-            self(self.study)
 
 
 class ShownOnce(logging.Filter):
@@ -113,10 +93,8 @@ class OneLine(logging.Filter):
 
 
 class LinesAboveBar(io.TextIOBase):
-    """Standard output while the bar is drawn on the same terminal: each whole line is written above the bar.
-
-    (tqdm's own DummyTqdmFile clears the bar only when both write to one stream.)
-    """
+    """Standard output while the bar is drawn on the same terminal: each whole line is written above the bar
+    (tqdm's own DummyTqdmFile clears the bar only when both write to one stream)."""
 
     def __init__(self, stream: TextIO, bar: tqdm) -> None:
         self.stream, self.bar, self.partial = stream, bar, ""
@@ -185,4 +163,5 @@ def study_output(n_trials: int, quiet: bool) -> Iterator[StudyProgress]:
                 undo.enter_context(contextlib.redirect_stdout(above))
                 undo.callback(above.flush)
         yield progress
-        progress.refresh()
+        if progress.study is not None:  # read again: its last trial may have ended after the last call (--timeout)
+            progress(progress.study)
