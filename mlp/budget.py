@@ -1,13 +1,7 @@
-"""What `tune.py --timeout SECONDS` bounds: the whole command after start-up, not just the trials.
-
-The trials stop early enough to leave the final model the time it needs, estimated from the trials' own measured
-times: a trial is trained only if its estimated time fits in what is left before the final model's share (one
-that does not is skipped: failed, with the user attribute `skipped`, counting as no failure), and a running trial
-stops (told as pruned, with the user attribute `cut`) at the first epoch end from which
-its remaining epochs would run into that share; once only the share without refits is left, every trial stops at
-once, mid-epoch. The final model then refits what fits in the time left (see `mlp.final.final_models`). Without
---timeout nothing stops: the deadline is infinitely far.
-"""
+"""What `tune.py --timeout SECONDS` bounds: the whole command after start-up, not just the trials
+(docs/tuning.md, "A time budget"). Trials are skipped, or cut at an epoch's end, to leave the final model the time
+it needs, estimated from the trials' own measured times; the final model refits what fits in the time left
+(`mlp.final.final_models`). Without --timeout the deadline is infinitely far."""
 
 import math
 import time
@@ -19,30 +13,19 @@ from optuna.trial import FrozenTrial
 from mlp.records import TrialRecord
 
 # After the trials, beside the refits' training: the ensemble's choice on val and its test, the best checkpoint's
-# test, the plots and report.json. Measured 8-11 s on the 2-core CPU after short studies; twice that, as machines
-# of a kind differ 2x in speed.
+# test, the plots and report.json. Measured 8-11 s on the 2-core CPU; twice that, as machines of a kind differ 2x.
 FINISH_SECONDS = 20.0
-# The part of FINISH_SECONDS still to come once the refits start: their ensemble's test, the best checkpoint's
-# test, the plots and report.json (6-7 s measured).
-AFTER_REFITS_SECONDS = 12.0
+AFTER_REFITS_SECONDS = 12.0  # the part of it once the refits start: all but the choice on val (6-7 s measured)
 REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (0.4 s measured)
-# While trials run, time is kept back to refit this many of the best trials: the refit ensembles of the default
-# studies held 2 to 6 (docs/results.md).
-RESERVED_REFITS = 3
-# Near the deadline the sampler may keep drawing trials too long for the time left; after this many skipped in a
-# row, no more are asked.
-SKIPS_IN_A_ROW = 5
+RESERVED_REFITS = 3  # best trials whose refits time is kept for: default studies' refit ensembles held 2 to 6
+SKIPS_IN_A_ROW = 5  # near the deadline the sampler may keep drawing trials too long for the time left
 
 
 @dataclass
 class Budget:
     """The command's deadline, as wall-clock time so that the workers it starts share it (infinity: no timeout).
-
-    `refit_scale` is how much longer a refit's epoch is than its trial's: the refit trains on train + val, the
-    trial on train. `fuse` is how many refits train at once, stacked as the trials were. `refitted` holds the
-    numbers of the trials whose refits an earlier run made: they cost nothing more, so a rerun keeps no time back
-    for them and trains new trials.
-    """
+    `refit_scale`: how much longer a refit's epoch (train + val) is than its trial's (train). `fuse`: how many refits
+    train at once. `refitted`: the trials whose refits an earlier run made, which a rerun keeps no time back for."""
 
     deadline: float = math.inf
     refit_scale: float = 1.0
@@ -51,29 +34,23 @@ class Budget:
     refitted: frozenset[int] = frozenset()
 
     @property
-    def bounded(self) -> bool:
-        """Whether there is a deadline (--timeout was given)."""
+    def bounded(self) -> bool:  # --timeout was given
         return math.isfinite(self.deadline)
 
     def left(self) -> float:
         return self.deadline - time.time()
 
     def refit_seconds(self, trials: Iterable[FrozenTrial], fuse: int | None = None) -> float:
-        """Estimated seconds to refit `trials` (complete ones): each trial's epochs at its own measured seconds per
-        epoch, scaled to the refit's training images; stacked `fuse` at a time (default: the study's), a stack
-        lasting as long as its longest member."""
+        """Estimated seconds to refit `trials` (complete ones): each its trial's time scaled to the refit's training
+        images; stacked `fuse` at a time (default: the study's), a stack lasting as long as its longest member."""
         fuse = fuse or self.fuse
         each = [REFIT_START_SECONDS + self.refit_scale * trial_seconds(t) for t in trials]
         return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
 
     def reserve(self, best_first: list[FrozenTrial]) -> float:
-        """The time kept back for the final model while trials run: refits of the best complete trials
-        (`best_first`), the most of the RESERVED_REFITS best that fitted in the time left when the last of them
-        completed, and what follows them.
-
-        From then on trials stop when the time left is what is kept back, so those refits stay affordable. Refits
-        that did not fit then never will: they keep nothing back, and the time goes to trials, whose checkpoints
-        the final model will have."""
+        """The time kept back for the final model while trials run: FINISH_SECONDS, and the refits of the most of the
+        RESERVED_REFITS best complete trials that fitted in the time left when the last of them completed. Refits
+        that did not fit then never will: the time goes to trials, whose checkpoints the final model will have."""
         kept = 0.0
         for j in range(1, min(RESERVED_REFITS, len(best_first)) + 1):
             seconds = self.refit_seconds(t for t in best_first[:j] if t.number not in self.refitted)
@@ -89,20 +66,19 @@ class Budget:
 
     def no_time_for(self, epochs: int, multiply_adds: int, best_first: list[FrozenTrial]) -> str | None:
         """Why a trial of `epochs` epochs of a net of `multiply_adds` per example cannot finish before the final
-        model's share, or None if it can (or nothing is known yet): its time estimated from the complete trials'
-        median seconds per epoch and multiply-add. Counts the trials skipped in a row."""
+        model's share (at the complete trials' median seconds per epoch and multiply-add), or None if it can or
+        nothing is known yet. Counts the trials skipped in a row."""
         records = [(t, TrialRecord.of(t)) for t in best_first]
         rates = sorted(trial_seconds(t) / (r.epochs_trained * r.multiply_adds) for t, r in records
                        if r.epochs_trained and r.multiply_adds)
-        if not rates or not self.bounded:
-            self.skipped_in_a_row = 0
-            return None
-        needed, spare = epochs * multiply_adds * rates[len(rates) // 2], self.left() - self.reserve(best_first)
-        if needed <= spare:
-            self.skipped_in_a_row = 0
-            return None
-        self.skipped_in_a_row += 1
-        return f"it would take about {needed:.0f} s and {max(spare, 0):.0f} s were left before the final model's share"
+        if rates and self.bounded:
+            needed, spare = epochs * multiply_adds * rates[len(rates) // 2], self.left() - self.reserve(best_first)
+            if needed > spare:
+                self.skipped_in_a_row += 1
+                return (f"it would take about {needed:.0f} s and {max(spare, 0):.0f} s were left before the final "
+                        "model's share")
+        self.skipped_in_a_row = 0
+        return None
 
     def overdue(self) -> bool:
         """Whether training must stop now: only the final model's share without refits is left."""
