@@ -1,11 +1,6 @@
-"""K models trained at once on the same batches, each exactly as it would train alone: horizontal fusion derived
-from the one model, `MLPClassifier` (or a fork's subclass), with no second copy of its math.
-
-Models whose `stack_key`s agree have their parameters and buffers stacked along a new first axis, and one
-`torch.func.vmap` over `functional_call` of one of them computes them all (PyTorch's model-ensembling recipe). Each
-model's parameters are views of its slice of the stack, so its own optimiser steps the stack in place. Models leave
-(finished, diverged, pruned) and join (`add`) at epochs' ends; the others go on untouched.
-"""
+"""K models trained at once on the same batches, each exactly as alone: horizontal fusion of `MLPClassifier` (or a
+fork's subclass) with no second copy of its math. One `torch.func.vmap` over `functional_call` computes a stack
+(PyTorch's model-ensembling recipe); each model's parameters are views of its slice, stepped by its own optimiser."""
 
 import copy
 import math
@@ -30,8 +25,7 @@ warnings.filterwarnings("ignore", message="There is a performance drop because w
 
 
 class ModelStep(nn.Module):
-    """One model's step as a module's forward, which is what `functional_call` calls: its loss and predictions, and
-    with `manual` its hand-written gradients too."""
+    """One model's step (loss, predictions, with `manual` its gradients) as the forward `functional_call` calls."""
 
     def __init__(self, model: MLPClassifier) -> None:
         super().__init__()
@@ -42,16 +36,14 @@ class ModelStep(nn.Module):
 
 
 class Stack:
-    """Models of one `stack_key`: their tensors stacked along a first model axis, each zero-padded to the largest
-    shape (MLPs of one depth and several widths). Model j's parameters are views of slice j, cut to its own shape:
-    its optimiser never sees the padding, which stays zero."""
+    """Models of one `stack_key`, their tensors stacked and zero-padded to the largest shape (MLPs of one depth,
+    several widths). Model j's parameters are views of slice j cut to its shape, so its optimiser never sees the
+    padding, which stays zero; the parameter objects stay the same, so restacking keeps the optimisers' state."""
 
     def __init__(self, models: list[MLPClassifier]) -> None:
-        """Stack the models' current tensors; the parameter objects stay the same, so that when a model joins or
-        leaves and `FusedClassifier.restack` builds new stacks, the models' optimisers keep their state."""
         self.models = models
-        # One model's code runs for all: one that draws dropout masks if any does. A rate of 0 then draws a mask of
-        # ones (x * 1 is x exactly), so a model without dropout shares the stack and still trains as it would alone.
+        # One model's code runs for all: one that draws dropout masks if any does. A rate of 0 draws a mask of ones
+        # (x * 1 is x exactly), so a model without dropout still trains as it would alone.
         self.step = ModelStep(max(self.models, key=lambda model: model.hparams.dropout > 0))
         self.model_params = transposed([dict(ModelStep(m).named_parameters()) for m in self.models])
         self.params = {name: stacked(group).requires_grad_() for name, group in self.model_params.items()}
@@ -67,7 +59,6 @@ class Stack:
         return vmap(one, randomness="different")({**self.params, **self.buffers})
 
     def hand_out_grads(self) -> None:
-        """Give each model's parameters their slices of the stacked gradients."""
         for name, p in self.params.items():
             for model_p, grad in zip(self.model_params[name], p.grad):
                 model_p.grad = grad[tuple(map(slice, model_p.shape))]
@@ -79,9 +70,8 @@ class Stack:
 
 def stack_key(model: MLPClassifier, pad_widths: bool) -> tuple:
     """Models with equal keys compute the same function of their own tensors, so they stack: they differ only in
-    `PER_MODEL`, their weights, and with `pad_widths` an `MLP`'s width (zero-padded to the widest). Whether
-    augmentation is on decides whether images are redrawn, so it is part of the key; its settings are not, nor is
-    dropout (see `Stack`)."""
+    `PER_MODEL`, their weights and with `pad_widths` an `MLP`'s width. Whether augmentation is on decides whether
+    images are redrawn, so it is part of the key; its settings are not, nor is dropout (see `Stack`)."""
     pads = pad_widths and getattr(model.net, "widths_pad_exactly", False)
     shared = {k: v for k, v in model.hparams.items() if k not in model.PER_MODEL and not (pads and k == "width")}
     shapes = () if pads else tuple(tuple(t.shape) for t in model.net.parameters())
@@ -89,9 +79,8 @@ def stack_key(model: MLPClassifier, pad_widths: bool) -> tuple:
 
 
 def stack_error(model: MLPClassifier) -> str | None:
-    """Why models like `model` cannot be stacked, or None: one stacked step of two copies on a batch of two. A net
-    made of per-example operations stacks, and so does one with batch statistics over its own batch (batch_norm);
-    one with data-dependent Python does not."""
+    """Why models like `model` cannot be stacked, or None, from one stacked step of two copies. Per-example
+    operations stack, as do batch statistics over a model's own batch (batch_norm); data-dependent Python does not."""
     copies = [copy.deepcopy(model).train() for _ in range(2)]
     try:
         x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
@@ -106,8 +95,7 @@ def transposed(dicts: list[dict[str, Tensor]]) -> dict[str, list[Tensor]]:
 
 
 def stacked(tensors: list[Tensor]) -> Tensor:
-    """The tensors along a new first axis, each zero-padded to the largest; each tensor's data becomes a view of
-    its slice, so that what changes the stack in place (an optimiser's step, a running statistic) changes it."""
+    """The tensors stacked and zero-padded, each one's data now a view of its slice, so in-place updates reach it."""
     shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
     out = tensors[0].new_zeros((len(tensors), *shape))
     for j, t in enumerate(tensors):
@@ -118,8 +106,7 @@ def stacked(tensors: list[Tensor]) -> Tensor:
 
 
 class Optimizers(torch.optim.Optimizer):
-    """The stacked models' own optimisers stepped as one, the one optimiser Lightning drives (and counts steps by).
-    A model's optimiser joins and leaves with it; the optimisers themselves are never edited."""
+    """The models' own optimisers stepped as the one optimiser Lightning drives (and counts steps by)."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         # No super().__init__ (it holds no parameters, only other optimisers), so the step hooks' dicts that torch's
@@ -149,8 +136,7 @@ class Optimizers(torch.optim.Optimizer):
 
 @dataclass(eq=False)
 class Member:
-    """A model in the stack, with what it trains by: its name, epochs and run, where its run began (the module's
-    epoch and optimiser step it joined at), its optimiser and schedule."""
+    """A model in the stack, with the module's epoch and optimiser step it joined at."""
 
     name: str
     model: MLPClassifier
@@ -163,22 +149,15 @@ class Member:
 
 
 class FusedClassifier(L.LightningModule):
-    """The `models` trained together, model k for `epochs[k]` epochs, named `names[k]` in logged metric keys
-    (`val/acc/<name>`), each writing its scalars and hyperparameters to `loggers[k]` as it would alone. With
-    `pad_widths`, MLPs of one depth share a stack padded to the widest, the fewest matmuls, as a GPU wants; without,
-    only models of one shape do, spending nothing on padding, as a CPU wants (docs/results.md#padding-cpu).
-    on_leave(name, how, detail) is called as each model leaves (see `outcomes`); refill(module) at each epoch's end
-    once the leaving models have left: it may `add` models to train from the next epoch."""
+    """The `models` trained together, model k for `epochs[k]` epochs as `val/acc/<names[k]>`, its run in `loggers[k]`.
+    With `pad_widths` MLPs of one depth share a stack padded to the widest (fewest matmuls, for a GPU); without, only
+    models of one shape do (for a CPU, docs/results.md#padding-cpu). on_leave(name, how, detail) is called as each
+    leaves (see `outcomes`); refill(module) at each epoch's end once they left, to `add` models from the next."""
 
     def __init__(
-        self,
-        models: Sequence[MLPClassifier],
-        epochs: Sequence[int],
-        names: Sequence[str],
-        loggers: Sequence[Logger | None] | None = None,
-        on_leave: Callable[[str, Ending, str], None] | None = None,
-        refill: Callable[["FusedClassifier"], None] | None = None,
-        pad_widths: bool = True,
+        self, models: Sequence[MLPClassifier], epochs: Sequence[int], names: Sequence[str],
+        loggers: Sequence[Logger | None] | None = None, on_leave: Callable[[str, Ending, str], None] | None = None,
+        refill: Callable[["FusedClassifier"], None] | None = None, pad_widths: bool = True,
     ) -> None:
         super().__init__()
         if len(backwards := {model.hparams.backward for model in models}) > 1:
@@ -187,8 +166,7 @@ class FusedClassifier(L.LightningModule):
         self.automatic_optimization = False  # each model's optimiser steps in training_step
         self.pad_widths, self.on_leave, self.refill = pad_widths, on_leave, refill
         self.models = nn.ModuleList(models)  # registered, so Lightning moves and converts them with the module
-        loggers = loggers or [None] * len(models)
-        self.members = [Member(*member) for member in zip(names, models, epochs, loggers)]
+        self.members = [Member(*member) for member in zip(names, models, epochs, loggers or [None] * len(models))]
         self.restack()  # and again once Lightning has moved the models to their device (on_fit_start)
         self.steps_per_epoch = 0  # set with the optimisers
         # name -> (how, detail), of models that leave at this epoch's end, and of those that left.
@@ -198,10 +176,6 @@ class FusedClassifier(L.LightningModule):
     @property
     def names(self) -> list[str]:
         return [member.name for member in self.members]
-
-    @property
-    def epochs(self) -> list[int]:
-        return [member.epochs for member in self.members]
 
     def progress(self, k: int) -> tuple[int, int]:
         """Model k's own epoch (from 0) and optimiser steps done, counted from where it joined."""
@@ -223,7 +197,7 @@ class FusedClassifier(L.LightningModule):
         self.restack()
 
     def per_model(self, outputs: list[tuple]) -> list[tuple[Tensor, Tensor]]:
-        """Each model's loss and predictions, in member order, from the stacks' outputs with a model axis."""
+        """Each model's loss and predictions, in member order, from the stacks' outputs."""
         return [(loss[j], preds[j]) for loss, preds, *_ in outputs for j in range(len(loss))]
 
     def configure_optimizers(self) -> Optimizers:
@@ -234,7 +208,6 @@ class FusedClassifier(L.LightningModule):
         return self.all_optimizers
 
     def give_optimizer(self, member: Member) -> None:
-        """The model's own optimiser and schedule, over its own epochs."""
         configured = member.model.optimizer_and_schedule(member.epochs * self.steps_per_epoch, not self.pad_widths)
         member.optimizer = configured["optimizer"]
         member.scheduler = configured.get("lr_scheduler", {}).get("scheduler")
@@ -274,8 +247,7 @@ class FusedClassifier(L.LightningModule):
                 self.write(member, {"train/loss_step": loss.detach()}, steps - member.first_step)
 
     def on_train_epoch_end(self) -> None:
-        """Write each model's training metrics, let the models whose run ends here leave, then let `refill` add
-        others; with no model left, training stops."""
+        """Write each model's training metrics, drop those whose run ends, then `refill`; with none left, stop."""
         for k, member in enumerate(self.members):
             scalars = member.model.train_epoch_scalars()
             self.write(member, scalars)
@@ -295,8 +267,7 @@ class FusedClassifier(L.LightningModule):
             member.model.update_val_metrics(loss, preds, batch[1])
 
     def on_validation_epoch_end(self) -> None:
-        """Log each model's val/acc as `val/acc/<name>` (for its checkpoint and pruning) and write its run; a model
-        whose validation loss is NaN or infinite has diverged and leaves."""
+        """Log each model's `val/acc/<name>` (for its checkpoint and pruning), write its run, stop it if it diverged."""
         for k, member in enumerate(self.members):
             scalars = member.model.val_epoch_scalars()
             self.log(f"val/acc/{member.name}", scalars["val/acc"], logger=False)  # for callbacks: `write` logs
@@ -307,34 +278,30 @@ class FusedClassifier(L.LightningModule):
                 self.diverged(k, "val/loss", scalars["val/loss"])
 
     def diverged(self, k: int, key: str, loss: Tensor) -> None:
-        """Model k's loss `key` is NaN or infinite at this epoch's end: it leaves, as a run alone stops."""
         detail = f"epoch {self.progress(k)[0]}: {key} = {loss.item()} is not finite"
         self.stop(self.members[k].name, Ending.DIVERGED, detail)
 
     def stop(self, name: str, how: Ending, detail: str = "") -> None:
-        """Take model `name` out at the end of this epoch (e.g. its trial was pruned). The first reason stands,
-        except SURPLUS: a trial whose place in the study is another's must not count, so it overrides even a
-        divergence found in the same epoch."""
+        """Take model `name` out at this epoch's end. The first reason stands, except SURPLUS: a trial whose place
+        is another's must not count, so it overrides even a divergence found in the same epoch."""
         if how == Ending.SURPLUS or name not in self.stopping:
             self.stopping[name] = (how, detail)
 
     def write(self, member: Member, scalars: dict[str, Tensor], step: int | None = None) -> None:
-        """The model's scalars in its own run, at its own epoch and `step`: by default its epoch's last step, where
-        Lightning writes a run alone's epoch-end scalars."""
+        """The model's scalars in its run at its own epoch and `step`: by default its epoch's last, as Lightning's."""
         if member.logger is not None:
             epoch, steps_done = self.progress(self.members.index(member))
             values = {key: float(v) for key, v in scalars.items()}
             member.logger.log_metrics({**values, "epoch": epoch}, steps_done - 1 if step is None else step)
 
     def drop(self, names: Sequence[str]) -> None:
-        """Remove models, their optimisers and their loggers; their stacks are rebuilt without them."""
+        """Remove models, their optimisers and loggers, and restack without them."""
         if not names:
             return
         for member in self.members:
             if member.name in names:
                 self.outcomes[member.name] = self.stopping.pop(member.name)
-                # Lightning keeps every key ever logged; a departed model's would pile up, and each checkpoint
-                # callback copies them all every epoch.
+                # Lightning keeps every key ever logged, and each checkpoint callback copies them all every epoch.
                 self.trainer.callback_metrics.pop(f"val/acc/{member.name}", None)
                 if member.logger is not None:
                     member.logger.finalize("success")
@@ -347,9 +314,7 @@ class FusedClassifier(L.LightningModule):
                 self.on_leave(name, *self.outcomes[name])
 
     def add(self, model: MLPClassifier, epochs: int, name: str, logger: Logger | None = None) -> None:
-        """At an epoch's end, add model `name` to train from the next epoch for its own `epochs`, as it would alone:
-        with its own optimiser, schedule (counted from its first step), metrics and run. The Trainer's max_epochs
-        grows to cover it."""
+        """At an epoch's end, add model `name` for its own `epochs` from the next, as alone; max_epochs grows to fit."""
         if (model.hparams.backward == "manual") != self.manual:
             raise ValueError("models fused together must share --model.backward")
         model.to(device=self.device, dtype=self.dtype)
@@ -364,16 +329,12 @@ class FusedClassifier(L.LightningModule):
 
 
 class ModelInStackCheckpoint(ModelCheckpoint):
-    """The best checkpoint (by val/acc) of one model of a FusedClassifier, or when nothing `validates` (a refit)
-    its latest, written as an ordinary MLPClassifier checkpoint under the name a run alone gives it. Lightning's
-    ModelCheckpoint keeps the bookkeeping (best score and path, top-k, file names); only what is written differs.
-    """
+    """One model's best checkpoint (by val/acc), or without validation (a refit) its latest, written as an ordinary
+    MLPClassifier checkpoint under a run alone's name; ModelCheckpoint keeps the bookkeeping (best, top-k, names)."""
 
     def __init__(self, name: str, dirpath: str, validates: bool = True) -> None:
         super().__init__(
-            dirpath=dirpath,
-            monitor=f"val/acc/{name}" if validates else None,
-            mode="max",
+            dirpath=dirpath, monitor=f"val/acc/{name}" if validates else None, mode="max",
             filename=f"epoch{{epoch:02d}}-val_acc{{val/acc/{name}:.4f}}" if validates else "epoch{epoch:02d}",
             auto_insert_metric_name=False,
             # At validation's end, or without validation at the epoch's end, which `mlp.trials.TrialCheckpoints`
@@ -391,32 +352,28 @@ class ModelInStackCheckpoint(ModelCheckpoint):
             super().on_validation_end(trainer, module)
 
     def format_checkpoint_name(self, metrics: dict[str, Tensor], *args: Any, **kwargs: Any) -> str:
-        """The model's own epoch and step, not the module's, name its checkpoint files."""
+        """The model's own epoch and step, not the module's, name its files."""
         if self.name in self.module.names:
             epoch, step = self.module.progress(self.module.names.index(self.name))
             metrics = {**metrics, "epoch": torch.tensor(epoch), "step": torch.tensor(step)}
         return super().format_checkpoint_name(metrics, *args, **kwargs)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        """The model alone, as an MLPClassifier checkpoint. ModelCheckpoint has no public hook for what is written
-        (trainer.save_checkpoint would write the whole stack), so this private method, which every save goes
-        through, is overridden here alone; tests/test_private_apis.py fails if an upgrade stops calling it.
-        Lightning's own also notes the step saved, to skip saving twice in a step: never needed once an epoch."""
-        model = self.module.model(self.name)
+        """The model alone: ModelCheckpoint has no public hook for what is written (trainer.save_checkpoint writes the
+        whole stack), so this private method every save goes through is overridden (tests/test_private_apis.py).
+        Lightning's also notes the step, against saving twice in one: needless once an epoch."""
+        model, data = self.module.model(self.name), trainer.datamodule
         epoch, step = self.module.progress(self.module.names.index(self.name))
         checkpoint = {
-            "epoch": epoch,
-            "global_step": step,
-            "pytorch-lightning_version": L.__version__,
+            "epoch": epoch, "global_step": step, "pytorch-lightning_version": L.__version__,
             # Cloned: the parameters are views of the whole stack, which torch.save would write with each.
             "state_dict": {key: value.clone() for key, value in model.state_dict().items()},
         }
-        # The model's and the data module's settings, as Lightning's own checkpoints hold them: the data module's
-        # rebuild the split a checkpoint was trained on (scripts/ensemble.py).
-        for part in (model, trainer.datamodule):
+        # The model's and data module's settings and the data module's state (its standardisation, by class name),
+        # as Lightning's checkpoints hold them; the data module's rebuild the split trained on (scripts/ensemble.py).
+        for part in (model, data):
             if part is not None and part.hparams:
                 checkpoint[part.CHECKPOINT_HYPER_PARAMS_KEY] = dict(part.hparams)
-        # And the data module's state, the training split's standardisation, as Lightning keeps it: by class name.
-        if trainer.datamodule is not None and (state := trainer.datamodule.state_dict()):
-            checkpoint[type(trainer.datamodule).__qualname__] = state
+        if data is not None and (state := data.state_dict()):
+            checkpoint[type(data).__qualname__] = state
         trainer.strategy.save_checkpoint(checkpoint, filepath)

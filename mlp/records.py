@@ -49,7 +49,6 @@ FIELDS = frozenset(field.name for field in fields(TrialRecord))
 
 
 def record(trial: optuna.Trial, **values: Any) -> None:
-    """Write the trial's user attributes `values`, each a field of TrialRecord."""
     TrialRecord(**values)  # a name that is not a field is a TypeError here, before anything is written
     for name, value in values.items():
         trial.set_user_attr(name, value)

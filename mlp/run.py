@@ -1,8 +1,5 @@
 """One run, as fit.py and the d2l exercises make it: train it, keeping its best checkpoint, then test one
-checkpoint once.
-
-Training never sees the test set; a caller tests only the run it chose, on validation, and that run only once.
-"""
+checkpoint once. Training never sees the test set; a caller tests only the run it chose on validation, once."""
 
 from pathlib import Path
 

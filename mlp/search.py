@@ -18,24 +18,22 @@ from mlp.records import record
 
 
 def searched(low: float | None, high: float | None, flag: str, log: bool = False, wide: tuple | None = None) -> Any:
-    """A SearchSpace field: the default inclusive range (None: not searched unless asked), the fit flag that sets
-    the hyperparameter (how a trial passes its value, how the user pins it, and where fit's own value is read for
-    the study's first trial), whether it is searched on a log scale, and the range of `--space wide` (if other)."""
+    """A SearchSpace field: its default inclusive range (None: not searched unless asked), the fit flag that sets it
+    (a trial's value, the user's pin, fit's own value for trial 0), log scale or not, and `--space wide`'s range."""
     default = None if low is None else (low, high)
     return field(default=default, metadata={"flag": flag, "log": log, "wide": wide or default, "choices": False})
 
 
 def chosen(flag: str, wide: tuple) -> Any:
-    """A SearchSpace field of choices rather than a range: not searched unless asked; `--space wide` tries `wide`."""
+    """A SearchSpace field of choices, not searched unless asked; `--space wide` tries `wide`."""
     return field(default=None, metadata={"flag": flag, "log": False, "wide": wide, "choices": True})
 
 
 @dataclass
 class SearchSpace:
-    """Ranges searched jointly; a range of None is not searched: the user's fit flag pins that hyperparameter (see
-    `pinned_by`). Each field is the whole declaration: tune.py's `--<name> LOW HIGH` flag, the fit flag a trial sets,
-    pinning, the first trial (`mlp.study.fit_defaults`). Stacked trials (`--fuse`) may differ in any of them.
-    Integer bounds give integers. A field of choices (`chosen`) holds the values tried instead of a range."""
+    """Ranges searched jointly; one of None is not searched (pinned by the user's fit flag, `pinned_by`). Each field
+    is the whole declaration: tune.py's `--<name> LOW HIGH` flag, the fit flag a trial sets, pinning, the first trial
+    (`mlp.study.fit_defaults`). Integer bounds give integers; a `chosen` field holds the values tried."""
 
     lr: tuple[float, float] | None = searched(0.02, 0.5, "model.lr", log=True)
     epochs: tuple[int, int] | None = searched(5, 40, "trainer.max_epochs", wide=(5, 200))
@@ -58,7 +56,7 @@ class SearchSpace:
 
     @property
     def has_slow_starters(self) -> bool:
-        """Whether augmented trials, which learn more slowly early, compete with others: augmentation is searched."""
+        """Whether augmentation is searched: augmented trials, slower to learn early, compete with others."""
         return self.augment_shift is not None or self.augment_flip is not None
 
     def searched(self) -> dict[str, tuple]:
@@ -75,9 +73,9 @@ class SearchSpace:
     def validate(self) -> None:
         """A clear error for a range no trial could train with: each bound is checked as the model checks a value."""
         for name, bounds in self.searched().items():
-            flag = f"--{name.replace('_', '-')} {' '.join(map(str, bounds))}"
             if name in CHOICES:
                 continue  # the flag's parser takes only the hyperparameter's values
+            flag = f"--{name.replace('_', '-')} {' '.join(map(str, bounds))}"
             check(bounds[0] <= bounds[1], f"{flag}: the low bound is above the high bound")
             check(name not in LOG_SCALE or bounds[0] > 0, f"{flag}: the range must be positive (log scale)")
             check(name != "epochs" or bounds[0] >= 1, f"{flag}: at least 1 epoch")
@@ -89,8 +87,6 @@ class SearchSpace:
 
 
 SPACES = ("default", "wide")
-# The fit flag that sets each searched hyperparameter, those searched on a log scale and those chosen from values,
-# as SearchSpace declares.
 FIT_FLAGS = {f.name: f.metadata["flag"] for f in fields(SearchSpace)}
 LOG_SCALE = {f.name for f in fields(SearchSpace) if f.metadata["log"]}
 CHOICES = {f.name for f in fields(SearchSpace) if f.metadata["choices"]}
@@ -98,8 +94,7 @@ MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(MLPClassifier
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    """The trial's hyperparameters, as fit flags; a pinned one is left to the user's fit flag. Integer bounds
-    (epochs, depth, width) give integers; the order is SearchSpace's, so draws stay as they were."""
+    """The trial's hyperparameters as fit flags, in SearchSpace's order, so that draws stay as they were."""
     flags: dict[str, Any] = {}
     for name, bounds in space.searched().items():
         if name in CHOICES:
@@ -111,11 +106,8 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
 
 
 def pinned_by(fit_args: list[str], config: Namespace, defaults: Namespace) -> dict[str, Any]:
-    """The searched hyperparameters the user's fit flags set, with their values.
-
-    A flag names one (`--model.depth 3`, `--model.depth=3`), or a `--config` file changes it from fit's
-    default. The trial's flags come after the user's, so searching a pinned one would silently override it.
-    """
+    """The searched hyperparameters the user's fit flags name (`--model.depth 3`, `--model.depth=3`) or a --config
+    file changes, with their values: a trial's flags come after the user's and would silently override them."""
     pinned = {}
     for name, key in FIT_FLAGS.items():
         named = any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in fit_args)
@@ -127,12 +119,9 @@ def pinned_by(fit_args: list[str], config: Namespace, defaults: Namespace) -> di
 def trial_args(fit_args: list[str], flags: dict[str, Any], study_name: str, version: str) -> list[str]:
     """The fit command line of one trial: the user's fit flags, then the trial's, then where it logs."""
     return [
-        *fit_args,
-        *(f"--{key}={value}" for key, value in flags.items()),
-        f"--trainer.logger.init_args.name=tune/{study_name}",
-        f"--trainer.logger.init_args.version={version}",
-        "--trainer.enable_model_summary=false",
-        "--progress_bar.refresh_rate=0",
+        *fit_args, *(f"--{key}={value}" for key, value in flags.items()),
+        f"--trainer.logger.init_args.name=tune/{study_name}", f"--trainer.logger.init_args.version={version}",
+        "--trainer.enable_model_summary=false", "--progress_bar.refresh_rate=0",
     ]
 
 
@@ -145,16 +134,13 @@ def record_intermediate_values(
 ) -> bool:
     """Report the val/acc `value` reached at the end of `epoch` (from 0) of `epochs`; True if the trial should stop.
 
-    Trials with different epoch counts run different one-cycle schedules, so they are compared at the same
-    fraction of their own schedule: step 50 is the middle of every trial. Optuna's pruners compare a trial with
-    the others' values at exactly one step, so every trial reports at the same steps, the tenths of its
-    schedule: each tenth this epoch crosses gets a value, interpolated from the previous epoch's (`previous`,
-    None for the first epoch, whose value stands back to step 10), and pruning is checked there (Hyperband's
-    rungs are tenths), but never in the last epoch: a trial that trained all its epochs has spent its compute,
-    and pruning it would only drop it from the final models. Only tenths, as each value is a storage transaction
-    and each check reads the study: every percent cost a trial three to four times the storage time. Also counts
-    the epochs trained in the user attribute `epochs_trained`.
-    """
+    Trials of different epoch counts run different one-cycle schedules, so they are compared at the same fraction
+    of their own: step 50 is every trial's middle. Optuna's pruners compare trials at exactly one step, so each
+    reports at the tenths of its schedule this epoch crosses, interpolated from the previous epoch's value
+    (`previous`; None for the first, whose value stands back to step 10), and pruning is checked there (Hyperband's
+    rungs are tenths), never in the last epoch: that trial has spent its compute, and pruning would only drop it
+    from the final models. Only tenths: each value is a storage transaction and each check reads the study (every
+    percent cost three to four times the storage time). Also records `epochs_trained`."""
     record(trial, epochs_trained=epoch + 1)
     start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
     finished = epoch + 1 == epochs
@@ -171,13 +157,9 @@ SLOW_STARTERS_FIRST_JUDGED = 50  # percent of a schedule; docs/tuning.md#pruning
 
 
 def make_pruner(name: str, shortest_epochs: int, slow_starters: bool = False) -> optuna.pruners.BasePruner:
-    """A pruner whose steps are percent of a trial's schedule (see record_intermediate_values).
-
-    No trial is judged before the shortest schedule's first epoch (`shortest_epochs` long) has ended: earlier
-    steps hold that epoch's value, which would flatter short schedules. With `slow_starters` (trials with and
-    without augmentation compete), none before SLOW_STARTERS_FIRST_JUDGED: until then augmented trials rank below
-    where they end, and the others above.
-    """
+    """A pruner by percent of a trial's schedule (record_intermediate_values). None is judged before the shortest
+    schedule's first epoch ends (earlier steps hold its value, flattering short schedules), nor with `slow_starters`
+    (augmented trials compete) before SLOW_STARTERS_FIRST_JUDGED: until then those rank below where they end."""
     first_judged = REPORT_EVERY * math.ceil(SCHEDULE_STEPS / shortest_epochs / REPORT_EVERY)
     if slow_starters:
         first_judged = max(first_judged, SLOW_STARTERS_FIRST_JUDGED)
@@ -187,42 +169,28 @@ def make_pruner(name: str, shortest_epochs: int, slow_starters: bool = False) ->
             min_resource=first_judged, max_resource=SCHEDULE_STEPS, reduction_factor=3
         )
     if name == "median":
-        # One-cycle's learning rate peaks at 30 % of the schedule (OneCycleLR's pct_start); before that the
-        # validation accuracy says little about where a trial ends.
+        # One-cycle's learning rate peaks at 30 % (OneCycleLR's pct_start); before, val/acc says little of the end.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(30, first_judged))
     return optuna.pruners.NopPruner()
-
-
-def trial_seed(seed: int, number: int) -> int:
-    """A seed for trial `number` of a study seeded with `seed`.
-
-    seed + number would alias: seed 1's trial k would draw what seed 0's trial k + 1 drew. SeedSequence
-    hashes the pair, so studies with different seeds draw independently.
-    """
-    return int(numpy.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 class TrialSeededTPE(optuna.samplers.BaseSampler):
     """TPE whose random draws depend only on the seed and the trial's number; trial 0 draws `first`, when given.
 
-    One seeded TPESampler per process would give every worker started with the same seed the same draws, and
-    a rerun would replay the first run's. Trial numbers are unique across workers (the storage assigns them),
-    so seeding each trial from (seed, number) gives distinct, reproducible draws.
-
-    `first` (see mlp.study.fit_defaults) starts the search from a known-good point instead of spending its first
-    epochs rediscovering it. As a rule of the sampler every worker holds, rather than a trial queued after the
-    study's creation, it is trial 0 whichever of several workers started together asks first.
-    """
+    One seeded TPESampler per process would give workers of one seed the same draws, and a rerun the first run's;
+    trial numbers are unique across workers, so seeding by (seed, number) gives distinct, reproducible draws.
+    `first` (mlp.study.fit_defaults) starts the search from a known-good point; as a rule of every worker's sampler,
+    not a trial queued at the study's creation, it is trial 0 whichever of several workers asks first."""
 
     def __init__(self, seed: int, first: dict[str, Any] | None = None) -> None:
         self.seed, self.first = seed, first or {}
         self.tpe = self.tpe_for(0)
 
     def tpe_for(self, number: int) -> optuna.samplers.TPESampler:
+        # SeedSequence hashes (seed, number): seed + number would alias, seed 1's trial k drawing seed 0's k + 1.
         # constant_liar: another worker's RUNNING trial counts as a bad result, so TPE does not pile onto it.
-        return optuna.samplers.TPESampler(
-            seed=trial_seed(self.seed, number), n_startup_trials=5, multivariate=True, constant_liar=True
-        )
+        seed = int(numpy.random.SeedSequence([self.seed, number]).generate_state(1)[0])
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.tpe = self.tpe_for(trial.number)

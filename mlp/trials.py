@@ -1,17 +1,14 @@
 """A study's trials, from ask to tell: up to K at once (--fuse K), stacked in one Trainer; one alone is a stack of one.
 
-Each trial is built by `mlp.cli.build_cli` from the user's fit flags plus its suggestions, so it trains what
-`scripts/fit.py` with those flags would (same initial weights, folders, checkpoint). Trial n is seeded with fit's
---seed_everything + n: trials of one shape would otherwise start alike and repeat one model's mistakes in an
-ensemble; trial 0, fit's own configuration, is fit's own run. Its model joins a `FusedClassifier` with the trials
-asked with it: on a GPU one stack per depth, padded to its widest; on the CPU one per depth and width
-(`pads_widths`). A trial leaves its stack when it ends, and one asked then takes its place.
-"""
+Each trains what `scripts/fit.py` would with the user's fit flags plus its suggestions. Trial n is seeded with fit's
+--seed_everything + n: trials of one shape would otherwise start alike and repeat one model's mistakes in an ensemble;
+trial 0, fit's own configuration, is fit's own run."""
 
 import gc
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,8 +31,7 @@ from mlp.study import (
 
 
 class RunEnd(NamedTuple):
-    """How a run ended (`detail` says when and why it diverged or was cut); its checkpoint (its best by val/acc, or
-    without a validation split its final weights) and that one's val/acc."""
+    """How a run ended (`detail`: when, why), its checkpoint (best by val/acc, else its last) and that one's val/acc."""
 
     how: Ending
     detail: str
@@ -98,19 +94,14 @@ class Trials:
         return cli
 
     def train(
-        self,
-        study: optuna.Study,
-        asked: list[tuple[optuna.Trial, dict[str, Any]]],
-        heartbeats: Heartbeats,
+        self, study: optuna.Study, asked: list[tuple[optuna.Trial, dict[str, Any]]], heartbeats: Heartbeats,
         may_refill: Callable[[], bool],
     ) -> None:
-        """Train the `asked` trials (`train_runs`), judged at each epoch's end, each told the study as it ends;
-        stacked, trials asked while `may_refill()` allows take the places freed."""
+        """Train the `asked` trials (`train_runs`), told as each ends; those asked while `may_refill()` fill places."""
         judge = JudgeEachEpoch(study, {}, self.n_trials, self.budget)
         running = heartbeats.trials  # a trial leaves it when the study is told its end
 
-        def runs(asked: list[tuple[optuna.Trial, dict[str, Any]]]) -> dict[str, MLPCLI]:
-            """The asked trials' runs, less those skipped as too long for the budget."""
+        def runs(asked: list[tuple[optuna.Trial, dict[str, Any]]]) -> dict[str, MLPCLI]:  # less those too long
             built = {}
             for trial, flags in asked:
                 cli = self.build(trial, flags)
@@ -139,14 +130,11 @@ class Trials:
 
     @staticmethod
     def tell(study: optuna.Study, trial: optuna.Trial, end: RunEnd, running: list[optuna.Trial]) -> None:
-        """Tell the study how the trial ended: finished, its value its best val/acc, kept by its checkpoint;
-        surplus, failed; diverged, pruned or cut, pruned. A trial another worker failed as stale (its heartbeat late)
-        is told nothing more: its retry has its place."""
+        """Finished: its value, its best val/acc; surplus: failed; else pruned. A trial another worker failed as
+        stale (its heartbeat late) is told nothing more: its retry has its place."""
         if end.how == Ending.STALE or study.get_trials(deepcopy=False)[trial.number].state.is_finished():
             log.warning(f"Trial {trial.number} was failed as stale by another worker while it trained; not told again.")
-            running.remove(trial)
-            return
-        if end.how == Ending.FINISHED:
+        elif end.how == Ending.FINISHED:
             record(trial, best_checkpoint=end.checkpoint)
             study.tell(trial, end.score)
             log.info(f"Trial {trial.number} finished with value: {end.score} and parameters: {trial.params}.")
@@ -162,25 +150,18 @@ class Trials:
 
 
 def train_runs(
-    runs: dict[str, MLPCLI],
-    group_args: list[str],
-    fuse: int,
-    on_end: Callable[[str, RunEnd], None],
-    judge: "JudgeEachEpoch | None" = None,
-    more: Callable[[int], dict[str, MLPCLI]] | None = None,
+    runs: dict[str, MLPCLI], group_args: list[str], fuse: int, on_end: Callable[[str, RunEnd], None],
+    judge: "JudgeEachEpoch | None" = None, more: Callable[[int], dict[str, MLPCLI]] | None = None,
 ) -> FashionMNISTDataModule:
-    """Train `runs` (by name, each built by `build_cli`) as their own fits would, and call `on_end(name, end)` as
-    each ends: stacked in one Trainer built from `group_args` (`group_cli`), each with its own logger, saved config
-    and checkpoint, up to `fuse` at once (one alone is a stack of one). At each epoch's end `more(free)` may give
-    runs for the places freed. A run diverges when its epoch's loss is not finite, as its own fit's
-    `mlp.cli.divergence_guard` sees it, its checkpoint is kept as its own fit keeps it, and `judge` may stop it at
-    an epoch's end. Returns the data they trained on."""
+    """Train `runs` (by name) as their own fits would, up to `fuse` at once in one Trainer from `group_args`, each
+    with its own logger, saved config, checkpoint and divergence, calling `on_end(name, end)` as each ends; `judge`
+    may stop one at an epoch's end, `more(free)` give runs for freed places. Returns the data they trained on."""
     # The group draws its batches by the first run's seed: a run alone by its own, as its own fit would.
     seed = next(iter(runs.values())).config.seed_everything
     group = group_cli([*group_args, f"--seed_everything={seed}"], max(cli.trainer.max_epochs for cli in runs.values()))
     validates = bool(group.trainer.limit_val_batches)
-    # By name, while the run trains; a stopped one leaves the stack only at its epoch's end, so its checkpoint
-    # still saves this epoch's weights when they are its best, as a run alone's does.
+    # By name while the run trains; a stopped one leaves only at its epoch's end, so its checkpoint still saves
+    # this epoch's weights when they are its best, as a run alone's does.
     checkpoints: dict[str, ModelInStackCheckpoint] = {}
 
     def join(name: str, cli: MLPCLI) -> None:
@@ -188,13 +169,14 @@ def train_runs(
         checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"), validates)
 
     def leave(name: str, how: Ending, detail: str) -> None:
-        on_end(name, run_end(how, detail, checkpoints.pop(name)))
+        checkpoint = checkpoints.pop(name)
+        score = checkpoint.best_model_score
+        on_end(name, RunEnd(how, detail, checkpoint.best_model_path, None if score is None else score.item()))
 
     def refill(module: FusedClassifier) -> None:
         if not (free := fuse - len(module.names)):
             return
-        # Building a run seeds the random generators for its initial weights; the group's batch order and
-        # dropout masks go on from where they were.
+        # Building a run seeds the generators for its initial weights; the group's batches and masks go on as they were.
         with torch.random.fork_rng(devices=[module.device.index] if module.device.type == "cuda" else []):
             joining = more(free)
         for name, cli in joining.items():
@@ -215,14 +197,8 @@ def train_runs(
     return group.datamodule
 
 
-def run_end(how: Ending, detail: str, checkpoint: ModelCheckpoint) -> RunEnd:
-    score = checkpoint.best_model_score
-    return RunEnd(how, detail, checkpoint.best_model_path, None if score is None else score.item())
-
-
 class EpochEnds:
-    """One trial's judgement at each of its epochs' ends: whether a retry is owed its place, else its val/acc
-    reported at the fraction of its own schedule done and whether the pruner stops it."""
+    """One trial's judgement at each of its epochs' ends: surplus, stale, pruned, cut for the budget, or go on."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
@@ -232,9 +208,8 @@ class EpochEnds:
     def judge(
         self, epoch: int, epochs: int, value: float, surplus: set[int], cut: Callable[[float], bool]
     ) -> Ending | None:
-        """How the trial stops after `epoch` (from 0) of `epochs`, having reached val/acc `value`, or None to go on:
-        `surplus` holds the numbers of the trials the study has no place for, `cut(seconds)` says whether a trial
-        needing that many more seconds would overrun the budget."""
+        """How the trial stops after `epoch` (from 0) of `epochs` at val/acc `value`, or None: `surplus` holds the
+        trials the study has no place for, `cut(seconds)` whether that many more would overrun the budget."""
         if self.trial.number in surplus:
             gives_way(self.trial, epoch + 1)
             return Ending.SURPLUS
@@ -250,19 +225,16 @@ class EpochEnds:
 
 
 class JudgeEachEpoch(L.Callback):
-    """At each validation's end, every trial in the Trainer (one alone, or each of a stack's by name) is judged
-    (`EpochEnds.judge`); one judged to stop trains to the end of the epoch and no further.
-
-    Past the budget's last moment for training (`Budget.overdue`) every trial stops at once, mid-epoch: an epoch
-    of a big net on a loaded CPU can outlast what is left, and the final model still has the checkpoints."""
+    """Judges every trial in the Trainer at each validation's end (`EpochEnds.judge`); one judged to stop trains to
+    the epoch's end. Past `Budget.overdue` every trial stops at once, mid-epoch: an epoch of a big net on a loaded
+    CPU can outlast what is left, and the final model still has the checkpoints."""
 
     def __init__(self, study: optuna.Study, trials: dict[str, EpochEnds], n_trials: int, budget: Budget) -> None:
         self.study, self.trials, self.n_trials, self.budget = study, trials, n_trials, budget
         self.overdue = False
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # Its seconds per epoch leave out the build, the data's loading and the sanity check; a trial that joins
-        # a stack later starts training as it is built.
+        # Seconds per epoch leave out the build, data loading and sanity check; a trial joining later starts as built.
         for trial in self.trials.values():
             trial.started = time.monotonic()
 
@@ -271,35 +243,24 @@ class JudgeEachEpoch(L.Callback):
             return
         self.overdue = True
         trainer.should_stop = True
-        detail = "in an epoch: the --timeout budget's time for trials was over"
         for name in module.names:
-            module.stop(name, Ending.CUT, detail)
+            module.stop(name, Ending.CUT, "in an epoch: the --timeout budget's time for trials was over")
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.overdue:  # a trial cut mid-epoch has no epoch's end to judge
             return
         surplus = surplus_trials(self.study, self.n_trials)  # one query each for the whole stack
-        ranked = best_first(self.study) if self.budget.bounded else []  # what the budget's estimates read
-
-        def cut(seconds: float) -> bool:
-            return self.budget.cuts(seconds, ranked)
-
-        for k, (name, epochs) in enumerate(zip(module.names, module.epochs)):
-            value = trainer.callback_metrics[f"val/acc/{name}"].item()
+        cut = partial(self.budget.cuts, best_first=best_first(self.study) if self.budget.bounded else [])
+        for k, member in enumerate(module.members):
+            value = trainer.callback_metrics[f"val/acc/{member.name}"].item()
             epoch = module.progress(k)[0]
-            if how := self.trials[name].judge(epoch, epochs, value, surplus, cut):
-                module.stop(name, how, cut_detail(epoch + 1, epochs) if how == Ending.CUT else "")
-
-
-def cut_detail(epochs_trained: int, epochs: int) -> str:
-    return f"after epoch {epochs_trained} of {epochs}: the --timeout budget left no time for the rest"
+            if how := self.trials[member.name].judge(epoch, member.epochs, value, surplus, cut):
+                detail = f"after epoch {epoch + 1} of {member.epochs}: the --timeout budget left no time for the rest"
+                module.stop(member.name, how, detail if how == Ending.CUT else "")
 
 
 def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
-    """The Trainer and data of one stacked group, from the user's fit flags, trained for `epochs`.
-
-    Each trial keeps its own logger, checkpoint, divergence guard and saved config, so the group has none.
-    """
+    """A stacked group's Trainer and data, with no logger, checkpoint, guard or saved config: each trial has its own."""
     cli = build_cli([
         *fit_args, f"--trainer.max_epochs={epochs}", "--trainer.logger=false",
         "--trainer.enable_model_summary=false", "--progress_bar.refresh_rate=0",
@@ -310,9 +271,8 @@ def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
 
 
 def pads_widths(cli: MLPCLI) -> bool:
-    """Whether trials of one depth but different widths share a stack: on a GPU, where a stack of K costs
-    little more than one model, yes; on the CPU, where a step costs its multiply-adds, no: padding the default
-    search's widths costs more than it saves (docs/results.md#padding-cpu)."""
+    """Whether trials of one depth and several widths share a stack: on a GPU, where K cost little more than one;
+    not on the CPU, where a step costs its multiply-adds and padding costs more (docs/results.md#padding-cpu)."""
     return cli.trainer.strategy.root_device.type != "cpu"
 
 
@@ -324,9 +284,8 @@ def save_config(cli: MLPCLI) -> None:
 
 
 class TrialCheckpoints(L.Callback):
-    """The running trials' checkpoint callbacks, called as one. Lightning calls every callback at every hook of
-    every step, and a `ModelInStackCheckpoint` acts only when training starts, at validation's end and (without
-    validation) at an epoch's end, so K of them cost K calls per hook where this costs one."""
+    """The running trials' `ModelInStackCheckpoint`s, called as one at the few hooks where they act: Lightning
+    calls every callback at every hook of every step, so K of them cost K calls per hook where this costs one."""
 
     def __init__(self, running: dict[str, ModelInStackCheckpoint]) -> None:
         self.running = running  # by trial name; a trial's entry goes when it leaves the stack
