@@ -34,11 +34,8 @@ class Member(nn.Module):
 
 
 class Answer(nn.Module):
-    """The softmax average of its members over raw images: uint8 (0-255) or float (0-1), (N, 28, 28) or (N, 784).
-
-    Its output's columns are the classes in `CLASS_NAMES` order. It is a finished model: built in eval mode (no
-    dropout), its weights frozen.
-    """
+    """The softmax average of its members over raw images: uint8 (0-255) or float (0-1), (N, 28, 28) or (N, 784);
+    its output's columns are the classes in `CLASS_NAMES` order. Built in eval mode (no dropout), weights frozen."""
 
     def __init__(self, members: Sequence[Member]) -> None:
         super().__init__()
@@ -62,10 +59,8 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     `source` is the report or the study's folder holding it. They must lie inside that folder."""
     check(source.exists(), f"{source} not found; pass a study's folder (lightning_logs/tune/NAME), its report.json, "
           "or .ckpt files")
-    check(
-        source.is_dir() or source.suffix == ".json",
-        f"{source} is not a study's folder, its report.json or a .ckpt file; pass the model first, then the images",
-    )
+    check(source.is_dir() or source.suffix == ".json",
+          f"{source} is not a study's folder, its report.json or a .ckpt file; pass the model first, then the images")
     report_path = source / "report.json" if source.is_dir() else source
     check(report_path.is_file(), f"{source} holds no report.json: tune.py writes it when its study ends")
     report = read_report(report_path)
@@ -81,10 +76,8 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     )
     if chosen.checkpoints is not None:
         paths = chosen.checkpoints
-    elif chosen.checkpoint is not None:
-        paths = [chosen.checkpoint]
     else:  # the best checkpoint's entry does not repeat the study's best_checkpoint
-        paths = [report.best_checkpoint]
+        paths = [report.best_checkpoint if chosen.checkpoint is None else chosen.checkpoint]
     check(all(paths), f"{report_path} names no checkpoint for its {name}; pass the report.json that tune.py wrote")
     folder = report_path.parent
     return [inside(resolve(Path(path), report_path), folder, f"{report_path} names {path}") for path in paths]
@@ -101,34 +94,25 @@ def resolve(checkpoint: Path, report_path: Path) -> Path:
     return checkpoint  # relative to the current folder; load_member says if it is missing
 
 
-def training_statistics(data_settings: dict, data_dir: str | None) -> tuple[float, float]:
-    """Mean and standard deviation of the training split a checkpoint learned from, computed as the data module
-    computed them, from the split's settings (data_dir, val_size, seed), for a checkpoint that lacks the figures."""
-    data = FashionMNISTDataModule(data_dir or data_settings["data_dir"], val_size=data_settings["val_size"],
-                                  seed=data_settings["seed"])
-    try:
-        data.setup("fit")
-    except DatasetNotFoundError:
-        raise UserError(
-            f"the model's training images are not in {data.hparams.data_dir} any more, and it standardises images "
-            "as they were standardised: pass their folder with --data_dir"
-        ) from None
-    return data.mean, data.std
-
-
 def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Member:
     """The net in a checkpoint of fit.py or tune.py with its training split's standardisation; `statistics`
     caches those per split, as an ensemble's members share one."""
     content = read_checkpoint(checkpoint)
-    # The checkpoint carries the run's hyperparameters, so it rebuilds the run's net by itself.
     net = load_model(checkpoint).net
     if content.FashionMNISTDataModule is not None:  # the split's figures, as the data module's state_dict keeps them
         return Member(net, content.FashionMNISTDataModule.mean, content.FashionMNISTDataModule.std)
-    # A checkpoint that predates them: recomputed from the training images.
-    data_settings = content.datamodule_hyper_parameters
-    key = (data_dir or data_settings.data_dir, data_settings.val_size, data_settings.seed)
+    # A checkpoint that predates them: recomputed from the training images, as the data module computed them.
+    settings = content.datamodule_hyper_parameters
+    key = (data_dir or settings.data_dir, settings.val_size, settings.seed)
     if key not in statistics:
-        statistics[key] = training_statistics(data_settings.model_dump(), data_dir)
+        data = FashionMNISTDataModule(key[0], val_size=settings.val_size, seed=settings.seed)
+        try:
+            data.setup("fit")
+        except DatasetNotFoundError:
+            message = (f"the model's training images are not in {data.hparams.data_dir} any more, and it "
+                       "standardises images as they were standardised: pass their folder with --data_dir")
+            raise UserError(message) from None
+        statistics[key] = data.mean, data.std
     return Member(net, *statistics[key])
 
 
@@ -136,11 +120,9 @@ def load_answer(
     source: str | Path | Sequence[str | Path], answer: str | None = None, data_dir: str | None = None
 ) -> Answer:
     """The model a study answered with, from its folder or report.json (`answer` picks another of its final
-    models: refit_ensemble, ensemble, refit or best), or the softmax average of the given checkpoints.
-
-    `data_dir` is where the training images are, if not where the checkpoints recorded: each member
-    recomputes its training split's mean and standard deviation from them.
-    """
+    models: refit_ensemble, ensemble, refit or best), or the softmax average of the given checkpoints. `data_dir`
+    is where the training images are, if not where the checkpoints recorded (for checkpoints that lack their
+    split's mean and standard deviation)."""
     sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
     check(len(sources) > 0, "pass a study's folder, its report.json, or .ckpt files")
     if len(sources) == 1 and sources[0].suffix != ".ckpt":

@@ -19,17 +19,9 @@ from mlp.cli import LOG_DIR, build_cli, divergence_message
 from mlp.errors import check
 
 D2L_SETTING = {
-    "model.depth": 1,
-    "model.width": 256,
-    "model.init": "normal",
-    "model.optimizer": "sgd",
-    "model.lr": 0.1,
-    "model.momentum": 0.0,
-    "model.nesterov": False,
-    "model.weight_decay": 0.0,
-    "model.schedule": "constant",
-    "trainer.max_epochs": 10,
-    "data.batch_size": 256,
+    "model.depth": 1, "model.width": 256, "model.init": "normal", "model.optimizer": "sgd", "model.lr": 0.1,
+    "model.momentum": 0.0, "model.nesterov": False, "model.weight_decay": 0.0, "model.schedule": "constant",
+    "trainer.max_epochs": 10, "data.batch_size": 256,
 }
 
 SWEEPS = {
@@ -37,9 +29,8 @@ SWEEPS = {
     "depth": [{"model.depth": depth} for depth in (1, 2, 4, 8)],
     "lr": [{"model.lr": lr} for lr in (0.01, 0.1, 1.0, 10.0)],
     # A comparison, not a selection: how deep each init scheme still trains. Nothing here is tested.
-    "init": [
-        {"model.init": init, "model.depth": depth} for init in ("normal", "kaiming", "xavier") for depth in range(1, 9)
-    ],
+    "init": [{"model.init": init, "model.depth": depth} for init in ("normal", "kaiming", "xavier")
+             for depth in range(1, 9)],
 }
 SELECTS = {"width", "depth", "lr"}
 
@@ -85,15 +76,11 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     cli.trainer.callbacks.append(history)
     start = time.perf_counter()
     checkpoint = mlp.run.train(cli)
-    return {
-        "changes": differences(changes),
-        "val_acc": cli.trainer.checkpoint_callback.best_model_score.item(),
-        "best_epoch": history.per_epoch.index(max(history.per_epoch)) + 1,
-        "val_acc_per_epoch": history.per_epoch,
-        "diverged": divergence_message(cli.trainer) is not None,
-        "checkpoint": checkpoint,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    best_epoch = history.per_epoch.index(max(history.per_epoch)) + 1
+    return {"changes": differences(changes), "val_acc": cli.trainer.checkpoint_callback.best_model_score.item(),
+            "best_epoch": best_epoch, "val_acc_per_epoch": history.per_epoch,
+            "diverged": divergence_message(cli.trainer) is not None, "checkpoint": checkpoint,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def test(run: dict, save_dir: Path, extra: list[str]) -> float:
@@ -104,10 +91,7 @@ def test(run: dict, save_dir: Path, extra: list[str]) -> float:
 
 def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None = None, extra=()) -> dict:
     """Train the sweep's runs not yet in save_dir/exercises/results.json (only those named in `only`, if given);
-    once all are there, select on val/acc and test the selected run, unless it was tested before.
-
-    Returns {"runs": {name: result}, "selected": name or None}.
-    """
+    once all are there, select on val/acc and test the selected run, unless it was tested before."""
     check(sweep in SWEEPS, f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
     save_dir, extra = Path(save_dir), list(extra)
     names = {run_name(changes): changes for changes in SWEEPS[sweep]}
@@ -145,6 +129,5 @@ def markdown_table(sweep: str, outcome: dict) -> str:
         test_acc = f"**{run['test_acc']:.4f}**" if chosen else "—"
         lines.append(f"| {name}{' ← selected' if chosen else ''} | {val} | {run['best_epoch']} | {test_acc} | "
                      f"{run['seconds']:.0f} |")  # fmt: skip
-    for name in outcome["missing"]:
-        lines.append(f"| {name} | not run yet | | | |")
+    lines += [f"| {name} | not run yet | | | |" for name in outcome["missing"]]
     return "\n".join(lines)

@@ -30,11 +30,9 @@ from mlp.study import best_first
 from mlp.trials import RunEnd, train_runs
 
 ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
-# The most runs a refit ensemble averages, its configurations' later seed rounds included (see seed_rounds).
-REFIT_MEMBERS_MAX = 10
+REFIT_MEMBERS_MAX = 10  # the most runs a refit ensemble averages, later seed rounds included (see seed_rounds)
 ROUND_SEED_STRIDE = 1_000_003  # a later round's seed: the trial's own plus this per round, apart from every trial's
-# Also the order of fallbacks when the chosen one has no test figure.
-FINAL_CHOICES = ("refit_ensemble", "ensemble", "refit", "best")
+FINAL_CHOICES = ("refit_ensemble", "ensemble", "refit", "best")  # also the order of fallbacks, in final_models
 
 
 def accuracy(probabilities: Tensor, labels: Tensor) -> float:
@@ -43,11 +41,9 @@ def accuracy(probabilities: Tensor, labels: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(checkpoints: Sequence[str], splits: dict[str, Tensor]) -> dict[str, list[Tensor]]:
-    """Each checkpoint's softmax over each split's images (by split name), each checkpoint loaded once. The report,
-    the final models and scripts/ensemble.py all score checkpoints here."""
+    """Each checkpoint's softmax over each split's images (by split name), each checkpoint loaded once."""
     softmaxes: dict[str, list[Tensor]] = {name: [] for name in splits}
     for checkpoint in checkpoints:
-        # The checkpoint carries its run's hyperparameters, so it rebuilds the run's net by itself.
         model = load_model(Path(checkpoint)).eval()
         for name, images in splits.items():
             softmaxes[name].append(torch.cat([model(x.cpu()).softmax(dim=1) for x in images.split(EVAL_BATCH_SIZE)]))
@@ -59,54 +55,42 @@ def ensemble(study: optuna.Study) -> dict[str, Any]:
     checkpoint here (its own data settings); cached in the study for the same candidates."""
     ranked = best_first(study)[:ENSEMBLE_MAX]
     present = [t for t in ranked if Path(TrialRecord.of(t).best_checkpoint).is_file()]
-    missing = [t.number for t in ranked if t not in present]
     cached = study.user_attrs.get("ensemble")
     if cached and cached["candidates"] == [t.number for t in present]:
         return cached
     result: dict[str, Any] = {
         "what": f"softmax average of the k best trials' best checkpoints (k <= {ENSEMBLE_MAX}), k chosen on val",
         "candidates": [t.number for t in present],
-        "missing_checkpoints": missing,
+        "missing_checkpoints": [t.number for t in ranked if t not in present],
     }
     if not present:
         return {**result, "test_acc": None, "why_no_test": "no checkpoint of a complete trial is on this machine"}
     data = trial_run(present[0], "final").datamodule
     data.setup("test")
     (val_x, val_y), (test_x, test_y) = data.val_set.tensors, data.test_set.tensors
-    # Both splits in one pass over the checkpoints; k is chosen on val alone, and only the chosen k's test
-    # softmaxes are read.
+    # Both splits in one pass over the checkpoints; k is chosen on val alone.
     checkpoints = [TrialRecord.of(t).best_checkpoint for t in present]
     softmax = evaluate(checkpoints, {"val": val_x, "test": test_x})
     # The running sum gives every top-k average; argmax of the sum is argmax of the average.
     val_accs = [accuracy(total, val_y) for total in torch.stack(softmax["val"]).cumsum(0)]
     k = max(range(len(present)), key=lambda i: (val_accs[i], -i)) + 1  # ties go to the smaller ensemble
-    test_total = sum(softmax["test"][:k])
-    result.update(
-        k=k,
-        trials=[t.number for t in present[:k]],
-        val_acc_by_k=val_accs,
-        val_acc=val_accs[k - 1],
-        checkpoints=checkpoints[:k],  # for scripts/ensemble.py
-        test_acc=accuracy(test_total, test_y),
-    )
+    result.update(k=k, trials=[t.number for t in present[:k]], val_acc_by_k=val_accs, val_acc=val_accs[k - 1],
+                  checkpoints=checkpoints[:k], test_acc=accuracy(sum(softmax["test"][:k]), test_y))
     study.set_user_attr("ensemble", result)
     return result
 
 
 def trial_config(trial: FrozenTrial) -> str:
     """The config.yaml the trial's fit saved in its log folder: what the trial trained, whatever today's flags."""
-    trial_record = TrialRecord.of(trial)
-    config = Path(trial_record.log_dir) / "config.yaml"
-    check(
-        bool(trial_record.log_dir) and config.is_file(),
-        f"trial {trial.number}'s configuration {config} is not on this machine; worker {trial_record.worker} trained "
-        "it: run the same command on that host, or share the log folder between machines",
-    )
+    record = TrialRecord.of(trial)
+    config = Path(record.log_dir) / "config.yaml"
+    check(bool(record.log_dir) and config.is_file(), f"trial {trial.number}'s configuration {config} is not on this "
+          f"machine; worker {record.worker} trained it: run the same command on that host, or share the log folder "
+          "between machines")
     return str(config)
 
 
 def trained_config(trial: FrozenTrial) -> dict[str, Any]:
-    """The settings in the trial's `trial_config`."""
     return yaml.safe_load(Path(trial_config(trial)).read_text())
 
 
@@ -114,32 +98,26 @@ def refit_recipe(trial: FrozenTrial) -> dict[str, Any]:
     """The trial's refit as a `fit.py --config` file holds it: the seed, epochs, model and batches of the config it
     trained (`trial_config`), on all training images (val_size 0); this machine's folders and logger left out."""
     trained = trained_config(trial)
-    return {
-        "seed_everything": trained["seed_everything"],
-        "trainer": {"max_epochs": trained["trainer"]["max_epochs"]},
-        "model": trained["model"],
-        "data": {"batch_size": trained["data"]["batch_size"], "seed": trained["data"]["seed"], "val_size": 0},
-    }
+    data = {"batch_size": trained["data"]["batch_size"], "seed": trained["data"]["seed"], "val_size": 0}
+    return {"seed_everything": trained["seed_everything"], "trainer": {"max_epochs": trained["trainer"]["max_epochs"]},
+            "model": trained["model"], "data": data}
 
 
 def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
-    """A new run of the trial's own configuration (`trial_config`), logging to `version` beside it; `flags`
-    change it (e.g. --data.val_size=0). Today's fit flags play no part: a study resumed with other flags still
-    refits and tests what each trial trained."""
+    """A new run of the trial's own configuration (`trial_config`), logging to `version` beside it, changed by
+    `flags` alone: a study resumed with other fit flags still refits and tests what each trial trained."""
     return build_cli([f"--config={trial_config(trial)}", f"--trainer.logger.init_args.version={version}", *flags])
 
 
 def refit_trials(study: optuna.Study, numbers: list[int], fuse: int, round_: int = 0) -> list[dict[str, Any]]:
-    """The refits of trials `numbers`, each trained on all training images and its final weights tested once;
-    cached in the study per trial and round, so the refit of the best trial serves both final models that need
-    it. Round 0 refits a trial with its own seed; a later round with another (`seed_flag`), to average more runs
-    of the same configuration. With fuse > 1, those not yet cached train up to `fuse` at once, stacked as tune.py
-    --fuse stacks trials (`mlp.trials.train_runs`): the same runs, checkpoints and cached results. Runs whose data
-    settings differ (a study resumed with other data flags) cannot share batches, and train one at a time."""
+    """The refits of trials `numbers` on all training images, each tested once and cached in the study per trial
+    and round, so the best trial's refit serves both final models that need it; a later round reseeds them
+    (`seed_flag`) to average more runs of one configuration. With fuse > 1 the uncached ones train in stacks of up
+    to `fuse`, as tune.py --fuse stacks trials; runs whose data settings differ (a study resumed with other data
+    flags) cannot share batches, and train one at a time."""
     trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if not refit_done(study, n, round_)]
     size = fuse if len(todo) > 1 else 1
     for start in range(0, len(todo), size):
-        # Each trial's configuration as a fit run on all training images.
         runs = {n: trial_run(trials[n], refit_name(n, round_, "refit_trial"), "--data.val_size=0",
                              *seed_flag(trials[n], round_))
                 for n in todo[start : start + size]}
@@ -158,8 +136,7 @@ def refit_name(number: int, round_: int, prefix: str = "refit") -> str:
 
 
 def seed_flag(trial: FrozenTrial, round_: int) -> list[str]:
-    """The flag that seeds a later round's refit apart from the trial's own seed (none in round 0, or where the
-    study seeded nothing)."""
+    """The flag that seeds a later round's refit apart from the trial's own seed (none in round 0, or unseeded)."""
     seed = trained_config(trial).get("seed_everything")
     if round_ == 0 or isinstance(seed, bool) or seed is None:
         return []
@@ -167,8 +144,7 @@ def seed_flag(trial: FrozenTrial, round_: int) -> list[str]:
 
 
 def refit_done(study: optuna.Study, number: int, round_: int = 0) -> bool:
-    """Whether trial `number`'s refit was trained and tested (a user attribute set to None, as Optuna cannot delete
-    one, counts as not)."""
+    """Whether trial `number`'s refit was tested (an attribute set to None, as Optuna cannot delete one, is not)."""
     return bool(study.user_attrs.get(refit_name(number, round_)))
 
 
@@ -184,59 +160,38 @@ def refitted(study: optuna.Study) -> frozenset[int]:
 
 
 def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: int, round_: int) -> None:
-    """Train the refit runs of `runs` (by trial number) alone (fuse == 1) or stacked, then test each once."""
+    """Train the refit runs `runs` (by trial number) alone (fuse == 1) or stacked; test each one's final weights
+    once on the data it trained on, unless it diverged, and keep the result in the study (`refit_name`)."""
     ends: dict[str, RunEnd] = {}
     first = study.get_trials(deepcopy=False)[next(iter(runs))]
     group_args = [f"--config={trial_config(first)}", "--data.val_size=0"]
     data = train_runs({str(n): cli for n, cli in runs.items()}, group_args, fuse, ends.__setitem__)
-    for n, cli in runs.items():
-        refit_result(study, n, round_, cli, ends[str(n)], data, stacked_with=list(runs) if fuse > 1 else None)
-
-
-def refit_result(
-    study: optuna.Study,
-    number: int,
-    round_: int,
-    cli: MLPCLI,
-    end: RunEnd,
-    data: FashionMNISTDataModule,
-    stacked_with: list[int] | None = None,
-) -> dict[str, Any]:
-    """Test refit run `cli`'s final weights (`end.checkpoint`) once on `data`, the data it trained on, unless it
-    diverged; keep the result in the study (`refit_name`)."""
-    result: dict[str, Any] = {
-        "what": f"trial {number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
-        " epochs; no validation figure, as no image was held out",
-        "trial": number,
-        "val_acc": None,
-        "checkpoint": end.checkpoint,
-        "epochs": cli.trainer.max_epochs,
-        "multiply_adds": cli.model.net.multiply_adds(),
-        "train_images": len(data.train_set),
-    }
-    if round_:
-        result["seed_round"] = round_  # another seed of the configuration (see refit_ensemble)
-    if stacked_with:
-        result["stacked_with"] = stacked_with  # trained in one stack (--fuse), each as it would alone
-    if end.how == "diverged":
-        result.update(test_acc=None, why_no_test=f"the refit diverged ({end.detail})")
-    else:
-        data.setup("test")
-        test_x, test_y = data.test_set.tensors
-        result["test_acc"] = accuracy(evaluate([end.checkpoint], {"test": test_x})["test"][0], test_y)
-    study.set_user_attr(refit_name(number, round_), result)
-    return result
+    for number, cli in runs.items():
+        end = ends[str(number)]
+        result: dict[str, Any] = {
+            "what": f"trial {number}'s configuration retrained on train + val for its {cli.trainer.max_epochs}"
+            " epochs; no validation figure, as no image was held out",
+            "trial": number, "val_acc": None, "checkpoint": end.checkpoint, "epochs": cli.trainer.max_epochs,
+            "multiply_adds": cli.model.net.multiply_adds(), "train_images": len(data.train_set),
+        }
+        if round_:
+            result["seed_round"] = round_  # another seed of the configuration (see refit_ensemble)
+        if fuse > 1:
+            result["stacked_with"] = list(runs)  # trained in one stack (--fuse), each as it would alone
+        if end.how == "diverged":
+            result.update(test_acc=None, why_no_test=f"the refit diverged ({end.detail})")
+        else:
+            data.setup("test")
+            test_x, test_y = data.test_set.tensors
+            result["test_acc"] = accuracy(evaluate([end.checkpoint], {"test": test_x})["test"][0], test_y)
+        study.set_user_attr(refit_name(number, round_), result)
 
 
 def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], budget: Budget) -> dict[str, Any]:
-    """The configurations of the ensemble `chosen` on validation, each refit on train + val (as stacks of up to
-    budget.fuse), softmax-averaged and tested once, on the test images standardised as the refits' own training
-    images were (all 60,000, not the trials' 55,000). Like a refit it has no validation figure; k is the
-    ensemble's.
-
-    Time the budget still has once they are trained goes to more runs of the same configurations, each with
-    another seed (`seed_rounds`), best first: averaging more runs lowers the ensemble's variance, and the choice
-    they average was made on validation."""
+    """The configurations of the ensemble `chosen` on validation, each refit on train + val, softmax-averaged and
+    tested once on test images standardised as the refits' own training images were (all 60,000, not the trials'
+    55,000). Time the budget has left goes to more seeds of them (`seed_rounds`): averaging more runs lowers the
+    ensemble's variance, and the choice they average was made on validation."""
     result: dict[str, Any] = {
         "what": "the ensemble's k configurations, each retrained on train + val, softmax-averaged; no validation "
         "figure, as no image was held out",
@@ -252,18 +207,16 @@ def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], budget: Budget) 
     except UserError as error:  # a member's configuration is missing
         return {**result, "test_acc": None, "why_no_test": str(error)}
     diverged = [r["trial"] for r in members if r["test_acc"] is None]
+    if not diverged:  # a later round's diverged run is left out: its configuration is in the ensemble already
+        members += [r for r in seed_rounds(study, chosen["trials"], budget) if r["test_acc"] is not None]
     result.update(trials=chosen["trials"], diverged=diverged)
     if "smaller_than" in chosen:  # the budget left no time for the refits of the ensemble chosen on val
         result["smaller_than"] = chosen["smaller_than"]
-    if diverged:
-        # Dropping a member would make an ensemble that validation did not choose; report none instead.
-        result.update(checkpoints=[r["checkpoint"] for r in members], test_acc=None,
-                      why_no_test=f"the refits of trials {diverged} diverged")
+    result["checkpoints"] = [r["checkpoint"] for r in members]
+    if diverged:  # dropping a member would make an ensemble that validation did not choose: none instead
+        result.update(test_acc=None, why_no_test=f"the refits of trials {diverged} diverged")
     else:
-        # A later round's diverged run is left out: its configuration is in the ensemble already.
-        members += [r for r in seed_rounds(study, chosen["trials"], budget) if r["test_acc"] is not None]
-        result.update(checkpoints=[r["checkpoint"] for r in members],
-                      seeds_per_trial={str(n): sum(r["trial"] == n for r in members) for n in chosen["trials"]})
+        result["seeds_per_trial"] = {str(n): sum(r["trial"] == n for r in members) for n in chosen["trials"]}
         result["test_acc"] = test_checkpoints(result["checkpoints"])["test_acc"]
     study.set_user_attr("refit_ensemble", result)
     return result
@@ -289,17 +242,11 @@ def seed_rounds(study: optuna.Study, numbers: list[int], budget: Budget) -> list
 def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dict[str, Any]:
     """The softmax average of the given checkpoints (one is a plain test), on the split they were trained
     with: its validation accuracy when they held one out, and its test accuracy, measured once."""
-    splits, settings = {}, []
-    for path in checkpoints:
-        hparams = read_checkpoint(Path(path)).datamodule_hyper_parameters  # tensors and plain values only
-        splits[path] = (hparams.val_size, hparams.seed)
-        settings.append(hparams)
-    check(
-        len(set(splits.values())) == 1,
-        "the checkpoints were trained on different validation splits (val_size, seed): "
-        f"{sorted(set(splits.values()))}; average checkpoints from one split",
-    )
-    val_size, seed = splits[checkpoints[0]]
+    settings = [read_checkpoint(Path(path)).datamodule_hyper_parameters for path in checkpoints]
+    trained_on = {(hparams.val_size, hparams.seed) for hparams in settings}
+    check(len(trained_on) == 1, "the checkpoints were trained on different validation splits (val_size, seed): "
+          f"{sorted(trained_on)}; average checkpoints from one split")
+    val_size, seed = settings[0].val_size, settings[0].seed
     data = FashionMNISTDataModule(data_dir or settings[0].data_dir, val_size=val_size, seed=seed)
     data.setup("test")
     splits = {"val": data.val_set, "test": data.test_set} if val_size else {"test": data.test_set}
@@ -314,15 +261,10 @@ def test_best(study: optuna.Study) -> float:
     if study.user_attrs.get("test_trial") == best.number:
         return study.user_attrs["test_acc"]
     checkpoint, worker = TrialRecord.of(best).best_checkpoint, TrialRecord.of(best).worker
-    check(
-        Path(checkpoint).is_file(),
-        f"the best trial's checkpoint {checkpoint} is not on this machine; worker {worker} trained it: run the same "
-        "command on that host, or share the log folder between machines",
-    )
+    check(Path(checkpoint).is_file(), f"the best trial's checkpoint {checkpoint} is not on this machine; worker "
+          f"{worker} trained it: run the same command on that host, or share the log folder between machines")
     cli = trial_run(best, "best_trial_test")  # its own data settings, whatever today's flags
-    # The checkpoint carries the trial's hyperparameters, so it rebuilds the trial's net by itself.
-    model = load_model(Path(checkpoint))
-    (results,) = cli.trainer.test(model, datamodule=cli.datamodule)
+    (results,) = cli.trainer.test(load_model(Path(checkpoint)), datamodule=cli.datamodule)
     study.set_user_attr("test_trial", best.number)
     study.set_user_attr("test_acc", results["test/acc"])
     return results["test/acc"]
@@ -357,11 +299,9 @@ def over_budget(budget: Budget, trials: list[FrozenTrial], fuse: int | None = No
 
 def affordable_ensemble(study: optuna.Study, averaged: dict[str, Any], budget: Budget) -> dict[str, Any]:
     """The ensemble to refit: `averaged`'s, or, when its refits do not fit in the budget, the largest smaller one
-    (the k best trials) whose refits do; with none, no members (and why).
-
-    The largest, not the best on val: between ensembles of a few checkpoints val differs by a few thousandths,
-    inside the noise of 5,000 images, while every refit member added averages away more of one training run's
-    luck; and the reserve kept time for the refits of the best trials while they ran (`mlp.budget`)."""
+    (the k best trials) whose refits do; with none, no members (and why). The largest, not the best on val: val
+    differs by a few thousandths between such ensembles, inside the noise of 5,000 images, while every refit member
+    averages away more of one run's luck; and the reserve kept time for the best trials' refits (`mlp.budget`)."""
     if not averaged.get("trials"):
         return averaged
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -381,11 +321,9 @@ def affordable_ensemble(study: optuna.Study, averaged: dict[str, Any], budget: B
 
 
 def final_models(study: optuna.Study, answer: str, budget: Budget) -> dict[str, Any]:
-    """Every candidate final model with its val and test figures, and the answer: `answer` if it could be
-    tested, else the first of FINAL_CHOICES that could. A val figure never stands in for a test figure.
-    With budget.fuse > 1 the refits train as stacks, as the trials did; a refit that would overrun the budget
-    is not trained (see affordable_ensemble), and its candidate says why it has no test figure. The answer's
-    refits go first."""
+    """Every candidate final model with its val and test figures, and the answer: `answer` if it could be tested,
+    else the first of FINAL_CHOICES that could (a val figure never stands in for a test figure). A refit that would
+    overrun the budget is not trained, and its candidate says why it has no test figure. The answer is made first."""
     averaged = ensemble(study)
     makers = {
         "refit_ensemble": lambda: refit_ensemble(study, affordable_ensemble(study, averaged, budget), budget),
@@ -395,8 +333,7 @@ def final_models(study: optuna.Study, answer: str, budget: Budget) -> dict[str, 
     }
     made = {name: makers[name]() for name in dict.fromkeys((answer, *FINAL_CHOICES))}
     candidates = {name: made[name] for name in FINAL_CHOICES}
-    tested = [name for name in (answer, *FINAL_CHOICES) if candidates[name]["test_acc"] is not None]
-    chosen = tested[0] if tested else None
+    chosen = next((name for name in (answer, *FINAL_CHOICES) if candidates[name]["test_acc"] is not None), None)
     summary = {"answer": chosen, "test_acc": candidates[chosen]["test_acc"] if chosen else None, **candidates}
     if chosen != answer:
         why = candidates[answer]["why_no_test"]

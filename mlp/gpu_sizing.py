@@ -38,26 +38,19 @@ def free_gpu_bytes(cli: MLPCLI) -> int | None:
 
 
 def why_unfusable(cli: MLPCLI) -> tuple[str, str] | None:
-    """Which fit flag keeps stacked trials from training as each would alone: why, and what to do instead; None
-    when none does."""
+    """Why a fit flag keeps stacked trials from training as each would alone, and what to do instead; or None."""
     if (error := stack_error(cli.model)) is not None:
-        return (
-            (f"the model's net, a {type(cli.model.net).__name__}, does not run under torch.func.vmap, which stacks "
-             f"trials ({error})"),
-            "use --fuse 1, or build the net of per-example operations (docs/forking.md)",
-        )
+        return (f"the model's net, a {type(cli.model.net).__name__}, does not run under torch.func.vmap, which stacks "
+                f"trials ({error})",
+                "use --fuse 1, or build the net of per-example operations (docs/forking.md)")
     if cli.trainer.gradient_clip_val is not None:
-        return (
-            ("--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' gradients "
-             "together, not each trial's own"),
-            "drop the flag or use --fuse 1",
-        )
+        return ("--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' "
+                "gradients together, not each trial's own",
+                "drop the flag or use --fuse 1")
     if getattr(cli.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed on a GPU
-        return (
-            (f"--trainer.precision {cli.trainer.precision} with --fuse: its one loss scaler would skip every stacked "
-             "trial's step whenever one trial's gradients overflow"),
-            "use --trainer.precision bf16-mixed or --fuse 1",
-        )
+        return (f"--trainer.precision {cli.trainer.precision} with --fuse: its one loss scaler would skip every "
+                "stacked trial's step whenever one trial's gradients overflow",
+                "use --trainer.precision bf16-mixed or --fuse 1")
     return None
 
 
@@ -74,9 +67,8 @@ def stack_fits(space: SearchSpace, cli: MLPCLI, free_bytes: int) -> tuple[int, i
     hp = cli.model.hparams
     depth = space.depth[1] if space.depth else hp.depth  # a pinned one is the fit flag's
     width = space.width[1] if space.width else hp.width
-    per_model = stack_bytes(
-        1, depth, width, cli.datamodule.hparams.batch_size, hp.optimizer, 8 if "64" in str(cli.trainer.precision) else 4
-    )
+    bytes_per_number = 8 if "64" in str(cli.trainer.precision) else 4
+    per_model = stack_bytes(1, depth, width, cli.datamodule.hparams.batch_size, hp.optimizer, bytes_per_number)
     return (free_bytes - DATASET_BYTES) // per_model, depth, width, per_model
 
 
@@ -86,12 +78,9 @@ def check_stack_fits(fuse: int, space: SearchSpace, cli: MLPCLI, free_bytes: int
         return
     fits, depth, width, per_model = stack_fits(space, cli, free_bytes)
     advice = f"--fuse {fits} fits" if fits >= 1 else "even one does not fit: lower the --width or --depth range"
-    check(
-        fuse <= fits,
-        f"--fuse {fuse}: a stack of {fuse} trials of up to depth {depth} and width {width} needs "
-        f"about {(fuse * per_model + DATASET_BYTES) / 1e9:.1f} GB of GPU memory and {free_bytes / 1e9:.1f} GB is "
-        f"free; {advice}",
-    )
+    check(fuse <= fits, f"--fuse {fuse}: a stack of {fuse} trials of up to depth {depth} and width {width} needs "
+          f"about {(fuse * per_model + DATASET_BYTES) / 1e9:.1f} GB of GPU memory and {free_bytes / 1e9:.1f} GB is "
+          f"free; {advice}")
 
 
 AUTO_FUSE_MAX = 128  # the most trials per stack measured on a GPU; it trained the most model-epochs per second
@@ -104,23 +93,17 @@ def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials:
     On the CPU a stack holds trials of one depth and width (`mlp.trials.pads_widths`). When the width is searched, few
     trials share one, so K models in a Trainer save only its per-step work, small against the default search's
     arithmetic, and fusing measured no faster (docs/results.md#searched-widths-cpu). So K is 1 there, and CPU_FUSE
-    when every trial has one width and the stacks fill. On a GPU, as many trials as fit in its free memory, up to
-    AUTO_FUSE_MAX.
-
-    Either way at most a quarter of the study's trials, rounded up: TPE draws a trial from the finished ones,
-    and a stack of all the trials would ask every one before any finished, a random search. The fused default
-    study at K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc
-    (docs/results.md#study-fused-cpu). With a fit flag that
-    `check_fusable` refuses for stacks (`why_unfusable`), 1.
-    """
+    when every trial has one width. On a GPU, as many trials as fit in its free memory, up to AUTO_FUSE_MAX.
+    Either way at most a quarter of the study's trials, rounded up: TPE draws a trial from the finished ones, and a
+    stack of all the trials would ask every one before any finished, a random search. The fused default study at
+    K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc (docs/results.md#study-fused-cpu).
+    With a fit flag `why_unfusable` names, 1."""
     if unfusable := why_unfusable(cli):
         return 1, "one trial at a time: " + unfusable[0]
     if free_bytes is None:
         if space.width is not None and space.width[0] != space.width[1]:  # not pinned, nor a range of one value
-            return 1, (
-                "one trial at a time on the CPU, where trials of searched widths rarely share a stack and fusing "
-                "them measured no faster"
-            )
+            return 1, ("one trial at a time on the CPU, where trials of searched widths rarely share a stack and "
+                       "fusing them measured no faster")
         fuse, why = CPU_FUSE, f"on the CPU, trials of one width share stacks; {CPU_FUSE} was the fastest K there"
     else:
         fuse = max(1, min(AUTO_FUSE_MAX, stack_fits(space, cli, free_bytes)[0]))

@@ -91,14 +91,6 @@ def corner_colour(image: Image.Image) -> tuple[int, ...]:
     return tuple(int(round(v)) for v in numpy.median(means, axis=0))
 
 
-def flatten(image: Image.Image) -> Image.Image:
-    """RGB, transparency composited onto white: a cut-out product photo's background is its transparent part."""
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
     """The paper's steps applied to `image`, each as (what was done, the image after it); the last is the 28x28
     8-bit grayscale image, light on dark. Raises UserError for an image of one colour, with nothing to trim to."""
@@ -110,7 +102,12 @@ def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     image = ImageOps.exif_transpose(image)  # a phone's portrait photo is stored sideways, with an EXIF tag
-    rgb = flatten(image)
+    # RGB, transparency composited onto white: a cut-out product photo's background is its transparent part.
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    else:
+        rgb = image.convert("RGB")
     background = corner_colour(rgb)
     if rgb.size == (SIZE, SIZE) and max(background) < 128:
         return steps + [("already Fashion-MNIST-like: kept", rgb.convert("L"))]
@@ -152,23 +149,17 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
                 except UserError as error:
                     raise UserError(f"{path}: {error}") from None
             images = pil_to_tensor(image.convert("L"))  # (1, height, width)
-    except UnidentifiedImageError:
-        images = read_idx_images(path)
+    except UnidentifiedImageError:  # an IDX file, decoded by torchvision as the data module decodes the dataset
+        with tempfile.TemporaryDirectory() as cache:  # where a .gz is decompressed
+            try:
+                images = read_idx(path, Path(cache))
+            except CorruptDatasetError:
+                raise UserError(f"{path} is neither an image (PNG, JPEG...) nor an IDX file of images") from None
+        check(images.dim() == 3, f"{path} is an IDX file of {images.dim()}-dimensional data, not of images")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         # Truncated or damaged; PIL's bound on text chunks raises ValueError, some damaged headers SyntaxError.
         raise UserError(f"{path}: cannot be read as an image ({error})") from None
     height, width = images.shape[1:]
     check((height, width) == (SIZE, SIZE), f"{path}: images are {width}x{height} pixels; with --no-prepare the "
           "model takes 28x28 grayscale images, as Fashion-MNIST's: leave --no-prepare out, or resize it to 28x28 first")
-    return images
-
-
-def read_idx_images(path: Path) -> Tensor:
-    """The uint8 images (N, H, W) of an IDX file, decoded by torchvision as the data module decodes the dataset."""
-    with tempfile.TemporaryDirectory() as cache:  # where a .gz is decompressed
-        try:
-            images = read_idx(path, Path(cache))
-        except CorruptDatasetError:
-            raise UserError(f"{path} is neither an image (PNG, JPEG...) nor an IDX file of images") from None
-    check(images.dim() == 3, f"{path} is an IDX file of {images.dim()}-dimensional data, not of images")
     return images

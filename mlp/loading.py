@@ -110,8 +110,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
 def why_not_weights(path: Path) -> str:
     """Why the weights-only unpickler refused a file, naming what it would have called when torch can tell."""
     try:
-        # Scans the pickle's opcodes for the globals it names; it runs none of them.
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the opcodes, runs none of them
     except Exception:  # not torch.save's zip format either
         unsafe = []
     calls = f"it would call {', '.join(unsafe)} as it loads" if unsafe else "it holds more than tensors and values"

@@ -22,8 +22,11 @@ if TYPE_CHECKING:
     from torchmetrics.classification import MulticlassConfusionMatrix
 
 
-def activations_figure(selected: str) -> Figure:
-    """Each activation and its derivative on [-8, 8], side by side; `selected` (this run's) is titled in bold."""
+@cache
+def activations_image(selected: str) -> np.ndarray:
+    """Each activation and its derivative on [-8, 8], side by side, `selected` (this run's) titled in bold, as an
+    RGB image (channels, height, width), drawn once per process: a study writes it into every trial's run, and
+    drawing it costs more than a fused trial's epoch on a GPU."""
     x = torch.linspace(-8, 8, 401)
     slope = torch.tensor(PRELU_INIT_SLOPE)
     curves = {name: (value(x), derivative(x)) for name, (value, derivative) in ACTIVATIONS.items()}
@@ -39,14 +42,6 @@ def activations_figure(selected: str) -> Figure:
         ax.legend(fontsize=8, loc="upper left")
     axes[0].set_ylim(-1.5, 3)
     fig.tight_layout()
-    return fig
-
-
-@cache
-def activations_image(selected: str) -> np.ndarray:
-    """activations_figure(selected) as an RGB image (channels, height, width), drawn once per process: a study
-    writes it into every trial's run, and drawing it costs more than a fused trial's epoch on a GPU."""
-    fig = activations_figure(selected)
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()
     plt.close(fig)

@@ -20,11 +20,6 @@ from mlp.module import MLPClassifier
 from mlp.records import TrialRecord
 
 
-def epochs_trained(study: optuna.Study) -> int:
-    """Epochs trained across every trial, pruned and failed ones included, as each trial counted them."""
-    return sum(TrialRecord.of(t).epochs_trained for t in study.get_trials(deepcopy=False))
-
-
 @cache
 def default_net_multiply_adds() -> int:
     """A study's cost is counted in epochs of fit.py's default net on fit.py's default training split: the net's
@@ -48,22 +43,17 @@ def busy_wall_seconds(study: optuna.Study) -> float:
     """Wall-clock seconds during which at least one trial of the study was running: the union of the finished
     trials' intervals. Trials trained together (--fuse, or several workers) count once, so the figure compares
     across --fuse, where a sum of trial durations would count K stacked trials K times."""
-    intervals = sorted(
-        (t.datetime_start, t.datetime_complete)
-        for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete
-    )
+    intervals = sorted((t.datetime_start, t.datetime_complete) for t in study.get_trials(deepcopy=False)
+                       if t.datetime_start and t.datetime_complete)
     seconds, covered_to = 0.0, None
     for start, end in intervals:
-        if covered_to is not None and start < covered_to:
-            start = covered_to
-        if end > start:
-            seconds += (end - start).total_seconds()
+        start = start if covered_to is None else max(start, covered_to)
+        seconds += max((end - start).total_seconds(), 0.0)
         covered_to = end if covered_to is None else max(covered_to, end)
     return seconds
 
 
-# How the report counts trials: by state, except the failed ones that were no failure.
-OUTCOMES = ("running", "waiting", "complete", "pruned", "fail", "skipped (budget)", "surplus")
+OUTCOMES = ("running", "waiting", "complete", "pruned", "fail", "skipped (budget)", "surplus")  # see outcome
 
 
 def outcome(trial: FrozenTrial) -> str:
@@ -82,18 +72,12 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     from optuna.visualization import matplotlib as plots
     from torch.utils.tensorboard import SummaryWriter
 
-    makers = {
-        "optimization_history": plots.plot_optimization_history,
-        "param_importances": plots.plot_param_importances,
-        "parallel_coordinate": plots.plot_parallel_coordinate,
-        "intermediate_values": plots.plot_intermediate_values,
-    }
     written = []
     with warnings.catch_warnings(), SummaryWriter(str(log_dir / "study")) as writer:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name, make in makers.items():
+        for name in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
             try:
-                axes = make(study)
+                axes = getattr(plots, f"plot_{name}")(study)
             except (ValueError, RuntimeError):  # e.g. importances need two finished trials
                 continue
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
@@ -135,7 +119,7 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
     summary: dict[str, Any] = {
         "study": study.study_name,
         "trials": {name: counts[name] for name in OUTCOMES if counts[name]},
-        "epochs_trained": epochs_trained(study),
+        "epochs_trained": sum(TrialRecord.of(t).epochs_trained for t in trials),  # pruned and failed ones too
         "cost": cost(study),
         "wall_seconds_this_run": round(wall_seconds, 1),
         "fuse_this_run": budget.fuse,
@@ -145,13 +129,9 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
     }
     if counts["complete"]:
         best = study.best_trial
-        summary.update(
-            best_trial=best.number,
-            best_params=best.params,
-            best_val_acc=best.value,
-            best_checkpoint=TrialRecord.of(best).best_checkpoint,
-        )
-        summary["best_config"] = write_recipe(best, study.study_name, log_dir)
+        summary.update(best_trial=best.number, best_params=best.params, best_val_acc=best.value,
+                       best_checkpoint=TrialRecord.of(best).best_checkpoint,
+                       best_config=write_recipe(best, study.study_name, log_dir))
         summary["final"] = final_models(study, answer, budget)
         summary["test_acc"] = summary["final"]["test_acc"]
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)
