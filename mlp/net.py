@@ -12,6 +12,7 @@ InitScheme = Literal["normal", "kaiming", "xavier"]
 Activation = Literal["relu", "leaky_relu", "prelu", "sigmoid", "tanh"]
 PRELU_INIT_SLOPE = 0.25  # He et al. (2015), and PyTorch's default
 LEAKY_SLOPE = 0.01  # Maas et al. (2013), and PyTorch's default
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # PyTorch's BatchNorm1d defaults
 
 
 def relu(x: Tensor) -> Tensor:
@@ -64,19 +65,14 @@ def tanh_grad(x: Tensor) -> Tensor:
 
 
 # Activations without parameters, with their derivatives; prelu, which has one, is handled by MLP itself.
-ACTIVATIONS = {
-    "relu": (relu, relu_grad), "leaky_relu": (leaky_relu, leaky_relu_grad), "sigmoid": (sigmoid, sigmoid_grad),
-    "tanh": (tanh, tanh_grad),
-}
+ACTIVATIONS = {"relu": (relu, relu_grad), "leaky_relu": (leaky_relu, leaky_relu_grad),
+               "sigmoid": (sigmoid, sigmoid_grad), "tanh": (tanh, tanh_grad)}
 
 
 def dropout_mask(x: Tensor, p: float | Tensor) -> Tensor:
     """0 with probability p, else 1 / (1 - p), so that x * mask has the expected value of x."""
     # In place, which measured faster than fresh tensors, even under vmap, where ge_ loops over the models.
     return torch.rand_like(x).ge_(p).div_(1 - p)
-
-
-BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # PyTorch's BatchNorm1d defaults
 
 
 def batch_norm(z: Tensor, scale: Tensor, shift: Tensor, running_mean: Tensor, running_var: Tensor, training: bool
@@ -137,17 +133,9 @@ class MLP(nn.Module):
     # in and out are zero and stay zero (no model's optimiser sees them), so it adds nothing to any output.
     widths_pad_exactly = True
 
-    def __init__(
-        self,
-        num_inputs: int = 784,
-        depth: int = 1,
-        width: int = 256,
-        num_outputs: int = 10,
-        init: InitScheme = "kaiming",
-        activation: Activation = "relu",
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, num_inputs: int = 784, depth: int = 1, width: int = 256, num_outputs: int = 10,
+                 init: InitScheme = "kaiming", activation: Activation = "relu", dropout: float = 0.0,
+                 batch_norm: bool = False) -> None:
         super().__init__()
         if activation != "prelu" and activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted([*ACTIVATIONS, 'prelu'])}")
@@ -171,8 +159,7 @@ class MLP(nn.Module):
 
     @property
     def layers(self) -> list[tuple[Tensor, Tensor]]:
-        """The (W, b) pairs, input layer first."""
-        # Slicing the ParameterList itself would build a new ParameterList on every forward.
+        """The (W, b) pairs, input layer first (sliced from a list: slicing the ParameterList builds a new one)."""
         params = list(self.params)
         return list(zip(params[0::2], params[1::2]))
 
@@ -203,11 +190,9 @@ class MLP(nn.Module):
         return (x @ w_out).add_(b_out)
 
     def backward(self, cache: list, grad_logits: Tensor) -> list[Tensor]:
-        """Gradients of the loss with respect to `self.parameters()`, in that order, by the chain rule by hand.
-
-        grad_logits is d loss / d logits; `cache` is what `forward(x, cache)` filled. For y = x @ W + b,
-        dW = x^T dy, db = dy summed over the batch, dx = dy W^T; through the activation, dz = dx * act'(z).
-        """
+        """Gradients of the loss with respect to `self.parameters()`, in that order, by the chain rule by hand, from
+        grad_logits = d loss / d logits and the `cache` that `forward(x, cache)` filled. For y = x @ W + b,
+        dW = x^T dy, db = dy summed over the batch, dx = dy W^T; through the activation, dz = dx * act'(z)."""
         grads = [None] * len(self.params)
         slope_grads = [None] * len(self.slopes)
         scale_grads = [None] * (len(cache) - 1)
