@@ -60,9 +60,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], steps
     return None
 
 
-def start_run(
-    model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None, max_epochs: int
-) -> None:
+def start_run(model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None,
+              max_epochs: int) -> None:
     """A model's run begins, alone or in a stack (`mlp.fused`), both alike: the sanity check's validation ran on an
     untrained net and must not count as the best so far; its TensorBoard run gets its hyperparameters and figure.
     Shifts bring in the data's background: a black pixel as the data module standardised it."""
@@ -119,23 +118,11 @@ class MLPClassifier(L.LightningModule):
                  "label_smoothing", "augment_shift", "augment_flip")
 
     def __init__(
-        self,
-        depth: int = 2,
-        width: int = 512,
-        init: InitScheme = "kaiming",
-        optimizer: Literal["sgd", "adam"] = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle",
-        activation: Activation = "relu",
-        dropout: float = 0.0,
-        backward: Literal["autograd", "manual"] = "autograd",
-        label_smoothing: float = 0.0,
-        augment_shift: int = 0,
-        augment_flip: float = 0.0,
-        batch_norm: bool = False,
+        self, depth: int = 2, width: int = 512, init: InitScheme = "kaiming", optimizer: Literal["sgd", "adam"] = "sgd",
+        lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
+        schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle", activation: Activation = "relu",
+        dropout: float = 0.0, backward: Literal["autograd", "manual"] = "autograd", label_smoothing: float = 0.0,
+        augment_shift: int = 0, augment_flip: float = 0.0, batch_norm: bool = False,
         input_size: int = FashionMNISTDataModule.input_size,
     ) -> None:
         super().__init__()
@@ -175,11 +162,9 @@ class MLPClassifier(L.LightningModule):
         return shift_and_flip(x, self.shift, self.flip_chance, self.background) if augments else x
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Cross-entropy, in training with label smoothing; override it to change what every run trains on.
-
-        val/loss and test/loss stay plain, so they compare across runs with and without smoothing. Written out
-        because F.cross_entropy's label_smoothing takes a float, and a stack's models each carry their own tensor.
-        """
+        """Cross-entropy, in training with label smoothing; override it to change what every run trains on. val/loss
+        and test/loss stay plain, so they compare across runs with and without smoothing. Written out because
+        F.cross_entropy's label_smoothing takes a float, and a stack's models each carry their own tensor."""
         log_probs = logits.log_softmax(dim=-1)
         plain = F.nll_loss(log_probs, y)
         if not self.training:
