@@ -190,14 +190,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     input_size = IMAGE_SIDE * IMAGE_SIDE  # what a model's first layer takes: one flattened image
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 256,
-        val_size: int = 5000,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
+    def __init__(self, data_dir: str = "data", batch_size: int = 256, val_size: int = 5000, seed: int = 0,
+                 num_workers: int = 0) -> None:
         super().__init__()
         check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
         check(val_size >= 0, f"val_size must be >= 0 (0: train on everything, no validation), got {val_size}")
