@@ -1,7 +1,5 @@
-"""The one place that turns command-line flags into a Trainer, a model and a data module.
-
-scripts/fit.py and scripts/tune.py both build their runs here, so a flag means the same in both.
-"""
+"""The one place that turns command-line flags into a Trainer, a model and a data module: scripts/fit.py and
+scripts/tune.py both build their runs here, so a flag means the same in both."""
 
 import logging
 import pickle
@@ -30,8 +28,7 @@ LOG_DIR = "lightning_logs"
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger", "... litmodels") at every Trainer it builds.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: not str(record.msg).startswith("💡 Tip:")
-)
+    lambda record: not str(record.msg).startswith("💡 Tip:"))
 
 
 class MLPCLI(LightningCLI):
@@ -42,16 +39,13 @@ class MLPCLI(LightningCLI):
     # runs of one process share the parser that the same settings built.
     parsers: ClassVar[dict[str, LightningArgumentParser]] = {}
 
-    def setup_parser(
-        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
-    ) -> None:
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+                     ) -> None:
         # Everything LightningCLI builds the parser from: the classes whose signatures become flags, and the settings.
         classes = (self.trainer_class, self.model_class, self.datamodule_class, self.subclass_mode_model,
                    self.subclass_mode_data, self.auto_configure_optimizers)
-        settings = repr(
-            (classes, add_subcommands, main_kwargs, subparser_kwargs, self.trainer_defaults,
-             self.seed_everything_default)
-        )
+        settings = repr((classes, add_subcommands, main_kwargs, subparser_kwargs, self.trainer_defaults,
+                         self.seed_everything_default))
         if settings not in self.parsers:
             super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
             self.parsers[settings] = self.parser
@@ -59,8 +53,7 @@ class MLPCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # save_last off: Lightning 2.6 writes last.ckpt only when the best improves; `latest_checkpoint` writes it
-        # every epoch.
+        # save_last off: Lightning 2.6 writes last.ckpt only when the best improves; our `latest` writes it each epoch.
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": False,
                              "checkpoint.filename": "epoch{epoch:02d}-val_acc{val/acc:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
@@ -77,11 +70,9 @@ class MLPCLI(LightningCLI):
         epochs, steps = self.config.trainer.max_epochs, self.config.trainer.max_steps
         check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
         schedule = self.config.model.schedule
-        check(
-            not (epochs == -1 and steps == -1 and schedule != "constant"),
-            f"--trainer.max_epochs -1 trains without end, but the {schedule} schedule needs to know its length: "
-            "give --trainer.max_steps, or use --model.schedule constant",
-        )
+        check(not (epochs == -1 and steps == -1 and schedule != "constant"),
+              f"--trainer.max_epochs -1 trains without end, but the {schedule} schedule needs to know its length: "
+              "give --trainer.max_steps, or use --model.schedule constant")
         # IndexBatches gives each rank its part of every batch; Lightning's DistributedSampler would pad the
         # evaluation and shuffle each rank apart.
         check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "
@@ -95,8 +86,10 @@ class MLPCLI(LightningCLI):
             self.config.trainer.limit_val_batches = 0
             self.config.checkpoint.monitor = None
             self.config.checkpoint.filename = "epoch{epoch:02d}"
-        # Added to the run's own callbacks at instantiation; the guard watches the loss this run has.
-        self.trainer_defaults["callbacks"] = [latest_checkpoint(), divergence_guard(validates), InterruptAtBatchEnd()]
+        # Added to the run's own callbacks at instantiation: `latest` keeps last.ckpt, the end of the latest epoch, for
+        # `--ckpt_path last`; the guard watches the loss this run has.
+        latest = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        self.trainer_defaults["callbacks"] = [latest, divergence_guard(validates), InterruptAtBatchEnd()]
         if self.config.ckpt_path == "last":
             self.resume_last()
 
@@ -125,13 +118,11 @@ class MLPCLI(LightningCLI):
 
 
 class ResumableOnInterrupt(Callback):
-    """Ctrl-C (or a crash) mid-training saves on_exception.ckpt, which `--ckpt_path last` resumes from.
-
-    Nothing is saved before the first step: a run that failed on bad input has nothing worth resuming.
-    Not Lightning's OnExceptionCheckpoint: with one in the callbacks, Lightning resumes every fit started without
-    a checkpoint from whatever last checkpoint its folder holds, and warns twice that it found none; we resume
-    only when `--ckpt_path` asks.
-    """
+    """Ctrl-C (or a crash) mid-training saves on_exception.ckpt, which `--ckpt_path last` resumes from; nothing
+    before the first step, as a run that failed on bad input has nothing worth resuming. Not Lightning's
+    OnExceptionCheckpoint: with one in the callbacks, Lightning resumes every fit started without a checkpoint from
+    whatever last checkpoint its folder holds, and warns twice that it found none; we resume only when `--ckpt_path`
+    asks."""
 
     FILE_NAME = "on_exception.ckpt"
 
@@ -142,11 +133,6 @@ class ResumableOnInterrupt(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
-
-
-def latest_checkpoint() -> ModelCheckpoint:
-    """Keeps last.ckpt, the end of the latest epoch, for `--ckpt_path last` to resume from."""
-    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 class InterruptAtBatchEnd(Callback):
@@ -212,18 +198,15 @@ def divergence_guard(validates: bool) -> EarlyStopping:
 
 def divergence_message(trainer: Trainer) -> str | None:
     """When and why the divergence guard stopped training, or None if it did not."""
-    guard = trainer.early_stopping_callback
-    if guard is None or not guard.stopping_reason_message:
-        return None
-    return f"epoch {guard.stopped_epoch}: {guard.stopping_reason_message}"
+    if (guard := trainer.early_stopping_callback) is not None and guard.stopping_reason_message:
+        return f"epoch {guard.stopped_epoch}: {guard.stopping_reason_message}"
+    return None
 
 
 def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
-    """cli.trainer.fit on the CLI's model and data, with Ctrl-C surfacing as KeyboardInterrupt.
-
-    Lightning handles Ctrl-C by saving what its callbacks save and calling sys.exit(1); callers (the script's
-    error handler, Optuna's trial bookkeeping) need to know it was an interruption, not an ordinary exit.
-    """
+    """cli.trainer.fit on the CLI's model and data, with Ctrl-C surfacing as KeyboardInterrupt: Lightning handles
+    Ctrl-C by saving what its callbacks save and calling sys.exit(1); callers (the script's error handler, Optuna's
+    trial bookkeeping) need to know it was an interruption, not an ordinary exit."""
     try:
         # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -236,11 +219,9 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
 
 
 def release_processes() -> None:
-    """Ends the DDP process group, if this process is in one, once its work is done.
-
-    Lightning leaves the group open (later fits and tests reuse it); left to the interpreter's exit, gloo's worker
-    threads outlive it and the process aborts ("terminate called without an active exception", exit status 134).
-    """
+    """Ends the DDP process group, if this process is in one, once its work is done. Lightning leaves it open (later
+    fits and tests reuse it); left to the interpreter's exit, gloo's worker threads outlive it and the process aborts
+    ("terminate called without an active exception", exit status 134)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -251,11 +232,7 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
         # tune.py's own flags stay in sys.argv while its trials pass their fit flags as `args`.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return MLPCLI(
-            MLPClassifier,
-            FashionMNISTDataModule,
-            run=False,
-            args=args,
-            seed_everything_default=0,
+            MLPClassifier, FashionMNISTDataModule, run=False, args=args, seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
             # The model and data save their own __init__ arguments (save_hyperparameters), all plain values, so a
