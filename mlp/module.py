@@ -118,11 +118,23 @@ class MLPClassifier(L.LightningModule):
                  "label_smoothing", "augment_shift", "augment_flip")
 
     def __init__(
-        self, depth: int = 2, width: int = 512, init: InitScheme = "kaiming", optimizer: Literal["sgd", "adam"] = "sgd",
-        lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
-        schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle", activation: Activation = "relu",
-        dropout: float = 0.0, backward: Literal["autograd", "manual"] = "autograd", label_smoothing: float = 0.0,
-        augment_shift: int = 0, augment_flip: float = 0.0, batch_norm: bool = False,
+        self,
+        depth: int = 2,
+        width: int = 512,
+        init: InitScheme = "kaiming",
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle",
+        activation: Activation = "relu",
+        dropout: float = 0.0,
+        backward: Literal["autograd", "manual"] = "autograd",
+        label_smoothing: float = 0.0,
+        augment_shift: int = 0,
+        augment_flip: float = 0.0,
+        batch_norm: bool = False,
         input_size: int = FashionMNISTDataModule.input_size,
     ) -> None:
         super().__init__()
