@@ -2,22 +2,17 @@
 
     python scripts/bench.py                       # 784-256-10, SGD, batch 256, 3 epochs each
     python scripts/bench.py --depth 3 --width 2048 --accelerator gpu
+    python scripts/bench.py --tuning              # tuning throughput: model-epochs/s at --fuse 1, 2, 4, 8, 16
 
 1. d2l: torchvision's FashionMNIST + ToTensor + DataLoader(shuffle=True, num_workers=4), a plain loop.
 2. floor: the training split as one float tensor, randperm batches, a plain loop.
-3. ours: the real Trainer, MLPClassifier and FashionMNISTDataModule as fit.py builds them, validation and
-   checkpointing included (no test, no figures).
-All three train mlp.net.MLP with the same optimiser (SGD, Nesterov momentum, weight decay, one-cycle).
-The first epoch of each is warm-up (allocator, thread pools, worker start) and is excluded.
+3. ours: the Trainer, MLPClassifier and FashionMNISTDataModule as fit.py builds them, with validation and checkpoints.
+All three train mlp.net.MLP with the same optimiser; the first epoch of each is warm-up and is excluded.
 Also measured: start-up, the seconds from launching `python scripts/fit.py` to its first training step.
 
-    python scripts/bench.py --tuning              # tuning throughput: model-epochs/s at --fuse 1, 2, 4, 8, 16
-
-Tuning mode trains a fixed set of configurations (lr spread from 0.02 to 0.5, the fit defaults otherwise) for
-784-256-10 and 784-512-512-10: the raw-tensor floor (one model, a plain loop), `--fuse 1` (one model in the
-real Trainer, as tune.py trains a trial) and `--fuse K` (K models as one FusedClassifier in one Trainer, as
-tune.py trains a group), in model-epochs per second, measured in one run; a model that diverges leaves its
-stack and stops counting.
+--tuning trains lr from 0.02 to 0.5 (the fit defaults otherwise) for 784-256-10 and 784-512-512-10, in
+model-epochs per second: the floor, `--fuse 1` (one model in the real Trainer, as tune.py trains a trial) and
+`--fuse K` (K models as one FusedClassifier, as tune.py trains a group; a model that diverges stops counting).
 """
 
 import argparse
@@ -44,16 +39,16 @@ from mlp.cli import build_cli  # noqa: E402
 from mlp.data import FashionMNISTDataModule  # noqa: E402
 from mlp.fused import FusedClassifier  # noqa: E402
 from mlp.module import MLPClassifier  # noqa: E402
-from mlp.net import MLP  # noqa: E402
 from mlp.trials import group_cli, pads_widths  # noqa: E402
 
 
 def plain_loop(batches: Sized, model: MLPClassifier, device: torch.device, epochs: int) -> list[float]:
-    """Seconds of each epoch of a hand-written loop over `batches` (re-iterated every epoch), training model.net
-    the way model's hyperparameters say."""
-    net = model.net.to(device)
-    steps = epochs * len(batches)
-    optimizer, scheduler = _optimizer(model, net, steps)
+    """Seconds of each epoch of a hand-written loop over `batches`, training model.net as its hparams say."""
+    net, hp = model.net.to(device), model.hparams
+    optimizer = torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=epochs * len(batches),
+                                                    cycle_momentum=False)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -67,14 +62,6 @@ def plain_loop(batches: Sized, model: MLPClassifier, device: torch.device, epoch
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def _optimizer(model: MLPClassifier, net: MLP, steps: int):
-    hp = model.hparams
-    optimizer = torch.optim.SGD(
-        net.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-    )
-    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=steps, cycle_momentum=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -99,12 +86,11 @@ class RandpermBatches:
 
 
 class EpochTimer(L.Callback):
-    """Wall time from one training epoch's start to the next one's, so validation and checkpoints count, and
-    how many models trained in each epoch (a stacked model that diverged has left and costs nothing more)."""
+    """Wall time from one training epoch's start to the next one's, so validation and checkpoints count."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
-        self.models: list[int] = []
+        self.models: list[int] = []  # how many models trained in each epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module.device)
@@ -131,14 +117,12 @@ def ours(flags: list[str], epochs: int) -> list[float]:
 
 
 def fused(flags: list[str], k: int, epochs: int) -> tuple[float, list[int]]:
-    """Model-epochs per second, epochs 2.. of k models (lr spread from 0.02 to 0.5) trained as one stack as
-    tune.py --fuse k does, and how many models trained in each epoch. Only the models still in the stack count: a
-    model that diverged left it (which ones diverge depends on the data order and the last bits of rounding, so
-    counting all k made the figure move with the seed). A stack's cost is not proportional to its size either (on
-    a 2-core CPU one of seven costs what one of eight does), so the counts are printed beside the rate."""
+    """Model-epochs per second, epochs 2.., of k models (lr 0.02 to 0.5) stacked as tune.py --fuse k does, and how
+    many trained in each epoch. Only those still in the stack count: which ones diverge and leave depends on the data
+    order and rounding, so counting all k moved the figure with the seed. Nor is a stack's cost proportional to its
+    size (on 2 cores seven cost what eight do), so the counts are printed beside the rate."""
     hparams = {key: v for key, v in build_cli(flags).model.hparams.items() if not key.startswith("_")}
-    lrs = [0.02 * 25 ** (i / max(k - 1, 1)) for i in range(k)]
-    models = [MLPClassifier(**{**hparams, "lr": lr}) for lr in lrs]
+    models = [MLPClassifier(**{**hparams, "lr": 0.02 * 25 ** (i / max(k - 1, 1))}) for i in range(k)]
     cli = group_cli(flags, epochs)
     timer = EpochTimer()
     cli.trainer.callbacks.append(timer)
@@ -147,14 +131,12 @@ def fused(flags: list[str], k: int, epochs: int) -> tuple[float, list[int]]:
     return sum(timer.models[1:]) / sum(timer.times[1:]), timer.models
 
 
-def tuning(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def tuning(args: argparse.Namespace, device: torch.device, shared: list[str]) -> dict[str, float]:
     """Model-epochs per second of the floor and of each --fuse K, for each of the two architectures."""
     results, stack_sizes = {}, {}
     for depth, width in ((1, 256), (2, 512)):
         arch = f"784-{'-'.join([str(width)] * depth)}-10"
-        flags = [f"--model.depth={depth}", f"--model.width={width}", f"--data.batch_size={args.batch_size}",
-                 f"--data.data_dir={args.data_dir}", f"--data.val_size={args.val_size}",
-                 f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
+        flags = [f"--model.depth={depth}", f"--model.width={width}", *shared]
         data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
         data.setup("fit")
         x, y = (t.to(device) for t in data.train_set.tensors)
@@ -214,12 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if min(args.fuse) < 1:
         parser.error("--fuse: each K must be >= 1")
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    shared = [f"--data.batch_size={args.batch_size}", f"--data.data_dir={args.data_dir}",
+              f"--data.val_size={args.val_size}", f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
     if args.tuning:
-        return tuning(args, device)
-    flags = [f"--model.depth={args.depth}", f"--model.width={args.width}", f"--data.batch_size={args.batch_size}",
-             f"--data.data_dir={args.data_dir}", f"--data.val_size={args.val_size}",
-             f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
-
+        return tuning(args, device, shared)
+    flags = [f"--model.depth={args.depth}", f"--model.width={args.width}", *shared]
     data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
     data.setup("test")  # decompresses all four IDX files into torchvision's layout, which d2l's pipeline reads
     results = {}
@@ -231,7 +212,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results["floor"] = plain_loop(RandpermBatches(x, y, args.batch_size), build_cli(flags).model, device, args.epochs)
     results["ours"] = ours(flags, args.epochs)
     startup_seconds = startup(flags)
-
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"784-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch_size}, {name}; "
           f"seconds per epoch, mean of epochs 2..{args.epochs} (epoch 1 is warm-up):")

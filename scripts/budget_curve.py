@@ -4,21 +4,13 @@
     python scripts/budget_curve.py --out lightning_logs/budget_gpu --budgets 60 120 300 -- --trainer.accelerator gpu
     python scripts/budget_curve.py --out /tmp/try --budgets 40 --seeds 0 --fit-seeds 0 --n-trials 2 -- --model.width 16
 
-For each budget T and sampler seed S it runs `tune.py --timeout T --sampler-seed S --study-name budget_T_sS
---quiet` in a log folder of its own (OUT/budget_T_sS), so that no study resumes another, times the whole command
-from launch to exit, and reads the answer's test accuracy from the study's report.json. It runs fit.py with its
-defaults once per --fit-seeds seed S (OUT/fit_sS, `--seed_everything S`) and reads the test accuracy each prints:
-one default fit is a noisy baseline (seeds and machines move it by a few thousandths), so the baseline is their
-mean, with their spread. Flags after `--` go to every tune.py and fit.py,
-so they are fit flags; --n-trials goes to tune.py alone.
+For each budget T and sampler seed S it runs `tune.py --timeout T --sampler-seed S --quiet` in OUT/budget_T_sS (a
+study of its own), times the whole command and reads the answer's test accuracy. The baseline is fit.py's default
+averaged over --fit-seeds (OUT/fit_sS; one fit moves by a few thousandths). Flags after `--` go to tune.py and fit.py.
 
-Each run keeps its output (output.txt) and, once it has succeeded, its wall time (run.json) in its folder. A run
-with a run.json is not run again, so the same command continues an interrupted curve; a run without one starts
-over in an emptied folder, since a resumed study's wall time would mean nothing. So OUT is a new or empty folder,
-or one a curve wrote: a folder holding other runs (lightning_logs, with fit.py's runs in fit/) is refused.
-
-Writes OUT/budget_curve.json (the rows), OUT/budget_curve.md (a table with the commit and the hardware, and whether
-the issue's goals hold) and OUT/budget_curve.png (test accuracy and wall time against the budget).
+A finished run (its wall time in run.json) is not run again, so the same command continues an interrupted curve; an
+unfinished one starts over in an emptied folder (a resumed study's time would mean nothing): OUT must be new, empty or
+a curve's own. Writes OUT/budget_curve.json (the rows), .md (the table, with commit, hardware, goals), .png (the plot).
 """
 
 import argparse
@@ -44,35 +36,27 @@ from mlp.errors import check, run_script  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 # The promise --timeout is to keep: `--timeout 240` ends, report included, between 204 s = 0.85 × 240 (the budget
 # used, not left idle) and 294 s = 1.1 × 240 + 30.
-SLACK, USED = 1.1, 0.85
-STARTUP_SECONDS = 30.0
-# Goals of the curve: every answer tests at least the mean of fit's defaults, and each budget's mean over the
-# sampler seeds at least that + MARGIN.
-MARGIN = 0.003
+SLACK, USED, STARTUP_SECONDS = 1.1, 0.85, 30.0
+MARGIN = 0.003  # the goal: each budget's mean over the sampler seeds tests at least fit's default + MARGIN
 FIT_TEST = re.compile(r"^test accuracy (\d+(?:\.\d+)?)", re.M)
-
-
 RESULTS = ("budget_curve.json", "budget_curve.md", "budget_curve.png")
 RUN_FOLDER = re.compile(r"fit_s\d+|budget_\d+_s\d+")
 
 
 def check_out_is_a_curves(out: Path) -> None:
-    """Refuse an --out that holds anything but a curve's own runs and results: a run without a record is rerun in
-    an emptied folder, so `--out lightning_logs` would empty fit.py's runs in lightning_logs/fit."""
+    """Refuse an --out holding anything but a curve's own runs and results: a run without a record is rerun in an
+    emptied folder, so `--out lightning_logs` would empty fit.py's runs in lightning_logs/fit."""
     if not out.exists():
         return
     check(out.is_dir(), f"--out {out} is a file; pass a folder")
     others = [entry.name for entry in sorted(out.iterdir()) if not curves_own(entry)]
-    check(
-        not others,
-        f"--out {out} holds other runs ({', '.join(others[:3])}{', ...' * (len(others) > 3)}): budget_curve.py empties "
-        "the run folders it reruns, so it takes a new or empty folder, or one it wrote before",
-    )
+    check(not others, f"--out {out} holds other runs ({', '.join(others[:3])}{', ...' * (len(others) > 3)}): "
+          "budget_curve.py empties the run folders it reruns, so it takes a new or empty folder, "
+          "or one it wrote before")
 
 
 def curves_own(entry: Path) -> bool:
-    """Whether `entry` of OUT is the curve's: one of its results, or a run folder it started (output.txt is the
-    first file it writes there; a fit.py run folder has none)."""
+    """Whether `entry` is a result or a run folder of the curve's (it writes output.txt first; fit.py's have none)."""
     if entry.name in RESULTS:
         return entry.is_file()
     owned = (entry / "output.txt").is_file() or not any(entry.iterdir()) if entry.is_dir() else False
@@ -80,7 +64,7 @@ def curves_own(entry: Path) -> bool:
 
 
 def timed_run(command: list[str], output: Path) -> tuple[int, float]:
-    """Run `command`, its stdout and stderr into `output`; its exit status and wall seconds, launch to exit."""
+    """`command`'s exit status and wall seconds, launch to exit; its stdout and stderr go to `output`."""
     with output.open("w") as log:
         launched = time.perf_counter()
         returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -88,21 +72,16 @@ def timed_run(command: list[str], output: Path) -> tuple[int, float]:
 
 
 def run_once(name: str, command: list[str], out: Path, writes: str = "output.txt") -> float:
-    """Wall seconds of `command` run in OUT/name: as recorded if it succeeded before, else run now in an emptied
-    folder (`command` writes its logs there). It succeeds when it exits with 0 and has written OUT/name/`writes`."""
-    folder = out / name
-    record = folder / "run.json"
+    """Wall seconds of `command` in OUT/name: as recorded if it succeeded before, else run now in an emptied folder."""
+    folder, record = out / name, out / name / "run.json"
     if record.is_file():
         return json.loads(record.read_text())["wall_seconds"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     print(f"{name}: {' '.join(command)}", flush=True)
     returncode, seconds = timed_run(command, folder / "output.txt")
-    check(
-        returncode == 0,
-        f"{name} exited with status {returncode}; its output is in {folder / 'output.txt'}. "
-        "Fix the cause and run the same command again: the runs that finished are kept",
-    )
+    check(returncode == 0, f"{name} exited with status {returncode}; its output is in {folder / 'output.txt'}. "
+          "Fix the cause and run the same command again: the runs that finished are kept")
     check((folder / writes).is_file(), f"{name} wrote no {folder / writes}; see {folder / 'output.txt'}")
     record.write_text(json.dumps({"command": command, "wall_seconds": round(seconds, 2)}, indent=2) + "\n")
     return seconds
@@ -177,36 +156,29 @@ def table(rows: list[dict[str, Any]], fit: dict[str, Any], commit: str, hardware
     def gain(value: float | None) -> str:
         return "—" if value is None else f"{value - fit['test_acc']:+.4f}"
 
+    each = ", ".join(f"{a:.4f}" for a in fit["test_accs"])
+    seeds = f"seed{'s' * (len(fit['seeds']) > 1)} {' '.join(map(str, fit['seeds']))} ({each})"
     lines = [
         f"Commit {commit}; {hardware}.",
         f"Flags after `--` (every tune.py and fit.py): `{' '.join(flags) or 'none'}`.",
         "",
         f"| run | --timeout T (s) | sampler seed | wall (s) | within {USED:g} × T to {SLACK:g} × T + "
-        f"{STARTUP_SECONDS:g} s "
-        "| trials (complete + pruned) | answer | test acc | vs fit |",
+        f"{STARTUP_SECONDS:g} s | trials (complete + pruned) | answer | test acc | vs fit |",
         "|---|---:|---:|---:|---|---:|---|---:|---:|",
-        f"| fit.py | — | — | {fit['wall_seconds']:.0f} | — | — | {fit['answer']}, {seeds(fit)} | "
+        f"| fit.py | — | — | {fit['wall_seconds']:.0f} | — | — | {fit['answer']}, {seeds} | "
         f"{acc(fit['test_acc'])} | — |",
     ]
     means = dict(budget_means(rows))
     for budget in sorted(means):
         runs = sorted((r for r in rows if r["budget"] == budget), key=lambda r: r["seed"])
         for r in runs:
-            lines.append(
-                f"| tune.py | {budget} | {r['seed']} | {r['wall_seconds']:.0f} | {'yes' if within_bound(r) else 'no'} "
-                f"| {r['trials_complete']} + {r['trials_pruned']} | {r['answer'] or '—'} | {acc(r['test_acc'])} "
-                f"| {gain(r['test_acc'])} |"
-            )
+            lines.append(f"| tune.py | {budget} | {r['seed']} | {r['wall_seconds']:.0f} | "
+                         f"{'yes' if within_bound(r) else 'no'} | {r['trials_complete']} + {r['trials_pruned']} | "
+                         f"{r['answer'] or '—'} | {acc(r['test_acc'])} | {gain(r['test_acc'])} |")
         if len(runs) > 1:
             wall, test = mean(r["wall_seconds"] for r in runs), means[budget]
             lines.append(f"| mean | {budget} | — | {wall:.0f} | — | — | — | {acc(test)} | {gain(test)} |")
     return "\n".join([*lines, "", "Goals:", *goals(rows, fit)]) + "\n"
-
-
-def seeds(fit: dict[str, Any]) -> str:
-    """fit's training seeds and their test accuracies, from which its row's mean comes."""
-    each = ", ".join(f"{acc:.4f}" for acc in fit["test_accs"])
-    return f"seed{'s' * (len(fit['seeds']) > 1)} {' '.join(map(str, fit['seeds']))} ({each})"
 
 
 def plot(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> Figure:
@@ -262,8 +234,7 @@ def flag_value(flags: list[str], name: str) -> str | None:
 
 
 def hardware(flags: list[str]) -> str:
-    """The CPU, the GPU when the runs used one (any accelerator but cpu, Lightning's default auto included), and
-    the library versions."""
+    """The CPU, the GPU if the runs used one (any accelerator but cpu, auto included), and the library versions."""
     cpuinfo = Path("/proc/cpuinfo")
     models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else []
     parts = [f"{models[0] if models else platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"]
@@ -290,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fit-seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
                         help="the --seed_everything of each fit.py run, whose mean is the baseline (default 0 1 2)")
     parser.add_argument("--n-trials", type=int, metavar="N",
-                        help="the --n-trials of each tune.py (default tune.py's), so that a long budget is not cut "
-                        "short by the trial count")
+                        help="the --n-trials of each tune.py (default tune.py's), so that a long budget is not "
+                        "cut short by the trial count")
     parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the flags of every tune.py and fit.py")
     args = parser.parse_args(argv)
     check(all(b > 0 for b in args.budgets), f"--budgets are positive seconds, got {args.budgets}")

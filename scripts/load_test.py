@@ -3,19 +3,14 @@
     python scripts/load_test.py --workers 32                       # a journal file, then PostgreSQL
     python scripts/load_test.py --workers 4 --storage journal --n-trials 12 --kill 1
 
-Each storage gets a fresh study in a temporary folder (PostgreSQL: a throwaway server on loopback, started as the
-scale-out test starts one, its URL carrying a password that must never be printed). The workers start at once
-and train 784-16/32-10 nets for 2 epochs on a slice of Fashion-MNIST (the first --images training and 500 test
-images), one thread each, with tune.py's heartbeat (every 10 s, stale after 30 s). Once trials have reported an
-epoch, --kill workers are SIGKILLed mid-trial and --interrupt workers get SIGINT (Ctrl-C); the others finish the
-study.
+Each storage gets a fresh study (PostgreSQL: a throwaway server on loopback, whose password must never be printed). The
+workers start at once, training 784-16/32-10 nets for 2 epochs on the first --images training and 500 test images (one
+thread each, tune.py's heartbeat); once trials have reported an epoch, --kill workers get SIGKILL, --interrupt SIGINT.
 
-Checks, each printed with what was seen: exactly --n-trials finished trials, unique trial numbers, every killed
-trial failed by heartbeat and rerun (with its delay after the kill), no storage error in any worker's output,
-every complete trial's checkpoint present, one report, no password in any output or file. Figures: each
-worker's peak resident memory and all workers' together, the storage's share of the workers' wall time (their
-main threads' time inside storage calls), the server's peak connections (PostgreSQL), and finished trials per
-minute, with --baseline against one worker alone on the same storage. Exit status 1 if a check failed.
+Checks, each printed with what was seen: --n-trials finished trials, unique numbers, every killed trial failed by
+heartbeat and rerun, no storage error in any worker's output, every complete trial's checkpoint, one report, no password
+anywhere. Figures: peak memory (per worker, all together), the storage's share of the workers' main-thread time, the
+server's peak connections, trials per minute (--baseline: against one worker alone). Exit status 1 if a check failed.
 """
 
 import argparse
@@ -56,12 +51,12 @@ STORAGE_ERRORS = ("Traceback", "StorageInternalError", "OperationalError", "data
 # Run in each worker before tune.py: one thread, short heartbeats, and the main thread's time inside the
 # storage's calls (the outermost call only), written with the process's peak memory when it exits.
 WORKER_PATCH = """
-import atexit, json, resource, threading, time, torch
+import atexit, json, resource, sqlalchemy, threading, time, torch
 torch.set_num_threads(1)
 import mlp.study
 mlp.study.HEARTBEAT_SECONDS, mlp.study.GRACE_SECONDS = {heartbeat}, {grace}
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-clock = {{"storage": 0.0, "calls": 0, "depth": 0, "start": time.perf_counter()}}
+clock = {{"storage": 0.0, "calls": 0, "depth": 0, "connections": 0, "start": time.perf_counter()}}
 def timed(method):
     def call(*args, **kwargs):
         if threading.current_thread() is not threading.main_thread() or clock["depth"]:
@@ -79,15 +74,13 @@ for cls in (RDBStorage, JournalStorage):
     for name in [n for n in dir(BaseStorage) if not n.startswith("__")] + ["_get_stale_trial_ids"]:
         if callable(getattr(cls, name, None)):
             setattr(cls, name, timed(getattr(cls, name)))
-import sqlalchemy
 def opened(connection, record):
-    clock["connections"] = clock.get("connections", 0) + 1
+    clock["connections"] += 1
 sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", opened)
 def save():
     with open({times!r}, "w") as out:
         json.dump({{"storage_s": clock["storage"], "storage_calls": clock["calls"],
-                   "connections_opened": clock.get("connections", 0),
-                   "wall_s": time.perf_counter() - clock["start"],
+                   "connections_opened": clock["connections"], "wall_s": time.perf_counter() - clock["start"],
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}, out)
 atexit.register(save)
 """
@@ -100,8 +93,7 @@ def write_idx(path: Path, data: Any) -> None:
 
 
 def data_slice(folder: Path, images: int) -> Path:
-    """The first `images` training and 500 test images of Fashion-MNIST, as a data_dir of their own: each of
-    32 workers holds its own copy of the data."""
+    """The first `images` training and 500 test images, as a data_dir of their own: each worker holds a copy."""
     files = locate_fashion_mnist("data")
     folder.mkdir(parents=True)
     for split, n in (("train", images), ("test", 500)):
@@ -111,22 +103,11 @@ def data_slice(folder: Path, images: int) -> Path:
     return folder
 
 
-def worker_flags(storage: str, n_trials: int, data: Path, logs: Path, study: str, epochs: int) -> list[str]:
-    return [
-        f"--storage={storage}", f"--study-name={study}", f"--n-trials={n_trials}", "--pruner=none", "--fuse=1",
-        "--epochs", str(epochs), str(epochs), "--depth", "1", "1", "--width", "16", "32", "--final=best",
-        f"--data.data_dir={data}", "--data.val_size=200", "--data.batch_size=64",
-        f"--trainer.logger.init_args.save_dir={logs}",
-    ]
-
-
 def start_worker(flags: list[str], out: Path, times: Path, heartbeat: float, grace: float) -> subprocess.Popen:
     patch = WORKER_PATCH.format(heartbeat=heartbeat, grace=grace, times=str(times))
     script = str(ROOT / "scripts" / "tune.py")
-    code = (
-        "import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        f"sys.argv = {[script, *flags]!r}\n{patch}\nrunpy.run_path({script!r}, run_name='__main__')"
-    )
+    code = ("import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"sys.argv = {[script, *flags]!r}\n{patch}\nrunpy.run_path({script!r}, run_name='__main__')")
     with out.open("w") as log:  # a file, not a pipe: a full pipe would block the worker
         return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -165,12 +146,10 @@ class Reader:
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
-    """The process's resident and proportional memory (its shared pages divided among the processes sharing
-    them: the workers share torch's code, so their resident sizes add up to more than they take)."""
+    """Resident and proportional memory (shared pages split among their sharers: the workers share torch's code)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            fields = (line.split() for line in rollup)
-            sizes = {name.rstrip(":"): int(size) for name, size, *_ in fields if name in ("Rss:", "Pss:")}
+            sizes = {n.rstrip(":"): int(size) for n, size, *_ in map(str.split, rollup) if n in ("Rss:", "Pss:")}
         return sizes["Rss"] / 1024, sizes["Pss"] / 1024
     except (OSError, KeyError):
         return 0.0, 0.0  # the process ended meanwhile
@@ -187,16 +166,15 @@ def ended_before(trials: list[FrozenTrial], number: int, when: float) -> bool:
     return trial is not None and trial.datetime_complete is not None and trial.datetime_complete.timestamp() < when
 
 
-def pid_of(trial: FrozenTrial) -> int | None:
-    worker = trial.user_attrs.get("worker")
-    return int(worker.rsplit(":", 1)[1]) if worker else None
-
-
 def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int, interrupt: int, data: Path,
                 folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start the workers, kill and interrupt some, wait for the rest; what happened, for `checks`."""
-    logs, reader = folder / "logs", Reader(storage, study)
-    flags = worker_flags(storage, n_trials, data, logs, study, args.epochs)
+    folder.mkdir(parents=True)
+    logs, reader, epochs = folder / "logs", Reader(storage, study), str(args.epochs)
+    flags = [f"--storage={storage}", f"--study-name={study}", f"--n-trials={n_trials}", "--pruner=none", "--fuse=1",
+             "--epochs", epochs, epochs, "--depth", "1", "1", "--width", "16", "32", "--final=best",
+             f"--data.data_dir={data}", "--data.val_size=200", "--data.batch_size=64",
+             f"--trainer.logger.init_args.save_dir={logs}"]
     launched = time.time()
     processes = [start_worker(flags, folder / f"worker{i}.log", folder / f"worker{i}.json", args.heartbeat, args.grace)
                  for i in range(workers)]
@@ -219,13 +197,13 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
             trials = reader.trials()
             # A trial read as running may have ended before the kill landed (the read is up to a poll old): that
             # kill hit no trial, so another worker's is killed instead.
-            for number in [n for n, when in killed.items() if ended_before(trials, n, when)]:
-                missed.append(killed.pop(number))
+            missed += [killed.pop(n) for n, when in list(killed.items()) if ended_before(trials, n, when)]
             if len(killed) < kill or len(interrupted) < interrupt:
                 # Only a trial that reported an epoch has surely beaten, and one with all ten of its reports (at the
                 # tenths of its schedule) is about to end: a worker holds one trial (--fuse 1).
-                by_pid = {pid_of(t): t for t in trials
-                          if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 10}
+                running = [t for t in trials if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 10]
+                by_pid = {int(t.user_attrs["worker"].rsplit(":", 1)[1]): t for t in running
+                          if t.user_attrs.get("worker")}
                 for index, process in enumerate(processes):
                     trial = by_pid.get(process.pid)
                     untouched = sum(p.poll() is None for i, p in enumerate(processes) if i not in signalled)
@@ -246,15 +224,13 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
                 process.kill()
                 process.wait()
     trials = reader.trials()
-    for number in [n for n, when in killed.items() if ended_before(trials, n, when)]:
-        missed.append(killed.pop(number))
+    missed += [killed.pop(n) for n, when in list(killed.items()) if ended_before(trials, n, when)]
     outputs = [(folder / f"worker{i}.log").read_text() for i in range(workers)]
     times = [json.loads(f.read_text()) for f in sorted(folder.glob("worker*.json"))]
     return dict(storage=storage, launched=launched, trials=trials, killed=killed, interrupted=interrupted,
                 processes=processes, outputs=outputs, times=times, peak_rss=peak_rss, peak_pss=peak_pss,
                 grace=args.grace, study=study, kill=kill, interrupt=interrupt, logs=logs, n_trials=n_trials,
-                missed=missed,
-                peak_connections=peak_connections if "postgresql" in storage else None)
+                missed=missed, peak_connections=peak_connections if "postgresql" in storage else None)
 
 
 def checks(run: dict[str, Any]) -> list[tuple[str, bool, str]]:
@@ -296,9 +272,8 @@ def checks(run: dict[str, Any]) -> list[tuple[str, bool, str]]:
                and not Path(t.user_attrs.get("best_checkpoint", "")).is_file()]
     result.append(("every complete trial's checkpoint present", not missing, f"missing: {missing or 'none'}"))
     if "postgresql" in run["storage"]:
-        # A pool of 2 opens a few connections over a worker's life (it replaces one the server dropped, and the
-        # worker that writes the report opens the study again); a connection per call would open one per storage
-        # call, hundreds. At once, no more than the pools hold.
+        # A pool of 2 opens a few connections in a worker's life (replacing one the server dropped, opening the study
+        # again for the report); a connection per call would open hundreds. At once, no more than the pools hold.
         opened = max((t["connections_opened"] for t in run["times"]), default=0)
         calls = min((t["storage_calls"] for t in run["times"]), default=0)
         pooled = opened <= 6 and run["peak_connections"] <= 2 * len(run["processes"])
@@ -320,33 +295,28 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
     finished = [t for t in run["trials"] if t.state in FINISHED]
     last = max((t.datetime_complete.timestamp() for t in finished), default=run["launched"])
     first = min((t.datetime_start.timestamp() for t in run["trials"] if t.datetime_start), default=run["launched"])
-    storage_s = sum(t["storage_s"] for t in run["times"])
-    wall_s = sum(t["wall_s"] for t in run["times"])
+    storage_s, wall_s, calls = (sum(t[key] for t in run["times"]) for key in ("storage_s", "wall_s", "storage_calls"))
     peaks = [round(t["peak_rss_mb"]) for t in run["times"]]
-    return {
-        "workers": len(run["processes"]), "finished": len(finished), "seconds": round(last - run["launched"], 1),
-        "trials_per_minute": round(len(finished) / (last - run["launched"]) * 60, 1),
-        # From the first trial's start: the workers' start-up (importing torch, 32 times on 2 cores) left out.
-        "trials_per_minute_after_start_up": round(len(finished) / (last - first) * 60, 1),
-        "storage_share": round(storage_s / wall_s, 4) if wall_s else None,
-        "storage_calls_per_trial": round(sum(t["storage_calls"] for t in run["times"]) / max(1, len(finished)), 1),
-        "peak_memory_mb_all_workers": {"resident": round(run["peak_rss"]), "proportional": round(run["peak_pss"])},
-        "peak_rss_mb_per_worker": {"min": min(peaks, default=None), "max": max(peaks, default=None),
-                                   "of_exited_workers": len(peaks)},
-        "peak_connections": run["peak_connections"],
-    }
+    return {"workers": len(run["processes"]), "finished": len(finished), "seconds": round(last - run["launched"], 1),
+            "trials_per_minute": round(len(finished) / (last - run["launched"]) * 60, 1),
+            # From the first trial's start: the workers' start-up (importing torch, 32 times on 2 cores) left out.
+            "trials_per_minute_after_start_up": round(len(finished) / (last - first) * 60, 1),
+            "storage_share": round(storage_s / wall_s, 4) if wall_s else None,
+            "storage_calls_per_trial": round(calls / max(1, len(finished)), 1),
+            "peak_memory_mb_all_workers": {"resident": round(run["peak_rss"]), "proportional": round(run["peak_pss"])},
+            "peak_rss_mb_per_worker": {"min": min(peaks, default=None), "max": max(peaks, default=None),
+                                       "of_exited_workers": len(peaks)},
+            "peak_connections": run["peak_connections"]}
 
 
 def one_storage(kind: str, args: argparse.Namespace, data: Path, folder: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         storage = (stack.enter_context(throwaway_postgres(PASSWORD)) if kind == "postgresql"
                    else str(folder / "study.journal") if kind == "journal" else f"sqlite:///{folder / 'study.db'}")
-        (folder / "n").mkdir(parents=True)
         run = run_workers(storage, "load", args.workers, args.n_trials, args.kill, args.interrupt, data, folder / "n",
                           args)
         result = {"storage": kind, "checks": checks(run), **figures(run)}
         if args.baseline:
-            (folder / "1").mkdir()
             # A study of its own, on the same storage (server, or a file beside the first).
             alone = run_workers(storage.replace("study.", "alone."), "alone", 1, args.baseline, 0, 0, data,
                                 folder / "1", args)
@@ -357,8 +327,7 @@ def one_storage(kind: str, args: argparse.Namespace, data: Path, folder: Path) -
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=32)
-    parser.add_argument("--n-trials", type=int, default=None,
-                        help="finished trials the study needs (default 2 per worker)")
+    parser.add_argument("--n-trials", type=int, help="finished trials the study needs (default 2 per worker)")
     parser.add_argument("--kill", type=int, default=3, help="workers SIGKILLed mid-trial (default 3)")
     parser.add_argument("--interrupt", type=int, default=1, help="workers sent SIGINT mid-trial (default 1)")
     parser.add_argument("--storage", nargs="+", choices=["journal", "postgresql", "sqlite"],

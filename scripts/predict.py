@@ -34,16 +34,13 @@ from mlp.errors import check, run_script  # noqa: E402
 
 def split_model_and_images(paths: list[str]) -> tuple[list[str], list[str]]:
     """MODEL is the leading .ckpt files, or else the first path (a study's folder or report.json)."""
-    checkpoints = 0
-    while checkpoints < len(paths) and paths[checkpoints].endswith(".ckpt"):
-        checkpoints += 1
+    checkpoints = next((i for i, path in enumerate(paths) if not path.endswith(".ckpt")), len(paths))
     model = max(checkpoints, 1)
     return paths[:model], paths[model:]
 
 
 def check_not_an_input(output: Path, inputs: list[Path], flag: str) -> None:
-    """Refuse to write over a file the command reads: `predict.py CKPT image.png --output image.png` would
-    otherwise replace the image with the CSV."""
+    """Refuse to write over an input: `predict.py CKPT image.png --output image.png` would replace the image."""
     for path in inputs:
         same = output.resolve() == path.resolve() or (output.exists() and path.exists() and output.samefile(path))
         check(not same, f"{flag} {output} is one of the input files; choose another path")
@@ -71,11 +68,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     from mlp.answer import check_exportable, export, load_answer
     from mlp.images import image_files, read_images
 
-    parser = argparse.ArgumentParser(
-        usage="%(prog)s MODEL [IMAGE|FOLDER ...] [--top K] [--no-prepare] [--save-prepared DIR] [--output CSV] "
-        "[--export PATH] [--data_dir DATA_DIR]",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(usage="%(prog)s MODEL [IMAGE|FOLDER ...] [--top K] [--no-prepare] "
+                                     "[--save-prepared DIR] [--output CSV] [--export PATH] [--data_dir DATA_DIR]",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="MODEL [IMAGE|FOLDER ...]",
                         help="the model, then image files or folders of them")
     parser.add_argument("--top", type=int, default=1, metavar="K", help="print the K likeliest classes (default 1)")
@@ -116,12 +111,11 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         print("images prepared as Fashion-MNIST's were made (trimmed, resized to 28x28, sharpened, padded, negated, "
               "grayscale; IDX files and 28x28 images on a dark background as they are); --no-prepare to skip",
               file=sys.stderr)
-    if options.export:
-        export(model, options.export)
-        path = options.export
-        loader = f"onnxruntime.InferenceSession({path!r})" if Path(path).suffix == ".onnx" else \
-            f"torch.export.load({path!r}).module()"
-        print(f"exported to {path}: {loader} takes uint8 (N, 28, 28)")
+    if exported := options.export:
+        export(model, exported)
+        onnx = Path(exported).suffix == ".onnx"
+        loader = f"onnxruntime.InferenceSession({exported!r})" if onnx else f"torch.export.load({exported!r}).module()"
+        print(f"exported to {exported}: {loader} takes uint8 (N, 28, 28)")
     rows = []
     for path, images in read:
         with torch.no_grad():

@@ -4,11 +4,9 @@ at the same fraction of their schedules, and how far behind early the trials tha
     python scripts/pruning.py --study-name mlp                  # tune.py's default storage, lightning_logs/tune
     python scripts/pruning.py --storage sqlite:///PATH/optuna.db --study-name wide --by batch_norm
 
-Trials report their val/acc at each tenth of their own schedule (`mlp.search.record_intermediate_values`). For
-each tenth this prints, by group, how many trials reached it and how many were pruned there; then, among the
-trials that completed, each group's mean rank at that tenth, as a percentile (100: the best), against its mean
-rank at the end: a group that ends higher than it starts is a slow starter, and a rule that prunes early prunes
-it for that.
+For each tenth of the trials' schedules (where they report val/acc), by group: how many trials reached it and were
+pruned there, and the completed trials' mean rank there (a percentile, 100 the best) against theirs at the end. A
+group that ends higher than it starts is a slow starter, and a rule that prunes early prunes it for that.
 """
 
 import argparse
@@ -39,21 +37,17 @@ def percentile(value: float, values: list[float]) -> float:
 
 def fairness(trials: list[FrozenTrial], by: str) -> str:
     """The Markdown table of the module docstring, for the trials grouped by `by`."""
-    steps = range(REPORT_EVERY, SCHEDULE_STEPS + 1, REPORT_EVERY)
     group = {t.number: GROUPS[by](t.params) for t in trials}
     final = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
     final_rank = {n: percentile(v, list(final.values())) for n, v in final.items()}
-    header = (f"| step (% of schedule) | with {by}: reached / pruned there | without: reached / pruned there | "
-              "completed trials' mean rank there, then at the end: with | without |")
-    rows = [header, "|---|---|---|---|---|"]
-    for step in steps:
+    rows = [f"| step (% of schedule) | with {by}: reached / pruned there | without: reached / pruned there | "
+            "completed trials' mean rank there, then at the end: with | without |", "|---|---|---|---|---|"]
+    for step in range(REPORT_EVERY, SCHEDULE_STEPS + 1, REPORT_EVERY):
         at = {t.number: t.intermediate_values[step] for t in trials if step in t.intermediate_values}
         pruned = {t.number for t in trials if t.state == TrialState.PRUNED and max(t.intermediate_values) == step}
         finished_there = [at[n] for n in at if n in final]
-        cells = []
-        for flag in (True, False):
-            reached = [n for n in at if group[n] == flag]
-            cells.append(f"{len(reached)} / {sum(n in pruned for n in reached)}")
+        reached = [[n for n in at if group[n] == flag] for flag in (True, False)]
+        cells = [f"{len(numbers)} / {sum(n in pruned for n in numbers)}" for numbers in reached]
         for flag in (True, False):
             ranks = [(percentile(at[n], finished_there), final_rank[n]) for n in at if n in final and group[n] == flag]
             cells.append(f"{statistics.mean(r for r, _ in ranks):.0f} then {statistics.mean(f for _, f in ranks):.0f}"

@@ -4,10 +4,9 @@ N finished trials (complete or pruned, the diverged among them), and print one J
     python scripts/trials_per_hour.py --workers 1 --n-trials 12 -- --trainer.accelerator gpu --pruner none \
         --model.depth 1 --model.width 256 --trainer.max_epochs 3 --fuse 128
 
-The clock runs from launching the first worker to the last trial's finish as the storage records it, so
-start-up counts and the report does not (it runs once per study, however the trials were trained). Each
-worker gets cores / WORKERS threads (OMP_NUM_THREADS), as the README's several-workers recipe advises.
-The study lives in a fresh temporary folder; a study on one SQLite file stands in for PostgreSQL here.
+The clock runs from launching the first worker to the last trial's finish in the storage: start-up counts, the
+report (once per study, however the trials trained) does not. Each worker gets cores / WORKERS threads
+(OMP_NUM_THREADS), as the README's several-workers recipe advises. A temporary SQLite file stands in for PostgreSQL.
 """
 
 import argparse
@@ -45,16 +44,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         launched = time.time()
         workers = []
         for i in range(args.workers):
-            workers.append(
-                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            )
+            workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True))
             if i == 0 and args.workers > 1:
                 time.sleep(3)  # the first worker creates the SQLite tables; see README, "Starting at once"
-        storage = f"sqlite:///{logs}/tune/optuna.db"
-        trials = []
-        while len([t for t in trials if t.state in FINISHED]) < args.n_trials:
-            if all(w.poll() is not None for w in workers):
-                break
+        storage, trials = f"sqlite:///{logs}/tune/optuna.db", []
+        while sum(t.state in FINISHED for t in trials) < args.n_trials and any(w.poll() is None for w in workers):
             time.sleep(1)
             try:
                 trials = optuna.load_study(study_name="tph", storage=storage).get_trials(deepcopy=False)
@@ -67,13 +62,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not finished:
         sys.exit(f"tune.py finished no trial; run it with these flags alone to see why: {' '.join(flags)}")
     last = max(t.datetime_complete.timestamp() for t in finished)
-    row = {
-        "workers": args.workers, "finished": len(finished),
-        "pruned_or_diverged": sum(t.state == TrialState.PRUNED for t in finished),
-        "failed": sum(t.state == TrialState.FAIL for t in trials),
-        "seconds": round(last - launched, 2), "trials_per_hour": round(len(finished) / (last - launched) * 3600, 1),
-        "tune_flags": flags,
-    }
+    row = {"workers": args.workers, "finished": len(finished),
+           "pruned_or_diverged": sum(t.state == TrialState.PRUNED for t in finished),
+           "failed": sum(t.state == TrialState.FAIL for t in trials), "seconds": round(last - launched, 2),
+           "trials_per_hour": round(len(finished) / (last - launched) * 3600, 1), "tune_flags": flags}
     print(json.dumps(row))
     return row
 

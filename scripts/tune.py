@@ -15,10 +15,9 @@ In a terminal a progress bar counts the study's finished trials (every worker's)
 counts and the best val/acc so far; Optuna's one line per finished trial is written above it.
 
 Flags this script does not know are fit flags (see `python scripts/fit.py --help`) and apply to every trial.
-Choices are made on the validation split. At the end, the worker that finishes the study's last trial
-tests each final model once (an ensemble of the best checkpoints, the same configurations refit on all
-training images and averaged, a refit of the best configuration, the best checkpoint) and reports the one
---final names.
+Choices are made on the validation split. At the end, the worker that finishes the study's last trial tests each
+final model once (an ensemble of the best checkpoints, the same configurations refit on all training images and
+averaged, a refit of the best configuration, the best checkpoint) and reports the one --final names.
 """
 
 import argparse
@@ -38,68 +37,53 @@ from mlp.tune import StudyConfig, run_study  # noqa: E402
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     defaults = StudyConfig()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, fromfile_prefix_chars="@"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     fromfile_prefix_chars="@")
     study = parser.add_argument_group("study")
     study.add_argument("--n-trials", type=int, default=defaults.n_trials,
                        help=f"finished trials the study should hold (default {defaults.n_trials})")
-    study.add_argument(
-        "--timeout", type=float, default=defaults.timeout, metavar="SECONDS",
-        help="the whole command ends within this many seconds after start-up, the final model's refits, its test and "
-        "the plots included: trials stop in time to leave the final model what it needs, estimated from the trials' "
-        "own times, and the refits that do not fit are not trained (the report says so)",
-    )
+    study.add_argument("--timeout", type=float, default=defaults.timeout, metavar="SECONDS",
+                       help="the whole command ends within this many seconds after start-up, the final model's refits, "
+                       "its test and the plots included: trials stop in time to leave the final model what it needs, "
+                       "estimated from the trials' own times, and the refits that do not fit are not trained (the "
+                       "report says so)")
     study.add_argument("--study-name", default=defaults.study_name,
                        help=f"name of the study in the storage (default {defaults.study_name})")
-    study.add_argument(
-        "--storage", default=defaults.storage, metavar="URL_OR_PATH",
-        help="an Optuna RDB URL (postgresql+psycopg://USER@HOST/DB for several machines), or a path without :// "
-        "for a journal file (several workers on one machine). Default: the study already in lightning_logs/tune/, "
-        "else optuna.journal there for several workers (--trainer.devices N), sqlite:///.../optuna.db for one",
-    )
-    study.add_argument(
-        "--pruner", choices=["median", "hyperband", "none"], default=defaults.pruner,
-        help=f"early stopping of trials (default {defaults.pruner})",
-    )
+    study.add_argument("--storage", default=defaults.storage, metavar="URL_OR_PATH",
+                       help="an Optuna RDB URL (postgresql+psycopg://USER@HOST/DB for several machines), or a path "
+                       "without :// for a journal file (several workers on one machine). Default: the study already in "
+                       "lightning_logs/tune/, else optuna.journal there for several workers (--trainer.devices N), "
+                       "sqlite:///.../optuna.db for one")
+    study.add_argument("--pruner", choices=["median", "hyperband", "none"], default=defaults.pruner,
+                       help=f"early stopping of trials (default {defaults.pruner})")
     study.add_argument("--sampler-seed", type=int, default=defaults.sampler_seed,
                        help=f"seed of the TPE sampler (default {defaults.sampler_seed})")
-    study.add_argument(
-        "--quiet", action="store_true",
-        help="no bar, no line per trial: print only the answer, its test figure, the best trial and where the whole "
-        "report (report.json) is",
-    )
-    study.add_argument(
-        "--fuse", type=fuse_count, default=defaults.fuse, metavar="K",
-        help="train up to K trials at once in one Trainer as stacked networks (per depth on a GPU, per depth and "
-        "width on the CPU), each freed place taken by the next trial; 1 trains one at a time. Default auto: on "
-        "the CPU 8 when every trial has the same width, else 1; on a GPU as many as fit, up to 128; either way at "
-        "most a quarter of --n-trials, so that TPE learns from finished trials",
-    )
-    study.add_argument(
-        "--final", choices=FINAL_CHOICES, default=defaults.final,
-        help="the answer the report tests and gives: the k best checkpoints averaged (k chosen on val) with their "
-        "configurations refit on train + val (refit_ensemble, the default), or not refit (ensemble); the best "
-        "configuration refit; or the best checkpoint. All four are in report.json",
-    )
+    study.add_argument("--quiet", action="store_true", help="no bar, no line per trial: print only the answer, its "
+                       "test figure, the best trial and where the whole report (report.json) is")
+    study.add_argument("--fuse", type=fuse_count, default=defaults.fuse, metavar="K",
+                       help="train up to K trials at once in one Trainer as stacked networks (per depth on a GPU, per "
+                       "depth and width on the CPU), each freed place taken by the next trial; 1 trains one at a "
+                       "time. Default auto: on the CPU 8 when every trial has the same width, else 1; on a GPU as "
+                       "many as fit, up to 128; either way at most a quarter of --n-trials, so that TPE learns from "
+                       "finished trials")
+    study.add_argument("--final", choices=FINAL_CHOICES, default=defaults.final,
+                       help="the answer the report tests and gives: the k best checkpoints averaged (k chosen on val) "
+                       "with their configurations refit on train + val (refit_ensemble, the default), or not refit "
+                       "(ensemble); the best configuration refit; or the best checkpoint. All four are in report.json")
     space = parser.add_argument_group("search space (inclusive ranges, or the values tried)")
-    space.add_argument(
-        "--space", choices=SPACES, default="default",
-        help="the ranges searched, before the flags below change them: default, or wide (--epochs 5 200, --width "
-        "128 2048, --augment-shift 0 3, --augment-flip 0 0.5, --batch-norm false true): what the best published "
-        "MLPs train with, for budgets of hours (docs/tuning.md)",
-    )
+    space.add_argument("--space", choices=SPACES, default="default",
+                       help="the ranges searched, before the flags below change them: default, or wide (--epochs 5 "
+                       "200, --width 128 2048, --augment-shift 0 3, --augment-flip 0 0.5, --batch-norm false true): "
+                       "what the best published MLPs train with, for budgets of hours (docs/tuning.md)")
     wide = SearchSpace.preset("wide")
     for field in fields(SearchSpace):
         default, low = getattr(defaults.space, field.name), getattr(wide, field.name)[0]
         ranged = field.name not in CHOICES
         shape = {"nargs": 2, "metavar": ("LOW", "HIGH")} if ranged else {"nargs": "+", "metavar": "VALUE"}
         kind = true_or_false if isinstance(low, bool) else type(low)
-        space.add_argument(
-            f"--{field.name.replace('_', '-')}", type=kind, **shape,
-            help=f"default {' '.join(map(str, default)) if default else 'not searched'}; a fit flag setting it "
-            f"(--{FIT_FLAGS[field.name]}) pins it instead",
-        )
+        space.add_argument(f"--{field.name.replace('_', '-')}", type=kind, **shape,
+                           help=f"default {' '.join(map(str, default)) if default else 'not searched'}; a fit flag "
+                           f"setting it (--{FIT_FLAGS[field.name]}) pins it instead")
     return parser.parse_known_args(argv)
 
 
@@ -110,10 +94,8 @@ def true_or_false(text: str) -> bool:
 
 
 def fuse_count(text: str) -> int | str:
-    if text == "auto":
-        return text
     try:
-        return int(text)
+        return text if text == "auto" else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"K is a whole number of trials or auto, got {text!r}") from None
 
@@ -125,10 +107,8 @@ def main(argv: list[str] | None = None) -> dict | None:
              if getattr(options, field.name) is not None}
     space = replace(SearchSpace.preset(options.space), **given)
     with study_output(options.n_trials, options.quiet) as progress:
-        config = StudyConfig(
-            fit_args, space, frozenset(given), options.study_name, options.storage, options.n_trials, options.timeout,
-            options.pruner, options.sampler_seed, options.fuse, options.final,
-        )
+        config = StudyConfig(fit_args, space, frozenset(given), options.study_name, options.storage, options.n_trials,
+                             options.timeout, options.pruner, options.sampler_seed, options.fuse, options.final)
         summary = run_study(config, progress)
     if isinstance(summary, str):  # another worker writes the report
         print(summary)
@@ -142,8 +122,7 @@ def short_summary(summary: dict) -> list[str]:
     counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
     lines = [f"study {summary['study']}: {counts}"]
     if "best_trial" in summary:
-        final = summary["final"]
-        answer = final["answer"]
+        final, answer = summary["final"], summary["final"]["answer"]
         figure = "no test figure" if answer is None else f"test accuracy {final['test_acc']:.4f}"
         lines.append(f"answer: {answer or final.get('fallback', 'none')} ({figure})")
         params = ", ".join(f"{name}={value if isinstance(value, bool) else format(value, '.4g')}"
