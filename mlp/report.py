@@ -75,9 +75,11 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     written = []
     with warnings.catch_warnings(), SummaryWriter(str(log_dir / "study")) as writer:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
+        for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate,
+                     plots.plot_intermediate_values):
+            name = plot.__name__.removeprefix("plot_")
             try:
-                axes = getattr(plots, f"plot_{name}")(study)
+                axes = plot(study)
             except (ValueError, RuntimeError):  # e.g. importances need two finished trials
                 continue
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
