@@ -25,7 +25,7 @@ from mlp.cli import MLPCLI, build_cli
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
 from mlp.loading import load_model, read_checkpoint
-from mlp.records import TrialRecord
+from mlp.records import Ending, TrialRecord
 from mlp.study import best_first
 from mlp.trials import RunEnd, train_runs
 
@@ -166,6 +166,11 @@ def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: in
     first = study.get_trials(deepcopy=False)[next(iter(runs))]
     group_args = [f"--config={trial_config(first)}", "--data.val_size=0"]
     data = train_runs({str(n): cli for n, cli in runs.items()}, group_args, fuse, ends.__setitem__)
+    data.setup("test")
+    test_x, test_y = data.test_set.tensors
+    tested = [n for n in runs if ends[str(n)].how != Ending.DIVERGED]
+    softmaxes = evaluate([ends[str(n)].checkpoint for n in tested], {"test": test_x})["test"]
+    test_accs = {n: accuracy(softmax, test_y) for n, softmax in zip(tested, softmaxes)}
     for number, cli in runs.items():
         end = ends[str(number)]
         result: dict[str, Any] = {
@@ -178,12 +183,10 @@ def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: in
             result["seed_round"] = round_  # another seed of the configuration (see refit_ensemble)
         if fuse > 1:
             result["stacked_with"] = list(runs)  # trained in one stack (--fuse), each as it would alone
-        if end.how == "diverged":
-            result.update(test_acc=None, why_no_test=f"the refit diverged ({end.detail})")
+        if number in test_accs:
+            result["test_acc"] = test_accs[number]
         else:
-            data.setup("test")
-            test_x, test_y = data.test_set.tensors
-            result["test_acc"] = accuracy(evaluate([end.checkpoint], {"test": test_x})["test"][0], test_y)
+            result.update(test_acc=None, why_no_test=f"the refit diverged ({end.detail})")
         study.set_user_attr(refit_name(number, round_), result)
 
 
