@@ -378,26 +378,23 @@ def test_hyperband_judges_fused_trials_each_on_its_own_with_depth_and_width_pinn
                                  {t.state for t in trials}}
 
 
-def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synthetic_dir, tmp_path, monkeypatch):
+REFIT_SPACE = SearchSpace(lr=(1e-3, 1e30), epochs=(1, 3), depth=(1, 2), width=(8, 16), weight_decay=(1e-5, 1e-3),
+                          dropout=(0.0, 0.5), label_smoothing=(0.0, 0.2))
+
+
+def refit_study(name: str, configs: list[dict], tmp_path: Path, synthetic_dir: Path, monkeypatch) -> optuna.Study:
+    """A study whose trial k completed with value k / 10 after training `configs[k]` (its config.yaml saved, as its
+    own fit saves it, which its refit rebuilds), every run of the test drawing the same batches."""
     from optuna.distributions import FloatDistribution, IntDistribution
 
-    from mlp.data import FashionMNISTDataModule, IndexBatches
-    from mlp.final import accuracy, refit_trials
+    from mlp.data import IndexBatches
     from mlp.search import LOG_SCALE, suggest, trial_args
     from mlp.trials import save_config
 
-    space = SearchSpace(lr=(1e-3, 1.0), epochs=(1, 3), depth=(1, 2), width=(8, 16), weight_decay=(1e-5, 1e-3),
-                        dropout=(0.0, 0.5), label_smoothing=(0.0, 0.2))
     distributions = {  # what search.suggest draws from
         name: (IntDistribution if isinstance(low, int) else FloatDistribution)(low, high, log=name in LOG_SCALE)
-        for name, (low, high) in space.searched().items()
+        for name, (low, high) in REFIT_SPACE.searched().items()
     }
-    configs = [  # lr, epochs, width, weight decay and label smoothing differ; one has another depth
-        {"lr": 0.05, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.1},
-        {"lr": 0.2, "epochs": 3, "depth": 1, "width": 16, "weight_decay": 1e-5, "label_smoothing": 0.0},
-        {"lr": 0.1, "epochs": 1, "depth": 2, "width": 12, "weight_decay": 1e-3, "label_smoothing": 0.0},
-        {"lr": 0.3, "epochs": 2, "depth": 1, "width": 10, "weight_decay": 1e-4, "label_smoothing": 0.0},
-    ]
     fit_args = [f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
                 "--data.val_size=100", "--data.batch_size=32", "--trainer.precision=64-true"]
     # A stack draws one batch order for all its models, after other random draws than a lone run makes; to
@@ -405,17 +402,30 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     monkeypatch.setattr(IndexBatches, "__iter__", lambda self: iter(
         torch.randperm(self.size, generator=torch.Generator().manual_seed(0)).split(self.batch_size)
         if self.shuffle else torch.arange(self.size).split(self.batch_size)))
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    for value, config in enumerate(configs):
+        params = {**config, "dropout": 0.0}
+        trained = build_cli(trial_args(fit_args, suggest(optuna.trial.FixedTrial(params), REFIT_SPACE), name,
+                                       f"trial_{value}"))
+        save_config(trained)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value / 10,
+                                                  user_attrs={"log_dir": trained.trainer.log_dir}))
+    return study
+
+
+def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synthetic_dir, tmp_path, monkeypatch):
+    from mlp.data import FashionMNISTDataModule
+    from mlp.final import accuracy, refit_trials
+
+    configs = [  # lr, epochs, width, weight decay and label smoothing differ; one has another depth
+        {"lr": 0.05, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.1},
+        {"lr": 0.2, "epochs": 3, "depth": 1, "width": 16, "weight_decay": 1e-5, "label_smoothing": 0.0},
+        {"lr": 0.1, "epochs": 1, "depth": 2, "width": 12, "weight_decay": 1e-3, "label_smoothing": 0.0},
+        {"lr": 0.3, "epochs": 2, "depth": 1, "width": 10, "weight_decay": 1e-4, "label_smoothing": 0.0},
+    ]
     results = {}
     for name, fuse in (("alone", 1), ("stacked", 2)):
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-        for value, config in enumerate(configs):
-            params = {**config, "dropout": 0.0}
-            trained = build_cli(trial_args(fit_args, suggest(optuna.trial.FixedTrial(params), space), name,
-                                           f"trial_{value}"))
-            save_config(trained)  # what the trial's own fit saved, which its refit rebuilds
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value / 10,
-                                                      user_attrs={"log_dir": trained.trainer.log_dir}))
+        study = refit_study(name, configs, tmp_path, synthetic_dir, monkeypatch)
         results[name] = refit_trials(study, [0, 1, 2, 3], fuse)
         assert [r["trial"] for r in results[name]] == [0, 1, 2, 3]
         assert study.user_attrs["refit_1"] == results[name][1]  # cached in the study
@@ -444,6 +454,32 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     # the data settings each checkpoint holds: stacked refits hold them as unfused ones do.
     ensembles = {name: final.test_checkpoints([r["checkpoint"] for r in results[name]]) for name in results}
     assert ensembles["stacked"]["test_acc"] == ensembles["alone"]["test_acc"] > 0.5
+
+
+def test_a_diverged_refit_has_no_test_figure_and_its_refit_ensemble_none_alone_and_stacked_alike(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    """A refit that diverges is not tested and says why; the other refit of its stack is tested as it would be
+    alone; and a refit ensemble with a diverged member has no test figure, rather than one validation did not
+    choose."""
+    from mlp.final import refit_ensemble, refit_trials
+
+    configs = [{"lr": 0.1, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.0},
+               {"lr": 1e30, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.0}]
+    results = {}
+    for name, fuse in (("alone", 1), ("stacked", 2)):
+        study = refit_study(name, configs, tmp_path, synthetic_dir, monkeypatch)
+        results[name] = refit_trials(study, [0, 1], fuse)
+        learns, diverged = results[name]
+        assert learns["test_acc"] > 0.5  # chance is 0.1
+        assert diverged["test_acc"] is None
+        assert diverged["why_no_test"] == "the refit diverged (epoch 0: train/loss_epoch = nan is not finite)"
+        assert Path(diverged["checkpoint"]).name == "epoch00.ckpt"  # it stopped at the epoch it diverged in
+        ensemble = refit_ensemble(study, {"trials": [0, 1]}, Budget(fuse=fuse))
+        assert ensemble["diverged"] == [1] and ensemble["test_acc"] is None
+        assert ensemble["why_no_test"] == "the refits of trials [1] diverged"
+    assert results["stacked"][1]["stacked_with"] == [0, 1]
+    assert results["stacked"][0]["test_acc"] == results["alone"][0]["test_acc"]
 
 
 def test_a_run_without_validation_that_diverges_stops_there_alone_and_stacked_alike(synthetic_dir, tmp_path):
