@@ -254,6 +254,13 @@ def test_the_readme_is_short_links_every_docs_page_and_names_no_commits():
     assert not hashes, f"README.md cites commits {hashes}; they belong in docs/results.md"
 
 
+def test_the_readme_layout_names_every_module_of_the_package():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("## ", 1)[0]
+    listed = set(re.findall(r"^mlp/(\w+)\.py ", layout, flags=re.MULTILINE))
+    modules = {p.stem for p in (ROOT / "mlp").glob("*.py") if p.stem != "__init__"}
+    assert listed == modules, f"README.md's layout misses {sorted(modules - listed)}; names {sorted(listed - modules)}"
+
+
 def test_the_quick_start_runs_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = next(line for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
