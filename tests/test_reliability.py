@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.exc
+import sqlalchemy.pool
 import torch
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -321,13 +322,20 @@ def tune_args(synthetic_dir: Path, tmp_path: Path, n_trials: int) -> list[str]:
 def created_trials(url: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
     """The study's trials; none while the tune processes are still creating its tables or the study.
 
-    Read without creating tables: a reader creating them too would race those processes (alembic_version).
+    Read without creating tables: a reader creating them too would race those processes (alembic_version). No
+    pool: a storage that fails as it opens (its tables not there yet) leaves its connection to the collector,
+    which closes it only if no pool keeps it.
     """
+    storage = None
     try:
-        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True,
+                                             engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
         return optuna.load_study(study_name=study_name, storage=storage).trials
     except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
         return []
+    finally:
+        if storage is not None:
+            storage.remove_session()
 
 
 def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:

@@ -130,6 +130,7 @@ def test_a_journal_writer_killed_while_it_holds_the_lock_holds_no_other_worker_b
     assert not acquired.wait(1)  # held: the writer is alive
     holder.kill()
     holder.wait()
+    holder.stdout.close()
     assert acquired.wait(20)  # a grace period would be 30 s
     lock.release()
 
