@@ -45,6 +45,7 @@ class Stack:
         # One model's code runs for all: one that draws dropout masks if any does. A rate of 0 draws a mask of ones
         # (x * 1 is x exactly), so a model without dropout still trains as it would alone.
         self.step = ModelStep(max(self.models, key=lambda model: model.hparams.dropout > 0))
+        self.manual = self.step.model.hparams.backward == "manual"  # one for all: `stack_key` holds it
         self.model_params = transposed([dict(ModelStep(m).named_parameters()) for m in self.models])
         self.params = {name: stacked(group).requires_grad_() for name, group in self.model_params.items()}
         buffers = [dict(ModelStep(m).named_buffers()) for m in self.models]
@@ -160,9 +161,6 @@ class FusedClassifier(L.LightningModule):
         refill: Callable[["FusedClassifier"], None] | None = None, pad_widths: bool = True,
     ) -> None:
         super().__init__()
-        if len(backwards := {model.hparams.backward for model in models}) > 1:
-            raise ValueError("models fused together must share --model.backward")
-        self.manual = backwards == {"manual"}
         self.automatic_optimization = False  # each model's optimiser steps in training_step
         self.pad_widths, self.on_leave, self.refill = pad_widths, on_leave, refill
         self.models = nn.ModuleList(models)  # registered, so Lightning moves and converts them with the module
@@ -225,16 +223,17 @@ class FusedClassifier(L.LightningModule):
         steps = self.global_step  # read before the step
         for stack in self.stacks:
             stack.zero_grad()
-        if self.manual:
-            with torch.no_grad():  # proves that autograd plays no part
-                outputs = [stack(x, y, True) for stack in self.stacks]
-            for stack, (_, _, grads) in zip(self.stacks, outputs):
-                for p, grad in zip(stack.params.values(), grads):
+        outputs = []
+        for stack in self.stacks:
+            if stack.manual:
+                with torch.no_grad():  # proves that autograd plays no part
+                    outputs.append(stack(x, y, True))
+                for p, grad in zip(stack.params.values(), outputs[-1][2]):
                     p.grad = grad
-        else:
-            outputs = [stack(x, y, False) for stack in self.stacks]
-            # Each model's gradient is that of its own mean loss.
-            self.manual_backward(sum(loss.sum() for loss, *_ in outputs))
+            else:
+                outputs.append(stack(x, y, False))
+        if losses := [loss.sum() for stack, (loss, *_) in zip(self.stacks, outputs) if not stack.manual]:
+            self.manual_backward(sum(losses))  # each model's gradient is that of its own mean loss
         for stack in self.stacks:
             stack.hand_out_grads()
         self.optimizers().step()
@@ -315,8 +314,6 @@ class FusedClassifier(L.LightningModule):
 
     def add(self, model: MLPClassifier, epochs: int, name: str, logger: Logger | None = None) -> None:
         """At an epoch's end, add model `name` for its own `epochs` from the next, as alone; max_epochs grows to fit."""
-        if (model.hparams.backward == "manual") != self.manual:
-            raise ValueError("models fused together must share --model.backward")
         model.to(device=self.device, dtype=self.dtype)
         member = Member(name, model, epochs, logger, self.current_epoch + 1, self.global_step)
         self.members.append(member)

@@ -384,7 +384,8 @@ REFIT_SPACE = SearchSpace(lr=(1e-3, 1e30), epochs=(1, 3), depth=(1, 2), width=(8
 
 def refit_study(name: str, configs: list[dict], tmp_path: Path, synthetic_dir: Path, monkeypatch) -> optuna.Study:
     """A study whose trial k completed with value k / 10 after training `configs[k]` (its config.yaml saved, as its
-    own fit saves it, which its refit rebuilds), every run of the test drawing the same batches."""
+    own fit saves it, which its refit rebuilds; a config's `backward` is its --model.backward), every run of the
+    test drawing the same batches."""
     from optuna.distributions import FloatDistribution, IntDistribution
 
     from mlp.data import IndexBatches
@@ -404,9 +405,9 @@ def refit_study(name: str, configs: list[dict], tmp_path: Path, synthetic_dir: P
         if self.shuffle else torch.arange(self.size).split(self.batch_size)))
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
     for value, config in enumerate(configs):
-        params = {**config, "dropout": 0.0}
-        trained = build_cli(trial_args(fit_args, suggest(optuna.trial.FixedTrial(params), REFIT_SPACE), name,
-                                       f"trial_{value}"))
+        params = {key: v for key, v in config.items() if key != "backward"} | {"dropout": 0.0}
+        flags = suggest(optuna.trial.FixedTrial(params), REFIT_SPACE) | {"model.backward": config.get("backward")}
+        trained = build_cli(trial_args(fit_args, {k: v for k, v in flags.items() if v}, name, f"trial_{value}"))
         save_config(trained)
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value / 10,
                                                   user_attrs={"log_dir": trained.trainer.log_dir}))
@@ -480,6 +481,28 @@ def test_a_diverged_refit_has_no_test_figure_and_its_refit_ensemble_none_alone_a
         assert ensemble["why_no_test"] == "the refits of trials [1] diverged"
     assert results["stacked"][1]["stacked_with"] == [0, 1]
     assert results["stacked"][0]["test_acc"] == results["alone"][0]["test_acc"]
+
+
+def test_refits_of_trials_trained_with_different_backwards_train_stacked_as_alone(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    """A study resumed with another --model.backward holds trials of both; their refits share one Trainer (the data
+    settings are the same), each model in its own stack, stepped by its own backward."""
+    from mlp.final import refit_trials
+
+    config = {"lr": 0.1, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.1}
+    configs = [config | {"backward": "manual"}, config | {"width": 12}]
+    results = {}
+    for name, fuse in (("alone", 1), ("stacked", 2)):
+        study = refit_study(name, configs, tmp_path, synthetic_dir, monkeypatch)
+        results[name] = refit_trials(study, [0, 1], fuse)
+    assert [r.get("stacked_with") for r in results["stacked"]] == [[0, 1], [0, 1]]
+    for alone, stacked, backward in zip(results["alone"], results["stacked"], ["manual", "autograd"]):
+        assert stacked["test_acc"] == alone["test_acc"] > 0.5  # chance is 0.1
+        weights = [MLPClassifier.load_from_checkpoint(r["checkpoint"]) for r in (alone, stacked)]
+        assert [model.hparams.backward for model in weights] == [backward, backward]
+        for key, value in weights[0].net.state_dict().items():
+            torch.testing.assert_close(weights[1].net.state_dict()[key], value, rtol=1e-6, atol=1e-6)
 
 
 def test_a_run_without_validation_that_diverges_stops_there_alone_and_stacked_alike(synthetic_dir, tmp_path):
