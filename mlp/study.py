@@ -2,6 +2,7 @@
 the others, the heartbeats by which a dead worker's trial is found and rerun, and which worker writes the report."""
 
 import fcntl
+import gc
 import os
 import random
 import re
@@ -100,12 +101,16 @@ def heartbeat_storage(storage_url: str, attempts: int = 6) -> RDBStorage:
         lost_race = "locked" in message or "already exists" in message  # SQLite: "database is locked"
         if attempts == 1 or (isinstance(error, sqlalchemy.exc.OperationalError) and not lost_race):
             raise
-        time.sleep(random.uniform(0.5, 1.5) * 2 ** (6 - attempts))
-        return heartbeat_storage(storage_url, attempts - 1)
-    if storage.engine.name == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
-        sqlalchemy.event.listen(storage.engine, "connect", write_ahead_log)
-        storage.engine.dispose()  # the connections that created the tables reopen with it
-    return storage
+    else:
+        if storage.engine.name == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
+            sqlalchemy.event.listen(storage.engine, "connect", write_ahead_log)
+            storage.engine.dispose()  # the connections that created the tables reopen with it
+        return storage
+    # The storage that lost keeps its pool's connections open until it is collected, which its cycles put off:
+    # collected now, so a worker holds no more connections than its own pool's two (docs/scaling.md).
+    gc.collect()
+    time.sleep(random.uniform(0.5, 1.5) * 2 ** (6 - attempts))
+    return heartbeat_storage(storage_url, attempts - 1)
 
 
 def engine_kwargs(storage_url: str) -> dict[str, Any]:

@@ -108,6 +108,34 @@ def test_a_programming_error_while_connecting_is_not_called_bad_input(monkeypatc
         connect("sqlite://")
 
 
+def test_a_worker_that_lost_the_race_to_create_the_tables_holds_no_more_connections_than_its_pool(
+    postgres_url, monkeypatch
+):
+    """Workers started together on an empty database race to create the tables; a loser tries again. The storage
+    that lost held its pool's connection open until the collector found it, which could take the whole run: the load
+    test saw 4 at once in a worker whose pool holds 2."""
+    import psycopg
+    import sqlalchemy
+
+    create_all, lost = sqlalchemy.MetaData.create_all, []
+
+    def lose_the_first_race(metadata: sqlalchemy.MetaData, bind: sqlalchemy.Engine, *args: Any, **kwargs: Any) -> None:
+        if not lost:  # as a loser does: its pool keeps the connection it tried with
+            lost.append(True)
+            with bind.connect():
+                raise sqlalchemy.exc.ProgrammingError("CREATE TABLE studies", {}, Exception("already exists"))
+        create_all(metadata, bind, *args, **kwargs)
+
+    monkeypatch.setattr(sqlalchemy.MetaData, "create_all", lose_the_first_race)
+    monkeypatch.setattr("mlp.study.random.uniform", lambda low, high: 0.0)  # no back-off wait
+    server = postgres_url.replace("postgresql+psycopg", "postgresql").replace("/tune", "/postgres")
+    storage = connect(postgres_url)
+    assert lost and storage.get_all_studies() == []  # the second try made the tables
+    with psycopg.connect(server) as admin:
+        held = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = 'tune'").fetchone()[0]
+    assert 1 <= held <= 2
+
+
 def test_a_sqlite_study_file_commits_through_the_write_ahead_log(tmp_path):
     path = tmp_path / "study.db"
     storage = connect(f"sqlite:///{path}")
