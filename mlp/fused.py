@@ -130,10 +130,6 @@ class Optimizers(torch.optim.Optimizer):
             optimizer.step()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none)
-
 
 @dataclass(eq=False)
 class Member:
