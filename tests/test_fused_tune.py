@@ -406,8 +406,10 @@ def refit_study(name: str, configs: list[dict], tmp_path: Path, synthetic_dir: P
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
     for value, config in enumerate(configs):
         params = {key: v for key, v in config.items() if key != "backward"} | {"dropout": 0.0}
-        flags = suggest(optuna.trial.FixedTrial(params), REFIT_SPACE) | {"model.backward": config.get("backward")}
-        trained = build_cli(trial_args(fit_args, {k: v for k, v in flags.items() if v}, name, f"trial_{value}"))
+        flags = suggest(optuna.trial.FixedTrial(params), REFIT_SPACE)
+        if "backward" in config:
+            flags["model.backward"] = config["backward"]
+        trained = build_cli(trial_args(fit_args, flags, name, f"trial_{value}"))
         save_config(trained)
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value / 10,
                                                   user_attrs={"log_dir": trained.trainer.log_dir}))
