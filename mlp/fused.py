@@ -85,7 +85,8 @@ def stack_error(model: MLPClassifier) -> str | None:
     copies = [copy.deepcopy(model).train() for _ in range(2)]
     try:
         x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
-        Stack(copies)(x, torch.zeros(2, dtype=torch.long, device=model.device), model.hparams.backward == "manual")
+        stack = Stack(copies)
+        stack(x, torch.zeros(2, dtype=torch.long, device=model.device), stack.manual)
     except Exception as error:  # whatever the net raises under vmap
         return f"{type(error).__name__}: {error}".splitlines()[0]
     return None
