@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optuna  # noqa: E402
 import sqlalchemy.exc  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+from sqlalchemy.pool import NullPool  # noqa: E402
 
 import mlp.study  # noqa: E402
 from mlp.data import FILES, load_split, locate_fashion_mnist  # noqa: E402
@@ -123,11 +124,12 @@ class Reader:
         try:
             if self.storage is None:
                 if "://" in self.storage_url:
-                    # Named on PostgreSQL, so as not to count itself among the workers' connections.
+                    # Named on PostgreSQL, so as not to count itself among the workers' connections. No pool: a
+                    # storage that fails as it opens (no tables yet) leaves its connection to the collector.
                     postgres = "postgresql" in self.storage_url
                     named = {"connect_args": {"application_name": "load_test"}} if postgres else {}
                     self.storage = optuna.storages.RDBStorage(self.storage_url, skip_table_creation=True,
-                                                              engine_kwargs=named)
+                                                              engine_kwargs={**named, "poolclass": NullPool})
                 elif Path(self.storage_url).exists():
                     backend = optuna.storages.journal.JournalFileBackend(self.storage_url)
                     self.storage = optuna.storages.JournalStorage(backend)
@@ -200,8 +202,10 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
             missed += [killed.pop(n) for n, when in list(killed.items()) if ended_before(trials, n, when)]
             if len(killed) < kill or len(interrupted) < interrupt:
                 # Only a trial that reported an epoch has surely beaten, and one with all ten of its reports (at the
-                # tenths of its schedule) is about to end: a worker holds one trial (--fuse 1).
-                running = [t for t in trials if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 10]
+                # tenths of its schedule) is about to end: a worker holds one trial (--fuse 1). A killed trial's retry
+                # is spared: killed or interrupted in turn, it is not retried again, and its original seems never rerun.
+                running = [t for t in trials if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 10
+                           and "failed_trial" not in t.system_attrs]
                 by_pid = {int(t.user_attrs["worker"].rsplit(":", 1)[1]): t for t in running
                           if t.user_attrs.get("worker")}
                 for index, process in enumerate(processes):
