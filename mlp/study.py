@@ -311,9 +311,31 @@ def gives_way(trial: optuna.Trial, epochs_trained: int) -> None:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the trials of workers whose heartbeat went stale; each is enqueued again once."""
-    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
+    """Fail the trials of workers whose heartbeat went stale; each is enqueued again once. Ctrl-C waits for the
+    end: landing between a trial's failure and its retry's queueing, it would leave the trial never retried."""
+    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning), CtrlCHeld():
         optuna.storages.fail_stale_trials(study)
+
+
+class CtrlCHeld:
+    """While the with block runs, Ctrl-C is held back, and delivered again as it ends to the handler before it."""
+
+    def __enter__(self) -> Self:
+        self.held, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            previous = signal.signal(signal.SIGINT, self.hold)
+            # None: a handler set outside Python, which cannot be put back; Python's own stands in for it.
+            self.previous = signal.default_int_handler if previous is None else previous
+        return self
+
+    def hold(self, signum: int, frame: object) -> None:
+        self.held = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def may_start_trial(study: optuna.Study, n_trials: int, trials: list[FrozenTrial] | None = None) -> bool:

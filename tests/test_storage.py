@@ -83,6 +83,30 @@ def test_on_a_journal_file_a_retry_is_not_stale_by_its_dead_originals_last_beat(
     assert study.trials[retry.number].state == TrialState.RUNNING
 
 
+def test_ctrl_c_while_a_stale_trial_is_failed_waits_until_its_retry_is_queued(tmp_path, monkeypatch):
+    """Ctrl-C to a worker between trials (where it raises at once) as the worker fails a dead worker's trial,
+    landing between the failure and the retry's queueing, loses no retry."""
+    monkeypatch.setattr("mlp.study.GRACE_SECONDS", 0)
+    study = open_study("s", storage_in(tmp_path, "journal"), "none", SearchSpace().epochs[0], seed=0)
+    storage = storage_of(study)
+    dead = study.ask()  # a worker that started a trial and died
+    dead.suggest_float("x", -1, 1)
+    fail = storage.set_trial_state_values
+
+    def fail_then_ctrl_c(*args, **kwargs):
+        failed = fail(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return failed
+
+    monkeypatch.setattr(storage, "set_trial_state_values", fail_then_ctrl_c)
+    time.sleep(0.01)  # older than the grace period
+    with pytest.raises(KeyboardInterrupt):
+        fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].system_attrs["failed_trial"] == dead.number
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 class CountsReads:
     """Counts get_all_trials calls on a storage."""
 
