@@ -100,11 +100,15 @@ def test_ctrl_c_while_a_stale_trial_is_failed_waits_until_its_retry_is_queued(tm
 
     monkeypatch.setattr(storage, "set_trial_state_values", fail_then_ctrl_c)
     time.sleep(0.01)  # older than the grace period
-    with pytest.raises(KeyboardInterrupt):
-        fail_stale_trials(study)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # not one an earlier test's run left
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fail_stale_trials(study)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
     assert study.trials[1].system_attrs["failed_trial"] == dead.number
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 class CountsReads:
