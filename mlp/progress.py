@@ -64,6 +64,8 @@ class StudyProgress:
 
     def __call__(self, study: optuna.Study) -> None:
         self.study = study
+        if self.bar.disable:  # no read for a hidden bar: with many workers each pass's reads add up
+            return
         counts = StudyCounts.of(study.get_trials(deepcopy=False))
         self.bar.n = counts.finished
         self.bar.set_postfix_str(str(counts))  # also redraws the bar

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from mlp.budget import Budget
 from mlp.errors import UserError
+from mlp.progress import StudyProgress
 from mlp.search import SearchSpace
 from mlp.study import Heartbeats, KernelLock, connect, fail_stale_trials, open_study, run_trials, shown, storage_of
 from tests.test_reliability import ROOT
@@ -138,7 +139,8 @@ def test_a_pass_of_the_worker_loop_reads_the_trials_once(tmp_path, monkeypatch):
             super().start_trials(study, may_refill)
             reads.calls = 0
 
-    run_trials(study, Counted(), n_trials=4, budget=Budget(time.time() + 60))
+    # As a worker out of a terminal runs them (tune.py in the background, or started by another): its bar hidden.
+    run_trials(study, Counted(), n_trials=4, budget=Budget(time.time() + 60), progress=StudyProgress(4, file=None))
     # The stale trials' check and the pass's own read (before: three reads a pass beside the stale trials' query).
     assert Counted.per_pass[1:] == [2, 2, 2]
 
