@@ -1,6 +1,7 @@
 """The study in its storage, and the rules every worker on it follows: which trial to run next, when to wait for
 the others, the heartbeats by which a dead worker's trial is found and rerun, and which worker writes the report."""
 
+import contextlib
 import fcntl
 import gc
 import os
@@ -12,7 +13,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, Self
 
@@ -311,31 +312,9 @@ def gives_way(trial: optuna.Trial, epochs_trained: int) -> None:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the trials of workers whose heartbeat went stale; each is enqueued again once. Ctrl-C waits for the
-    end: landing between a trial's failure and its retry's queueing, it would leave the trial never retried."""
-    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning), CtrlCHeld():
+    """Fail the trials of workers whose heartbeat went stale; each is enqueued again once."""
+    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
         optuna.storages.fail_stale_trials(study)
-
-
-class CtrlCHeld:
-    """While the with block runs, Ctrl-C is held back, and delivered again as it ends to the handler before it."""
-
-    def __enter__(self) -> Self:
-        self.held, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            previous = signal.signal(signal.SIGINT, self.hold)
-            # None: a handler set outside Python, which cannot be put back; Python's own stands in for it.
-            self.previous = signal.default_int_handler if previous is None else previous
-        return self
-
-    def hold(self, signum: int, frame: object) -> None:
-        self.held = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.held:
-            signal.raise_signal(signal.SIGINT)
 
 
 def may_start_trial(study: optuna.Study, n_trials: int, trials: list[FrozenTrial] | None = None) -> bool:
@@ -361,7 +340,7 @@ def run_trials(study: optuna.Study, objective: TrialRunner, n_trials: int, budge
     trials, so that a dead worker's trial is failed once its heartbeat is stale and rerun here."""
 
     def may_refill() -> bool:  # as one of several trials trained at once ends (mlp.trials)
-        fail_stale_trials(study)
+        fail_stale_trials(study)  # in a run, where Ctrl-C waits for the batch's end (mlp.cli.InterruptAtBatchEnd)
         progress(study)
         return budget.trials_may_start(best_first(study))
 
@@ -369,8 +348,9 @@ def run_trials(study: optuna.Study, objective: TrialRunner, n_trials: int, budge
     with CtrlC() as ctrl_c:
         while True:
             ctrl_c.raise_if_requested()
+            with ctrl_c.held():  # between a stale trial's failure and its retry's queueing, it would never be retried
+                fail_stale_trials(study)
             # One read of the trials serves the pass (it read them four times): with 32 workers reads add up.
-            fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             if not budget.trials_may_start(ranked(trials)):
                 return
@@ -393,17 +373,29 @@ def run_trials(study: optuna.Study, objective: TrialRunner, n_trials: int, budge
 class CtrlC:
     """While the with block runs, Ctrl-C is recorded as well as raised, and `raise_if_requested` raises it again: a
     KeyboardInterrupt raised in a weakref callback or a __del__ (the gc.collect after a stack runs them) is dropped
-    as "Exception ignored". Within a run `mlp.cli.InterruptAtBatchEnd` takes Ctrl-C over, and hands it back."""
+    as "Exception ignored". Within `held()` it is only recorded, and raised as that block ends. Within a run
+    `mlp.cli.InterruptAtBatchEnd` takes Ctrl-C over, and hands it back."""
 
     def __enter__(self) -> Self:
-        self.requested, self.previous = False, None
+        self.requested, self.holding, self.previous = False, False, None
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             self.previous = signal.signal(signal.SIGINT, self.request)
         return self
 
     def request(self, signum: int, frame: object) -> None:
         self.requested = True
-        raise KeyboardInterrupt
+        if not self.holding:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block that Ctrl-C must not cut in two."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        self.raise_if_requested()
 
     def raise_if_requested(self) -> None:
         if self.requested:

@@ -104,7 +104,7 @@ def test_ctrl_c_while_a_stale_trial_is_failed_waits_until_its_retry_is_queued(tm
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # not one an earlier test's run left
     try:
         with pytest.raises(KeyboardInterrupt):
-            fail_stale_trials(study)
+            run_trials(study, Quadratic(), n_trials=1, budget=Budget(time.time() + 60))
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
