@@ -155,7 +155,7 @@ def export(model: Answer, path: str | Path) -> None:
         probabilities = model(images)
     """
     check_exportable(path)
-    example = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    example = torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     dynamic_shapes = ({0: torch.export.Dim("images")},)
     if Path(path).suffix == ".onnx":
         # external_data=False keeps the weights inside the one file; verbose=False silences its progress lines.

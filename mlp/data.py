@@ -26,6 +26,7 @@ FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-label
          "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 IMAGE_SIDE = 28
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training set, of which val_size are held out for validation
+TEST_IMAGES = 10_000
 EVAL_BATCH_SIZE = 2048  # evaluation keeps no activations for backward, so larger batches cost nothing extra
 MAX_IDX_BYTES = 2**27  # what a .gz may decompress to: 2.8 times Fashion-MNIST's largest file
 CHUNK_BYTES = 2**20

@@ -7,13 +7,14 @@ from itertools import pairwise
 import torch
 
 from mlp.cli import MLPCLI
-from mlp.data import CLASS_NAMES, EVAL_BATCH_SIZE, FashionMNISTDataModule
+from mlp.data import CLASS_NAMES, EVAL_BATCH_SIZE, TEST_IMAGES, TRAIN_IMAGES, FashionMNISTDataModule
 from mlp.errors import check
 from mlp.fused import stack_error
 from mlp.search import SearchSpace
 
 INPUTS, CLASSES = FashionMNISTDataModule.input_size, len(CLASS_NAMES)
-DATASET_BYTES = 70_000 * (INPUTS * 4 + 8)  # the whole of Fashion-MNIST as float pixels and int64 labels
+# The whole of Fashion-MNIST on the device as float pixels and int64 labels.
+DATASET_BYTES = (TRAIN_IMAGES + TEST_IMAGES) * (INPUTS * 4 + 8)
 
 
 def stack_bytes(fuse: int, depth: int, width: int, batch_size: int, optimizer: str, bytes_per_number: int) -> int:

@@ -16,10 +16,9 @@ from PIL import Image, ImageChops, ImageFilter, ImageOps, ImageStat, Unidentifie
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-from mlp.data import CorruptDatasetError, read_idx
+from mlp.data import IMAGE_SIDE, CorruptDatasetError, read_idx
 from mlp.errors import UserError, check
 
-SIZE = 28
 # Raster formats PIL decodes itself (JPEG includes MPO, the JPEG many cameras write, its first frame the photo).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
 # 160 MB decoded as RGBA; a larger JPEG is decoded at a fraction of its size (draft mode), so only others meet it.
@@ -109,7 +108,7 @@ def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
     else:
         rgb = image.convert("RGB")
     background = corner_colour(rgb)
-    if rgb.size == (SIZE, SIZE) and max(background) < 128:
+    if rgb.size == (IMAGE_SIDE, IMAGE_SIDE) and max(background) < 128:
         return steps + [("already Fashion-MNIST-like: kept", rgb.convert("L"))]
     plain = Image.new("RGB", rgb.size, background)
     # The largest difference over the bands, so an item differing from the background in colour alone counts.
@@ -118,10 +117,10 @@ def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
     check(box is not None, "the image is all one colour (nothing differs from its corners by more than 5 %): "
           "there is no item to classify")
     trimmed = rgb.crop(box)
-    resized = ImageOps.contain(trimmed, (SIZE, SIZE), Image.Resampling.LANCZOS)
+    resized = ImageOps.contain(trimmed, (IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.LANCZOS)
     # The paper's Gaussian of radius and sigma 1.0; PIL's radius is the Gaussian's sigma.
     sharpened = resized.filter(ImageFilter.UnsharpMask(radius=1.0, percent=100, threshold=0))
-    padded = ImageOps.pad(sharpened, (SIZE, SIZE), color=background, centering=(0.5, 0.5))
+    padded = ImageOps.pad(sharpened, (IMAGE_SIDE, IMAGE_SIDE), color=background, centering=(0.5, 0.5))
     negated = ImageChops.difference(padded, Image.new("RGB", padded.size, background))
     # On a background other than white or black an item can differ from it by less than 255 (black on mid grey by
     # 128): the difference is scaled to the largest possible, keeping Fashion-MNIST's contrast (on white, by 1).
@@ -160,6 +159,7 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
         # Truncated or damaged; PIL's bound on text chunks raises ValueError, some damaged headers SyntaxError.
         raise UserError(f"{path}: cannot be read as an image ({error})") from None
     height, width = images.shape[1:]
-    check((height, width) == (SIZE, SIZE), f"{path}: images are {width}x{height} pixels; with --no-prepare the "
-          "model takes 28x28 grayscale images, as Fashion-MNIST's: leave --no-prepare out, or resize it to 28x28 first")
+    check((height, width) == (IMAGE_SIDE, IMAGE_SIDE),
+          f"{path}: images are {width}x{height} pixels; with --no-prepare the model takes 28x28 grayscale images, as "
+          "Fashion-MNIST's: leave --no-prepare out, or resize it to 28x28 first")
     return images

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mlp.data import CLASS_NAMES
+from mlp.data import CLASS_NAMES, IMAGE_SIDE
 from mlp.net import ACTIVATIONS, PRELU_INIT_SLOPE, prelu, prelu_grad
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def activations_image(selected: str) -> np.ndarray:
 def predictions_figure(images: Tensor, predicted: Tensor, true: Tensor, columns: int = 8) -> Figure:
     """A grid of images titled 'predicted / true', red where the two differ: one picture in one axes, each image
     scaled to its own range, since an axes per image made drawing this figure most of a test run on a CPU."""
-    side, title = 28, 14  # pixels of an image, and of the blank band above it that holds its title
+    side, title = IMAGE_SIDE, 14  # pixels of an image, and of the blank band above it that holds its title
     rows = (len(images) + columns - 1) // columns
     pictures = images.detach().cpu().float().reshape(-1, side, side)
     low = pictures.amin(dim=(1, 2), keepdim=True)
