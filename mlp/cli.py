@@ -34,9 +34,9 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 class MLPCLI(LightningCLI):
     """LightningCLI with a best-by-val/acc checkpoint, a quieter progress bar and a `--ckpt_path` to resume from."""
 
-    # Building the parser reads every class signature, which takes as long as parsing and instantiating
-    # together (about 40 ms of a 90 ms build on the 2-core machine); tune.py builds a run per trial, so the
-    # runs of one process share the parser that the same settings built.
+    # Building the parser reads every class signature, which takes longer than parsing and instantiating together
+    # (docs/results.md#parser-cpu); tune.py builds a run per trial, so the runs of one process share the parser
+    # that the same settings built.
     parsers: ClassVar[dict[str, LightningArgumentParser]] = {}
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
@@ -237,7 +237,7 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
             auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
             # The model and data save their own __init__ arguments (save_hyperparameters), all plain values, so a
             # checkpoint reloads without LightningCLI's copy of the whole config, which it dumps to YAML and
-            # parses back in every build: a third of a tuning trial's build (69 ms against 45 on the 2-core CPU).
+            # parses back in every build: a third of a tuning trial's build (docs/results.md#build-cpu).
             load_from_checkpoint_support=False,
             trainer_defaults={"max_epochs": 20, "use_distributed_sampler": False, "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
