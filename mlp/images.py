@@ -159,7 +159,8 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
         # Truncated or damaged; PIL's bound on text chunks raises ValueError, some damaged headers SyntaxError.
         raise UserError(f"{path}: cannot be read as an image ({error})") from None
     height, width = images.shape[1:]
+    size = f"{IMAGE_SIDE}x{IMAGE_SIDE}"
     check((height, width) == (IMAGE_SIDE, IMAGE_SIDE),
-          f"{path}: images are {width}x{height} pixels; with --no-prepare the model takes 28x28 grayscale images, as "
-          "Fashion-MNIST's: leave --no-prepare out, or resize it to 28x28 first")
+          f"{path}: images are {width}x{height} pixels; with --no-prepare the model takes {size} grayscale images, as "
+          f"Fashion-MNIST's: leave --no-prepare out, or resize it to {size} first")
     return images

@@ -108,7 +108,8 @@ def heartbeat_storage(storage_url: str, attempts: int = 6) -> RDBStorage:
             storage.engine.dispose()  # the connections that created the tables reopen with it
         return storage
     # The storage that lost keeps its pool's connections open until it is collected, which its cycles put off:
-    # collected now, so a worker holds no more connections than its own pool's two (docs/scaling.md).
+    # collected now, so a worker holds no more connections than its own pool's two (docs/scaling.md). Here, not in
+    # the except block: the error's traceback holds the half-built storage until that block ends.
     gc.collect()
     time.sleep(random.uniform(0.5, 1.5) * 2 ** (6 - attempts))
     return heartbeat_storage(storage_url, attempts - 1)
