@@ -4,6 +4,7 @@ the others, the heartbeats by which a dead worker's trial is found and rerun, an
 import contextlib
 import fcntl
 import gc
+import json
 import os
 import random
 import re
@@ -48,8 +49,11 @@ def connect(storage: str) -> BaseStorage:
     if is_journal(storage):
         try:
             Path(storage).parent.mkdir(parents=True, exist_ok=True)
+            if why := not_a_journal(Path(storage)):
+                raise UserError(why)
             return HeartbeatJournal(storage)
-        except (OSError, ValueError) as error:  # a folder in the way, no permission; ValueError: not a journal
+        # A folder in the way, no permission; ValueError, KeyError: lines no journal holds.
+        except (OSError, ValueError, KeyError, UserError) as error:
             raise UserError(f"cannot open the study storage {shown(storage)} as a journal file: {error}") from None
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +64,32 @@ def connect(storage: str) -> BaseStorage:
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         first_line = str(error).splitlines()[0]  # SQLAlchemy appends the SQL and a link to its docs
         raise UserError(f"cannot open the study storage {shown(storage)}: {masked(first_line, storage)}") from None
+
+
+def not_a_journal(path: Path) -> str | None:
+    """Why the file is no journal to open and append to, or None when it is new, empty or opens with a journal's
+    first record: Optuna takes a last line that is no record for one still being written, and would append to any
+    one-line file. Read under the writers' lock, whose file is removed again beside a file that is no journal."""
+    if not path.is_file():
+        return None
+    lock = KernelLock(str(path))
+    had_lock_file = Path(lock.path).exists()
+    lock.acquire()
+    try:
+        with path.open("rb") as file:
+            first = file.readline()
+    finally:
+        lock.release()
+    try:
+        if not first or "op_code" in json.loads(first):
+            return None
+    except (ValueError, TypeError):  # no JSON, not UTF-8; TypeError: JSON, but no object
+        pass
+    if not had_lock_file:
+        Path(lock.path).unlink(missing_ok=True)
+    if first.startswith(b"SQLite format 3\0"):
+        return f"it is an SQLite file, left as it is; give sqlite:///{path}"
+    return "it is no journal Optuna wrote, and is left as it is; give a new path"
 
 
 def is_journal(storage: str) -> bool:

@@ -224,6 +224,21 @@ def test_a_journal_file_in_a_folder_that_cannot_exist_is_one_clear_line(tmp_path
         connect(str(tmp_path / "file" / "study.journal"))
 
 
+def test_a_file_that_is_no_journal_is_refused_in_one_line_and_left_as_it_was(tmp_path):
+    """Optuna reads a last line that is no record as one still being written, so it would append to these."""
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    files = {"notes.txt": b"hello\n", "count.log": b"1\n", "rows.jsonl": b'{"a": 1}\n', "study.db": None}
+    for name, content in files.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        before = path.read_bytes()
+        why = "an SQLite file, left as it is; give sqlite:///" if name == "study.db" else "no journal Optuna wrote"
+        with pytest.raises(UserError, match=f"cannot open the study storage .*{name}.* as a journal file: it is {why}"):
+            connect(str(path))
+        assert path.read_bytes() == before and not (tmp_path / f"{name}.flock").exists()
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_optuna_dashboard_reads_the_journal_file(tmp_path):
     storage_url = pytest.importorskip("optuna_dashboard._storage_url", reason="pip install optuna-dashboard")
