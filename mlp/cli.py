@@ -2,7 +2,6 @@
 scripts/tune.py both build their runs here, so a flag means the same in both."""
 
 import logging
-import pickle
 import signal
 import sys
 import threading
@@ -15,10 +14,11 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mlp.data import FashionMNISTDataModule
 from mlp.errors import UserError, check
-from mlp.loading import why_not_weights
+from mlp.loading import read_checkpoint
 from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
@@ -92,6 +92,14 @@ class MLPCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [latest, divergence_guard(validates), InterruptAtBatchEnd()]
         if self.config.ckpt_path == "last":
             self.resume_last()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Lightning checks the accelerator, devices and strategy against the machine as the Trainer is built, and its
+        # message says what is wrong (no GPU, a strategy that needs one, devices 0).
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as error:
+            raise UserError(f"the --trainer flags do not fit this machine or each other: {error}") from None
 
     def resume_last(self) -> None:
         """`--ckpt_path last`: continue the newest run that saved last.ckpt or on_exception.ckpt, from the newer
@@ -207,15 +215,33 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     """cli.trainer.fit on the CLI's model and data, with Ctrl-C surfacing as KeyboardInterrupt: Lightning handles
     Ctrl-C by saving what its callbacks save and calling sys.exit(1); callers (the script's error handler, Optuna's
     trial bookkeeping) need to know it was an interruption, not an ordinary exit."""
+    if ckpt_path not in (None, "last"):  # "last" stays only where Lightning looks for it (no log folder of ours)
+        check_resumable(ckpt_path, cli)
     try:
         # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"--ckpt_path {ckpt_path} is refused: {why_not_weights(Path(str(ckpt_path)))}") from None
     except SystemExit as exit:
         if cli.trainer.interrupted:
             raise KeyboardInterrupt from exit
         raise
+
+
+def check_resumable(ckpt_path: str, cli: MLPCLI) -> None:
+    """A run resumes from a checkpoint of fit.py's with the model and split it began with: another net would not
+    load, other hyperparameters would be overridden by the saved optimiser and schedule, and another split would
+    validate on images the run trained on. (A schedule made for another length: MLPClassifier.configure_optimizers.)"""
+    try:
+        saved = read_checkpoint(Path(ckpt_path))
+    except UserError as error:  # not found, no checkpoint, or a pickle that would run code
+        raise UserError(f"--ckpt_path {error}") from None
+    split = ("val_size", "seed")
+    began = {**{f"model.{k}": v for k, v in saved.hyper_parameters.items()},
+             **{f"data.{k}": getattr(saved.datamodule_hyper_parameters, k) for k in split}}
+    now = {**{f"model.{k}": v for k, v in cli.model.hparams.items()},
+           **{f"data.{k}": cli.datamodule.hparams[k] for k in split}}
+    changed = [f"--{flag} {was} (now {now[flag]})" for flag, was in began.items() if flag in now and was != now[flag]]
+    check(not changed, f"--ckpt_path {ckpt_path} began with {', '.join(changed)}: resume with the flags its run began "
+          "with, or start a new run without --ckpt_path")
 
 
 def release_processes() -> None:

@@ -60,6 +60,11 @@ def make_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], steps
     return None
 
 
+# What fixes a schedule's length, by torch's names: a run resumed with other --trainer.max_epochs, batch size or
+# devices would get the saved schedule back, made for its first length, and step past its end.
+SCHEDULE_LENGTH = ("total_steps", "T_max", "milestones")
+
+
 def start_run(model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None,
               max_epochs: int) -> None:
     """A model's run begins, alone or in a stack (`mlp.fused`), both alike: the sanity check's validation ran on an
@@ -158,6 +163,7 @@ class MLPClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
         self.epoch_start = time.perf_counter()  # a run resumed mid-epoch starts without on_train_epoch_start
+        self.resumed_schedules: list[dict[str, Any]] = []  # a resumed run's saved ones (on_load_checkpoint)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -255,8 +261,18 @@ class MLPClassifier(L.LightningModule):
             add_test_figures(self.logger.experiment, self.test_confusion, self.test_examples)
         self.test_confusion.reset()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resumed_schedules = checkpoint.get("lr_schedulers", [])  # Lightning restores them after configuring
+
     def configure_optimizers(self):
-        return self.optimizer_and_schedule(self.trainer.estimated_stepping_batches)
+        configured = self.optimizer_and_schedule(self.trainer.estimated_stepping_batches)
+        if self.resumed_schedules and "lr_scheduler" in configured:
+            saved, fresh = self.resumed_schedules[0], configured["lr_scheduler"]["scheduler"].state_dict()
+            check(all(saved.get(key) == fresh.get(key) for key in SCHEDULE_LENGTH),
+                  f"--ckpt_path: its run's {self.hparams.schedule} schedule was made for another number of optimiser "
+                  "steps than these flags give; a schedule cannot be stretched, so resume with the "
+                  "--trainer.max_epochs, batch size and devices the run began with, or start a new run")
+        return configured
 
     def optimizer_and_schedule(self, steps: int, fused: bool = True) -> dict[str, Any]:
         """The optimiser over this model's parameters (`make_optimizer`) and its learning-rate schedule over `steps`

@@ -182,6 +182,8 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--model.optimizer=rmsprop", "'sgd', 'adam'"),
         ("--trainer.max_epochs=0", "max_epochs must be >= 1"),
         ("--trainer.max_epochs=-1", "max_epochs -1 trains without end, but the onecycle schedule needs to know"),
+        ("--trainer.devices=0", "the --trainer flags do not fit this machine or each other: `Trainer(devices='0')`"),
+        ("--trainer.strategy=nope", "the --trainer flags do not fit this machine or each other: You selected an"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):

@@ -241,6 +241,33 @@ def test_ckpt_path_last_resumes_the_newest_run_that_saved_a_checkpoint_and_never
     assert sorted((log_dir / "fit").iterdir()) == runs  # continued in version_0's folder
 
 
+def test_a_run_resumes_only_as_it_began_and_any_other_file_is_one_clear_error(synthetic_dir, tmp_path):
+    import torch
+
+    from mlp.errors import UserError
+
+    log_dir = tmp_path / "logs"
+    args = fit_args(synthetic_dir, log_dir, "--model.depth=1", "--model.width=8", "--trainer.max_epochs=1")
+    fit.main(args)
+    last = log_dir / "fit" / "version_0" / "checkpoints" / "last.ckpt"
+    (tmp_path / "empty.ckpt").touch()
+    torch.save({"epoch": 3}, tmp_path / "other.ckpt")
+    refused = {
+        "nowhere.ckpt": "--ckpt_path checkpoint .*nowhere.ckpt not found",
+        "empty.ckpt": "--ckpt_path .*empty.ckpt is not a checkpoint",
+        "other.ckpt": "--ckpt_path .*other.ckpt is not a checkpoint as fit.py or tune.py write it",
+    }
+    for name, message in refused.items():
+        with pytest.raises(UserError, match=message):
+            fit.main([*args, f"--ckpt_path={tmp_path / name}"])
+    with pytest.raises(UserError, match=r"began with --model.width 8 \(now 16\), --data.seed 0 \(now 1\): resume"):
+        fit.main([*args, "--model.width=16", "--data.seed=1", f"--ckpt_path={last}"])
+    # The one-cycle schedule was made for one epoch's steps: two would step past its end.
+    with pytest.raises(UserError, match="schedule was made for another number of optimiser steps"):
+        fit.main([*args, "--trainer.max_epochs=2", f"--ckpt_path={last}"])
+    fit.main([*args, f"--ckpt_path={last}"])  # as it began: the run had ended, so it only tests again
+
+
 def test_runs_built_from_other_classes_get_a_parser_of_their_own(synthetic_dir, tmp_path, monkeypatch):
     from mlp.cli import build_cli
     from mlp.module import MLPClassifier
