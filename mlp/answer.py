@@ -7,6 +7,7 @@ standardised (a refit trained on all 60,000 images, a trial on 55,000: their mea
 that module as one file that torch alone loads, or as ONNX.
 """
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -162,4 +163,6 @@ def export(model: Answer, path: str | Path) -> None:
         torch.onnx.export(model.eval(), (example,), path, input_names=["images"], output_names=["probabilities"],
                           dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
     else:
-        torch.export.save(torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic_shapes), path)
+        program = io.BytesIO()  # written by Python, so that a path it cannot write to is an OSError, not torch's
+        torch.export.save(torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic_shapes), program)
+        Path(path).write_bytes(program.getvalue())

@@ -13,13 +13,16 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
-def run_script(main: Callable[[], object], interrupted: str) -> None:
-    """Run a script's main; report bad input, I/O failures and Ctrl-C in one line and a non-zero exit."""
+def run_script(main: Callable[[], object], interrupted: str,
+               writes_with: str | None = "--trainer.logger.init_args.save_dir") -> None:
+    """Run a script's main; report bad input, I/O failures and Ctrl-C in one line and a non-zero exit.
+    `writes_with`: the flags that choose where the script writes (None: it writes nothing), named when I/O fails."""
     try:
         main()
     except UserError as error:
         sys.exit(f"error: {error}")
-    except OSError as error:  # disk full, permission denied, a log path under a file...
-        sys.exit(f"error: {error}\nfree some space or choose another folder with --trainer.logger.init_args.save_dir")
+    except OSError as error:  # disk full, permission denied, a path under a file...
+        hint = f"\nfree some space, or choose another path with {writes_with}" if writes_with else ""
+        sys.exit(f"error: {error}{hint}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: {interrupted}")

@@ -37,6 +37,7 @@ from torchvision.datasets import FashionMNIST  # noqa: E402
 
 from mlp.cli import build_cli  # noqa: E402
 from mlp.data import FashionMNISTDataModule  # noqa: E402
+from mlp.errors import run_script  # noqa: E402
 from mlp.fused import FusedClassifier  # noqa: E402
 from mlp.module import MLPClassifier  # noqa: E402
 from mlp.trials import group_cli, pads_widths  # noqa: E402
@@ -226,4 +227,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, interrupted="nothing was written", writes_with=None)

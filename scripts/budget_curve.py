@@ -285,4 +285,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_script(main, interrupted="the runs that finished are kept; run the same command again to continue the curve")
+    run_script(main, interrupted="the runs that finished are kept; run the same command again to continue the curve",
+               writes_with="--out")

@@ -31,4 +31,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_script(main, interrupted="nothing was saved")
+    run_script(main, interrupted="nothing was saved", writes_with=None)

@@ -40,4 +40,5 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_script(main, interrupted="finished runs are kept; run the same command again to continue")
+    run_script(main, interrupted="finished runs are kept; run the same command again to continue",
+               writes_with="--save_dir")

@@ -137,4 +137,4 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 
 
 if __name__ == "__main__":
-    run_script(main, interrupted="nothing was written")
+    run_script(main, interrupted="nothing was written", writes_with="--output, --export or --save-prepared")

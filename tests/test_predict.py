@@ -508,6 +508,18 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
     assert exit.value.code.startswith("error: ") and expected in exit.value.code
 
 
+def test_a_path_predict_cannot_write_is_an_error_naming_the_flags_that_choose_it(study, tmp_path):
+    (tmp_path / "folder.pt2").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    for args in ([str(study), "--export", str(tmp_path / "folder.pt2")],
+                 [str(study), str(tmp_path / "fine.png"), "--output", str(tmp_path / "nowhere" / "rows.csv")]):
+        with pytest.raises(SystemExit) as exit:
+            run_script(lambda: predict.main(args), "", writes_with="--output, --export or --save-prepared")
+        error, hint = exit.value.code.splitlines()
+        assert error.startswith("error: [Errno") and args[-1] in error
+        assert hint == "free some space, or choose another path with --output, --export or --save-prepared"
+
+
 def test_predict_on_a_bad_file_prints_one_line_without_a_traceback(study, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
