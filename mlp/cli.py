@@ -234,6 +234,9 @@ def check_resumable(ckpt_path: str, cli: MLPCLI) -> None:
         saved = read_checkpoint(Path(ckpt_path))
     except UserError as error:  # not found, no checkpoint, or a pickle that would run code
         raise UserError(f"--ckpt_path {error}") from None
+    check(saved.optimizer_states is not None, f"--ckpt_path {ckpt_path} holds a model's weights alone, as tune.py "
+          "saves a trial's, not a run's state to resume: train a configuration anew, as fit.py --config with a "
+          "study's best_config.yaml does")
     split = ("val_size", "seed")
     began = {**{f"model.{k}": v for k, v in saved.hyper_parameters.items()},
              **{f"data.{k}": getattr(saved.datamodule_hyper_parameters, k) for k in split}}

@@ -45,6 +45,7 @@ class Checkpoint(Schema):
     datamodule_hyper_parameters: DataSettings
     state_dict: dict[str, InstanceOf[torch.Tensor]]
     FashionMNISTDataModule: Standardisation | None = None  # older checkpoints lack it
+    optimizer_states: list[Any] | None = None  # a run's, to resume it; a stacked trial's or refit's has none
 
 
 class Candidate(Schema):

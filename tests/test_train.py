@@ -265,6 +265,11 @@ def test_a_run_resumes_only_as_it_began_and_any_other_file_is_one_clear_error(sy
     # The one-cycle schedule was made for one epoch's steps: two would step past its end.
     with pytest.raises(UserError, match="schedule was made for another number of optimiser steps"):
         fit.main([*args, "--trainer.max_epochs=2", f"--ckpt_path={last}"])
+    weights = torch.load(last, weights_only=True)
+    torch.save({key: weights[key] for key in ("hyper_parameters", "datamodule_hyper_parameters", "state_dict")},
+               tmp_path / "weights.ckpt")  # as tune.py saves a stacked trial's
+    with pytest.raises(UserError, match="weights.ckpt holds a model's weights alone"):
+        fit.main([*args, f"--ckpt_path={tmp_path / 'weights.ckpt'}"])
     fit.main([*args, f"--ckpt_path={last}"])  # as it began: the run had ended, so it only tests again
 
 
