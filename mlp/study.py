@@ -72,7 +72,7 @@ def not_a_journal(path: Path) -> str | None:
     one-line file. Read under the writers' lock, whose file is removed again beside a file that is no journal."""
     if not path.is_file():
         return None
-    lock = KernelLock(str(path))
+    lock = KernelLock(str(path), mends=False)  # not yet known to be a journal
     had_lock_file = Path(lock.path).exists()
     lock.acquire()
     try:
@@ -190,19 +190,40 @@ class KernelLock(JournalFileOpenLock):
     frees a dead process's flock at once and wakes a waiter (docs/scaling.md). A plain Optuna process writing to
     the same file would not wait for it (reading, as optuna-dashboard does, takes no lock)."""
 
-    def __init__(self, journal: str) -> None:
+    def __init__(self, journal: str, mends: bool = True) -> None:
         # Optuna's lock class only for its interface (the base, BaseJournalFileLock, is private): none of its state.
-        self.path, self.held = f"{journal}.flock", -1
+        self.journal, self.path, self.held, self.mends = journal, f"{journal}.flock", -1, mends
 
     def acquire(self) -> bool:
         held = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(held, fcntl.LOCK_EX)
         self.held = held
+        if self.mends:
+            cut_torn_record(self.journal)
         return True
 
     def release(self) -> None:
         held, self.held = self.held, -1
         os.close(held)  # closing the file releases its lock
+
+
+def cut_torn_record(journal: str) -> None:
+    """Cut a last record a writer left unfinished as it died (a full disk, a power cut): Optuna reads past it as one
+    still being written, but the next record appended would join it in a line no reader parses, and the study could
+    never be read again. Called under the writers' lock, so no writer of ours is mid-write."""
+    try:
+        file = open(journal, "rb+")
+    except FileNotFoundError:
+        return  # Optuna creates it before its first write
+    with file:
+        size = file.seek(0, os.SEEK_END)
+        if size == 0 or (file.seek(size - 1), file.read(1))[1] == b"\n":
+            return
+        file.seek(0)
+        kept = file.read().rfind(b"\n") + 1
+        file.truncate(kept)
+        log.warning(f"The study journal {journal} ended in an unfinished record ({size - kept} bytes, left by a writer "
+                    "that died as it wrote); cut, as Optuna had read past it.")
 
 
 def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:

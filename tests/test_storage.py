@@ -224,6 +224,20 @@ def test_a_journal_file_in_a_folder_that_cannot_exist_is_one_clear_line(tmp_path
         connect(str(tmp_path / "file" / "study.journal"))
 
 
+def test_a_record_a_dead_writer_left_unfinished_is_cut_before_the_next_is_appended(tmp_path):
+    """Half a line from a writer that died as it wrote (a full disk, a power cut): Optuna reads past it, but the next
+    record appended to it made a line no reader parses, and the study could never be read again."""
+    path = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="s", storage=connect(path))
+    study.tell(study.ask(), 0.5)
+    with open(path, "ab") as file:
+        file.write(b'{"op_code":4,"worker_id":"dead","study_id":0,"datetime_st')
+    study.tell(study.ask(), 0.7)  # this worker appends next
+    content = (tmp_path / "study.journal").read_bytes()
+    assert content.endswith(b"}\n") and b'"dead"' not in content
+    assert [t.value for t in optuna.load_study(study_name="s", storage=connect(path)).trials] == [0.5, 0.7]
+
+
 def test_a_file_that_is_no_journal_is_refused_in_one_line_and_left_as_it_was(tmp_path):
     """Optuna reads a last line that is no record as one still being written, so it would append to these."""
     optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
