@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 import mlp.run
 from mlp.cli import LOG_DIR, build_cli, divergence_message
-from mlp.errors import check
+from mlp.errors import UserError, check
 
 D2L_SETTING = {
     "model.depth": 1, "model.width": 256, "model.init": "normal", "model.optimizer": "sgd", "model.lr": 0.1,
@@ -80,7 +80,7 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     return {"changes": differences(changes), "val_acc": cli.trainer.checkpoint_callback.best_model_score.item(),
             "best_epoch": best_epoch, "val_acc_per_epoch": history.per_epoch,
             "diverged": divergence_message(cli.trainer) is not None, "checkpoint": checkpoint,
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": round(time.perf_counter() - start, 1), "fit_flags": extra}
 
 
 def test(run: dict, save_dir: Path, extra: list[str]) -> float:
@@ -99,6 +99,11 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
     check(not unknown, f"--only {' '.join(sorted(unknown))}: not in the {sweep} sweep ({' '.join(names)})")
     results_file = save_dir / "exercises" / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    # A run is kept by name: one trained with other fit flags (fewer epochs, other data) must not join this sweep.
+    if other := [name for name in names if name in results and results[name].get("fit_flags", []) != extra]:
+        raise UserError(f"{results_file} holds {', '.join(other)} trained with the fit flags "
+                        f"{results[other[0]].get('fit_flags', [])}, not {extra}: give the same flags, or another "
+                        "--save_dir for runs with these")
 
     def save() -> None:
         results_file.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@
     python scripts/exercises.py width --only width=1024 width=2048   # just these runs, for now
 
 Finished runs are kept in lightning_logs/exercises/results.json, so a sweep resumes where it stopped and
-a run two sweeps share is trained once. Any other flag goes to fit, e.g. --data.data_dir DIR; runs are
-remembered by name only, so give runs with other fit flags their own --save_dir.
+a run two sweeps share is trained once. Any other flag goes to fit, e.g. --data.data_dir DIR; a run is kept
+with its fit flags, and a rerun with others is refused: give runs with other fit flags their own --save_dir.
 """
 
 import argparse

@@ -58,6 +58,9 @@ def test_sweep_selects_on_validation_tests_the_choice_once_and_resumes(sweep_arg
     assert again["runs"] == runs
     saved = json.loads((tmp_path / "logs" / "exercises" / "results.json").read_text())
     assert saved == runs
+    with pytest.raises(UserError, match=r"holds lr=0.01, d2l, lr=1.0, lr=10.0 trained with the fit flags .*"
+                                        r"--trainer.max_epochs=2.*, not .*--trainer.max_epochs=3"):
+        exercises_script.main([*sweep_args, "--trainer.max_epochs=3"])  # a run is not taken for another's
 
 
 def test_runs_are_named_by_what_differs_from_d2l_so_sweeps_share_them():
