@@ -38,6 +38,7 @@ import mlp.study  # noqa: E402
 from mlp.data import FILES, load_split, locate_fashion_mnist  # noqa: E402
 from mlp.errors import UserError, check, run_script  # noqa: E402
 from mlp.postgres import Unavailable, throwaway_postgres  # noqa: E402
+from mlp.records import TrialRecord  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -201,11 +202,14 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
             # kill hit no trial, so another worker's is killed instead.
             missed += [killed.pop(n) for n, when in list(killed.items()) if ended_before(trials, n, when)]
             if len(killed) < kill or len(interrupted) < interrupt:
-                # Only a trial that reported an epoch has surely beaten, and one with all ten of its reports (at the
-                # tenths of its schedule) is about to end: a worker holds one trial (--fuse 1). A killed trial's retry
-                # is spared: killed or interrupted in turn, it is not retried again, and its original seems never rerun.
-                running = [t for t in trials if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 10
-                           and "failed_trial" not in t.system_attrs]
+                # Only a trial that trained an epoch has surely beaten, and one near its end may end before the kill
+                # lands (the read takes a while): with epochs to spare, one two epochs from its end is not taken, as
+                # two workers have no other to kill instead. A worker holds one trial (--fuse 1). A killed trial's
+                # retry is spared: killed or interrupted in turn, it is not retried again, and its original seems
+                # never rerun.
+                last_taken = max(1, args.epochs - 3)  # epochs trained
+                running = [t for t in trials if t.state == TrialState.RUNNING and "failed_trial" not in t.system_attrs
+                           and 1 <= TrialRecord.of(t).epochs_trained <= last_taken]
                 by_pid = {int(t.user_attrs["worker"].rsplit(":", 1)[1]): t for t in running
                           if t.user_attrs.get("worker")}
                 for index, process in enumerate(processes):
