@@ -217,7 +217,8 @@ def cut_torn_record(journal: str) -> None:
         return  # Optuna creates it before its first write
     with file:
         size = file.seek(0, os.SEEK_END)
-        if size == 0 or (file.seek(size - 1), file.read(1))[1] == b"\n":
+        file.seek(max(size - 1, 0))
+        if file.read(1) in (b"", b"\n"):  # empty, or its last record whole
             return
         file.seek(0)
         kept = file.read().rfind(b"\n") + 1
