@@ -74,12 +74,16 @@ def not_a_journal(path: Path) -> str | None:
         return None
     lock = KernelLock(str(path), mends=False)  # not yet known to be a journal
     had_lock_file = Path(lock.path).exists()
-    lock.acquire()
+    try:
+        lock.acquire()
+    except PermissionError:  # a folder this process may only read (another user's study): it writes nothing there
+        pass
     try:
         with path.open("rb") as file:
             first = file.readline()
     finally:
-        lock.release()
+        if lock.held != -1:
+            lock.release()
     try:
         if not first or "op_code" in json.loads(first):
             return None

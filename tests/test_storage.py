@@ -238,6 +238,18 @@ def test_a_record_a_dead_writer_left_unfinished_is_cut_before_the_next_is_append
     assert [t.value for t in optuna.load_study(study_name="s", storage=connect(path)).trials] == [0.5, 0.7]
 
 
+def test_a_journal_in_a_folder_this_process_may_only_read_is_still_read(tmp_path, monkeypatch):
+    path = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="s", storage=connect(path))
+    study.tell(study.ask(), 0.5)
+
+    def refused(lock: KernelLock) -> bool:  # as in another user's study folder, where no lock file can be made
+        raise PermissionError(13, "Permission denied", lock.path)
+
+    monkeypatch.setattr(KernelLock, "acquire", refused)
+    assert [t.value for t in optuna.load_study(study_name="s", storage=connect(path)).trials] == [0.5]
+
+
 def test_a_file_that_is_no_journal_is_refused_in_one_line_and_left_as_it_was(tmp_path):
     """Optuna reads a last line that is no record as one still being written, so it would append to these."""
     optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
