@@ -4,7 +4,6 @@ the others, the heartbeats by which a dead worker's trial is found and rerun, an
 import contextlib
 import fcntl
 import gc
-import json
 import os
 import random
 import re
@@ -67,30 +66,16 @@ def connect(storage: str) -> BaseStorage:
 
 
 def not_a_journal(path: Path) -> str | None:
-    """Why the file is no journal to open and append to, or None when it is new, empty or opens with a journal's
-    first record: Optuna takes a last line that is no record for one still being written, and would append to any
-    one-line file. Read under the writers' lock, whose file is removed again beside a file that is no journal."""
+    """Why the file is no journal to open and append to, or None when it is new, empty or opens as every record of
+    Optuna's does, whole or still being written: Optuna takes a last line that is no record for one still being
+    written, and would append to any one-line file."""
     if not path.is_file():
         return None
-    lock = KernelLock(str(path), mends=False)  # not yet known to be a journal
-    had_lock_file = Path(lock.path).exists()
-    try:
-        lock.acquire()
-    except PermissionError:  # a folder this process may only read (another user's study): it writes nothing there
-        pass
-    try:
-        with path.open("rb") as file:
-            first = file.readline()
-    finally:
-        if lock.held != -1:
-            lock.release()
-    try:
-        if not first or "op_code" in json.loads(first):
-            return None
-    except (ValueError, TypeError):  # no JSON, not UTF-8; TypeError: JSON, but no object
-        pass
-    if not had_lock_file:
-        Path(lock.path).unlink(missing_ok=True)
+    with path.open("rb") as file:
+        first = file.readline()
+    record = b'{"op_code"'  # how Optuna begins every record
+    if first.startswith(record) or record.startswith(first):  # a whole record, or the first being written, or none
+        return None
     if first.startswith(b"SQLite format 3\0"):
         return f"it is an SQLite file, left as it is; give sqlite:///{path}"
     return "it is no journal Optuna wrote, and is left as it is; give a new path"
@@ -194,16 +179,15 @@ class KernelLock(JournalFileOpenLock):
     frees a dead process's flock at once and wakes a waiter (docs/scaling.md). A plain Optuna process writing to
     the same file would not wait for it (reading, as optuna-dashboard does, takes no lock)."""
 
-    def __init__(self, journal: str, mends: bool = True) -> None:
+    def __init__(self, journal: str) -> None:
         # Optuna's lock class only for its interface (the base, BaseJournalFileLock, is private): none of its state.
-        self.journal, self.path, self.held, self.mends = journal, f"{journal}.flock", -1, mends
+        self.journal, self.path, self.held = journal, f"{journal}.flock", -1
 
     def acquire(self) -> bool:
         held = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(held, fcntl.LOCK_EX)
         self.held = held
-        if self.mends:
-            cut_torn_record(self.journal)
+        cut_torn_record(self.journal)
         return True
 
     def release(self) -> None:
