@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
@@ -237,11 +238,12 @@ def check_resumable(ckpt_path: str, cli: MLPCLI) -> None:
     check(saved.optimizer_states is not None, f"--ckpt_path {ckpt_path} holds a model's weights alone, as tune.py "
           "saves a trial's, not a run's state to resume: train a configuration anew, as fit.py --config with a "
           "study's best_config.yaml does")
-    split = ("val_size", "seed")
-    began = {**{f"model.{k}": v for k, v in saved.hyper_parameters.items()},
-             **{f"data.{k}": getattr(saved.datamodule_hyper_parameters, k) for k in split}}
-    now = {**{f"model.{k}": v for k, v in cli.model.hparams.items()},
-           **{f"data.{k}": cli.datamodule.hparams[k] for k in split}}
+
+    def flags(model: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+        return {**{f"model.{k}": v for k, v in model.items()}, **{f"data.{k}": data[k] for k in ("val_size", "seed")}}
+
+    began = flags(saved.hyper_parameters, saved.datamodule_hyper_parameters.model_dump())
+    now = flags(cli.model.hparams, cli.datamodule.hparams)
     changed = [f"--{flag} {was} (now {now[flag]})" for flag, was in began.items() if flag in now and was != now[flag]]
     check(not changed, f"--ckpt_path {ckpt_path} began with {', '.join(changed)}: resume with the flags its run began "
           "with, or start a new run without --ckpt_path")
