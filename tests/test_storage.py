@@ -18,7 +18,9 @@ from mlp.budget import Budget
 from mlp.errors import UserError
 from mlp.progress import StudyProgress
 from mlp.search import SearchSpace
-from mlp.study import Heartbeats, KernelLock, connect, fail_stale_trials, open_study, run_trials, shown, storage_of
+from mlp.study import (
+    Heartbeats, KernelLock, connect, fail_stale_trials, not_a_journal, open_study, run_trials, shown, storage_of
+)
 from tests.test_reliability import ROOT
 from tests.test_scale_out import Quadratic
 
@@ -236,6 +238,12 @@ def test_a_record_a_dead_writer_left_unfinished_is_cut_before_the_next_is_append
     content = (tmp_path / "study.journal").read_bytes()
     assert content.endswith(b"}\n") and b'"dead"' not in content
     assert [t.value for t in optuna.load_study(study_name="s", storage=connect(path)).trials] == [0.5, 0.7]
+
+
+def test_a_journal_whose_first_record_another_worker_is_writing_is_not_taken_for_another_file(tmp_path):
+    for written in (b'{"op_co', b'{"op_code":0,"worker_id":"w', b""):
+        (tmp_path / "study.journal").write_bytes(written)
+        assert not_a_journal(tmp_path / "study.journal") is None
 
 
 def test_a_journal_in_a_folder_this_process_may_only_read_is_still_read(tmp_path, monkeypatch):
