@@ -99,7 +99,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"{path} is refused: {why_not_weights(path)}") from None
+        raise refused(path) from None
     except Exception as error:  # torch.load raises many kinds for a file that is no checkpoint
         raise UserError(f"{path} is not a checkpoint ({type(error).__name__}); pass a .ckpt file") from None
     try:
@@ -108,15 +108,20 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise UserError(f"{path} is not a checkpoint as fit.py or tune.py write it ({problems(error)})") from None
 
 
-def why_not_weights(path: Path) -> str:
-    """Why the weights-only unpickler refused a file, naming what it would have called when torch can tell."""
+def refused(path: Path) -> UserError:
+    """Why the weights-only unpickler refused a file, naming what it would have called when torch can tell; a file
+    that is neither torch.save's zip nor a pickle (a photo, say) is simply no checkpoint."""
+    with path.open("rb") as file:
+        start = file.read(2)
+    if start != b"PK" and start[:1] != b"\x80":  # a zip's signature; a pickle's PROTO opcode (torch's older format)
+        return UserError(f"{path} is not a checkpoint; pass a .ckpt file written by fit.py or tune.py")
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the opcodes, runs none of them
     except Exception:  # not torch.save's zip format either
         unsafe = []
     calls = f"it would call {', '.join(unsafe)} as it loads" if unsafe else "it holds more than tensors and values"
-    return (f"{calls}, which could run any code; only checkpoints of tensors and plain values are loaded, as "
-            "fit.py and tune.py write them")
+    return UserError(f"{path} is refused: {calls}, which could run any code; only checkpoints of tensors and plain "
+                     "values are loaded, as fit.py and tune.py write them")
 
 
 def load_model(path: Path) -> MLPClassifier:
@@ -126,7 +131,7 @@ def load_model(path: Path) -> MLPClassifier:
     try:
         return MLPClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"{path} is refused: {why_not_weights(path)}") from None
+        raise refused(path) from None
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # arguments or weights that do not fit the net
         first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise UserError(f"{path}: its model does not load ({first_line}); pass a checkpoint fit.py or tune.py "

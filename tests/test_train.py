@@ -252,9 +252,11 @@ def test_a_run_resumes_only_as_it_began_and_any_other_file_is_one_clear_error(sy
     last = log_dir / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     (tmp_path / "empty.ckpt").touch()
     torch.save({"epoch": 3}, tmp_path / "other.ckpt")
+    (tmp_path / "photo.ckpt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # a photo, under a checkpoint's name
     refused = {
         "nowhere.ckpt": "--ckpt_path checkpoint .*nowhere.ckpt not found",
         "empty.ckpt": "--ckpt_path .*empty.ckpt is not a checkpoint",
+        "photo.ckpt": "--ckpt_path .*photo.ckpt is not a checkpoint; pass a .ckpt file",
         "other.ckpt": "--ckpt_path .*other.ckpt is not a checkpoint as fit.py or tune.py write it",
     }
     for name, message in refused.items():
