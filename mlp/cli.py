@@ -81,6 +81,10 @@ class MLPCLI(LightningCLI):
         if self.config.trainer.enable_progress_bar is False:
             # The bar is a callback of ours (`progress_bar`), which Lightning refuses beside this flag: hidden instead.
             self.config.trainer.enable_progress_bar, self.config.progress_bar.refresh_rate = None, 0
+        saves = self.config.trainer.enable_checkpointing is not False
+        if not saves:
+            # Our checkpoints are callbacks, which Lightning refuses beside this flag: they save nothing instead.
+            self.config.trainer.enable_checkpointing, self.config.checkpoint.save_top_k = None, 0
         validates = self.config.data.val_size > 0
         if not validates:
             # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.
@@ -90,7 +94,7 @@ class MLPCLI(LightningCLI):
         # Added to the run's own callbacks at instantiation: `latest` keeps last.ckpt, the end of the latest epoch, for
         # `--ckpt_path last`; the guard watches the loss this run has.
         latest = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-        self.trainer_defaults["callbacks"] = [latest, divergence_guard(validates), InterruptAtBatchEnd()]
+        self.trainer_defaults["callbacks"] = [*[latest][:saves], divergence_guard(validates), InterruptAtBatchEnd()]
         if self.config.ckpt_path == "last":
             self.resume_last()
 
@@ -137,10 +141,12 @@ class ResumableOnInterrupt(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Known only now: under DDP, trainer.log_dir is rank zero's run folder on every rank once they are connected.
-        self.path = Path(trainer.log_dir) / "checkpoints" / self.FILE_NAME
+        # None where the run keeps no checkpoint (--trainer.enable_checkpointing false, or fast_dev_run: no folder).
+        saves = trainer.log_dir is not None and any(c.save_top_k for c in trainer.checkpoint_callbacks)
+        self.path = Path(trainer.log_dir) / "checkpoints" / self.FILE_NAME if saves else None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.global_step > 0:
+        if trainer.global_step > 0 and self.path is not None:
             trainer.save_checkpoint(self.path)
 
 
@@ -221,6 +227,8 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     try:
         # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except MisconfigurationException as error:  # flags Lightning checks only as it fits (with the model and data)
+        raise UserError(f"the --trainer flags do not fit this run: {error}") from None
     except SystemExit as exit:
         if cli.trainer.interrupted:
             raise KeyboardInterrupt from exit

@@ -80,6 +80,9 @@ def run_study(config: StudyConfig,
     check(cli.trainer.logger is not None,
           "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
           "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
+    check(not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0,
+          "tune.py keeps each trial's best checkpoint for the final models: drop --trainer.fast_dev_run, "
+          "--trainer.enable_checkpointing false and --checkpoint.save_top_k 0 (fit.py takes them)")
     check(cli.datamodule.hparams.val_size > 0,
           "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
           "refit on train + val by themselves)")

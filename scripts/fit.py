@@ -23,7 +23,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     log_dir = cli.trainer.log_dir  # asked of every process: under DDP they agree on it together
     if cli.trainer.is_global_zero:
         print(f"test accuracy {results['test/acc']:.4f} (best checkpoint: {best or 'none, the final weights'})")
-        print(f"logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent.parent})")
+        if log_dir is not None:  # None with --trainer.fast_dev_run, which writes no logs
+            print(f"logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent.parent})")
     release_processes()
     return results
 

@@ -184,6 +184,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.max_epochs=-1", "max_epochs -1 trains without end, but the onecycle schedule needs to know"),
         ("--trainer.devices=0", "the --trainer flags do not fit this machine or each other: `Trainer(devices='0')`"),
         ("--trainer.strategy=nope", "the --trainer flags do not fit this machine or each other: You selected an"),
+        ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
@@ -194,6 +195,23 @@ def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_p
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
     for run_dir in (tmp_path / "logs").glob("fit/version_*"):
         assert not EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]  # not one step was logged
+
+
+@pytest.mark.parametrize("flag", ["--trainer.fast_dev_run=true", "--trainer.enable_checkpointing=false"])
+def test_a_run_that_keeps_no_checkpoint_is_fit_and_tests_its_final_weights_but_tune_refuses_it(
+    synthetic_dir, tmp_path, capsys, flag
+):
+    from mlp.cli import ResumableOnInterrupt, build_cli
+
+    results = fit.main(fit_args(synthetic_dir, tmp_path / "logs", flag))
+    assert "(best checkpoint: none, the final weights)" in capsys.readouterr().out and "test/acc" in results
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+    cli, on_interrupt = build_cli(fit_args(synthetic_dir, tmp_path / "logs", flag)), ResumableOnInterrupt()
+    on_interrupt.setup(cli.trainer, cli.model, "fit")
+    assert on_interrupt.path is None  # nor does Ctrl-C save one
+    with pytest.raises(UserError, match="tune.py keeps each trial's best checkpoint for the final models"):
+        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", flag])
+    assert not (tmp_path / "study.db").exists()
 
 
 @pytest.mark.parametrize("flags", [["--model.schedule=constant"], ["--trainer.max_steps=10"]])
