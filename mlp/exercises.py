@@ -47,13 +47,16 @@ def run_name(changes: dict) -> str:
     return ",".join(f"{key.split('.')[-1]}={value}" for key, value in differences(changes).items()) or "d2l"
 
 
+def as_flags(settings: dict) -> list[str]:
+    return [f"--{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in settings.items()]
+
+
 def fit_flags(changes: dict, save_dir: Path, name: str, extra: list[str]) -> list[str]:
-    settings = {**D2L_SETTING, **changes}
-    flags = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in settings.items()]
     logger = [f"--trainer.logger.init_args.{key}={value}" for key, value in
               (("save_dir", save_dir), ("name", "exercises"), ("version", name))]  # fmt: skip
     quiet = ["--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false"]
-    return [*flags, *logger, *quiet, *extra]  # `extra` last, so it overrides
+    # `extra` overrides d2l's setting, never the run's own change (a --config file could hold one).
+    return [*as_flags(D2L_SETTING), *logger, *quiet, *extra, *as_flags(changes)]
 
 
 class ValidationAccuracies(Callback):
@@ -97,6 +100,9 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
     names = {run_name(changes): changes for changes in SWEEPS[sweep]}
     unknown = set(only or []) - set(names)
     check(not unknown, f"--only {' '.join(sorted(unknown))}: not in the {sweep} sweep ({' '.join(names)})")
+    swept = {key for changes in SWEEPS[sweep] for key in changes} & {arg[2:].split("=")[0] for arg in extra}
+    check(not swept, f"{', '.join(f'--{key}' for key in sorted(swept))}: the {sweep} sweep sets it for each run; "
+          "drop it (other fit flags change d2l's setting for every run)")
     results_file = save_dir / "exercises" / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     # A run is kept by name: one trained with other fit flags (fewer epochs, other data) must not join this sweep.

@@ -72,3 +72,13 @@ def test_runs_are_named_by_what_differs_from_d2l_so_sweeps_share_them():
 def test_unknown_run_is_rejected_before_training(sweep_args):
     with pytest.raises(UserError, match="width=300"):
         exercises_script.main([*sweep_args, "--only", "width=300"])
+
+
+@pytest.mark.parametrize("flags", [["--model.lr=0.5"], ["--model.lr", "0.5"]])
+def test_a_fit_flag_setting_what_the_sweep_varies_is_refused_and_never_overrides_a_run(sweep_args, flags, tmp_path):
+    # It would have trained every run of the lr sweep at 0.5, under the names lr=0.01 ... lr=10.0.
+    with pytest.raises(UserError, match="--model.lr: the lr sweep sets it for each run"):
+        exercises_script.main([*sweep_args, *flags])
+    assert not (tmp_path / "logs").exists()
+    from_a_file = exercises.fit_flags({"model.lr": 10.0}, tmp_path, "lr=10.0", ["--model.lr=0.5"])
+    assert from_a_file.index("--model.lr=10.0") > from_a_file.index("--model.lr=0.5")
