@@ -83,6 +83,9 @@ def run_study(config: StudyConfig,
     check(not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0,
           "tune.py keeps each trial's best checkpoint for the final models: drop --trainer.fast_dev_run, "
           "--trainer.enable_checkpointing false and --checkpoint.save_top_k 0 (fit.py takes them)")
+    check(not cli.trainer.gradient_clip_val and cli.trainer.accumulate_grad_batches == 1,
+          "tune.py steps each stacked trial's optimiser itself, where Lightning clips and accumulates no gradients: "
+          "drop --trainer.gradient_clip_val and --trainer.accumulate_grad_batches (fit.py takes them)")
     check(cli.datamodule.hparams.val_size > 0,
           "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
           "refit on train + val by themselves)")

@@ -214,6 +214,13 @@ def test_a_run_that_keeps_no_checkpoint_is_fit_and_tests_its_final_weights_but_t
     assert not (tmp_path / "study.db").exists()
 
 
+@pytest.mark.parametrize("flag", ["--trainer.gradient_clip_val=1", "--trainer.accumulate_grad_batches=2"])
+def test_gradient_clipping_or_accumulation_is_refused_by_tune_before_any_trial(synthetic_dir, tmp_path, flag):
+    with pytest.raises(UserError, match="tune.py steps each stacked trial's optimiser itself"):
+        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", flag])
+    assert not (tmp_path / "study.db").exists()  # it had failed the study's first trial with Lightning's refusal
+
+
 @pytest.mark.parametrize("flags", [["--model.schedule=constant"], ["--trainer.max_steps=10"]])
 def test_endless_epochs_are_accepted_where_the_schedule_has_a_length(synthetic_dir, tmp_path, flags):
     from mlp.cli import build_cli
