@@ -14,6 +14,8 @@ from mlp.errors import run_script
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     from mlp.cli import build_cli, release_processes
     from mlp.run import test_once, train
 
@@ -23,8 +25,10 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     log_dir = cli.trainer.log_dir  # asked of every process: under DDP they agree on it together
     if cli.trainer.is_global_zero:
         print(f"test accuracy {results['test/acc']:.4f} (best checkpoint: {best or 'none, the final weights'})")
-        if log_dir is not None:  # None with --trainer.fast_dev_run, which writes no logs
+        if isinstance(cli.trainer.logger, TensorBoardLogger):  # not with --trainer.logger false or fast_dev_run
             print(f"logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent.parent})")
+        elif cli.trainer.logger is not None and log_dir is not None:  # another logger's folder (CSVLogger...)
+            print(f"logs: {log_dir}")
     release_processes()
     return results
 

@@ -204,7 +204,9 @@ def test_a_run_that_keeps_no_checkpoint_is_fit_and_tests_its_final_weights_but_t
     from mlp.cli import ResumableOnInterrupt, build_cli
 
     results = fit.main(fit_args(synthetic_dir, tmp_path / "logs", flag))
-    assert "(best checkpoint: none, the final weights)" in capsys.readouterr().out and "test/acc" in results
+    printed = capsys.readouterr().out
+    assert "(best checkpoint: none, the final weights)" in printed and "test/acc" in results
+    assert ("tensorboard --logdir" in printed) == ("fast_dev_run" not in flag)  # which writes no logs
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
     cli, on_interrupt = build_cli(fit_args(synthetic_dir, tmp_path / "logs", flag)), ResumableOnInterrupt()
     on_interrupt.setup(cli.trainer, cli.model, "fit")
@@ -212,6 +214,14 @@ def test_a_run_that_keeps_no_checkpoint_is_fit_and_tests_its_final_weights_but_t
     with pytest.raises(UserError, match="tune.py keeps each trial's best checkpoint for the final models"):
         tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", flag])
     assert not (tmp_path / "study.db").exists()
+
+
+def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(synthetic_dir, tmp_path, capsys):
+    fit.main(fit_args(synthetic_dir, tmp_path / "logs", "--trainer.logger=false",
+                      f"--trainer.default_root_dir={tmp_path / 'root'}"))
+    printed = capsys.readouterr().out
+    assert f"(best checkpoint: {tmp_path / 'root' / 'checkpoints'}/" in printed
+    assert "logs:" not in printed  # it had said "tensorboard --logdir /" of a folder holding no logs
 
 
 @pytest.mark.parametrize("flag", ["--trainer.gradient_clip_val=1", "--trainer.accumulate_grad_batches=2"])
