@@ -86,6 +86,9 @@ def run_study(config: StudyConfig,
     check(not cli.trainer.gradient_clip_val and cli.trainer.accumulate_grad_batches == 1,
           "tune.py steps each stacked trial's optimiser itself, where Lightning clips and accumulates no gradients: "
           "drop --trainer.gradient_clip_val and --trainer.accumulate_grad_batches (fit.py takes them)")
+    check(cli.trainer.max_steps == -1 and cli.config.trainer.max_time is None and cli.trainer.max_epochs != -1,
+          "a trial trains for its epochs (--epochs, or --trainer.max_epochs) and --timeout bounds the whole study: "
+          "drop --trainer.max_steps and --trainer.max_time, and --trainer.max_epochs -1 (fit.py takes them)")
     check(cli.datamodule.hparams.val_size > 0,
           "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
           "refit on train + val by themselves)")

@@ -224,11 +224,22 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     assert "logs:" not in printed  # it had said "tensorboard --logdir /" of a folder holding no logs
 
 
-@pytest.mark.parametrize("flag", ["--trainer.gradient_clip_val=1", "--trainer.accumulate_grad_batches=2"])
-def test_gradient_clipping_or_accumulation_is_refused_by_tune_before_any_trial(synthetic_dir, tmp_path, flag):
-    with pytest.raises(UserError, match="tune.py steps each stacked trial's optimiser itself"):
-        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", flag])
-    assert not (tmp_path / "study.db").exists()  # it had failed the study's first trial with Lightning's refusal
+@pytest.mark.parametrize("flag, message", [
+    ("--trainer.gradient_clip_val=1", "tune.py steps each stacked trial's optimiser itself"),
+    ("--trainer.accumulate_grad_batches=2", "tune.py steps each stacked trial's optimiser itself"),
+    ("--trainer.max_steps=20", "a trial trains for its epochs"),
+    ("--trainer.max_time=00:00:00:01", "a trial trains for its epochs"),
+    ("--trainer.max_epochs=-1 --model.schedule=constant", "a trial trains for its epochs"),
+])
+def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
+    synthetic_dir, tmp_path, flag, message
+):
+    with pytest.raises(UserError, match=message):
+        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", *flag.split()])
+    # They had failed the first trial with Lightning's refusal, crashed it with a schedule too short for its steps
+    # (max_steps), or stopped the stack with trials in it that no one told their end (max_time); endless epochs
+    # had ended every trial after its first.
+    assert not (tmp_path / "study.db").exists()
 
 
 @pytest.mark.parametrize("flags", [["--model.schedule=constant"], ["--trainer.max_steps=10"]])
