@@ -44,10 +44,6 @@ def why_unfusable(cli: MLPCLI) -> tuple[str, str] | None:
         return (f"the model's net, a {type(cli.model.net).__name__}, does not run under torch.func.vmap, which stacks "
                 f"trials ({error})",
                 "use --fuse 1, or build the net of per-example operations (docs/forking.md)")
-    if cli.trainer.gradient_clip_val is not None:
-        return ("--trainer.gradient_clip_val with --fuse: Lightning would clip the norm of all stacked trials' "
-                "gradients together, not each trial's own",
-                "drop the flag or use --fuse 1")
     if getattr(cli.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed on a GPU
         return (f"--trainer.precision {cli.trainer.precision} with --fuse: its one loss scaler would skip every "
                 "stacked trial's step whenever one trial's gradients overflow",
