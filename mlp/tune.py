@@ -112,6 +112,10 @@ def run_study(config: StudyConfig,
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = config.storage or default_storage(tune_dir, len(workers))
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
+    every = cli.trainer.check_val_every_n_epoch or 1
+    check(cli.trainer.limit_val_batches and every <= shortest_epochs,
+          f"a trial is scored on the validation split, and one of {shortest_epochs} epochs would never validate: drop "
+          "--trainer.limit_val_batches 0, or give --trainer.check_val_every_n_epoch at most the fewest epochs searched")
     opening = (study_name, storage_url, config.pruner, shortest_epochs, config.sampler_seed, fit_defaults(cli, space),
                space.has_slow_starters)
     study = open_study(*opening)

@@ -230,6 +230,8 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.max_steps=20", "a trial trains for its epochs"),
     ("--trainer.max_time=00:00:00:01", "a trial trains for its epochs"),
     ("--trainer.max_epochs=-1 --model.schedule=constant", "a trial trains for its epochs"),
+    ("--trainer.limit_val_batches=0", "one of 5 epochs would never validate"),
+    ("--trainer.check_val_every_n_epoch=3 --epochs 2 4", "one of 2 epochs would never validate"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
@@ -238,7 +240,8 @@ def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_befor
         tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", *flag.split()])
     # They had failed the first trial with Lightning's refusal, crashed it with a schedule too short for its steps
     # (max_steps), or stopped the stack with trials in it that no one told their end (max_time); endless epochs
-    # had ended every trial after its first.
+    # had ended every trial after its first; a trial that never validates was told no value and, failed, did not
+    # count, so the study asked for trials without end.
     assert not (tmp_path / "study.db").exists()
 
 
