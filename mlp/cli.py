@@ -78,6 +78,8 @@ class MLPCLI(LightningCLI):
         # evaluation and shuffle each rank apart.
         check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "
               "the data module splits the batches between the processes itself")
+        check(not self.config.trainer.overfit_batches, "--trainer.overfit_batches would swap the data module's "
+              "batches for single images; --trainer.limit_train_batches N trains on N batches an epoch")
         if self.config.trainer.enable_progress_bar is False:
             # The bar is a callback of ours (`progress_bar`), which Lightning refuses beside this flag: hidden instead.
             self.config.trainer.enable_progress_bar, self.config.progress_bar.refresh_rate = None, 0

@@ -185,6 +185,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.devices=0", "the --trainer flags do not fit this machine or each other: `Trainer(devices='0')`"),
         ("--trainer.strategy=nope", "the --trainer flags do not fit this machine or each other: You selected an"),
         ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
+        ("--trainer.overfit_batches=2", "--trainer.overfit_batches would swap the data module's batches"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
