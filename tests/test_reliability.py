@@ -186,6 +186,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.strategy=nope", "the --trainer flags do not fit this machine or each other: You selected an"),
         ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
         ("--trainer.overfit_batches=2", "--trainer.overfit_batches would swap the data module's batches"),
+        ("--trainer.limit_test_batches=0", "--trainer.limit_test_batches 0 would leave the run untested"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
