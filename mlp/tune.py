@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mlp.budget import FINISH_SECONDS, Budget
-from mlp.cli import build_cli
+from mlp.cli import MLPCLI, build_cli
 from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
@@ -77,21 +77,7 @@ def run_study(config: StudyConfig,
     n_trials, fuse = config.n_trials, config.fuse
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
-    check(cli.trainer.logger is not None,
-          "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
-          "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
-    check(not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0,
-          "tune.py keeps each trial's best checkpoint for the final models: drop --trainer.fast_dev_run, "
-          "--trainer.enable_checkpointing false and --checkpoint.save_top_k 0 (fit.py takes them)")
-    check(not cli.trainer.gradient_clip_val and cli.trainer.accumulate_grad_batches == 1,
-          "tune.py steps each stacked trial's optimiser itself, where Lightning clips and accumulates no gradients: "
-          "drop --trainer.gradient_clip_val and --trainer.accumulate_grad_batches (fit.py takes them)")
-    check(cli.trainer.max_steps == -1 and cli.config.trainer.max_time is None and cli.trainer.max_epochs != -1,
-          "a trial trains for its epochs (--epochs, or --trainer.max_epochs) and --timeout bounds the whole study: "
-          "drop --trainer.max_steps and --trainer.max_time, and --trainer.max_epochs -1 (fit.py takes them)")
-    check(cli.datamodule.hparams.val_size > 0,
-          "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
-          "refit on train + val by themselves)")
+    check_trials_can_train_as_fit(cli)
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
     for name in pinned:
@@ -143,6 +129,25 @@ def run_study(config: StudyConfig,
                     "running on other workers; the worker that finishes the study's last trial writes the report")
         return "another worker finished the study's last trial and writes the report"
     return report(study, tune_dir / study_name, time.perf_counter() - start, config.final, budget)
+
+
+def check_trials_can_train_as_fit(cli: MLPCLI) -> None:
+    """Refuse, before any trial, the fit flags a trial cannot honour as fit.py's run would (fit.py takes them)."""
+    check(cli.trainer.logger is not None,
+          "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
+          "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
+    check(not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0,
+          "tune.py keeps each trial's best checkpoint for the final models: drop --trainer.fast_dev_run, "
+          "--trainer.enable_checkpointing false and --checkpoint.save_top_k 0 (fit.py takes them)")
+    check(not cli.trainer.gradient_clip_val and cli.trainer.accumulate_grad_batches == 1,
+          "tune.py steps each stacked trial's optimiser itself, where Lightning clips and accumulates no gradients: "
+          "drop --trainer.gradient_clip_val and --trainer.accumulate_grad_batches (fit.py takes them)")
+    check(cli.trainer.max_steps == -1 and cli.config.trainer.max_time is None and cli.trainer.max_epochs != -1,
+          "a trial trains for its epochs (--epochs, or --trainer.max_epochs) and --timeout bounds the whole study: "
+          "drop --trainer.max_steps and --trainer.max_time, and --trainer.max_epochs -1 (fit.py takes them)")
+    check(cli.datamodule.hparams.val_size > 0,
+          "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
+          "refit on train + val by themselves)")
 
 
 def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
