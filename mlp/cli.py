@@ -151,7 +151,7 @@ class ResumableOnInterrupt(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.global_step > 0 and self.path is not None:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the whole state, to resume
 
 
 class InterruptAtBatchEnd(Callback):
