@@ -98,7 +98,7 @@ class MLPCLI(LightningCLI):
         # Added to the run's own callbacks at instantiation: `latest` keeps last.ckpt, the end of the latest epoch, for
         # `--ckpt_path last`; the guard watches the loss this run has.
         latest = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-        self.trainer_defaults["callbacks"] = [*[latest][:saves], divergence_guard(validates), InterruptAtBatchEnd()]
+        self.trainer_defaults["callbacks"] = [*[latest][:saves], DivergenceGuard(validates), InterruptAtBatchEnd()]
         if self.config.ckpt_path == "last":
             self.resume_last()
 
@@ -205,19 +205,22 @@ class InterruptAtBatchEnd(Callback):
             raise KeyboardInterrupt
 
 
-def divergence_guard(validates: bool) -> EarlyStopping:
+class DivergenceGuard(EarlyStopping):
     """Stops training as soon as the epoch's loss is NaN or infinite, and at no other time: the validation loss,
     or in a run without a validation split (a refit) the training loss. `FusedClassifier` applies the same rule
-    to each stacked model."""
-    loss = "val/loss" if validates else "train/loss_epoch"
-    # Not strict without validation: an epoch resumed after its last step logs no training loss.
-    return EarlyStopping(loss, check_finite=True, patience=sys.maxsize, check_on_train_epoch_end=not validates,
-                         strict=validates)
+    to each stacked model. A class of its own, so that a user's EarlyStopping on the same loss keeps its state
+    apart (Lightning keys a callback's state by its class and monitor) and its stop is not taken for a divergence."""
+
+    def __init__(self, validates: bool) -> None:
+        # Not strict without validation: an epoch resumed after its last step logs no training loss.
+        super().__init__("val/loss" if validates else "train/loss_epoch", check_finite=True, patience=sys.maxsize,
+                         check_on_train_epoch_end=not validates, strict=validates)
 
 
 def divergence_message(trainer: Trainer) -> str | None:
     """When and why the divergence guard stopped training, or None if it did not."""
-    if (guard := trainer.early_stopping_callback) is not None and guard.stopping_reason_message:
+    guard = next((callback for callback in trainer.callbacks if isinstance(callback, DivergenceGuard)), None)
+    if guard is not None and guard.stopping_reason_message:
         return f"epoch {guard.stopped_epoch}: {guard.stopping_reason_message}"
     return None
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from lightning.pytorch.callbacks import EarlyStopping
 from optuna.trial import TrialState
 
 from mlp.budget import FINISH_SECONDS, Budget
-from mlp.cli import MLPCLI, build_cli
+from mlp.cli import MLPCLI, DivergenceGuard, build_cli
 from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
@@ -148,6 +149,9 @@ def check_trials_can_train_as_fit(cli: MLPCLI) -> None:
     check(cli.datamodule.hparams.val_size > 0,
           "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
           "refit on train + val by themselves)")
+    check(not [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping) and not isinstance(c, DivergenceGuard)],
+          "the pruner stops trials early, and a trial trains the epochs it was given: drop the EarlyStopping of "
+          "--trainer.callbacks (fit.py takes it)")
 
 
 def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:

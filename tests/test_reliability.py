@@ -234,6 +234,7 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.max_epochs=-1 --model.schedule=constant", "a trial trains for its epochs"),
     ("--trainer.limit_val_batches=0", "one of 5 epochs would never validate"),
     ("--trainer.check_val_every_n_epoch=3 --epochs 2 4", "one of 2 epochs would never validate"),
+    ("--trainer.callbacks+=EarlyStopping --trainer.callbacks.monitor=val/loss", "drop the EarlyStopping"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
@@ -277,6 +278,17 @@ def test_diverging_fit_stops_points_at_lr_and_keeps_the_best_checkpoint(syntheti
     assert "try a lower learning rate than --model.lr 10000.0" in printed
     checkpoints = list((tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
     assert len(checkpoints) == 1 and "test/acc" in results
+
+
+def test_a_users_early_stopping_on_the_loss_stops_the_fit_and_is_not_taken_for_a_divergence(synthetic_dir, tmp_path,
+                                                                                              capsys):
+    # It shared the divergence guard's state key (Lightning refused the Trainer), and its stop was reported as one.
+    stop = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/loss",
+            "--trainer.callbacks.patience=0", "--trainer.callbacks.min_delta=1", "--trainer.max_epochs=10"]
+    fit.main(fit_args(synthetic_dir, tmp_path / "logs", *stop))
+    last = torch.load(tmp_path / "logs" / "fit" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1  # no loss falls by 1 in an epoch: stopped after its second
+    assert "training diverged" not in capsys.readouterr().out
 
 
 # -- SIGINT during fit -----------------------------------------------------------------------------------------
