@@ -1,5 +1,6 @@
 """Errors the user can fix: the scripts print their message and exit, with no traceback."""
 
+import errno
 import sys
 from collections.abc import Callable
 
@@ -22,7 +23,8 @@ def run_script(main: Callable[[], object], interrupted: str,
     except UserError as error:
         sys.exit(f"error: {error}")
     except OSError as error:  # disk full, permission denied, a path under a file...
-        hint = f"\nfree some space, or choose another path with {writes_with}" if writes_with else ""
+        fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
+        hint = f"\n{fix} another path with {writes_with}" if writes_with else ""
         sys.exit(f"error: {error}{hint}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: {interrupted}")

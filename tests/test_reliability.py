@@ -488,6 +488,8 @@ def test_disk_full_while_saving_a_checkpoint_is_a_clear_error(synthetic_dir, tmp
     with pytest.raises(SystemExit) as exit:
         run_script(lambda: fit.main(fit_args(synthetic_dir, tmp_path / "logs")), interrupted="")
     assert "No space left on device" in str(exit.value) and ".ckpt" in str(exit.value)
+    assert str(exit.value).endswith("\nfree some space, or choose another path with "
+                                    "--trainer.logger.init_args.save_dir")
 
 
 # -- same seed twice on CPU ------------------------------------------------------------------------------------
