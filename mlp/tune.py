@@ -149,7 +149,8 @@ def check_trials_can_train_as_fit(cli: MLPCLI) -> None:
     check(cli.datamodule.hparams.val_size > 0,
           "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
           "refit on train + val by themselves)")
-    check(not [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping) and not isinstance(c, DivergenceGuard)],
+    stoppers = [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping) and not isinstance(c, DivergenceGuard)]
+    check(not stoppers,
           "the pruner stops trials early, and a trial trains the epochs it was given: drop the EarlyStopping of "
           "--trainer.callbacks (fit.py takes it)")
 
