@@ -78,15 +78,16 @@ def run_study(config: StudyConfig,
     n_trials, fuse = config.n_trials, config.fuse
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
-    check_trials_can_train_as_fit(cli)
-    locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
     for name in pinned:
         check(name not in config.ranges_given,
               f"--{name.replace('_', '-')} searches {name} but --{FIT_FLAGS[name]} pins it to {pinned[name]}: drop "
               "one of them")
+    space = space.pin(pinned)
+    shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
+    check_trials_can_train_as_fit(cli, shortest_epochs)
+    locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     if pinned:
-        space = space.pin(pinned)
         pins = ", ".join(f"{name}={value}" for name, value in pinned.items())
         print(f"pinned by the fit flags, not searched: {pins}")
     workers = one_device_args(fit_args, cli.trainer)
@@ -98,11 +99,6 @@ def run_study(config: StudyConfig,
         check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
     storage_url = config.storage or default_storage(tune_dir, len(workers))
-    shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
-    every = cli.trainer.check_val_every_n_epoch or 1
-    check(cli.trainer.limit_val_batches and every <= shortest_epochs,
-          f"a trial is scored on the validation split, and one of {shortest_epochs} epochs would never validate: drop "
-          "--trainer.limit_val_batches 0, or give --trainer.check_val_every_n_epoch at most the fewest epochs searched")
     opening = (study_name, storage_url, config.pruner, shortest_epochs, config.sampler_seed, fit_defaults(cli, space),
                space.has_slow_starters)
     study = open_study(*opening)
@@ -132,8 +128,9 @@ def run_study(config: StudyConfig,
     return report(study, tune_dir / study_name, time.perf_counter() - start, config.final, budget)
 
 
-def check_trials_can_train_as_fit(cli: MLPCLI) -> None:
-    """Refuse, before any trial, the fit flags a trial cannot honour as fit.py's run would (fit.py takes them)."""
+def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
+    """Refuse, before any trial, the fit flags a trial cannot honour as fit.py's run would (fit.py takes them);
+    `shortest_epochs`: the fewest epochs a trial may train."""
     check(cli.trainer.logger is not None,
           "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
           "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
@@ -149,6 +146,10 @@ def check_trials_can_train_as_fit(cli: MLPCLI) -> None:
     check(cli.datamodule.hparams.val_size > 0,
           "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
           "refit on train + val by themselves)")
+    every = cli.trainer.check_val_every_n_epoch or 1
+    check(cli.trainer.limit_val_batches and every <= shortest_epochs,
+          f"a trial is scored on the validation split, and one of {shortest_epochs} epochs would never validate: drop "
+          "--trainer.limit_val_batches 0, or give --trainer.check_val_every_n_epoch at most the fewest epochs searched")
     stoppers = [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping) and not isinstance(c, DivergenceGuard)]
     check(not stoppers,
           "the pruner stops trials early, and a trial trains the epochs it was given: drop the EarlyStopping of "
