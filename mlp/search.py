@@ -76,14 +76,14 @@ class SearchSpace:
             if name in CHOICES:
                 continue  # the flag's parser takes only the hyperparameter's values
             flag = f"--{name.replace('_', '-')} {' '.join(map(str, bounds))}"
-            check(bounds[0] <= bounds[1], f"{flag}: the low bound is above the high bound")
-            check(name not in LOG_SCALE or bounds[0] > 0, f"{flag}: the range must be positive (log scale)")
-            check(name != "epochs" or bounds[0] >= 1, f"{flag}: at least 1 epoch")
-            for bound in bounds if FIT_FLAGS[name].startswith("model.") else ():
+            for bound in bounds if FIT_FLAGS[name].startswith("model.") else ():  # first: NaN is no bound to order
                 try:
                     check_hyperparameters({**MODEL_DEFAULTS, FIT_FLAGS[name].removeprefix("model."): bound})
                 except UserError as error:
                     raise UserError(f"{flag}: {error}") from None
+            check(bounds[0] <= bounds[1], f"{flag}: the low bound is above the high bound")
+            check(name not in LOG_SCALE or bounds[0] > 0, f"{flag}: the range must be positive (log scale)")
+            check(name != "epochs" or bounds[0] >= 1, f"{flag}: at least 1 epoch")
 
 
 SPACES = ("default", "wide")

@@ -259,7 +259,8 @@ def test_endless_epochs_are_accepted_where_the_schedule_has_a_length(synthetic_d
 @pytest.mark.parametrize(
     "flags, message",
     [(["--lr", "0", "1"], "--lr"), (["--width", "64", "8"], "--width"), (["--n-trials", "0"], "--n-trials"),
-     (["--dropout", "0", "1.5"], r"--dropout 0.0 1.5: dropout must be in \[0, 1\), got 1.5")],
+     (["--dropout", "0", "1.5"], r"--dropout 0.0 1.5: dropout must be in \[0, 1\), got 1.5"),
+     (["--lr", "nan", "1"], "--lr nan 1.0: lr must be a positive finite number, got nan")],
 )
 def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path, flags, message):
     args = [f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", *flags]
