@@ -1,6 +1,7 @@
 """The one place that turns command-line flags into a Trainer, a model and a data module: scripts/fit.py and
 scripts/tune.py both build their runs here, so a flag means the same in both."""
 
+import enum
 import logging
 import signal
 import sys
@@ -12,8 +13,9 @@ from types import FrameType
 from typing import Any, ClassVar
 
 import torch
+import yaml
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import BatchSizeFinder, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -30,6 +32,10 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger", "... litmodels") at every Trainer it builds.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip:"))
+
+# A callback's enum default (Timer's `interval`) stopped the fit as its config.yaml was saved, a YAML safe dumper
+# having no way to write it: written as its value, which the flag takes back.
+yaml.SafeDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
 
 
 class MLPCLI(LightningCLI):
@@ -106,9 +112,14 @@ class MLPCLI(LightningCLI):
         # Lightning checks the accelerator, devices and strategy against the machine as the Trainer is built, and its
         # message says what is wrong (no GPU, a strategy that needs one, devices 0).
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:
             raise UserError(f"the --trainer flags do not fit this machine or each other: {error}") from None
+        schedule = self.config.model.schedule
+        check(schedule == "constant" or not any(isinstance(c, BatchSizeFinder) for c in trainer.callbacks),
+              f"--trainer.callbacks BatchSizeFinder would change the batch size once the {schedule} schedule was sized "
+              "by its steps: give --data.batch_size yourself, or use --model.schedule constant")
+        return trainer
 
     def resume_last(self) -> None:
         """`--ckpt_path last`: continue the newest run that saved last.ckpt or on_exception.ckpt, from the newer

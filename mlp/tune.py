@@ -3,6 +3,7 @@
 flags. What is searched lives in `mlp.search`, the rules workers share in `mlp.study`, a trial's life in
 `mlp.trials`, the final models in `mlp.final` and the report in `mlp.report`."""
 
+import itertools
 import logging
 import math
 import re
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder, DeviceStatsMonitor, EarlyStopping, LearningRateFinder, LearningRateMonitor
+)
 from optuna.trial import TrialState
 
 from mlp.budget import FINISH_SECONDS, Budget
@@ -30,6 +33,15 @@ from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
 from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
 from mlp.trials import Trials
 
+# The callbacks of --trainer.callbacks no trial can take, and why. A trial's Trainer, shared by a stack, has no logger:
+# each trial writes its own run.
+REFUSED_CALLBACKS = {
+    EarlyStopping: "the pruner stops trials early, and a trial trains the epochs it was given (fit.py takes it)",
+    LearningRateFinder: "the search chooses each trial's learning rate (fit.py takes it)",
+    BatchSizeFinder: "stacked trials share the batch size their learning-rate schedules were sized by",
+    LearningRateMonitor: "each trial writes its own run, with no Trainer logger for it (fit.py takes it)",
+    DeviceStatsMonitor: "each trial writes its own run, with no Trainer logger for it (fit.py takes it)",
+}
 # A study's name is also its folder's in the log folder's tune/: one path segment, nothing that climbs out of it.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -150,10 +162,9 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
     check(cli.trainer.limit_val_batches and every <= shortest_epochs,
           f"a trial is scored on the validation split, and one of {shortest_epochs} epochs would never validate: drop "
           "--trainer.limit_val_batches 0, or give --trainer.check_val_every_n_epoch at most the fewest epochs searched")
-    stoppers = [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping) and not isinstance(c, DivergenceGuard)]
-    check(not stoppers,
-          "the pruner stops trials early, and a trial trains the epochs it was given: drop the EarlyStopping of "
-          "--trainer.callbacks (fit.py takes it)")
+    for callback, (kind, why) in itertools.product(cli.trainer.callbacks, REFUSED_CALLBACKS.items()):
+        check(not isinstance(callback, kind) or isinstance(callback, DivergenceGuard),  # the guard is every run's
+              f"drop the {type(callback).__name__} of --trainer.callbacks: {why}")
 
 
 def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:

@@ -187,6 +187,9 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
         ("--trainer.overfit_batches=2", "--trainer.overfit_batches would swap the data module's batches"),
         ("--trainer.limit_test_batches=0", "--trainer.limit_test_batches 0 would leave the run untested"),
+        # It had failed in its search with "Tried to step 8 times"; or else, finding another size, left the
+        # one-cycle schedule unfinished (fewer steps) or cut short (more).
+        ("--trainer.callbacks+=BatchSizeFinder", "BatchSizeFinder would change the batch size once the onecycle"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
@@ -235,17 +238,32 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.limit_val_batches=0", "one of 5 epochs would never validate"),
     ("--trainer.check_val_every_n_epoch=3 --epochs 2 4", "one of 2 epochs would never validate"),
     ("--trainer.callbacks+=EarlyStopping --trainer.callbacks.monitor=val/loss", "drop the EarlyStopping"),
+    ("--trainer.callbacks+=LearningRateMonitor", "drop the LearningRateMonitor of --trainer.callbacks: each trial"),
+    ("--trainer.callbacks+=LearningRateFinder", "drop the LearningRateFinder of --trainer.callbacks: the search"),
+    ("--trainer.callbacks+=BatchSizeFinder --model.schedule=constant", "drop the BatchSizeFinder"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
 ):
     with pytest.raises(UserError, match=message):
         tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", *flag.split()])
-    # They had failed the first trial with Lightning's refusal, crashed it with a schedule too short for its steps
-    # (max_steps), or stopped the stack with trials in it that no one told their end (max_time); endless epochs
-    # had ended every trial after its first; a trial that never validates was told no value and, failed, did not
-    # count, so the study asked for trials without end.
+    # They had failed the first trial with Lightning's refusal (the monitor: "no logger"; the finders: tracebacks),
+    # crashed it with a schedule too short for its steps (max_steps), or stopped the stack with trials in it that no
+    # one told their end (max_time); endless epochs had ended every trial after its first; a trial that never
+    # validates was told no value and, failed, did not count, so the study asked for trials without end.
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_callback_with_an_enum_default_saves_its_run_config_which_builds_the_run_again(synthetic_dir, tmp_path):
+    from lightning.pytorch.callbacks import Timer
+
+    from mlp.cli import build_cli
+
+    # Timer's `interval` default, an enum, stopped the fit with a traceback as its config.yaml was written.
+    fit.main(fit_args(synthetic_dir, tmp_path / "logs", "--trainer.callbacks+=Timer"))
+    config = tmp_path / "logs" / "fit" / "version_0" / "config.yaml"
+    assert "interval: step" in config.read_text()
+    assert any(isinstance(callback, Timer) for callback in build_cli([f"--config={config}"]).trainer.callbacks)
 
 
 @pytest.mark.parametrize("flags", [["--model.schedule=constant"], ["--trainer.max_steps=10"]])
