@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from mlp.budget import Budget
 from mlp.cli import MLPCLI, build_cli, fit
 from mlp.data import FashionMNISTDataModule
+from mlp.errors import check
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.records import Ending, record
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
@@ -194,6 +195,10 @@ def train_runs(
         pad_widths=pads_widths(group),
     )
     fit(group)
+    # Every run leaves the stack at its own last epoch's end, or as judged; the Trainer stopped by anything else (a
+    # callback's time limit, say) would leave them unended, each retried in turn once its heartbeat went stale.
+    check(not group.model.members, f"training stopped before runs {', '.join(group.model.names)} ended: a "
+          "--trainer.callbacks that stops the Trainer cannot stop one trial (fit.py takes it); drop it")
     return group.datamodule
 
 

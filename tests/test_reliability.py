@@ -11,6 +11,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import lightning as L
 import optuna
 import pytest
 import sqlalchemy.exc
@@ -241,6 +242,7 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.callbacks+=LearningRateMonitor", "drop the LearningRateMonitor of --trainer.callbacks: each trial"),
     ("--trainer.callbacks+=LearningRateFinder", "drop the LearningRateFinder of --trainer.callbacks: the search"),
     ("--trainer.callbacks+=BatchSizeFinder --model.schedule=constant", "drop the BatchSizeFinder"),
+    ("--trainer.callbacks+=Timer --trainer.callbacks.duration=00:00:00:03", "drop the Timer of --trainer.callbacks"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
@@ -252,6 +254,25 @@ def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_befor
     # one told their end (max_time); endless epochs had ended every trial after its first; a trial that never
     # validates was told no value and, failed, did not count, so the study asked for trials without end.
     assert not (tmp_path / "study.db").exists()
+
+
+class StopsAtFirstEpochEnd(L.Callback):
+    """A user's callback that stops the Trainer, as a time limit would."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize("fuse", ["1", "2"])
+def test_a_callback_that_stops_a_stack_of_trials_early_fails_them_in_one_line(synthetic_dir, tmp_path, fuse):
+    # The trials were left running, each failed as stale and retried in turn once its heartbeat aged, without end.
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    callback = f"--trainer.callbacks+={__name__}.StopsAtFirstEpochEnd"
+    with pytest.raises(UserError, match=f"training stopped before runs 0{', 1' * (fuse == '2')} ended: a --trainer"):
+        tune.main([f"--storage={storage}", f"--data.data_dir={synthetic_dir}", "--data.val_size=100", "--n-trials=2",
+                   f"--trainer.logger.init_args.save_dir={tmp_path}", "--epochs", "3", "3", "--fuse", fuse, callback])
+    trials = optuna.load_study(study_name="mlp", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * int(fuse)
 
 
 def test_a_callback_with_an_enum_default_saves_its_run_config_which_builds_the_run_again(synthetic_dir, tmp_path):
