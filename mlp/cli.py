@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 import yaml
+from jsonargparse.typing import register_type
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -33,9 +34,12 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip:"))
 
-# A callback's enum default (Timer's `interval`) stopped the fit as its config.yaml was saved, a YAML safe dumper
-# having no way to write it: written as its value, which the flag takes back.
+# What a callback's defaults hold, written to a run's config.yaml so that the config builds the run again: an enum
+# (Timer's `interval`) as its value, which a YAML safe dumper had no way to write (the fit stopped as it saved the
+# config); a torch.device (StochasticWeightAveraging's `device`) as its name, where jsonargparse wrote "Unable to
+# serialize instance cpu", which no run could read back.
 yaml.SafeDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
+register_type(torch.device)
 
 
 class MLPCLI(LightningCLI):

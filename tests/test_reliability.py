@@ -243,6 +243,7 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.callbacks+=LearningRateFinder", "drop the LearningRateFinder of --trainer.callbacks: the search"),
     ("--trainer.callbacks+=BatchSizeFinder --model.schedule=constant", "drop the BatchSizeFinder"),
     ("--trainer.callbacks+=Timer --trainer.callbacks.duration=00:00:00:03", "drop the Timer of --trainer.callbacks"),
+    ("--trainer.callbacks+=StochasticWeightAveraging --trainer.callbacks.swa_lrs=0.01", "drop the StochasticWeight"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
@@ -275,16 +276,23 @@ def test_a_callback_that_stops_a_stack_of_trials_early_fails_them_in_one_line(sy
     assert [t.state for t in trials] == [TrialState.FAIL] * int(fuse)
 
 
-def test_a_callback_with_an_enum_default_saves_its_run_config_which_builds_the_run_again(synthetic_dir, tmp_path):
-    from lightning.pytorch.callbacks import Timer
-
+@pytest.mark.parametrize("callback, flags, written", [
+    ("Timer", [], "interval: step"),
+    ("StochasticWeightAveraging", ["--trainer.callbacks.swa_lrs=0.01"], "device: cpu"),
+])
+def test_a_callbacks_defaults_are_saved_in_the_run_config_which_builds_the_run_again(
+    synthetic_dir, tmp_path, callback, flags, written
+):
     from mlp.cli import build_cli
 
-    # Timer's `interval` default, an enum, stopped the fit with a traceback as its config.yaml was written.
-    fit.main(fit_args(synthetic_dir, tmp_path / "logs", "--trainer.callbacks+=Timer"))
+    # Timer's `interval` default, an enum, stopped the fit with a traceback as its config.yaml was written; SWA's
+    # `device` was written as "Unable to serialize instance cpu", and the config failed to build the run (a study's
+    # refits are built so).
+    fit.main(fit_args(synthetic_dir, tmp_path / "logs", f"--trainer.callbacks+={callback}", *flags))
     config = tmp_path / "logs" / "fit" / "version_0" / "config.yaml"
-    assert "interval: step" in config.read_text()
-    assert any(isinstance(callback, Timer) for callback in build_cli([f"--config={config}"]).trainer.callbacks)
+    assert written in config.read_text()
+    rebuilt = build_cli([f"--config={config}"]).trainer.callbacks
+    assert any(type(c).__name__ == callback for c in rebuilt)
 
 
 @pytest.mark.parametrize("flags", [["--model.schedule=constant"], ["--trainer.max_steps=10"]])
