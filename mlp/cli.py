@@ -16,7 +16,9 @@ import torch
 import yaml
 from jsonargparse.typing import register_type
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BatchSizeFinder, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder, EarlyStopping, GradientAccumulationScheduler, ModelCheckpoint, TQDMProgressBar
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -119,10 +121,17 @@ class MLPCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:
             raise UserError(f"the --trainer flags do not fit this machine or each other: {error}") from None
+
+        def given(kind: type[Callback]) -> bool:
+            return any(isinstance(callback, kind) for callback in trainer.callbacks)
+
         schedule = self.config.model.schedule
-        check(schedule == "constant" or not any(isinstance(c, BatchSizeFinder) for c in trainer.callbacks),
+        check(schedule == "constant" or not given(BatchSizeFinder),
               f"--trainer.callbacks BatchSizeFinder would change the batch size once the {schedule} schedule was sized "
               "by its steps: give --data.batch_size yourself, or use --model.schedule constant")
+        check(self.config.model.backward != "manual" or not given(GradientAccumulationScheduler),
+              "--trainer.callbacks GradientAccumulationScheduler needs Lightning's automatic optimisation, which "
+              "--model.backward manual turns off: drop one of them")
         return trainer
 
     def resume_last(self) -> None:

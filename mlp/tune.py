@@ -15,8 +15,8 @@ from typing import Any
 
 import optuna
 from lightning.pytorch.callbacks import (
-    BatchSizeFinder, DeviceStatsMonitor, EarlyStopping, LearningRateFinder, LearningRateMonitor,
-    StochasticWeightAveraging, Timer,
+    BatchSizeFinder, DeviceStatsMonitor, EarlyStopping, GradientAccumulationScheduler, LearningRateFinder,
+    LearningRateMonitor, StochasticWeightAveraging, Timer,
 )
 from optuna.trial import TrialState
 
@@ -44,6 +44,7 @@ REFUSED_CALLBACKS = {
     DeviceStatsMonitor: "each trial writes its own run, with no Trainer logger for it (fit.py takes it)",
     Timer: "a trial trains the epochs it was given, and --timeout bounds the whole study (fit.py takes it)",
     StochasticWeightAveraging: "it averages the Trainer's one model, where a stack trains several (fit.py takes it)",
+    GradientAccumulationScheduler: "a stack steps each trial's optimiser itself, and accumulates no gradients",
 }
 # A study's name is also its folder's in the log folder's tune/: one path segment, nothing that climbs out of it.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -3,6 +3,7 @@
 import errno
 import gzip
 import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -191,11 +192,13 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         # It had failed in its search with "Tried to step 8 times"; or else, finding another size, left the
         # one-cycle schedule unfinished (fewer steps) or cut short (more).
         ("--trainer.callbacks+=BatchSizeFinder", "BatchSizeFinder would change the batch size once the onecycle"),
+        ("--model.backward=manual --trainer.callbacks+=GradientAccumulationScheduler "  # a RuntimeError traceback
+         "--trainer.callbacks.scheduling='{0: 2}'", "GradientAccumulationScheduler needs Lightning's automatic"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
     with pytest.raises((UserError, SystemExit)) as error:
-        fit.main(fit_args(synthetic_dir, tmp_path / "logs", flag))
+        fit.main(fit_args(synthetic_dir, tmp_path / "logs", *shlex.split(flag)))
     said = str(error.value) + capsys.readouterr().err
     assert message in said
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
@@ -244,12 +247,14 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.callbacks+=BatchSizeFinder --model.schedule=constant", "drop the BatchSizeFinder"),
     ("--trainer.callbacks+=Timer --trainer.callbacks.duration=00:00:00:03", "drop the Timer of --trainer.callbacks"),
     ("--trainer.callbacks+=StochasticWeightAveraging --trainer.callbacks.swa_lrs=0.01", "drop the StochasticWeight"),
+    ("--trainer.callbacks+=GradientAccumulationScheduler --trainer.callbacks.scheduling='{0: 2}'", "drop the Gradient"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
 ):
     with pytest.raises(UserError, match=message):
-        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", *flag.split()])
+        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}",
+                   *shlex.split(flag)])
     # They had failed the first trial with Lightning's refusal (the monitor: "no logger"; the finders: tracebacks),
     # crashed it with a schedule too short for its steps (max_steps), or stopped the stack with trials in it that no
     # one told their end (max_time); endless epochs had ended every trial after its first; a trial that never
