@@ -114,6 +114,12 @@ class MLPCLI(LightningCLI):
         if self.config.ckpt_path == "last":
             self.resume_last()
 
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint:
+        """The run's checkpoint by val/acc (`--checkpoint.*`; without validation, its final epoch's), the one a run
+        tests: trainer.checkpoint_callback is the first in the Trainer, a user's own ModelCheckpoint if one is added."""
+        return self.config_init["checkpoint"]
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Lightning checks the accelerator, devices and strategy against the machine as the Trainer is built, and its
         # message says what is wrong (no GPU, a strategy that needs one, devices 0).
@@ -170,7 +176,9 @@ class ResumableOnInterrupt(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Known only now: under DDP, trainer.log_dir is rank zero's run folder on every rank once they are connected.
         # None where the run keeps no checkpoint (--trainer.enable_checkpointing false, or fast_dev_run: no folder).
-        saves = trainer.log_dir is not None and any(c.save_top_k for c in trainer.checkpoint_callbacks)
+        # A user's OnExceptionCheckpoint is a checkpoint callback too, with no top k.
+        saves = trainer.log_dir is not None and any(
+            isinstance(c, ModelCheckpoint) and c.save_top_k for c in trainer.checkpoint_callbacks)
         self.path = Path(trainer.log_dir) / "checkpoints" / self.FILE_NAME if saves else None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -80,7 +80,7 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     start = time.perf_counter()
     checkpoint = mlp.run.train(cli)
     best_epoch = history.per_epoch.index(max(history.per_epoch)) + 1
-    return {"changes": differences(changes), "val_acc": cli.trainer.checkpoint_callback.best_model_score.item(),
+    return {"changes": differences(changes), "val_acc": cli.checkpoint_callback.best_model_score.item(),
             "best_epoch": best_epoch, "val_acc_per_epoch": history.per_epoch,
             "diverged": divergence_message(cli.trainer) is not None, "checkpoint": checkpoint,
             "seconds": round(time.perf_counter() - start, 1), "fit_flags": extra}

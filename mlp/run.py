@@ -28,8 +28,7 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
             f"training diverged and stopped in {reason}\n"
             f"try a lower learning rate than --model.lr {cli.model.hparams.lr}; the best checkpoint so far is kept"
         )
-    best = trainer.checkpoint_callback
-    return (best.best_model_path if best else "") or None
+    return cli.checkpoint_callback.best_model_path or None
 
 
 def test_once(cli: MLPCLI, checkpoint: str | None) -> dict[str, float]:

@@ -82,3 +82,11 @@ def test_a_fit_flag_setting_what_the_sweep_varies_is_refused_and_never_overrides
     assert not (tmp_path / "logs").exists()
     from_a_file = exercises.fit_flags({"model.lr": 10.0}, tmp_path, "lr=10.0", ["--model.lr=0.5"])
     assert from_a_file.index("--model.lr=10.0") > from_a_file.index("--model.lr=0.5")
+
+
+def test_a_users_own_checkpoint_callback_leaves_a_run_chosen_by_its_best_val_acc(sweep_args):
+    # A user's ModelCheckpoint came first in the Trainer, and its best score (here a val/loss) was kept as val_acc.
+    own = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss"]
+    run = exercises_script.main([*sweep_args, "--only", "d2l", *own])["runs"]["d2l"]
+    assert run["val_acc"] == pytest.approx(max(run["val_acc_per_epoch"]))
+    assert "val_acc" in Path(run["checkpoint"]).name

@@ -3,6 +3,7 @@
 import errno
 import gzip
 import os
+import re
 import shlex
 import signal
 import struct
@@ -260,6 +261,22 @@ def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_befor
     # one told their end (max_time); endless epochs had ended every trial after its first; a trial that never
     # validates was told no value and, failed, did not count, so the study asked for trials without end.
     assert not (tmp_path / "study.db").exists()
+
+
+@pytest.mark.parametrize("own", [
+    "--trainer.callbacks+=ModelCheckpoint --trainer.callbacks.monitor=val/loss --trainer.callbacks.filename=own",
+    "--trainer.callbacks+=OnExceptionCheckpoint --trainer.callbacks.dirpath=on_exception",
+])
+def test_a_users_own_checkpoint_callback_leaves_fit_testing_its_best_by_val_acc(
+    synthetic_dir, tmp_path, capsys, monkeypatch, own
+):
+    monkeypatch.chdir(tmp_path)  # where OnExceptionCheckpoint's folder is
+    # A user's ModelCheckpoint came first in the Trainer: fit.py tested its checkpoint (here the best val/loss) as
+    # "the best"; a user's OnExceptionCheckpoint, a checkpoint callback with no top k, ended the fit in a traceback.
+    fit.main(fit_args(synthetic_dir, tmp_path / "logs", *own.split()))
+    tested = Path(re.search(r"\(best checkpoint: (\S+)\)", capsys.readouterr().out)[1])
+    assert tested.name.startswith("epoch") and "val_acc" in tested.name
+    assert any(tested.parent.glob("own*.ckpt")) or "OnException" in own  # the user's, kept beside it
 
 
 class StopsAtFirstEpochEnd(L.Callback):
