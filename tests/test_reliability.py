@@ -249,6 +249,7 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.callbacks+=Timer --trainer.callbacks.duration=00:00:00:03", "drop the Timer of --trainer.callbacks"),
     ("--trainer.callbacks+=StochasticWeightAveraging --trainer.callbacks.swa_lrs=0.01", "drop the StochasticWeight"),
     ("--trainer.callbacks+=GradientAccumulationScheduler --trainer.callbacks.scheduling='{0: 2}'", "drop the Gradient"),
+    ("--checkpoint.monitor=val/loss --checkpoint.mode=min", "drop --checkpoint.monitor, --checkpoint.mode"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
@@ -256,10 +257,11 @@ def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_befor
     with pytest.raises(UserError, match=message):
         tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}",
                    *shlex.split(flag)])
-    # They had failed the first trial with Lightning's refusal (the monitor: "no logger"; the finders: tracebacks),
-    # crashed it with a schedule too short for its steps (max_steps), or stopped the stack with trials in it that no
-    # one told their end (max_time); endless epochs had ended every trial after its first; a trial that never
-    # validates was told no value and, failed, did not count, so the study asked for trials without end.
+    # --checkpoint flags had been ignored unsaid. The rest had failed the first trial with Lightning's refusal (the
+    # monitor: "no logger"; the finders: tracebacks), crashed it with a schedule too short for its steps (max_steps),
+    # or stopped the stack with trials in it that no one told their end (max_time); endless epochs had ended every
+    # trial after its first; a trial that never validates was told no value and, failed, did not count, so the study
+    # asked for trials without end.
     assert not (tmp_path / "study.db").exists()
 
 
