@@ -222,7 +222,8 @@ def test_a_run_that_keeps_no_checkpoint_is_fit_and_tests_its_final_weights_but_t
     on_interrupt.setup(cli.trainer, cli.model, "fit")
     assert on_interrupt.path is None  # nor does Ctrl-C save one
     with pytest.raises(UserError, match="tune.py keeps each trial's best checkpoint for the final models"):
-        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", flag])
+        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}", flag,
+                   f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert not (tmp_path / "study.db").exists()
 
 
@@ -256,7 +257,7 @@ def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_befor
 ):
     with pytest.raises(UserError, match=message):
         tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}",
-                   *shlex.split(flag)])
+                   f"--trainer.logger.init_args.save_dir={tmp_path}", *shlex.split(flag)])
     # --checkpoint flags had been ignored unsaid. The rest had failed the first trial with Lightning's refusal (the
     # monitor: "no logger"; the finders: tracebacks), crashed it with a schedule too short for its steps (max_steps),
     # or stopped the stack with trials in it that no one told their end (max_time); endless epochs had ended every
