@@ -171,6 +171,10 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int, defaults: N
     check(cli.trainer.limit_val_batches and every <= shortest_epochs,
           f"a trial is scored on the validation split, and one of {shortest_epochs} epochs would never validate: drop "
           "--trainer.limit_val_batches 0, or give --trainer.check_val_every_n_epoch at most the fewest epochs searched")
+    interval = cli.config.trainer.val_check_interval  # 1.0 is once an epoch, the int 1 every batch
+    check(interval is None or (isinstance(interval, float) and interval == 1.0),
+          "a trial is judged at its epochs' ends, by their validation, as the pruner compares trials: drop "
+          "--trainer.val_check_interval (fit.py takes it)")
     for callback, (kind, why) in itertools.product(cli.trainer.callbacks, REFUSED_CALLBACKS.items()):
         check(not isinstance(callback, kind) or isinstance(callback, DivergenceGuard),  # the guard is every run's
               f"drop the {type(callback).__name__} of --trainer.callbacks: {why}")

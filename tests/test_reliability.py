@@ -251,6 +251,8 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.callbacks+=StochasticWeightAveraging --trainer.callbacks.swa_lrs=0.01", "drop the StochasticWeight"),
     ("--trainer.callbacks+=GradientAccumulationScheduler --trainer.callbacks.scheduling='{0: 2}'", "drop the Gradient"),
     ("--checkpoint.monitor=val/loss --checkpoint.mode=min", "drop --checkpoint.monitor, --checkpoint.mode"),
+    ("--trainer.val_check_interval=0.5", "drop --trainer.val_check_interval"),
+    ("--trainer.val_check_interval=1", "drop --trainer.val_check_interval"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
@@ -258,11 +260,12 @@ def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_befor
     with pytest.raises(UserError, match=message):
         tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}",
                    f"--trainer.logger.init_args.save_dir={tmp_path}", *shlex.split(flag)])
-    # --checkpoint flags had been ignored unsaid. The rest had failed the first trial with Lightning's refusal (the
-    # monitor: "no logger"; the finders: tracebacks), crashed it with a schedule too short for its steps (max_steps),
-    # or stopped the stack with trials in it that no one told their end (max_time); endless epochs had ended every
-    # trial after its first; a trial that never validates was told no value and, failed, did not count, so the study
-    # asked for trials without end.
+    # --checkpoint flags had been ignored unsaid; validating within an epoch, a trial reported its first validation
+    # as the epoch's (Optuna keeps a step's first report), and was pruned on it. The rest had failed the first trial
+    # with Lightning's refusal (the monitor: "no logger"; the finders: tracebacks), crashed it with a schedule too
+    # short for its steps (max_steps), or stopped the stack with trials in it that no one told their end (max_time);
+    # endless epochs had ended every trial after its first; a trial that never validates was told no value and,
+    # failed, did not count, so the study asked for trials without end.
     assert not (tmp_path / "study.db").exists()
 
 
