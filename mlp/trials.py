@@ -197,8 +197,9 @@ def train_runs(
     fit(group)
     # Every run leaves the stack at its own last epoch's end, or as judged; the Trainer stopped by anything else (a
     # callback's time limit, say) would leave them unended, each retried in turn once its heartbeat went stale.
-    check(not group.model.members, f"training stopped before runs {', '.join(group.model.names)} ended: a "
-          "--trainer.callbacks that stops the Trainer cannot stop one trial (fit.py takes it); drop it")
+    check(not group.model.members, f"training stopped before runs {', '.join(group.model.names)} ended: something "
+          "stopped the Trainer they share (a --trainer.callbacks, say), where each ends at its own last epoch; drop "
+          "it (fit.py takes it)")
     return group.datamodule
 
 

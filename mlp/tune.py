@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from jsonargparse import Namespace
 from lightning.pytorch.callbacks import (
     BatchSizeFinder, DeviceStatsMonitor, EarlyStopping, GradientAccumulationScheduler, LearningRateFinder,
     LearningRateMonitor, StochasticWeightAveraging, Timer,
@@ -102,7 +101,7 @@ def run_study(config: StudyConfig,
               "one of them")
     space = space.pin(pinned)
     shortest_epochs = space.epochs[0] if space.epochs else cli.trainer.max_epochs
-    check_trials_can_train_as_fit(cli, shortest_epochs, cli.parser.get_defaults())
+    check_trials_can_train_as_fit(cli, shortest_epochs)
     locate_fashion_mnist(cli.datamodule.hparams.data_dir)
     if pinned:
         pins = ", ".join(f"{name}={value}" for name, value in pinned.items())
@@ -145,9 +144,9 @@ def run_study(config: StudyConfig,
     return report(study, tune_dir / study_name, time.perf_counter() - start, config.final, budget)
 
 
-def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int, defaults: Namespace) -> None:
+def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
     """Refuse, before any trial, the fit flags a trial cannot honour as fit.py's run would (fit.py takes them);
-    `shortest_epochs`: the fewest epochs a trial may train; `defaults`: the flags' own."""
+    `shortest_epochs`: the fewest epochs a trial may train."""
     check(cli.trainer.logger is not None,
           "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
           "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
@@ -163,8 +162,8 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int, defaults: N
     check(cli.datamodule.hparams.val_size > 0,
           "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
           "refit on train + val by themselves)")
-    changed = [f"--checkpoint.{key}" for key, value in cli.config.checkpoint.items()
-               if value != defaults.checkpoint[key]]
+    defaults = cli.parser.get_defaults().checkpoint
+    changed = [f"--checkpoint.{key}" for key, value in cli.config.checkpoint.items() if value != defaults[key]]
     check(not changed, "a trial keeps its best checkpoint by val/acc, its score in the study, for the final models: "
           f"drop {', '.join(changed)} (fit.py takes them)")
     every = cli.trainer.check_val_every_n_epoch or 1
