@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 
 import mlp.run
 from mlp.cli import LOG_DIR, build_cli, divergence_message
@@ -75,6 +75,9 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     name = run_name(changes)
     shutil.rmtree(save_dir / "exercises" / name, ignore_errors=True)  # what an interrupted attempt left
     cli = build_cli(fit_flags(changes, save_dir, name, extra))
+    finders = [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
+    check(not finders, f"drop the {', '.join(finders)} of --trainer.callbacks: a run is named by what differs from "
+          "d2l's setting, and a finder would change its learning rate or batch size unsaid")
     history = ValidationAccuracies()
     cli.trainer.callbacks.append(history)
     start = time.perf_counter()

@@ -90,3 +90,11 @@ def test_a_users_own_checkpoint_callback_leaves_a_run_chosen_by_its_best_val_acc
     run = exercises_script.main([*sweep_args, "--only", "d2l", *own])["runs"]["d2l"]
     assert run["val_acc"] == pytest.approx(max(run["val_acc_per_epoch"]))
     assert "val_acc" in Path(run["checkpoint"]).name
+
+
+@pytest.mark.parametrize("finder", ["LearningRateFinder", "BatchSizeFinder"])
+def test_a_finder_that_would_change_a_runs_setting_unsaid_is_refused_before_training(sweep_args, tmp_path, finder):
+    # The lr sweep's run lr=0.01 had trained at the finder's 1.1e-07, under its name.
+    with pytest.raises(UserError, match=f"drop the {finder} of --trainer.callbacks: a run is named by what differs"):
+        exercises_script.main([*sweep_args, "--only", "lr=0.01", f"--trainer.callbacks+={finder}"])
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
