@@ -34,14 +34,14 @@ from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
 from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
 from mlp.trials import Trials
 
-# The callbacks of --trainer.callbacks no trial can take, and why. A trial's Trainer, shared by a stack, has no logger:
-# each trial writes its own run.
+# The callbacks of --trainer.callbacks no trial can take (by kind, or a tuple of kinds), and why. A trial's Trainer,
+# shared by a stack, has no logger: each trial writes its own run.
 REFUSED_CALLBACKS = {
     EarlyStopping: "the pruner stops trials early, and a trial trains the epochs it was given (fit.py takes it)",
     LearningRateFinder: "the search chooses each trial's learning rate (fit.py takes it)",
     BatchSizeFinder: "stacked trials share the batch size their learning-rate schedules were sized by",
-    LearningRateMonitor: "each trial writes its own run, with no Trainer logger for it (fit.py takes it)",
-    DeviceStatsMonitor: "each trial writes its own run, with no Trainer logger for it (fit.py takes it)",
+    (LearningRateMonitor, DeviceStatsMonitor): "each trial writes its own run, with no Trainer logger for it (fit.py "
+    "takes it)",
     Timer: "a trial trains the epochs it was given, and --timeout bounds the whole study (fit.py takes it)",
     StochasticWeightAveraging: "it averages the Trainer's one model, where a stack trains several (fit.py takes it)",
     GradientAccumulationScheduler: "a stack steps each trial's optimiser itself, and accumulates no gradients",
