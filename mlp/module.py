@@ -1,4 +1,7 @@
-"""The LightningModule: owns the loss, the metrics and the optimiser; the network itself lives in net.py."""
+"""The LightningModule: owns the loss, the metrics and the optimiser; the network itself lives in net.py.
+
+Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same methods
+under `torch.func.vmap`, so a fork that overrides `loss` or swaps `self.net` changes stacked trials too."""
 
 import math
 import time
@@ -9,6 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR, OneCycleLR
 from torchmetrics import MaxMetric, MeanMetric
@@ -65,6 +69,20 @@ def make_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], steps
 SCHEDULE_LENGTH = ("total_steps", "T_max", "milestones")
 
 
+def check_same_length(saved: Mapping[str, Any], fresh: LRScheduler, schedule: str) -> None:
+    """A clear error where a resumed run's saved schedule state was made for another number of steps."""
+    check(all(saved.get(key) == fresh.state_dict().get(key) for key in SCHEDULE_LENGTH),
+          f"--ckpt_path: its run's {schedule} schedule was made for another number of optimiser steps than these "
+          "flags give; a schedule cannot be stretched, so resume with the --trainer.max_epochs, batch size and "
+          "devices the run began with, or start a new run")
+
+
+def mean_over_processes(strategy: Strategy, grads: list[Tensor]) -> list[Tensor]:
+    """The gradients averaged over the DDP processes in one collective, as DDP reduces a bucket at a time."""
+    flat = strategy.reduce(torch.cat([grad.flatten() for grad in grads]), reduce_op="mean")
+    return [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)]
+
+
 def start_run(model: "MLPClassifier", logger: Logger | None, datamodule: L.LightningDataModule | None,
               max_epochs: int) -> None:
     """A model's run begins, alone or in a stack (`mlp.fused`), both alike: the sanity check's validation ran on an
@@ -113,9 +131,6 @@ class MLPClassifier(L.LightningModule):
             and mirrored left-right with this probability (`mlp.augment`; 0 turns either off).
         batch_norm: standardise each hidden layer's pre-activations over the batch (`mlp.net.batch_norm`).
         input_size: numbers in one example; fit.py and tune.py take it from the data module's `input_size`.
-
-    Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same
-    methods under `torch.func.vmap`, so a fork that overrides `loss` or swaps `self.net` changes stacked trials too.
     """
 
     # What stacked models (`mlp.fused`) may differ in: each keeps these in its optimiser, schedule or own tensors.
@@ -264,15 +279,8 @@ class MLPClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.resumed_schedules = checkpoint.get("lr_schedulers", [])  # Lightning restores them after configuring
 
-    def configure_optimizers(self):
-        configured = self.optimizer_and_schedule(self.trainer.estimated_stepping_batches)
-        if self.resumed_schedules and "lr_scheduler" in configured:
-            saved, fresh = self.resumed_schedules[0], configured["lr_scheduler"]["scheduler"].state_dict()
-            check(all(saved.get(key) == fresh.get(key) for key in SCHEDULE_LENGTH),
-                  f"--ckpt_path: its run's {self.hparams.schedule} schedule was made for another number of optimiser "
-                  "steps than these flags give; a schedule cannot be stretched, so resume with the "
-                  "--trainer.max_epochs, batch size and devices the run began with, or start a new run")
-        return configured
+    def configure_optimizers(self) -> dict[str, Any]:
+        return self.optimizer_and_schedule(self.trainer.estimated_stepping_batches)
 
     def optimizer_and_schedule(self, steps: int, fused: bool = True) -> dict[str, Any]:
         """The optimiser over this model's parameters (`make_optimizer`) and its learning-rate schedule over `steps`
@@ -280,6 +288,8 @@ class MLPClassifier(L.LightningModule):
         optimizer = make_optimizer(self.parameters(), self.hparams, fused)
         if (scheduler := make_schedule(optimizer, self.hparams, steps)) is None:
             return {"optimizer": optimizer}
+        if self.resumed_schedules:
+            check_same_length(self.resumed_schedules[0], scheduler, self.hparams.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def manual_gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -294,9 +304,8 @@ class MLPClassifier(L.LightningModule):
         """Forward, backward by hand, and one optimiser and scheduler step. The optimiser sees the same p.grad as
         after autograd's backward, under DDP averaged over the processes as DDP does (only inside autograd)."""
         loss, preds, grads = self.manual_gradients(*batch)
-        if self.trainer.world_size > 1:  # one collective for all of them, as DDP reduces a bucket at a time
-            flat = self.trainer.strategy.reduce(torch.cat([grad.flatten() for grad in grads]), reduce_op="mean")
-            grads = [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)]
+        if self.trainer.world_size > 1:
+            grads = mean_over_processes(self.trainer.strategy, grads)
         for p, grad in zip(self.net.parameters(), grads):
             p.grad = grad
         self.optimizers().step()

@@ -41,3 +41,11 @@ def test_the_walk_sees_type_only_and_function_level_imports(tmp_path):
         "def f():\n    import mlp.report\n    from mlp import final\n"
     )
     assert imports_of(source) == {"tune", "report", "final"}
+
+
+def test_no_class_is_over_200_lines():
+    """Classes a reader can hold in mind at once (the model, the stack, the CLI are the longest)."""
+    long = [f"{path.name}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in MLP.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 200]
+    assert not long, long
