@@ -92,6 +92,8 @@ class MLPCLI(LightningCLI):
               "the data module splits the batches between the processes itself")
         check(not self.config.trainer.overfit_batches, "--trainer.overfit_batches would swap the data module's "
               "batches for single images; --trainer.limit_train_batches N trains on N batches an epoch")
+        check(not self.config.model.batch_norm or self.config.data.batch_size >= 2, "--model.batch_norm true "
+              "standardises each hidden unit over the batch, which one image cannot give: --data.batch_size 2 or more")
         check(self.config.trainer.limit_test_batches != 0, "--trainer.limit_test_batches 0 would leave the run "
               "untested: a run tests its chosen checkpoint once, after training, the one time it reads the test set")
         if self.config.trainer.enable_progress_bar is False:

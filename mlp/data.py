@@ -175,8 +175,9 @@ class IndexBatches(Sampler[Tensor]):
             return list(torch.arange(self.size).tensor_split(self.ranks)[self.rank].split(self.batch_size))
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)))
         batches = list(torch.randperm(self.size, generator=generator).split(self.batch_size))
-        if len(batches) > 1 and len(batches[-1]) < self.ranks:
-            # Too few left to give every rank one: the last batch joins the one before, so no rank gets none.
+        if len(batches) > 1 and len(batches[-1]) < max(self.ranks, 2):
+            # Too few left to give every rank one, or one image alone, which has no batch statistics (batch_norm
+            # would standardise it to zeros): the last batch joins the one before, on one process as on several.
             batches[-2:] = [torch.cat(batches[-2:])]
         return [batch.tensor_split(self.ranks)[self.rank] for batch in batches]
 

@@ -40,9 +40,8 @@ def test_each_epochs_batches_are_the_one_process_batches_cut_in_disjoint_parts(s
         assert all(len(part) > 0 for rank in parts for part in rank)
         joined = [torch.cat(step) for step in zip(*parts)]
         assert torch.cat(joined).sort().values.equal(torch.arange(size))  # disjoint, and all of them
-        if len(alone[-1]) >= 2:  # else the one-process run keeps its last batch of one, two processes merge it
-            assert all(torch.equal(a, b) for a, b in zip(alone, joined)) and len(alone) == len(joined)
-            assert len(one) == len(alone)
+        assert all(torch.equal(a, b) for a, b in zip(alone, joined)) and len(alone) == len(joined)
+        assert len(one) == len(alone) and min(len(batch) for batch in alone) >= 2  # a batch of one joins another
         orders.append(torch.cat(alone))
     assert not torch.equal(orders[0], orders[1])  # a new permutation each epoch
     again = IndexBatches(size, batch_size, shuffle=True, seed=3)  # a resumed run: epoch 1 without epoch 0 first

@@ -180,6 +180,8 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--model.lr=abc", "Expected a <class 'float'>"),
         ("--model.lr=nan", "lr"),
         ("--data.batch_size=0", "batch_size must be >= 1"),
+        # It trained: every pre-activation standardised to 0 over its one image, the running variance shrunk to 0.
+        ("--model.batch_norm=true --data.batch_size=1", "which one image cannot give: --data.batch_size 2 or more"),
         ("--data.val_size=800", "val_size must be below the 800 training images"),
         ("--model.init=uniform", "'normal', 'kaiming', 'xavier'"),
         ("--model.optimizer=rmsprop", "'sgd', 'adam'"),
