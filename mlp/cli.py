@@ -65,7 +65,7 @@ class MLPCLI(LightningCLI):
         self.parser = self.parsers[settings]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FiniteCheckpoint, "checkpoint")
         # save_last off: Lightning 2.6 writes last.ckpt only when the best improves; our `latest` writes it each epoch.
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": False,
                              "checkpoint.filename": "epoch{epoch:02d}-val_acc{val/acc:.4f}",
@@ -249,6 +249,23 @@ class DivergenceGuard(EarlyStopping):
         # Not strict without validation: an epoch resumed after its last step logs no training loss.
         super().__init__("val/loss" if validates else "train/loss_epoch", check_finite=True, patience=sys.maxsize,
                          check_on_train_epoch_end=not validates, strict=validates)
+
+
+class FiniteCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps no epoch whose loss the DivergenceGuard watches is not finite: that epoch's val/acc
+    is chance, which may still be the first or beat an earlier one, and its weights are NaN."""
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if finite(trainer, "val/loss"):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if finite(trainer, "train/loss_epoch"):  # a run without validation saves here (its loss logged just before)
+            super().on_train_epoch_end(trainer, pl_module)
+
+
+def finite(trainer: Trainer, key: str) -> bool:
+    return key not in trainer.callback_metrics or bool(trainer.callback_metrics[key].isfinite())
 
 
 def divergence_message(trainer: Trainer) -> str | None:

@@ -78,12 +78,16 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     finders = [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
     check(not finders, f"drop the {', '.join(finders)} of --trainer.callbacks: a run is named by what differs from "
           "d2l's setting, and a finder would change its learning rate or batch size unsaid")
+    check(not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0, "a sweep tests the run it "
+          "selects from its best checkpoint: drop --trainer.fast_dev_run, --trainer.enable_checkpointing false and "
+          "--checkpoint.save_top_k 0 (fit.py takes them)")
     history = ValidationAccuracies()
     cli.trainer.callbacks.append(history)
     start = time.perf_counter()
     checkpoint = mlp.run.train(cli)
     best_epoch = history.per_epoch.index(max(history.per_epoch)) + 1
-    return {"changes": differences(changes), "val_acc": cli.checkpoint_callback.best_model_score.item(),
+    score = cli.checkpoint_callback.best_model_score  # None: it diverged before a finite epoch
+    return {"changes": differences(changes), "val_acc": None if score is None else score.item(),
             "best_epoch": best_epoch, "val_acc_per_epoch": history.per_epoch,
             "diverged": divergence_message(cli.trainer) is not None, "checkpoint": checkpoint,
             "seconds": round(time.perf_counter() - start, 1), "fit_flags": extra}
@@ -127,8 +131,9 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
     runs = {name: results[name] for name in names if name in results}
     selected = None
     if sweep in SELECTS and len(runs) == len(names):
-        selected = max(runs, key=lambda name: runs[name]["val_acc"])  # the first of equals
-        if "test_acc" not in runs[selected]:
+        kept = [name for name in runs if runs[name]["val_acc"] is not None]
+        selected = max(kept, key=lambda name: runs[name]["val_acc"], default=None)  # the first of equals
+        if selected is not None and "test_acc" not in runs[selected]:
             runs[selected]["test_acc"] = test(runs[selected], save_dir, extra)
             save()
     return {"runs": runs, "selected": selected, "missing": [name for name in names if name not in runs]}
@@ -139,7 +144,8 @@ def markdown_table(sweep: str, outcome: dict) -> str:
     lines = ["| run | best val acc | at epoch | test acc | seconds |", "|---|---|---|---|---|"]
     for name, run in outcome["runs"].items():
         chosen = name == outcome["selected"]
-        val = f"{run['val_acc']:.4f}" + (" (diverged)" if run["diverged"] else "")
+        val = "none" if run["val_acc"] is None else f"{run['val_acc']:.4f}"
+        val += " (diverged)" if run["diverged"] else ""
         test_acc = f"**{run['test_acc']:.4f}**" if chosen else "—"
         lines.append(f"| {name}{' ← selected' if chosen else ''} | {val} | {run['best_epoch']} | {test_acc} | "
                      f"{run['seconds']:.0f} |")  # fmt: skip

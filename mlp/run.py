@@ -4,7 +4,7 @@ checkpoint once. Training never sees the test set; a caller tests only the run i
 from pathlib import Path
 
 from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, fit
-from mlp.errors import UserError
+from mlp.errors import UserError, check
 
 
 def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
@@ -23,15 +23,18 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
             ) from None
     trainer.callbacks.append(ResumableOnInterrupt())
     fit(cli, ckpt_path=ckpt_path)
+    best = cli.checkpoint_callback.best_model_path or None
     if trainer.is_global_zero and (reason := divergence_message(trainer)):
-        print(
-            f"training diverged and stopped in {reason}\n"
-            f"try a lower learning rate than --model.lr {cli.model.hparams.lr}; the best checkpoint so far is kept"
-        )
-    return cli.checkpoint_callback.best_model_path or None
+        kept = "the best checkpoint before it is kept" if best else "no epoch ended with a finite loss to keep"
+        print(f"training diverged and stopped in {reason}\n"
+              f"try a lower learning rate than --model.lr {cli.model.hparams.lr}; {kept}")
+    return best
 
 
 def test_once(cli: MLPCLI, checkpoint: str | None) -> dict[str, float]:
-    """The test metrics of `checkpoint`, or with None of the model's weights as they are."""
+    """The test metrics of `checkpoint`, or with None of the model's weights as they are (a run that keeps no
+    checkpoint), unless they diverged."""
+    check(checkpoint is not None or divergence_message(cli.trainer) is None,
+          "nothing to test: training diverged before any epoch ended with a finite loss; try a lower --model.lr")
     (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
     return results

@@ -32,16 +32,21 @@ def test_sweep_selects_on_validation_tests_the_choice_once_and_resumes(sweep_arg
     outcome = exercises_script.main(sweep_args)
     runs = outcome["runs"]
     assert list(runs) == ["lr=0.01", "d2l", "lr=1.0", "lr=10.0"]
-    assert outcome["selected"] == max(runs, key=lambda name: runs[name]["val_acc"])
+    assert outcome["selected"] == max((name for name in runs if name != "lr=10.0"), key=lambda n: runs[n]["val_acc"])
     assert [name for name, run in runs.items() if "test_acc" in run] == [outcome["selected"]]
     assert len(tested) == 1 and 0.0 < runs[outcome["selected"]]["test_acc"] <= 1.0
     for name, run in runs.items():
-        assert run["val_acc"] == pytest.approx(max(run["val_acc_per_epoch"]))
-        # lr 10 diverges, and the divergence guard stops it after its first epoch, as fit.py's does.
+        # lr 10 diverges, and the divergence guard stops it after its first epoch, as fit.py's does: no epoch of it
+        # ended with a finite loss, so it keeps no checkpoint to select (it had kept its NaN weights, at chance).
         assert len(run["val_acc_per_epoch"]) == (1 if name == "lr=10.0" else 2)
         assert run["diverged"] == (name == "lr=10.0")
-        assert Path(run["checkpoint"]).is_file()
+        if name == "lr=10.0":
+            assert run["val_acc"] is None and run["checkpoint"] is None
+        else:
+            assert run["val_acc"] == pytest.approx(max(run["val_acc_per_epoch"]))
+            assert Path(run["checkpoint"]).is_file()
     table = capsys.readouterr().out
+    assert "| lr=10.0 | none (diverged) |" in table
     assert f"| {outcome['selected']} ← selected |" in table
     assert f"**{runs[outcome['selected']]['test_acc']:.4f}**" in table and table.count("**") == 2
 
@@ -98,3 +103,11 @@ def test_a_finder_that_would_change_a_runs_setting_unsaid_is_refused_before_trai
     with pytest.raises(UserError, match=f"drop the {finder} of --trainer.callbacks: a run is named by what differs"):
         exercises_script.main([*sweep_args, "--only", "lr=0.01", f"--trainer.callbacks+={finder}"])
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("flag", ["--trainer.fast_dev_run=true", "--trainer.enable_checkpointing=false",
+                                  "--checkpoint.save_top_k=0"])
+def test_a_run_that_would_keep_no_checkpoint_is_refused_before_training(sweep_args, tmp_path, flag):
+    # An AttributeError traceback as the run's score was read (and the selected run would be tested untrained).
+    with pytest.raises(UserError, match="a sweep tests the run it selects from its best checkpoint: drop"):
+        exercises_script.main([*sweep_args, "--only", "lr=0.01", flag])

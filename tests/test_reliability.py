@@ -350,13 +350,42 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path, 
 # -- NaN/inf loss in fit ---------------------------------------------------------------------------------------
 
 
-def test_diverging_fit_stops_points_at_lr_and_keeps_the_best_checkpoint(synthetic_dir, tmp_path, capsys):
-    results = fit.main(fit_args(synthetic_dir, tmp_path / "logs", "--model.lr=1e4", "--trainer.max_epochs=5"))
+def test_a_fit_diverging_in_its_first_epoch_points_at_lr_and_tests_nothing(synthetic_dir, tmp_path, capsys):
+    # Its NaN epoch had been kept as the best checkpoint (its val/acc, chance, the first) and tested.
+    with pytest.raises(UserError, match="nothing to test: training diverged before any epoch ended with a finite"):
+        fit.main(fit_args(synthetic_dir, tmp_path / "logs", "--model.lr=1e4", "--trainer.max_epochs=5"))
     printed = capsys.readouterr().out
     assert "training diverged and stopped in epoch 0: Monitored metric val/loss = nan is not finite" in printed
-    assert "try a lower learning rate than --model.lr 10000.0" in printed
-    checkpoints = list((tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
-    assert len(checkpoints) == 1 and "test/acc" in results
+    assert "try a lower learning rate than --model.lr 10000.0; no epoch ended with a finite loss to keep" in printed
+    assert not list((tmp_path / "logs" / "fit" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
+
+
+class PoisonsTheWeightsAtEpoch(L.Callback):
+    """A divergence on cue: NaN weights from the start of `epoch`."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for p in module.net.parameters():
+                    p.fill_(float("nan"))
+
+
+# Each keeps the latest epoch: without validation the checkpoint does so; with it, monitoring the step does.
+@pytest.mark.parametrize("flags", [["--data.val_size=0"], ["--checkpoint.monitor=step", "--checkpoint.mode=max"]])
+def test_a_fit_diverging_later_keeps_and_tests_its_last_finite_epoch(synthetic_dir, tmp_path, capsys, flags):
+    from mlp.cli import build_cli
+    from mlp.run import test_once, train
+
+    cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=4", *flags))
+    cli.trainer.callbacks.append(PoisonsTheWeightsAtEpoch(2))
+    best = train(cli)
+    assert Path(best).name.startswith("epoch01")  # it had kept epoch 2's NaN weights
+    assert all(t.isfinite().all() for t in torch.load(best)["state_dict"].values())
+    assert "the best checkpoint before it is kept" in capsys.readouterr().out
+    assert test_once(cli, best)["test/acc"] > 0.5
 
 
 def test_a_users_early_stopping_on_the_loss_stops_the_fit_and_is_not_taken_for_a_divergence(synthetic_dir, tmp_path,
