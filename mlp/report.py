@@ -73,10 +73,13 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     from torch.utils.tensorboard import SummaryWriter
 
     written = []
+    # Without a complete trial only the pruned ones' curves have something to show (the others plot empty axes, and
+    # Optuna and matplotlib warn about each).
+    of_complete = (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate)
+    complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
     with warnings.catch_warnings(), SummaryWriter(str(log_dir / "study")) as writer:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate,
-                     plots.plot_intermediate_values):
+        for plot in (*(of_complete if complete else ()), plots.plot_intermediate_values):
             name = plot.__name__.removeprefix("plot_")
             try:
                 axes = plot(study)

@@ -35,3 +35,19 @@ def test_cost_counts_trials_trained_together_once():
 
 def test_the_typed_loader_of_report_json_knows_every_final_model_the_report_writes():
     assert FINAL_MODELS == FINAL_CHOICES
+
+
+def test_a_study_without_a_complete_trial_plots_only_its_pruned_curves_and_warns_of_nothing(tmp_path, recwarn):
+    import warnings
+
+    from mlp.report import write_plots
+
+    study = optuna.create_study(direction="maximize")
+    for values in ([0.1, 0.1], [0.2]):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params={"lr": 0.1 * len(values)},
+                                                  distributions={"lr": optuna.distributions.FloatDistribution(0, 1)},
+                                                  intermediate_values=dict(enumerate(values))))
+    warnings.simplefilter("always")  # Optuna's and matplotlib's, each about an empty plot
+    assert write_plots(study, tmp_path) == ["intermediate_values"]
+    assert [str(w.message) for w in recwarn] == []
+    assert (tmp_path / "intermediate_values.png").is_file()
