@@ -81,18 +81,31 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
         paths = [report.best_checkpoint if chosen.checkpoint is None else chosen.checkpoint]
     check(all(paths), f"{report_path} names no checkpoint for its {name}; pass the report.json that tune.py wrote")
     folder = report_path.parent
-    return [inside(resolve(Path(path), report_path), folder, f"{report_path} names {path}") for path in paths]
+    written_in = Path(report.report_json).parent if report.report_json else None
+    return [inside(resolve(Path(path), report_path, written_in), folder, f"{report_path} names {path}")
+            for path in paths]
 
 
-def resolve(checkpoint: Path, report_path: Path) -> Path:
-    """A checkpoint path as report.json holds it: absolute, or relative to the folder tune.py ran in, which is
-    a folder above the report (with the log folder inside it, as by default) or else the current one."""
+def resolve(checkpoint: Path, report_path: Path, written_in: Path | None = None) -> Path:
+    """A checkpoint path as report.json holds it. One in the folder the report was written in (`written_in`, as
+    tune.py named it: relative to the folder it ran in, by default) is taken at the same place in the report's
+    folder now, so a study folder moved or copied to another machine still loads. Else it is absolute, or relative
+    to the folder tune.py ran in: a folder above the report (with the log folder inside it) or the current one."""
+    if written_in is not None and (below := path_below(checkpoint, written_in)) is not None:
+        return report_path.parent / below
     if checkpoint.is_absolute():
         return checkpoint
     for folder in report_path.resolve().parents:
         if (folder / checkpoint).is_file():
             return folder / checkpoint
     return checkpoint  # relative to the current folder; load_member says if it is missing
+
+
+def path_below(path: Path, folder: Path) -> Path | None:
+    """The rest of `path` after the first place its parts hold `folder`'s in a row; None where they do not."""
+    n = len(folder.parts)
+    return next((Path(*path.parts[k + n:]) for k in range(len(path.parts) - n)
+                 if path.parts[k:k + n] == folder.parts), None)
 
 
 def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Member:

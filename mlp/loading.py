@@ -74,6 +74,7 @@ class Report(Schema):
     best_checkpoint: str | None = None  # these three only when a trial completed
     final: Final | None = None
     test_acc: float | None = None
+    report_json: str | None = None  # where it was written, which its checkpoint paths name
 
 
 def problems(error: ValidationError) -> str:

@@ -37,7 +37,8 @@ FINAL_MODELS = ("refit_ensemble", "ensemble", "refit", "best")
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """The folder of a finished two-trial study on synthetic data, run as a user runs tune.py: from its own
-    folder, with the default relative log folder, so report.json holds paths relative to that folder."""
+    folder, with the default relative log folder, so report.json names itself relative to that folder (and the
+    checkpoints by their absolute paths, as Lightning gives them)."""
     home = tmp_path_factory.mktemp("study")
     data_dir = write_synthetic_dataset(home / "data")
     args = [
@@ -273,6 +274,31 @@ def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study
     assert [c for _, c, _ in rows[5:]] == [CLASS_NAMES[c] for c in predicted[:3]]
     assert len(lines) == 8
     assert accuracy(load_answer(study)(images[:4]), labels[:4]) > 0.7  # it learned the bands, so the lines say it
+
+
+@pytest.mark.parametrize("log_folder", ["relative", "absolute"])
+def test_a_study_folder_copied_elsewhere_loads_its_own_checkpoints(study, tmp_path, log_folder):
+    """Trained on one machine, copied to another: report.json names the checkpoints where tune.py wrote them, and
+    itself relative to the folder tune.py ran in (the default log folder) or absolute (an absolute one)."""
+    import shutil
+
+    from mlp.answer import report_checkpoints
+
+    copy = tmp_path / "elsewhere" / "study"
+    shutil.copytree(study, copy)
+    report = json.loads((study / "report.json").read_text())
+    assert not Path(report["report_json"]).is_absolute()  # as tune.py wrote it, with the default log folder
+    if log_folder == "absolute":
+        report["report_json"] = str(study / "report.json")
+        (copy / "report.json").write_text(json.dumps(report))
+
+    # It was refused: the checkpoints lay outside the copy's folder.
+    answers = [answer for answer in FINAL_MODELS if report["final"][answer]["test_acc"] is not None]
+    assert len(answers) == len(FINAL_MODELS)
+    for answer in answers:
+        assert all(path.is_relative_to(copy) and path.is_file() for path in report_checkpoints(copy, answer))
+    images, _ = raw_test_images(study.parents[2] / "data")
+    assert torch.equal(load_answer(copy)(images[:8]), load_answer(study)(images[:8]))
 
 
 def product_photos(folder: Path, images: torch.Tensor) -> list[Path]:
