@@ -264,6 +264,12 @@ class FiniteCheckpoint(ModelCheckpoint):
             super().on_train_epoch_end(trainer, pl_module)
 
 
+def keeps_a_checkpoint(cli: MLPCLI) -> bool:
+    """Whether the run keeps its best checkpoint: not under --trainer.fast_dev_run, --trainer.enable_checkpointing
+    false or --checkpoint.save_top_k 0 (fit.py then tests the final weights; tune.py and exercises.py refuse them)."""
+    return not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0
+
+
 def finite(trainer: Trainer, key: str) -> bool:
     return key not in trainer.callback_metrics or bool(trainer.callback_metrics[key].isfinite())
 

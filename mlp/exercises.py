@@ -15,7 +15,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 
 import mlp.run
-from mlp.cli import LOG_DIR, build_cli, divergence_message
+from mlp.cli import LOG_DIR, build_cli, divergence_message, keeps_a_checkpoint
 from mlp.errors import UserError, check
 
 D2L_SETTING = {
@@ -78,9 +78,8 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     finders = [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
     check(not finders, f"drop the {', '.join(finders)} of --trainer.callbacks: a run is named by what differs from "
           "d2l's setting, and a finder would change its learning rate or batch size unsaid")
-    check(not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0, "a sweep tests the run it "
-          "selects from its best checkpoint: drop --trainer.fast_dev_run, --trainer.enable_checkpointing false and "
-          "--checkpoint.save_top_k 0 (fit.py takes them)")
+    check(keeps_a_checkpoint(cli), "a sweep tests the run it selects from its best checkpoint: drop --trainer."
+          "fast_dev_run, --trainer.enable_checkpointing false and --checkpoint.save_top_k 0 (fit.py takes them)")
     history = ValidationAccuracies()
     cli.trainer.callbacks.append(history)
     start = time.perf_counter()
