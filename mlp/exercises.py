@@ -6,9 +6,12 @@ a sweep selects its best run on val/acc and tests that run once (`mlp.run.test_o
 the test set.
 """
 
+import contextlib
+import fcntl
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lightning import LightningModule, Trainer
@@ -110,32 +113,47 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
     check(not swept, f"{', '.join(f'--{key}' for key in sorted(swept))}: the {sweep} sweep sets it for each run; "
           "drop it (other fit flags change d2l's setting for every run)")
     results_file = save_dir / "exercises" / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    # A run is kept by name: one trained with other fit flags (fewer epochs, other data) must not join this sweep.
-    if other := [name for name in names if name in results and results[name].get("fit_flags", []) != extra]:
-        raise UserError(f"{results_file} holds {', '.join(other)} trained with the fit flags "
-                        f"{results[other[0]].get('fit_flags', [])}, not {extra}: give the same flags, or another "
-                        "--save_dir for runs with these")
+    with only_sweep(results_file.parent):
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        # A run is kept by name: one trained with other fit flags (fewer epochs, other data) must not join this sweep.
+        if other := [name for name in names if name in results and results[name].get("fit_flags", []) != extra]:
+            raise UserError(f"{results_file} holds {', '.join(other)} trained with the fit flags "
+                            f"{results[other[0]].get('fit_flags', [])}, not {extra}: give the same flags, or another "
+                            "--save_dir for runs with these")
 
-    def save() -> None:
-        results_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = results_file.with_suffix(".partial")
-        partial.write_text(json.dumps(results, indent=1))
-        partial.replace(results_file)  # never a half-written results file
+        def save() -> None:
+            partial = results_file.with_suffix(".partial")
+            partial.write_text(json.dumps(results, indent=1))
+            partial.replace(results_file)  # never a half-written results file
 
-    for name, changes in names.items():
-        if name not in results and (only is None or name in only):
-            results[name] = train(changes, save_dir, extra)
-            save()
-    runs = {name: results[name] for name in names if name in results}
-    selected = None
-    if sweep in SELECTS and len(runs) == len(names):
-        kept = [name for name in runs if runs[name]["val_acc"] is not None]
-        selected = max(kept, key=lambda name: runs[name]["val_acc"], default=None)  # the first of equals
-        if selected is not None and "test_acc" not in runs[selected]:
-            runs[selected]["test_acc"] = test(runs[selected], save_dir, extra)
-            save()
-    return {"runs": runs, "selected": selected, "missing": [name for name in names if name not in runs]}
+        for name, changes in names.items():
+            if name not in results and (only is None or name in only):
+                results[name] = train(changes, save_dir, extra)
+                save()
+        runs = {name: results[name] for name in names if name in results}
+        selected = None
+        if sweep in SELECTS and len(runs) == len(names):
+            kept = [name for name in runs if runs[name]["val_acc"] is not None]
+            selected = max(kept, key=lambda name: runs[name]["val_acc"], default=None)  # the first of equals
+            if selected is not None and "test_acc" not in runs[selected]:
+                runs[selected]["test_acc"] = test(runs[selected], save_dir, extra)
+                save()
+        return {"runs": runs, "selected": selected, "missing": [name for name in names if name not in runs]}
+
+
+@contextlib.contextmanager
+def only_sweep(folder: Path) -> Iterator[None]:
+    """The folder's sweeps one at a time: two at once would train the runs they share (d2l is in every sweep) into
+    one run folder, each emptying it as it starts, and each rewrite results.json without the other's runs. The
+    kernel frees the lock of a process that dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sweep.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another exercises.py is running in {folder}: wait for it to end, or give this one "
+                            "another --save_dir") from None
+        yield
 
 
 def markdown_table(sweep: str, outcome: dict) -> str:

@@ -111,3 +111,18 @@ def test_a_run_that_would_keep_no_checkpoint_is_refused_before_training(sweep_ar
     # An AttributeError traceback as the run's score was read (and the selected run would be tested untrained).
     with pytest.raises(UserError, match="a sweep tests the run it selects from its best checkpoint: drop"):
         exercises_script.main([*sweep_args, "--only", "lr=0.01", flag])
+
+
+def test_a_second_sweep_in_the_same_folder_at_once_is_refused_and_one_after_runs(sweep_args, tmp_path):
+    # Both had trained d2l into one run folder, the second emptying it under the first, and each rewrote
+    # results.json without the other's runs.
+    import fcntl
+
+    folder = tmp_path / "logs" / "exercises"
+    folder.mkdir(parents=True)
+    with open(folder / "sweep.lock", "w") as running:  # as a sweep running in another process holds it
+        fcntl.flock(running, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=f"another exercises.py is running in {folder}: wait for it to end"):
+            exercises_script.main([*sweep_args, "--only", "lr=0.01"])
+    assert not (folder / "lr=0.01").exists() and not (folder / "results.json").exists()
+    assert list(exercises_script.main([*sweep_args, "--only", "lr=0.01"])["runs"]) == ["lr=0.01"]
