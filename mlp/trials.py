@@ -5,6 +5,7 @@ Each trains what `scripts/fit.py` would with the user's fit flags plus its sugge
 trial 0, fit's own configuration, is fit's own run."""
 
 import gc
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -164,15 +165,22 @@ def train_runs(
     # By name while the run trains; a stopped one leaves only at its epoch's end, so its checkpoint still saves
     # this epoch's weights when they are its best, as a run alone's does.
     checkpoints: dict[str, ModelInStackCheckpoint] = {}
+    relative: set[str] = set()  # runs whose log folder is relative to the working folder, as by default
 
     def join(name: str, cli: MLPCLI) -> None:
         save_config(cli)
         checkpoints[name] = ModelInStackCheckpoint(name, str(Path(cli.trainer.log_dir) / "checkpoints"), validates)
+        if not Path(cli.trainer.log_dir).is_absolute():
+            relative.add(name)
 
     def leave(name: str, how: Ending, detail: str) -> None:
         checkpoint = checkpoints.pop(name)
-        score = checkpoint.best_model_score
-        on_end(name, RunEnd(how, detail, checkpoint.best_model_path, None if score is None else score.item()))
+        path, score = checkpoint.best_model_path, checkpoint.best_model_score
+        if path and name in relative:
+            # Lightning makes it absolute: kept relative, as the run's log folder is, so that a project folder
+            # moved or renamed with its study in it still finds the checkpoints the study records.
+            path = os.path.relpath(path)
+        on_end(name, RunEnd(how, detail, path, None if score is None else score.item()))
 
     def refill(module: FusedClassifier) -> None:
         if not (free := fuse - len(module.names)):

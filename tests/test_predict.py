@@ -37,8 +37,7 @@ FINAL_MODELS = ("refit_ensemble", "ensemble", "refit", "best")
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """The folder of a finished two-trial study on synthetic data, run as a user runs tune.py: from its own
-    folder, with the default relative log folder, so report.json names itself relative to that folder (and the
-    checkpoints by their absolute paths, as Lightning gives them)."""
+    folder, with the default relative log folder, so report.json holds paths relative to that folder."""
     home = tmp_path_factory.mktemp("study")
     data_dir = write_synthetic_dataset(home / "data")
     args = [
@@ -278,8 +277,8 @@ def test_predict_prints_the_class_of_test_images_given_as_png_jpeg_and_idx(study
 
 @pytest.mark.parametrize("log_folder", ["relative", "absolute"])
 def test_a_study_folder_copied_elsewhere_loads_its_own_checkpoints(study, tmp_path, log_folder):
-    """Trained on one machine, copied to another: report.json names the checkpoints where tune.py wrote them, and
-    itself relative to the folder tune.py ran in (the default log folder) or absolute (an absolute one)."""
+    """Trained on one machine, copied to another: report.json names the checkpoints, and itself, relative to the
+    folder tune.py ran in (the default log folder) or by absolute paths (an absolute one)."""
     import shutil
 
     from mlp.answer import report_checkpoints
@@ -287,9 +286,16 @@ def test_a_study_folder_copied_elsewhere_loads_its_own_checkpoints(study, tmp_pa
     copy = tmp_path / "elsewhere" / "study"
     shutil.copytree(study, copy)
     report = json.loads((study / "report.json").read_text())
-    assert not Path(report["report_json"]).is_absolute()  # as tune.py wrote it, with the default log folder
-    if log_folder == "absolute":
-        report["report_json"] = str(study / "report.json")
+    assert not Path(report["best_checkpoint"]).is_absolute()  # as tune.py wrote it, with the default log folder
+    if log_folder == "absolute":  # as an absolute log folder has tune.py write every path
+        ran_in = study.parents[2]
+        report.update(report_json=str(ran_in / report["report_json"]),
+                      best_checkpoint=str(ran_in / report["best_checkpoint"]))
+        for candidate in report["final"].values():
+            if isinstance(candidate, dict) and candidate.get("checkpoint"):
+                candidate["checkpoint"] = str(ran_in / candidate["checkpoint"])
+            if isinstance(candidate, dict) and candidate.get("checkpoints"):
+                candidate["checkpoints"] = [str(ran_in / path) for path in candidate["checkpoints"]]
         (copy / "report.json").write_text(json.dumps(report))
 
     # It was refused: the checkpoints lay outside the copy's folder.
