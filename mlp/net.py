@@ -222,4 +222,7 @@ class MLP(nn.Module):
             if norm is not None:
                 grad, scale_grads[layer - 1], grads[2 * layer - 1] = batch_norm_grad(
                     grad, *norm, self.norm_scale[layer - 1], self.training)
-        return ([torch.stack(scale_grads)] if self.batch_norm else []) + grads + slope_grads
+        grads = ([torch.stack(scale_grads)] if self.batch_norm else []) + grads + slope_grads
+        # Under autocast (--trainer.precision bf16-mixed) the matmuls ran in bfloat16; each parameter gets its
+        # gradient in its own dtype, as from autograd.
+        return [grad.to(p.dtype) for grad, p in zip(grads, self.parameters())]
