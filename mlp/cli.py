@@ -140,6 +140,9 @@ class MLPCLI(LightningCLI):
         check(self.config.model.backward != "manual" or not given(GradientAccumulationScheduler),
               "--trainer.callbacks GradientAccumulationScheduler needs Lightning's automatic optimisation, which "
               "--model.backward manual turns off: drop one of them")
+        check(self.config.model.backward != "manual" or getattr(trainer.precision_plugin, "scaler", None) is None,
+              "float16 mixed precision scales the loss inside autograd's backward, which --model.backward manual "
+              "never calls: use --trainer.precision bf16-mixed (or 32-true) with it")
         return trainer
 
     def resume_last(self) -> None:

@@ -197,6 +197,9 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.callbacks+=BatchSizeFinder", "BatchSizeFinder would change the batch size once the onecycle"),
         ("--model.backward=manual --trainer.callbacks+=GradientAccumulationScheduler "  # a RuntimeError traceback
          "--trainer.callbacks.scheduling='{0: 2}'", "GradientAccumulationScheduler needs Lightning's automatic"),
+        # GradScaler's AssertionError traceback: a GPU's --trainer.precision 16-mixed, as a CPU can be given it.
+        ("--model.backward=manual --trainer.plugins+=MixedPrecision --trainer.plugins.precision=16-mixed "
+         "--trainer.plugins.device=cpu", "float16 mixed precision scales the loss inside autograd's backward"),
     ],
 )
 def test_invalid_hyperparameter_is_rejected_before_training(synthetic_dir, tmp_path, capsys, flag, message):
