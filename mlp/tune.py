@@ -46,8 +46,9 @@ REFUSED_CALLBACKS = {
     StochasticWeightAveraging: "it averages the Trainer's one model, where a stack trains several (fit.py takes it)",
     GradientAccumulationScheduler: "a stack steps each trial's optimiser itself, and accumulates no gradients",
 }
-# A study's name is also its folder's in the log folder's tune/: one path segment, nothing that climbs out of it.
-STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A study's name is also its folder's in the log folder's tune/: one path segment, nothing that climbs out of it,
+# well within the 255 bytes a file system allows a name.
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class StudyConfig:
         self.space.validate()
         check(STUDY_NAME.fullmatch(self.study_name) is not None,
               f"--study-name {self.study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not "
-              "first): it names the study's folder in the log folder's tune/")
+              "first), at most 100 characters: it names the study's folder in the log folder's tune/")
         check(self.n_trials >= 1, f"--n-trials must be >= 1, got {self.n_trials}")
         if self.timeout is not None:
             check(self.timeout > FINISH_SECONDS,

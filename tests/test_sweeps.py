@@ -132,7 +132,8 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     assert not (tmp_path / "study.db").exists()
 
 
-@pytest.mark.parametrize("name", ["../../escape", "/tmp/absolute", "a/b", "..", ".hidden", ""])
+# 300 letters: a study created in the storage, then "File name too long" pointing at the log folder.
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/absolute", "a/b", "..", ".hidden", "", "a" * 300])
 def test_a_study_name_that_is_not_one_folder_name_is_refused_before_anything_is_written(synthetic_dir, tmp_path, name):
     args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--study-name={name}"]
     with pytest.raises(SystemExit) as exit:
