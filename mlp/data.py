@@ -40,10 +40,10 @@ class CorruptDatasetError(UserError, ValueError):
     """A Fashion-MNIST file exists but does not hold what its name promises."""
 
 
-def _find_in(folder: Path) -> dict[str, Path] | None:
-    """The four IDX files in `folder`, each as found (uncompressed preferred over .gz), or None if any is missing."""
+def _find_in(folder: Path, files: dict[str, str] = FILES) -> dict[str, Path] | None:
+    """The `files` in `folder`, each as found (uncompressed preferred over .gz), or None if any is missing."""
     found = {key: next((c for c in (folder / name, folder / f"{name}.gz") if c.is_file()), None)
-             for key, name in FILES.items()}
+             for key, name in files.items()}
     return found if all(found.values()) else None
 
 
@@ -56,6 +56,11 @@ def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
     for folder in places:
         if found := _find_in(folder):
             return found
+        if folder == data_dir and (some := [n for n in FILES.values() if _find_in(data_dir, {n: n})]):
+            # Files of one's own, one missing: the next place's Fashion-MNIST would be trained on without a word.
+            missing = [name for name in FILES.values() if name not in some]
+            raise DatasetNotFoundError(f"{data_dir} holds {', '.join(some)} but not {', '.join(missing)} (or .gz): "
+                                       "put all four there, or pass --data.data_dir a folder that holds them")
     try:
         FashionMNIST(data_dir, download=True)
     except Exception as error:  # torchvision raises several kinds; all mean "not downloaded"

@@ -109,6 +109,18 @@ def test_falls_back_to_the_debian_folder(tmp_path, monkeypatch, no_download):
     assert all(path.parent == debian for path in found.values())
 
 
+def test_a_data_dir_missing_some_files_is_refused_naming_them_rather_than_passed_over(tmp_path, monkeypatch):
+    # The Debian folder's Fashion-MNIST had been trained and tested on instead, without a word.
+    debian = write_synthetic_dataset(tmp_path / "debian")
+    monkeypatch.setattr("mlp.data.DEBIAN_DIR", debian)
+    own = write_synthetic_dataset(tmp_path / "own", gz=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (own / name).unlink()
+    with pytest.raises(DatasetNotFoundError, match=f"{own} holds train-images-idx3-ubyte, train-labels-idx1-ubyte "
+                                                   "but not t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"):
+        locate_fashion_mnist(own)
+
+
 def test_missing_dataset_names_the_places_tried_and_the_install_command(tmp_path, monkeypatch, no_download):
     monkeypatch.setattr("mlp.data.DEBIAN_DIR", tmp_path / "nowhere")
     with pytest.raises(DatasetNotFoundError) as error:
