@@ -6,7 +6,7 @@
     python scripts/tune.py --fuse 8                         # 8 trials at a time, as stacked networks
     python scripts/tune.py --trainer.accelerator gpu        # as many trials at a time as the GPU holds, up to 128
     python scripts/tune.py --lr 0.01 1 --depth 1 4 --data.data_dir PATH --trainer.accelerator gpu
-    python scripts/tune.py @search.txt                      # flags read from a file, one per line
+    python scripts/tune.py @search.txt                      # flags read from a file, as a shell reads them
     python scripts/tune.py --storage postgresql+psycopg://USER:PASS@HOST/DB   # on each of several machines
     python scripts/tune.py --storage study.journal          # each of several workers on one machine
     python scripts/tune.py --quiet                          # print only the answer, in a few lines
@@ -22,8 +22,10 @@ averaged, a refit of the best configuration, the best checkpoint) and reports th
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,6 +41,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     defaults = StudyConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      fromfile_prefix_chars="@")
+    # @FILE's lines as a shell reads them ("--n-trials 40", quotes, # comments), not each line one argument.
+    parser.convert_arg_line_to_args = partial(shlex.split, comments=True)
     study = parser.add_argument_group("study")
     study.add_argument("--n-trials", type=int, default=defaults.n_trials,
                        help=f"finished trials the study should hold (default {defaults.n_trials})")

@@ -124,6 +124,16 @@ def test_trial_n_trains_with_the_fit_seed_plus_n_so_same_shaped_trials_start_apa
     assert not torch.equal(first_weights[2], first_weights[1])
 
 
+def test_flags_from_a_file_are_read_as_a_shell_reads_them(tmp_path):
+    # Each line had been one argument: "--n-trials 40" went to LightningCLI, which refused it unrecognised.
+    flags = tmp_path / "search.txt"
+    flags.write_text("# the study\n--n-trials 40\n\n--lr 0.01 0.5  # peak rates\n--model.depth=2\n"
+                     "--trainer.logger.init_args.name 'my runs'\n")
+    options, fit_args = tune.parse([f"@{flags}", "--fuse", "2"])
+    assert (options.n_trials, options.lr, options.fuse) == (40, [0.01, 0.5], 2)
+    assert fit_args == ["--model.depth=2", "--trainer.logger.init_args.name", "my runs"]
+
+
 def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     args = tune_args(synthetic_dir, tmp_path, n_trials=1)
     args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["5", "2"]
