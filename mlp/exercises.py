@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
+from lightning.pytorch.utilities import rank_zero_only
 
 import mlp.run
 from mlp.cli import LOG_DIR, build_cli, divergence_message, keeps_a_checkpoint
@@ -145,8 +146,12 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
 def only_sweep(folder: Path) -> Iterator[None]:
     """The folder's sweeps one at a time: two at once would train the runs they share (d2l is in every sweep) into
     one run folder, each emptying it as it starts, and each rewrite results.json without the other's runs. The
-    kernel frees the lock of a process that dies."""
+    kernel frees the lock of a process that dies. Under DDP, the processes Lightning starts run the script again,
+    in step with rank 0's sweep: only rank 0 takes the lock."""
     folder.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank != 0:
+        yield
+        return
     with open(folder / "sweep.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -126,3 +126,21 @@ def test_a_second_sweep_in_the_same_folder_at_once_is_refused_and_one_after_runs
             exercises_script.main([*sweep_args, "--only", "lr=0.01"])
     assert not (folder / "lr=0.01").exists() and not (folder / "results.json").exists()
     assert list(exercises_script.main([*sweep_args, "--only", "lr=0.01"])["runs"]) == ["lr=0.01"]
+
+
+def test_under_ddp_only_rank_zero_takes_the_sweeps_lock(tmp_path, monkeypatch):
+    # The lock had refused the DDP processes Lightning starts, which run the script again beside rank 0's sweep:
+    # `exercises.py ... --trainer.devices 2 --trainer.strategy ddp` stopped in its first run.
+    import fcntl
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    with open(tmp_path / "sweep.lock", "w") as rank_zeros:  # rank 0's sweep holds it
+        fcntl.flock(rank_zeros, fcntl.LOCK_EX)
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        with exercises.only_sweep(tmp_path):
+            pass
+        monkeypatch.setattr(rank_zero_only, "rank", 0)
+        with pytest.raises(UserError, match="another exercises.py is running"):
+            with exercises.only_sweep(tmp_path):
+                pass
