@@ -254,16 +254,25 @@ class DivergenceGuard(EarlyStopping):
                          check_on_train_epoch_end=not validates, strict=validates)
 
 
+def divergence_message(trainer: Trainer) -> str | None:
+    """When and why the divergence guard stopped training, or None if it did not."""
+    guard = next((callback for callback in trainer.callbacks if isinstance(callback, DivergenceGuard)), None)
+    if guard is not None and guard.stopping_reason_message:
+        return f"epoch {guard.stopped_epoch}: {guard.stopping_reason_message}"
+    return None
+
+
 class FiniteCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that keeps no epoch whose loss the DivergenceGuard watches is not finite: that epoch's val/acc
-    is chance, which may still be the first or beat an earlier one, and its weights are NaN."""
+    """ModelCheckpoint that keeps nothing of the epoch the DivergenceGuard stopped training at, its loss not finite:
+    that epoch's val/acc is chance, which may still be the first or beat an earlier one, and its weights are NaN. The
+    guard has judged the epoch by then: Lightning calls the checkpoint callbacks after the others, at both hooks."""
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if finite(trainer, "val/loss"):
+        if divergence_message(trainer) is None:
             super().on_validation_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if finite(trainer, "train/loss_epoch"):  # a run without validation saves here (its loss logged just before)
+        if divergence_message(trainer) is None:  # where a run without validation saves
             super().on_train_epoch_end(trainer, pl_module)
 
 
@@ -271,18 +280,6 @@ def keeps_a_checkpoint(cli: MLPCLI) -> bool:
     """Whether the run keeps its best checkpoint: not under --trainer.fast_dev_run, --trainer.enable_checkpointing
     false or --checkpoint.save_top_k 0 (fit.py then tests the final weights; tune.py and exercises.py refuse them)."""
     return not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0
-
-
-def finite(trainer: Trainer, key: str) -> bool:
-    return key not in trainer.callback_metrics or bool(trainer.callback_metrics[key].isfinite())
-
-
-def divergence_message(trainer: Trainer) -> str | None:
-    """When and why the divergence guard stopped training, or None if it did not."""
-    guard = next((callback for callback in trainer.callbacks if isinstance(callback, DivergenceGuard)), None)
-    if guard is not None and guard.stopping_reason_message:
-        return f"epoch {guard.stopped_epoch}: {guard.stopping_reason_message}"
-    return None
 
 
 def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
