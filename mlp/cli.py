@@ -276,10 +276,12 @@ class FiniteCheckpoint(ModelCheckpoint):
             super().on_train_epoch_end(trainer, pl_module)
 
 
-def keeps_a_checkpoint(cli: MLPCLI) -> bool:
-    """Whether the run keeps its best checkpoint: not under --trainer.fast_dev_run, --trainer.enable_checkpointing
-    false or --checkpoint.save_top_k 0 (fit.py then tests the final weights; tune.py and exercises.py refuse them)."""
-    return not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0
+def check_keeps_a_checkpoint(cli: MLPCLI, why: str) -> None:
+    """Refuse, saying `why` the caller needs it, a run that keeps no best checkpoint: --trainer.fast_dev_run,
+    --trainer.enable_checkpointing false or --checkpoint.save_top_k 0 (fit.py then tests the final weights)."""
+    check(not cli.trainer.fast_dev_run and cli.config.checkpoint.save_top_k != 0,
+          f"{why}: drop --trainer.fast_dev_run, --trainer.enable_checkpointing false and --checkpoint.save_top_k 0 "
+          "(fit.py takes them)")
 
 
 def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:

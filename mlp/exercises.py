@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateF
 from lightning.pytorch.utilities import rank_zero_only
 
 import mlp.run
-from mlp.cli import LOG_DIR, build_cli, divergence_message, keeps_a_checkpoint
+from mlp.cli import LOG_DIR, build_cli, divergence_message, check_keeps_a_checkpoint
 from mlp.errors import UserError, check
 
 D2L_SETTING = {
@@ -82,8 +82,7 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     finders = [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
     check(not finders, f"drop the {', '.join(finders)} of --trainer.callbacks: a run is named by what differs from "
           "d2l's setting, and a finder would change its learning rate or batch size unsaid")
-    check(keeps_a_checkpoint(cli), "a sweep tests the run it selects from its best checkpoint: drop --trainer."
-          "fast_dev_run, --trainer.enable_checkpointing false and --checkpoint.save_top_k 0 (fit.py takes them)")
+    check_keeps_a_checkpoint(cli, "a sweep tests the run it selects from its best checkpoint")
     history = ValidationAccuracies()
     cli.trainer.callbacks.append(history)
     start = time.perf_counter()

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import (
 from optuna.trial import TrialState
 
 from mlp.budget import FINISH_SECONDS, Budget
-from mlp.cli import MLPCLI, DivergenceGuard, build_cli, keeps_a_checkpoint
+from mlp.cli import MLPCLI, DivergenceGuard, build_cli, check_keeps_a_checkpoint
 from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
@@ -151,9 +151,7 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
     check(cli.trainer.logger is not None,
           "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
           "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
-    check(keeps_a_checkpoint(cli),
-          "tune.py keeps each trial's best checkpoint for the final models: drop --trainer.fast_dev_run, "
-          "--trainer.enable_checkpointing false and --checkpoint.save_top_k 0 (fit.py takes them)")
+    check_keeps_a_checkpoint(cli, "tune.py keeps each trial's best checkpoint for the final models")
     check(not cli.trainer.gradient_clip_val and cli.trainer.accumulate_grad_batches == 1,
           "tune.py steps each stacked trial's optimiser itself, where Lightning clips and accumulates no gradients: "
           "drop --trainer.gradient_clip_val and --trainer.accumulate_grad_batches (fit.py takes them)")
