@@ -1,7 +1,10 @@
 """One run, as fit.py and the d2l exercises make it: train it, keeping its best checkpoint, then test one
 checkpoint once. Training never sees the test set; a caller tests only the run it chose on validation, once."""
 
+import warnings
 from pathlib import Path
+
+from lightning.pytorch.callbacks import WeightAveraging
 
 from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, fit
 from mlp.errors import UserError, check
@@ -36,5 +39,14 @@ def test_once(cli: MLPCLI, checkpoint: str | None) -> dict[str, float]:
     checkpoint), unless they diverged."""
     check(checkpoint is not None or divergence_message(cli.trainer) is None,
           "nothing to test: training diverged before any epoch ended with a finite loss; try a lower --model.lr")
-    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
+    # A WeightAveraging callback (--trainer.callbacks EMAWeightAveraging) saves the averaged weights, which validation
+    # scored, as a checkpoint's weights; left in the Trainer after fit it loads the unaveraged ones kept beside them
+    # (Lightning 2.6), and the test would score weights no validation chose. It acts only in training: taken out, as
+    # Lightning's own warning advises for a test, and with it the warning that the checkpoint holds its state.
+    averaging = [callback for callback in cli.trainer.callbacks if isinstance(callback, WeightAveraging)]
+    cli.trainer.callbacks[:] = [callback for callback in cli.trainer.callbacks if callback not in averaging]
+    with warnings.catch_warnings():
+        if averaging:
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+        (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
     return results

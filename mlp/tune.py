@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from lightning.pytorch.callbacks import (
     BatchSizeFinder, DeviceStatsMonitor, EarlyStopping, GradientAccumulationScheduler, LearningRateFinder,
-    LearningRateMonitor, StochasticWeightAveraging, Timer,
+    LearningRateMonitor, StochasticWeightAveraging, Timer, WeightAveraging,
 )
 from optuna.trial import TrialState
 
@@ -43,7 +43,8 @@ REFUSED_CALLBACKS = {
     (LearningRateMonitor, DeviceStatsMonitor): "each trial writes its own run, with no Trainer logger for it (fit.py "
     "takes it)",
     Timer: "a trial trains the epochs it was given, and --timeout bounds the whole study (fit.py takes it)",
-    StochasticWeightAveraging: "it averages the Trainer's one model, where a stack trains several (fit.py takes it)",
+    (StochasticWeightAveraging, WeightAveraging): "it averages the Trainer's one model, where a stack trains several "
+    "(fit.py takes it)",
     GradientAccumulationScheduler: "a stack steps each trial's optimiser itself, and accumulates no gradients",
 }
 # A study's name is also its folder's in the log folder's tune/: one path segment, nothing that climbs out of it,

@@ -112,3 +112,13 @@ def test_optimizers_runs_torchs_step_hooks_from_the_attributes_it_sets_itself():
     both.step()
     assert ran == ["pre", "post"]
     assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in params)
+
+
+def test_lightnings_spike_detection_still_cannot_load_its_own_state():
+    """mlp.cli refuses --trainer.callbacks SpikeDetection because Lightning 2.6's load_state_dict reads an attribute
+    it never sets (Lightning-AI/pytorch-lightning#21752), which testing the best checkpoint and resuming call. This
+    fails on the release that mends it: then the refusal goes."""
+    from lightning.pytorch.callbacks import SpikeDetection
+
+    with pytest.raises(AttributeError, match="running"):
+        SpikeDetection().load_state_dict(SpikeDetection().state_dict())

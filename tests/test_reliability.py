@@ -197,6 +197,16 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.callbacks+=BatchSizeFinder", "BatchSizeFinder would change the batch size once the onecycle"),
         ("--model.backward=manual --trainer.callbacks+=GradientAccumulationScheduler "  # a RuntimeError traceback
          "--trainer.callbacks.scheduling='{0: 2}'", "GradientAccumulationScheduler needs Lightning's automatic"),
+        # Tracebacks: the class a flag builds refused its value; or it failed after training, testing the best
+        # checkpoint (Lightning 2.6's SpikeDetection cannot load its state, ModelPruning found nothing to prune,
+        # BackboneFinetuning no `backbone`).
+        ("--checkpoint.save_top_k=-2", "the flags do not build the run: Invalid value for save_top_k=-2"),
+        ("--trainer.callbacks+=EarlyStopping --trainer.callbacks.monitor=val/loss --trainer.callbacks.mode=maxx",
+         "the flags do not build the run: `mode` can be min, max, got maxx"),
+        ("--trainer.callbacks+=SpikeDetection", "SpikeDetection: Lightning 2.6's cannot load its state back"),
+        ("--trainer.callbacks+=ModelPruning --trainer.callbacks.pruning_fn=l1_unstructured",
+         "ModelPruning prunes the `weight` and `bias` of layer modules"),
+        ("--trainer.callbacks+=BackboneFinetuning", "BackboneFinetuning unfreezes a model's `backbone` module"),
         # GradScaler's AssertionError traceback: a GPU's --trainer.precision 16-mixed, as a CPU can be given it.
         ("--model.backward=manual --trainer.plugins+=MixedPrecision --trainer.plugins.precision=16-mixed "
          "--trainer.plugins.device=cpu", "float16 mixed precision scales the loss inside autograd's backward"),
@@ -254,6 +264,7 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--trainer.callbacks+=BatchSizeFinder --model.schedule=constant", "drop the BatchSizeFinder"),
     ("--trainer.callbacks+=Timer --trainer.callbacks.duration=00:00:00:03", "drop the Timer of --trainer.callbacks"),
     ("--trainer.callbacks+=StochasticWeightAveraging --trainer.callbacks.swa_lrs=0.01", "drop the StochasticWeight"),
+    ("--trainer.callbacks+=EMAWeightAveraging", "drop the EMAWeightAveraging of --trainer.callbacks: it averages"),
     ("--trainer.callbacks+=GradientAccumulationScheduler --trainer.callbacks.scheduling='{0: 2}'", "drop the Gradient"),
     ("--checkpoint.monitor=val/loss --checkpoint.mode=min", "drop --checkpoint.monitor, --checkpoint.mode"),
     ("--trainer.val_check_interval=0.5", "drop --trainer.val_check_interval"),
@@ -288,6 +299,19 @@ def test_a_users_own_checkpoint_callback_leaves_fit_testing_its_best_by_val_acc(
     tested = Path(re.search(r"\(best checkpoint: (\S+)\)", capsys.readouterr().out)[1])
     assert tested.name.startswith("epoch") and "val_acc" in tested.name
     assert any(tested.parent.glob("own*.ckpt")) or "OnException" in own  # the user's, kept beside it
+
+
+def test_a_fit_averaging_its_weights_tests_the_averaged_weights_its_validation_chose(synthetic_dir, tmp_path, capsys):
+    from mlp.final import test_checkpoints
+
+    # EMAWeightAveraging validates, and saves as the checkpoint's weights, their running average; the test had
+    # loaded the unaveraged weights the checkpoint keeps beside them: "test accuracy 1.0000" for weights whose own
+    # validation accuracy was 0.28, and which test 0.22.
+    results = fit.main(fit_args(synthetic_dir, tmp_path / "logs", "--trainer.callbacks+=EMAWeightAveraging"))
+    best = re.search(r"\(best checkpoint: (\S+)\)", capsys.readouterr().out)[1]
+    saved = test_checkpoints([best])  # the weights in the file, on the same splits
+    assert saved["val_acc"] == pytest.approx(float(re.search(r"val_acc(\d\.\d+)", best)[1]), abs=1e-4)
+    assert results["test/acc"] == pytest.approx(saved["test_acc"], abs=1e-6)
 
 
 class StopsAtFirstEpochEnd(L.Callback):
