@@ -24,6 +24,10 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
                 f"cannot write to the log folder {runs} ({error.strerror}); "
                 "choose another with --trainer.logger.init_args.save_dir"
             ) from None
+    for logger in trainer.loggers:
+        # The run's folder chosen here, once: processes Lightning starts from copies of this one (--trainer.strategy
+        # ddp_spawn or ddp_fork) had each taken the next free folder, the test apart from the training.
+        logger.version
     trainer.callbacks.append(ResumableOnInterrupt())
     fit(cli, ckpt_path=ckpt_path)
     best = cli.checkpoint_callback.best_model_path or None

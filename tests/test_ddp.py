@@ -19,6 +19,8 @@ from mlp.module import MLPClassifier
 from tests.conftest import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import fit  # noqa: E402
 TWO_PROCESSES = ["--trainer.accelerator=cpu", "--trainer.devices=2"]
 
 
@@ -127,6 +129,19 @@ def test_two_process_fit_exits_0_prints_once_and_reports_what_one_process_measur
     assert best.value == pytest.approx(alone["val/acc"], abs=1e-4)
     assert events.Scalars("test/acc")[-1].value == pytest.approx(alone["test/acc"], abs=1e-4)
     assert f"test accuracy {alone['test/acc']:.4f}" in done.stdout
+
+
+def test_processes_started_as_copies_of_this_one_train_and_test_in_one_run_folder(synthetic_dir, tmp_path, capsys):
+    # ddp_fork, as ddp_spawn (which starts Python again in each process): each process had taken the next free
+    # folder for the logger it was handed a copy of; the test's figures went to version_1, and fit.py printed
+    # "logs: .../version_2", which did not exist.
+    fit.main([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--data.val_size=100", "--trainer.max_epochs=1", "--progress_bar.refresh_rate=0", "--model.depth=1",
+              "--model.width=8", *TWO_PROCESSES, "--trainer.strategy=ddp_fork"])
+    (run,) = (tmp_path / "fit").iterdir()
+    assert f"logs: {run}  (tensorboard" in capsys.readouterr().out
+    events = EventAccumulator(str(run)).Reload()
+    assert events.Scalars("val/acc") and events.Scalars("test/acc")
 
 
 class SaveWeightsOfEachRank(L.Callback):
