@@ -42,22 +42,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "--n-trials", str(args.n_trials), f"--trainer.logger.init_args.save_dir={logs}", *flags]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers))}
         launched = time.time()
-        workers = []
-        for i in range(args.workers):
-            workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True))
-            if i == 0 and args.workers > 1:
-                time.sleep(3)  # the first worker creates the SQLite tables; see README, "Starting at once"
-        storage, trials = f"sqlite:///{logs}/tune/optuna.db", []
-        while sum(t.state in FINISHED for t in trials) < args.n_trials and any(w.poll() is None for w in workers):
-            time.sleep(1)
-            try:
-                trials = optuna.load_study(study_name="tph", storage=storage).get_trials(deepcopy=False)
-            except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the study or its tables are not there yet
-                continue
-        for worker in workers:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
+        workers, storage, trials = [], f"sqlite:///{logs}/tune/optuna.db", []
+        try:
+            for i in range(args.workers):
+                workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True))
+                if i == 0 and args.workers > 1:
+                    time.sleep(3)  # the first worker creates the SQLite tables; see README, "Starting at once"
+            while sum(t.state in FINISHED for t in trials) < args.n_trials and any(w.poll() is None for w in workers):
+                time.sleep(1)
+                try:
+                    trials = optuna.load_study(study_name="tph", storage=storage).get_trials(deepcopy=False)
+                except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the study or its tables are not there yet
+                    continue
+        finally:  # also on Ctrl-C, which the workers' own sessions do not get: none is left running
+            for worker in workers:
+                if worker.poll() is None:
+                    os.killpg(worker.pid, signal.SIGKILL)
     finished = [t for t in trials if t.state in FINISHED]
     if not finished:
         sys.exit(f"tune.py finished no trial; run it with these flags alone to see why: {' '.join(flags)}")

@@ -2,8 +2,12 @@
 is complete."""
 
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,3 +46,22 @@ def test_trials_per_hour_counts_the_finished_trials_of_every_worker(synthetic_di
     assert row["workers"] == 2 and row["finished"] >= 3 and row["failed"] == 0
     assert row["seconds"] > 0
     assert row["trials_per_hour"] == pytest.approx(row["finished"] / row["seconds"] * 3600, rel=0.01)
+
+
+def test_ctrl_c_of_trials_per_hour_leaves_no_worker_running(synthetic_dir, monkeypatch):
+    # The workers run in sessions of their own, which Ctrl-C does not reach: they had trained on, unwatched.
+    started = []
+
+    def popen(*args, **kwargs) -> subprocess.Popen:
+        started.append(subprocess.Popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trials_per_hour, "subprocess", SimpleNamespace(Popen=popen, STDOUT=subprocess.STDOUT))
+    monkeypatch.setattr(trials_per_hour, "time", SimpleNamespace(time=time.time, sleep=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        trials_per_hour.main(["--workers", "1", "--n-trials", "1", "--", f"--data.data_dir={synthetic_dir}"])
+    (worker,) = started
+    assert worker.wait(timeout=30) == -signal.SIGKILL
