@@ -157,8 +157,8 @@ class MLPCLI(LightningCLI):
               "float16 mixed precision scales the loss inside autograd's backward, which --model.backward manual "
               "never calls: use --trainer.precision bf16-mixed (or 32-true) with it")
         check(not given(ModelPruning) or ModelPruning.sanitize_parameters_to_prune(self.model),
-              "--trainer.callbacks ModelPruning prunes the `weight` and `bias` of layer modules such as nn.Linear, "
-              "which this from-scratch net has none of: its weights are plain tensors (MLP.params)")
+              "--trainer.callbacks ModelPruning prunes the `weight` and `bias` of torch's layer modules, which this "
+              "from-scratch net has none of: its weights are plain tensors (MLP.params)")
         check(not given(BackboneFinetuning) or hasattr(self.model, "backbone"), "--trainer.callbacks "
               "BackboneFinetuning unfreezes a model's `backbone` module, which MLPClassifier has none of")
         # Lightning-AI/pytorch-lightning#21752; tests/test_private_apis.py fails once a release mends it.

@@ -205,7 +205,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
          "the flags do not build the run: `mode` can be min, max, got maxx"),
         ("--trainer.callbacks+=SpikeDetection", "SpikeDetection: Lightning 2.6's cannot load its state back"),
         ("--trainer.callbacks+=ModelPruning --trainer.callbacks.pruning_fn=l1_unstructured",
-         "ModelPruning prunes the `weight` and `bias` of layer modules"),
+         "ModelPruning prunes the `weight` and `bias` of torch's layer modules"),
         ("--trainer.callbacks+=BackboneFinetuning", "BackboneFinetuning unfreezes a model's `backbone` module"),
         # GradScaler's AssertionError traceback: a GPU's --trainer.precision 16-mixed, as a CPU can be given it.
         ("--model.backward=manual --trainer.plugins+=MixedPrecision --trainer.plugins.precision=16-mixed "
