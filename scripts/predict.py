@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlp.errors import check, run_script  # noqa: E402
+from mlp.errors import UserError, check, run_script  # noqa: E402
 
 
 def split_model_and_images(paths: list[str]) -> tuple[list[str], list[str]]:
@@ -95,11 +95,23 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             check_not_an_input(Path(getattr(options, flag)), inputs, "--" + flag.replace("_", "-"))
     if options.export:
         check_exportable(options.export)
-    read = [(str(path), read_images(path, options.prepare)) for path in images_in]
+    # A folder's image that is refused is skipped, saying why: one screenshot among a folder of photos would
+    # otherwise leave all of them unclassified. An image named on its own is still refused.
+    in_folders = set(image_files([path for path in image_paths if Path(path).is_dir()]))
+    read = []
+    for path in images_in:
+        try:
+            read.append((path, read_images(path, options.prepare)))
+        except UserError as error:
+            if path not in in_folders:
+                raise
+            print(f"skipped {error}", file=sys.stderr)
+    check(read or not images_in, "no image could be classified: each was skipped, saying why, above")
     if options.save_prepared:
         folder = Path(options.save_prepared)
         check(not folder.exists() or folder.is_dir(), f"--save-prepared {folder} is a file; pass a folder")
-        targets = [folder / name for name in prepared_names(images_in, [len(images) for _, images in read])]
+        targets = [folder / name for name in prepared_names([path for path, _ in read],
+                                                            [len(images) for _, images in read])]
         for target in targets:
             check_not_an_input(target, inputs, "--save-prepared")
     model = load_answer(model_paths, data_dir=options.data_dir)
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         loader = f"onnxruntime.InferenceSession({exported!r})" if onnx else f"torch.export.load({exported!r}).module()"
         print(f"exported to {exported}: {loader} takes uint8 (N, 28, 28)")
     rows = []
-    for path, images in read:
+    for path, images in ((str(path), images) for path, images in read):
         with torch.no_grad():
             probabilities, predicted = model(images).topk(options.top, dim=1)
         names = [path] if len(images) == 1 else [f"{path}[{i}]" for i in range(len(images))]

@@ -344,6 +344,26 @@ def test_predict_prepares_photos_in_a_folder_says_so_once_and_saves_what_it_clas
     assert "images are 130x110 pixels; with --no-prepare" in exit.value.code
 
 
+def test_a_refused_image_in_a_folder_is_skipped_saying_why_and_the_others_are_classified(study, tmp_path, capsys):
+    # One such image had left the whole folder unclassified, with one error line.
+    images, _ = raw_test_images(study.parents[2] / "data")
+    photos = product_photos(tmp_path / "photos", images[:2])
+    blank = tmp_path / "photos" / "blank.png"
+    Image.new("RGB", (40, 30), "white").save(blank)
+
+    rows = predict.main([str(study), str(tmp_path / "photos")])
+
+    out, err = capsys.readouterr()
+    assert [row[0] for row in rows] == list(map(str, photos)) and len(out.splitlines()) == 2
+    assert f"skipped {blank}: the image is all one colour" in err
+    with pytest.raises(UserError, match="all one colour"):  # named on its own, it is still refused
+        predict.main([str(study), str(blank)])
+    for photo in photos:
+        photo.unlink()
+    with pytest.raises(UserError, match="no image could be classified: each was skipped, saying why, above"):
+        predict.main([str(study), str(tmp_path / "photos")])
+
+
 def test_predict_top_k_writes_one_column_pair_per_rank(study, tmp_path):
     images, _ = raw_test_images(study.parents[2] / "data")
     write_idx(tmp_path / "images-idx3-ubyte", images[:4])
