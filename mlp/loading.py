@@ -96,7 +96,7 @@ def read_report(path: Path) -> Report:
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """The settings in a checkpoint of fit.py or tune.py, loaded as tensors and plain values only."""
-    check(path.is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
+    check_is_a_file(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -107,6 +107,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
         return Checkpoint.model_validate(content)
     except ValidationError as error:
         raise UserError(f"{path} is not a checkpoint as fit.py or tune.py write it ({problems(error)})") from None
+
+
+def check_is_a_file(path: Path) -> None:
+    found = "is a folder" if path.is_dir() else "not found"
+    check(path.is_file(), f"checkpoint {path} {found}; pass .ckpt files written by fit.py or tune.py")
 
 
 def refused(path: Path) -> UserError:
@@ -128,7 +133,7 @@ def refused(path: Path) -> UserError:
 def load_model(path: Path) -> MLPClassifier:
     """The model in a checkpoint, rebuilt from its own hyperparameters by Lightning's loader, tensors and plain
     values only. Callers handed the file check it with `read_checkpoint` first; a study's own trials need not."""
-    check(path.is_file(), f"checkpoint {path} not found; pass .ckpt files written by fit.py or tune.py")
+    check_is_a_file(path)
     try:
         return MLPClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -255,6 +255,7 @@ def test_a_run_resumes_only_as_it_began_and_any_other_file_is_one_clear_error(sy
     (tmp_path / "photo.ckpt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # a photo, under a checkpoint's name
     refused = {
         "nowhere.ckpt": "--ckpt_path checkpoint .*nowhere.ckpt not found",
+        "logs": "--ckpt_path checkpoint .*logs is a folder; pass .ckpt files",  # it had said "not found"
         "empty.ckpt": "--ckpt_path .*empty.ckpt is not a checkpoint",
         "photo.ckpt": "--ckpt_path .*photo.ckpt is not a checkpoint; pass a .ckpt file",
         "other.ckpt": "--ckpt_path .*other.ckpt is not a checkpoint as fit.py or tune.py write it",
