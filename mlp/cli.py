@@ -18,7 +18,7 @@ from jsonargparse.typing import register_type
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     BackboneFinetuning, BatchSizeFinder, EarlyStopping, GradientAccumulationScheduler, ModelCheckpoint, ModelPruning,
-    SpikeDetection, TQDMProgressBar
+    ProgressBar, SpikeDetection, TQDMProgressBar
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -138,6 +138,10 @@ class MLPCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Lightning checks the accelerator, devices and strategy against the machine as the Trainer is built, and its
         # message says what is wrong (no GPU, a strategy that needs one, devices 0).
+        own = self.config_init.trainer.callbacks
+        if any(isinstance(callback, ProgressBar) for callback in (own if isinstance(own, list) else [own])):
+            # The user's (--trainer.callbacks+=RichProgressBar) replaces ours, beside which Lightning refuses it.
+            self.config_init.progress_bar = Callback()
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from lightning.pytorch.callbacks import (
     BatchSizeFinder, DeviceStatsMonitor, EarlyStopping, GradientAccumulationScheduler, LearningRateFinder,
-    LearningRateMonitor, StochasticWeightAveraging, Timer, WeightAveraging,
+    LearningRateMonitor, ProgressBar, StochasticWeightAveraging, Timer, WeightAveraging,
 )
 from optuna.trial import TrialState
 
@@ -46,6 +46,7 @@ REFUSED_CALLBACKS = {
     (StochasticWeightAveraging, WeightAveraging): "it averages the Trainer's one model, where a stack trains several "
     "(fit.py takes it)",
     GradientAccumulationScheduler: "a stack steps each trial's optimiser itself, and accumulates no gradients",
+    ProgressBar: "tune.py shows the study's progress, and a trial draws no bar of its own (fit.py takes it)",
 }
 # A study's name is also its folder's in the log folder's tune/: one path segment, nothing that climbs out of it,
 # well within the 255 bytes a file system allows a name.
@@ -175,7 +176,8 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
           "a trial is judged at its epochs' ends, by their validation, as the pruner compares trials: drop "
           "--trainer.val_check_interval (fit.py takes it)")
     for callback, (kind, why) in itertools.product(cli.trainer.callbacks, REFUSED_CALLBACKS.items()):
-        check(not isinstance(callback, kind) or isinstance(callback, DivergenceGuard),  # the guard is every run's
+        ours = isinstance(callback, DivergenceGuard) or callback is cli.config_init.progress_bar  # every run's
+        check(not isinstance(callback, kind) or ours,
               f"drop the {type(callback).__name__} of --trainer.callbacks: {why}")
 
 

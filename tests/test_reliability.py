@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import optuna
+from lightning.pytorch.callbacks import TQDMProgressBar
 import pytest
 import sqlalchemy.exc
 import sqlalchemy.pool
@@ -312,6 +313,26 @@ def test_a_fit_averaging_its_weights_tests_the_averaged_weights_its_validation_c
     saved = test_checkpoints([best])  # the weights in the file, on the same splits
     assert saved["val_acc"] == pytest.approx(float(re.search(r"val_acc(\d\.\d+)", best)[1]), abs=1e-4)
     assert results["test/acc"] == pytest.approx(saved["test_acc"], abs=1e-6)
+
+
+class OwnProgressBar(TQDMProgressBar):
+    """A user's progress bar, as RichProgressBar is one (without `rich` to install); records that it drew."""
+
+    drew_epochs: list[int] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, module)
+        self.drew_epochs.append(trainer.current_epoch)
+
+
+def test_a_progress_bar_of_ones_own_replaces_fits_which_tune_refuses(synthetic_dir, tmp_path, capsys):
+    # Lightning had refused it beside fit.py's own bar: "You added multiple progress bar callbacks".
+    own = f"--trainer.callbacks+={__name__}.OwnProgressBar"
+    results = fit.main(fit_args(synthetic_dir, tmp_path / "logs", own))
+    assert OwnProgressBar.drew_epochs == [0, 1] and "test/acc" in results
+    with pytest.raises(UserError, match="drop the OwnProgressBar of --trainer.callbacks: tune.py shows the study's"):
+        tune.main([f"--storage=sqlite:///{tmp_path / 'study.db'}", f"--data.data_dir={synthetic_dir}",
+                   f"--trainer.logger.init_args.save_dir={tmp_path}", own])
 
 
 class StopsAtFirstEpochEnd(L.Callback):
