@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         loader = f"onnxruntime.InferenceSession({exported!r})" if onnx else f"torch.export.load({exported!r}).module()"
         print(f"exported to {exported}: {loader} takes uint8 (N, 28, 28)")
     rows = []
-    for path, images in ((str(path), images) for path, images in read):
+    for path, images in read:
         with torch.no_grad():
             probabilities, predicted = model(images).topk(options.top, dim=1)
-        names = [path] if len(images) == 1 else [f"{path}[{i}]" for i in range(len(images))]
+        names = [str(path)] if len(images) == 1 else [f"{path}[{i}]" for i in range(len(images))]
         for name, classes, ps in zip(names, predicted.tolist(), probabilities.tolist()):
             rows.append((name, *(x for c, p in zip(classes, ps) for x in (model.classes[c], p))))
     if options.output:
