@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         study = optuna.load_study(study_name=args.study_name, storage=connect(storage))
     except KeyError:  # Optuna's "Record does not exist"
         raise UserError(f"no study named {args.study_name!r} in {local}: give its --study-name") from None
-    trials = [t for t in study.trials[args.first_trial:]
-              if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
+    trials = [t for t in study.trials if t.number >= args.first_trial
+              and t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
     print(fairness(trials, args.by))
 
 

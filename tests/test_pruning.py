@@ -114,6 +114,9 @@ def test_the_fairness_table_counts_each_group_pruned_at_a_tenth_and_ranks_comple
     assert rows["40"][:2] == ["1 / 0", "2 / 0"]
     pruning.main(["--storage", storage, "--study-name", "s", "--first-trial", "2"])  # the last two trials only
     assert capsys.readouterr().out.splitlines()[4].startswith("| 30 | 1 / 1 | 1 / 0 |")
+    # Every trial's number is above -1: all four, where it had taken the last trial alone (a list's [-1:]).
+    pruning.main(["--storage", storage, "--study-name", "s", "--first-trial", "-1"])
+    assert capsys.readouterr().out.splitlines()[2] == "| 10 | 2 / 0 | 2 / 0 | 17 then 83 | 67 then 33 |"
     for args, said in [(["--storage", str(tmp_path / "none.db")], "no study storage at"),
                        (["--storage", storage, "--study-name", "other"], "no study named 'other'")]:
         with pytest.raises(UserError, match=said):
