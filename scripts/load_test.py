@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the workers may take (default 1800)")
     parser.add_argument("--keep", help="a folder to keep the workers' logs and studies in (default: removed)")
     args = parser.parse_args(argv)
-    args.n_trials = args.n_trials or 2 * args.workers
+    args.n_trials = 2 * args.workers if args.n_trials is None else args.n_trials
     check(args.workers >= 1 and args.n_trials >= 1, "--workers and --n-trials must be >= 1")
+    check(min(args.kill, args.interrupt) >= 0, "--kill and --interrupt count workers: 0 or more")
     check(args.kill + args.interrupt < args.workers, "--kill + --interrupt must leave at least one worker")
     check(args.images > 200, "--images must be above the 200 validation images")
     available = available_mb()

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from mlp.errors import UserError
 from tests.conftest import real_data_available
 from tests.test_reliability import ROOT
 
@@ -28,3 +29,11 @@ def test_workers_some_killed_or_interrupted_finish_the_study(storage, workers, i
     checked = {what for what, _, _ in result["checks"]}
     assert "every killed trial failed by heartbeat and rerun once" in checked
     assert storage == "journal" or "no password in any output or file" in checked
+
+
+@pytest.mark.parametrize("flag, said", [("--n-trials=0", "--n-trials must be >= 1"),
+                                        ("--kill=-1", "--kill and --interrupt count workers: 0 or more")])
+def test_counts_below_their_range_are_refused_before_any_worker_starts(flag, said):
+    # --n-trials 0 had run the default 64 trials; --kill -1 a load test with one killed worker fewer than none.
+    with pytest.raises(UserError, match=said):
+        load_test.main([flag])
