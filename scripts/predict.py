@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         check_exportable(options.export)
     # A folder's image that is refused is skipped, saying why: one screenshot among a folder of photos would
     # otherwise leave all of them unclassified. An image named on its own is still refused.
-    in_folders = set(image_files([path for path in image_paths if Path(path).is_dir()]))
+    named = {Path(path) for path in image_paths if not Path(path).is_dir()}
     read = []
     for path in images_in:
         try:
             read.append((path, read_images(path, options.prepare)))
         except UserError as error:
-            if path not in in_folders:
+            if path in named:
                 raise
             print(f"skipped {error}", file=sys.stderr)
     check(read or not images_in, "no image could be classified: each was skipped, saying why, above")
