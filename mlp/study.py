@@ -99,9 +99,9 @@ PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")  # user:password@ in a URL SQLAlch
 
 
 def masked(message: str, storage: str) -> str:
-    """A message about the storage (a driver's error, a failed heartbeat) with the URL's password masked."""
+    """A driver's error message with the storage URL's password masked."""
     try:
-        password = sqlalchemy.engine.make_url(storage).password if not is_journal(storage) else None
+        password = sqlalchemy.engine.make_url(storage).password
     except (sqlalchemy.exc.ArgumentError, ValueError):
         password = None
     return message.replace(str(password), "***") if password else message
@@ -151,8 +151,6 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
 
     def __init__(self, path: str) -> None:
         super().__init__(JournalFileBackend(path, KernelLock(path)))
-        with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
-            self.stale_callback = RetryHeartbeatStaleTrialCallback(max_retry=1)
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, "heartbeat", time.time())
@@ -170,7 +168,8 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
         return HEARTBEAT_SECONDS
 
     def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
-        return self.stale_callback
+        with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
+            return RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
 class KernelLock(JournalFileOpenLock):
@@ -219,14 +218,12 @@ def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
     """Put an SQLite study file in write-ahead-log mode, synced at checkpoints: a trial commits each value on its own,
     and the default rollback journal waits for the disk twice a commit (docs/fused-trials.md). A killed worker loses
     nothing; a power cut may lose the last commits, but never corrupts the file."""
-    cursor = connection.cursor()
-    if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+    if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file, so only its first connection switches
+            connection.execute("PRAGMA journal_mode=WAL")  # kept in the file, so only its first connection switches
         except sqlite3.OperationalError:
             pass  # another process holds the file open in a transaction: keep the rollback journal, only slower
-    cursor.execute("PRAGMA synchronous=NORMAL")  # per connection
-    cursor.close()
+    connection.execute("PRAGMA synchronous=NORMAL")  # per connection
 
 
 def open_study(
@@ -246,11 +243,8 @@ def open_study(
 def fit_defaults(cli: MLPCLI, space: SearchSpace) -> dict[str, Any] | None:
     """The searched hyperparameters fit.py would train with the same flags, as the study's first trial (fit.py's
     defaults were chosen on the validation split: a known-good start); None when one lies outside its range."""
-    start = {name: cli.config[flag] for name, flag in FIT_FLAGS.items()}
-    searched = space.searched()
-    if all(space.holds(name, start[name]) for name in searched):
-        return {name: start[name] for name in searched}
-    return None
+    start = {name: cli.config[FIT_FLAGS[name]] for name in space.searched()}
+    return start if all(space.holds(name, value) for name, value in start.items()) else None
 
 
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
@@ -396,14 +390,12 @@ def run_trials(study: optuna.Study, objective: TrialRunner, n_trials: int, budge
             if not budget.trials_may_start(ranked(trials)):
                 return
             progress(study)
-            states = [t.state for t in trials]
             if may_start_trial(study, n_trials, trials):
                 objective.start_trials(study, may_refill)
                 if objective.interrupted:
                     raise KeyboardInterrupt
-            elif TrialState.RUNNING in states:
+            elif running := sum(t.state == TrialState.RUNNING for t in trials):
                 if not waiting_logged:
-                    running = states.count(TrialState.RUNNING)
                     log.info(f"No trial left to start; waiting for {running} running elsewhere.")
                     waiting_logged = True
                 time.sleep(max(0.0, min(HEARTBEAT_SECONDS, budget.left())))
