@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from statistics import median_high
 
 from optuna.trial import FrozenTrial
 
@@ -69,10 +70,10 @@ class Budget:
         model's share (at the complete trials' median seconds per epoch and multiply-add), or None if it can or
         nothing is known yet. Counts the trials skipped in a row."""
         records = [(t, TrialRecord.of(t)) for t in best_first]
-        rates = sorted(trial_seconds(t) / (r.epochs_trained * r.multiply_adds) for t, r in records
-                       if r.epochs_trained and r.multiply_adds)
+        rates = [trial_seconds(t) / (r.epochs_trained * r.multiply_adds) for t, r in records
+                 if r.epochs_trained and r.multiply_adds]
         if rates and self.bounded:
-            needed, spare = epochs * multiply_adds * rates[len(rates) // 2], self.left() - self.reserve(best_first)
+            needed, spare = epochs * multiply_adds * median_high(rates), self.left() - self.reserve(best_first)
             if needed > spare:
                 self.skipped_in_a_row += 1
                 return (f"it would take about {needed:.0f} s and {max(spare, 0):.0f} s were left before the final "

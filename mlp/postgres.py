@@ -1,7 +1,6 @@
 """A throwaway PostgreSQL server on loopback, for the tests and the load test (scripts/load_test.py) that run
 workers against a real one: started in a temporary folder, with an empty database, stopped and removed after."""
 
-import glob
 import os
 import shutil
 import socket
@@ -18,10 +17,10 @@ class Unavailable(Exception):
 
 def postgres_bin() -> Path | None:
     """The folder holding initdb and pg_ctl: Debian's /usr/lib/postgresql/<version>/bin, or PATH."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
     on_path = shutil.which("initdb")
-    candidates += [str(Path(on_path).parent)] if on_path else []
-    return next((Path(c) for c in candidates if (Path(c) / "pg_ctl").is_file()), None)
+    candidates += [Path(on_path).parent] if on_path else []
+    return next((c for c in candidates if (c / "pg_ctl").is_file()), None)
 
 
 def free_port() -> int:
@@ -54,13 +53,13 @@ def throwaway_postgres(password: str = "", max_connections: int = 100) -> Iterat
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = root / "data", free_port()
 
-    def pg(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+    def pg(program: str, *args: str) -> None:
+        subprocess.run([*as_user, str(bin_dir / program), *args], check=True, capture_output=True, timeout=120)
 
     try:
-        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+        pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
         # -F: no fsync, -k: the socket in our folder rather than /var/run/postgresql.
-        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
+        pg("pg_ctl", "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
            "-o", f"-h 127.0.0.1 -p {port} -k {root} -F -N {max_connections}", "start")
         with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as c:
             c.execute("CREATE DATABASE tune")
@@ -68,5 +67,5 @@ def throwaway_postgres(password: str = "", max_connections: int = 100) -> Iterat
         yield f"postgresql+psycopg://{login}@127.0.0.1:{port}/tune"
     finally:
         if (data / "postmaster.pid").exists():
-            pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+            pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root)
