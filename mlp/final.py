@@ -122,7 +122,7 @@ def refit_trials(study: optuna.Study, numbers: list[int], fuse: int, round_: int
                              *seed_flag(trials[n], round_))
                 for n in todo[start : start + size]}
         data = [dict(cli.datamodule.hparams) for cli in runs.values()]
-        if size > 1 and data.count(data[0]) == len(data):
+        if data.count(data[0]) == len(data):
             train_and_test_refits(study, runs, size, round_)
         else:
             for n, cli in runs.items():
@@ -258,27 +258,23 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
     return {"checkpoints": checkpoints, "val_acc": accuracies.get("val"), "test_acc": accuracies["test"]}
 
 
-def test_best(study: optuna.Study) -> float:
-    """Test accuracy of the best trial's best checkpoint, measured once per best trial and kept in the study."""
+def best_checkpoint(study: optuna.Study) -> dict[str, Any]:
+    """The best trial's best checkpoint; its test accuracy is measured once per best trial and kept in the study."""
+    result = {"what": "the best trial's best checkpoint (by val/acc)", "val_acc": study.best_value}
     best = study.best_trial
     if study.user_attrs.get("test_trial") == best.number:
-        return study.user_attrs["test_acc"]
+        return {**result, "test_acc": study.user_attrs["test_acc"]}
     checkpoint, worker = TrialRecord.of(best).best_checkpoint, TrialRecord.of(best).worker
-    check(Path(checkpoint).is_file(), f"the best trial's checkpoint {checkpoint} is not on this machine; worker "
-          f"{worker} trained it: run the same command on that host, or share the log folder between machines")
-    cli = trial_run(best, "best_trial_test")  # its own data settings, whatever today's flags
-    (results,) = cli.trainer.test(load_model(Path(checkpoint)), datamodule=cli.datamodule)
+    try:
+        check(Path(checkpoint).is_file(), f"the best trial's checkpoint {checkpoint} is not on this machine; worker "
+              f"{worker} trained it: run the same command on that host, or share the log folder between machines")
+        cli = trial_run(best, "best_trial_test")  # its own data settings, whatever today's flags
+        (results,) = cli.trainer.test(load_model(Path(checkpoint)), datamodule=cli.datamodule)
+    except UserError as error:  # its checkpoint or configuration is missing
+        return {**result, "test_acc": None, "why_no_test": str(error)}
     study.set_user_attr("test_trial", best.number)
     study.set_user_attr("test_acc", results["test/acc"])
-    return results["test/acc"]
-
-
-def best_checkpoint(study: optuna.Study) -> dict[str, Any]:
-    result = {"what": "the best trial's best checkpoint (by val/acc)", "val_acc": study.best_value}
-    try:
-        return {**result, "test_acc": test_best(study)}
-    except UserError as error:  # its checkpoint is missing
-        return {**result, "test_acc": None, "why_no_test": str(error)}
+    return {**result, "test_acc": results["test/acc"]}
 
 
 def refit_best(study: optuna.Study, budget: Budget) -> dict[str, Any]:
