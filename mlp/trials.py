@@ -196,10 +196,9 @@ def train_runs(
     for name, cli in runs.items():
         join(name, cli)
     group.trainer.callbacks += [*([judge] if judge else []), TrialCheckpoints(checkpoints)]
-    clis = list(runs.values())
     group.model = FusedClassifier(
-        [cli.model for cli in clis], [cli.trainer.max_epochs for cli in clis], list(runs),
-        [cli.trainer.logger for cli in clis], on_leave=leave, refill=refill if more else None,
+        [cli.model for cli in runs.values()], [cli.trainer.max_epochs for cli in runs.values()], list(runs),
+        [cli.trainer.logger for cli in runs.values()], on_leave=leave, refill=refill if more else None,
         pad_widths=pads_widths(group),
     )
     fit(group)
@@ -307,10 +306,6 @@ class TrialCheckpoints(L.Callback):
     def setup(self, trainer: L.Trainer, module: FusedClassifier, stage: str) -> None:
         for checkpoint in self.running.values():
             checkpoint.setup(trainer, module, stage)
-
-    def on_train_start(self, trainer: L.Trainer, module: FusedClassifier) -> None:
-        for checkpoint in self.running.values():
-            checkpoint.on_train_start(trainer, module)
 
     def on_validation_end(self, trainer: L.Trainer, module: FusedClassifier) -> None:
         for checkpoint in list(self.running.values()):
