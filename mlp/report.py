@@ -45,11 +45,10 @@ def busy_wall_seconds(study: optuna.Study) -> float:
     across --fuse, where a sum of trial durations would count K stacked trials K times."""
     intervals = sorted((t.datetime_start, t.datetime_complete) for t in study.get_trials(deepcopy=False)
                        if t.datetime_start and t.datetime_complete)
-    seconds, covered_to = 0.0, None
+    seconds, covered_to = 0.0, intervals[0][0] if intervals else None
     for start, end in intervals:
-        start = start if covered_to is None else max(start, covered_to)
-        seconds += max((end - start).total_seconds(), 0.0)
-        covered_to = end if covered_to is None else max(covered_to, end)
+        seconds += max((end - max(start, covered_to)).total_seconds(), 0.0)
+        covered_to = max(covered_to, end)
     return seconds
 
 

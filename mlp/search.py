@@ -165,9 +165,8 @@ def make_pruner(name: str, shortest_epochs: int, slow_starters: bool = False) ->
         first_judged = max(first_judged, SLOW_STARTERS_FIRST_JUDGED)
     if name == "hyperband":
         # Rungs at first_judged (20 % for the default space), then three times as far.
-        return optuna.pruners.HyperbandPruner(
-            min_resource=first_judged, max_resource=SCHEDULE_STEPS, reduction_factor=3
-        )
+        return optuna.pruners.HyperbandPruner(min_resource=first_judged, max_resource=SCHEDULE_STEPS,
+                                              reduction_factor=3)
     if name == "median":
         # One-cycle's learning rate peaks at 30 % (OneCycleLR's pct_start); before, val/acc says little of the end.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(30, first_judged))

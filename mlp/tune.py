@@ -134,8 +134,7 @@ def run_study(config: StudyConfig,
         run_trials(study, trials, n_trials, budget, progress)
     # The workers this command started report nothing: their trials count as its own.
     started_here = {worker_name(process.pid) for process in others.processes}
-    trials_here = [t for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).worker in started_here]
-    ran = trials.ran + [t.number for t in trials_here]
+    ran = trials.ran + [t.number for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).worker in started_here]
     if failed := others.failed():
         print(f"{', '.join(failed)} stopped early; the other workers retried its trials")
     if not writes_report(study, ran, finished_before):
