@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
+from lightning.pytorch.callbacks import BatchSizeFinder, LambdaCallback, LearningRateFinder
 from lightning.pytorch.utilities import rank_zero_only
 
 import mlp.run
@@ -63,17 +63,6 @@ def fit_flags(changes: dict, save_dir: Path, name: str, extra: list[str]) -> lis
     return [*as_flags(D2L_SETTING), *logger, *quiet, *extra, *as_flags(changes)]
 
 
-class ValidationAccuracies(Callback):
-    """val/acc after every training epoch (the sanity check before training is left out)."""
-
-    def __init__(self) -> None:
-        self.per_epoch: list[float] = []
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.per_epoch.append(trainer.callback_metrics["val/acc"].item())
-
-
 def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     """Fit one configuration as fit.py does; its best val/acc, the epoch it came at, and that epoch's checkpoint."""
     name = run_name(changes)
@@ -83,14 +72,19 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     check(not finders, f"drop the {', '.join(finders)} of --trainer.callbacks: a run is named by what differs from "
           "d2l's setting, and a finder would change its learning rate or batch size unsaid")
     check_keeps_a_checkpoint(cli, "a sweep tests the run it selects from its best checkpoint")
-    history = ValidationAccuracies()
-    cli.trainer.callbacks.append(history)
+    per_epoch: list[float] = []  # val/acc after every training epoch (the sanity check before training is left out)
+
+    def record_val_acc(trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            per_epoch.append(trainer.callback_metrics["val/acc"].item())
+
+    cli.trainer.callbacks.append(LambdaCallback(on_validation_end=record_val_acc))
     start = time.perf_counter()
     checkpoint = mlp.run.train(cli)
-    best_epoch = history.per_epoch.index(max(history.per_epoch)) + 1
+    best_epoch = per_epoch.index(max(per_epoch)) + 1
     score = cli.checkpoint_callback.best_model_score  # None: it diverged before a finite epoch
     return {"changes": differences(changes), "val_acc": None if score is None else score.item(),
-            "best_epoch": best_epoch, "val_acc_per_epoch": history.per_epoch,
+            "best_epoch": best_epoch, "val_acc_per_epoch": per_epoch,
             "diverged": divergence_message(cli.trainer) is not None, "checkpoint": checkpoint,
             "seconds": round(time.perf_counter() - start, 1), "fit_flags": extra}
 
