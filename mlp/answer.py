@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mlp.data import CLASS_NAMES, IMAGE_SIDE, DatasetNotFoundError, FashionMNISTDataModule
 from mlp.errors import UserError, check
-from mlp.loading import inside, load_model, read_checkpoint, read_report
+from mlp.loading import FINAL_MODELS, inside, load_model, read_checkpoint, read_report
 from mlp.net import MLP
 
 
@@ -68,21 +68,17 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     final = report.final
     check(final is not None, f"{report_path} holds no final model; pass the report.json that tune.py wrote")
     name = answer or final.answer
-    chosen = final.candidate(name)
-    check(
-        chosen is not None and chosen.test_acc is not None,
-        f"the study in {report_path.parent} has no tested {name or 'answer'}"
-        + (f" ({chosen.why_no_test})" if chosen is not None and chosen.why_no_test else "")
-        + "; run tune.py until it reports one, or pass .ckpt files",
-    )
+    chosen = getattr(final, name) if name in FINAL_MODELS else None
+    why = f" ({chosen.why_no_test})" if chosen is not None and chosen.why_no_test else ""
+    check(chosen is not None and chosen.test_acc is not None, f"the study in {report_path.parent} has no tested "
+          f"{name or 'answer'}{why}; run tune.py until it reports one, or pass .ckpt files")
     if chosen.checkpoints is not None:
         paths = chosen.checkpoints
     else:  # the best checkpoint's entry does not repeat the study's best_checkpoint
         paths = [report.best_checkpoint if chosen.checkpoint is None else chosen.checkpoint]
     check(all(paths), f"{report_path} names no checkpoint for its {name}; pass the report.json that tune.py wrote")
-    folder = report_path.parent
     written_in = Path(report.report_json).parent if report.report_json else None
-    return [inside(resolve(Path(path), report_path, written_in), folder, f"{report_path} names {path}")
+    return [inside(resolve(Path(path), report_path, written_in), report_path.parent, f"{report_path} names {path}")
             for path in paths]
 
 
@@ -130,9 +126,8 @@ def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Mem
     return Member(net, *statistics[key])
 
 
-def load_answer(
-    source: str | Path | Sequence[str | Path], answer: str | None = None, data_dir: str | None = None
-) -> Answer:
+def load_answer(source: str | Path | Sequence[str | Path], answer: str | None = None,
+                data_dir: str | None = None) -> Answer:
     """The model a study answered with, from its folder or report.json (`answer` picks another of its final
     models: refit_ensemble, ensemble, refit or best), or the softmax average of the given checkpoints. `data_dir`
     is where the training images are, if not where the checkpoints recorded (for checkpoints that lack their

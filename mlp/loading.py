@@ -64,9 +64,6 @@ class Final(Schema):
     refit: Candidate
     best: Candidate
 
-    def candidate(self, name: str | None) -> Candidate | None:
-        return getattr(self, name) if name in FINAL_MODELS else None
-
 
 class Report(Schema):
     study: str
