@@ -102,7 +102,7 @@ def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     image = ImageOps.exif_transpose(image)  # a phone's portrait photo is stored sideways, with an EXIF tag
     # RGB, transparency composited onto white: a cut-out product photo's background is its transparent part.
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if image.has_transparency_data:
         rgba = image.convert("RGBA")
         rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     else:
