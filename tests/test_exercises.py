@@ -113,6 +113,15 @@ def test_a_run_that_would_keep_no_checkpoint_is_refused_before_training(sweep_ar
         exercises_script.main([*sweep_args, "--only", "lr=0.01", flag])
 
 
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_strategy_training_in_processes_of_its_own_is_refused_before_training(sweep_args, tmp_path, strategy):
+    # ddp_spawn ended in a traceback after training: the recorder's val/acc stayed in the processes Lightning started.
+    with pytest.raises(UserError, match="trains in processes of its own: use --trainer.strategy ddp"):
+        exercises_script.main([*sweep_args, "--only", "lr=0.01", f"--trainer.strategy={strategy}",
+                               "--trainer.devices=2", "--trainer.accelerator=cpu"])
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
 def test_a_second_sweep_in_the_same_folder_at_once_is_refused_and_one_after_runs(sweep_args, tmp_path):
     # Both had trained d2l into one run folder, the second emptying it under the first, and each rewrote
     # results.json without the other's runs.
