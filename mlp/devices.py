@@ -20,8 +20,8 @@ STOP_SECONDS = 120  # how long an interrupted worker may take to fail its trials
 
 def one_device_args(fit_args: list[str], trainer: Trainer) -> list[list[str]]:
     """For each of the Trainer's devices, the fit flags that train on it alone: one list per worker."""
-    if trainer.num_devices == 1:
-        return [fit_args]
+    if trainer.num_devices == 1 and trainer.strategy.launcher is None:
+        return [fit_args]  # no strategy that starts processes: a trial's state stays in the worker that trains it
     check(trainer.num_nodes == 1, "tune.py spreads its trials over one machine's devices; for several machines "
           "run the same tune.py on each with --trainer.num_nodes 1 and a shared --storage (see docs/scaling.md)")
     if trainer.strategy.root_device.type == "cpu":

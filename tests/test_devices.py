@@ -40,6 +40,10 @@ def test_each_worker_gets_one_device_and_its_share_of_the_cores(synthetic_dir, t
     workers = one_device_args(two, build_cli(two).trainer)
     assert workers == [[*two, "--trainer.devices=1", "--trainer.strategy=auto"]] * 2
     assert build_cli(workers[0]).trainer.num_devices == 1
+    # One device under ddp_spawn had the trials train in a process Lightning spawned: a pickling traceback.
+    spawn = [*fit_args, "--trainer.accelerator=cpu", "--trainer.strategy=ddp_spawn"]
+    alone = [*spawn, "--trainer.devices=1", "--trainer.strategy=auto"]
+    assert one_device_args(spawn, build_cli(spawn).trainer) == [alone]
     assert cpu_threads(2) >= 1 and cpu_threads(10_000) == 1
 
 
