@@ -137,14 +137,14 @@ class MLPCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Lightning checks the accelerator, devices and strategy against the machine as the Trainer is built, and its
-        # message says what is wrong (no GPU, a strategy that needs one, devices 0).
+        # message says what is wrong (no GPU, a strategy that needs one, devices 0, an uninstalled package's name).
         own = self.config_init.trainer.callbacks
         if any(isinstance(callback, ProgressBar) for callback in (own if isinstance(own, list) else [own])):
             # The user's (--trainer.callbacks+=RichProgressBar) replaces ours, beside which Lightning refuses it.
             self.config_init.progress_bar = Callback()
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError) as error:
+        except (MisconfigurationException, ValueError, ImportError) as error:
             raise UserError(f"the --trainer flags do not fit this machine or each other: {error}") from None
 
         def given(kind: type[Callback]) -> bool:

@@ -190,6 +190,9 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.max_epochs=-1", "max_epochs -1 trains without end, but the onecycle schedule needs to know"),
         ("--trainer.devices=0", "the --trainer flags do not fit this machine or each other: `Trainer(devices='0')`"),
         ("--trainer.strategy=nope", "the --trainer flags do not fit this machine or each other: You selected an"),
+        # ModuleNotFoundError tracebacks: what they need is not installed.
+        ("--trainer.accelerator=tpu", "do not fit this machine or each other: Requirement 'torch_xla>=1.13' not met"),
+        ("--trainer.precision=transformer-engine", "do not fit this machine or each other: Requirement 'transformer_e"),
         ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
         ("--trainer.overfit_batches=2", "--trainer.overfit_batches would swap the data module's batches"),
         ("--trainer.limit_test_batches=0", "--trainer.limit_test_batches 0 would leave the run untested"),
