@@ -1,13 +1,16 @@
 """The one place that turns command-line flags into a Trainer, a model and a data module: scripts/fit.py and
 scripts/tune.py both build their runs here, so a flag means the same in both."""
 
+import contextlib
 import enum
 import logging
+import pydoc
+import re
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
@@ -22,6 +25,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.multiprocessing import ProcessRaisedException
 
 from mlp.data import FashionMNISTDataModule
 from mlp.errors import UserError, check
@@ -316,13 +320,33 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     if ckpt_path not in (None, "last"):  # "last" stays only where Lightning looks for it (no log folder of ours)
         check_resumable(ckpt_path, cli)
     try:
-        # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with errors_of_processes():
+            # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except MisconfigurationException as error:  # flags Lightning checks only as it fits (with the model and data)
         raise UserError(f"the --trainer flags do not fit this run: {error}") from None
     except SystemExit as exit:
         if cli.trainer.interrupted:
             raise KeyboardInterrupt from exit
+        raise
+
+
+@contextlib.contextmanager
+def errors_of_processes() -> Iterator[None]:
+    """An error that a process Lightning started (--trainer.strategy ddp_spawn or ddp_fork) raised reaches this one
+    as torch's ProcessRaisedException, which holds only its traceback's text: a UserError (or Lightning's
+    MisconfigurationException) is raised again from the class and message that end it, to be said in one line, as
+    under any other strategy; any other error keeps its traceback."""
+    try:
+        yield
+    except ProcessRaisedException as error:
+        # The last traceback (of a chain), less its indented frames: "module.Class: message", the message whole.
+        last = str(error).rpartition("Traceback (most recent call last):\n")[2]
+        name, _, message = re.sub(r"^(\s.*\n)*", "", last).rstrip().partition(": ")
+        kind = pydoc.locate(name)
+        for base in (UserError, MisconfigurationException):
+            if isinstance(kind, type) and issubclass(kind, base):
+                raise base(message) from None
         raise
 
 

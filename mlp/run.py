@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import WeightAveraging
 
-from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, fit
+from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, errors_of_processes, fit
 from mlp.errors import UserError, check
 
 
@@ -49,7 +49,7 @@ def test_once(cli: MLPCLI, checkpoint: str | None) -> dict[str, float]:
     # Lightning's own warning advises for a test, and with it the warning that the checkpoint holds its state.
     averaging = [callback for callback in cli.trainer.callbacks if isinstance(callback, WeightAveraging)]
     cli.trainer.callbacks[:] = [callback for callback in cli.trainer.callbacks if callback not in averaging]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), errors_of_processes():
         if averaging:
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
         (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)

@@ -195,6 +195,33 @@ def test_worker_processes_are_refused_where_the_data_sits_on_a_gpu(synthetic_dir
         data.setup("fit")
 
 
+def test_bad_input_found_in_processes_started_as_copies_of_this_one_is_one_line(synthetic_dir, tmp_path):
+    # torch hands the error of a process ddp_fork or ddp_spawn started to this one as ProcessRaisedException, which
+    # fit.py had printed as a traceback.
+    with pytest.raises(UserError, match=r"^--data.batch_size \(1\) must be at least the number of processes \(2\)"):
+        fit.main([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                  "--data.val_size=100", "--data.batch_size=1", "--trainer.max_epochs=1",
+                  "--progress_bar.refresh_rate=0", *TWO_PROCESSES, "--trainer.strategy=ddp_fork"])
+
+
+def test_only_a_user_error_of_a_process_becomes_one_line():
+    from torch.multiprocessing import ProcessRaisedException
+
+    from mlp.cli import errors_of_processes
+
+    def raised_in_a_process(error_line: str) -> ProcessRaisedException:
+        trace = f'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n{error_line}\n'
+        return ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n{trace}", 1, 99)
+
+    with pytest.raises(UserError) as error, errors_of_processes():
+        raise raised_in_a_process("mlp.data.CorruptDatasetError: train-images is truncated\nRuntimeError: read it")
+    assert str(error.value) == "train-images is truncated\nRuntimeError: read it"  # the message's lines, whole
+    # A bug met while handling bad input is a bug: its traceback stays.
+    chained = "mlp.errors.UserError: bad input\n\nDuring handling of the above exception, another exception occurred:"
+    with pytest.raises(ProcessRaisedException), errors_of_processes():
+        raise raised_in_a_process(f"{chained}\n\nTraceback (most recent call last):\n  File \"y.py\"\nKeyError: 'x'")
+
+
 def test_use_distributed_sampler_is_refused_because_the_data_module_splits_the_batches(synthetic_dir, tmp_path):
     with pytest.raises(UserError, match="use_distributed_sampler must stay false"):
         build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
