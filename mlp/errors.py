@@ -1,8 +1,10 @@
 """Errors the user can fix: the scripts print their message and exit, with no traceback."""
 
 import errno
+import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -21,10 +23,21 @@ def run_script(main: Callable[[], object], interrupted: str,
     try:
         main()
     except UserError as error:
-        sys.exit(f"error: {error}")
+        exit_saying(f"error: {error}")
     except OSError as error:  # disk full, permission denied, a path under a file...
         fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
         hint = f"\n{fix} another path with {writes_with}" if writes_with else ""
-        sys.exit(f"error: {error}{hint}")
+        exit_saying(f"error: {error}{hint}")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: {interrupted}")
+        exit_saying(f"interrupted: {interrupted}")
+
+
+def exit_saying(message: str) -> NoReturn:
+    """Exit with status 1, the message on stderr. Under DDP (Lightning sets LOCAL_RANK in every process) each process
+    meets the same bad input and says so at once: written in one call, as sys.exit writes the message and its
+    newline apart, and two processes' lines ran into one."""
+    if "LOCAL_RANK" in os.environ:
+        sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()
+        sys.exit(1)
+    sys.exit(message)

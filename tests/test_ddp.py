@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -183,8 +184,6 @@ def test_manual_backward_under_ddp_averages_gradients_as_autograd_ddp_does(synth
 
 
 def test_worker_processes_are_refused_where_the_data_sits_on_a_gpu(synthetic_dir):
-    from types import SimpleNamespace
-
     with pytest.raises(UserError, match="num_workers must be 0 on a GPU, got 2: the data already sits on the GPU"):
         check_workers_fit_device(2, torch.device("cuda"))
     check_workers_fit_device(2, torch.device("cpu")), check_workers_fit_device(0, torch.device("cuda"))
@@ -222,6 +221,23 @@ def test_only_a_user_error_of_a_process_becomes_one_line():
         raise raised_in_a_process(f"{chained}\n\nTraceback (most recent call last):\n  File \"y.py\"\nKeyError: 'x'")
 
 
+def test_under_ddp_each_process_writes_its_error_line_in_one_call(monkeypatch):
+    # Every process of a DDP run meets the same bad input; sys.exit wrote each line's text and its newline in two
+    # calls, and two processes' lines ran into one ("...every batcherror: ...").
+    from mlp.errors import run_script
+
+    def bad_input() -> None:
+        raise UserError("--data.batch_size (1) must be at least the number of processes (2)")
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append, flush=lambda: None))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as Lightning sets it in each process
+    with pytest.raises(SystemExit) as exit:
+        run_script(bad_input, interrupted="")
+    assert exit.value.code == 1
+    assert writes == ["error: --data.batch_size (1) must be at least the number of processes (2)\n"]
+
+
 def test_use_distributed_sampler_is_refused_because_the_data_module_splits_the_batches(synthetic_dir, tmp_path):
     with pytest.raises(UserError, match="use_distributed_sampler must stay false"):
         build_cli([f"--data.data_dir={synthetic_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
@@ -234,8 +250,6 @@ def test_use_distributed_sampler_is_refused_because_the_data_module_splits_the_b
      ({"val_size": 1}, r"val_size \(1\) must be 0 or at least the number of processes \(2\)")],
 )
 def test_too_few_images_to_give_every_process_some_is_refused(synthetic_dir, settings, message):
-    from types import SimpleNamespace
-
     data = FashionMNISTDataModule(str(synthetic_dir), **settings)
     data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), world_size=2)
     with pytest.raises(UserError, match=message):
