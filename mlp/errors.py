@@ -28,8 +28,8 @@ def run_script(main: Callable[[], object], interrupted: str,
         fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
         hint = f"\n{fix} another path with {writes_with}" if writes_with else ""
         exit_saying(f"error: {error}{hint}")
-    except KeyboardInterrupt:
-        exit_saying(f"interrupted: {interrupted}")
+    except KeyboardInterrupt as interrupt:  # its own words, where the code that stopped knows better
+        exit_saying(f"interrupted: {interrupt.args[0] if interrupt.args else interrupted}")
 
 
 def exit_saying(message: str) -> NoReturn:

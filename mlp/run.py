@@ -29,7 +29,14 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
         # ddp_spawn or ddp_fork) had each taken the next free folder, the test apart from the training.
         logger.version
     trainer.callbacks.append(ResumableOnInterrupt())
-    fit(cli, ckpt_path=ckpt_path)
+    try:
+        fit(cli, ckpt_path=ckpt_path)
+    except KeyboardInterrupt:
+        # Where `--ckpt_path last` looks: nothing there before the first step, or with checkpoints turned off.
+        saved = ("last.ckpt", ResumableOnInterrupt.FILE_NAME)
+        if trainer.log_dir is None or not any((Path(trainer.log_dir) / "checkpoints" / n).is_file() for n in saved):
+            raise KeyboardInterrupt("no checkpoint was saved to resume from; run the same command again") from None
+        raise
     best = cli.checkpoint_callback.best_model_path or None
     if trainer.is_global_zero and (reason := divergence_message(trainer)):
         kept = "the best checkpoint before it is kept" if best else "no epoch ended with a finite loss to keep"

@@ -510,6 +510,25 @@ def test_ctrl_c_inside_a_step_stops_the_fit_at_that_batchs_end_and_not_inside_th
         signal.signal(signal.SIGINT, before)
 
 
+@pytest.mark.parametrize("saved_before", [False, True])
+def test_ctrl_c_says_a_checkpoint_was_saved_only_where_one_was(synthetic_dir, tmp_path, monkeypatch, saved_before):
+    # Before the first step (or with --trainer.enable_checkpointing false) nothing is saved, and fit.py had said "a
+    # checkpoint was saved; continue with the same command plus --ckpt_path last", which then found none.
+    checkpoints = tmp_path / "fit" / "version_0" / "checkpoints"
+
+    def interrupted_fit(*args: object, **kwargs: object) -> None:
+        if saved_before:  # as the latest epoch's end leaves it
+            checkpoints.mkdir(parents=True)
+            (checkpoints / "last.ckpt").touch()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mlp.run.fit", interrupted_fit)
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: fit.main(fit_args(synthetic_dir, tmp_path)), interrupted="a checkpoint was saved")
+    said = "a checkpoint was saved" if saved_before else "no checkpoint was saved to resume from; run the same command"
+    assert exit.value.code.startswith(f"interrupted: {said}")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout`, a scheduler's preemption
 def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epochs(synthetic_dir, tmp_path, signum):
     args = fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=15", "--model.width=256")
