@@ -188,14 +188,19 @@ class MLPCLI(LightningCLI):
             numbered = (p for p in runs.glob("version_*") if p.name[8:].isdigit())
             folders = sorted(numbered, key=lambda p: int(p.name[8:]), reverse=True)
         for folder in folders:
-            saved = [folder / "checkpoints" / name for name in ("last.ckpt", ResumableOnInterrupt.FILE_NAME)]
-            saved = [path for path in saved if path.is_file()]
-            if saved:
+            if saved := resumable_checkpoints(folder):
                 logger.init_args.version = folder.name
                 self.config.ckpt_path = str(max(saved, key=lambda path: path.stat().st_mtime))
                 return
         where = folders[0] if version is not None else runs
         raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
+
+
+def resumable_checkpoints(run_folder: Path) -> list[Path]:
+    """The checkpoints in a run's folder that `--ckpt_path last` resumes from: last.ckpt, the end of the latest
+    epoch, and on_exception.ckpt, saved on Ctrl-C (ResumableOnInterrupt)."""
+    saved = [run_folder / "checkpoints" / name for name in ("last.ckpt", ResumableOnInterrupt.FILE_NAME)]
+    return [path for path in saved if path.is_file()]
 
 
 class ResumableOnInterrupt(Callback):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import WeightAveraging
 
-from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, errors_of_processes, fit
+from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, errors_of_processes, fit, resumable_checkpoints
 from mlp.errors import UserError, check
 
 
@@ -32,9 +32,8 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
     try:
         fit(cli, ckpt_path=ckpt_path)
     except KeyboardInterrupt:
-        # Where `--ckpt_path last` looks: nothing there before the first step, or with checkpoints turned off.
-        saved = ("last.ckpt", ResumableOnInterrupt.FILE_NAME)
-        if trainer.log_dir is None or not any((Path(trainer.log_dir) / "checkpoints" / n).is_file() for n in saved):
+        # Nothing to resume before the first step, or with checkpoints turned off.
+        if trainer.log_dir is None or not resumable_checkpoints(Path(trainer.log_dir)):
             raise KeyboardInterrupt("no checkpoint was saved to resume from; run the same command again") from None
         raise
     best = cli.checkpoint_callback.best_model_path or None
