@@ -611,8 +611,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_its_code_ne
 
     line = error_line(main)
 
-    assert f"{trapped} is refused: it would call io.open as it loads, which could run any code" in line
-    with pytest.raises(UserError, match="is refused: it would call io.open"):  # as a study's own trials load
+    assert f"{trapped} is refused: it would call {Payload.CALLS} as it loads, which could run any code" in line
+    with pytest.raises(UserError, match=f"is refused: it would call {Payload.CALLS}"):  # as a study's trials load
         load_model(trapped)
     assert not marker.exists()
     # The trap is live: a loader that unpickles anything runs it.
@@ -635,7 +635,7 @@ def test_a_report_naming_a_checkpoint_that_would_run_code_is_refused_in_one_line
     line = error_line(lambda: predict.main([str(shared), str(tmp_path / "fine.png")]))
 
     if where == "inside the folder":
-        assert f"{shared / named} is refused: it would call io.open as it loads" in line
+        assert f"{shared / named} is refused: it would call {Payload.CALLS} as it loads" in line
     else:
         assert f"{shared / 'report.json'} names {named}, outside its study's folder {shared}" in line
     assert not marker.exists()

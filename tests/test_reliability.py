@@ -602,9 +602,9 @@ def test_a_checkpoint_to_resume_from_that_would_run_code_is_refused_in_one_line(
     args = fit_args(synthetic_dir, tmp_path / "logs", f"--ckpt_path={tmp_path / 'shared.ckpt'}")
     with pytest.raises(SystemExit) as exit:
         run_script(lambda: fit.main(args), interrupted="")
-    assert exit.value.code == (f"error: --ckpt_path {tmp_path / 'shared.ckpt'} is refused: it would call io.open as "
-                               "it loads, which could run any code; only checkpoints of tensors and plain values are "
-                               "loaded, as fit.py and tune.py write them")
+    assert exit.value.code == (f"error: --ckpt_path {tmp_path / 'shared.ckpt'} is refused: it would call "
+                               f"{Payload.CALLS} as it loads, which could run any code; only checkpoints of tensors "
+                               "and plain values are loaded, as fit.py and tune.py write them")
     assert not marker.exists()
 
 
