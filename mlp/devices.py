@@ -5,7 +5,6 @@ nothing from it, and Lightning launches DDP's other ranks by running the script 
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Self
@@ -13,7 +12,7 @@ from typing import Self
 import torch
 from lightning import Trainer
 
-from mlp.errors import UserError, check
+from mlp.errors import UserError, check, exit_saying
 
 STOP_SECONDS = 120  # how long an interrupted worker may take to fail its trials and exit before it is killed
 
@@ -92,4 +91,4 @@ def worker(train: Callable[..., None], args: tuple, fit_args: list[str], workers
     except KeyboardInterrupt:
         pass  # its trials are failed; the process that started it reports the interruption
     except UserError as error:
-        sys.exit(f"error: {error}")
+        exit_saying(f"error: {error}")

@@ -1,6 +1,7 @@
 """Errors the user can fix: the scripts print their message and exit, with no traceback."""
 
 import errno
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable
@@ -33,10 +34,10 @@ def run_script(main: Callable[[], object], interrupted: str,
 
 
 def exit_saying(message: str) -> NoReturn:
-    """Exit with status 1, the message on stderr. Under DDP (Lightning sets LOCAL_RANK in every process) each process
-    meets the same bad input and says so at once: written in one call, as sys.exit writes the message and its
-    newline apart, and two processes' lines ran into one."""
-    if "LOCAL_RANK" in os.environ:
+    """Exit with status 1, the message on stderr. A process among others that may meet the same input at once (DDP's:
+    Lightning sets LOCAL_RANK in every one; tune.py's spawned device workers) writes it in one call: sys.exit writes
+    the message and its newline apart, and two processes' lines ran into one."""
+    if "LOCAL_RANK" in os.environ or multiprocessing.parent_process() is not None:
         sys.stderr.write(f"{message}\n")
         sys.stderr.flush()
         sys.exit(1)

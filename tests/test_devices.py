@@ -2,12 +2,18 @@
 a journal file unless --storage names another."""
 
 import signal
+import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
+import pytest
+import torch
 from optuna.trial import TrialState
 
-from mlp.devices import cpu_threads, one_device_args
+from mlp.devices import cpu_threads, one_device_args, worker
+from mlp.errors import UserError
 from mlp.cli import build_cli
 from tests.test_reliability import run, start, tune_args, wait_for
 
@@ -76,3 +82,23 @@ def test_sigint_to_the_tune_command_fails_every_workers_running_trial(synthetic_
     trials = trials_of(tmp_path)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL], stderr[-3000:]
     assert all(t.user_attrs.get("interrupted") for t in trials)
+
+
+def test_a_spawned_worker_writes_its_error_line_in_one_call(monkeypatch):
+    # tune.py's device workers may meet the same bad input at once (a storage gone, say); sys.exit wrote each line's
+    # text and its newline in two calls, where two processes' lines can run into one (as DDP's did).
+    def bad_input(fit_args: list[str]) -> None:
+        raise UserError("cannot open the study storage")
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append, flush=lambda: None))
+    monkeypatch.setattr("multiprocessing.parent_process", lambda: object())  # as in a spawned worker
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the worker's own SIGINT handler: not this process's
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit:
+            worker(bad_input, (), [], 2, threading.Event())
+    finally:
+        torch.set_num_threads(threads)
+    assert exit.value.code == 1
+    assert writes == ["error: cannot open the study storage\n"]
