@@ -3,6 +3,7 @@
 Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same methods
 under `torch.func.vmap`, so a fork that overrides `loss` or swaps `self.net` changes stacked trials too."""
 
+import copy
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from mlp.augment import shift_and_flip
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule
-from mlp.errors import check
+from mlp.errors import UserError, check
 from mlp.net import MLP, Activation, InitScheme
 from mlp.plots import activations_image, add_test_figures
 
@@ -112,6 +113,30 @@ def check_hyperparameters(hp: Mapping[str, Any]) -> None:
     check(0 <= hp["augment_flip"] <= 1, f"augment_flip (a probability) must be in [0, 1], got {hp['augment_flip']}")
 
 
+def check_manual_backward(model: "MLPClassifier") -> None:
+    """Refuse --model.backward manual where the gradients written by hand are not those of the model's own loss: a
+    fork that changed `loss` (or the net) without its backward would train on the template's cross-entropy while
+    logging its own loss. Compared with autograd's once, in float64, on a few random images; not in inference mode,
+    where a model is built that cannot be trained."""
+    if model.automatic_optimization or torch.is_inference_mode_enabled():
+        return
+    probe, y = copy.deepcopy(model).double().train(), torch.arange(4) % NUM_CLASSES
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the caller's RNG kept
+        x = torch.rand(4, probe.hparams.input_size, dtype=torch.float64)
+        torch.manual_seed(0)  # the same dropout masks and augmentation in both
+        try:
+            by_hand = probe.manual_gradients(x, y)[2]
+        except (TypeError, AttributeError) as error:
+            raise UserError(f"--model.backward manual needs the net's forward(x, cache) and backward(cache, "
+                            f"grad_logits), which {type(probe.net).__name__} lacks ({error}): use autograd") from None
+        torch.manual_seed(0)
+        by_autograd = torch.autograd.grad(probe.model_step((x, y))[0], list(probe.net.parameters()))
+    check(len(by_hand) == len(by_autograd) and all(
+        torch.allclose(hand, auto, rtol=1e-6, atol=1e-12) for hand, auto in zip(by_hand, by_autograd)),
+        "--model.backward manual: the gradients written by hand (MLPClassifier.manual_gradients, MLP.backward) are "
+        "not those of MLPClassifier.loss, which has changed: write its gradient there too, or use autograd")
+
+
 class MLPClassifier(L.LightningModule):
     """Classifies flattened 28x28 images into 10 classes with a from-scratch MLP.
 
@@ -125,7 +150,7 @@ class MLPClassifier(L.LightningModule):
             and 94 % of the run, as the best published MLP) or "constant".
         activation: "relu", "leaky_relu", "prelu" (learned slope per layer), "sigmoid" or "tanh", all in `mlp.net`.
         dropout: probability of zeroing each hidden unit in training (0 turns dropout off).
-        backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd at all.
+        backward: "autograd", or "manual": gradients by hand (`MLP.backward`), no autograd in training.
         label_smoothing: share of the training target spread evenly over all classes (0 turns it off).
         augment_shift, augment_flip: in training, each image moved by up to this many whole pixels on each axis,
             and mirrored left-right with this probability (`mlp.augment`; 0 turns either off).
@@ -179,6 +204,7 @@ class MLPClassifier(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
         self.epoch_start = time.perf_counter()  # a run resumed mid-epoch starts without on_train_epoch_start
         self.resumed_schedules: list[dict[str, Any]] = []  # a resumed run's saved ones (on_load_checkpoint)
+        check_manual_backward(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -283,8 +309,7 @@ class MLPClassifier(L.LightningModule):
         return self.optimizer_and_schedule(self.trainer.estimated_stepping_batches)
 
     def optimizer_and_schedule(self, steps: int, fused: bool = True) -> dict[str, Any]:
-        """The optimiser over this model's parameters (`make_optimizer`) and its learning-rate schedule over `steps`
-        optimiser steps, as Lightning's configure_optimizers returns them."""
+        """This model's optimiser (`make_optimizer`) and schedule over `steps` steps, in configure_optimizers' form."""
         optimizer = make_optimizer(self.parameters(), self.hparams, fused)
         if (scheduler := make_schedule(optimizer, self.hparams, steps)) is None:
             return {"optimizer": optimizer}

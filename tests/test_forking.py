@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mlp.cli import MLPCLI, build_cli
-from mlp.module import MLPClassifier
+from mlp.errors import UserError
+from mlp.module import MLPClassifier, cross_entropy_grad
 from mlp.net import relu
 from mlp.trials import train_runs
 
@@ -128,3 +129,23 @@ def test_a_forks_loss_or_net_trains_stacked_exactly_as_alone(fork, precision, to
         monkeypatch.setattr(MLPClassifier, "loss", ORIGINAL_LOSS)
         plain = final_weights(synthetic_dir, tmp_path / "plain", 2, precision, *flags)
         assert (plain["a"]["net.params.0"] - stacked["a"]["net.params.0"]).abs().max() > 1e-4
+
+
+def test_a_forks_loss_or_net_without_its_hand_written_gradient_is_refused_with_the_manual_backward(monkeypatch):
+    """--model.backward manual differentiates the template's loss and net by hand: a fork's loss or net without its
+    gradient written there too would train on the template's cross-entropy while logging its own loss."""
+    monkeypatch.setattr(MLPClassifier, "loss", penalised_loss)
+    MLPClassifier(depth=1, width=16)  # autograd differentiates the fork's loss
+    with pytest.raises(UserError, match="not those of MLPClassifier.loss"):
+        MLPClassifier(depth=1, width=16, backward="manual")
+
+    def penalised_loss_grad(logits: torch.Tensor, y: torch.Tensor, label_smoothing: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_grad(logits, y, label_smoothing) + 0.02 * logits / logits.numel()
+
+    monkeypatch.setattr("mlp.module.cross_entropy_grad", penalised_loss_grad)  # the fork writes the gradient too
+    MLPClassifier(depth=1, width=16, backward="manual", dropout=0.5, label_smoothing=0.1)
+
+    monkeypatch.setattr(MLPClassifier, "loss", ORIGINAL_LOSS)
+    monkeypatch.setattr("mlp.module.MLP", ResidualMLP)
+    with pytest.raises(UserError, match="needs the net's forward.*ResidualMLP lacks"):
+        MLPClassifier(depth=1, width=16, backward="manual")

@@ -107,11 +107,13 @@ def test_label_smoothed_cross_entropy_gradient_equals_autograd(label_smoothing):
     assert model.eval().loss(logits, y).item() == pytest.approx(nn.functional.cross_entropy(logits, y).item())
 
 
-def train_briefly(data_dir: Path, backward: str, precision: str = "64-true", **hparams) -> MLPClassifier:
+def train_briefly(data_dir: Path, backward: str, precision: str = "64-true", callbacks: tuple = (),
+                  **hparams) -> MLPClassifier:
     L.seed_everything(0, verbose=False)
     model = MLPClassifier(depth=2, width=16, backward=backward, **hparams)
     data = FashionMNISTDataModule(str(data_dir), batch_size=64, val_size=100)
     trainer = L.Trainer(
+        callbacks=list(callbacks),
         max_epochs=2,
         precision=precision,
         accelerator="cpu",
@@ -154,16 +156,22 @@ def test_manual_training_under_bfloat16_autocast_takes_autograds_steps_to_its_pr
         torch.testing.assert_close(by_hand, auto, rtol=0, atol=8e-3, msg=name)
 
 
-def test_manual_mode_never_calls_autograd(synthetic_dir, monkeypatch):
+def test_manual_mode_never_calls_autograd_in_training(synthetic_dir, monkeypatch):
+    """From the fit's start on: building the model checks the hand-written gradients against autograd's once."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("autograd was called")
 
-    monkeypatch.setattr(torch.autograd, "backward", refuse)
-    monkeypatch.setattr(torch.autograd, "grad", refuse)
-    model = train_briefly(synthetic_dir, "manual")
+    class RefuseAutograd(L.Callback):
+        def setup(self, *_: object, **__: object) -> None:
+            monkeypatch.setattr(torch.autograd, "backward", refuse)
+            monkeypatch.setattr(torch.autograd, "grad", refuse)
+
+    model = train_briefly(synthetic_dir, "manual", callbacks=(RefuseAutograd(),))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.undo()
     with pytest.raises(AssertionError, match="autograd was called"):
-        train_briefly(synthetic_dir, "autograd")  # the patch does catch a backward pass
+        train_briefly(synthetic_dir, "autograd", callbacks=(RefuseAutograd(),))  # the patch does catch a backward
 
 
 @pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
