@@ -133,8 +133,9 @@ def check_manual_backward(model: "MLPClassifier") -> None:
         by_autograd = torch.autograd.grad(probe.model_step((x, y))[0], list(probe.net.parameters()))
     check(len(by_hand) == len(by_autograd) and all(
         torch.allclose(hand, auto, rtol=1e-6, atol=1e-12) for hand, auto in zip(by_hand, by_autograd)),
-        "--model.backward manual: the gradients written by hand (MLPClassifier.manual_gradients, MLP.backward) are "
-        "not those of MLPClassifier.loss, which has changed: write its gradient there too, or use autograd")
+        "--model.backward manual: the gradients written by hand (MLPClassifier.manual_gradients, the net's backward) "
+        "are not those of MLPClassifier.loss and the net's forward, one of which changed without them: write its "
+        "gradient there too, or use autograd")
 
 
 class MLPClassifier(L.LightningModule):

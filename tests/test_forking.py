@@ -136,7 +136,7 @@ def test_a_forks_loss_or_net_without_its_hand_written_gradient_is_refused_with_t
     gradient written there too would train on the template's cross-entropy while logging its own loss."""
     monkeypatch.setattr(MLPClassifier, "loss", penalised_loss)
     MLPClassifier(depth=1, width=16)  # autograd differentiates the fork's loss
-    with pytest.raises(UserError, match="not those of MLPClassifier.loss"):
+    with pytest.raises(UserError, match="not those of MLPClassifier.loss and the net"):
         MLPClassifier(depth=1, width=16, backward="manual")
 
     def penalised_loss_grad(logits: torch.Tensor, y: torch.Tensor, label_smoothing: torch.Tensor) -> torch.Tensor:
