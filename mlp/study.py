@@ -69,8 +69,10 @@ def not_a_journal(path: Path) -> str | None:
     """Why the file is no journal to open and append to, or None when it is new, empty or opens as every record of
     Optuna's does, whole or still being written: Optuna takes a last line that is no record for one still being
     written, and would append to any one-line file."""
-    if not path.is_file():
+    if not path.exists():
         return None
+    if not path.is_file():  # a device fails Optuna's first fsync, a named pipe blocks its opening for good
+        return f"it is {'a folder' if path.is_dir() else 'no regular file'}; give a journal file's path, or a new one"
     with path.open("rb") as file:
         first = file.readline()
     record = b'{"op_code"'  # how Optuna begins every record

@@ -273,6 +273,16 @@ def test_a_file_that_is_no_journal_is_refused_in_one_line_and_left_as_it_was(tmp
         assert path.read_bytes() == before and not (tmp_path / f"{name}.flock").exists()
 
 
+def test_a_path_that_is_no_regular_file_is_refused_as_a_journal_in_one_line(tmp_path):
+    """A device failed at Optuna's first fsync with a bare "[Errno 22] Invalid argument" that named another flag; a
+    named pipe blocked the worker for good, Optuna opening it to append."""
+    os.mkfifo(tmp_path / "pipe.journal")
+    for path in (os.devnull, str(tmp_path / "pipe.journal")):
+        with pytest.raises(UserError, match=f"cannot open the study storage .*{path}.* as a journal file: it is no "
+                           "regular file"):
+            connect(path)
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_optuna_dashboard_reads_the_journal_file(tmp_path):
     storage_url = pytest.importorskip("optuna_dashboard._storage_url", reason="pip install optuna-dashboard")
