@@ -13,11 +13,14 @@ from optuna.trial import FrozenTrial
 
 from mlp.records import TrialRecord
 
-# After the trials, beside the refits' training: the ensemble's choice on val and its test, the best checkpoint's
-# test, the plots and report.json. Measured 8-11 s on the 2-core CPU; twice that, as machines of a kind differ 2x.
-FINISH_SECONDS = 20.0
-AFTER_REFITS_SECONDS = 12.0  # the part of it once the refits start: all but the choice on val (6-7 s measured)
-REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (0.4 s measured)
+# After the trials and refits, the part of the final model's time that no net's size changes: the tests' builds,
+# the plots, report.json and the interpreter's exit (docs/results.md#finishing-xeon), with room for slower machines.
+FINISH_SECONDS = 10.0
+# Evaluating a checkpoint on val and test (15,000 images forward), in epochs of its own trial (55,000 images forward
+# and backward, 5,000 validated): twice the share measured, for each candidate of the ensemble.
+EVAL_EPOCHS = 0.2
+ENSEMBLE_MAX = 10  # checkpoints the final model considers for the ensemble: the best trials by validation accuracy
+REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (docs/results.md#finishing-xeon)
 RESERVED_REFITS = 3  # best trials whose refits time is kept for: default studies' refit ensembles held 2 to 6
 SKIPS_IN_A_ROW = 5  # near the deadline the sampler may keep drawing trials too long for the time left
 
@@ -33,6 +36,7 @@ class Budget:
     fuse: int = 1
     skipped_in_a_row: int = 0
     refitted: frozenset[int] = frozenset()
+    finish: float = FINISH_SECONDS  # the final model's time beside its refits, as `reserve` last estimated it
 
     @property
     def bounded(self) -> bool:  # --timeout was given
@@ -48,17 +52,25 @@ class Budget:
         each = [REFIT_START_SECONDS + self.refit_scale * trial_seconds(t) for t in trials]
         return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
 
+    def finish_seconds(self, best_first: list[FrozenTrial]) -> float:
+        """The final model's time beside its refits: FINISH_SECONDS, and EVAL_EPOCHS of each candidate checkpoint's
+        own epoch, so that big nets, a slow machine or a loaded one keep more back. Kept as `finish`."""
+        records = [(t, TrialRecord.of(t)) for t in best_first[:ENSEMBLE_MAX]]
+        evaluating = sum(trial_seconds(t) / r.epochs_trained for t, r in records if r.epochs_trained)
+        self.finish = FINISH_SECONDS + EVAL_EPOCHS * evaluating
+        return self.finish
+
     def reserve(self, best_first: list[FrozenTrial]) -> float:
-        """The time kept back for the final model while trials run: FINISH_SECONDS, and the refits of the most of the
-        RESERVED_REFITS best complete trials that fitted in the time left when the last of them completed. Refits
+        """The time kept back for the final model while trials run: `finish_seconds`, and the refits of the most of
+        the RESERVED_REFITS best complete trials that fitted in the time left when the last of them completed. Refits
         that did not fit then never will: the time goes to trials, whose checkpoints the final model will have."""
-        kept = 0.0
+        finish, kept = self.finish_seconds(best_first), 0.0
         for j in range(1, min(RESERVED_REFITS, len(best_first)) + 1):
             seconds = self.refit_seconds(t for t in best_first[:j] if t.number not in self.refitted)
             completed = max(t.datetime_complete.timestamp() for t in best_first[:j])
-            if seconds <= self.deadline - completed - FINISH_SECONDS:
+            if seconds <= self.deadline - completed - finish:
                 kept = seconds
-        return FINISH_SECONDS + kept
+        return finish + kept
 
     def trials_may_start(self, best_first: list[FrozenTrial]) -> bool:
         """Whether a trial may be asked: time is left before the final model's share, and the last few trials
@@ -83,7 +95,7 @@ class Budget:
 
     def overdue(self) -> bool:
         """Whether training must stop now: only the final model's share without refits is left."""
-        return self.left() < FINISH_SECONDS
+        return self.left() < self.finish
 
     def cuts(self, seconds_to_finish: float, best_first: list[FrozenTrial]) -> bool:
         """Whether a running trial that needs `seconds_to_finish` more would eat into the final model's time."""

@@ -20,7 +20,7 @@ import yaml
 from optuna.trial import FrozenTrial
 from torch import Tensor
 
-from mlp.budget import AFTER_REFITS_SECONDS, Budget
+from mlp.budget import ENSEMBLE_MAX, Budget
 from mlp.cli import MLPCLI, build_cli
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
@@ -29,7 +29,6 @@ from mlp.records import Ending, TrialRecord
 from mlp.study import best_first
 from mlp.trials import RunEnd, train_runs
 
-ENSEMBLE_MAX = 10  # checkpoints considered for the ensemble: the best trials by validation accuracy
 REFIT_MEMBERS_MAX = 10  # the most runs a refit ensemble averages, later seed rounds included (see seed_rounds)
 ROUND_SEED_STRIDE = 1_000_003  # a later round's seed: the trial's own plus this per round, apart from every trial's
 FINAL_CHOICES = ("refit_ensemble", "ensemble", "refit", "best")  # also the order of fallbacks, in final_models
@@ -290,7 +289,7 @@ def refit_best(study: optuna.Study, budget: Budget) -> dict[str, Any]:
 
 def over_budget(budget: Budget, trials: list[FrozenTrial], fuse: int | None = None) -> str | None:
     """Why refitting `trials` does not fit in the time left, or None if it does."""
-    needed, left = budget.refit_seconds(trials, fuse), budget.left() - AFTER_REFITS_SECONDS
+    needed, left = budget.refit_seconds(trials, fuse), budget.left() - budget.finish
     if needed <= left:
         return None
     return f"its refits would take about {needed:.0f} s and {max(left, 0):.0f} s of --timeout were left for them"

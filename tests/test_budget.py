@@ -10,7 +10,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from mlp.budget import AFTER_REFITS_SECONDS, FINISH_SECONDS, REFIT_START_SECONDS, SKIPS_IN_A_ROW, Budget
+from mlp.budget import (
+    ENSEMBLE_MAX, EVAL_EPOCHS, FINISH_SECONDS, REFIT_START_SECONDS, SKIPS_IN_A_ROW, Budget
+)
 from mlp.errors import UserError
 from mlp.progress import StudyCounts
 from mlp.final import affordable_ensemble
@@ -60,6 +62,20 @@ def ended_ago(seconds_ago: float, seconds: float, value: float) -> optuna.trial.
     trial.datetime_complete = datetime.datetime.now() - datetime.timedelta(seconds=seconds_ago)
     trial.datetime_start = trial.datetime_complete - datetime.timedelta(seconds=seconds)
     return trial
+
+
+def test_the_final_models_share_grows_with_the_epochs_of_the_checkpoints_it_evaluates():
+    """Each candidate checkpoint of the ensemble is evaluated on val and test: a share of its own trial's epoch, so
+    big nets, a slow machine or a loaded one keep more back, and training stops (`overdue`) that much earlier."""
+    best = [trial_of(10 * (j + 1)) for j in range(ENSEMBLE_MAX + 2)]
+    for trial in best:
+        trial.set_user_attr("epochs_trained", 5)  # 2, 4, 6... s an epoch
+    budget = Left(FINISH_SECONDS + 5)
+    assert budget.finish_seconds([]) == FINISH_SECONDS and not budget.overdue()
+    evaluating = EVAL_EPOCHS * sum(2 * (j + 1) for j in range(ENSEMBLE_MAX))  # the best ENSEMBLE_MAX alone
+    assert budget.finish_seconds(best) == pytest.approx(FINISH_SECONDS + evaluating)
+    assert budget.overdue() and budget.reserve(best) >= budget.finish
+    assert Budget().finish_seconds([trial_of(10)]) == FINISH_SECONDS  # no epochs recorded: nothing to scale
 
 
 def test_refits_that_did_not_fit_when_their_trials_completed_keep_no_time_back():
@@ -118,22 +134,22 @@ def study_of_quick_trials() -> optuna.Study:
 
 def test_an_ensemble_whose_refits_fit_is_refit_whole():
     assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Budget()) == ensemble_of(3)
-    left = Left(AFTER_REFITS_SECONDS + 6.5)
+    left = Left(FINISH_SECONDS + 6.5)
     assert affordable_ensemble(study_of_quick_trials(), ensemble_of(3), left) == ensemble_of(3)
 
 
 def test_when_the_ensembles_refits_do_not_fit_the_largest_smaller_one_that_fits_is_refit_not_the_best_on_val():
     study = study_of_quick_trials()
-    two = affordable_ensemble(study, ensemble_of(3), Left(AFTER_REFITS_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
+    two = affordable_ensemble(study, ensemble_of(3), Left(FINISH_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
     assert two["trials"] == [0, 1] and two["k"] == 2  # k=1 is better on val, within noise; two refits average more
     assert "ensemble of 3 chosen on val" in two["smaller_than"] and "--timeout" in two["smaller_than"]
     study.set_user_attr("refit_1", {"cached": True})  # a refit already trained costs nothing
-    three = affordable_ensemble(study, ensemble_of(3), Left(AFTER_REFITS_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
+    three = affordable_ensemble(study, ensemble_of(3), Left(FINISH_SECONDS + 2 * REFIT_START_SECONDS + 0.5))
     assert three == ensemble_of(3)
 
 
 def test_when_no_refit_fits_there_is_no_ensemble_to_refit_and_it_says_why():
-    none = affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Left(AFTER_REFITS_SECONDS + 1))
+    none = affordable_ensemble(study_of_quick_trials(), ensemble_of(3), Left(FINISH_SECONDS + 1))
     assert none["trials"] == [] and "--timeout were left" in none["why_none"]
 
 
