@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -15,6 +16,13 @@ class UserError(Exception):
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
+
+
+def why_not_a_file(path: Path) -> str:
+    """What `path` is instead of a regular file to read, for a message: a named pipe would block a reader for good."""
+    if path.is_dir():
+        return "is a folder"
+    return "is no regular file (a device or a pipe)" if path.exists() else "not found"
 
 
 def run_script(main: Callable[[], object], interrupted: str,

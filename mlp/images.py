@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
 from mlp.data import IMAGE_SIDE, CorruptDatasetError, read_idx
-from mlp.errors import UserError, check
+from mlp.errors import UserError, check, why_not_a_file
 
 # Raster formats PIL decodes itself (JPEG includes MPO, the JPEG many cameras write, its first frame the photo).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
@@ -139,7 +139,7 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
     """The images in an image file PIL reads (one image) or in an IDX file (any number, possibly .gz, taken as they
     are), as uint8 (N, 28, 28). With `prepare_images` an image file is prepared as Fashion-MNIST's were made;
     without, it must be 28x28 already and is only made grayscale."""
-    check(path.is_file(), f"{path} not found; pass image files (PNG, JPEG), folders of them, or IDX files")
+    check(path.is_file(), f"{path} {why_not_a_file(path)}; pass image files (PNG, JPEG), folders of them, or IDX files")
     try:
         with open_image(path) as image:
             if prepare_images:

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError
 
-from mlp.errors import UserError, check
+from mlp.errors import UserError, check, why_not_a_file
 from mlp.module import MLPClassifier
 
 FinalModel = Literal["refit_ensemble", "ensemble", "refit", "best"]  # mlp.final.FINAL_CHOICES, which trains
@@ -107,8 +107,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 
 def check_is_a_file(path: Path) -> None:
-    found = "is a folder" if path.is_dir() else "not found"
-    check(path.is_file(), f"checkpoint {path} {found}; pass .ckpt files written by fit.py or tune.py")
+    check(path.is_file(), f"checkpoint {path} {why_not_a_file(path)}; pass .ckpt files written by fit.py or tune.py")
 
 
 def refused(path: Path) -> UserError:

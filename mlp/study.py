@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlp.budget import Budget
 from mlp.cli import MLPCLI
-from mlp.errors import UserError
+from mlp.errors import UserError, why_not_a_file
 from mlp.records import record
 from mlp.search import FIT_FLAGS, SearchSpace, TrialSeededTPE, make_pruner
 
@@ -72,7 +72,7 @@ def not_a_journal(path: Path) -> str | None:
     if not path.exists():
         return None
     if not path.is_file():  # a device fails Optuna's first fsync, a named pipe blocks its opening for good
-        return f"it is {'a folder' if path.is_dir() else 'no regular file'}; give a journal file's path, or a new one"
+        return f"it {why_not_a_file(path)}; give a journal file's path, or a new one"
     with path.open("rb") as file:
         first = file.readline()
     record = b'{"op_code"'  # how Optuna begins every record
