@@ -17,10 +17,10 @@ from mlp.records import TrialRecord
 # the plots, report.json and the interpreter's exit (docs/results.md#finishing-xeon), with room for slower machines.
 FINISH_SECONDS = 10.0
 # Evaluating a checkpoint on val and test (15,000 images forward), in epochs of its own trial (55,000 images forward
-# and backward, 5,000 validated): twice the share measured, for each candidate of the ensemble.
+# and backward, 5,000 validated), for each candidate of the ensemble: 0.04-0.08 measured (results.md#finishing-xeon).
 EVAL_EPOCHS = 0.2
 ENSEMBLE_MAX = 10  # checkpoints the final model considers for the ensemble: the best trials by validation accuracy
-REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (docs/results.md#finishing-xeon)
+REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (results.md#finishing-xeon)
 RESERVED_REFITS = 3  # best trials whose refits time is kept for: default studies' refit ensembles held 2 to 6
 SKIPS_IN_A_ROW = 5  # near the deadline the sampler may keep drawing trials too long for the time left
 
