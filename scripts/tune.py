@@ -133,7 +133,9 @@ def short_summary(summary: dict) -> list[str]:
                            for name, value in summary["best_params"].items())
         lines.append(f"best trial: {summary['best_trial']}, val accuracy {summary['best_val_acc']:.4f} ({params})")
     else:
-        lines.append("no trial completed, so there is no answer")
+        ran_out = len(summary["cut"]) + len(summary["skipped"])
+        why = f": --timeout cut or skipped {ran_out} trial{'s' * (ran_out > 1)}; give it more seconds"
+        lines.append(f"no trial completed, so there is no answer{why if ran_out else ''}")
     lines.append(f"report: {summary['report_json']}")
     return lines
 

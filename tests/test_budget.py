@@ -192,7 +192,7 @@ def test_when_the_refits_do_not_fit_the_answer_falls_back_to_the_ensemble_and_th
 
 @pytest.mark.parametrize("fuse", ["1", "2"])
 def test_past_the_time_for_trials_every_running_trial_stops_at_once_mid_epoch(synthetic_dir, tmp_path, monkeypatch,
-                                                                               fuse):
+                                                                               fuse, capsys):
     monkeypatch.setattr(Budget, "overdue", lambda self: True)
     args = tune_args(synthetic_dir, tmp_path, n_trials=2)
     args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # no trial diverges
@@ -201,6 +201,8 @@ def test_past_the_time_for_trials_every_running_trial_stops_at_once_mid_epoch(sy
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all("epochs_trained" not in t.user_attrs and not t.intermediate_values for t in trials)  # no epoch ended
     assert set(summary["cut"].values()) == {"in an epoch: the --timeout budget's time for trials was over"}
+    assert ("no trial completed, so there is no answer: --timeout cut or skipped 2 trials; give it more seconds"
+            in capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("fuse", ["1", "2"])
