@@ -29,11 +29,14 @@ SKIPS_IN_A_ROW = 5  # near the deadline the sampler may keep drawing trials too 
 class Budget:
     """The command's deadline, as wall-clock time so that the workers it starts share it (infinity: no timeout).
     `refit_scale`: how much longer a refit's epoch (train + val) is than its trial's (train). `fuse`: how many refits
-    train at once. `refitted`: the trials whose refits an earlier run made, which a rerun keeps no time back for."""
+    train at once; `parallel`: whether a stack of them lasts as long as its longest (a GPU's) or as all of them (the
+    CPU's, where a step costs its multiply-adds). `refitted`: the trials whose refits an earlier run made, which a
+    rerun keeps no time back for."""
 
     deadline: float = math.inf
     refit_scale: float = 1.0
     fuse: int = 1
+    parallel: bool = False
     skipped_in_a_row: int = 0
     refitted: frozenset[int] = frozenset()
     finish: float = FINISH_SECONDS  # the final model's time beside its refits, as `reserve` last estimated it
@@ -47,8 +50,9 @@ class Budget:
 
     def refit_seconds(self, trials: Iterable[FrozenTrial], fuse: int | None = None) -> float:
         """Estimated seconds to refit `trials` (complete ones): each its trial's time scaled to the refit's training
-        images; stacked `fuse` at a time (default: the study's), a stack lasting as long as its longest member."""
-        fuse = fuse or self.fuse
+        images; stacked `fuse` at a time (default: the study's), a stack in `parallel` lasting as long as its longest
+        member."""
+        fuse = (fuse or self.fuse) if self.parallel else 1
         each = [REFIT_START_SECONDS + self.refit_scale * trial_seconds(t) for t in trials]
         return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
 

@@ -53,10 +53,11 @@ class Trials:
         self.seed = seed  # the fit flags' --seed_everything; None where it is false (nothing seeded)
         self.interrupted = False  # on Ctrl-C every running trial is failed, then run_trials stops
         self.ran: list[int] = []  # numbers of the trials this worker trained
+        self.most = fuse  # trials at once: halved after each stack the budget cut trials of (see `places`)
 
     def start_trials(self, study: optuna.Study, may_refill: Callable[[], bool]) -> None:
-        """Train up to `fuse` trials at once, refilling each freed place while `may_refill()` allows."""
-        asked = self.ask(study, self.fuse)
+        """Train up to `fuse` trials at once (`places`), refilling each freed place while `may_refill()` allows."""
+        asked = self.ask(study, self.places(study))
         if not asked:  # another worker took the place run_trials saw free (its trial surplus, or a retry taken)
             return
         running = [trial for trial, _ in asked]  # a trial leaves this list when the study is told its end
@@ -72,6 +73,13 @@ class Trials:
                 if not self.interrupted:
                     raise
         gc.collect()  # a finished Trainer's cycles hold its model and data until collected
+
+    def places(self, study: optuna.Study) -> int:
+        """How many trials may train at once: `fuse`, but where --timeout bounds the study one until a trial has
+        completed, and half as many after each stack the budget cut trials of. A trial in a stack trains at the
+        stack's pace, on the CPU K times slower a trial: so the first, fit's own run, trains at its own, and a
+        budget that fits fit's run answers at least with fit's model."""
+        return self.most if not self.budget.bounded or best_first(study) else 1
 
     def ask(self, study: optuna.Study, count: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
         """Up to `count` trials with their suggested fit flags, by the rules every worker follows."""
@@ -120,7 +128,9 @@ class Trials:
             return built
 
         def more(free: int) -> dict[str, MLPCLI]:
-            asked = self.ask(study, free) if may_refill() else []
+            # Not once a trial was cut for the budget: trials joining would keep the pace that cut it.
+            free = min(free, self.places(study) - len(running))
+            asked = self.ask(study, free) if free > 0 and may_refill() and not judge.cut else []
             heartbeats.join([trial for trial, _ in asked])
             return runs(asked)
 
@@ -129,6 +139,8 @@ class Trials:
 
         if first := runs(asked):
             train_runs(first, self.fit_args, self.fuse, tell, judge, more)
+        if judge.cut:
+            self.most = max(1, self.most // 2)
 
     @staticmethod
     def tell(study: optuna.Study, trial: optuna.Trial, end: RunEnd, running: list[optuna.Trial]) -> None:
@@ -245,6 +257,7 @@ class JudgeEachEpoch(L.Callback):
     def __init__(self, study: optuna.Study, trials: dict[str, EpochEnds], n_trials: int, budget: Budget) -> None:
         self.study, self.trials, self.n_trials, self.budget = study, trials, n_trials, budget
         self.overdue = False
+        self.cut = False  # a trial was cut for the budget: trials joining would keep the pace that cut it
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # Seconds per epoch leave out the build, data loading and sanity check; a trial joining later starts as built.
@@ -270,6 +283,7 @@ class JudgeEachEpoch(L.Callback):
             if how := self.trials[member.name].judge(epoch, member.epochs, value, surplus, cut):
                 detail = f"after epoch {epoch + 1} of {member.epochs}: the --timeout budget left no time for the rest"
                 module.stop(member.name, how, detail if how == Ending.CUT else "")
+                self.cut = self.cut or how == Ending.CUT
 
 
 def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:

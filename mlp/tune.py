@@ -32,7 +32,7 @@ from mlp.records import TrialRecord
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
 from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
-from mlp.trials import Trials
+from mlp.trials import Trials, pads_widths
 
 # The callbacks of --trainer.callbacks no trial can take (by kind, or a tuple of kinds), and why. A trial's Trainer,
 # shared by a stack, has no logger: each trial writes its own run.
@@ -125,7 +125,7 @@ def run_study(config: StudyConfig,
     # A refit trains on train + val, so its epochs take longer than its trial's.
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
     deadline = started + config.timeout if config.timeout else math.inf
-    budget = Budget(deadline, refit_scale, fuse, refitted=refitted(study))
+    budget = Budget(deadline, refit_scale, fuse, parallel=pads_widths(cli), refitted=refitted(study))
     start = time.perf_counter()
     seed = None if cli.config.seed_everything is False else cli.config.seed_everything  # an int once parsed
     trials = Trials(space, workers[0], study_name, n_trials, fuse, budget, seed)

@@ -16,6 +16,7 @@ from mlp.budget import (
 from mlp.errors import UserError
 from mlp.progress import StudyCounts
 from mlp.final import affordable_ensemble
+from mlp.fused import FusedClassifier
 from tests.test_sweeps import tune, tune_args
 
 START = datetime.datetime(2026, 1, 1)
@@ -38,13 +39,15 @@ class Left(Budget):
         return self.seconds
 
 
-def test_a_refit_is_estimated_from_its_trials_time_and_a_stack_lasts_as_long_as_its_longest_member():
+def test_a_refit_is_estimated_from_its_trials_time_and_a_gpus_stack_lasts_as_long_as_its_longest_member():
     trials = [trial_of(10), trial_of(30), trial_of(20)]
-    alone = Budget(refit_scale=1.1)
+    alone = Budget(refit_scale=1.1, parallel=True)
     assert alone.refit_seconds(trials) == pytest.approx(3 * REFIT_START_SECONDS + 1.1 * 60)
-    stacked = Budget(refit_scale=1.1, fuse=2)  # [10, 30] together, then [20]
+    stacked = Budget(refit_scale=1.1, fuse=2, parallel=True)  # [10, 30] together, then [20]
     assert stacked.refit_seconds(trials) == pytest.approx(2 * REFIT_START_SECONDS + 1.1 * 50)
     assert alone.refit_seconds(trials, fuse=3) == pytest.approx(REFIT_START_SECONDS + 1.1 * 30)
+    # On the CPU a stack's step costs all its members' multiply-adds: stacked refits take as long as one by one.
+    assert Budget(refit_scale=1.1, fuse=2).refit_seconds(trials) == alone.refit_seconds(trials)
 
 
 def test_trials_are_asked_while_time_is_left_before_the_final_models_share():
@@ -172,6 +175,39 @@ def test_trials_that_cannot_finish_in_time_are_cut_after_their_epoch_and_counted
     assert [t.user_attrs["epochs_trained"] for t in trials] == [1, 1]
     assert summary["cut"] == {str(t.number): "after epoch 1 of 3: the --timeout budget left no time for the rest"
                               for t in trials}
+
+
+def test_places_that_a_budget_cut_frees_are_not_refilled_and_the_next_stack_is_half_as_large(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    """Trials joining a stack whose pace a cut showed too slow would be cut in turn after an epoch, each using up a
+    trial of the study's --n-trials: a stack of 8 at --timeout 90 went through all 30 that way."""
+    monkeypatch.setattr(Budget, "cuts", lambda self, seconds, best_first: True)  # never time for one more epoch
+    joined = []
+    add = FusedClassifier.add
+    monkeypatch.setattr(FusedClassifier, "add", lambda module, model, epochs, name, logger=None: (
+        joined.append(name), add(module, model, epochs, name, logger)))
+    args = tune_args(synthetic_dir, tmp_path, n_trials=4)
+    args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["3", "3"]
+    args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # no trial diverges
+    summary = tune.main([*args, "--pruner=none", "--fuse=2", "--quiet"])
+    assert summary["trials"] == {"pruned": 4} and len(summary["cut"]) == 4
+    assert joined == []  # each stack was asked afresh, and half as large after the budget cut its trials:
+    trials = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trials[1].datetime_start < trials[0].datetime_complete  # 0 and 1 together
+    assert trials[2].datetime_complete <= trials[3].datetime_start  # then one at a time
+
+
+@pytest.mark.parametrize("timeout", [None, "100000"])
+def test_with_a_timeout_the_first_trial_trains_alone_until_one_completes(synthetic_dir, tmp_path, timeout):
+    """In a stack a trial trains at the stack's pace (on the CPU K times slower): fit's own run, trial 0, was cut in
+    a stack of 8 at --timeout 90 that it fitted in alone, and the study answered below fit."""
+    args = tune_args(synthetic_dir, tmp_path, n_trials=3)
+    args[args.index("--lr") + 1 : args.index("--lr") + 3] = ["0.05", "0.2"]  # no trial diverges
+    summary = tune.main([*args, "--pruner=none", "--fuse=2", "--quiet", *([f"--timeout={timeout}"] if timeout else [])])
+    assert summary["trials"] == {"complete": 3}
+    first, second, _ = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert (second.datetime_start >= first.datetime_complete) == bool(timeout)
 
 
 def test_when_the_refits_do_not_fit_the_answer_falls_back_to_the_ensemble_and_the_report_says_why(
