@@ -128,9 +128,10 @@ class Trials:
             return built
 
         def more(free: int) -> dict[str, MLPCLI]:
-            # Not once a trial was cut for the budget: trials joining would keep the pace that cut it.
-            free = min(free, self.places(study) - len(running))
-            asked = self.ask(study, free) if free > 0 and may_refill() and not judge.cut else []
+            refill = may_refill()  # at every epoch's end: it also fails stale trials and shows the progress
+            # None once a trial was cut for the budget: trials joining would keep the pace that cut it.
+            free = 0 if judge.cut else min(free, self.places(study) - len(running))
+            asked = self.ask(study, free) if refill and free > 0 else []
             heartbeats.join([trial for trial, _ in asked])
             return runs(asked)
 
