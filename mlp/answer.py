@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mlp.data import CLASS_NAMES, IMAGE_SIDE, DatasetNotFoundError, FashionMNISTDataModule
-from mlp.errors import UserError, check
+from mlp.errors import UserError, check, why_not_a_file
 from mlp.loading import FINAL_MODELS, inside, load_model, read_checkpoint, read_report
 from mlp.net import MLP
 
@@ -63,7 +63,8 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     check(source.is_dir() or source.suffix == ".json",
           f"{source} is not a study's folder, its report.json or a .ckpt file; pass the model first, then the images")
     report_path = source / "report.json" if source.is_dir() else source
-    check(report_path.is_file(), f"{source} holds no report.json: tune.py writes it when its study ends")
+    check(report_path.is_file(), f"{source} holds no report.json: tune.py writes it when its study ends"
+          if source.is_dir() else f"{source} {why_not_a_file(source)}; pass a study's folder or its report.json")
     report = read_report(report_path)
     final = report.final
     check(final is not None, f"{report_path} holds no final model; pass the report.json that tune.py wrote")

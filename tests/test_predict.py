@@ -408,7 +408,7 @@ def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, ca
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     Image.new("L", (28, 28)).save(tmp_path / "fine.png")
-    for pipe in ("pipe.png", "pipe.ckpt"):
+    for pipe in ("pipe.png", "pipe.ckpt", "pipe.json"):
         os.mkfifo(tmp_path / pipe)
     args = {
         "folder without images": [str(study), str(tmp_path / "empty")],
@@ -518,6 +518,7 @@ def edited_checkpoint(study: Path, path: Path, edit: Callable[[dict], object]) -
         ("missing checkpoint", "checkpoint nowhere.ckpt not found"),
         ("image that is a named pipe", "pipe.png is no regular file"),  # had said "not found"
         ("checkpoint that is a named pipe", "pipe.ckpt is no regular file"),
+        ("report that is a named pipe", "pipe.json is no regular file"),  # had said it "holds no report.json"
         ("no images", "nothing to do"),
         ("report without an answer", "is not a report.json as tune.py writes it (final.answer: field required)"),
         ("report of wrong types", "(trials.complete: input should be a valid integer; final.best.test_acc: input "
@@ -530,7 +531,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
     Image.new("L", (32, 28)).save(tmp_path / "wide.png")
     (tmp_path / "notes.png").write_text("not an image")
     Image.new("L", (28, 28)).save(tmp_path / "fine.png")
-    for pipe in ("pipe.png", "pipe.ckpt"):
+    for pipe in ("pipe.png", "pipe.ckpt", "pipe.json"):
         os.mkfifo(tmp_path / pipe)
     args = {
         "missing image": [str(study), str(tmp_path / "missing.png")],
@@ -542,6 +543,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
         "missing checkpoint": ["nowhere.ckpt", str(tmp_path / "fine.png")],
         "image that is a named pipe": [str(study), str(tmp_path / "pipe.png")],
         "checkpoint that is a named pipe": [str(tmp_path / "pipe.ckpt"), str(tmp_path / "fine.png")],
+        "report that is a named pipe": [str(tmp_path / "pipe.json"), str(tmp_path / "fine.png")],
         "no images": [str(study)],
         "report without an answer": [str(edited_report(study, tmp_path / "a", lambda r: r["final"].pop("answer"))),
                                      str(tmp_path / "fine.png")],
