@@ -456,6 +456,26 @@ def test_fused_refits_train_each_configuration_exactly_as_its_unfused_refit(synt
     assert ensembles["stacked"]["test_acc"] == ensembles["alone"]["test_acc"] > 0.5
 
 
+def test_a_refit_trained_again_after_an_interruption_logs_beside_the_folder_the_interrupted_one_left(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    """A refit cut off by Ctrl-C is not done, so the rerun trains it again: into a folder of its own, the interrupted
+    run's files left as they were, so that TensorBoard and the checkpoints show two runs rather than one mixed."""
+    from mlp.final import refit_trials
+
+    configs = [{"lr": 0.1, "epochs": 2, "depth": 1, "width": 8, "weight_decay": 1e-4, "label_smoothing": 0.0}]
+    study = refit_study("again", configs, tmp_path, synthetic_dir, monkeypatch)
+    interrupted = tmp_path / "logs" / "tune" / "again" / "refit_trial_0"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    (interrupted / "checkpoints" / "epoch00.ckpt").write_bytes(b"the interrupted run's")
+    (refit,) = refit_trials(study, [0], fuse=1)
+    folder = Path(refit["checkpoint"]).parent.parent
+    assert folder == interrupted.with_name("refit_trial_0.2") and refit["test_acc"] > 0.5  # chance is 0.1
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    assert [p.name for p in interrupted.rglob("*")] == ["checkpoints", "epoch00.ckpt"]
+    assert (interrupted / "checkpoints" / "epoch00.ckpt").read_bytes() == b"the interrupted run's"
+
+
 def test_a_diverged_refit_has_no_test_figure_and_its_refit_ensemble_none_alone_and_stacked_alike(
     synthetic_dir, tmp_path, monkeypatch
 ):
