@@ -10,7 +10,6 @@ Each candidate's test accuracy is measured once and kept in the study's user att
 same command neither retrains nor retests.
 """
 
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,11 +107,13 @@ def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
     `flags` alone: a study resumed with other fit flags still refits and tests what each trial trained. Where an
     earlier run left that folder (a refit interrupted, the test of a former best trial), it logs to the first free
     `version.2`, `version.3`, ...: events and checkpoints of two runs in one folder would read as one run's."""
-    for attempt in itertools.count(1):
-        name = version if attempt == 1 else f"{version}.{attempt}"
-        cli = build_cli([f"--config={trial_config(trial)}", f"--trainer.logger.init_args.version={name}", *flags])
-        if cli.trainer.log_dir is None or not Path(cli.trainer.log_dir).exists():
-            return cli
+    config = trial_config(trial)
+    beside = Path(config).parent.parent  # the folder holding the trial's run, where its config logs runs
+    name, attempt = version, 1
+    while (beside / name).exists():
+        attempt += 1
+        name = f"{version}.{attempt}"
+    return build_cli([f"--config={config}", f"--trainer.logger.init_args.version={name}", *flags])
 
 
 def refit_trials(study: optuna.Study, numbers: list[int], fuse: int, round_: int = 0) -> list[dict[str, Any]]:
