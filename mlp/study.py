@@ -379,7 +379,7 @@ def run_trials(study: optuna.Study, objective: TrialRunner, n_trials: int, budge
     def may_refill() -> bool:  # as one of several trials trained at once ends (mlp.trials)
         fail_stale_trials(study)  # in a run, where Ctrl-C waits for the batch's end (mlp.cli.InterruptAtBatchEnd)
         progress(study)
-        return budget.trials_may_start(best_first(study))
+        return not budget.bounded or budget.trials_may_start(best_first(study))  # a read saved where nothing bounds
 
     waiting_logged = False
     with CtrlC() as ctrl_c:
