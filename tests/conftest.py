@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import os
 import struct
 from pathlib import Path
 
@@ -9,6 +10,17 @@ import pytest
 import torch
 
 from mlp.data import DEBIAN_DIR, FILES
+from mlp.devices import cpu_threads
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (pyproject's addopts: two processes) each test process, and the processes its tests start,
+    get their share of the cores: with torch's default, a thread per core in each, they contend (the suite took half
+    as long again, docs/results.md#suite-xeon)."""
+    if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        threads = cpu_threads(int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def write_idx(path: Path, data: torch.Tensor) -> None:

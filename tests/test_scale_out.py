@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from mlp.budget import Budget
 from mlp.errors import UserError
-from mlp.postgres import Unavailable, throwaway_postgres
+from mlp.postgres import Unavailable, free_port, throwaway_postgres
 from mlp.search import FIT_FLAGS, SearchSpace, TrialSeededTPE, suggest
 from mlp.study import (
     FINISHED,
@@ -328,6 +328,26 @@ def postgres_url() -> Iterator[str]:
             yield url
     except Unavailable as why:
         pytest.skip(str(why))
+
+
+def test_a_server_whose_free_port_another_process_took_starts_on_another(monkeypatch):
+    """The suite's tests run two at a time (pyproject's addopts): a port found free may be bound by the time the
+    server binds it."""
+    import mlp.postgres
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1]]
+        monkeypatch.setattr(mlp.postgres, "free_port", lambda: ports.pop() if ports else free_port())
+        try:
+            with throwaway_postgres() as url:
+                assert f":{taken.getsockname()[1]}/" not in url
+                optuna.create_study(study_name="served", storage=url)
+                assert optuna.get_all_study_names(url) == ["served"]
+        except Unavailable as why:
+            pytest.skip(str(why))
+    assert not ports, "the taken port was tried first"
 
 
 # -- workers -----------------------------------------------------------------------------------------------
