@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mlp.postgres import free_port
 from tests.conftest import epoch_values, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,12 +77,6 @@ def stop(process: subprocess.Popen) -> None:
         if not live_processes(process.pid):
             break
     process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def executable(name: str) -> str:
