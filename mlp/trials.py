@@ -77,7 +77,7 @@ class Trials:
     def places(self, study: optuna.Study) -> int:
         """How many trials may train at once: `fuse`, but where --timeout bounds the study one until a trial has
         completed, and half as many after each stack the budget cut trials of. A trial in a stack trains at the
-        stack's pace (on the CPU, 8 trials take about 4 times as long as one): so the first, fit's own run, trains
+        stack's pace, slower than alone (docs/results.md#eight-trials-cpu): so the first, fit's own run, trains
         at its own, and a budget that fits fit's run answers at least with fit's model."""
         return self.most if not self.budget.bounded or best_first(study) else 1
 
