@@ -26,7 +26,7 @@ from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
 from mlp.loading import load_model, read_checkpoint
 from mlp.records import Ending, TrialRecord
-from mlp.study import best_first, budget_lets_trials_start
+from mlp.study import best_first, best_first_if_bounded
 from mlp.trials import RunEnd, train_runs
 
 REFIT_MEMBERS_MAX = 10  # the most runs a refit ensemble averages, later seed rounds included (see seed_rounds)
@@ -236,7 +236,7 @@ def seed_rounds(study: optuna.Study, numbers: list[int], budget: Budget) -> list
     """Once the --timeout budget has stopped the trials, the refits of further rounds, each round the ensemble's
     best configurations that fit in the time left (all of them while they fit), until none fits or the ensemble
     holds REFIT_MEMBERS_MAX runs: so a budget no trial fitted in is spent on the final model."""
-    if budget_lets_trials_start(study, budget):
+    if budget.trials_may_start(best_first_if_bounded(study, budget)):
         return []  # no --timeout, or the study ended on its --n-trials with time to spare
     by_number, made = {t.number: t for t in study.get_trials(deepcopy=False)}, []
     for round_ in range(1, REFIT_MEMBERS_MAX):

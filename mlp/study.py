@@ -379,7 +379,7 @@ def run_trials(study: optuna.Study, objective: TrialRunner, n_trials: int, budge
     def may_refill() -> bool:  # as one of several trials trained at once ends (mlp.trials)
         fail_stale_trials(study)  # in a run, where Ctrl-C waits for the batch's end (mlp.cli.InterruptAtBatchEnd)
         progress(study)
-        return budget_lets_trials_start(study, budget)
+        return budget.trials_may_start(best_first_if_bounded(study, budget))
 
     waiting_logged = False
     with CtrlC() as ctrl_c:
@@ -445,9 +445,9 @@ def best_first(study: optuna.Study) -> list[FrozenTrial]:
     return ranked(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def budget_lets_trials_start(study: optuna.Study, budget: Budget) -> bool:
-    """`Budget.trials_may_start`, reading the complete trials only where --timeout bounds the study (else it may)."""
-    return not budget.bounded or budget.trials_may_start(best_first(study))
+def best_first_if_bounded(study: optuna.Study, budget: Budget) -> list[FrozenTrial]:
+    """`best_first` for `Budget`'s methods; no storage read without --timeout, where each answers as for none."""
+    return best_first(study) if budget.bounded else []
 
 
 def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:

@@ -28,7 +28,8 @@ from mlp.fused import FusedClassifier, ModelInStackCheckpoint
 from mlp.records import Ending, record
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
-    Heartbeats, best_first, gives_way, is_surplus, log, mark_surplus, may_start_trial, surplus_trials, worker_name
+    Heartbeats, best_first, best_first_if_bounded, gives_way, is_surplus, log, mark_surplus, may_start_trial,
+    surplus_trials, worker_name,
 )
 
 
@@ -115,7 +116,7 @@ class Trials:
             built = {}
             for trial, flags in asked:
                 cli = self.build(trial, flags)
-                ranked = best_first(study) if self.budget.bounded else []
+                ranked = best_first_if_bounded(study, self.budget)
                 if why := self.budget.no_time_for(cli.trainer.max_epochs, cli.model.net.multiply_adds(), ranked):
                     record(trial, skipped=why)
                     study.tell(trial, state=TrialState.FAIL)
@@ -277,7 +278,7 @@ class JudgeEachEpoch(L.Callback):
         if trainer.sanity_checking or self.overdue:  # a trial cut mid-epoch has no epoch's end to judge
             return
         surplus = surplus_trials(self.study, self.n_trials)  # one query each for the whole stack
-        cut = partial(self.budget.cuts, best_first=best_first(self.study) if self.budget.bounded else [])
+        cut = partial(self.budget.cuts, best_first=best_first_if_bounded(self.study, self.budget))
         for k, member in enumerate(module.members):
             value = trainer.callback_metrics[f"val/acc/{member.name}"].item()
             epoch = module.progress(k)[0]
