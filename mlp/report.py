@@ -1,6 +1,7 @@
 """The study's final report: what was chosen, on what, at what cost, and one test figure for the answer."""
 
 import json
+import time
 import warnings
 from collections import Counter
 from functools import cache
@@ -72,13 +73,15 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     from torch.utils.tensorboard import SummaryWriter
 
     written = []
-    # Without a complete trial only the pruned ones' curves have something to show (the others plot empty axes, and
-    # Optuna and matplotlib warn about each).
+    # Without a complete trial only the pruned ones' curves have something to show, and without a curve nothing does
+    # (the others plot empty axes, and Optuna and matplotlib warn about each).
     of_complete = (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate)
-    complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    complete = any(t.state == TrialState.COMPLETE for t in trials)
+    curves = any(t.intermediate_values for t in trials)
     with warnings.catch_warnings(), SummaryWriter(str(log_dir / "study")) as writer:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for plot in (*(of_complete if complete else ()), plots.plot_intermediate_values):
+        for plot in (*(of_complete if complete else ()), *[plots.plot_intermediate_values][:curves]):
             name = plot.__name__.removeprefix("plot_")
             try:
                 axes = plot(study)
@@ -115,8 +118,10 @@ def write_recipe(trial: FrozenTrial, study_name: str, log_dir: Path) -> str | No
     return str(path)
 
 
-def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str, budget: Budget) -> dict[str, Any]:
-    """Summarise the study, pick and test its final model once, write report.json and the plots."""
+def report(study: optuna.Study, log_dir: Path, started: float, answer: str, budget: Budget, n_trials: int
+           ) -> dict[str, Any]:
+    """Summarise the study, pick and test its final model once, write report.json and the plots; `started`: the
+    command's start, by time.time()."""
     log_dir.mkdir(parents=True, exist_ok=True)  # for best_config.yaml, the plots and report.json
     trials = study.get_trials(deepcopy=False)
     counts = Counter(outcome(t) for t in trials)
@@ -125,8 +130,9 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
         "trials": {name: counts[name] for name in OUTCOMES if counts[name]},
         "epochs_trained": sum(TrialRecord.of(t).epochs_trained for t in trials),  # pruned and failed ones too
         "cost": cost(study),
-        "wall_seconds_this_run": round(wall_seconds, 1),
         "fuse_this_run": budget.fuse,
+        # Places of --n-trials with no finished trial: only where --timeout ended the study (else run_trials goes on).
+        "unfinished": max(0, n_trials - sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)),
         # Trials that ended early, and why: diverged or cut (pruned), or skipped (failed) for the --timeout budget.
         **{how: {str(t.number): why for t in trials if (why := getattr(TrialRecord.of(t), how))}
            for how in ("diverged", "cut", "skipped")},
@@ -141,5 +147,6 @@ def report(study: optuna.Study, log_dir: Path, wall_seconds: float, answer: str,
         summary["cost"]["refits_default_net_epochs"] = round(refits_cost(study), 3)
     summary["plots"] = write_plots(study, log_dir)
     summary["report_json"] = str(log_dir / "report.json")
+    summary["wall_seconds_this_run"] = round(time.time() - started, 1)
     (log_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -54,9 +54,13 @@ def connect(storage: str) -> BaseStorage:
         # A folder in the way, no permission; ValueError, KeyError: lines no journal holds.
         except (OSError, ValueError, KeyError, UserError) as error:
             raise UserError(f"cannot open the study storage {shown(storage)} as a journal file: {error}") from None
-    if storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if storage.startswith("sqlite"):
+            database = sqlalchemy.engine.make_url(storage).database
+            if database in (None, "", ":memory:"):
+                raise UserError(f"the study storage {storage!r} is an SQLite database in memory, gone when the "
+                                "command ends, with every trial: give a file, sqlite:///PATH")
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         return heartbeat_storage(storage)
     # A bad URL, or the driver's errors wrapped (unreachable server, refused login); ImportError: no driver
     # installed; ValueError: a port that is no number. Anything else is a bug and keeps its traceback.
@@ -113,7 +117,7 @@ def heartbeat_storage(storage_url: str, attempts: int = 6) -> RDBStorage:
     try:
         with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
             storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                                 heartbeat_stale_trial_callback=retry_once(),
                                  engine_kwargs=engine_kwargs(storage_url))
     except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as error:
         # Workers started together on an empty database race to create the same tables and types; a loser finds
@@ -124,7 +128,7 @@ def heartbeat_storage(storage_url: str, attempts: int = 6) -> RDBStorage:
         if attempts == 1 or (isinstance(error, sqlalchemy.exc.OperationalError) and not lost_race):
             raise
     else:
-        if storage.engine.name == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
+        if storage.engine.name == "sqlite":  # a file: `connect` refuses a database in memory
             sqlalchemy.event.listen(storage.engine, "connect", write_ahead_log)
             storage.engine.dispose()  # the connections that created the tables reopen with it
         return storage
@@ -170,8 +174,7 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
         return HEARTBEAT_SECONDS
 
     def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
-        with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
-            return RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return retry_once()
 
 
 class KernelLock(JournalFileOpenLock):
@@ -346,6 +349,20 @@ def gives_way(trial: optuna.Trial, epochs_trained: int) -> None:
     though it reports no value for the last."""
     record(trial, epochs_trained=epochs_trained)
     log.info(f"Trial {trial.number} stops: a retry of an older trial took its place in the study.")
+
+
+def retry_once() -> RetryHeartbeatStaleTrialCallback:
+    """What queues a failed trial's parameters again, once, as a retry that takes over its place (`place`)."""
+    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
+        return RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+
+def retry_interrupted(study: optuna.Study, number: int) -> None:
+    """Queue trial `number`, failed by Ctrl-C, to run again once (fit's own configuration, trial 0, is not lost to
+    a Ctrl-C in its first minute), as a stale trial's is: by the next worker to ask, or the same command rerun."""
+    interrupted = study.get_trials()[number]  # a copy: its retry is no interrupted trial
+    interrupted.set_user_attr("interrupted", False)
+    retry_once()(study, interrupted)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -29,7 +29,7 @@ from mlp.records import Ending, record
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
     Heartbeats, best_first, best_first_if_bounded, gives_way, is_surplus, log, mark_surplus, may_start_trial,
-    surplus_trials, worker_name,
+    retry_interrupted, surplus_trials, worker_name,
 )
 
 
@@ -71,6 +71,8 @@ class Trials:
                     if self.interrupted:
                         record(trial, interrupted=True)
                     study.tell(trial, state=TrialState.FAIL)
+                    if self.interrupted:  # once failed: a retry beside its running original would be surplus
+                        retry_interrupted(study, trial.number)
                 if not self.interrupted:
                     raise
         gc.collect()  # a finished Trainer's cycles hold its model and data until collected

@@ -31,7 +31,9 @@ from mlp.progress import LIGHTNING_LOGGERS
 from mlp.records import TrialRecord
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
-from mlp.study import finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
+from mlp.study import (
+    connect, finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
+)
 from mlp.trials import Trials, pads_widths
 
 # The callbacks of --trainer.callbacks no trial can take (by kind, or a tuple of kinds), and why. A trial's Trainer,
@@ -71,9 +73,10 @@ class StudyConfig:
 
     def validate(self) -> None:
         self.space.validate()
-        check(STUDY_NAME.fullmatch(self.study_name) is not None,
+        check(STUDY_NAME.fullmatch(self.study_name) is not None and not self.study_name.startswith("optuna."),
               f"--study-name {self.study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not "
-              "first), at most 100 characters: it names the study's folder in the log folder's tune/")
+              "first), at most 100 characters, not beginning 'optuna.': it names the study's folder in the log "
+              "folder's tune/, beside the default storage's optuna.db and optuna.journal")
         check(self.n_trials >= 1, f"--n-trials must be >= 1, got {self.n_trials}")
         if self.timeout is not None:
             check(self.timeout > FINISH_SECONDS,
@@ -117,7 +120,7 @@ def run_study(config: StudyConfig,
     if fuse > 1:
         check_fusable(fuse, space, cli)
     tune_dir = Path(cli.trainer.logger.save_dir) / "tune"
-    storage_url = config.storage or default_storage(tune_dir, len(workers))
+    storage_url = config.storage or default_storage(tune_dir, len(workers), study_name)
     opening = (study_name, storage_url, config.pruner, shortest_epochs, config.sampler_seed, fit_defaults(cli, space),
                space.has_slow_starters)
     study = open_study(*opening)
@@ -126,7 +129,6 @@ def run_study(config: StudyConfig,
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
     deadline = started + config.timeout if config.timeout else math.inf
     budget = Budget(deadline, refit_scale, fuse, parallel=pads_widths(cli), refitted=refitted(study))
-    start = time.perf_counter()
     seed = None if cli.config.seed_everything is False else cli.config.seed_everything  # an int once parsed
     trials = Trials(space, workers[0], study_name, n_trials, fuse, budget, seed)
     finished_before = finished_numbers(study)
@@ -143,7 +145,7 @@ def run_study(config: StudyConfig,
             return (f"stopped at --timeout {config.timeout:g} s with {running} trial{'s' * (running > 1)} still "
                     "running on other workers; the worker that finishes the study's last trial writes the report")
         return "another worker finished the study's last trial and writes the report"
-    return report(study, tune_dir / study_name, time.perf_counter() - start, config.final, budget)
+    return report(study, tune_dir / study_name, started, config.final, budget, n_trials)
 
 
 def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
@@ -159,9 +161,10 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
     check(cli.trainer.max_steps == -1 and cli.config.trainer.max_time is None and cli.trainer.max_epochs != -1,
           "a trial trains for its epochs (--epochs, or --trainer.max_epochs) and --timeout bounds the whole study: "
           "drop --trainer.max_steps and --trainer.max_time, and --trainer.max_epochs -1 (fit.py takes them)")
-    check(cli.datamodule.hparams.val_size > 0,
-          "tune.py chooses hyperparameters on the validation split: --data.val_size must be > 0 (the final models "
-          "refit on train + val by themselves)")
+    val_size = cli.datamodule.hparams.val_size
+    check(0 < val_size < TRAIN_IMAGES, f"tune.py chooses hyperparameters on the validation split: --data.val_size "
+          f"must be > 0 and below the {TRAIN_IMAGES} training images, got {val_size} (the final models refit on "
+          "train + val by themselves)")
     defaults = cli.parser.get_defaults().checkpoint
     changed = [f"--checkpoint.{key}" for key, value in cli.config.checkpoint.items() if value != defaults[key]]
     check(not changed, "a trial keeps its best checkpoint by val/acc, its score in the study, for the final models: "
@@ -182,10 +185,11 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
 
 def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
     """Refuse a study folder that holds another study's runs (the same --study-name in another or a fresh
-    --storage), which its trials and report would overwrite. The folder is this study's when it is new or empty,
-    or when one of its trials, any worker's, logged there."""
+    --storage), which its trials and report would overwrite. The folder is this study's when it holds no run (new,
+    or the report of a study that trained no trial, with its plots in study/), or when one of its trials, any
+    worker's, logged there."""
     held = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
-    if not held:
+    if not any((folder / name).is_dir() and name != "study" for name in held):
         return
     logs = [TrialRecord.of(t).log_dir for t in study.get_trials(deepcopy=False)]
     logged = {Path(log_dir).resolve().parent for log_dir in logs if log_dir}
@@ -195,11 +199,14 @@ def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
           "choose another --study-name, or another log folder with --trainer.logger.init_args.save_dir")
 
 
-def default_storage(tune_dir: Path, workers: int) -> str:
-    """The study's storage when --storage is not given: a study already in the folder is continued (its journal
-    file first); a new one goes to a journal file when several workers share it (Optuna's FAQ: SQLite is for one
-    process), to SQLite for one (docs/scaling.md says why)."""
+def default_storage(tune_dir: Path, workers: int, study_name: str) -> str:
+    """The study's storage when --storage is not given: the file in the folder that holds the study, its journal
+    first; a new study goes to the journal file if there is one, or when several workers share it (Optuna's FAQ:
+    SQLite is for one process), else to SQLite (docs/scaling.md says why)."""
     journal, sqlite = tune_dir / "optuna.journal", tune_dir / "optuna.db"
+    for url, path in ((str(journal), journal), (f"sqlite:///{sqlite}", sqlite)):
+        if path.exists() and study_name in optuna.get_all_study_names(connect(url)):
+            return url
     if journal.exists() or (workers > 1 and not sqlite.exists()):
         return str(journal)
     return f"sqlite:///{sqlite}"

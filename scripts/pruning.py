@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="only trials numbered from this on (a study continued under another rule)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = args.storage or default_storage(Path("lightning_logs/tune"), workers=1)
+    storage = args.storage or default_storage(Path("lightning_logs/tune"), 1, args.study_name)
     local = storage.removeprefix("sqlite:///")
     check("://" in local or Path(local).exists(), f"no study storage at {local}: give the study's --storage")
     try:

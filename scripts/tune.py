@@ -88,7 +88,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         space.add_argument(f"--{field.name.replace('_', '-')}", type=kind, **shape,
                            help=f"default {' '.join(map(str, default)) if default else 'not searched'}; a fit flag "
                            f"setting it (--{FIT_FLAGS[field.name]}) pins it instead")
-    return parser.parse_known_args(argv)
+    try:
+        return parser.parse_known_args(argv)
+    except ValueError as error:  # an @FILE that is no text (UnicodeDecodeError), or a quote left open in it
+        parser.error(f"cannot read the flags of an @FILE: {error}")
 
 
 def true_or_false(text: str) -> bool:
@@ -123,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def short_summary(summary: dict) -> list[str]:
     """--quiet's lines: the answer and its test figure, the best trial, and where the whole report is."""
-    counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
-    lines = [f"study {summary['study']}: {counts}"]
+    counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items()) or "no trial"
+    short = f"; --timeout left {summary['unfinished']} of --n-trials unfinished" if summary["unfinished"] else ""
+    lines = [f"study {summary['study']}: {counts}{short}"]
     if "best_trial" in summary:
         final, answer = summary["final"], summary["final"]["answer"]
         figure = "no test figure" if answer is None else f"test accuracy {final['test_acc']:.4f}"
@@ -133,7 +137,7 @@ def short_summary(summary: dict) -> list[str]:
                            for name, value in summary["best_params"].items())
         lines.append(f"best trial: {summary['best_trial']}, val accuracy {summary['best_val_acc']:.4f} ({params})")
     else:
-        ran_out = len(summary["cut"]) + len(summary["skipped"])
+        ran_out = len(summary["cut"]) + summary["unfinished"]  # the skipped trials among the unfinished places
         why = f": --timeout cut or skipped {ran_out} trial{'s' * (ran_out > 1)}; give it more seconds"
         lines.append(f"no trial completed, so there is no answer{why if ran_out else ''}")
     lines.append(f"report: {summary['report_json']}")

@@ -31,7 +31,7 @@ from mlp.gpu_sizing import (
 )
 from mlp.module import MLPClassifier
 from mlp.search import SearchSpace
-from mlp.study import Heartbeats, open_study
+from mlp.study import Heartbeats, open_study, place
 from mlp.trials import Trials
 from tests.conftest import checkpoint_softmax, epoch_values
 from tests.test_reliability import created_trials, start, wait_for
@@ -167,6 +167,26 @@ def test_a_trial_another_worker_failed_as_stale_stops_and_is_told_nothing_more(t
         running = [trial]
         Trials.tell(study, trial, end, running)
         assert running == [] and study.trials[0].state == TrialState.FAIL and study.trials[0].value is None
+
+
+def test_a_trial_failed_by_ctrl_c_is_asked_again_once_in_its_place_with_its_parameters(tmp_path, monkeypatch):
+    """The docs' "marked failed at once (Ctrl-C), then retried once": trial 0, fit's own configuration, was lost to a
+    Ctrl-C in its first minute, and never trained on the rerun."""
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", "none", SearchSpace().epochs[0], seed=0,
+                       first={"lr": 0.1})
+    objective = Trials(SearchSpace(), [], "s", n_trials=2, fuse=1, budget=Budget())
+
+    def ctrl_c(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objective, "train", ctrl_c)
+    for _ in range(2):  # the trial, then its retry: interrupted again, it is not queued a third time
+        objective.start_trials(study, may_refill=lambda: True)
+        assert objective.interrupted
+    original, retry = study.trials
+    assert original.params["lr"] == 0.1 and original.state == TrialState.FAIL and original.user_attrs["interrupted"]
+    assert retry.params == original.params and retry.state == TrialState.FAIL
+    assert place(retry) == 0
 
 
 @pytest.mark.parametrize("fuse", ["0", "-2"])
@@ -323,7 +343,7 @@ def group_training(tmp_path: Path) -> bool:
     return len(trials) == 3 and all(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
 
 
-def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_path):
+def test_sigint_of_a_fused_study_fails_and_queues_again_every_running_trial(synthetic_dir, tmp_path):
     process = start("tune.py", [*slow_tune_args(synthetic_dir, tmp_path, n_trials=3), "--fuse=3"])
     url = f"sqlite:///{tmp_path / 'study.db'}"
     wait_for(process, lambda: group_training(tmp_path), "three trials training together")
@@ -332,8 +352,10 @@ def test_sigint_of_a_fused_study_fails_every_running_trial(synthetic_dir, tmp_pa
     assert process.returncode != 0 and "Traceback" not in stderr
     assert "run the same command again to continue" in stderr
     trials = created_trials(url, "faults")
-    assert [t.state for t in trials] == [TrialState.FAIL] * 3
-    assert all(t.user_attrs["interrupted"] for t in trials)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.WAITING] * 3
+    assert all(t.user_attrs["interrupted"] for t in trials[:3])
+    retries = [(t.params, t.system_attrs["failed_trial"]) for t in trials[3:]]
+    assert retries == [(t.params, t.number) for t in trials[:3]]
 
 
 def test_sigkill_of_a_fused_worker_fails_and_retries_each_of_its_trials_once(synthetic_dir, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from mlp.search import SearchSpace
 from mlp.study import (
     Heartbeats, KernelLock, connect, fail_stale_trials, not_a_journal, open_study, run_trials, shown, storage_of
 )
+from mlp.tune import default_storage
 from tests.test_reliability import ROOT
 from tests.test_scale_out import Quadratic
 
@@ -311,6 +312,22 @@ def test_workers_started_at_once_on_an_empty_sqlite_file_all_open_it(tmp_path):
     for thread in threads:
         thread.join()
     assert not errors
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])  # e.g. sqlite:///$UNSET
+def test_an_sqlite_database_in_memory_is_refused_as_it_would_lose_the_study(url):
+    with pytest.raises(UserError, match="is an SQLite database in memory, gone when the command ends"):
+        connect(url)
+
+
+def test_without_storage_a_study_is_continued_in_whichever_file_of_the_folder_holds_it(tmp_path):
+    """A journal file made for another study had sent every later rerun of an SQLite study to the journal, where its
+    study was a new one, and its folder's runs another study's."""
+    journal, sqlite = str(tmp_path / "optuna.journal"), f"sqlite:///{tmp_path / 'optuna.db'}"
+    for name, storage in (("in_sqlite", sqlite), ("in_journal", journal)):
+        open_study(name, storage, "none", SearchSpace().epochs[0], seed=0)
+    assert [default_storage(tmp_path, 1, name) for name in ("in_sqlite", "in_journal", "new")] == [
+        sqlite, journal, journal]
 
 
 def test_a_storage_url_is_shown_without_its_password():

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +12,8 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+import mlp.report
+from mlp.budget import Budget
 from mlp.data import FILES, FashionMNISTDataModule
 from mlp.errors import UserError, run_script
 from mlp.module import MLPClassifier
@@ -134,6 +137,14 @@ def test_flags_from_a_file_are_read_as_a_shell_reads_them(tmp_path):
     assert fit_args == ["--model.depth=2", "--trainer.logger.init_args.name", "my runs"]
 
 
+@pytest.mark.parametrize("text", [b"--study-name 'unclosed\n", "--n-trials 2\n".encode("utf-16")])
+def test_a_flags_file_that_is_no_text_or_leaves_a_quote_open_is_one_error_line(tmp_path, text, capsys):
+    (tmp_path / "flags.txt").write_bytes(text)
+    with pytest.raises(SystemExit):
+        tune.parse([f"@{tmp_path / 'flags.txt'}"])
+    assert "error: cannot read the flags of an @FILE: " in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     args = tune_args(synthetic_dir, tmp_path, n_trials=1)
     args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["5", "2"]
@@ -143,7 +154,8 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
 
 
 # 300 letters: a study created in the storage, then "File name too long" pointing at the log folder.
-@pytest.mark.parametrize("name", ["../../escape", "/tmp/absolute", "a/b", "..", ".hidden", "", "a" * 300])
+# optuna.db: the study's folder would be the default storage's file.
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/absolute", "a/b", "..", ".hidden", "", "a" * 300, "optuna.db"])
 def test_a_study_name_that_is_not_one_folder_name_is_refused_before_anything_is_written(synthetic_dir, tmp_path, name):
     args = [*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--study-name={name}"]
     with pytest.raises(SystemExit) as exit:
@@ -309,10 +321,27 @@ def test_tune_without_a_logger_is_a_clear_error(synthetic_dir, tmp_path):
     assert not (tmp_path / "study.db").exists()
 
 
-def test_tune_without_a_validation_split_is_a_clear_error(synthetic_dir, tmp_path):
-    with pytest.raises(UserError, match="--data.val_size must be > 0"):
-        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--data.val_size=0"])
+@pytest.mark.parametrize("val_size", [0, 60000])  # 60000: a ZeroDivisionError's traceback, the study made first
+def test_tune_without_a_validation_split_or_training_images_is_a_clear_error(synthetic_dir, tmp_path, val_size):
+    with pytest.raises(UserError, match="--data.val_size must be > 0 and below the 60000 training images, got"):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--data.val_size={val_size}"])
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_study_whose_first_run_had_no_time_for_a_trial_says_so_and_its_rerun_continues_it(
+    synthetic_dir, tmp_path, monkeypatch, capsys
+):
+    """Its report (no trial, the plots' folder) had made its folder another study's, so no rerun could use it; and
+    the report's wall time had left out the report itself."""
+    write_plots = mlp.report.write_plots
+    with monkeypatch.context() as patch:
+        patch.setattr(Budget, "trials_may_start", lambda self, best_first: False)
+        patch.setattr("mlp.report.write_plots", lambda *args: time.sleep(1) or write_plots(*args))
+        summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=2), "--quiet"])
+    assert summary["unfinished"] == 2 and summary["wall_seconds_this_run"] >= 1
+    assert "study test: no trial; --timeout left 2 of --n-trials unfinished" in capsys.readouterr().out
+    summary = tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=2), "--quiet", "--final=best"])
+    assert summary["trials"] and summary["unfinished"] == 0 and summary["test_acc"] is not None
 
 
 def test_worker_stopped_by_timeout_says_so_while_others_still_run(synthetic_dir, tmp_path, monkeypatch, capsys):
