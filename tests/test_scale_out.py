@@ -99,13 +99,13 @@ def test_bad_storage_url_is_one_clear_line(url):
     assert "\n" not in str(error.value)
 
 
-def test_a_programming_error_while_connecting_is_not_called_bad_input(monkeypatch):
+def test_a_programming_error_while_connecting_is_not_called_bad_input(monkeypatch, tmp_path):
     def bug(*args, **kwargs):
         raise TypeError("a bug in our code")
 
     monkeypatch.setattr("mlp.study.heartbeat_storage", bug)
     with pytest.raises(TypeError, match="a bug in our code"):
-        connect("sqlite://")
+        connect(f"sqlite:///{tmp_path / 'study.db'}")
 
 
 def test_a_worker_that_lost_the_race_to_create_the_tables_holds_no_more_connections_than_its_pool(
