@@ -84,6 +84,16 @@ class MLPCLI(LightningCLI):
         # checkpoint still reloads alone.
         parser.link_arguments("data.input_size", "model.input_size", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except UnicodeDecodeError as error:  # a checkpoint or a photo given as --config
+            raise UserError(f"a --config file is no YAML text ({error})") from None
+        # Checked before LightningCLI seeds with it, where numpy's bounds are a ValueError's traceback.
+        seed = self.config.seed_everything
+        check(not isinstance(seed, int) or isinstance(seed, bool) or 0 <= seed < 2**32,
+              f"--seed_everything must be 0 to {2**32 - 1} (numpy's seeds), true (drawn) or false, got {seed}")
+
     def before_instantiate_classes(self) -> None:
         epochs, steps = self.config.trainer.max_epochs, self.config.trainer.max_steps
         check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
@@ -95,6 +105,8 @@ class MLPCLI(LightningCLI):
         # evaluation and shuffle each rank apart.
         check(not self.config.trainer.use_distributed_sampler, "--trainer.use_distributed_sampler must stay false: "
               "the data module splits the batches between the processes itself")
+        check(self.config.trainer.limit_train_batches != 0, "--trainer.limit_train_batches 0 would train on no batch: "
+              "give a number of batches an epoch, or a fraction of the epoch")
         check(not self.config.trainer.overfit_batches, "--trainer.overfit_batches would swap the data module's "
               "batches for single images; --trainer.limit_train_batches N trains on N batches an epoch")
         check(not self.config.model.batch_norm or self.config.data.batch_size >= 2, "--model.batch_norm true "
@@ -132,6 +144,11 @@ class MLPCLI(LightningCLI):
             while cause.__cause__ or cause.__context__:
                 cause = cause.__cause__ or cause.__context__
             raise UserError(f"the flags do not build the run: {cause}") from None
+        except RuntimeError as error:
+            if "can't allocate memory" not in str(error):  # torch's CPU allocator
+                raise
+            raise UserError("the model's weights do not fit in this machine's memory: give a smaller --model.width "
+                            "or --model.depth") from None
 
     @property
     def checkpoint_callback(self) -> ModelCheckpoint:

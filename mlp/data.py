@@ -115,11 +115,12 @@ def copy_idx(source: BinaryIO, target: BinaryIO) -> None:
 
 
 def read_idx(path: Path, cache_dir: Path) -> Tensor:
-    """The tensor in an IDX file, decoded by torchvision; a .gz is decompressed once into cache_dir first."""
+    """The tensor in an IDX file, decoded by torchvision; a .gz is decompressed into cache_dir first, once, and
+    again when it is newer than its copy (replaced by other images or labels, which the copy would hide)."""
     try:
         if path.suffix == ".gz":
             plain = cache_dir / path.stem
-            if not plain.is_file():
+            if not plain.is_file() or plain.stat().st_mtime < path.stat().st_mtime:
                 decompress(path, plain)
             path = plain
         return read_label_file(str(path)) if "labels" in path.name else read_image_file(str(path))
@@ -203,6 +204,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
         check(val_size >= 0, f"val_size must be >= 0 (0: train on everything, no validation), got {val_size}")
         check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
+        check(-2**63 <= seed < 2**64, f"seed must fit in 64 bits (torch's generator seeds), got {seed}")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
 

@@ -131,13 +131,17 @@ def load_model(path: Path) -> MLPClassifier:
     values only. Callers handed the file check it with `read_checkpoint` first; a study's own trials need not."""
     check_is_a_file(path)
     try:
-        return MLPClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        model = MLPClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise refused(path) from None
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # arguments or weights that do not fit the net
         first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise UserError(f"{path}: its model does not load ({first_line}); pass a checkpoint fit.py or tune.py "
                         "wrote") from None
+    # A diverged run's last.ckpt: every answer would be NaN, and an ensemble's average with it too.
+    check(all(p.isfinite().all() for p in model.parameters()), f"{path}: its weights are not all finite (its run "
+          "diverged); pass a checkpoint saved before that, such as the run's best, epoch*.ckpt")
+    return model
 
 
 def inside(path: Path, folder: Path, named: str) -> Path:

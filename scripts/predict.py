@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             check_not_an_input(Path(getattr(options, flag)), inputs, "--" + flag.replace("_", "-"))
     if options.export:
         check_exportable(options.export)
+        check(not options.output or Path(options.output).resolve() != Path(options.export).resolve(),
+              f"--output and --export both name {options.output}: the predictions would overwrite the model")
     # A folder's image that is refused is skipped, saying why: one screenshot among a folder of photos would
     # otherwise leave all of them unclassified. An image named on its own is still refused.
     named = {Path(path) for path in image_paths if not Path(path).is_dir()}

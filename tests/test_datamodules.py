@@ -20,7 +20,7 @@ from mlp.data import (
     read_idx,
     unit_pixels,
 )
-from tests.conftest import real_data_available, write_synthetic_dataset
+from tests.conftest import real_data_available, write_idx, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -286,3 +286,13 @@ def test_a_process_killed_while_decompressing_leaves_no_file_that_later_reads_tr
     victim.kill()
     victim.communicate(timeout=60)
     assert len(prepared(synthetic_dir).test_set) == 200  # the next reader gets whole files
+
+
+def test_a_gz_file_replaced_after_it_was_decompressed_is_read_anew(synthetic_dir):
+    """The first copy had been read for good: a user who swapped in relabelled files trained on the old labels."""
+    labels = synthetic_dir / f"{FILES['test_labels']}.gz"
+    cache = synthetic_dir / "FashionMNIST" / "raw"
+    assert read_idx(labels, cache)[:3].tolist() != [9, 9, 9]
+    os.utime(cache / labels.stem, (1, 1))  # the copy older than the file replacing it, whatever the clock's grain
+    write_idx(labels, torch.full((200,), 9))
+    assert read_idx(labels, cache).tolist() == [9] * 200

@@ -402,6 +402,7 @@ def test_predict_refuses_to_write_over_an_input_and_leaves_it_untouched(study, t
         ("folder without images", "holds no image files"),
         ("top 11", "--top must be 1-10"),
         ("save-prepared onto a file", "is a file; pass a folder"),
+        ("export and output one file", "both name"),  # the CSV had overwritten the model just exported
     ],
 )
 def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
@@ -415,6 +416,8 @@ def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, ca
         "top 11": [str(study), str(tmp_path / "fine.png"), "--top", "11"],
         "save-prepared onto a file": [str(study), str(tmp_path / "fine.png"), "--save-prepared",
                                       str(tmp_path / "empty" / "notes.txt")],
+        "export and output one file": [str(study), str(tmp_path / "fine.png"), "--export", str(tmp_path / "a.pt2"),
+                                       "--output", str(tmp_path / "a.pt2")],
     }[case]
 
     with pytest.raises(SystemExit) as exit:
@@ -525,6 +528,7 @@ def edited_checkpoint(study: Path, path: Path, edit: Callable[[dict], object]) -
          "should be a valid number)"),
         ("checkpoint without val_size", "(datamodule_hyper_parameters.val_size: field required)"),
         ("checkpoint whose weights do not fit its net", "its model does not load (Error(s) in loading state_dict"),
+        ("checkpoint of a diverged run", "its weights are not all finite (its run diverged)"),  # had answered NaN
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
@@ -559,6 +563,11 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
         ],
         "checkpoint whose weights do not fit its net": [
             str(edited_checkpoint(study, tmp_path / "d.ckpt", lambda c: c["hyper_parameters"].update(width=9))),
+            str(tmp_path / "fine.png"),
+        ],
+        "checkpoint of a diverged run": [
+            str(edited_checkpoint(study, tmp_path / "e.ckpt",
+                                  lambda content: [*content["state_dict"].values()][-1].fill_(torch.nan))),
             str(tmp_path / "fine.png"),
         ],
     }[case]

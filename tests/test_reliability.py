@@ -195,6 +195,12 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.precision=transformer-engine", "do not fit this machine or each other: Requirement 'transformer_e"),
         ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
         ("--trainer.overfit_batches=2", "--trainer.overfit_batches would swap the data module's batches"),
+        # Tracebacks: the one-cycle schedule sized by no step; numpy's and torch's bounds on seeds; an allocation.
+        ("--trainer.limit_train_batches=0", "--trainer.limit_train_batches 0 would train on no batch"),
+        ("--seed_everything=-5", "--seed_everything must be 0 to 4294967295 (numpy's seeds)"),
+        ("--data.seed=99999999999999999999", "seed must fit in 64 bits"),
+        ("--model.width=1000000000000", "the model's weights do not fit in this machine's memory"),  # 3 PB
+        (f"--config={ROOT / 'docs' / 'predict_steps.png'}", "a --config file is no YAML text"),  # a photo given
         ("--trainer.limit_test_batches=0", "--trainer.limit_test_batches 0 would leave the run untested"),
         # It had failed in its search with "Tried to step 8 times"; or else, finding another size, left the
         # one-cycle schedule unfinished (fewer steps) or cut short (more).
@@ -608,7 +614,7 @@ def test_a_checkpoint_to_resume_from_that_would_run_code_is_refused_in_one_line(
     assert not marker.exists()
 
 
-def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_dir, tmp_path):
+def test_sigint_of_tune_fails_the_running_trial_and_the_rerun_retries_it_and_continues(synthetic_dir, tmp_path):
     args = tune_args(synthetic_dir, tmp_path, n_trials=2)
     process = start("tune.py", args)
     wait_for(process, lambda: running_trial(tmp_path), "a running trial")
@@ -616,12 +622,15 @@ def test_sigint_of_tune_fails_the_running_trial_and_rerun_continues(synthetic_di
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0 and "Traceback" not in stderr
     assert "run the same command again to continue" in stderr
-    assert [t.state for t in trials_of(tmp_path)] == [TrialState.COMPLETE, TrialState.FAIL]
+    # The failed trial is queued to run again, once.
+    assert [t.state for t in trials_of(tmp_path)] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
 
     tune.main([*args, "--quiet"])  # the same study again, in this process: what it resumes is in the storage
-    states = [t.state for t in trials_of(tmp_path)]
+    trials = trials_of(tmp_path)
+    states = [t.state for t in trials]
     assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
     assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 2
+    assert len(trials) == 3 and trials[2].params == trials[1].params  # the retry trained in its place
 
 
 def test_a_study_in_a_project_folder_moved_elsewhere_still_finds_every_checkpoint(synthetic_dir, tmp_path,
