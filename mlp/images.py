@@ -108,14 +108,14 @@ def preparation_steps(image: Image.Image) -> list[tuple[str, Image.Image]]:
     else:
         rgb = image.convert("RGB")
     background = corner_colour(rgb)
-    if rgb.size == (IMAGE_SIDE, IMAGE_SIDE) and max(background) < 128:
-        return steps + [("already Fashion-MNIST-like: kept", rgb.convert("L"))]
     plain = Image.new("RGB", rgb.size, background)
     # The largest difference over the bands, so an item differing from the background in colour alone counts.
     difference = functools.reduce(ImageChops.lighter, ImageChops.difference(rgb, plain).split())
     box = difference.point(lambda v: 255 if v > TRIM_TOLERANCE else 0).getbbox()
     check(box is not None, "the image is all one colour (nothing differs from its corners by more than 5 %): "
           "there is no item to classify")
+    if rgb.size == (IMAGE_SIDE, IMAGE_SIDE) and max(background) < 128:
+        return steps + [("already Fashion-MNIST-like: kept", rgb.convert("L"))]
     trimmed = rgb.crop(box)
     resized = ImageOps.contain(trimmed, (IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.LANCZOS)
     # The paper's Gaussian of radius and sigma 1.0; PIL's radius is the Gaussian's sigma.

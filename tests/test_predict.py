@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mlp.answer import Answer, Member, export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
@@ -52,6 +52,11 @@ def study(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return home / "lightning_logs" / "tune" / "test"
+
+
+def fashion_mnist_like() -> Image.Image:
+    """A 28x28 image of a light item on black, taken as it is."""
+    return ImageOps.expand(Image.new("L", (20, 20), 255), border=4)
 
 
 def raw_test_images(data_dir: Path, cache_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +242,7 @@ def test_a_checkpoint_carries_its_standardisation_so_predict_reads_no_training_i
     torch.save(without, tmp_path / "without.ckpt")
     monkeypatch.setattr("mlp.data.DEBIAN_DIR", tmp_path / "nowhere")
     synthetic_dir.rename(tmp_path / "moved")
-    Image.new("L", (28, 28)).save(tmp_path / "black.png")
+    fashion_mnist_like().save(tmp_path / "black.png")
 
     model = load_answer([best])
     assert (model.members[0].mean.item(), model.members[0].std.item()) == pytest.approx((data.mean, data.std))
@@ -408,7 +413,7 @@ def test_predict_refuses_to_write_over_an_input_and_leaves_it_untouched(study, t
 def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    fashion_mnist_like().save(tmp_path / "fine.png")
     for pipe in ("pipe.png", "pipe.ckpt", "pipe.json"):
         os.mkfifo(tmp_path / pipe)
     args = {
@@ -534,7 +539,7 @@ def edited_checkpoint(study: Path, path: Path, edit: Callable[[dict], object]) -
 def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
     Image.new("L", (32, 28)).save(tmp_path / "wide.png")
     (tmp_path / "notes.png").write_text("not an image")
-    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    fashion_mnist_like().save(tmp_path / "fine.png")
     for pipe in ("pipe.png", "pipe.ckpt", "pipe.json"):
         os.mkfifo(tmp_path / pipe)
     args = {
@@ -581,7 +586,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
 
 def test_a_path_predict_cannot_write_is_an_error_naming_the_flags_that_choose_it(study, tmp_path):
     (tmp_path / "folder.pt2").mkdir()
-    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    fashion_mnist_like().save(tmp_path / "fine.png")
     for args in ([str(study), "--export", str(tmp_path / "folder.pt2")],
                  [str(study), str(tmp_path / "fine.png"), "--output", str(tmp_path / "nowhere" / "rows.csv")]):
         with pytest.raises(SystemExit) as exit:
@@ -624,7 +629,7 @@ def error_line(main: Callable[[], object]) -> str:
 def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_its_code_never_runs(study, tmp_path, script):
     marker = tmp_path / "payload_ran"
     trapped = booby_trapped(study, tmp_path / "shared.ckpt", marker)
-    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    fashion_mnist_like().save(tmp_path / "fine.png")
     main = {"predict": lambda: predict.main([str(trapped), str(tmp_path / "fine.png")]),
             "ensemble": lambda: ensemble.main([str(trapped)])}[script]
 
@@ -649,7 +654,7 @@ def test_a_report_naming_a_checkpoint_that_would_run_code_is_refused_in_one_line
     edited_report(study, shared, lambda report: (report["final"].update(answer="best"),
                                                  report.update(best_checkpoint=str(named))))
     booby_trapped(study, shared / "trial_0.ckpt", marker)
-    Image.new("L", (28, 28)).save(tmp_path / "fine.png")
+    fashion_mnist_like().save(tmp_path / "fine.png")
 
     line = error_line(lambda: predict.main([str(shared), str(tmp_path / "fine.png")]))
 
