@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import warnings
+from argparse import ArgumentError
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
@@ -85,8 +86,13 @@ class MLPCLI(LightningCLI):
         parser.link_arguments("data.input_size", "model.input_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # A flag that is wrong is said in one line, not after the usage of every flag (tune.py's typos got fit.py's).
+        parser.exit_on_error = False
         try:
             super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            said = " ".join(line.strip() for line in str(error).splitlines())
+            raise UserError(f"{said} (fit.py --help lists every fit flag; tune.py --help its own)") from None
         except UnicodeDecodeError as error:  # a checkpoint or a photo given as --config
             raise UserError(f"a --config file is no YAML text ({error})") from None
         # Checked before LightningCLI seeds with it, where numpy's bounds are a ValueError's traceback.

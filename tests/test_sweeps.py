@@ -145,6 +145,16 @@ def test_a_flags_file_that_is_no_text_or_leaves_a_quote_open_is_one_error_line(t
     assert "error: cannot read the flags of an @FILE: " in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("flag", ["--n-trails=5", "--model.widht=5"])
+def test_a_mistyped_flag_is_one_error_line_not_fits_usage(synthetic_dir, tmp_path, flag, capsys):
+    # It had printed fit.py's usage, 90 lines, under tune.py's name, and a tip pointing at tune.py --help.
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), flag]), interrupted="")
+    assert exit.value.code == (f"error: unrecognized arguments: {flag} (fit.py --help lists every fit flag; tune.py "
+                               "--help its own)")
+    assert "usage" not in capsys.readouterr().err and not (tmp_path / "study.db").exists()
+
+
 def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     args = tune_args(synthetic_dir, tmp_path, n_trials=1)
     args[args.index("--epochs") + 1 : args.index("--epochs") + 3] = ["5", "2"]
