@@ -206,7 +206,7 @@ class MLPCLI(LightningCLI):
         runs = Path(logger.init_args.save_dir) / logger.init_args.name
         version = logger.init_args.version
         if version is not None:
-            folders = [runs / (version if isinstance(version, str) else f"version_{version}")]
+            folders = [run_folder(runs, version)]
         else:
             numbered = (p for p in runs.glob("version_*") if p.name[8:].isdigit())
             folders = sorted(numbered, key=lambda p: int(p.name[8:]), reverse=True)
@@ -217,6 +217,23 @@ class MLPCLI(LightningCLI):
                 return
         where = folders[0] if version is not None else runs
         raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
+
+
+def check_named_run_folder_is_free(cli: MLPCLI) -> None:
+    """Refuse to train a new run in the folder --trainer.logger.init_args.version names where a run is already:
+    their checkpoints, config.yaml and events would read as one run's (Lightning only warns)."""
+    logger = cli.config.trainer.logger
+    if getattr(logger, "init_args", None) is None or logger.init_args.version is None:
+        return
+    folder = run_folder(Path(logger.init_args.save_dir) / logger.init_args.name, logger.init_args.version)
+    check(not (folder / "config.yaml").exists() and not any((folder / "checkpoints").glob("*.ckpt")),
+          f"{folder} holds a run already, which this one would mix its checkpoints and config.yaml with: give "
+          "another --trainer.logger.init_args.version, or continue that run with --ckpt_path last")
+
+
+def run_folder(runs: Path, version: int | str) -> Path:
+    """The folder of run `version` among `runs`, as TensorBoardLogger names it."""
+    return runs / (version if isinstance(version, str) else f"version_{version}")
 
 
 def resumable_checkpoints(run_folder: Path) -> list[Path]:
@@ -345,7 +362,9 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     """cli.trainer.fit on the CLI's model and data, with Ctrl-C surfacing as KeyboardInterrupt: Lightning handles
     Ctrl-C by saving what its callbacks save and calling sys.exit(1); callers (the script's error handler, Optuna's
     trial bookkeeping) need to know it was an interruption, not an ordinary exit."""
-    if ckpt_path not in (None, "last"):  # "last" stays only where Lightning looks for it (no log folder of ours)
+    if ckpt_path is None:
+        check_named_run_folder_is_free(cli)
+    elif ckpt_path != "last":  # "last" stays only where Lightning looks for it (no log folder of ours)
         check_resumable(ckpt_path, cli)
     try:
         with errors_of_processes():

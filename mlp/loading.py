@@ -99,7 +99,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except pickle.UnpicklingError:
         raise refused(path) from None
     except Exception as error:  # torch.load raises many kinds for a file that is no checkpoint
-        raise UserError(f"{path} is not a checkpoint ({type(error).__name__}); pass a .ckpt file") from None
+        first = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]  # torch's go on and on
+        raise UserError(f"{path} is not a checkpoint, or one cut short ({first}); pass a .ckpt file") from None
     try:
         return Checkpoint.model_validate(content)
     except ValidationError as error:

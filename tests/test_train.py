@@ -8,6 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mlp.data import FashionMNISTDataModule
+from mlp.errors import UserError
 from tests.conftest import real_data_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -253,12 +254,14 @@ def test_a_run_resumes_only_as_it_began_and_any_other_file_is_one_clear_error(sy
     (tmp_path / "empty.ckpt").touch()
     torch.save({"epoch": 3}, tmp_path / "other.ckpt")
     (tmp_path / "photo.ckpt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # a photo, under a checkpoint's name
+    (tmp_path / "cut.ckpt").write_bytes(last.read_bytes()[:1000])  # a copy cut short: it had said "RuntimeError"
     refused = {
         "nowhere.ckpt": "--ckpt_path checkpoint .*nowhere.ckpt not found",
         "logs": "--ckpt_path checkpoint .*logs is a folder; pass .ckpt files",  # it had said "not found"
         "empty.ckpt": "--ckpt_path .*empty.ckpt is not a checkpoint",
         "photo.ckpt": "--ckpt_path .*photo.ckpt is not a checkpoint; pass a .ckpt file",
         "other.ckpt": "--ckpt_path .*other.ckpt is not a checkpoint as fit.py or tune.py write it",
+        "cut.ckpt": r"cut.ckpt is not a checkpoint, or one cut short \(PytorchStreamReader failed reading zip archive",
     }
     for name, message in refused.items():
         with pytest.raises(UserError, match=message):
@@ -348,3 +351,17 @@ def test_the_shipped_best_mlp_config_builds_its_run_on_all_training_images(synth
                      f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert cli.model.hparams.batch_norm and cli.model.hparams.width == 1000 and cli.trainer.max_epochs == 40
     assert cli.datamodule.hparams.val_size == 0 and not cli.trainer.limit_val_batches  # the refit: nothing held out
+
+
+@pytest.mark.parametrize("version", ["myrun", "0"])
+def test_a_new_run_in_a_named_run_folder_that_holds_a_run_is_refused_and_that_run_kept(synthetic_dir, tmp_path,
+                                                                                        version):
+    # The second run had written its checkpoints beside the first's, over its last.ckpt and config.yaml.
+    args = fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=4", "--trainer.max_epochs=1",
+                    f"--trainer.logger.init_args.version={version}")
+    fit.main(args)
+    folder = tmp_path / "logs" / "fit" / ("version_0" if version == "0" else version)
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    with pytest.raises(UserError, match=f"{folder} holds a run already, .*--ckpt_path last"):
+        fit.main([*args, "--model.lr=0.01"])
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
