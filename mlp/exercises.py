@@ -112,6 +112,9 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
     swept = {key for changes in SWEEPS[sweep] for key in changes} & {arg[2:].split("=")[0] for arg in extra}
     check(not swept, f"{', '.join(f'--{key}' for key in sorted(swept))}: the {sweep} sweep sets it for each run; "
           "drop it (other fit flags change d2l's setting for every run)")
+    logger = [arg.split("=")[0] for arg in extra if arg.startswith("--trainer.logger")]
+    check(not logger, f"{logger[0] if logger else ''}: a sweep logs each run to save_dir/exercises/<run>, beside its "
+          "results.json, which the runs and the sweep must share: choose the folder with --save_dir")
     results_file = save_dir / "exercises" / "results.json"
     with only_sweep(results_file.parent):
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                         "mean and standard deviation (the stacked trials' of tune.py), if not where they trained")
     options = parser.parse_args(argv)
     model_paths, image_paths = split_model_and_images(options.paths)
+    misplaced = [path for path in image_paths if path.endswith(".ckpt")]
+    check(not misplaced, f"{misplaced[0] if misplaced else ''} is a checkpoint among the images: the model comes "
+          "first (its .ckpt files, or a study's folder or report.json), then the images")
     check(image_paths or options.export, "nothing to do: pass image files after the model, or --export PATH")
     check(1 <= options.top <= 10, f"--top must be 1-10 (there are 10 classes), got {options.top}")
 

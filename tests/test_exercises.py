@@ -89,6 +89,14 @@ def test_a_fit_flag_setting_what_the_sweep_varies_is_refused_and_never_overrides
     assert from_a_file.index("--model.lr=10.0") > from_a_file.index("--model.lr=0.5")
 
 
+def test_a_log_folder_flag_is_refused_for_the_sweeps_save_dir(sweep_args, tmp_path):
+    # Its runs had logged there and its results.json in --save_dir; a later sweep with --save_dir there deleted a
+    # checkpoint that the first results.json recorded.
+    with pytest.raises(UserError, match="--trainer.logger.init_args.save_dir: a sweep logs each run to save_dir/"):
+        exercises_script.main([*sweep_args, "--trainer.logger.init_args.save_dir", str(tmp_path / "elsewhere")])
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "elsewhere").exists()
+
+
 def test_a_users_own_checkpoint_callback_leaves_a_run_chosen_by_its_best_val_acc(sweep_args):
     # A user's ModelCheckpoint came first in the Trainer, and its best score (here a val/loss) was kept as val_acc.
     own = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss"]

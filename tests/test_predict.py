@@ -408,6 +408,7 @@ def test_predict_refuses_to_write_over_an_input_and_leaves_it_untouched(study, t
         ("top 11", "--top must be 1-10"),
         ("save-prepared onto a file", "is a file; pass a folder"),
         ("export and output one file", "both name"),  # the CSV had overwritten the model just exported
+        ("checkpoint after an image", "is a checkpoint among the images: the model comes first"),
     ],
 )
 def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
@@ -423,6 +424,7 @@ def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, ca
                                       str(tmp_path / "empty" / "notes.txt")],
         "export and output one file": [str(study), str(tmp_path / "fine.png"), "--export", str(tmp_path / "a.pt2"),
                                        "--output", str(tmp_path / "a.pt2")],
+        "checkpoint after an image": [str(tmp_path / "fine.png"), str(tmp_path / "model.ckpt")],  # "no image"
     }[case]
 
     with pytest.raises(SystemExit) as exit:
