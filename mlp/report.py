@@ -81,6 +81,8 @@ def write_plots(study: optuna.Study, log_dir: Path) -> list[str]:
     curves = any(t.intermediate_values for t in trials)
     with warnings.catch_warnings(), SummaryWriter(str(log_dir / "study")) as writer:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # A range of one value (--epochs 5 5) is one axis of no height, which matplotlib widens saying so.
+        warnings.filterwarnings("ignore", message="Attempting to set identical low and high ylims")
         for plot in (*(of_complete if complete else ()), *[plots.plot_intermediate_values][:curves]):
             name = plot.__name__.removeprefix("plot_")
             try:

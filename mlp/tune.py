@@ -79,6 +79,7 @@ class StudyConfig:
               "folder's tune/, beside the default storage's optuna.db and optuna.journal")
         check(self.n_trials >= 1, f"--n-trials must be >= 1, got {self.n_trials}")
         if self.timeout is not None:
+            check(math.isfinite(self.timeout), f"--timeout is a number of seconds, got {self.timeout:g}")
             check(self.timeout > FINISH_SECONDS,
                   f"--timeout {self.timeout:g} leaves no time for trials: it bounds the whole command, and the final "
                   f"model's test and the plots alone take about {FINISH_SECONDS:g} s after them; give more seconds, "

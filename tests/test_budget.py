@@ -156,9 +156,11 @@ def test_when_no_refit_fits_there_is_no_ensemble_to_refit_and_it_says_why():
     assert none["trials"] == [] and "--timeout were left" in none["why_none"]
 
 
-def test_a_timeout_that_leaves_no_time_for_trials_is_a_clear_error(synthetic_dir, tmp_path):
-    with pytest.raises(UserError, match="--timeout 5 leaves no time for trials"):
-        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), "--timeout=5"])
+@pytest.mark.parametrize("timeout, said", [("5", "--timeout 5 leaves no time for trials"),
+                                           ("nan", "--timeout is a number of seconds, got nan")])  # "no time" too
+def test_a_timeout_that_leaves_no_time_for_trials_is_a_clear_error(synthetic_dir, tmp_path, timeout, said):
+    with pytest.raises(UserError, match=said):
+        tune.main([*tune_args(synthetic_dir, tmp_path, n_trials=1), f"--timeout={timeout}"])
 
 
 @pytest.mark.parametrize("fuse", ["1", "2"])

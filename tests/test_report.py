@@ -51,3 +51,12 @@ def test_a_study_without_a_complete_trial_plots_only_its_pruned_curves_and_warns
     assert write_plots(study, tmp_path) == ["intermediate_values"]
     assert [str(w.message) for w in recwarn] == []
     assert (tmp_path / "intermediate_values.png").is_file()
+    assert write_plots(optuna.create_study(), tmp_path / "none") == []  # no trial: Optuna warned "set up pruning"
+    # A search range of one value (--epochs 1 1) plotted as an axis of no height, which matplotlib warned about.
+    one_value = {"epochs": optuna.distributions.IntDistribution(1, 1),
+                 "lr": optuna.distributions.FloatDistribution(0, 1)}
+    for lr in (0.1, 0.2):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=lr, params={"epochs": 1, "lr": lr},
+                                                  distributions=one_value, intermediate_values={0: lr}))
+    assert "parallel_coordinate" in write_plots(study, tmp_path / "complete")
+    assert [str(w.message) for w in recwarn] == []
