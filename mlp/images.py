@@ -140,6 +140,7 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
     are), as uint8 (N, 28, 28). With `prepare_images` an image file is prepared as Fashion-MNIST's were made;
     without, it must be 28x28 already and is only made grayscale."""
     check(path.is_file(), f"{path} {why_not_a_file(path)}; pass image files (PNG, JPEG), folders of them, or IDX files")
+    idx = False
     try:
         with open_image(path) as image:
             if prepare_images:
@@ -149,6 +150,7 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
                     raise UserError(f"{path}: {error}") from None
             images = pil_to_tensor(image.convert("L"))  # (1, height, width)
     except UnidentifiedImageError:  # an IDX file, decoded by torchvision as the data module decodes the dataset
+        idx = True
         with tempfile.TemporaryDirectory() as cache:  # where a .gz is decompressed
             try:
                 images = read_idx(path, Path(cache))
@@ -160,7 +162,8 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
         raise UserError(f"{path}: cannot be read as an image ({error})") from None
     height, width = images.shape[1:]
     size = f"{IMAGE_SIDE}x{IMAGE_SIDE}"
-    check((height, width) == (IMAGE_SIDE, IMAGE_SIDE),
-          f"{path}: images are {width}x{height} pixels; with --no-prepare the model takes {size} grayscale images, as "
-          f"Fashion-MNIST's: leave --no-prepare out, or resize it to {size} first")
+    fix = ("an IDX file's are taken as they are: give one of 28x28 images" if idx else
+           f"with --no-prepare the model takes {size} grayscale images, as Fashion-MNIST's: leave --no-prepare out, "
+           f"or resize it to {size} first")
+    check((height, width) == (IMAGE_SIDE, IMAGE_SIDE), f"{path}: images are {width}x{height} pixels; {fix}")
     return images

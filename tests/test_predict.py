@@ -502,6 +502,11 @@ def untested_report(study: Path, tmp_path: Path) -> Path:
     return edited_report(study, tmp_path / "untested", untested)
 
 
+def small_idx(tmp_path: Path) -> Path:
+    write_idx(tmp_path / "small-idx3-ubyte", torch.zeros(2, 5, 5))
+    return tmp_path / "small-idx3-ubyte"
+
+
 def best_checkpoint(study: Path) -> dict:
     """The content of the study's best checkpoint, as torch loads it."""
     report = json.loads((study / "report.json").read_text())
@@ -521,6 +526,7 @@ def edited_checkpoint(study: Path, path: Path, edit: Callable[[dict], object]) -
     [
         ("missing image", "missing.png not found"),
         ("wrong size", "images are 32x28 pixels"),
+        ("IDX file of another size", "images are 5x5 pixels; an IDX file's are taken as they are"),  # "--no-prepare"
         ("not an image", "neither an image (PNG, JPEG...) nor an IDX file"),
         ("untested study", "has no tested answer"),
         ("missing study", "nowhere not found"),
@@ -547,6 +553,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(study, tmp_path, case, expecte
     args = {
         "missing image": [str(study), str(tmp_path / "missing.png")],
         "wrong size": [str(study), str(tmp_path / "wide.png"), "--no-prepare"],
+        "IDX file of another size": [str(study), str(small_idx(tmp_path))],
         "not an image": [str(study), str(tmp_path / "notes.png")],
         "untested study": [str(untested_report(study, tmp_path)), str(tmp_path / "fine.png")],
         "missing study": [str(tmp_path / "nowhere"), str(tmp_path / "fine.png")],
