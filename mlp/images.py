@@ -162,7 +162,7 @@ def read_images(path: Path, prepare_images: bool = False) -> Tensor:
         raise UserError(f"{path}: cannot be read as an image ({error})") from None
     height, width = images.shape[1:]
     size = f"{IMAGE_SIDE}x{IMAGE_SIDE}"
-    fix = ("an IDX file's are taken as they are: give one of 28x28 images" if idx else
+    fix = (f"an IDX file's are taken as they are: give one of {size} images" if idx else
            f"with --no-prepare the model takes {size} grayscale images, as Fashion-MNIST's: leave --no-prepare out, "
            f"or resize it to {size} first")
     check((height, width) == (IMAGE_SIDE, IMAGE_SIDE), f"{path}: images are {width}x{height} pixels; {fix}")

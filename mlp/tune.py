@@ -31,9 +31,7 @@ from mlp.progress import LIGHTNING_LOGGERS
 from mlp.records import TrialRecord
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
-from mlp.study import (
-    connect, finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
-)
+from mlp.study import connect, finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
 from mlp.trials import Trials, pads_widths
 
 # The callbacks of --trainer.callbacks no trial can take (by kind, or a tuple of kinds), and why. A trial's Trainer,
