@@ -220,15 +220,16 @@ class MLPCLI(LightningCLI):
 
 
 def check_named_run_folder_is_free(cli: MLPCLI) -> None:
-    """Refuse to train a new run in the folder --trainer.logger.init_args.version names where a run is already:
-    their checkpoints, config.yaml and events would read as one run's (Lightning only warns)."""
+    """Refuse to train a new run in the folder --trainer.logger.init_args.version names where a run saved
+    checkpoints: theirs and this one's would read as one run's (Lightning only warns). One stopped before it saved
+    any is no run to keep, and the rerun its message asks for starts afresh."""
     logger = cli.config.trainer.logger
     if getattr(logger, "init_args", None) is None or logger.init_args.version is None:
         return
     folder = run_folder(Path(logger.init_args.save_dir) / logger.init_args.name, logger.init_args.version)
-    check(not (folder / "config.yaml").exists() and not any((folder / "checkpoints").glob("*.ckpt")),
-          f"{folder} holds a run already, which this one would mix its checkpoints and config.yaml with: give "
-          "another --trainer.logger.init_args.version, or continue that run with --ckpt_path last")
+    check(not any((folder / "checkpoints").glob("*.ckpt")), f"{folder} holds a run already, whose checkpoints "
+          "this one would mix with its own: give another --trainer.logger.init_args.version, or continue that run "
+          "with --ckpt_path last")
 
 
 def run_folder(runs: Path, version: int | str) -> Path:

@@ -41,8 +41,10 @@ class CorruptDatasetError(UserError, ValueError):
 
 
 def _find_in(folder: Path, files: dict[str, str] = FILES) -> dict[str, Path] | None:
-    """The `files` in `folder`, each as found (uncompressed preferred over .gz), or None if any is missing."""
-    found = {key: next((c for c in (folder / name, folder / f"{name}.gz") if c.is_file()), None)
+    """The `files` in `folder`, each as found, or None if any is missing. Of a file and its .gz the newer: the file
+    decompressed from the .gz, unless the .gz was replaced since (torchvision's layout holds both)."""
+    found = {key: max((c for c in (folder / name, folder / f"{name}.gz") if c.is_file()),
+                      key=lambda c: c.stat().st_mtime, default=None)
              for key, name in files.items()}
     return found if all(found.values()) else None
 

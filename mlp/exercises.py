@@ -67,8 +67,15 @@ def fit_flags(changes: dict, save_dir: Path, name: str, extra: list[str]) -> lis
 def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     """Fit one configuration as fit.py does; its best val/acc, the epoch it came at, and that epoch's checkpoint."""
     name = run_name(changes)
-    shutil.rmtree(save_dir / "exercises" / name, ignore_errors=True)  # what an interrupted attempt left
+    run_dir = save_dir / "exercises" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt left
     cli = build_cli(fit_flags(changes, save_dir, name, extra))
+    # A logger of the fit flags' or a --config's own would split the runs from the results.json that records them
+    # (None: fast_dev_run, refused below).
+    logs = cli.trainer.log_dir
+    check(logs is None or Path(logs).resolve() == run_dir.resolve(), f"the fit flags log the run to {logs}, not to "
+          f"{run_dir} beside the sweep's results.json: drop their --trainer.logger settings, and choose the folder "
+          "with --save_dir")
     finders = [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
     check(not finders, f"drop the {', '.join(finders)} of --trainer.callbacks: a run is named by what differs from "
           "d2l's setting, and a finder would change its learning rate or batch size unsaid")
@@ -112,9 +119,6 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
     swept = {key for changes in SWEEPS[sweep] for key in changes} & {arg[2:].split("=")[0] for arg in extra}
     check(not swept, f"{', '.join(f'--{key}' for key in sorted(swept))}: the {sweep} sweep sets it for each run; "
           "drop it (other fit flags change d2l's setting for every run)")
-    logger = [arg.split("=")[0] for arg in extra if arg.startswith("--trainer.logger")]
-    check(not logger, f"{logger[0] if logger else ''}: a sweep logs each run to save_dir/exercises/<run>, beside its "
-          "results.json, which the runs and the sweep must share: choose the folder with --save_dir")
     results_file = save_dir / "exercises" / "results.json"
     with only_sweep(results_file.parent):
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}

@@ -147,7 +147,7 @@ def seed_flag(trial: FrozenTrial, round_: int) -> list[str]:
     seed = trained_config(trial).get("seed_everything")
     if round_ == 0 or isinstance(seed, bool) or seed is None:
         return []
-    return [f"--seed_everything={seed + ROUND_SEED_STRIDE * round_}"]
+    return [f"--seed_everything={(seed + ROUND_SEED_STRIDE * round_) % 2**32}"]  # within numpy's seeds
 
 
 def refit_done(study: optuna.Study, number: int, round_: int = 0) -> bool:

@@ -101,7 +101,7 @@ class Trials:
     def build(self, trial: optuna.Trial, flags: dict[str, Any]) -> MLPCLI:
         """The trial's own run, as fit.py would build it, with what the report and other workers need to know."""
         if self.seed is not None:
-            flags = {**flags, "seed_everything": self.seed + trial.number}
+            flags = {**flags, "seed_everything": (self.seed + trial.number) % 2**32}  # within numpy's seeds
         cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
         record(trial, log_dir=cli.trainer.log_dir, multiply_adds=cli.model.net.multiply_adds(), worker=worker_name())
         return cli

@@ -296,3 +296,11 @@ def test_a_gz_file_replaced_after_it_was_decompressed_is_read_anew(synthetic_dir
     os.utime(cache / labels.stem, (1, 1))  # the copy older than the file replacing it, whatever the clock's grain
     write_idx(labels, torch.full((200,), 9))
     assert read_idx(labels, cache).tolist() == [9] * 200
+    # torchvision's layout, a file and its .gz side by side: the copy is read, unless the .gz is newer.
+    for gz in synthetic_dir.glob("*.gz"):
+        gz.rename(cache / gz.name)
+    read_idx(cache / labels.name, cache)  # the copy, as the dataset's first reading leaves it
+    assert locate_fashion_mnist(synthetic_dir)["test_labels"] == cache / labels.stem
+    os.utime(cache / labels.stem, (1, 1))
+    write_idx(cache / labels.name, torch.full((200,), 8))
+    assert read_idx(locate_fashion_mnist(synthetic_dir)["test_labels"], cache).tolist() == [8] * 200

@@ -92,9 +92,12 @@ def test_a_fit_flag_setting_what_the_sweep_varies_is_refused_and_never_overrides
 def test_a_log_folder_flag_is_refused_for_the_sweeps_save_dir(sweep_args, tmp_path):
     # Its runs had logged there and its results.json in --save_dir; a later sweep with --save_dir there deleted a
     # checkpoint that the first results.json recorded.
-    with pytest.raises(UserError, match="--trainer.logger.init_args.save_dir: a sweep logs each run to save_dir/"):
-        exercises_script.main([*sweep_args, "--trainer.logger.init_args.save_dir", str(tmp_path / "elsewhere")])
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "elsewhere").exists()
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "logger.yaml").write_text(f"trainer:\n  logger:\n    init_args:\n      save_dir: {elsewhere}\n")
+    for flags in (["--trainer.logger.init_args.save_dir", str(elsewhere)], [f"--config={tmp_path / 'logger.yaml'}"]):
+        with pytest.raises(UserError, match=f"the fit flags log the run to {elsewhere}/exercises/lr=0.01, not to "):
+            exercises_script.main([*sweep_args, *flags])
+        assert not list((tmp_path / "logs").rglob("*.ckpt")) and not elsewhere.exists()
 
 
 def test_a_users_own_checkpoint_callback_leaves_a_run_chosen_by_its_best_val_acc(sweep_args):

@@ -365,3 +365,7 @@ def test_a_new_run_in_a_named_run_folder_that_holds_a_run_is_refused_and_that_ru
     with pytest.raises(UserError, match=f"{folder} holds a run already, .*--ckpt_path last"):
         fit.main([*args, "--model.lr=0.01"])
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    # One stopped before it saved a checkpoint (Ctrl-C in the sanity check) is no run: its rerun, as its message
+    # asks, trains there.
+    shutil.rmtree(folder / "checkpoints")
+    assert "test/acc" in fit.main([*args, "--model.lr=0.01"])
