@@ -15,17 +15,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlp.errors import run_script  # noqa: E402
+from mlp.errors import UserError, run_script  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from mlp.data import DatasetNotFoundError
     from mlp.final import test_checkpoints
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help=".ckpt files written by fit.py or tune.py")
     parser.add_argument("--data_dir", default=None, help="Fashion-MNIST folder (default: the one they trained on)")
     options = parser.parse_args(argv)
-    result = test_checkpoints(options.checkpoints, options.data_dir)
+    try:
+        result = test_checkpoints(options.checkpoints, options.data_dir)
+    except DatasetNotFoundError as error:  # it names fit.py's flag, where this script's is --data_dir
+        raise UserError(str(error).replace("--data.data_dir", "--data_dir")) from None
     print(json.dumps(result, indent=2))
     return result
 

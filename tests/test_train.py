@@ -214,6 +214,8 @@ def test_ensemble_script_tests_the_average_of_fit_runs_once(synthetic_dir, tmp_p
         ensemble.main([checkpoints[0], refit])
     with pytest.raises(UserError, match="not found"):
         ensemble.main([str(tmp_path / "nothing.ckpt")])
+    with pytest.raises(UserError, match="is a file, not a folder; pass a folder with --data_dir$"):  # not fit.py's
+        ensemble.main([checkpoints[0], f"--data_dir={refit}"])
 
 
 def test_ckpt_path_last_resumes_the_newest_run_that_saved_a_checkpoint_and_never_restarts(synthetic_dir, tmp_path):
