@@ -34,6 +34,7 @@ from mlp.loading import read_checkpoint
 from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
+SEEDS = 2**32  # --seed_everything's values, numpy's seeds: 0 to SEEDS - 1
 
 # Lightning 2.6 builds a LeafSpec, which this torch deprecates, whenever it flattens a batch: printed at every fit
 # start, nothing in how we call Lightning causes it, and nothing a user can act on.
@@ -97,8 +98,8 @@ class MLPCLI(LightningCLI):
             raise UserError(f"a --config file is no YAML text ({error})") from None
         # Checked before LightningCLI seeds with it, where numpy's bounds are a ValueError's traceback.
         seed = self.config.seed_everything
-        check(not isinstance(seed, int) or isinstance(seed, bool) or 0 <= seed < 2**32,
-              f"--seed_everything must be 0 to {2**32 - 1} (numpy's seeds), true (drawn) or false, got {seed}")
+        check(not isinstance(seed, int) or isinstance(seed, bool) or 0 <= seed < SEEDS,
+              f"--seed_everything must be 0 to {SEEDS - 1} (numpy's seeds), true (drawn) or false, got {seed}")
 
     def before_instantiate_classes(self) -> None:
         epochs, steps = self.config.trainer.max_epochs, self.config.trainer.max_steps

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial
 from torch import Tensor
 
 from mlp.budget import ENSEMBLE_MAX, Budget
-from mlp.cli import MLPCLI, build_cli
+from mlp.cli import MLPCLI, SEEDS, build_cli
 from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
 from mlp.errors import UserError, check
 from mlp.loading import load_model, read_checkpoint
@@ -147,7 +147,7 @@ def seed_flag(trial: FrozenTrial, round_: int) -> list[str]:
     seed = trained_config(trial).get("seed_everything")
     if round_ == 0 or isinstance(seed, bool) or seed is None:
         return []
-    return [f"--seed_everything={(seed + ROUND_SEED_STRIDE * round_) % 2**32}"]  # within numpy's seeds
+    return [f"--seed_everything={(seed + ROUND_SEED_STRIDE * round_) % SEEDS}"]
 
 
 def refit_done(study: optuna.Study, number: int, round_: int = 0) -> bool:

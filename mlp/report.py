@@ -19,6 +19,7 @@ from mlp.errors import UserError
 from mlp.final import all_refits, final_models, refit_recipe
 from mlp.module import MLPClassifier
 from mlp.records import TrialRecord
+from mlp.study import FINISHED
 
 
 @cache
@@ -134,7 +135,7 @@ def report(study: optuna.Study, log_dir: Path, started: float, answer: str, budg
         "cost": cost(study),
         "fuse_this_run": budget.fuse,
         # Places of --n-trials with no finished trial: only where --timeout ended the study (else run_trials goes on).
-        "unfinished": max(0, n_trials - sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)),
+        "unfinished": max(0, n_trials - sum(t.state in FINISHED for t in trials)),
         # Trials that ended early, and why: diverged or cut (pruned), or skipped (failed) for the --timeout budget.
         **{how: {str(t.number): why for t in trials if (why := getattr(TrialRecord.of(t), how))}
            for how in ("diverged", "cut", "skipped")},

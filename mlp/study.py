@@ -2,6 +2,7 @@
 the others, the heartbeats by which a dead worker's trial is found and rerun, and which worker writes the report."""
 
 import contextlib
+import copy
 import fcntl
 import gc
 import os
@@ -357,12 +358,15 @@ def retry_once() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
-def retry_interrupted(study: optuna.Study, number: int) -> None:
-    """Queue trial `number`, failed by Ctrl-C, to run again once (fit's own configuration, trial 0, is not lost to
-    a Ctrl-C in its first minute), as a stale trial's is: by the next worker to ask, or the same command rerun."""
-    interrupted = study.get_trials()[number]  # a copy: its retry is no interrupted trial
-    interrupted.set_user_attr("interrupted", False)
-    retry_once()(study, interrupted)
+def retry_interrupted(study: optuna.Study, numbers: list[int]) -> None:
+    """Queue the trials `numbers`, failed by Ctrl-C, to run again once (fit's own configuration, trial 0, is not
+    lost to a Ctrl-C in its first minute), as a stale trial's are: by the next worker to ask, or the same command
+    rerun."""
+    trials = study.get_trials(deepcopy=False)
+    for number in numbers:
+        interrupted = copy.deepcopy(trials[number])  # its retry is no interrupted trial
+        interrupted.set_user_attr("interrupted", False)
+        retry_once()(study, interrupted)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from optuna.trial import TrialState
 
 from mlp.budget import Budget
-from mlp.cli import MLPCLI, build_cli, fit
+from mlp.cli import MLPCLI, SEEDS, build_cli, fit
 from mlp.data import FashionMNISTDataModule
 from mlp.errors import check
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
@@ -71,10 +71,9 @@ class Trials:
                     if self.interrupted:
                         record(trial, interrupted=True)
                     study.tell(trial, state=TrialState.FAIL)
-                    if self.interrupted:  # once failed: a retry beside its running original would be surplus
-                        retry_interrupted(study, trial.number)
                 if not self.interrupted:
                     raise
+                retry_interrupted(study, [trial.number for trial in running])  # once failed, not surplus beside them
         gc.collect()  # a finished Trainer's cycles hold its model and data until collected
 
     def places(self, study: optuna.Study) -> int:
@@ -101,7 +100,7 @@ class Trials:
     def build(self, trial: optuna.Trial, flags: dict[str, Any]) -> MLPCLI:
         """The trial's own run, as fit.py would build it, with what the report and other workers need to know."""
         if self.seed is not None:
-            flags = {**flags, "seed_everything": (self.seed + trial.number) % 2**32}  # within numpy's seeds
+            flags = {**flags, "seed_everything": (self.seed + trial.number) % SEEDS}
         cli = build_cli(trial_args(self.fit_args, flags, self.study_name, f"trial_{trial.number}"))
         record(trial, log_dir=cli.trainer.log_dir, multiply_adds=cli.model.net.multiply_adds(), worker=worker_name())
         return cli

@@ -203,9 +203,10 @@ def default_storage(tune_dir: Path, workers: int, study_name: str) -> str:
     first; a new study goes to the journal file if there is one, or when several workers share it (Optuna's FAQ:
     SQLite is for one process), else to SQLite (docs/scaling.md says why)."""
     journal, sqlite = tune_dir / "optuna.journal", tune_dir / "optuna.db"
-    for url, path in ((str(journal), journal), (f"sqlite:///{sqlite}", sqlite)):
-        if path.exists() and study_name in optuna.get_all_study_names(connect(url)):
-            return url
+    if journal.exists() and sqlite.exists():  # with one file (or none) the rule below finds the study's
+        for url in (str(journal), f"sqlite:///{sqlite}"):
+            if study_name in optuna.get_all_study_names(connect(url)):
+                return url
     if journal.exists() or (workers > 1 and not sqlite.exists()):
         return str(journal)
     return f"sqlite:///{sqlite}"
