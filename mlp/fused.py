@@ -3,7 +3,9 @@ fork's subclass) with no second copy of its math. One `torch.func.vmap` over `fu
 (PyTorch's model-ensembling recipe); each model's parameters are views of its slice, stepped by its own optimiser."""
 
 import copy
+import inspect
 import math
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -17,7 +19,8 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from mlp.module import MLPClassifier, start_run
+from mlp.errors import UserError
+from mlp.module import NUM_CLASSES, MLPClassifier, start_run
 from mlp.records import Ending
 
 # vmap has no batching rule for `mlp.net.dropout_mask`'s in-place ge_ and warns that it loops, which measured faster.
@@ -52,12 +55,17 @@ class Stack:
         self.buffers = {name: stacked(group) for name, group in transposed(buffers).items()}
 
     def __call__(self, x: Tensor, y: Tensor, manual: bool) -> tuple:
-        """Every model's step on the batch, outputs with a first model axis."""
+        """Every model's step on the batch, outputs with a first model axis. A stack of one runs without vmap, so
+        that a net vmap cannot run (data-dependent Python) still trains one trial at a time (--fuse 1)."""
 
         def one(state: dict[str, Tensor]) -> tuple:
             return functional_call(self.step, state, (x, y, manual))
 
-        return vmap(one, randomness="different")({**self.params, **self.buffers})
+        state = {**self.params, **self.buffers}
+        if len(self.models) > 1:
+            return vmap(one, randomness="different")(state)
+        outputs = one({name: tensor[0] for name, tensor in state.items()})
+        return tuple([t[None] for t in out] if isinstance(out, list) else out[None] for out in outputs)
 
     def hand_out_grads(self) -> None:
         for name, p in self.params.items():
@@ -90,6 +98,23 @@ def stack_error(model: MLPClassifier) -> str | None:
     except Exception as error:  # whatever the net raises under vmap
         return f"{type(error).__name__}: {error}".splitlines()[0]
     return None
+
+
+def padding_error(model: MLPClassifier) -> str | None:
+    """Why nets like `model`'s, which claim `widths_pad_exactly`, compute otherwise zero-padded, or None: the loss of
+    a copy (without dropout) alone and in a stack padded to a copy one unit wider."""
+    hp = {**model.hparams, "dropout": 0.0}
+    if not getattr(model.net, "widths_pad_exactly", False) or not hp.get("depth"):
+        return None
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG kept
+        narrow, wide = type(model)(**hp).train(), type(model)(**{**hp, "width": hp["width"] + 1}).train()
+        x, y = torch.rand(4, hp["input_size"]), torch.arange(4) % NUM_CLASSES
+        alone, padded = Stack([narrow])(x, y, False)[0][0], Stack([narrow, wide])(x, y, False)[0][0]
+    if torch.allclose(alone, padded, rtol=1e-4, atol=1e-6):
+        return None
+    return (f"{type(model.net).__name__} says its widths pad exactly (widths_pad_exactly), but a stack padded to a "
+            f"wider net changes its loss ({alone.item():.6f} alone, {padded.item():.6f} padded): set "
+            "widths_pad_exactly = False (docs/forking.md)")
 
 
 def transposed(dicts: list[dict[str, Tensor]]) -> dict[str, list[Tensor]]:
@@ -144,6 +169,50 @@ class Member:
     first_step: int = 0
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
+
+
+class MemberTrainer:
+    """The Trainer as a stacked model sees it (`self.trainer`): its own epoch, step and epochs, counted from where it
+    joined, so a loss that reads them (a warm-up, a curriculum) trains stacked as alone; the rest is the stack's
+    Trainer. A model's own `self.log` is refused: the stack writes each model's run (`FusedClassifier.write`)."""
+
+    def __init__(self, module: "FusedClassifier", member: Member) -> None:
+        self.module, self.member = module, member
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module.trainer, name)
+
+    @property
+    def current_epoch(self) -> int:
+        return self.module.current_epoch - self.member.first_epoch
+
+    @property
+    def global_step(self) -> int:
+        return self.module.global_step - self.member.first_step
+
+    @property
+    def max_epochs(self) -> int:
+        return self.member.epochs
+
+    @property
+    def _results(self) -> None:  # what LightningModule.log reads first
+        raise UserError(f"{type(self.member.model).__name__} calls self.log as it trains, which a trial in tune.py "
+                        "cannot (the stack writes each trial's run): return the figure from train_epoch_scalars or "
+                        "val_epoch_scalars, which fit.py and every trial write")
+
+
+# The hooks by which Lightning trains and validates a model alone: a stack is trained by them (FusedClassifier's),
+# and calls its models' `model_step` (or `manual_gradients`), `optimizer_and_schedule` and metrics' methods instead.
+TRAINING_HOOKS = re.compile(r"(on_(train|validation|before|after_backward|fit)|optimizer_|configure_optimizers$|"
+                            r"training_step$|validation_step$|lr_scheduler_step$|backward$|on_save_checkpoint$)")
+
+
+def hooks_a_stack_skips(model: MLPClassifier) -> list[str]:
+    """The training hooks `model`'s class overrides beyond MLPClassifier's own, which no trial calls."""
+    hooks = {name for cls in L.LightningModule.__mro__ if cls.__module__.startswith("lightning.")
+             for name, value in vars(cls).items() if inspect.isfunction(value) and TRAINING_HOOKS.match(name)}
+    return sorted(name for name in hooks - {"on_train_epoch_start"}  # the one a stack calls of each model
+                  if getattr(type(model), name) is not getattr(MLPClassifier, name))
 
 
 class FusedClassifier(L.LightningModule):
@@ -203,6 +272,7 @@ class FusedClassifier(L.LightningModule):
         return self.all_optimizers
 
     def give_optimizer(self, member: Member) -> None:
+        member.model.trainer = MemberTrainer(self, member)  # type: ignore[assignment]
         configured = member.model.optimizer_and_schedule(member.epochs * self.steps_per_epoch, not self.pad_widths)
         member.optimizer = configured["optimizer"]
         member.scheduler = configured.get("lr_scheduler", {}).get("scheduler")

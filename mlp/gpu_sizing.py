@@ -9,7 +9,7 @@ import torch
 from mlp.cli import MLPCLI
 from mlp.data import CLASS_NAMES, EVAL_BATCH_SIZE, TEST_IMAGES, TRAIN_IMAGES, FashionMNISTDataModule
 from mlp.errors import check
-from mlp.fused import stack_error
+from mlp.fused import padding_error, stack_error
 from mlp.search import SearchSpace
 
 INPUTS, CLASSES = FashionMNISTDataModule.input_size, len(CLASS_NAMES)
@@ -32,6 +32,12 @@ def stack_bytes(fuse: int, depth: int, width: int, batch_size: int, optimizer: s
     return fuse * (weights + max(training, evaluation)) * bytes_per_number
 
 
+def pads_widths(cli: MLPCLI) -> bool:
+    """Whether trials of one depth and several widths share a stack: on a GPU, where K cost little more than one;
+    not on the CPU, where a step costs its multiply-adds and padding costs more (docs/results.md#padding-cpu)."""
+    return cli.trainer.strategy.root_device.type != "cpu"
+
+
 def free_gpu_bytes(cli: MLPCLI) -> int | None:
     """Free memory on the GPU the trials train on, or None when they train on the CPU."""
     device = cli.trainer.strategy.root_device
@@ -41,9 +47,11 @@ def free_gpu_bytes(cli: MLPCLI) -> int | None:
 def why_unfusable(cli: MLPCLI) -> tuple[str, str] | None:
     """Why a fit flag keeps stacked trials from training as each would alone, and what to do instead; or None."""
     if (error := stack_error(cli.model)) is not None:
-        return (f"the model's net, a {type(cli.model.net).__name__}, does not run under torch.func.vmap, which stacks "
-                f"trials ({error})",
+        return (f"the model's step (its net, a {type(cli.model.net).__name__}, and its loss) does not run under "
+                f"torch.func.vmap, which stacks trials ({error})",
                 "use --fuse 1, or build the net of per-example operations (docs/forking.md)")
+    if pads_widths(cli) and (error := padding_error(cli.model)) is not None:
+        return error, "fix the net, or use --fuse 1"
     if getattr(cli.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed on a GPU
         return (f"--trainer.precision {cli.trainer.precision} with --fuse: its one loss scaler would skip every "
                 "stacked trial's step whenever one trial's gradients overflow",
@@ -87,7 +95,7 @@ CPU_FUSE = 8  # trials of one width per stack on the CPU (docs/results.md#bench-
 def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials: int) -> tuple[int, str]:
     """`--fuse auto` (tune.py's default): K for the device the trials train on and a study of `n_trials`, and why.
 
-    On the CPU a stack holds trials of one depth and width (`mlp.trials.pads_widths`). When the width is searched, few
+    On the CPU a stack holds trials of one depth and width (`pads_widths`). When the width is searched, few
     trials share one, so K models in a Trainer save only its per-step work, small against the default search's
     arithmetic, and fusing measured no faster (docs/results.md#searched-widths-cpu). So K is 1 there, and CPU_FUSE
     when every trial has one width. On a GPU, as many trials as fit in its free memory, up to AUTO_FUSE_MAX.

@@ -25,6 +25,7 @@ from mlp.cli import MLPCLI, SEEDS, build_cli, fit
 from mlp.data import FashionMNISTDataModule
 from mlp.errors import check
 from mlp.fused import FusedClassifier, ModelInStackCheckpoint
+from mlp.gpu_sizing import pads_widths
 from mlp.records import Ending, record
 from mlp.search import SearchSpace, record_intermediate_values, suggest, trial_args
 from mlp.study import (
@@ -298,12 +299,6 @@ def group_cli(fit_args: list[str], epochs: int) -> MLPCLI:
     own = (ModelCheckpoint, EarlyStopping, SaveConfigCallback)
     cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, own)]
     return cli
-
-
-def pads_widths(cli: MLPCLI) -> bool:
-    """Whether trials of one depth and several widths share a stack: on a GPU, where K cost little more than one;
-    not on the CPU, where a step costs its multiply-adds and padding costs more (docs/results.md#padding-cpu)."""
-    return cli.trainer.strategy.root_device.type != "cpu"
 
 
 def save_config(cli: MLPCLI) -> None:

@@ -26,13 +26,14 @@ from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import check
 from mlp.final import FINAL_CHOICES, refitted
-from mlp.gpu_sizing import auto_fuse, check_fusable, free_gpu_bytes
+from mlp.fused import hooks_a_stack_skips
+from mlp.gpu_sizing import auto_fuse, check_fusable, free_gpu_bytes, pads_widths
 from mlp.progress import LIGHTNING_LOGGERS
 from mlp.records import TrialRecord
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
 from mlp.study import connect, finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
-from mlp.trials import Trials, pads_widths
+from mlp.trials import Trials
 
 # The callbacks of --trainer.callbacks no trial can take (by kind, or a tuple of kinds), and why. A trial's Trainer,
 # shared by a stack, has no logger: each trial writes its own run.
@@ -154,6 +155,13 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
           "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
           "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
     check_keeps_a_checkpoint(cli, "tune.py keeps each trial's best checkpoint for the final models")
+    model = type(cli.model).__name__
+    check(not (skipped := hooks_a_stack_skips(cli.model)), f"{model} overrides {', '.join(skipped)}, which fit.py "
+          "calls and tune.py's trials, trained through model_step, loss and optimizer_and_schedule (mlp/fused.py), "
+          "never do: make the change in those (docs/forking.md), or train it with fit.py alone")
+    net = type(cli.model.net).__name__
+    check(callable(getattr(cli.model.net, "multiply_adds", None)), f"tune.py counts each trial's cost by its net's "
+          f"multiply_adds(), which {net} lacks: give it one (docs/forking.md#the-cost-of-a-trial)")
     check(not cli.trainer.gradient_clip_val and cli.trainer.accumulate_grad_batches == 1,
           "tune.py steps each stacked trial's optimiser itself, where Lightning clips and accumulates no gradients: "
           "drop --trainer.gradient_clip_val and --trainer.accumulate_grad_batches (fit.py takes them)")

@@ -39,8 +39,9 @@ from mlp.cli import build_cli  # noqa: E402
 from mlp.data import FashionMNISTDataModule  # noqa: E402
 from mlp.errors import run_script  # noqa: E402
 from mlp.fused import FusedClassifier  # noqa: E402
+from mlp.gpu_sizing import pads_widths  # noqa: E402
 from mlp.module import MLPClassifier  # noqa: E402
-from mlp.trials import group_cli, pads_widths  # noqa: E402
+from mlp.trials import group_cli  # noqa: E402
 
 
 def plain_loop(batches: Sized, model: MLPClassifier, device: torch.device, epochs: int) -> list[float]:

@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from mlp.cli import MLPCLI, build_cli
+from mlp.cli import MLPCLI, build_cli, fit
 from mlp.errors import UserError
+from mlp.fused import hooks_a_stack_skips, padding_error, stack_error
+from mlp.gpu_sizing import why_unfusable
 from mlp.module import MLPClassifier, cross_entropy_grad
 from mlp.net import relu
 from mlp.trials import train_runs
+from mlp.tune import check_trials_can_train_as_fit
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = (ROOT / "docs" / "forking.md").read_text()
@@ -51,6 +55,8 @@ def test_the_momentum_example_of_forking_md_tunes_momentum(synthetic_dir, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "logs" / "tune" / "momentum" / "report.json").read_text())
     assert 0.5 <= report["best_params"]["momentum"] <= 0.95
+    first = yaml.safe_load((tmp_path / "logs" / "tune" / "momentum" / "trial_0" / "config.yaml").read_text())
+    assert first["model"]["momentum"] == 0.9  # fit's own, as the page says
     assert sum(report["trials"].get(state, 0) for state in ("complete", "pruned")) == 2
 
 
@@ -149,3 +155,96 @@ def test_a_forks_loss_or_net_without_its_hand_written_gradient_is_refused_with_t
     monkeypatch.setattr("mlp.module.MLP", ResidualMLP)
     with pytest.raises(UserError, match="needs the net's forward.*ResidualMLP lacks"):
         MLPClassifier(depth=1, width=16, backward="manual")
+
+
+def epoch_weighted_loss(self: MLPClassifier, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A fork's loss that reads the run's progress, as a warm-up or a curriculum does."""
+    ramp = (self.current_epoch + 1) / self.trainer.max_epochs if self.training else 1.0
+    return ORIGINAL_LOSS(self, logits, y) + 0.05 * ramp * logits.pow(2).mean() + 1e-3 * self.global_step
+
+
+def test_a_loss_that_reads_the_runs_epoch_trains_in_a_stack_as_in_fit(synthetic_dir, tmp_path, monkeypatch):
+    """A stacked model sees its own epoch, step and epochs (MemberTrainer), as its fit.py run does: the epoch and
+    step of a stack's Trainer were 0 to a model in it, and such a loss trained differently in every trial."""
+    monkeypatch.setattr(MLPClassifier, "loss", epoch_weighted_loss)
+    stacked = final_weights(synthetic_dir, tmp_path / "stacked", 2, "64-true")["a"]
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", "--data.val_size=0", "--trainer.max_epochs=2",
+                     "--model.depth=1", "--model.width=16", "--data.batch_size=64", "--trainer.precision=64-true",
+                     f"--trainer.logger.init_args.save_dir={tmp_path / 'fit'}", "--model.lr=0.05"])
+    fit(cli)
+    for key, value in cli.model.state_dict().items():
+        torch.testing.assert_close(stacked[key], value, rtol=1e-9, atol=1e-9)
+    monkeypatch.setattr(MLPClassifier, "loss", ORIGINAL_LOSS)  # the progress read changes what is trained
+    plain = final_weights(synthetic_dir, tmp_path / "plain", 2, "64-true")["a"]
+    assert (plain["net.params.0"] - stacked["net.params.0"]).abs().max() > 1e-4
+
+
+class ItemNet(ResidualMLP):
+    """A fork's net with data-dependent Python, which vmap cannot run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if logits.abs().max().item() < 1e6 else logits.clamp(-1e6, 1e6)
+
+
+def test_a_net_vmap_cannot_run_trains_one_trial_at_a_time_and_is_refused_in_stacks(synthetic_dir, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr("mlp.module.MLP", ItemNet)
+    assert stack_error(MLPClassifier(depth=1, width=16)) is not None  # what --fuse K > 1 refuses
+    alone = final_weights(synthetic_dir, tmp_path, 1, "32-true")  # --fuse 1: a stack of one runs without vmap
+    assert any("blocks" in key for key in alone["a"])
+
+
+def test_a_loss_that_logs_is_refused_in_a_trial_and_a_subclass_hook_trials_skip_is_refused_by_tune(
+        synthetic_dir, tmp_path, monkeypatch):
+    def logging_loss(self: MLPClassifier, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = ORIGINAL_LOSS(self, logits, y)
+        self.log("train/own", loss)
+        return loss
+
+    monkeypatch.setattr(MLPClassifier, "loss", logging_loss)
+    with pytest.raises(UserError, match="calls self.log as it trains.*train_epoch_scalars"):
+        final_weights(synthetic_dir, tmp_path, 1, "32-true")
+
+    class Fork(MLPClassifier):
+        def configure_optimizers(self) -> dict:
+            return super().configure_optimizers()
+
+    assert hooks_a_stack_skips(MLPClassifier(depth=1, width=16)) == []
+    assert hooks_a_stack_skips(Fork(depth=1, width=16)) == ["configure_optimizers"]
+
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", "--model.depth=1", "--model.width=16",
+                     f"--trainer.logger.init_args.save_dir={tmp_path / 'tune'}"])
+    cli.model = Fork(depth=1, width=16)
+    with pytest.raises(UserError, match="Fork overrides configure_optimizers, which fit.py calls and tune.py's"):
+        check_trials_can_train_as_fit(cli, 1)
+    cli.model = MLPClassifier(depth=1, width=16)
+    cli.model.net = ItemNet(784, 1, 16, 10)
+    check_trials_can_train_as_fit(cli, 1)  # it counts its multiply-adds
+    cli.model.net.multiply_adds = None
+    with pytest.raises(UserError, match="multiply_adds\\(\\), which ItemNet lacks"):
+        check_trials_can_train_as_fit(cli, 1)
+
+
+class PaddedResidualMLP(ResidualMLP):
+    widths_pad_exactly = True  # zero-padded units stay zero through x W_in, the blocks and the residuals
+
+
+class LayerNormedMLP(PaddedResidualMLP):
+    """A fork that normalises over the hidden units, which zero-padded units change, and keeps the claim."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1) @ self.w_in
+        return ((h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-5)) @ self.w_out
+
+
+def test_a_net_that_claims_its_widths_pad_exactly_is_checked_before_stacks_pad_it(synthetic_dir, monkeypatch):
+    assert padding_error(MLPClassifier(depth=2, width=16, batch_norm=True, dropout=0.3)) is None
+    monkeypatch.setattr("mlp.module.MLP", PaddedResidualMLP)
+    assert padding_error(MLPClassifier(depth=1, width=16)) is None
+    monkeypatch.setattr("mlp.module.MLP", LayerNormedMLP)
+    assert "set widths_pad_exactly = False" in padding_error(MLPClassifier(depth=1, width=16))
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", "--model.depth=1", "--model.width=16"])
+    assert why_unfusable(cli) is None  # the CPU pads no width
+    monkeypatch.setattr("mlp.gpu_sizing.pads_widths", lambda cli: True)  # as on a GPU
+    assert "widths_pad_exactly" in why_unfusable(cli)[0]
