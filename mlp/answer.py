@@ -67,7 +67,8 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
           if source.is_dir() else f"{source} {why_not_a_file(source)}; pass a study's folder or its report.json")
     report = read_report(report_path)
     final = report.final
-    check(final is not None, f"{report_path} holds no final model; pass the report.json that tune.py wrote")
+    check(final is not None, f"{report_path} holds no final model: its study completed no trial ({report.trials}); "
+          "run tune.py until one completes, or pass .ckpt files")
     name = answer or final.answer
     chosen = getattr(final, name) if name in FINAL_MODELS else None
     why = f" ({chosen.why_no_test})" if chosen is not None and chosen.why_no_test else ""
@@ -133,15 +134,19 @@ def load_answer(source: str | Path | Sequence[str | Path], answer: str | None = 
     models: refit_ensemble, ensemble, refit or best), or the softmax average of the given checkpoints. `data_dir`
     is where the training images are, if not where the checkpoints recorded (for checkpoints that lack their
     split's mean and standard deviation)."""
+    statistics: dict = {}
+    return Answer([load_member(path, data_dir, statistics) for path in answer_checkpoints(source, answer)])
+
+
+def answer_checkpoints(source: str | Path | Sequence[str | Path], answer: str | None = None) -> list[Path]:
+    """The checkpoints `load_answer` averages: those of a study's answer (`answer`: another of its final models),
+    from its folder or report.json, or the checkpoints given."""
     sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
     check(len(sources) > 0, "pass a study's folder, its report.json, or .ckpt files")
     if len(sources) == 1 and sources[0].suffix != ".ckpt":
-        checkpoints = report_checkpoints(sources[0], answer)
-    else:
-        check(answer is None, "an answer is picked from a study's report, not from checkpoints")
-        checkpoints = sources
-    statistics: dict = {}
-    return Answer([load_member(checkpoint, data_dir, statistics) for checkpoint in checkpoints])
+        return report_checkpoints(sources[0], answer)
+    check(answer is None, "an answer is picked from a study's report, not from checkpoints")
+    return sources
 
 
 def check_exportable(path: str | Path) -> None:

@@ -211,13 +211,11 @@ def default_storage(tune_dir: Path, workers: int, study_name: str) -> str:
     first; a new study goes to the journal file if there is one, or when several workers share it (Optuna's FAQ:
     SQLite is for one process), else to SQLite (docs/scaling.md says why)."""
     journal, sqlite = tune_dir / "optuna.journal", tune_dir / "optuna.db"
-    if journal.exists() and sqlite.exists():  # with one file (or none) the rule below finds the study's
-        for url in (str(journal), f"sqlite:///{sqlite}"):
+    if sqlite.exists() and (journal.exists() or workers > 1):  # where the rule below may miss the study's file
+        for url in ([str(journal)] if journal.exists() else []) + [f"sqlite:///{sqlite}"]:
             if study_name in optuna.get_all_study_names(connect(url)):
                 return url
-    if journal.exists() or (workers > 1 and not sqlite.exists()):
-        return str(journal)
-    return f"sqlite:///{sqlite}"
+    return str(journal) if journal.exists() or workers > 1 else f"sqlite:///{sqlite}"
 
 
 def train_trials(space: SearchSpace, opening: tuple, n_trials: int, budget: Budget, fuse: int, seed: int | None,

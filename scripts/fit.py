@@ -14,12 +14,15 @@ from mlp.errors import run_script
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
-    from lightning.pytorch.loggers import TensorBoardLogger
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
 
-    from mlp.cli import build_cli, release_processes
-    from mlp.run import test_once, train
+        from mlp.cli import build_cli, release_processes
+        from mlp.run import test_once, train
 
-    cli = build_cli(args)
+        cli = build_cli(args)
+    except KeyboardInterrupt:  # before training began
+        raise KeyboardInterrupt("no checkpoint was saved to resume from; run the same command again") from None
     best = train(cli, ckpt_path=cli.config.ckpt_path)
     results = test_once(cli, best)
     log_dir = cli.trainer.log_dir  # asked of every process: under DDP they agree on it together

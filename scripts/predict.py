@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     import torch
     from PIL import Image
 
-    from mlp.answer import check_exportable, export, load_answer
+    from mlp.answer import answer_checkpoints, check_exportable, export, load_answer
     from mlp.images import image_files, read_images
 
     parser = argparse.ArgumentParser(usage="%(prog)s MODEL [IMAGE|FOLDER ...] [--top K] [--no-prepare] "
@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 
     # Every image is read, and every output checked, before the model loads, so bad input is reported at once.
     images_in = image_files(image_paths)
-    inputs = images_in + [Path(path) for path in model_paths]
+    # A study's report.json and the checkpoints it names are inputs too, though only its folder is named.
+    reports = [Path(path) / "report.json" for path in model_paths if Path(path).is_dir()]
+    inputs = images_in + [Path(path) for path in model_paths] + reports + answer_checkpoints(model_paths)
     for flag in ("output", "export", "save_prepared"):
         if getattr(options, flag):
             check_not_an_input(Path(getattr(options, flag)), inputs, "--" + flag.replace("_", "-"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from mlp.answer import Answer, Member, export, load_answer
+from mlp.answer import Answer, Member, answer_checkpoints, export, load_answer
 from mlp.data import CLASS_NAMES, FashionMNISTDataModule, load_split, locate_fashion_mnist
 from mlp.errors import UserError, run_script
 from mlp.images import read_images
@@ -401,6 +401,17 @@ def test_predict_refuses_to_write_over_an_input_and_leaves_it_untouched(study, t
     assert len(exit.value.code.splitlines()) == 1 and photo.read_bytes() == before
 
 
+def test_predict_refuses_to_export_over_the_report_or_a_checkpoint_a_study_folder_reads(study):
+    """Named by its folder alone, a study's report.json and the answer's checkpoints are inputs all the same."""
+    report = study / "report.json"
+    for target in (report, answer_checkpoints(study)[0]):
+        before = target.read_bytes()
+        with pytest.raises(SystemExit) as exit:
+            run_script(lambda: predict.main([str(study), "--export", str(target)]), interrupted="")
+        assert "--export" in exit.value.code and "is one of the input files" in exit.value.code
+        assert target.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -672,3 +683,9 @@ def test_a_report_naming_a_checkpoint_that_would_run_code_is_refused_in_one_line
     else:
         assert f"{shared / 'report.json'} names {named}, outside its study's folder {shared}" in line
     assert not marker.exists()
+
+
+def test_a_report_of_a_study_that_completed_no_trial_says_so(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"study": "t", "trials": {"skipped (budget)": 2}}))
+    with pytest.raises(UserError, match=r"holds no final model: its study completed no trial \({'skipped"):
+        load_answer(tmp_path)

@@ -535,6 +535,16 @@ def test_ctrl_c_says_a_checkpoint_was_saved_only_where_one_was(synthetic_dir, tm
     assert exit.value.code.startswith(f"interrupted: {said}")
 
 
+def test_ctrl_c_while_fit_py_starts_says_nothing_was_saved(synthetic_dir, tmp_path, monkeypatch):
+    def interrupted_build(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mlp.cli.build_cli", interrupted_build)
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: fit.main(fit_args(synthetic_dir, tmp_path)), interrupted="a checkpoint was saved")
+    assert exit.value.code == "interrupted: no checkpoint was saved to resume from; run the same command again"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout`, a scheduler's preemption
 def test_sigint_during_fit_keeps_a_checkpoint_and_resume_finishes_the_same_epochs(synthetic_dir, tmp_path, signum):
     args = fit_args(synthetic_dir, tmp_path / "logs", "--trainer.max_epochs=15", "--model.width=256")

@@ -330,6 +330,16 @@ def test_without_storage_a_study_is_continued_in_whichever_file_of_the_folder_ho
         sqlite, journal, journal]
 
 
+def test_without_storage_a_new_study_of_several_workers_goes_to_the_journal_beside_an_sqlite_file(tmp_path):
+    """A study of one worker left optuna.db, and every later study of several workers went there too, where Optuna's
+    FAQ and docs/scaling.md advise a journal; one in optuna.db is still continued there."""
+    sqlite = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_study("alone", sqlite, "none", SearchSpace().epochs[0], seed=0)
+    assert default_storage(tmp_path, 1, "new") == sqlite
+    assert default_storage(tmp_path, 2, "new") == str(tmp_path / "optuna.journal")
+    assert default_storage(tmp_path, 2, "alone") == sqlite
+
+
 def test_a_storage_url_is_shown_without_its_password():
     assert shown("postgresql+psycopg://tune:s3cret@db/tune") == "'postgresql+psycopg://tune:***@db/tune'"
     assert shown("postgresql://tune:s3cret@db:notaport/tune") == "'postgresql://tune:***@db:notaport/tune'"
