@@ -21,7 +21,7 @@ FINISH_SECONDS = 10.0
 EVAL_EPOCHS = 0.2
 ENSEMBLE_MAX = 10  # checkpoints the final model considers for the ensemble: the best trials by validation accuracy
 REFIT_START_SECONDS = 2.0  # a refit's build, data and test beside its epochs (results.md#finishing-xeon)
-RESERVED_REFITS = 3  # best trials whose refits time is kept for: default studies' refit ensembles held 2 to 6
+RESERVED_REFITS = 3  # best trials whose refits time is kept for: a few, as default studies' refit ensembles hold
 SKIPS_IN_A_ROW = 5  # near the deadline the sampler may keep drawing trials too long for the time left
 
 
