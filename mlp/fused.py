@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mlp.errors import UserError
-from mlp.module import NUM_CLASSES, MLPClassifier, start_run
+from mlp.module import NUM_CLASSES, MLPClassifier, probing, start_run
 from mlp.records import Ending
 
 # vmap has no batching rule for `mlp.net.dropout_mask`'s in-place ge_ and warns that it loops, which measured faster.
@@ -92,12 +92,24 @@ def stack_error(model: MLPClassifier) -> str | None:
     operations stack, as do batch statistics over a model's own batch (batch_norm); data-dependent Python does not."""
     copies = [copy.deepcopy(model).train() for _ in range(2)]
     try:
-        x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
-        stack = Stack(copies)
-        stack(x, torch.zeros(2, dtype=torch.long, device=model.device), stack.manual)
+        with probing(copies[0]), probing(copies[1]):
+            x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
+            stack = Stack(copies)
+            stack(x, torch.zeros(2, dtype=torch.long, device=model.device), stack.manual)
     except Exception as error:  # whatever the net raises under vmap
         return f"{type(error).__name__}: {error}".splitlines()[0]
     return None
+
+
+def reads_progress(model: MLPClassifier) -> bool:
+    """Whether the model's step reads its run's progress (`self.current_epoch`, `self.global_step`,
+    `self.trainer.max_epochs`), from one step of a copy: a stack runs one model's Python for all, so then only
+    models at one point of runs of one length stack."""
+    copied = copy.deepcopy(model).train()  # a copy carries no Trainer (LightningModule.__getstate__)
+    with probing(copied) as trainer:
+        x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
+        copied.model_step((x, torch.zeros(2, dtype=torch.long, device=model.device)))
+    return trainer.read_progress
 
 
 def padding_error(model: MLPClassifier) -> str | None:
@@ -106,8 +118,8 @@ def padding_error(model: MLPClassifier) -> str | None:
     hp = {**model.hparams, "dropout": 0.0}
     if not getattr(model.net, "widths_pad_exactly", False) or not hp.get("depth"):
         return None
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG kept
-        narrow, wide = type(model)(**hp).train(), type(model)(**{**hp, "width": hp["width"] + 1}).train()
+    narrow, wide = type(model)(**hp).train(), type(model)(**{**hp, "width": hp["width"] + 1}).train()
+    with probing(narrow), probing(wide):
         x, y = torch.rand(4, hp["input_size"]), torch.arange(4) % NUM_CLASSES
         alone, padded = Stack([narrow])(x, y, False)[0][0], Stack([narrow, wide])(x, y, False)[0][0]
     if torch.allclose(alone, padded, rtol=1e-4, atol=1e-6):
@@ -203,14 +215,15 @@ class MemberTrainer:
 
 # The hooks by which Lightning trains and validates a model alone: a stack is trained by them (FusedClassifier's),
 # and calls its models' `model_step` (or `manual_gradients`), `optimizer_and_schedule` and metrics' methods instead.
-TRAINING_HOOKS = re.compile(r"(on_(train|validation|before|after_backward|fit)|optimizer_|configure_optimizers$|"
-                            r"training_step$|validation_step$|lr_scheduler_step$|backward$|on_save_checkpoint$)")
+TRAINING_HOOKS = re.compile(r"on_(train|validation|before|after|fit)_\w+|optimizer_\w+|configure_(optimizers|model|"
+                            r"gradient_clipping|callbacks)|(training|validation)_step|lr_scheduler_step|backward|setup|"
+                            r"teardown|transfer_batch_to_device|on_save_checkpoint")
 
 
 def hooks_a_stack_skips(model: MLPClassifier) -> list[str]:
     """The training hooks `model`'s class overrides beyond MLPClassifier's own, which no trial calls."""
     hooks = {name for cls in L.LightningModule.__mro__ if cls.__module__.startswith("lightning.")
-             for name, value in vars(cls).items() if inspect.isfunction(value) and TRAINING_HOOKS.match(name)}
+             for name, value in vars(cls).items() if inspect.isfunction(value) and TRAINING_HOOKS.fullmatch(name)}
     return sorted(name for name in hooks - {"on_train_epoch_start"}  # the one a stack calls of each model
                   if getattr(type(model), name) is not getattr(MLPClassifier, name))
 
@@ -231,6 +244,7 @@ class FusedClassifier(L.LightningModule):
         self.pad_widths, self.on_leave, self.refill = pad_widths, on_leave, refill
         self.models = nn.ModuleList(models)  # registered, so Lightning moves and converts them with the module
         self.members = [Member(*member) for member in zip(names, models, epochs, loggers or [None] * len(models))]
+        self.reads_progress: dict[tuple, bool] = {}  # by stack_key
         self.restack()  # and again once Lightning has moved the models to their device (on_fit_start)
         self.steps_per_epoch = 0  # set with the optimisers
         # name -> (how, detail), of models that leave at this epoch's end, and of those that left.
@@ -250,10 +264,16 @@ class FusedClassifier(L.LightningModule):
         return self.members[self.names.index(name)].model
 
     def restack(self) -> None:
-        """One stack per `stack_key`; the members in stack order, so that model k is the k-th output."""
+        """One stack per `stack_key`, and where the step reads its progress (`reads_progress`) per point of the run
+        and its length; the members in stack order, so that model k is the k-th output."""
         stacks: dict[tuple, list[Member]] = {}
         for member in self.members:
-            stacks.setdefault(stack_key(member.model, self.pad_widths), []).append(member)
+            key = stack_key(member.model, self.pad_widths)
+            if key not in self.reads_progress:
+                self.reads_progress[key] = reads_progress(member.model)
+            if self.reads_progress[key]:
+                key = (*key, member.first_epoch, member.first_step, member.epochs)
+            stacks.setdefault(key, []).append(member)
         self.members = [member for group in stacks.values() for member in group]
         self.stacks = [Stack([member.model for member in group]) for group in stacks.values()]
 

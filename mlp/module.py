@@ -3,10 +3,12 @@
 Everything a model computes is written here once: `mlp.fused` trains K of them at once by calling these same methods
 under `torch.func.vmap`, so a fork that overrides `loss` or swaps `self.net` changes stacked trials too."""
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -113,6 +115,34 @@ def check_hyperparameters(hp: Mapping[str, Any]) -> None:
     check(0 <= hp["augment_flip"] <= 1, f"augment_flip (a probability) must be in [0, 1], got {hp['augment_flip']}")
 
 
+class ProbeTrainer:
+    """The Trainer as a probe of a model's step sees it (`check_manual_backward`, `mlp.fused`'s probes): a run at its
+    start, noting whether the step read the run's progress; the step's own `self.log` is dropped (barebones)."""
+
+    barebones = True
+
+    def __init__(self) -> None:
+        self.read_progress = False
+
+    def progress(self, value: int) -> int:
+        self.read_progress = True
+        return value
+
+    current_epoch = property(lambda self: self.progress(0))
+    global_step = property(lambda self: self.progress(0))
+    max_epochs = property(lambda self: self.progress(1))
+
+
+@contextlib.contextmanager
+def probing(model: "MLPClassifier") -> Iterator[ProbeTrainer]:
+    """A block in which `model` (a copy made to probe) runs its step as at a run's start, the caller's RNG kept."""
+    model.trainer = trainer = ProbeTrainer()  # type: ignore[assignment]
+    devices = [model.device.index] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are trying to `self.log()`")
+        yield trainer
+
+
 def check_manual_backward(model: "MLPClassifier") -> None:
     """Refuse --model.backward manual where the gradients written by hand are not those of the model's own loss: a
     fork that changed `loss` (or the net) without its backward would train on the template's cross-entropy while
@@ -121,7 +151,7 @@ def check_manual_backward(model: "MLPClassifier") -> None:
     if model.automatic_optimization or torch.is_inference_mode_enabled():
         return
     probe, y = copy.deepcopy(model).double().train(), torch.arange(4) % NUM_CLASSES
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the caller's RNG kept
+    with probing(probe), torch.enable_grad():
         x = torch.rand(4, probe.hparams.input_size, dtype=torch.float64)
         torch.manual_seed(0)  # the same dropout masks and augmentation in both
         try:

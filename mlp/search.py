@@ -2,7 +2,7 @@
 
 import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -70,15 +70,16 @@ class SearchSpace:
         bounds = getattr(self, name)
         return value in bounds if name in CHOICES else bounds[0] <= value <= bounds[1]
 
-    def validate(self) -> None:
-        """A clear error for a range no trial could train with: each bound is checked as the model checks a value."""
+    def validate(self, model: Mapping[str, Any] | None = None) -> None:
+        """A clear error for a range no trial could train with: each bound is checked as the model checks a value,
+        beside the `model`'s other hyperparameters (the fit flags'; by default MLPClassifier's defaults)."""
         for name, bounds in self.searched().items():
             if name in CHOICES:
                 continue  # the flag's parser takes only the hyperparameter's values
             flag = f"--{name.replace('_', '-')} {' '.join(map(str, bounds))}"
             for bound in bounds if FIT_FLAGS[name].startswith("model.") else ():  # first: NaN is no bound to order
                 try:
-                    check_hyperparameters({**MODEL_DEFAULTS, FIT_FLAGS[name].removeprefix("model."): bound})
+                    check_hyperparameters({**(model or MODEL_DEFAULTS), FIT_FLAGS[name].removeprefix("model."): bound})
                 except UserError as error:
                     raise UserError(f"{flag}: {error}") from None
             check(bounds[0] <= bounds[1], f"{flag}: the low bound is above the high bound")

@@ -71,7 +71,6 @@ class StudyConfig:
     final: str = FINAL_CHOICES[0]  # the final model the report answers with (`mlp.final`)
 
     def validate(self) -> None:
-        self.space.validate()
         check(STUDY_NAME.fullmatch(self.study_name) is not None and not self.study_name.startswith("optuna."),
               f"--study-name {self.study_name!r} must be one folder name of letters, digits, '.', '_' and '-' (not "
               "first), at most 100 characters, not beginning 'optuna.': it names the study's folder in the log "
@@ -100,6 +99,7 @@ def run_study(config: StudyConfig,
     n_trials, fuse = config.n_trials, config.fuse
     # Build one run from the fit flags before any trial, so a bad flag or missing data stops us here.
     cli = build_cli(fit_args)
+    space.validate(cli.model.hparams)  # each range beside the fit flags' other hyperparameters
     pinned = pinned_by(fit_args, cli.config, cli.parser.get_defaults())
     for name in pinned:
         check(name not in config.ranges_given,

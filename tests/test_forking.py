@@ -15,7 +15,7 @@ import yaml
 
 from mlp.cli import MLPCLI, build_cli, fit
 from mlp.errors import UserError
-from mlp.fused import hooks_a_stack_skips, padding_error, stack_error
+from mlp.fused import hooks_a_stack_skips, padding_error, reads_progress, stack_error
 from mlp.gpu_sizing import why_unfusable
 from mlp.module import MLPClassifier, cross_entropy_grad
 from mlp.net import relu
@@ -57,6 +57,13 @@ def test_the_momentum_example_of_forking_md_tunes_momentum(synthetic_dir, tmp_pa
     assert 0.5 <= report["best_params"]["momentum"] <= 0.95
     first = yaml.safe_load((tmp_path / "logs" / "tune" / "momentum" / "trial_0" / "config.yaml").read_text())
     assert first["model"]["momentum"] == 0.9  # fit's own, as the page says
+    # A range is checked beside the fit flags' other hyperparameters: momentum 0 is no bound with Nesterov's on (the
+    # default), and one with --model.nesterov false.
+    code = ("from mlp.errors import UserError\nfrom mlp.search import MODEL_DEFAULTS, SearchSpace\n"
+            "space = SearchSpace(momentum=(0.0, 0.9))\nspace.validate({**MODEL_DEFAULTS, 'nesterov': False})\n"
+            "try:\n    space.validate()\nexcept UserError as error:\n    print(error)")
+    checked = subprocess.run([sys.executable, "-c", code], cwd=fork, env=env, capture_output=True, text=True)
+    assert checked.stdout.strip() == "--momentum 0.0 0.9: nesterov needs momentum > 0", checked.stderr[-2000:]
     assert sum(report["trials"].get(state, 0) for state in ("complete", "pruned")) == 2
 
 
@@ -179,6 +186,30 @@ def test_a_loss_that_reads_the_runs_epoch_trains_in_a_stack_as_in_fit(synthetic_
     assert (plain["net.params.0"] - stacked["net.params.0"]).abs().max() > 1e-4
 
 
+def test_models_whose_step_reads_its_progress_stack_only_with_models_at_the_same_point_of_runs_as_long(
+        synthetic_dir, tmp_path, monkeypatch):
+    """A stack runs one model's Python for all: a second trial of 3 epochs beside one of 2 had read 2 as its
+    max_epochs (as a trial joining a stack read the epoch of the one it joined)."""
+    assert not reads_progress(MLPClassifier(depth=1, width=16))  # the template's stacks are unchanged
+    monkeypatch.setattr(MLPClassifier, "loss", epoch_weighted_loss)
+    assert reads_progress(MLPClassifier(depth=1, width=16)) and stack_error(MLPClassifier(depth=1, width=16)) is None
+    args = [f"--data.data_dir={synthetic_dir}", "--data.val_size=0", "--model.depth=1", "--model.width=16",
+            "--data.batch_size=64", "--trainer.precision=64-true", "--trainer.max_epochs=2"]
+
+    def weights(fuse: int) -> dict[str, dict]:
+        logs = [f"--trainer.logger.init_args.save_dir={tmp_path / str(fuse)}", "--trainer.logger.init_args.version"]
+        runs = {name: build_cli([*args, f"--trainer.max_epochs={epochs}", *logs[:1], f"{logs[1]}={name}"])
+                for name, epochs in (("a", 2), ("b", 3))}
+        ends: dict = {}
+        for group in ([runs] if fuse == 2 else [{name: cli} for name, cli in runs.items()]):
+            train_runs(group, args, fuse, ends.__setitem__)
+        return {name: torch.load(end.checkpoint, weights_only=True)["state_dict"] for name, end in ends.items()}
+
+    alone, stacked = weights(1), weights(2)
+    for key, value in alone["b"].items():
+        torch.testing.assert_close(stacked["b"][key], value, rtol=1e-9, atol=1e-9)
+
+
 class ItemNet(ResidualMLP):
     """A fork's net with data-dependent Python, which vmap cannot run."""
 
@@ -210,13 +241,16 @@ def test_a_loss_that_logs_is_refused_in_a_trial_and_a_subclass_hook_trials_skip_
         def configure_optimizers(self) -> dict:
             return super().configure_optimizers()
 
+        def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> tuple:
+            return batch
+
     assert hooks_a_stack_skips(MLPClassifier(depth=1, width=16)) == []
-    assert hooks_a_stack_skips(Fork(depth=1, width=16)) == ["configure_optimizers"]
+    assert hooks_a_stack_skips(Fork(depth=1, width=16)) == ["configure_optimizers", "on_after_batch_transfer"]
 
     cli = build_cli([f"--data.data_dir={synthetic_dir}", "--model.depth=1", "--model.width=16",
                      f"--trainer.logger.init_args.save_dir={tmp_path / 'tune'}"])
     cli.model = Fork(depth=1, width=16)
-    with pytest.raises(UserError, match="Fork overrides configure_optimizers, which fit.py calls and tune.py's"):
+    with pytest.raises(UserError, match="Fork overrides configure_optimizers, on_after_batch_transfer, which fit.py calls and tune.py's"):
         check_trials_can_train_as_fit(cli, 1)
     cli.model = MLPClassifier(depth=1, width=16)
     cli.model.net = ItemNet(784, 1, 16, 10)
