@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mlp.errors import UserError
-from mlp.module import NUM_CLASSES, MLPClassifier, probing, start_run
+from mlp.module import NUM_CLASSES, MLPClassifier, ProbeTrainer, probing, start_run
 from mlp.records import Ending
 
 # vmap has no batching rule for `mlp.net.dropout_mask`'s in-place ge_ and warns that it loops, which measured faster.
@@ -101,15 +101,25 @@ def stack_error(model: MLPClassifier) -> str | None:
     return None
 
 
-def reads_progress(model: MLPClassifier) -> bool:
-    """Whether the model's step reads its run's progress (`self.current_epoch`, `self.global_step`,
-    `self.trainer.max_epochs`), from one step of a copy: a stack runs one model's Python for all, so then only
-    models at one point of runs of one length stack."""
+def probe_step(model: MLPClassifier) -> ProbeTrainer:
+    """What one training step of a copy of `model`, as at a run's start, reads of its Trainer."""
     copied = copy.deepcopy(model).train()  # a copy carries no Trainer (LightningModule.__getstate__)
     with probing(copied) as trainer:
         x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
-        copied.model_step((x, torch.zeros(2, dtype=torch.long, device=model.device)))
-    return trainer.read_progress
+        try:
+            copied.model_step((x, torch.zeros(2, dtype=torch.long, device=model.device)))
+        except AttributeError:
+            if not trainer.other_reads:
+                raise
+    return trainer
+
+
+def reads_progress(model: MLPClassifier) -> bool:
+    """Whether the model's step reads its run's progress (`self.current_epoch`, `self.global_step`,
+    `self.trainer.max_epochs`, ...) or anything else of its Trainer: a stack runs one model's Python for all, so
+    then only models at one point of runs of one length stack."""
+    trainer = probe_step(model)
+    return trainer.read_progress or bool(trainer.other_reads)
 
 
 def padding_error(model: MLPClassifier) -> str | None:
@@ -118,10 +128,11 @@ def padding_error(model: MLPClassifier) -> str | None:
     hp = {**model.hparams, "dropout": 0.0}
     if not getattr(model.net, "widths_pad_exactly", False) or not hp.get("depth"):
         return None
-    narrow, wide = type(model)(**hp).train(), type(model)(**{**hp, "width": hp["width"] + 1}).train()
-    with probing(narrow), probing(wide):
-        x, y = torch.rand(4, hp["input_size"]), torch.arange(4) % NUM_CLASSES
-        alone, padded = Stack([narrow])(x, y, False)[0][0], Stack([narrow, wide])(x, y, False)[0][0]
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG kept
+        narrow, wide = type(model)(**hp).train(), type(model)(**{**hp, "width": hp["width"] + 1}).train()
+        with probing(narrow), probing(wide):
+            x, y = torch.rand(4, hp["input_size"]), torch.arange(4) % NUM_CLASSES
+            alone, padded = Stack([narrow])(x, y, False)[0][0], Stack([narrow, wide])(x, y, False)[0][0]
     if torch.allclose(alone, padded, rtol=1e-4, atol=1e-6):
         return None
     return (f"{type(model.net).__name__} says its widths pad exactly (widths_pad_exactly), but a stack padded to a "
@@ -207,6 +218,10 @@ class MemberTrainer:
         return self.member.epochs
 
     @property
+    def estimated_stepping_batches(self) -> int:
+        return self.member.epochs * self.module.steps_per_epoch
+
+    @property
     def _results(self) -> None:  # what LightningModule.log reads first
         raise UserError(f"{type(self.member.model).__name__} calls self.log as it trains, which a trial in tune.py "
                         "cannot (the stack writes each trial's run): return the figure from train_epoch_scalars or "
@@ -224,8 +239,7 @@ def hooks_a_stack_skips(model: MLPClassifier) -> list[str]:
     """The training hooks `model`'s class overrides beyond MLPClassifier's own, which no trial calls."""
     hooks = {name for cls in L.LightningModule.__mro__ if cls.__module__.startswith("lightning.")
              for name, value in vars(cls).items() if inspect.isfunction(value) and TRAINING_HOOKS.fullmatch(name)}
-    return sorted(name for name in hooks - {"on_train_epoch_start"}  # the one a stack calls of each model
-                  if getattr(type(model), name) is not getattr(MLPClassifier, name))
+    return sorted(name for name in hooks if getattr(type(model), name) is not getattr(MLPClassifier, name))
 
 
 class FusedClassifier(L.LightningModule):

@@ -117,12 +117,13 @@ def check_hyperparameters(hp: Mapping[str, Any]) -> None:
 
 class ProbeTrainer:
     """The Trainer as a probe of a model's step sees it (`check_manual_backward`, `mlp.fused`'s probes): a run at its
-    start, noting whether the step read the run's progress; the step's own `self.log` is dropped (barebones)."""
+    start, noting whether the step read the run's progress and which other attributes it asked for, which a probe
+    has none of; the step's own `self.log` is dropped (barebones)."""
 
     barebones = True
 
     def __init__(self) -> None:
-        self.read_progress = False
+        self.read_progress, self.other_reads = False, []
 
     def progress(self, value: int) -> int:
         self.read_progress = True
@@ -131,6 +132,11 @@ class ProbeTrainer:
     current_epoch = property(lambda self: self.progress(0))
     global_step = property(lambda self: self.progress(0))
     max_epochs = property(lambda self: self.progress(1))
+    estimated_stepping_batches = property(lambda self: self.progress(1))
+
+    def __getattr__(self, name: str) -> Any:
+        self.other_reads.append(name)
+        raise AttributeError(f"a probe of the model's step has no Trainer.{name}")
 
 
 @contextlib.contextmanager
@@ -151,16 +157,21 @@ def check_manual_backward(model: "MLPClassifier") -> None:
     if model.automatic_optimization or torch.is_inference_mode_enabled():
         return
     probe, y = copy.deepcopy(model).double().train(), torch.arange(4) % NUM_CLASSES
-    with probing(probe), torch.enable_grad():
+    with probing(probe) as trainer, torch.enable_grad():
         x = torch.rand(4, probe.hparams.input_size, dtype=torch.float64)
         torch.manual_seed(0)  # the same dropout masks and augmentation in both
         try:
             by_hand = probe.manual_gradients(x, y)[2]
         except (TypeError, AttributeError) as error:
+            check(not trainer.other_reads, f"--model.backward manual: the loss reads self.trainer."
+                  f"{(trainer.other_reads or [''])[0]}, which the check of the gradients written by hand cannot give")
             raise UserError(f"--model.backward manual needs the net's forward(x, cache) and backward(cache, "
                             f"grad_logits), which {type(probe.net).__name__} lacks ({error}): use autograd") from None
         torch.manual_seed(0)
         by_autograd = torch.autograd.grad(probe.model_step((x, y))[0], list(probe.net.parameters()))
+    # Compared once, at a run's start: a loss that changes with the run's progress would pass here and differ later.
+    check(not trainer.read_progress, "--model.backward manual: the loss reads the run's progress, which the one check "
+          "of the gradients written by hand, at a run's start, cannot follow: use autograd")
     check(len(by_hand) == len(by_autograd) and all(
         torch.allclose(hand, auto, rtol=1e-6, atol=1e-12) for hand, auto in zip(by_hand, by_autograd)),
         "--model.backward manual: the gradients written by hand (MLPClassifier.manual_gradients, the net's backward) "

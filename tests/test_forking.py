@@ -15,7 +15,7 @@ import yaml
 
 from mlp.cli import MLPCLI, build_cli, fit
 from mlp.errors import UserError
-from mlp.fused import hooks_a_stack_skips, padding_error, reads_progress, stack_error
+from mlp.fused import hooks_a_stack_skips, padding_error, probe_step, reads_progress, stack_error
 from mlp.gpu_sizing import why_unfusable
 from mlp.module import MLPClassifier, cross_entropy_grad
 from mlp.net import relu
@@ -250,7 +250,7 @@ def test_a_loss_that_logs_is_refused_in_a_trial_and_a_subclass_hook_trials_skip_
     cli = build_cli([f"--data.data_dir={synthetic_dir}", "--model.depth=1", "--model.width=16",
                      f"--trainer.logger.init_args.save_dir={tmp_path / 'tune'}"])
     cli.model = Fork(depth=1, width=16)
-    with pytest.raises(UserError, match="Fork overrides configure_optimizers, on_after_batch_transfer, which fit.py calls and tune.py's"):
+    with pytest.raises(UserError, match="Fork overrides configure_optimizers, on_after_batch_transfer, which fit.py"):
         check_trials_can_train_as_fit(cli, 1)
     cli.model = MLPClassifier(depth=1, width=16)
     cli.model.net = ItemNet(784, 1, 16, 10)
@@ -282,3 +282,23 @@ def test_a_net_that_claims_its_widths_pad_exactly_is_checked_before_stacks_pad_i
     assert why_unfusable(cli) is None  # the CPU pads no width
     monkeypatch.setattr("mlp.gpu_sizing.pads_widths", lambda cli: True)  # as on a GPU
     assert "widths_pad_exactly" in why_unfusable(cli)[0]
+
+
+def test_a_step_reading_the_trainer_beyond_its_progress_is_refused_by_tune_and_manual_backward_checks_it(
+        synthetic_dir, tmp_path, monkeypatch):
+    def batches_loss(self: MLPClassifier, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ORIGINAL_LOSS(self, logits, y) * (1 + 1 / self.trainer.estimated_stepping_batches)
+
+    monkeypatch.setattr(MLPClassifier, "loss", batches_loss)  # the trial's own length: stacks of its like
+    assert reads_progress(MLPClassifier(depth=1, width=16)) and not probe_step(MLPClassifier()).other_reads
+    with pytest.raises(UserError, match="the loss reads the run's progress, which the one check"):
+        MLPClassifier(depth=1, width=16, backward="manual")
+
+    def clipping_loss(self: MLPClassifier, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ORIGINAL_LOSS(self, logits, y) * self.trainer.accumulate_grad_batches
+
+    monkeypatch.setattr(MLPClassifier, "loss", clipping_loss)
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", "--model.depth=1", "--model.width=16",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    with pytest.raises(UserError, match="reads self.trainer.accumulate_grad_batches as it trains, which no trial"):
+        check_trials_can_train_as_fit(cli, 1)
