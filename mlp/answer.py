@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mlp import classes
 from mlp.data import CLASS_NAMES, IMAGE_SIDE, DatasetNotFoundError, FashionMNISTDataModule
 from mlp.errors import UserError, check, why_not_a_file
 from mlp.loading import FINAL_MODELS, inside, load_model, read_checkpoint, read_report
@@ -117,7 +118,7 @@ def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Mem
     settings = content.datamodule_hyper_parameters
     key = (data_dir or settings.data_dir, settings.val_size, settings.seed)
     if key not in statistics:
-        data = FashionMNISTDataModule(key[0], val_size=settings.val_size, seed=settings.seed)
+        data = classes.DATA(key[0], val_size=settings.val_size, seed=settings.seed)
         try:
             data.setup("fit")
         except DatasetNotFoundError:

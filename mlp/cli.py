@@ -28,10 +28,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.multiprocessing import ProcessRaisedException
 
-from mlp.data import FashionMNISTDataModule
+from mlp import classes
 from mlp.errors import UserError, check
 from mlp.loading import read_checkpoint
-from mlp.module import MLPClassifier
 
 LOG_DIR = "lightning_logs"
 SEEDS = 2**32  # --seed_everything's values, numpy's seeds: 0 to SEEDS - 1
@@ -435,7 +434,7 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
         # tune.py's own flags stay in sys.argv while its trials pass their fit flags as `args`.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return MLPCLI(
-            MLPClassifier, FashionMNISTDataModule, run=False, args=args, seed_everything_default=0,
+            classes.MODEL, classes.DATA, run=False, args=args, seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
             # The model and data save their own __init__ arguments (save_hyperparameters), all plain values, so a

@@ -20,9 +20,10 @@ import yaml
 from optuna.trial import FrozenTrial
 from torch import Tensor
 
+from mlp import classes
 from mlp.budget import ENSEMBLE_MAX, Budget
 from mlp.cli import MLPCLI, SEEDS, build_cli
-from mlp.data import EVAL_BATCH_SIZE, FashionMNISTDataModule
+from mlp.data import EVAL_BATCH_SIZE
 from mlp.errors import UserError, check
 from mlp.loading import load_model, read_checkpoint
 from mlp.records import Ending, TrialRecord
@@ -257,7 +258,7 @@ def test_checkpoints(checkpoints: list[str], data_dir: str | None = None) -> dic
     check(len(trained_on) == 1, "the checkpoints were trained on different validation splits (val_size, seed): "
           f"{sorted(trained_on)}; average checkpoints from one split")
     val_size, seed = settings[0].val_size, settings[0].seed
-    data = FashionMNISTDataModule(data_dir or settings[0].data_dir, val_size=val_size, seed=seed)
+    data = classes.DATA(data_dir or settings[0].data_dir, val_size=val_size, seed=seed)
     data.setup("test")
     splits = {"val": data.val_set, "test": data.test_set} if val_size else {"test": data.test_set}
     softmax = evaluate(checkpoints, {name: split.tensors[0] for name, split in splits.items()})

@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError
 
+from mlp import classes
 from mlp.errors import UserError, check, why_not_a_file
 from mlp.module import MLPClassifier
 
@@ -132,7 +133,7 @@ def load_model(path: Path) -> MLPClassifier:
     values only. Callers handed the file check it with `read_checkpoint` first; a study's own trials need not."""
     check_is_a_file(path)
     try:
-        model = MLPClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        model = classes.MODEL.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise refused(path) from None
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # arguments or weights that do not fit the net

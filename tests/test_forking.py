@@ -13,12 +13,16 @@ import pytest
 import torch
 import yaml
 
+from mlp import final
 from mlp.cli import MLPCLI, build_cli, fit
+from mlp.data import FashionMNISTDataModule
 from mlp.errors import UserError
 from mlp.fused import hooks_a_stack_skips, padding_error, probe_step, reads_progress, stack_error
 from mlp.gpu_sizing import why_unfusable
+from mlp.loading import load_model
 from mlp.module import MLPClassifier, cross_entropy_grad
 from mlp.net import relu
+from mlp.run import train
 from mlp.trials import train_runs
 from mlp.tune import check_trials_can_train_as_fit
 
@@ -302,3 +306,36 @@ def test_a_step_reading_the_trainer_beyond_its_progress_is_refused_by_tune_and_m
                      f"--trainer.logger.init_args.save_dir={tmp_path}"])
     with pytest.raises(UserError, match="reads self.trainer.accumulate_grad_batches as it trains, which no trial"):
         check_trials_can_train_as_fit(cli, 1)
+
+
+class PenalisedModel(MLPClassifier):
+    """A fork's model, a subclass named in mlp/classes.py."""
+
+    loss = penalised_loss
+
+
+class CountedData(FashionMNISTDataModule):
+    """A fork's data module, a subclass named in mlp/classes.py, counting its builds."""
+
+    built = 0
+
+    def setup(self, stage: str) -> None:
+        CountedData.built += 1
+        super().setup(stage)
+
+
+def test_a_fork_names_its_model_and_data_module_once_and_runs_loading_and_final_tests_use_them(
+        synthetic_dir, tmp_path, monkeypatch):
+    """fit.py and every trial built the classes build_cli named, while loading and the final models' tests named the
+    template's: a fork's data module's refit ensemble was tested on Fashion-MNIST, its model's checkpoint loaded as
+    MLPClassifier."""
+    monkeypatch.setattr("mlp.classes.MODEL", PenalisedModel)
+    monkeypatch.setattr("mlp.classes.DATA", CountedData)
+    cli = build_cli([f"--data.data_dir={synthetic_dir}", "--data.val_size=100", "--trainer.max_epochs=1",
+                     "--model.depth=1", "--model.width=16", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert isinstance(cli.model, PenalisedModel) and isinstance(cli.datamodule, CountedData)
+    checkpoint = train(cli)
+    assert isinstance(load_model(Path(checkpoint)), PenalisedModel)
+    built = CountedData.built
+    final.test_checkpoints([checkpoint])
+    assert CountedData.built == built + 1

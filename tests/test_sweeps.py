@@ -236,7 +236,7 @@ def test_report_tests_an_ensemble_chosen_on_val_and_refits_each_once_and_falls_b
     # which rebuilds the split its checkpoints were trained on.
     assert tested == [refits["checkpoints"]]
     built = []
-    monkeypatch.setattr(mlp.final, "FashionMNISTDataModule",
+    monkeypatch.setattr("mlp.classes.DATA",
                         lambda *args, **kwargs: built.append(FashionMNISTDataModule(*args, **kwargs)) or built[-1])
     assert test_checkpoints(refits["checkpoints"])["test_acc"] == refits["test_acc"]
     assert [len(data.train_set) for data in built] == [800]

@@ -294,8 +294,8 @@ def test_runs_built_from_other_classes_get_a_parser_of_their_own(synthetic_dir, 
     class OtherModel(MLPClassifier):
         pass
 
-    monkeypatch.setattr("mlp.cli.FashionMNISTDataModule", OtherData)
-    monkeypatch.setattr("mlp.cli.MLPClassifier", OtherModel)
+    monkeypatch.setattr("mlp.classes.DATA", OtherData)
+    monkeypatch.setattr("mlp.classes.MODEL", OtherModel)
     other = build_cli(args)
     assert type(other.datamodule) is OtherData and type(other.model) is OtherModel
     assert other.parser is not first.parser
@@ -312,7 +312,7 @@ def test_the_model_takes_its_input_size_from_the_data_module_and_reloads_alone(s
     class HalfImages(FashionMNISTDataModule):  # a fork's data module serving 392 numbers an example
         input_size = 392
 
-    monkeypatch.setattr("mlp.cli.FashionMNISTDataModule", HalfImages)
+    monkeypatch.setattr("mlp.classes.DATA", HalfImages)
     cli = build_cli(fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=8"))
     assert cli.model.net.layers[0][0].shape == (392, 8)
     checkpoint = tmp_path / "model.ckpt"
