@@ -93,21 +93,25 @@ def stack_error(model: MLPClassifier) -> str | None:
     copies = [copy.deepcopy(model).train() for _ in range(2)]
     try:
         with probing(copies[0]), probing(copies[1]):
-            x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
             stack = Stack(copies)
-            stack(x, torch.zeros(2, dtype=torch.long, device=model.device), stack.manual)
+            stack(*probe_batch(model), stack.manual)
     except Exception as error:  # whatever the net raises under vmap
         return f"{type(error).__name__}: {error}".splitlines()[0]
     return None
+
+
+def probe_batch(model: MLPClassifier) -> tuple[Tensor, Tensor]:
+    """Two blank images and their labels, as the probes of a model's step feed it."""
+    return (torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device),
+            torch.zeros(2, dtype=torch.long, device=model.device))
 
 
 def probe_step(model: MLPClassifier) -> ProbeTrainer:
     """What one training step of a copy of `model`, as at a run's start, reads of its Trainer."""
     copied = copy.deepcopy(model).train()  # a copy carries no Trainer (LightningModule.__getstate__)
     with probing(copied) as trainer:
-        x = torch.zeros(2, model.hparams.input_size, dtype=model.dtype, device=model.device)
         try:
-            copied.model_step((x, torch.zeros(2, dtype=torch.long, device=model.device)))
+            copied.model_step(probe_batch(model))
         except AttributeError:
             if not trainer.other_reads:
                 raise
@@ -270,9 +274,9 @@ class FusedClassifier(L.LightningModule):
         return [member.name for member in self.members]
 
     def progress(self, k: int) -> tuple[int, int]:
-        """Model k's own epoch (from 0) and optimiser steps done, counted from where it joined."""
-        member = self.members[k]
-        return self.current_epoch - member.first_epoch, self.global_step - member.first_step
+        """Model k's own epoch (from 0) and optimiser steps done, counted from where it joined (`MemberTrainer`)."""
+        trainer = self.members[k].model.trainer
+        return trainer.current_epoch, trainer.global_step
 
     def model(self, name: str) -> MLPClassifier:
         return self.members[self.names.index(name)].model
@@ -306,8 +310,8 @@ class FusedClassifier(L.LightningModule):
         return self.all_optimizers
 
     def give_optimizer(self, member: Member) -> None:
-        member.model.trainer = MemberTrainer(self, member)  # type: ignore[assignment]
-        configured = member.model.optimizer_and_schedule(member.epochs * self.steps_per_epoch, not self.pad_widths)
+        member.model.trainer = trainer = MemberTrainer(self, member)  # type: ignore[assignment]
+        configured = member.model.optimizer_and_schedule(trainer.estimated_stepping_batches, not self.pad_widths)
         member.optimizer = configured["optimizer"]
         member.scheduler = configured.get("lr_scheduler", {}).get("scheduler")
 

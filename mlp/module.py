@@ -163,8 +163,9 @@ def check_manual_backward(model: "MLPClassifier") -> None:
         try:
             by_hand = probe.manual_gradients(x, y)[2]
         except (TypeError, AttributeError) as error:
-            check(not trainer.other_reads, f"--model.backward manual: the loss reads self.trainer."
-                  f"{(trainer.other_reads or [''])[0]}, which the check of the gradients written by hand cannot give")
+            if trainer.other_reads:
+                raise UserError(f"--model.backward manual: the loss reads self.trainer.{trainer.other_reads[0]}, which "
+                                "the check of the gradients written by hand cannot give") from None
             raise UserError(f"--model.backward manual needs the net's forward(x, cache) and backward(cache, "
                             f"grad_logits), which {type(probe.net).__name__} lacks ({error}): use autograd") from None
         torch.manual_seed(0)

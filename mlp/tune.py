@@ -24,7 +24,7 @@ from mlp.budget import FINISH_SECONDS, Budget
 from mlp.cli import MLPCLI, DivergenceGuard, build_cli, check_keeps_a_checkpoint
 from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
-from mlp.errors import check
+from mlp.errors import UserError, check
 from mlp.final import FINAL_CHOICES, refitted
 from mlp.fused import hooks_a_stack_skips, probe_step
 from mlp.gpu_sizing import auto_fuse, check_fusable, free_gpu_bytes, pads_widths
@@ -159,10 +159,11 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
     check(not (skipped := hooks_a_stack_skips(cli.model)), f"{model} overrides {', '.join(skipped)}, which fit.py "
           "calls and tune.py's trials, trained through model_step, loss and optimizer_and_schedule (mlp/fused.py), "
           "never do: make the change in those (docs/forking.md), or train it with fit.py alone")
-    other = probe_step(cli.model).other_reads
-    check(not other, f"{model} reads self.trainer.{(other or [''])[0]} as it trains, which no trial in tune.py has a "
-          "value of its own for: read its current_epoch, global_step, max_epochs or estimated_stepping_batches, which "
-          "are the trial's own (docs/forking.md), or train it with fit.py alone")
+    if other := probe_step(cli.model).other_reads:
+        raise UserError(f"{model} reads self.trainer.{other[0]} as it trains, which no trial in tune.py has a value "
+                        "of its own for: read its current_epoch, global_step, max_epochs or "
+                        "estimated_stepping_batches, which are the trial's own (docs/forking.md), or train it with "
+                        "fit.py alone")
     net = type(cli.model.net).__name__
     check(callable(getattr(cli.model.net, "multiply_adds", None)), f"tune.py counts each trial's cost by its net's "
           f"multiply_adds(), which {net} lacks: give it one (docs/forking.md#the-cost-of-a-trial)")

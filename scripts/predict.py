@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     images_in = image_files(image_paths)
     # A study's report.json and the checkpoints it names are inputs too, though only its folder is named.
     reports = [Path(path) / "report.json" for path in model_paths if Path(path).is_dir()]
-    inputs = images_in + [Path(path) for path in model_paths] + reports + answer_checkpoints(model_paths)
+    checkpoints = answer_checkpoints(model_paths)  # the study's report is read once
+    inputs = images_in + [Path(path) for path in model_paths] + reports + checkpoints
     for flag in ("output", "export", "save_prepared"):
         if getattr(options, flag):
             check_not_an_input(Path(getattr(options, flag)), inputs, "--" + flag.replace("_", "-"))
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                                                             [len(images) for _, images in read])]
         for target in targets:
             check_not_an_input(target, inputs, "--save-prepared")
-    model = load_answer(model_paths, data_dir=options.data_dir)
+    model = load_answer(checkpoints, data_dir=options.data_dir)
     if options.save_prepared:
         folder.mkdir(parents=True, exist_ok=True)
         for target, image in zip(targets, torch.cat([images for _, images in read]) if read else []):
