@@ -209,21 +209,10 @@ class MemberTrainer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module.trainer, name)
 
-    @property
-    def current_epoch(self) -> int:
-        return self.module.current_epoch - self.member.first_epoch
-
-    @property
-    def global_step(self) -> int:
-        return self.module.global_step - self.member.first_step
-
-    @property
-    def max_epochs(self) -> int:
-        return self.member.epochs
-
-    @property
-    def estimated_stepping_batches(self) -> int:
-        return self.member.epochs * self.module.steps_per_epoch
+    current_epoch = property(lambda self: self.module.current_epoch - self.member.first_epoch)
+    global_step = property(lambda self: self.module.global_step - self.member.first_step)
+    max_epochs = property(lambda self: self.member.epochs)
+    estimated_stepping_batches = property(lambda self: self.member.epochs * self.module.steps_per_epoch)
 
     @property
     def _results(self) -> None:  # what LightningModule.log reads first
@@ -326,10 +315,9 @@ class FusedClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         steps = self.global_step  # read before the step
-        for stack in self.stacks:
-            stack.zero_grad()
         outputs = []
         for stack in self.stacks:
+            stack.zero_grad()
             if stack.manual:
                 with torch.no_grad():  # proves that autograd plays no part
                     outputs.append(stack(x, y, True))
