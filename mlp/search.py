@@ -135,13 +135,10 @@ def record_intermediate_values(
 ) -> bool:
     """Report the val/acc `value` reached at the end of `epoch` (from 0) of `epochs`; True if the trial should stop.
 
-    Trials of different epoch counts run different one-cycle schedules, so they are compared at the same fraction
-    of their own: step 50 is every trial's middle. Optuna's pruners compare trials at exactly one step, so each
-    reports at the tenths of its schedule this epoch crosses, interpolated from the previous epoch's value
-    (`previous`; None for the first, whose value stands back to step 10), and pruning is checked there (Hyperband's
-    rungs are tenths), never in the last epoch: that trial has spent its compute, and pruning would only drop it
-    from the final models. Only tenths: each value is a storage transaction and each check reads the study (every
-    percent cost three to four times the storage time). Also records `epochs_trained`."""
+    Trials of different lengths are compared at the same percent of their own schedules (docs/tuning.md): each
+    reports at the tenths this epoch crosses, interpolated from the previous epoch's value (`previous`; None for
+    the first, whose value stands back to step 10), and is judged there, never in its last epoch: it has spent its
+    compute, and pruning would only drop it from the final models. Also records `epochs_trained`."""
     record(trial, epochs_trained=epoch + 1)
     start, end = SCHEDULE_STEPS * epoch / epochs, SCHEDULE_STEPS * (epoch + 1) / epochs
     finished = epoch + 1 == epochs
