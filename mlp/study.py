@@ -71,9 +71,8 @@ def connect(storage: str) -> BaseStorage:
 
 
 def not_a_journal(path: Path) -> str | None:
-    """Why the file is no journal to open and append to, or None when it is new, empty or opens as every record of
-    Optuna's does, whole or still being written: Optuna takes a last line that is no record for one still being
-    written, and would append to any one-line file."""
+    """Why the file is no journal to append to, or None when it is new, empty or begins as Optuna's records do:
+    Optuna takes a last line that is no record for one still being written, and would append to any one-line file."""
     if not path.exists():
         return None
     if not path.is_file():  # a device fails Optuna's first fsync, a named pipe blocks its opening for good
@@ -151,10 +150,9 @@ def engine_kwargs(storage_url: str) -> dict[str, Any]:
 
 
 class HeartbeatJournal(JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage with the heartbeats Optuna (5.1) gives only RDBStorage, so that its fail_stale_trials
-    and RetryHeartbeatStaleTrialCallback requeue a dead worker's trials here too (docs/scaling.md). A beat is the
-    `heartbeat` system attribute, a time on the clock all the machine's workers share. BaseHeartbeat is private to
-    Optuna, but fail_stale_trials asks a storage for it; tests/test_storage.py fails on an upgrade that changes it."""
+    """Optuna's journal storage with the heartbeats Optuna (5.1) gives only RDBStorage, so that fail_stale_trials
+    requeues a dead worker's trials here too (docs/scaling.md). A beat is the `heartbeat` system attribute, a time on
+    the clock all the machine's workers share. BaseHeartbeat is private: tests/test_storage.py fails if it changes."""
 
     def __init__(self, path: str) -> None:
         super().__init__(JournalFileBackend(path, KernelLock(path)))
@@ -179,10 +177,9 @@ class HeartbeatJournal(JournalStorage, BaseHeartbeat):
 
 
 class KernelLock(JournalFileOpenLock):
-    """The journal file's write lock as the kernel's `flock` on a file beside it. Optuna's lock file, left behind by
-    a writer killed mid-write, stalls every other worker for a 30 s grace period, and its waiters poll; the kernel
-    frees a dead process's flock at once and wakes a waiter (docs/scaling.md). A plain Optuna process writing to
-    the same file would not wait for it (reading, as optuna-dashboard does, takes no lock)."""
+    """The journal file's write lock as the kernel's `flock` on a file beside it: the kernel frees a dead writer's
+    lock at once and wakes a waiter, where Optuna's lock file stalls the others for 30 s and its waiters poll
+    (docs/scaling.md). A plain Optuna process writing to the same file would not wait for it."""
 
     def __init__(self, journal: str) -> None:
         # Optuna's lock class only for its interface (the base, BaseJournalFileLock, is private): none of its state.
@@ -204,11 +201,9 @@ def cut_torn_record(journal: str) -> None:
     """Cut a last record a writer left unfinished as it died (a full disk, a power cut): Optuna reads past it as one
     still being written, but the next record appended would join it in a line no reader parses, and the study could
     never be read again. Called under the writers' lock, so no writer of ours is mid-write."""
-    try:
-        file = open(journal, "rb+")
-    except FileNotFoundError:
+    if not os.path.exists(journal):
         return  # Optuna creates it before its first write
-    with file:
+    with open(journal, "rb+") as file:
         size = file.seek(0, os.SEEK_END)
         file.seek(max(size - 1, 0))
         if file.read(1) in (b"", b"\n"):  # empty, or its last record whole
@@ -225,10 +220,9 @@ def write_ahead_log(connection: sqlite3.Connection, _: object) -> None:
     and the default rollback journal waits for the disk twice a commit (docs/fused-trials.md). A killed worker loses
     nothing; a power cut may lose the last commits, but never corrupts the file."""
     if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        try:
+        # Refused while another process holds the file open in a transaction: the rollback journal stays, only slower.
+        with contextlib.suppress(sqlite3.OperationalError):
             connection.execute("PRAGMA journal_mode=WAL")  # kept in the file, so only its first connection switches
-        except sqlite3.OperationalError:
-            pass  # another process holds the file open in a transaction: keep the rollback journal, only slower
     connection.execute("PRAGMA synchronous=NORMAL")  # per connection
 
 
@@ -323,11 +317,9 @@ def place(trial: FrozenTrial) -> int:
 
 
 def surplus_trials(study: optuna.Study, n_trials: int) -> set[int]:
-    """The numbers of the running or queued trials that a study of n_trials has no place for. Workers check the
-    count before they ask for a trial, but two can check at the same moment, and Optuna's fail_stale_trials fails
-    all of a dead worker's trials before it queues their retries, so a worker asking in between takes a place a
-    retry is owed. So finished trials keep their places, and the rest go by `place`: of two fresh trials the
-    earlier wins, and a retry of an older trial beats a fresh one."""
+    """The numbers of the running or queued trials that a study of n_trials has no place for: two workers can check
+    the count at the same moment, and one asking between fail_stale_trials failing a dead worker's trials and
+    queueing their retries takes a place a retry is owed. Finished trials keep their places, the rest go by `place`."""
     live = study.get_trials(deepcopy=False, states=LIVE)
     unfinished = sorted((place(t), t.number) for t in live if t.state not in FINISHED)
     places_left = max(0, n_trials - sum(t.state in FINISHED for t in live))
@@ -335,8 +327,7 @@ def surplus_trials(study: optuna.Study, n_trials: int) -> set[int]:
 
 
 def is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
-    """Whether the study has no place for this running trial (see surplus_trials): checked as it starts and at
-    each epoch's end."""
+    """Whether the study has no place for this trial (surplus_trials): checked as it starts and at each epoch's end."""
     return trial.number in surplus_trials(trial.study, n_trials)
 
 
@@ -359,9 +350,8 @@ def retry_once() -> RetryHeartbeatStaleTrialCallback:
 
 
 def retry_interrupted(study: optuna.Study, numbers: list[int]) -> None:
-    """Queue the trials `numbers`, failed by Ctrl-C, to run again once (fit's own configuration, trial 0, is not
-    lost to a Ctrl-C in its first minute), as a stale trial's are: by the next worker to ask, or the same command
-    rerun."""
+    """Queue the trials `numbers`, failed by Ctrl-C, to run again once, as a stale trial's are (so fit's own
+    configuration, trial 0, is not lost to a Ctrl-C in its first minute)."""
     trials = study.get_trials(deepcopy=False)
     for number in numbers:
         interrupted = copy.deepcopy(trials[number])  # its retry is no interrupted trial
@@ -408,7 +398,7 @@ def run_trials(study: optuna.Study, objective: TrialRunner, n_trials: int, budge
             ctrl_c.raise_if_requested()
             with ctrl_c.held():  # between a stale trial's failure and its retry's queueing, it would never be retried
                 fail_stale_trials(study)
-            # One read of the trials serves the pass (it read them four times): with 32 workers reads add up.
+            # One read of the trials serves the pass: with 32 workers reads add up.
             trials = study.get_trials(deepcopy=False)
             if not budget.trials_may_start(ranked(trials)):
                 return
