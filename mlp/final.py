@@ -104,10 +104,9 @@ def refit_recipe(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
-    """A new run of the trial's own configuration (`trial_config`), logging to `version` beside it, changed by
-    `flags` alone: a study resumed with other fit flags still refits and tests what each trial trained. Where an
-    earlier run left that folder (a refit interrupted, the test of a former best trial), it logs to the first free
-    `version.2`, `version.3`, ...: events and checkpoints of two runs in one folder would read as one run's."""
+    """A new run of the trial's own configuration (`trial_config`) changed by `flags` alone, so that a study resumed
+    with other fit flags still refits and tests what each trial trained. It logs to `version` beside the trial, or
+    where an earlier run left that folder to the first free `version.2`, ...: two runs in one would read as one."""
     config = trial_config(trial)
     beside = Path(config).parent.parent  # the folder holding the trial's run, where its config logs runs
     name, attempt = version, 1
@@ -118,11 +117,10 @@ def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
 
 
 def refit_trials(study: optuna.Study, numbers: list[int], fuse: int, round_: int = 0) -> list[dict[str, Any]]:
-    """The refits of trials `numbers` on all training images, each tested once and cached in the study per trial
-    and round, so the best trial's refit serves both final models that need it; a later round reseeds them
-    (`seed_flag`) to average more runs of one configuration. With fuse > 1 the uncached ones train in stacks of up
-    to `fuse`, as tune.py --fuse stacks trials; runs whose data settings differ (a study resumed with other data
-    flags) cannot share batches, and train one at a time."""
+    """The refits of trials `numbers` on all training images, each tested once and cached in the study per trial and
+    round (the best trial's refit serves both final models that need it); a later round reseeds them (`seed_flag`).
+    With fuse > 1 the uncached ones train in stacks of up to `fuse`, as tune.py --fuse stacks trials, but one at a
+    time where their data settings differ (a study resumed with other data flags): they cannot share batches."""
     trials, todo = study.get_trials(deepcopy=False), [n for n in numbers if not refit_done(study, n, round_)]
     size = fuse if len(todo) > 1 else 1
     for start in range(0, len(todo), size):
@@ -191,18 +189,16 @@ def train_and_test_refits(study: optuna.Study, runs: dict[int, MLPCLI], fuse: in
             result["seed_round"] = round_  # another seed of the configuration (see refit_ensemble)
         if fuse > 1:
             result["stacked_with"] = list(runs)  # trained in one stack (--fuse), each as it would alone
-        if number in test_accs:
-            result["test_acc"] = test_accs[number]
-        else:
-            result.update(test_acc=None, why_no_test=f"the refit diverged ({end.detail})")
+        result["test_acc"] = test_accs.get(number)
+        if number not in test_accs:
+            result["why_no_test"] = f"the refit diverged ({end.detail})"
         study.set_user_attr(refit_name(number, round_), result)
 
 
 def refit_ensemble(study: optuna.Study, chosen: dict[str, Any], budget: Budget) -> dict[str, Any]:
     """The configurations of the ensemble `chosen` on validation, each refit on train + val, softmax-averaged and
-    tested once on test images standardised as the refits' own training images were (all 60,000, not the trials'
-    55,000). Time the budget has left goes to more seeds of them (`seed_rounds`): averaging more runs lowers the
-    ensemble's variance, and the choice they average was made on validation."""
+    tested once on test images standardised as the refits' training images were (all 60,000). Time left in the budget
+    goes to more seeds of them (`seed_rounds`): more runs averaged lower the variance of a choice made on val."""
     result: dict[str, Any] = {
         "what": "the ensemble's k configurations, each retrained on train + val, softmax-averaged; no validation "
         "figure, as no image was held out",
