@@ -27,18 +27,15 @@ SKIPS_IN_A_ROW = 5  # near the deadline the sampler may keep drawing trials too 
 
 @dataclass
 class Budget:
-    """The command's deadline, as wall-clock time so that the workers it starts share it (infinity: no timeout).
-    `refit_scale`: how much longer a refit's epoch (train + val) is than its trial's (train). `fuse`: how many refits
-    train at once; `parallel`: whether a stack of them lasts as long as its longest (a GPU's) or as all of them (the
-    CPU's, where a step costs its multiply-adds). `refitted`: the trials whose refits an earlier run made, which a
-    rerun keeps no time back for."""
+    """The command's deadline, as wall-clock time so that the workers it starts share it, and what the final model's
+    time is estimated from."""
 
-    deadline: float = math.inf
-    refit_scale: float = 1.0
-    fuse: int = 1
-    parallel: bool = False
+    deadline: float = math.inf  # inf: no --timeout
+    refit_scale: float = 1.0  # how much longer a refit's epoch (train + val) is than its trial's (train)
+    fuse: int = 1  # refits trained at once
+    parallel: bool = False  # a stack lasts as long as its longest member (a GPU), or all of them (the CPU: pads_widths)
     skipped_in_a_row: int = 0
-    refitted: frozenset[int] = frozenset()
+    refitted: frozenset[int] = frozenset()  # trials whose refits an earlier run made: a rerun keeps no time for them
     finish: float = FINISH_SECONDS  # the final model's time beside its refits, as `reserve` last estimated it
 
     @property
@@ -49,16 +46,15 @@ class Budget:
         return self.deadline - time.time()
 
     def refit_seconds(self, trials: Iterable[FrozenTrial], fuse: int | None = None) -> float:
-        """Estimated seconds to refit `trials` (complete ones): each its trial's time scaled to the refit's training
-        images; stacked `fuse` at a time (default: the study's), a stack in `parallel` lasting as long as its longest
-        member."""
+        """Estimated seconds to refit `trials` (complete ones), each its trial's time scaled to the refit's training
+        images, in stacks of `fuse` (default: the study's)."""
         fuse = (fuse or self.fuse) if self.parallel else 1
         each = [REFIT_START_SECONDS + self.refit_scale * trial_seconds(t) for t in trials]
         return sum(max(each[start : start + fuse]) for start in range(0, len(each), fuse))
 
     def finish_seconds(self, best_first: list[FrozenTrial]) -> float:
-        """The final model's time beside its refits: FINISH_SECONDS, and EVAL_EPOCHS of each candidate checkpoint's
-        own epoch, so that big nets, a slow machine or a loaded one keep more back. Kept as `finish`."""
+        """The final model's time beside its refits, kept as `finish`: FINISH_SECONDS, and EVAL_EPOCHS of each
+        candidate checkpoint's own epoch, so that big nets, a slow machine or a loaded one keep more back."""
         records = [(t, TrialRecord.of(t)) for t in best_first[:ENSEMBLE_MAX]]
         evaluating = sum(trial_seconds(t) / r.epochs_trained for t, r in records if r.epochs_trained)
         self.finish = FINISH_SECONDS + EVAL_EPOCHS * evaluating

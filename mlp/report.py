@@ -24,8 +24,7 @@ from mlp.study import FINISHED
 
 @cache
 def default_net_multiply_adds() -> int:
-    """A study's cost is counted in epochs of fit.py's default net on fit.py's default training split: the net's
-    multiply-adds per example, of a net built on the meta device, so that no weights are drawn."""
+    """Multiply-adds per example of fit.py's default net, the unit of cost; on the meta device, drawing no weights."""
     with torch.device("meta"):
         return MLPClassifier().net.multiply_adds()
 
@@ -42,9 +41,8 @@ def cost(study: optuna.Study) -> dict[str, float]:
 
 
 def busy_wall_seconds(study: optuna.Study) -> float:
-    """Wall-clock seconds during which at least one trial of the study was running: the union of the finished
-    trials' intervals. Trials trained together (--fuse, or several workers) count once, so the figure compares
-    across --fuse, where a sum of trial durations would count K stacked trials K times."""
+    """Wall seconds during which a trial of the study ran, the union of the finished trials' intervals: trials trained
+    together (--fuse, several workers) count once, where a sum of durations would count K stacked trials K times."""
     intervals = sorted((t.datetime_start, t.datetime_complete) for t in study.get_trials(deepcopy=False)
                        if t.datetime_start and t.datetime_complete)
     seconds, covered_to = 0.0, intervals[0][0] if intervals else None
