@@ -93,15 +93,11 @@ CPU_FUSE = 8  # trials of one width per stack on the CPU (docs/results.md#thirty
 
 
 def auto_fuse(space: SearchSpace, cli: MLPCLI, free_bytes: int | None, n_trials: int) -> tuple[int, str]:
-    """`--fuse auto` (tune.py's default): K for the device the trials train on and a study of `n_trials`, and why.
-
-    On the CPU a stack holds trials of one depth and width (`pads_widths`). When the width is searched, few
-    trials share one, so K models in a Trainer save only its per-step work, small against the default search's
-    arithmetic, and fusing measured no faster (docs/results.md#searched-widths-cpu). So K is 1 there, and CPU_FUSE
-    when every trial has one width. On a GPU, as many trials as fit in its free memory, up to AUTO_FUSE_MAX.
-    Either way at most a quarter of the study's trials, rounded up: TPE draws a trial from the finished ones, and a
-    stack of all the trials would ask every one before any finished, a random search. The fused default study at
-    K = 8, a quarter of its 30 trials, matched the unfused study's best val/acc (docs/results.md#study-fused-cpu).
+    """`--fuse auto` (tune.py's default): K for the device the trials train on and a study of `n_trials`, and why
+    (docs/fused-trials.md, "Memory and the default K"). On the CPU, whose stacks hold trials of one width
+    (`pads_widths`), CPU_FUSE when every trial has one width, else 1; on a GPU as many as fit, up to AUTO_FUSE_MAX;
+    either way at most a quarter of the trials, rounded up, as TPE draws from finished ones (a stack of all the
+    trials would be a random search; K = 8 of 30 matched the unfused study: docs/results.md#study-fused-cpu).
     With a fit flag `why_unfusable` names, 1."""
     if unfusable := why_unfusable(cli):
         return 1, "one trial at a time: " + unfusable[0]

@@ -20,13 +20,11 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
         try:
             Path(runs).mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UserError(
-                f"cannot write to the log folder {runs} ({error.strerror}); "
-                "choose another with --trainer.logger.init_args.save_dir"
-            ) from None
+            raise UserError(f"cannot write to the log folder {runs} ({error.strerror}); choose another with "
+                            "--trainer.logger.init_args.save_dir") from None
     for logger in trainer.loggers:
-        # The run's folder chosen here, once: processes Lightning starts from copies of this one (--trainer.strategy
-        # ddp_spawn or ddp_fork) had each taken the next free folder, the test apart from the training.
+        # The run's folder chosen here, once, or processes Lightning starts from copies of this one (--trainer.strategy
+        # ddp_spawn or ddp_fork) would each take the next free folder, the test apart from the training.
         logger.version
     trainer.callbacks.append(ResumableOnInterrupt())
     try:
@@ -50,9 +48,8 @@ def test_once(cli: MLPCLI, checkpoint: str | None) -> dict[str, float]:
     check(checkpoint is not None or divergence_message(cli.trainer) is None,
           "nothing to test: training diverged before any epoch ended with a finite loss; try a lower --model.lr")
     # A WeightAveraging callback (--trainer.callbacks EMAWeightAveraging) saves the averaged weights, which validation
-    # scored, as a checkpoint's weights; left in the Trainer after fit it loads the unaveraged ones kept beside them
-    # (Lightning 2.6), and the test would score weights no validation chose. It acts only in training: taken out, as
-    # Lightning's own warning advises for a test, and with it the warning that the checkpoint holds its state.
+    # scored, as a checkpoint's weights; left in the Trainer it would load the unaveraged ones kept beside them
+    # (Lightning 2.6) for the test. It acts only in training: taken out, as Lightning's warning (silenced) advises.
     averaging = [callback for callback in cli.trainer.callbacks if isinstance(callback, WeightAveraging)]
     cli.trainer.callbacks[:] = [callback for callback in cli.trainer.callbacks if callback not in averaging]
     with warnings.catch_warnings(), errors_of_processes():
