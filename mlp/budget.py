@@ -1,7 +1,6 @@
-"""What `tune.py --timeout SECONDS` bounds: the whole command after start-up, not just the trials
-(docs/tuning.md, "A time budget"). Trials are skipped, or cut at an epoch's end, to leave the final model the time
-it needs, estimated from the trials' own measured times; the final model refits what fits in the time left
-(`mlp.final.final_models`). Without --timeout the deadline is infinitely far."""
+"""What `tune.py --timeout SECONDS` bounds: the whole command after start-up, not just the trials (docs/tuning.md,
+"A time budget"). Trials are skipped, or cut at an epoch's end, to leave the final model the time it needs, estimated
+from the trials' own measured times; the final model refits what fits in the time left (`mlp.final.final_models`)."""
 
 import math
 import time

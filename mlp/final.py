@@ -105,8 +105,8 @@ def refit_recipe(trial: FrozenTrial) -> dict[str, Any]:
 
 def trial_run(trial: FrozenTrial, version: str, *flags: str) -> MLPCLI:
     """A new run of the trial's own configuration (`trial_config`) changed by `flags` alone, so that a study resumed
-    with other fit flags still refits and tests what each trial trained. It logs to `version` beside the trial, or
-    where an earlier run left that folder to the first free `version.2`, ...: two runs in one would read as one."""
+    with other fit flags still refits and tests what each trial trained. It logs to `version` beside the trial, or to
+    the first free `version.2`, ... where an earlier run left that folder: two runs' logs in one would read as one."""
     config = trial_config(trial)
     beside = Path(config).parent.parent  # the folder holding the trial's run, where its config logs runs
     name, attempt = version, 1
