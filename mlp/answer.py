@@ -1,10 +1,8 @@
 """The study's answer as one model: raw images in, class probabilities out, the standardisation inside.
 
-A study ends with report.json naming its answer (a refit ensemble, an ensemble, a refit or the best checkpoint)
-and that answer's checkpoints; fit.py ends with a best checkpoint. `load_answer` turns either into one
-`nn.Module`, the softmax average of its members, each standardising the images as its own training split was
-standardised (a refit trained on all 60,000 images, a trial on 55,000: their means differ). `export` writes
-that module as one file that torch alone loads, or as ONNX.
+`load_answer` turns a study's report.json or fit.py's checkpoints into the softmax average of their nets, each
+standardising images as its own training split was (a refit's 60,000 images and a trial's 55,000 differ in mean);
+`export` writes it as one file. docs/predict.md says how to use either.
 """
 
 import io
@@ -67,17 +65,14 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     check(report_path.is_file(), f"{source} holds no report.json: tune.py writes it when its study ends"
           if source.is_dir() else f"{source} {why_not_a_file(source)}; pass a study's folder or its report.json")
     report = read_report(report_path)
-    final = report.final
-    check(final is not None, f"{report_path} holds no final model: its study completed no trial ({report.trials}); "
-          "run tune.py until one completes, or pass .ckpt files")
-    name = answer or final.answer
-    chosen = getattr(final, name) if name in FINAL_MODELS else None
+    check(report.final is not None, f"{report_path} holds no final model: its study completed no trial "
+          f"({report.trials}); run tune.py until one completes, or pass .ckpt files")
+    name = answer or report.final.answer
+    chosen = getattr(report.final, name) if name in FINAL_MODELS else None
     why = f" ({chosen.why_no_test})" if chosen is not None and chosen.why_no_test else ""
     check(chosen is not None and chosen.test_acc is not None, f"the study in {report_path.parent} has no tested "
           f"{name or 'answer'}{why}; run tune.py until it reports one, or pass .ckpt files")
-    if chosen.checkpoints is not None:
-        paths = chosen.checkpoints
-    else:  # the best checkpoint's entry does not repeat the study's best_checkpoint
+    if (paths := chosen.checkpoints) is None:  # the best checkpoint's entry does not repeat the study's best_checkpoint
         paths = [report.best_checkpoint if chosen.checkpoint is None else chosen.checkpoint]
     check(all(paths), f"{report_path} names no checkpoint for its {name}; pass the report.json that tune.py wrote")
     written_in = Path(report.report_json).parent if report.report_json else None
@@ -86,10 +81,9 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
 
 
 def resolve(checkpoint: Path, report_path: Path, written_in: Path | None = None) -> Path:
-    """A checkpoint path as report.json holds it. One in the folder the report was written in (`written_in`, as
-    tune.py named it: relative to the folder it ran in, by default) is taken at the same place in the report's
-    folder now, so a study folder moved or copied to another machine still loads. Else it is absolute, or relative
-    to the folder tune.py ran in: a folder above the report (with the log folder inside it) or the current one."""
+    """A checkpoint path as report.json holds it. One below the folder the report was written in (`written_in`, as
+    tune.py named it) is taken at the same place below the report's folder now, so a study folder moved or copied
+    still loads; else it is absolute, or relative to where tune.py ran: a folder above the report, or the current."""
     if written_in is not None and (below := path_below(checkpoint, written_in)) is not None:
         return report_path.parent / below
     if checkpoint.is_absolute():
@@ -122,9 +116,8 @@ def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Mem
         try:
             data.setup("fit")
         except DatasetNotFoundError:
-            message = (f"the model's training images are not in {data.hparams.data_dir} any more, and it "
-                       "standardises images as they were standardised: pass their folder with --data_dir")
-            raise UserError(message) from None
+            raise UserError(f"the model's training images are not in {data.hparams.data_dir} any more, and it "
+                            "standardises images as they were: pass their folder with --data_dir") from None
         statistics[key] = data.mean, data.std
     return Member(net, *statistics[key])
 
@@ -132,9 +125,8 @@ def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Mem
 def load_answer(source: str | Path | Sequence[str | Path], answer: str | None = None,
                 data_dir: str | None = None) -> Answer:
     """The model a study answered with, from its folder or report.json (`answer` picks another of its final
-    models: refit_ensemble, ensemble, refit or best), or the softmax average of the given checkpoints. `data_dir`
-    is where the training images are, if not where the checkpoints recorded (for checkpoints that lack their
-    split's mean and standard deviation)."""
+    models: refit_ensemble, ensemble, refit or best), or the softmax average of the given checkpoints. `data_dir`:
+    the training images, if moved, for checkpoints that lack their split's mean and standard deviation."""
     statistics: dict = {}
     return Answer([load_member(path, data_dir, statistics) for path in answer_checkpoints(source, answer)])
 
@@ -157,19 +149,14 @@ def check_exportable(path: str | Path) -> None:
     try:
         import onnxscript  # noqa: F401  torch.onnx.export needs it (and onnx, which it requires) to write the file
     except ImportError:
-        message = f'writing {path} as ONNX needs the onnx and onnxscript packages: pip install -e ".[onnx]"'
-        raise UserError(message) from None
+        raise UserError(f"writing {path} as ONNX needs the onnx and onnxscript packages: "
+                        'pip install -e ".[onnx]"') from None
 
 
 def export(model: Answer, path: str | Path) -> None:
-    """Write `model` as one file for any number of uint8 (N, 28, 28) images (an exported program fixes its input's
-    dtype and rank; uint8 28x28 is how images are stored). By `path`'s suffix: .onnx is an ONNX model (input
-    "images", output "probabilities") for onnxruntime and other ONNX runtimes; any other is a torch.export
-    program that torch alone loads:
-
-        model = torch.export.load(path).module()
-        probabilities = model(images)
-    """
+    """Write `model` as one file for any number of uint8 (N, 28, 28) images, as images are stored (an exported
+    program fixes its input's dtype and rank): .onnx as an ONNX model (input "images", output "probabilities"),
+    any other suffix as a torch.export program (docs/predict.md#the-exported-file shows how each loads)."""
     check_exportable(path)
     example = torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     dynamic_shapes = ({0: torch.export.Dim("images")},)
