@@ -1,10 +1,8 @@
 """The exercises of d2l's "Multilayer Perceptrons from Scratch", as sweeps that choose on validation.
 
-Each sweep changes one thing in d2l's setting (784-256-10, std-0.01 init, plain SGD at a constant lr of 0.1,
-10 epochs, batch 256). Every run trains as fit.py's does (`mlp.run.train`), kept at its best epoch by val/acc;
-a sweep selects its best run on val/acc and tests that run once (`mlp.run.test_once`). The textbook chose on
-the test set.
-"""
+Each sweep changes one thing in d2l's setting (`D2L_SETTING`). Every run trains as fit.py's does (`mlp.run.train`),
+kept at its best epoch by val/acc; a sweep tests the run it selects on val/acc once (`mlp.run.test_once`), where
+the textbook chose on the test set."""
 
 import contextlib
 import fcntl
@@ -45,10 +43,8 @@ def differences(changes: dict) -> dict:
 
 
 def run_name(changes: dict) -> str:
-    """The flags that differ from d2l's setting, e.g. 'width=512' or 'init=kaiming,depth=3'; 'd2l' if none.
-
-    Runs are named by what they are, so a run two sweeps share (d2l's own setting is in three) is trained once.
-    """
+    """The flags that differ from d2l's setting, e.g. 'width=512' or 'init=kaiming,depth=3' ('d2l' if none): runs
+    are named by what they are, so a run two sweeps share is trained once."""
     return ",".join(f"{key.split('.')[-1]}={value}" for key, value in differences(changes).items()) or "d2l"
 
 
@@ -94,10 +90,9 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     cli.trainer.callbacks.append(LambdaCallback(on_validation_end=record_val_acc))
     start = time.perf_counter()
     checkpoint = mlp.run.train(cli)
-    best_epoch = per_epoch.index(max(per_epoch)) + 1
     score = cli.checkpoint_callback.best_model_score  # None: it diverged before a finite epoch
     return {"changes": differences(changes), "val_acc": None if score is None else score.item(),
-            "best_epoch": best_epoch, "val_acc_per_epoch": per_epoch,
+            "best_epoch": per_epoch.index(max(per_epoch)) + 1, "val_acc_per_epoch": per_epoch,
             "diverged": divergence_message(cli.trainer) is not None, "checkpoint": checkpoint,
             "seconds": round(time.perf_counter() - start, 1), "fit_flags": extra}
 
@@ -150,10 +145,9 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
 
 @contextlib.contextmanager
 def only_sweep(folder: Path) -> Iterator[None]:
-    """The folder's sweeps one at a time: two at once would train the runs they share (d2l is in every sweep) into
-    one run folder, each emptying it as it starts, and each rewrite results.json without the other's runs. The
-    kernel frees the lock of a process that dies. Under DDP, the processes Lightning starts run the script again,
-    in step with rank 0's sweep: only rank 0 takes the lock."""
+    """The folder's sweeps one at a time (the kernel frees a dead process's lock): two at once would train the runs
+    they share (d2l's is in every sweep) into one folder, each emptying it as it starts, and each rewrite results.json
+    without the other's. Under DDP, Lightning's processes rerun the script in step with rank 0's: only rank 0 locks."""
     folder.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank != 0:
         yield
