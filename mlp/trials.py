@@ -78,10 +78,9 @@ class Trials:
         gc.collect()  # a finished Trainer's cycles hold its model and data until collected
 
     def places(self, study: optuna.Study) -> int:
-        """How many trials may train at once: `fuse`, but where --timeout bounds the study one until a trial has
-        completed, and half as many after each stack the budget cut trials of. A trial in a stack trains at the
-        stack's pace, slower than alone (docs/results.md#eight-trials-cpu): so the first, fit's own run, trains
-        at its own, and a budget that fits fit's run answers at least with fit's model."""
+        """`fuse` trials at once, halved after each stack the budget cut trials of; under --timeout, one until a trial
+        completes: a stacked trial trains at the stack's pace (docs/results.md#eight-trials-cpu), so the first, fit's
+        own run, trains at its own, and a budget that fits fit's run answers at least with fit's model."""
         return self.most if not self.budget.bounded or best_first(study) else 1
 
     def ask(self, study: optuna.Study, count: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
@@ -132,17 +131,14 @@ class Trials:
 
         def more(free: int) -> dict[str, MLPCLI]:
             refill = may_refill()  # at every epoch's end: it also fails stale trials and shows the progress
-            # None once a trial was cut for the budget: trials joining would keep the pace that cut it.
             free = 0 if judge.cut else min(free, self.places(study) - len(running))
             asked = self.ask(study, free) if refill and free > 0 else []
             heartbeats.join([trial for trial, _ in asked])
             return runs(asked)
 
-        def tell(name: str, end: RunEnd) -> None:
-            self.tell(study, judge.trials[name].trial, end, running)
-
         if first := runs(asked):
-            train_runs(first, self.fit_args, self.fuse, tell, judge, more)
+            train_runs(first, self.fit_args, self.fuse,
+                       lambda name, end: self.tell(study, judge.trials[name].trial, end, running), judge, more)
         if judge.cut:
             self.most = max(1, self.most // 2)
 
