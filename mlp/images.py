@@ -1,10 +1,8 @@
 """A user's images as Fashion-MNIST stores its own: uint8 tensors (N, 28, 28), read by PIL or torchvision.
 
-A photo is made a Fashion-MNIST image by the steps the dataset's paper gives (Xiao, Rasul & Vollgraf, 2017,
-section 2), with PIL's own operations; docs/predict.md says what the paper leaves open and how we decide it.
-Every file is checked before it is decoded: one of a few raster formats (no PostScript, which PIL hands to
-Ghostscript), its header's size bounding the decoded bytes.
-"""
+A photo is made a Fashion-MNIST image by its paper's steps with PIL's own operations (docs/predict.md#your-own-photo:
+the steps, and what the paper leaves open). Every file is checked before it is decoded: one of a few raster formats
+(no PostScript, which PIL hands to Ghostscript), its header's size bounding the decoded bytes."""
 
 import functools
 import tempfile
