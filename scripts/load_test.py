@@ -7,10 +7,9 @@ Each storage gets a fresh study (PostgreSQL: a throwaway server on loopback, who
 workers start at once, training 784-16/32-10 nets for 2 epochs on the first --images training and 500 test images (one
 thread each, tune.py's heartbeat); once trials have reported an epoch, --kill workers get SIGKILL, --interrupt SIGINT.
 
-Checks, each printed with what was seen: --n-trials finished trials, unique numbers, every killed trial failed by
-heartbeat and rerun, no storage error in any worker's output, every complete trial's checkpoint, one report, no password
-anywhere. Figures: peak memory (per worker, all together), the storage's share of the workers' main-thread time, the
-server's peak connections, trials per minute (--baseline: against one worker alone). Exit status 1 if a check failed.
+It prints each check (docs/scaling.md, "The load test", lists them) with what was seen, then the figures: peak memory
+(per worker, all together), the storage's share of the workers' main-thread time, the server's peak connections,
+trials per minute (--baseline: against one worker alone). Exit status 1 if a check failed.
 """
 
 import argparse
@@ -202,14 +201,12 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
             # kill hit no trial, so another worker's is killed instead.
             missed += [killed.pop(n) for n, when in list(killed.items()) if ended_before(trials, n, when)]
             if len(killed) < kill or len(interrupted) < interrupt:
-                # Only a trial that trained an epoch has surely beaten, and one near its end may end before the kill
-                # lands (the read takes a while): with epochs to spare, one two epochs from its end is not taken, as
-                # two workers have no other to kill instead. A worker holds one trial (--fuse 1). A killed trial's
-                # retry is spared: killed or interrupted in turn, it is not retried again, and its original seems
-                # never rerun.
-                last_taken = max(1, args.epochs - 3)  # epochs trained
+                # Only a trial that trained an epoch has surely beaten; one near its end may end before the kill lands
+                # (the read takes a while), and two workers have no other to kill instead, so with epochs to spare it
+                # is not taken. A worker holds one trial (--fuse 1). A killed trial's retry is spared: signalled in
+                # turn, it is not retried again, and its original would seem never rerun.
                 running = [t for t in trials if t.state == TrialState.RUNNING and "failed_trial" not in t.system_attrs
-                           and 1 <= TrialRecord.of(t).epochs_trained <= last_taken]
+                           and 1 <= TrialRecord.of(t).epochs_trained <= max(1, args.epochs - 3)]
                 by_pid = {int(t.user_attrs["worker"].rsplit(":", 1)[1]): t for t in running
                           if t.user_attrs.get("worker")}
                 for index, process in enumerate(processes):
@@ -242,20 +239,20 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
 
 
 def checks(run: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """(check, held, what was seen) for each check the module's docstring lists."""
+    """(check, held, what was seen) for each check."""
     trials: list[FrozenTrial] = run["trials"]
     by_number = {t.number: t for t in trials}
     finished = [t for t in trials if t.state in FINISHED]
+    signalled = (len(run["killed"]), len(run["interrupted"]))
     result = [
         ("finished trials == --n-trials", len(finished) == run["n_trials"], f"{len(finished)} of {run['n_trials']}"),
         ("trial numbers unique", len(by_number) == len(trials), f"{len(trials)} trials, {len(by_number)} numbers"),
         ("nothing left running or queued", not [t for t in trials if not t.state.is_finished()],
          ", ".join(f"{s.name}: {n}" for s in TrialState if (n := sum(t.state == s for t in trials)))),
+        ("killed and interrupted as asked, mid-trial", signalled == (run["kill"], run["interrupt"]),
+         f"{signalled[0]} killed, {signalled[1]} interrupted; {len(run['missed'])} more killed just after their "
+         "trial ended"),
     ]
-    signalled = (len(run["killed"]), len(run["interrupted"]))
-    result.append(("killed and interrupted as asked, mid-trial", signalled == (run["kill"], run["interrupt"]),
-                   "{} killed, {} interrupted; {} more killed just after their trial ended".format(
-                       *signalled, len(run["missed"]))))
     delays, replaced = [], []
     for number, when in run["killed"].items():
         trial = by_number[number]
