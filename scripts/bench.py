@@ -133,23 +133,20 @@ def fused(flags: list[str], k: int, epochs: int) -> tuple[float, list[int]]:
     return sum(timer.models[1:]) / sum(timer.times[1:]), timer.models
 
 
-def tuning(args: argparse.Namespace, device: torch.device, shared: list[str]) -> dict[str, float]:
+def tuning(args: argparse.Namespace, device: torch.device, name: str, floor: RandpermBatches,
+           shared: list[str]) -> dict[str, float]:
     """Model-epochs per second of the floor and of each --fuse K, for each of the two architectures."""
     results, stack_sizes = {}, {}
     for depth, width in ((1, 256), (2, 512)):
         arch = f"784-{'-'.join([str(width)] * depth)}-10"
         flags = [f"--model.depth={depth}", f"--model.width={width}", *shared]
-        data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
-        data.setup("fit")
-        x, y = (t.to(device) for t in data.train_set.tensors)
-        floor = plain_loop(RandpermBatches(x, y, args.batch_size), build_cli(flags).model, device, args.epochs)
-        results[f"{arch} floor"] = 1 / statistics.mean(floor[1:])
+        seconds = plain_loop(floor, build_cli(flags).model, device, args.epochs)
+        results[f"{arch} floor"] = 1 / statistics.mean(seconds[1:])
         for k in args.fuse:
             if k == 1:
                 results[f"{arch} fuse {k}"] = 1 / statistics.mean(ours(flags, args.epochs)[1:])
             else:
                 results[f"{arch} fuse {k}"], stack_sizes[f"{arch} fuse {k}"] = fused(flags, k, args.epochs)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"tuning throughput, batch {args.batch_size}, {name}; model-epochs per second, epochs 2..{args.epochs}:")
     for key, rate in results.items():
         arch = key.split()[0]
@@ -198,23 +195,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if min(args.fuse) < 1:
         parser.error("--fuse: each K must be >= 1")
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     shared = [f"--data.batch_size={args.batch_size}", f"--data.data_dir={args.data_dir}",
               f"--data.val_size={args.val_size}", f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1"]
-    if args.tuning:
-        return tuning(args, device, shared)
-    flags = [f"--model.depth={args.depth}", f"--model.width={args.width}", *shared]
     data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
     data.setup("test")  # decompresses all four IDX files into torchvision's layout, which d2l's pipeline reads
+    floor = RandpermBatches(*(t.to(device) for t in data.train_set.tensors), args.batch_size)
+    if args.tuning:
+        return tuning(args, device, name, floor, shared)
+    flags = [f"--model.depth={args.depth}", f"--model.width={args.width}", *shared]
     results = {}
     if not args.skip_d2l:
         d2l_set = FashionMNIST(args.data_dir, train=True, transform=transforms.ToTensor())
         loader = DataLoader(d2l_set, batch_size=args.batch_size, shuffle=True, num_workers=4)
         results["d2l"] = plain_loop(loader, build_cli(flags).model, device, args.epochs)
-    x, y = (t.to(device) for t in data.train_set.tensors)
-    results["floor"] = plain_loop(RandpermBatches(x, y, args.batch_size), build_cli(flags).model, device, args.epochs)
+    results["floor"] = plain_loop(floor, build_cli(flags).model, device, args.epochs)
     results["ours"] = ours(flags, args.epochs)
     startup_seconds = startup(flags)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"784-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch_size}, {name}; "
           f"seconds per epoch, mean of epochs 2..{args.epochs} (epoch 1 is warm-up):")
     per_epoch = {key: statistics.mean(times[1:]) for key, times in results.items()}
