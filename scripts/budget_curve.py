@@ -226,10 +226,8 @@ def flag_value(flags: list[str], name: str) -> str | None:
     """The last value `flags` give `name`, as `name VALUE` or `name=VALUE`."""
     value = None
     for flag, following in zip(flags, [*flags[1:], None]):
-        if flag == name:
-            value = following
-        elif flag.startswith(f"{name}="):
-            value = flag.split("=", 1)[1]
+        if flag == name or flag.startswith(f"{name}="):
+            value = following if flag == name else flag.split("=", 1)[1]
     return value
 
 
