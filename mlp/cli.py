@@ -42,10 +42,9 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip:"))
 
-# What a callback's defaults hold, written to a run's config.yaml so that the config builds the run again: an enum
-# (Timer's `interval`) as its value, which a YAML safe dumper had no way to write (the fit stopped as it saved the
-# config); a torch.device (StochasticWeightAveraging's `device`) as its name, where jsonargparse wrote "Unable to
-# serialize instance cpu", which no run could read back.
+# A callback's defaults, written to a run's config.yaml so that it builds the run again: an enum (Timer's `interval`)
+# as its value, which YAML's safe dumper cannot write; a torch.device (StochasticWeightAveraging's) as its name, which
+# jsonargparse cannot serialise otherwise.
 yaml.SafeDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
 register_type(torch.device)
 
@@ -53,18 +52,16 @@ register_type(torch.device)
 class MLPCLI(LightningCLI):
     """LightningCLI with a best-by-val/acc checkpoint, a quieter progress bar and a `--ckpt_path` to resume from."""
 
-    # Building the parser reads every class signature, which takes longer than parsing and instantiating together
-    # (docs/results.md#parser-cpu); tune.py builds a run per trial, so the runs of one process share the parser
-    # that the same settings built.
+    # Building the parser reads every class signature, slower than parsing and instantiating together
+    # (docs/results.md#parser-cpu); tune.py builds a run per trial, so runs of the same settings share one parser.
     parsers: ClassVar[dict[str, LightningArgumentParser]] = {}
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
                      ) -> None:
         # Everything LightningCLI builds the parser from: the classes whose signatures become flags, and the settings.
-        classes = (self.trainer_class, self.model_class, self.datamodule_class, self.subclass_mode_model,
-                   self.subclass_mode_data, self.auto_configure_optimizers)
-        settings = repr((classes, add_subcommands, main_kwargs, subparser_kwargs, self.trainer_defaults,
-                         self.seed_everything_default))
+        settings = repr((self.trainer_class, self.model_class, self.datamodule_class, self.subclass_mode_model,
+                         self.subclass_mode_data, self.auto_configure_optimizers, add_subcommands, main_kwargs,
+                         subparser_kwargs, self.trainer_defaults, self.seed_everything_default))
         if settings not in self.parsers:
             super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
             self.parsers[settings] = self.parser
@@ -130,8 +127,7 @@ class MLPCLI(LightningCLI):
         if not validates:
             # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.
             self.config.trainer.limit_val_batches = 0
-            self.config.checkpoint.monitor = None
-            self.config.checkpoint.filename = "epoch{epoch:02d}"
+            self.config.checkpoint.monitor, self.config.checkpoint.filename = None, "epoch{epoch:02d}"
         # Added to the run's own callbacks at instantiation: `latest` keeps last.ckpt, the end of the latest epoch, for
         # `--ckpt_path last`; the guard watches the loss this run has.
         latest = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
@@ -143,9 +139,8 @@ class MLPCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (MisconfigurationException, ValueError) as error:
-            # A class the flags build refused its arguments (`--checkpoint.save_top_k -2`), or could not be built (a
-            # callback whose extra is not installed). jsonargparse wraps the class's own error, which says what is
-            # wrong, in its own, which lists every type it tried: the innermost is said.
+            # A class refused its arguments (`--checkpoint.save_top_k -2`) or could not be built (a callback's extra
+            # not installed); jsonargparse wraps its error, which says what is wrong, in one listing every type tried.
             cause: BaseException = error
             while cause.__cause__ or cause.__context__:
                 cause = cause.__cause__ or cause.__context__
@@ -220,9 +215,8 @@ class MLPCLI(LightningCLI):
 
 
 def check_named_run_folder_is_free(cli: MLPCLI) -> None:
-    """Refuse to train a new run in the folder --trainer.logger.init_args.version names where a run saved
-    checkpoints: theirs and this one's would read as one run's (Lightning only warns). One stopped before it saved
-    any is no run to keep, and the rerun its message asks for starts afresh."""
+    """Refuse a new run in the folder --trainer.logger.init_args.version names if a run saved checkpoints there: theirs
+    and this one's would read as one run's (Lightning only warns). One that saved none is no run to keep."""
     logger = cli.config.trainer.logger
     if getattr(logger, "init_args", None) is None or logger.init_args.version is None:
         return
@@ -247,9 +241,8 @@ def resumable_checkpoints(run_folder: Path) -> list[Path]:
 class ResumableOnInterrupt(Callback):
     """Ctrl-C (or a crash) mid-training saves on_exception.ckpt, which `--ckpt_path last` resumes from; nothing
     before the first step, as a run that failed on bad input has nothing worth resuming. Not Lightning's
-    OnExceptionCheckpoint: with one in the callbacks, Lightning resumes every fit started without a checkpoint from
-    whatever last checkpoint its folder holds, and warns twice that it found none; we resume only when `--ckpt_path`
-    asks."""
+    OnExceptionCheckpoint, with which Lightning resumes every fit started without a checkpoint from whatever its
+    folder holds (warning twice where it holds none); we resume only when `--ckpt_path` asks."""
 
     FILE_NAME = "on_exception.ckpt"
 
@@ -269,12 +262,11 @@ class ResumableOnInterrupt(Callback):
 class InterruptAtBatchEnd(Callback):
     """During a run, Ctrl-C stops it at the end of the current batch instead of wherever Python was.
 
-    A KeyboardInterrupt can land inside a library's critical section and leave it broken: landing in TensorBoard's
-    queue.put after the item was counted but before its writer thread was woken, it left the run's final flush
-    waiting for that thread's next timed flush, two minutes later (`tune.py` on two devices then failed its
-    trial only after the other worker had finished the study). So from setup to teardown SIGINT only records the
-    request, and the next batch's end raises KeyboardInterrupt, which Lightning handles as any Ctrl-C: a second
-    Ctrl-C raises at once, and a request with no batch left is raised at teardown.
+    A KeyboardInterrupt can land inside a library's critical section and leave it broken: in TensorBoard's queue.put,
+    between counting the item and waking its writer thread, it leaves the run's final flush waiting two minutes for
+    that thread's next timed flush. So from setup to teardown SIGINT only records the request, and the next batch's
+    end raises KeyboardInterrupt, which Lightning handles as any Ctrl-C: a second Ctrl-C raises at once, and a
+    request with no batch left is raised at teardown.
     """
 
     def __init__(self) -> None:
@@ -318,10 +310,10 @@ class InterruptAtBatchEnd(Callback):
 
 
 class DivergenceGuard(EarlyStopping):
-    """Stops training as soon as the epoch's loss is NaN or infinite, and at no other time: the validation loss,
-    or in a run without a validation split (a refit) the training loss. `FusedClassifier` applies the same rule
-    to each stacked model. A class of its own, so that a user's EarlyStopping on the same loss keeps its state
-    apart (Lightning keys a callback's state by its class and monitor) and its stop is not taken for a divergence."""
+    """Stops training as soon as the epoch's loss (the validation loss, or without a validation split the training
+    loss) is NaN or infinite, and at no other time; `FusedClassifier` applies the same rule to each stacked model.
+    A class of its own so that a user's EarlyStopping on the same loss keeps its state apart (Lightning keys a
+    callback's state by its class and monitor) and its stop is not taken for a divergence."""
 
     def __init__(self, validates: bool) -> None:
         # Not strict without validation: an epoch resumed after its last step logs no training loss.
@@ -360,9 +352,8 @@ def check_keeps_a_checkpoint(cli: MLPCLI, why: str) -> None:
 
 
 def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
-    """cli.trainer.fit on the CLI's model and data, with Ctrl-C surfacing as KeyboardInterrupt: Lightning handles
-    Ctrl-C by saving what its callbacks save and calling sys.exit(1); callers (the script's error handler, Optuna's
-    trial bookkeeping) need to know it was an interruption, not an ordinary exit."""
+    """cli.trainer.fit on the CLI's model and data. Lightning ends a Ctrl-C'd fit with sys.exit(1), raised here as
+    KeyboardInterrupt: callers (the script's error handler, Optuna's trial bookkeeping) tell it from an exit."""
     if ckpt_path is None:
         check_named_run_folder_is_free(cli)
     elif ckpt_path != "last":  # "last" stays only where Lightning looks for it (no log folder of ours)
@@ -381,10 +372,9 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
 
 @contextlib.contextmanager
 def errors_of_processes() -> Iterator[None]:
-    """An error that a process Lightning started (--trainer.strategy ddp_spawn or ddp_fork) raised reaches this one
-    as torch's ProcessRaisedException, which holds only its traceback's text: a UserError (or Lightning's
-    MisconfigurationException) is raised again from the class and message that end it, to be said in one line, as
-    under any other strategy; any other error keeps its traceback."""
+    """A process Lightning started (--trainer.strategy ddp_spawn or ddp_fork) raises here as torch's
+    ProcessRaisedException, only its traceback's text: a UserError or MisconfigurationException is raised again from
+    the class and message that end it, to be said in one line; any other error keeps its traceback."""
     try:
         yield
     except ProcessRaisedException as error:
@@ -421,9 +411,9 @@ def check_resumable(ckpt_path: str, cli: MLPCLI) -> None:
 
 
 def release_processes() -> None:
-    """Ends the DDP process group, if this process is in one, once its work is done. Lightning leaves it open (later
-    fits and tests reuse it); left to the interpreter's exit, gloo's worker threads outlive it and the process aborts
-    ("terminate called without an active exception", exit status 134)."""
+    """Ends this process's DDP process group, if any, once its work is done. Lightning leaves it open (later fits and
+    tests reuse it); at the interpreter's exit, gloo's threads outlive it and the process aborts ("terminate called
+    without an active exception", exit status 134)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -437,9 +427,8 @@ def build_cli(args: list[str] | None = None) -> MLPCLI:
             classes.MODEL, classes.DATA, run=False, args=args, seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module's configure_optimizers owns the optimiser and schedule
-            # The model and data save their own __init__ arguments (save_hyperparameters), all plain values, so a
-            # checkpoint reloads without LightningCLI's copy of the whole config, which it dumps to YAML and
-            # parses back in every build: a third of a tuning trial's build (docs/results.md#build-cpu).
+            # The model and data save their __init__ arguments (plain values), so a checkpoint reloads without
+            # LightningCLI's copy of the config, whose YAML round trip is 1/3 of a build (docs/results.md#build-cpu).
             load_from_checkpoint_support=False,
             trainer_defaults={"max_epochs": 20, "use_distributed_sampler": False, "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
