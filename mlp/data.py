@@ -65,10 +65,9 @@ def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
                                        "put all four there, or pass --data.data_dir a folder that holds them")
     try:
         FashionMNIST(data_dir, download=True)
+        return _find_in(data_dir / "FashionMNIST" / "raw")
     except Exception as error:  # torchvision raises several kinds; all mean "not downloaded"
         download_error = f"{type(error).__name__}: {error}".splitlines()[0]
-    else:
-        return _find_in(data_dir / "FashionMNIST" / "raw")
     tried = "\n".join(f"  - {folder}" for folder in places)
     raise DatasetNotFoundError(
         f"Fashion-MNIST not found. Looked for {', '.join(FILES.values())} (or .gz) in:\n{tried}\n"
@@ -157,15 +156,14 @@ class IndexBatches(Sampler[Tensor]):
     """Batches of indices as tensors (slices of a permutation, where torch's BatchSampler builds Python lists that
     cost more than a training step), and under DDP this process's share of each.
 
-    Shuffled (training): epoch e's permutation comes from a generator seeded by (seed, e), so every rank draws the
-    same one, and each batch is cut into one part per rank: the ranks' steps together are the one-device run's.
-    Unshuffled (evaluation): each rank takes one contiguous part, unpadded, so every image is evaluated once.
+    Shuffled (training): epoch e's permutation is seeded by (seed, e), so every rank draws the same one and takes its
+    part of each batch: the ranks' steps together are the one-device run's. Unshuffled (evaluation): each rank takes
+    one contiguous part, unpadded, so every image is evaluated once.
     """
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, ranks: int = 1) -> None:
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
-        self.seed, self.rank, self.ranks = seed, rank, ranks
-        self.epoch = 0
+        self.seed, self.rank, self.ranks, self.epoch = seed, rank, ranks, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at every training epoch's start, as for DistributedSampler."""
@@ -212,8 +210,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        data_dir = Path(hp.data_dir).expanduser()
-        cache_dir = data_dir / "FashionMNIST" / "raw"
+        cache_dir = Path(hp.data_dir).expanduser() / "FashionMNIST" / "raw"
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         check_workers_fit_device(hp.num_workers, device)
         ranks = self.trainer.world_size if self.trainer else 1
@@ -222,7 +219,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         check(hp.val_size == 0 or hp.val_size >= ranks, f"--data.val_size ({hp.val_size}) must be 0 or at least the "
               f"number of processes ({ranks}): each validates its part of the split")
         if self.train_set is None:
-            self.files = locate_fashion_mnist(data_dir)
+            self.files = locate_fashion_mnist(hp.data_dir)
             images, labels = load_split(self.files, "train", cache_dir)
             check(hp.val_size < len(images),
                   f"val_size must be below the {len(images)} training images, got {hp.val_size}")
