@@ -42,9 +42,8 @@ def run_script(main: Callable[[], object], interrupted: str,
 
 
 def exit_saying(message: str) -> NoReturn:
-    """Exit with status 1, the message on stderr. A process among others that may meet the same input at once (DDP's:
-    Lightning sets LOCAL_RANK in every one; tune.py's spawned device workers) writes it in one call: sys.exit writes
-    the message and its newline apart, and two processes' lines ran into one."""
+    """Exit with status 1, the message on stderr, in one write where other processes may say the same at once (DDP's,
+    whose LOCAL_RANK Lightning sets; tune.py's device workers): sys.exit writes the newline apart, and lines merge."""
     if "LOCAL_RANK" in os.environ or multiprocessing.parent_process() is not None:
         sys.stderr.write(f"{message}\n")
         sys.stderr.flush()

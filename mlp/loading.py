@@ -1,7 +1,6 @@
 """Files a user hands over (a checkpoint, a study's report.json) read without running code, and checked against
 what the code reads from them: each problem is one line, never a traceback. A checkpoint is a pickle, which can
-call any function as it loads, so only torch's weights-only unpickler (tensors and plain values) ever loads one.
-"""
+call any function as it loads, so only torch's weights-only unpickler (tensors and plain values) ever loads one."""
 
 import json
 import pickle
