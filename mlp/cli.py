@@ -372,9 +372,9 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
 
 @contextlib.contextmanager
 def errors_of_processes() -> Iterator[None]:
-    """A process Lightning started (--trainer.strategy ddp_spawn or ddp_fork) raises here as torch's
-    ProcessRaisedException, only its traceback's text: a UserError or MisconfigurationException is raised again from
-    the class and message that end it, to be said in one line; any other error keeps its traceback."""
+    """An error of a process Lightning started (--trainer.strategy ddp_spawn or ddp_fork) arrives as torch's
+    ProcessRaisedException, which holds only its traceback's text: a UserError or MisconfigurationException is raised
+    again from the class and message that end it, to be said in one line; any other error keeps its traceback."""
     try:
         yield
     except ProcessRaisedException as error:
