@@ -65,9 +65,10 @@ def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
                                        "put all four there, or pass --data.data_dir a folder that holds them")
     try:
         FashionMNIST(data_dir, download=True)
-        return _find_in(data_dir / "FashionMNIST" / "raw")
     except Exception as error:  # torchvision raises several kinds; all mean "not downloaded"
         download_error = f"{type(error).__name__}: {error}".splitlines()[0]
+    else:
+        return _find_in(data_dir / "FashionMNIST" / "raw")
     tried = "\n".join(f"  - {folder}" for folder in places)
     raise DatasetNotFoundError(
         f"Fashion-MNIST not found. Looked for {', '.join(FILES.values())} (or .gz) in:\n{tried}\n"
