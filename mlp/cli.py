@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from argparse import ArgumentError
 from collections.abc import Iterator, Mapping
@@ -362,8 +363,13 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
         with errors_of_processes():
             # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except MisconfigurationException as error:  # flags Lightning checks only as it fits (with the model and data)
-        raise UserError(f"the --trainer flags do not fit this run: {error}") from None
+    except (MisconfigurationException, ValueError) as error:  # flags Lightning checks only as it fits, with the data
+        # A ValueError is a flag's only where Lightning raised it (--trainer.val_check_interval above the batches);
+        # one raised in our code or a fork's is a bug, and keeps its traceback.
+        raised_in = Path(traceback.extract_tb(error.__traceback__)[-1].filename).parts
+        if isinstance(error, ValueError) and "lightning" not in raised_in:
+            raise
+        raise UserError(f"the --trainer flags do not fit this run: {str(error).strip()}") from None
     except SystemExit as exit:
         if cli.trainer.interrupted:
             raise KeyboardInterrupt from exit

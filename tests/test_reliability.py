@@ -194,6 +194,9 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.accelerator=tpu", "do not fit this machine or each other: Requirement 'torch_xla>=1.13' not met"),
         ("--trainer.precision=transformer-engine", "do not fit this machine or each other: Requirement 'transformer_e"),
         ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
+        # A ValueError traceback, raised by Lightning as it sized the schedule by the batches.
+        ("--trainer.limit_train_batches=2 --trainer.val_check_interval=5",
+         "the --trainer flags do not fit this run: `val_check_interval` (5) must be less than or equal to"),
         ("--trainer.overfit_batches=2", "--trainer.overfit_batches would swap the data module's batches"),
         # Tracebacks: the one-cycle schedule sized by no step; numpy's and torch's bounds on seeds; an allocation.
         ("--trainer.limit_train_batches=0", "--trainer.limit_train_batches 0 would train on no batch"),
