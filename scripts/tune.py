@@ -30,11 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlp.errors import run_script  # noqa: E402
-from mlp.final import FINAL_CHOICES  # noqa: E402
-from mlp.progress import study_output  # noqa: E402
-from mlp.search import CHOICES, FIT_FLAGS, SPACES, SearchSpace  # noqa: E402
-from mlp.tune import StudyConfig, run_study  # noqa: E402
+from mlp.errors import exit_saying, run_script  # noqa: E402
+
+try:  # torch and Lightning take seconds to import, before run_script says what Ctrl-C did
+    from mlp.final import FINAL_CHOICES
+    from mlp.progress import study_output
+    from mlp.search import CHOICES, FIT_FLAGS, SPACES, SearchSpace
+    from mlp.tune import StudyConfig, run_study
+except KeyboardInterrupt:
+    exit_saying("interrupted: nothing was started yet; run the same command again")
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -4,6 +4,7 @@ import errno
 import gzip
 import os
 import re
+import runpy
 import shlex
 import signal
 import struct
@@ -546,6 +547,25 @@ def test_ctrl_c_while_fit_py_starts_says_nothing_was_saved(synthetic_dir, tmp_pa
     with pytest.raises(SystemExit) as exit:
         run_script(lambda: fit.main(fit_args(synthetic_dir, tmp_path)), interrupted="a checkpoint was saved")
     assert exit.value.code == "interrupted: no checkpoint was saved to resume from; run the same command again"
+
+
+class InterruptedImport(type(sys)):
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):  # what the import machinery and pytest look up
+            raise AttributeError(name)
+        raise KeyboardInterrupt  # as Ctrl-C lands while torch and Lightning import, before run_script is called
+
+
+def test_ctrl_c_while_tune_py_imports_says_nothing_was_started(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlp.final", InterruptedImport("mlp.final"))
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "tune.py"))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while tune.py imports ends in a traceback")
+    except SystemExit as exit:
+        assert exit.code == "interrupted: nothing was started yet; run the same command again"
+    else:
+        pytest.fail("tune.py went on without the module it imports")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout`, a scheduler's preemption
