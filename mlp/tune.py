@@ -155,6 +155,8 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
           "tune.py keeps each trial's logs and checkpoints, and the report, in the logger's folder: drop "
           "--trainer.logger=false (--trainer.logger.init_args.save_dir DIR chooses the folder)")
     check_keeps_a_checkpoint(cli, "tune.py keeps each trial's best checkpoint for the final models")
+    check(cli.config.ckpt_path is None, "a trial is a new run, and a study continues by the same command rerun: drop "
+          "--ckpt_path (fit.py takes it)")
     model = type(cli.model).__name__
     check(not (skipped := hooks_a_stack_skips(cli.model)), f"{model} overrides {', '.join(skipped)}, which fit.py "
           "calls and tune.py's trials, trained through model_step, loss and optimizer_and_schedule (mlp/fused.py), "

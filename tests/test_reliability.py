@@ -283,6 +283,8 @@ def test_fit_without_a_logger_names_its_checkpoint_and_no_tensorboard_folder(syn
     ("--checkpoint.monitor=val/loss --checkpoint.mode=min", "drop --checkpoint.monitor, --checkpoint.mode"),
     ("--trainer.val_check_interval=0.5", "drop --trainer.val_check_interval"),
     ("--trainer.val_check_interval=1", "drop --trainer.val_check_interval"),
+    # A checkpoint's path was ignored by every trial (and --ckpt_path last, with a fit run to resume, failed trial 0).
+    ("--ckpt_path=some.ckpt", "a trial is a new run, and a study continues by the same command rerun: drop --ckpt_"),
 ])
 def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_before_any_trial(
     synthetic_dir, tmp_path, flag, message
