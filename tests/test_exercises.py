@@ -124,6 +124,15 @@ def test_a_run_that_would_keep_no_checkpoint_is_refused_before_training(sweep_ar
         exercises_script.main([*sweep_args, "--only", "lr=0.01", flag])
 
 
+@pytest.mark.parametrize("flag", ["--data.val_size=0", "--trainer.limit_val_batches=0",
+                                  "--trainer.check_val_every_n_epoch=3"])
+def test_a_run_that_would_never_validate_is_refused_before_training(sweep_args, tmp_path, flag):
+    # A ValueError traceback after training, as the best epoch was looked for among no val/acc.
+    with pytest.raises(UserError, match="a sweep selects on each run's val/acc, which these fit flags never measure"):
+        exercises_script.main([*sweep_args, "--only", "lr=0.01", flag])
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
 def test_a_strategy_training_in_processes_of_its_own_is_refused_before_training(sweep_args, tmp_path, strategy):
     # ddp_spawn ended in a traceback after training: the recorder's val/acc stayed in the processes Lightning started.
