@@ -62,6 +62,10 @@ def report_checkpoints(source: Path, answer: str | None = None) -> list[Path]:
     check(source.is_dir() or source.suffix == ".json",
           f"{source} is not a study's folder, its report.json or a .ckpt file; pass the model first, then the images")
     report_path = source / "report.json" if source.is_dir() else source
+    if source.is_dir() and not report_path.is_file():
+        # A fit run's folder: its best checkpoint (by val/acc) first, then last.ckpt and the rest.
+        saved = sorted(source.rglob("*.ckpt"), key=lambda path: (not path.name.startswith("epoch"), str(path)))
+        check(not saved, f"{source} holds no report.json (a study's) but checkpoints: pass them, e.g. {saved[0]}")
     check(report_path.is_file(), f"{source} holds no report.json: tune.py writes it when its study ends"
           if source.is_dir() else f"{source} {why_not_a_file(source)}; pass a study's folder or its report.json")
     report = read_report(report_path)

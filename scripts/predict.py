@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     if options.save_prepared:
         folder = Path(options.save_prepared)
         check(not folder.exists() or folder.is_dir(), f"--save-prepared {folder} is a file; pass a folder")
+        for flag in ("output", "export"):
+            named = getattr(options, flag)
+            check(not named or Path(named).resolve() != folder.resolve(), f"--{flag} and --save-prepared both name "
+                  f"{folder}: give the file and the folder of images different paths")
         targets = [folder / name for name in prepared_names([path for path, _ in read],
                                                             [len(images) for _, images in read])]
         for target in targets:

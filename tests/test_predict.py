@@ -420,9 +420,16 @@ def test_predict_refuses_to_export_over_the_report_or_a_checkpoint_a_study_folde
         ("save-prepared onto a file", "is a file; pass a folder"),
         ("export and output one file", "both name"),  # the CSV had overwritten the model just exported
         ("checkpoint after an image", "is a checkpoint among the images: the model comes first"),
+        # It wrote the prepared image, then failed as the CSV met the folder ("Is a directory").
+        ("output and save-prepared one path", "--output and --save-prepared both name"),
+        # It had said tune.py writes report.json, of a fit run's folder.
+        ("a fit run's folder", "holds no report.json (a study's) but checkpoints: pass them, e.g. "),
     ],
 )
 def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, case, expected):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "epoch00-val_acc0.5000.ckpt"):
+        (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     fashion_mnist_like().save(tmp_path / "fine.png")
@@ -436,6 +443,9 @@ def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, ca
         "export and output one file": [str(study), str(tmp_path / "fine.png"), "--export", str(tmp_path / "a.pt2"),
                                        "--output", str(tmp_path / "a.pt2")],
         "checkpoint after an image": [str(tmp_path / "fine.png"), str(tmp_path / "model.ckpt")],  # "no image"
+        "output and save-prepared one path": [str(study), str(tmp_path / "fine.png"), "--save-prepared",
+                                              str(tmp_path / "out"), "--output", str(tmp_path / "out")],
+        "a fit run's folder": [str(tmp_path / "run"), str(tmp_path / "fine.png")],
     }[case]
 
     with pytest.raises(SystemExit) as exit:
@@ -443,6 +453,9 @@ def test_bad_predict_options_are_one_line_and_a_nonzero_exit(study, tmp_path, ca
 
     assert isinstance(exit.value.code, str) and len(exit.value.code.splitlines()) == 1
     assert exit.value.code.startswith("error: ") and expected in exit.value.code
+    assert not (tmp_path / "out").exists()
+    if case == "a fit run's folder":
+        assert exit.value.code.endswith("epoch00-val_acc0.5000.ckpt")  # the best by val/acc, not last.ckpt
 
 
 @pytest.mark.skipif(not real_data_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
