@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from jsonargparse.typing import register_type
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
@@ -99,6 +100,11 @@ class MLPCLI(LightningCLI):
               f"--seed_everything must be 0 to {SEEDS - 1} (numpy's seeds), true (drawn) or false, got {seed}")
 
     def before_instantiate_classes(self) -> None:
+        # A --config section with every key commented out reads as null (`model:`), which no class is built from.
+        empty = [name for name in ("trainer", "model", "data", "checkpoint")
+                 if not isinstance(self.config[name], Namespace)]
+        check(not empty, f"a --config file's `{empty[0] if empty else ''}:` holds no settings (indented `key: value` "
+              "lines under it): give it some, or drop it")
         epochs, steps = self.config.trainer.max_epochs, self.config.trainer.max_steps
         check(epochs is None or epochs >= 1 or epochs == -1, f"--trainer.max_epochs must be >= 1, got {epochs}")
         schedule = self.config.model.schedule
@@ -124,6 +130,10 @@ class MLPCLI(LightningCLI):
         if not saves:
             # Our checkpoints are callbacks, which Lightning refuses beside this flag: they save nothing instead.
             self.config.trainer.enable_checkpointing, self.config.checkpoint.save_top_k = None, 0
+        monitor = self.config.checkpoint.monitor
+        check(not (monitor and "loss" in monitor and self.config.checkpoint.mode == "max"), f"--checkpoint.monitor "
+              f"{monitor} is a loss, and --checkpoint.mode max (for val/acc) would keep its highest epoch: add "
+              "--checkpoint.mode min")
         validates = self.config.data.val_size > 0
         if not validates:
             # No validation split: nothing to validate, so the checkpoint keeps the final epoch's weights.
@@ -131,7 +141,7 @@ class MLPCLI(LightningCLI):
             self.config.checkpoint.monitor, self.config.checkpoint.filename = None, "epoch{epoch:02d}"
         # Added to the run's own callbacks at instantiation: `latest` keeps last.ckpt, the end of the latest epoch, for
         # `--ckpt_path last`; the guard watches the loss this run has.
-        latest = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        latest = LatestCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
         self.trainer_defaults["callbacks"] = [*[latest][:saves], DivergenceGuard(validates), InterruptAtBatchEnd()]
         if self.config.ckpt_path == "last":
             self.resume_last()
@@ -328,6 +338,12 @@ def divergence_message(trainer: Trainer) -> str | None:
     if guard is not None and guard.stopping_reason_message:
         return f"epoch {guard.stopped_epoch}: {guard.stopping_reason_message}"
     return None
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """last.ckpt, the end of the latest epoch. A class of its own, so that a user's ModelCheckpoint without a monitor
+    (--trainer.callbacks+=ModelCheckpoint) keeps its state apart: Lightning keys a callback's state by class and
+    settings, and refuses two callbacks of one key."""
 
 
 class FiniteCheckpoint(ModelCheckpoint):

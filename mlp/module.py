@@ -107,7 +107,7 @@ def check_hyperparameters(hp: Mapping[str, Any]) -> None:
     check(hp["width"] >= 1, f"width (hidden units) must be >= 1, got {hp['width']}")
     check(math.isfinite(hp["lr"]) and hp["lr"] > 0, f"lr must be a positive finite number, got {hp['lr']}")
     check(0 <= hp["momentum"] < 1, f"momentum must be in [0, 1), got {hp['momentum']}")
-    check(hp["weight_decay"] >= 0, f"weight_decay must be >= 0, got {hp['weight_decay']}")
+    check(0 <= hp["weight_decay"] < math.inf, f"weight_decay must be a finite number >= 0, got {hp['weight_decay']}")
     check(not (hp["nesterov"] and hp["optimizer"] == "sgd" and hp["momentum"] == 0), "nesterov needs momentum > 0")
     check(0 <= hp["dropout"] < 1, f"dropout must be in [0, 1), got {hp['dropout']}")
     check(0 <= hp["label_smoothing"] < 1, f"label_smoothing must be in [0, 1), got {hp['label_smoothing']}")

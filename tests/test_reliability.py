@@ -195,6 +195,9 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         ("--trainer.accelerator=tpu", "do not fit this machine or each other: Requirement 'torch_xla>=1.13' not met"),
         ("--trainer.precision=transformer-engine", "do not fit this machine or each other: Requirement 'transformer_e"),
         ("--trainer.limit_train_batches=0.01", "the --trainer flags do not fit this run: You requested to check 0.01"),
+        ("--model.weight_decay=.inf", "weight_decay must be a finite number >= 0"),  # it trained and blamed the lr
+        # It kept the epoch of the highest val/loss as the best.
+        ("--checkpoint.monitor=val/loss", "is a loss, and --checkpoint.mode max (for val/acc) would keep its highest"),
         # A ValueError traceback, raised by Lightning as it sized the schedule by the batches.
         ("--trainer.limit_train_batches=2 --trainer.val_check_interval=5",
          "the --trainer flags do not fit this run: `val_check_interval` (5) must be less than or equal to"),
@@ -304,6 +307,8 @@ def test_trainer_flags_a_stack_of_trials_cannot_honour_are_refused_by_tune_befor
 @pytest.mark.parametrize("own", [
     "--trainer.callbacks+=ModelCheckpoint --trainer.callbacks.monitor=val/loss --trainer.callbacks.filename=own",
     "--trainer.callbacks+=OnExceptionCheckpoint --trainer.callbacks.dirpath=on_exception",
+    # Without a monitor: a RuntimeError traceback, its state key that of the run's own last.ckpt saver.
+    "--trainer.callbacks+=ModelCheckpoint --trainer.callbacks.filename=own",
 ])
 def test_a_users_own_checkpoint_callback_leaves_fit_testing_its_best_by_val_acc(
     synthetic_dir, tmp_path, capsys, monkeypatch, own
@@ -549,6 +554,15 @@ def test_ctrl_c_while_fit_py_starts_says_nothing_was_saved(synthetic_dir, tmp_pa
     with pytest.raises(SystemExit) as exit:
         run_script(lambda: fit.main(fit_args(synthetic_dir, tmp_path)), interrupted="a checkpoint was saved")
     assert exit.value.code == "interrupted: no checkpoint was saved to resume from; run the same command again"
+
+
+@pytest.mark.parametrize("config", ["model:\n#  width: 64\ntrainer:\n  max_epochs: 1\n", "checkpoint:\ntrainer:\n  "
+                                    "max_epochs: 1\n", "model: 5\n"])
+def test_a_config_section_without_settings_is_one_line(tmp_path, config):
+    # AttributeError and TypeError tracebacks: a section with every key commented out reads as null.
+    (tmp_path / "run.yaml").write_text(config)
+    with pytest.raises(UserError, match="holds no settings .indented `key: value` lines under it.: give it some"):
+        fit.main([f"--config={tmp_path / 'run.yaml'}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
 
 
 class InterruptedImport(type(sys)):
