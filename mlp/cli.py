@@ -207,34 +207,46 @@ class MLPCLI(LightningCLI):
         """`--ckpt_path last`: continue the newest run that saved last.ckpt or on_exception.ckpt, from the newer
         of the two, in that run's folder. A run that failed before saving either is passed over, never restarted."""
         logger = self.config.trainer.logger
-        if not getattr(logger, "init_args", None):
-            return  # no log folder of ours: Lightning looks for last.ckpt in default_root_dir itself
-        runs = Path(logger.init_args.save_dir) / logger.init_args.name
-        version = logger.init_args.version
-        if version is not None:
-            folders = [run_folder(runs, version)]
+        if logger is False:  # --trainer.logger false: the run's checkpoints are in default_root_dir's
+            runs, version = Path(self.config.trainer.default_root_dir or "."), "."
+            folders = [runs]
+        elif not getattr(logger, "init_args", None):
+            return  # a logger of Lightning's default: it looks for last.ckpt itself
         else:
-            numbered = (p for p in runs.glob("version_*") if p.name[8:].isdigit())
-            folders = sorted(numbered, key=lambda p: int(p.name[8:]), reverse=True)
+            runs = Path(logger.init_args.save_dir) / logger.init_args.name
+            version = logger.init_args.version
+            if version is not None:
+                folders = [run_folder(runs, version)]
+            else:
+                numbered = (p for p in runs.glob("version_*") if p.name[8:].isdigit())
+                folders = sorted(numbered, key=lambda p: int(p.name[8:]), reverse=True)
         for folder in folders:
             if saved := resumable_checkpoints(folder):
-                logger.init_args.version = folder.name
+                if logger is not False:
+                    logger.init_args.version = folder.name
                 self.config.ckpt_path = str(max(saved, key=lambda path: path.stat().st_mtime))
                 return
-        where = folders[0] if version is not None else runs
+        where = folders[0].resolve() if version is not None else runs
         raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
 
 
 def check_named_run_folder_is_free(cli: MLPCLI) -> None:
-    """Refuse a new run in the folder --trainer.logger.init_args.version names if a run saved checkpoints there: theirs
-    and this one's would read as one run's (Lightning only warns). One that saved none is no run to keep."""
+    """Refuse a new run in the folder --trainer.logger.init_args.version names, or without a logger in
+    default_root_dir, if a run saved checkpoints there: theirs and this one's would read as one run's, and its
+    last.ckpt be overwritten (Lightning only warns). One that saved none is no run to keep."""
     logger = cli.config.trainer.logger
-    if getattr(logger, "init_args", None) is None or logger.init_args.version is None:
+    if not cli.trainer.checkpoint_callbacks:  # none saves: a stack of trials' Trainer (mlp.trials), or not asked
         return
-    folder = run_folder(Path(logger.init_args.save_dir) / logger.init_args.name, logger.init_args.version)
-    check(not any((folder / "checkpoints").glob("*.ckpt")), f"{folder} holds a run already, whose checkpoints "
-          "this one would mix with its own: give another --trainer.logger.init_args.version, or continue that run "
-          "with --ckpt_path last")
+    if logger is False:
+        folder, choose = Path(cli.config.trainer.default_root_dir or "."), "--trainer.default_root_dir"
+    elif getattr(logger, "init_args", None) is None or logger.init_args.version is None:
+        return
+    else:
+        folder = run_folder(Path(logger.init_args.save_dir) / logger.init_args.name, logger.init_args.version)
+        choose = "--trainer.logger.init_args.version"
+    check(not any((folder / "checkpoints").glob("*.ckpt")), f"{folder.resolve()} holds a run already, whose "
+          f"checkpoints this one would mix with its own: give another {choose}, or continue that run with "
+          "--ckpt_path last")
 
 
 def run_folder(runs: Path, version: int | str) -> Path:

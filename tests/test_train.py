@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mlp.data import FashionMNISTDataModule
@@ -353,6 +354,24 @@ def test_the_shipped_best_mlp_config_builds_its_run_on_all_training_images(synth
                      f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert cli.model.hparams.batch_norm and cli.model.hparams.width == 1000 and cli.trainer.max_epochs == 40
     assert cli.datamodule.hparams.val_size == 0 and not cli.trainer.limit_val_batches  # the refit: nothing held out
+
+
+def test_without_a_logger_a_second_run_is_refused_and_ckpt_path_last_resumes_the_first(synthetic_dir, tmp_path):
+    # The second run had overwritten the first's last.ckpt; --ckpt_path last then ended in a traceback of the
+    # weights' shapes, and after Ctrl-C trained from scratch (Lightning's "last" never looks at on_exception.ckpt).
+    root = tmp_path / "root"
+    args = fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=4", "--trainer.max_epochs=1",
+                    "--trainer.logger=false", f"--trainer.default_root_dir={root}", "--model.schedule=constant")
+    fit.main(args)
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    with pytest.raises(UserError, match=f"{root} holds a run already, .*--trainer.default_root_dir, or continue"):
+        fit.main([*args, "--model.width=8"])
+    with pytest.raises(UserError, match="--ckpt_path .*last.ckpt began with --model.width 4 .now 8."):
+        fit.main([*args, "--model.width=8", "--ckpt_path=last"])
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+    (root / "checkpoints" / "last.ckpt").rename(root / "checkpoints" / "on_exception.ckpt")  # as Ctrl-C leaves it
+    fit.main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the second epoch's end
 
 
 @pytest.mark.parametrize("version", ["myrun", "0"])
