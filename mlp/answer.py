@@ -119,9 +119,10 @@ def load_member(checkpoint: Path, data_dir: str | None, statistics: dict) -> Mem
         data = classes.DATA(key[0], val_size=settings.val_size, seed=settings.seed)
         try:
             data.setup("fit")
-        except DatasetNotFoundError:
+        except DatasetNotFoundError as error:
+            why = str(error).splitlines()[0].rstrip(":")  # the places looked in follow, a line each
             raise UserError(f"the model's training images are not in {data.hparams.data_dir} any more, and it "
-                            "standardises images as they were: pass their folder with --data_dir") from None
+                            f"standardises images as they were: pass their folder with --data_dir ({why})") from None
         statistics[key] = data.mean, data.std
     return Member(net, *statistics[key])
 

@@ -252,6 +252,10 @@ def test_a_checkpoint_carries_its_standardisation_so_predict_reads_no_training_i
     with pytest.raises(SystemExit) as exit:
         run_script(lambda: predict.main([str(tmp_path / "without.ckpt"), str(tmp_path / "black.png")]), interrupted="")
     assert len(exit.value.code.splitlines()) == 1 and "pass their folder with --data_dir" in exit.value.code
+    with pytest.raises(SystemExit) as exit:  # a --data_dir that is no such folder: why, as ensemble.py says it
+        run_script(lambda: predict.main([str(tmp_path / "without.ckpt"), str(tmp_path / "black.png"), "--data_dir",
+                                         str(tmp_path / "black.png")]), interrupted="")
+    assert len(exit.value.code.splitlines()) == 1 and "black.png is a file, not a folder" in exit.value.code
     recomputed = load_answer([tmp_path / "without.ckpt"], data_dir=str(tmp_path / "moved")).members[0]
     assert (recomputed.mean, recomputed.std) == (model.members[0].mean, model.members[0].std)
 
