@@ -442,6 +442,13 @@ def check_resumable(ckpt_path: str, cli: MLPCLI) -> None:
     changed = [f"--{flag} {was} (now {now[flag]})" for flag, was in began.items() if flag in now and was != now[flag]]
     check(not changed, f"--ckpt_path {ckpt_path} began with {', '.join(changed)}: resume with the flags its run began "
           "with, or start a new run without --ckpt_path")
+    # A run's own folder (a resumed run's config.yaml names both): its later checkpoints would be overwritten.
+    latest = Path(ckpt_path).parent / "last.ckpt"
+    into = Path(cli.trainer.log_dir or ".") / "checkpoints"
+    check(not (latest.is_file() and latest.parent.resolve() == into.resolve()
+               and read_checkpoint(latest).global_step > saved.global_step),
+          f"--ckpt_path {ckpt_path}: its run went on past it, to {latest}, which resuming in that run's folder would "
+          "overwrite: continue with --ckpt_path last, or train anew without --ckpt_path")
 
 
 def release_processes() -> None:

@@ -46,6 +46,7 @@ class Checkpoint(Schema):
     state_dict: dict[str, InstanceOf[torch.Tensor]]
     FashionMNISTDataModule: Standardisation | None = None  # older checkpoints lack it
     optimizer_states: list[Any] | None = None  # a run's, to resume it; a stacked trial's or refit's has none
+    global_step: int = 0  # optimiser steps taken when it was saved
 
 
 class Candidate(Schema):

@@ -374,6 +374,23 @@ def test_without_a_logger_a_second_run_is_refused_and_ckpt_path_last_resumes_the
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the second epoch's end
 
 
+def test_resuming_a_run_from_a_checkpoint_it_went_past_in_its_own_folder_is_refused(synthetic_dir, tmp_path):
+    # A resumed run's config.yaml names its folder and the checkpoint it resumed from: run again, it had trained
+    # from there once more in that folder, over the later last.ckpt and beside its best.
+    args = fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=4", "--model.schedule=constant")
+    fit.main([*args, "--trainer.max_epochs=1"])
+    checkpoints = tmp_path / "logs" / "fit" / "version_0" / "checkpoints"
+    shutil.copy(checkpoints / "last.ckpt", tmp_path / "early.ckpt")
+    fit.main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    early = shutil.copy(tmp_path / "early.ckpt", checkpoints / "on_exception.ckpt")  # as a Ctrl-C in epoch 1 left it
+    before = {path: path.read_bytes() for path in checkpoints.iterdir()}
+    with pytest.raises(UserError, match="its run went on past it, to .*last.ckpt, which resuming in that run's"):
+        fit.main([*args, "--trainer.max_epochs=2", "--trainer.logger.init_args.version=0", f"--ckpt_path={early}"])
+    assert {path: path.read_bytes() for path in checkpoints.iterdir()} == before
+    fit.main([*args, "--trainer.max_epochs=2", f"--ckpt_path={early}"])  # in a new folder: no run's files in the way
+    assert (tmp_path / "logs" / "fit" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
 @pytest.mark.parametrize("version", ["myrun", "0"])
 def test_a_new_run_in_a_named_run_folder_that_holds_a_run_is_refused_and_that_run_kept(synthetic_dir, tmp_path,
                                                                                         version):
