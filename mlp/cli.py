@@ -380,6 +380,11 @@ def check_keeps_a_checkpoint(cli: MLPCLI, why: str) -> None:
           "(fit.py takes them)")
 
 
+def validates_within(cli: MLPCLI, epochs: int) -> bool:
+    """Whether a run of `epochs` epochs measures val/acc at least once: validation batches, and an epoch to run them."""
+    return bool(cli.trainer.limit_val_batches) and (cli.trainer.check_val_every_n_epoch or 1) <= epochs
+
+
 def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     """cli.trainer.fit on the CLI's model and data. Lightning ends a Ctrl-C'd fit with sys.exit(1), raised here as
     KeyboardInterrupt: callers (the script's error handler, Optuna's trial bookkeeping) tell it from an exit."""

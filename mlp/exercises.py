@@ -18,7 +18,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_only
 
 import mlp.run
-from mlp.cli import LOG_DIR, build_cli, divergence_message, check_keeps_a_checkpoint
+from mlp.cli import LOG_DIR, build_cli, check_keeps_a_checkpoint, divergence_message, validates_within
 from mlp.errors import UserError, check
 
 D2L_SETTING = {
@@ -76,8 +76,7 @@ def train(changes: dict, save_dir: Path, extra: list[str]) -> dict:
     check(not finders, f"drop the {', '.join(finders)} of --trainer.callbacks: a run is named by what differs from "
           "d2l's setting, and a finder would change its learning rate or batch size unsaid")
     check_keeps_a_checkpoint(cli, "a sweep tests the run it selects from its best checkpoint")
-    every = cli.trainer.check_val_every_n_epoch or 1
-    check(cli.trainer.limit_val_batches and every <= cli.trainer.max_epochs, "a sweep selects on each run's val/acc, "
+    check(validates_within(cli, cli.trainer.max_epochs), "a sweep selects on each run's val/acc, "
           "which these fit flags never measure: keep --data.val_size and --trainer.limit_val_batches above 0, and "
           "--trainer.check_val_every_n_epoch at most --trainer.max_epochs")
     # ddp_spawn's and ddp_fork's processes train with copies of this one's callbacks: no epoch's val/acc comes back. The

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import (
 from optuna.trial import TrialState
 
 from mlp.budget import FINISH_SECONDS, Budget
-from mlp.cli import MLPCLI, DivergenceGuard, build_cli, check_keeps_a_checkpoint
+from mlp.cli import MLPCLI, DivergenceGuard, build_cli, check_keeps_a_checkpoint, validates_within
 from mlp.data import TRAIN_IMAGES, locate_fashion_mnist
 from mlp.devices import OtherDevices, one_device_args
 from mlp.errors import UserError, check
@@ -183,8 +183,7 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
     changed = [f"--checkpoint.{key}" for key, value in cli.config.checkpoint.items() if value != defaults[key]]
     check(not changed, "a trial keeps its best checkpoint by val/acc, its score in the study, for the final models: "
           f"drop {', '.join(changed)} (fit.py takes them)")
-    every = cli.trainer.check_val_every_n_epoch or 1
-    check(cli.trainer.limit_val_batches and every <= shortest_epochs,
+    check(validates_within(cli, shortest_epochs),
           f"a trial is scored on the validation split, and one of {shortest_epochs} epochs would never validate: drop "
           "--trainer.limit_val_batches 0, or give --trainer.check_val_every_n_epoch at most the fewest epochs searched")
     interval = cli.config.trainer.val_check_interval  # 1.0 is once an epoch, the int 1 every batch
