@@ -24,6 +24,7 @@ or, written as answer.onnx, with onnxruntime (images a uint8 numpy array):
 
 import argparse
 import csv
+import itertools
 import sys
 from pathlib import Path
 
@@ -96,13 +97,15 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     reports = [Path(path) / "report.json" for path in model_paths if Path(path).is_dir()]
     checkpoints = answer_checkpoints(model_paths)  # the study's report is read once
     inputs = images_in + [Path(path) for path in model_paths] + reports + checkpoints
-    for flag in ("output", "export", "save_prepared"):
-        if getattr(options, flag):
-            check_not_an_input(Path(getattr(options, flag)), inputs, "--" + flag.replace("_", "-"))
+    written = {flag: Path(path) for flag, path in (("--output", options.output), ("--export", options.export),
+                                                  ("--save-prepared", options.save_prepared)) if path}
+    for flag, path in written.items():
+        check_not_an_input(path, inputs, flag)
+    for (flag, path), (other, other_path) in itertools.combinations(written.items(), 2):
+        check(path.resolve() != other_path.resolve(), f"{flag} and {other} both name {path}: the second would "
+              "overwrite the first, or fail on it; give each its own path")
     if options.export:
         check_exportable(options.export)
-        check(not options.output or Path(options.output).resolve() != Path(options.export).resolve(),
-              f"--output and --export both name {options.output}: the predictions would overwrite the model")
     # A folder's image that is refused is skipped, saying why: one screenshot among a folder of photos would
     # otherwise leave all of them unclassified. An image named on its own is still refused.
     named = {Path(path) for path in image_paths if not Path(path).is_dir()}
@@ -118,10 +121,6 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     if options.save_prepared:
         folder = Path(options.save_prepared)
         check(not folder.exists() or folder.is_dir(), f"--save-prepared {folder} is a file; pass a folder")
-        for flag in ("output", "export"):
-            named = getattr(options, flag)
-            check(not named or Path(named).resolve() != folder.resolve(), f"--{flag} and --save-prepared both name "
-                  f"{folder}: give the file and the folder of images different paths")
         targets = [folder / name for name in prepared_names([path for path, _ in read],
                                                             [len(images) for _, images in read])]
         for target in targets:
