@@ -230,22 +230,18 @@ class MLPCLI(LightningCLI):
         raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
 
 
-def check_named_run_folder_is_free(cli: MLPCLI) -> None:
-    """Refuse a new run in the folder --trainer.logger.init_args.version names, or without a logger in
-    default_root_dir, if a run saved checkpoints there: theirs and this one's would read as one run's, and its
-    last.ckpt be overwritten (Lightning only warns). One that saved none is no run to keep."""
-    logger = cli.config.trainer.logger
-    if not cli.trainer.checkpoint_callbacks:  # none saves: a stack of trials' Trainer (mlp.trials), or not asked
+def check_run_folder_is_free(cli: MLPCLI) -> None:
+    """Refuse a new run in a folder where a run saved checkpoints (one --trainer.logger.init_args.version names, or
+    without a logger default_root_dir): theirs and this one's would read as one run's, and its last.ckpt be
+    overwritten (Lightning only warns). One that saved none is no run to keep."""
+    folder = cli.trainer.log_dir
+    # Nothing saved: no checkpoint callback (a stack of trials' Trainer, mlp.trials), or fast_dev_run.
+    if not cli.trainer.checkpoint_callbacks or cli.trainer.fast_dev_run or folder is None:
         return
-    if logger is False:
-        folder, choose = Path(cli.config.trainer.default_root_dir or "."), "--trainer.default_root_dir"
-    elif getattr(logger, "init_args", None) is None or logger.init_args.version is None:
-        return
-    else:
-        folder = run_folder(Path(logger.init_args.save_dir) / logger.init_args.name, logger.init_args.version)
-        choose = "--trainer.logger.init_args.version"
-    check(not any((folder / "checkpoints").glob("*.ckpt")), f"{folder.resolve()} holds a run already, whose "
-          f"checkpoints this one would mix with its own: give another {choose}, or continue that run with "
+    logged = cli.config.trainer.logger is not False
+    choose = "--trainer.logger.init_args.version" if logged else "--trainer.default_root_dir"
+    check(not any((Path(folder) / "checkpoints").glob("*.ckpt")), f"{Path(folder).resolve()} holds a run already, "
+          f"whose checkpoints this one would mix with its own: give another {choose}, or continue that run with "
           "--ckpt_path last")
 
 
@@ -389,7 +385,7 @@ def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     """cli.trainer.fit on the CLI's model and data. Lightning ends a Ctrl-C'd fit with sys.exit(1), raised here as
     KeyboardInterrupt: callers (the script's error handler, Optuna's trial bookkeeping) tell it from an exit."""
     if ckpt_path is None:
-        check_named_run_folder_is_free(cli)
+        check_run_folder_is_free(cli)
     elif ckpt_path != "last":  # "last" stays only where Lightning looks for it (no log folder of ours)
         check_resumable(ckpt_path, cli)
     try:
@@ -448,9 +444,8 @@ def check_resumable(ckpt_path: str, cli: MLPCLI) -> None:
     check(not changed, f"--ckpt_path {ckpt_path} began with {', '.join(changed)}: resume with the flags its run began "
           "with, or start a new run without --ckpt_path")
     # A run's own folder (a resumed run's config.yaml names both): its later checkpoints would be overwritten.
-    latest = Path(ckpt_path).parent / "last.ckpt"
-    into = Path(cli.trainer.log_dir or ".") / "checkpoints"
-    check(not (latest.is_file() and latest.parent.resolve() == into.resolve()
+    latest, into = Path(ckpt_path).parent / "last.ckpt", cli.trainer.log_dir  # None: the run keeps nothing
+    check(not (into and latest.is_file() and latest.parent.resolve() == (Path(into) / "checkpoints").resolve()
                and read_checkpoint(latest).global_step > saved.global_step),
           f"--ckpt_path {ckpt_path}: its run went on past it, to {latest}, which resuming in that run's folder would "
           "overwrite: continue with --ckpt_path last, or train anew without --ckpt_path")
