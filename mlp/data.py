@@ -119,15 +119,21 @@ def copy_idx(source: BinaryIO, target: BinaryIO) -> None:
 def read_idx(path: Path, cache_dir: Path) -> Tensor:
     """The tensor in an IDX file, decoded by torchvision; a .gz is decompressed into cache_dir first, once, and
     again when it is newer than its copy (replaced by other images or labels, which the copy would hide)."""
+    plain = cache_dir / path.stem if path.suffix == ".gz" else path
     try:
-        if path.suffix == ".gz":
-            plain = cache_dir / path.stem
-            if not plain.is_file() or plain.stat().st_mtime < path.stat().st_mtime:
-                decompress(path, plain)
-            path = plain
-        return read_label_file(str(path)) if "labels" in path.name else read_image_file(str(path))
+        if plain != path and (not plain.is_file() or plain.stat().st_mtime < path.stat().st_mtime):
+            decompress(path, plain)
+        return read_label_file(str(plain)) if "labels" in plain.name else read_image_file(str(plain))
     except (OSError, EOFError, RuntimeError, AssertionError, ValueError, TypeError) as error:
-        raise CorruptDatasetError(f"{path}: cannot be read as an IDX file ({type(error).__name__}: {error})") from None
+        # Named by the user's file, not by its copy in the cache: that file is the one to put right.
+        raise corrupt(path, f"cannot be read as an IDX file ({type(error).__name__}: {error})") from None
+
+
+def corrupt(path: Path, what: str) -> CorruptDatasetError:
+    """What is wrong with the Fashion-MNIST file at `path`, and how to get Fashion-MNIST's own back."""
+    fix = ("restore them: sudo apt-get install --reinstall dataset-fashion-mnist" if path.parent == DEBIAN_DIR else
+           f"put Fashion-MNIST's own files there, or remove the four to use {DEBIAN_DIR}'s")
+    return CorruptDatasetError(f"{path}: {what}; {fix}")
 
 
 def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Tensor, Tensor]:
@@ -135,11 +141,11 @@ def load_split(files: dict[str, Path], split: str, cache_dir: Path) -> tuple[Ten
     image_file, label_file = files[f"{split}_images"], files[f"{split}_labels"]
     images, labels = read_idx(image_file, cache_dir), read_idx(label_file, cache_dir)
     if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise CorruptDatasetError(f"{image_file}: expected 28x28 images, found shape {tuple(images.shape)}")
+        raise corrupt(image_file, f"expected 28x28 images, found shape {tuple(images.shape)}")
     if len(images) != len(labels):
-        raise CorruptDatasetError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels")
+        raise corrupt(image_file, f"holds {len(images)} images but {label_file} {len(labels)} labels")
     if len(labels) and labels.max() >= len(CLASS_NAMES):
-        raise CorruptDatasetError(f"{label_file}: labels must be 0-9, found {labels.max().item()}")
+        raise corrupt(label_file, f"labels must be 0-9, found {labels.max().item()}")
     return images, labels
 
 
@@ -192,7 +198,7 @@ class IndexBatches(Sampler[Tensor]):
 class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST with a fixed-seed validation split carved from the training images.
 
-    The test images are loaded only for `trainer.test`, so model selection never sees them. `val_size` 0 trains on
+    The test images are served only for `trainer.test`, so model selection never sees them. `val_size` 0 trains on
     all training images with no validation (a refit). `batch_size` is one optimiser step's; under DDP each rank
     takes its part of it. Augmentation is the model's (`MLPClassifier.inputs`), so stacked trials differ in it.
     """

@@ -24,7 +24,14 @@ import torch
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mlp.data import FILES, CorruptDatasetError, DatasetNotFoundError, FashionMNISTDataModule, locate_fashion_mnist
+from mlp.data import (
+    DEBIAN_DIR,
+    FILES,
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    FashionMNISTDataModule,
+    locate_fashion_mnist,
+)
 from mlp.errors import UserError, run_script
 from tests.conftest import Payload, write_idx, write_synthetic_dataset
 
@@ -105,33 +112,47 @@ def test_data_dir_that_is_a_file_is_named(tmp_path):
         locate_fashion_mnist(not_a_folder)
 
 
-def corrupt(folder: Path, how: str) -> str:
+def corrupt(folder: Path, how: str, split: str = "train") -> str:
     """Damage one file of a synthetic dataset in `folder`; returns the damaged file's name."""
-    images, labels = folder / FILES["train_images"], folder / FILES["train_labels"]
+    images, labels = folder / FILES[f"{split}_images"], folder / FILES[f"{split}_labels"]
     if how == "wrong magic number":
         images.write_bytes(b"\x00\x00\x07\x07" + images.read_bytes()[4:])
     elif how == "wrong length":
         images.write_bytes(images.read_bytes()[:-100])
     elif how == "labels outside 0-9":
-        write_idx(labels, torch.full((800,), 12, dtype=torch.uint8))
+        write_idx(labels, torch.full((labels.stat().st_size - 8,), 12))  # after its 8-byte header, a byte a label
         return labels.name
-    elif how == "truncated gzip":
-        gz = folder / (FILES["train_images"] + ".gz")
-        gz.write_bytes(gzip.compress(images.read_bytes())[:1000])
+    elif how in ("truncated gzip", "gzip of data cut short"):
+        gz, content = folder / f"{images.name}.gz", images.read_bytes()
+        gz.write_bytes(gzip.compress(content)[:1000] if how == "truncated gzip" else gzip.compress(content[:-100]))
         images.unlink()
         return gz.name
     return images.name
 
 
-@pytest.mark.parametrize("how", ["wrong magic number", "wrong length", "labels outside 0-9", "truncated gzip"])
-def test_corrupt_idx_file_is_named_with_what_is_wrong(tmp_path, how):
+@pytest.mark.parametrize("how", ["wrong magic number", "wrong length", "labels outside 0-9", "truncated gzip",
+                                 "gzip of data cut short"])
+def test_corrupt_idx_file_is_named_with_what_is_wrong_and_how_to_fix_it(tmp_path, how):
     folder = write_synthetic_dataset(tmp_path / "data", gz=False)
     name = corrupt(folder, how)
     data = FashionMNISTDataModule(data_dir=str(folder), val_size=100)
-    with pytest.raises(CorruptDatasetError, match=name) as error:
+    with pytest.raises(CorruptDatasetError) as error:
         data.setup("fit")
+    # The .gz the user can replace, not its decompressed copy in the cache, which torchvision found cut short.
+    assert str(error.value).startswith(f"{folder / name}: ")
+    assert str(error.value).endswith(f"put Fashion-MNIST's own files there, or remove the four to use {DEBIAN_DIR}'s")
     if how == "labels outside 0-9":
         assert "labels must be 0-9, found 12" in str(error.value)
+
+
+def test_a_corrupt_file_of_the_debian_package_is_to_be_reinstalled(tmp_path, monkeypatch):
+    debian = write_synthetic_dataset(tmp_path / "debian")
+    monkeypatch.setattr("mlp.data.DEBIAN_DIR", debian)
+    (debian / f"{FILES['train_labels']}.gz").write_bytes(b"garbage")
+    with pytest.raises(CorruptDatasetError) as error:
+        FashionMNISTDataModule(data_dir=str(tmp_path / "own"), val_size=100).setup("fit")
+    assert str(error.value).startswith(f"{debian / FILES['train_labels']}.gz: cannot be read as an IDX file")
+    assert str(error.value).endswith("; restore them: sudo apt-get install --reinstall dataset-fashion-mnist")
 
 
 @pytest.mark.parametrize("header", ["true to the training images", "declaring 300 MB"])
