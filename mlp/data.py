@@ -228,6 +228,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.files = locate_fashion_mnist(hp.data_dir)
             images, labels = load_split(self.files, "train", cache_dir)
+            # The test files checked now, though served only for trainer.test: found corrupt then, a run is lost.
+            load_split(self.files, "test", cache_dir)
             check(hp.val_size < len(images),
                   f"val_size must be below the {len(images)} training images, got {hp.val_size}")
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(hp.seed))

@@ -122,6 +122,8 @@ def corrupt(folder: Path, how: str, split: str = "train") -> str:
     elif how == "labels outside 0-9":
         write_idx(labels, torch.full((labels.stat().st_size - 8,), 12))  # after its 8-byte header, a byte a label
         return labels.name
+    elif how == "a label short":  # a well-formed file, one label fewer than the images: the images are named
+        write_idx(labels, torch.zeros(labels.stat().st_size - 9))
     elif how in ("truncated gzip", "gzip of data cut short"):
         gz, content = folder / f"{images.name}.gz", images.read_bytes()
         gz.write_bytes(gzip.compress(content)[:1000] if how == "truncated gzip" else gzip.compress(content[:-100]))
@@ -130,14 +132,15 @@ def corrupt(folder: Path, how: str, split: str = "train") -> str:
     return images.name
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
 @pytest.mark.parametrize("how", ["wrong magic number", "wrong length", "labels outside 0-9", "truncated gzip",
-                                 "gzip of data cut short"])
-def test_corrupt_idx_file_is_named_with_what_is_wrong_and_how_to_fix_it(tmp_path, how):
+                                 "gzip of data cut short", "a label short"])
+def test_corrupt_idx_file_is_named_with_what_is_wrong_and_how_to_fix_it(tmp_path, how, split):
     folder = write_synthetic_dataset(tmp_path / "data", gz=False)
-    name = corrupt(folder, how)
+    name = corrupt(folder, how, split)
     data = FashionMNISTDataModule(data_dir=str(folder), val_size=100)
     with pytest.raises(CorruptDatasetError) as error:
-        data.setup("fit")
+        data.setup("fit")  # the test files too, though only trainer.test serves them
     # The .gz the user can replace, not its decompressed copy in the cache, which torchvision found cut short.
     assert str(error.value).startswith(f"{folder / name}: ")
     assert str(error.value).endswith(f"put Fashion-MNIST's own files there, or remove the four to use {DEBIAN_DIR}'s")
@@ -153,6 +156,20 @@ def test_a_corrupt_file_of_the_debian_package_is_to_be_reinstalled(tmp_path, mon
         FashionMNISTDataModule(data_dir=str(tmp_path / "own"), val_size=100).setup("fit")
     assert str(error.value).startswith(f"{debian / FILES['train_labels']}.gz: cannot be read as an IDX file")
     assert str(error.value).endswith("; restore them: sudo apt-get install --reinstall dataset-fashion-mnist")
+
+
+@pytest.mark.parametrize("script", ["fit", "tune"])
+def test_a_corrupt_test_file_stops_fit_and_tune_before_they_train(tmp_path, script):
+    """It had been found as the run's best checkpoint was tested: after the whole training."""
+    folder = write_synthetic_dataset(tmp_path / "data", gz=False)
+    corrupt(folder, "truncated gzip", "test")
+    if script == "fit":
+        main, args = fit.main, fit_args(folder, tmp_path / "logs")
+    else:
+        main, args = tune.main, [*tune_args(folder, tmp_path, n_trials=1), "--epochs", "1", "1"]
+    with pytest.raises(CorruptDatasetError, match=f"{FILES['test_images']}.gz: cannot be read") as error:
+        main(args)
+    assert "\n" not in str(error.value) and not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("header", ["true to the training images", "declaring 300 MB"])
