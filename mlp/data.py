@@ -41,8 +41,9 @@ class CorruptDatasetError(UserError, ValueError):
 
 
 def _find_in(folder: Path, files: dict[str, str] = FILES) -> dict[str, Path] | None:
-    """The `files` in `folder`, each as found, or None if any is missing. Of a file and its .gz the newer: the file
-    decompressed from the .gz, unless the .gz was replaced since (torchvision's layout holds both)."""
+    """The `files` in `folder`, each as found, or None if any is missing. Of a file and its .gz the newer, the file if
+    even: the file decompressed from the .gz (our copies take its time), unless the .gz was replaced since
+    (torchvision's layout holds both)."""
     found = {key: max((c for c in (folder / name, folder / f"{name}.gz") if c.is_file()),
                       key=lambda c: c.stat().st_mtime, default=None)
              for key, name in files.items()}
@@ -79,8 +80,10 @@ def locate_fashion_mnist(data_dir: str | Path) -> dict[str, Path]:
 
 
 def decompress(gz: Path, plain: Path) -> None:
-    """Write gz's content to plain atomically. Several processes (tune workers, a fit beside a tune) may decompress
-    the same file at once, and any may be killed midway: each writes its own temporary file and renames it."""
+    """Write gz's content to plain atomically, with gz's modification time. Several processes (tune workers, a fit
+    beside a tune) may decompress the same file at once, and any may be killed midway: each writes its own temporary
+    file and renames it."""
+    modified = gz.stat().st_mtime_ns  # before reading: a gz replaced meanwhile leaves a copy that differs from it
     plain.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=plain.parent, prefix=f".{plain.name}.", delete=False) as temporary:
         try:
@@ -89,6 +92,7 @@ def decompress(gz: Path, plain: Path) -> None:
         except BaseException:
             Path(temporary.name).unlink()
             raise
+    os.utime(temporary.name, ns=(modified, modified))
     os.replace(temporary.name, plain)
 
 
@@ -118,10 +122,11 @@ def copy_idx(source: BinaryIO, target: BinaryIO) -> None:
 
 def read_idx(path: Path, cache_dir: Path) -> Tensor:
     """The tensor in an IDX file, decoded by torchvision; a .gz is decompressed into cache_dir first, once, and
-    again when it is newer than its copy (replaced by other images or labels, which the copy would hide)."""
+    again when its modification time is not its copy's (replaced by other images or labels, which the copy would
+    hide; replaced by an older file too, as `cp -p` and reinstalling a package leave it)."""
     plain = cache_dir / path.stem if path.suffix == ".gz" else path
     try:
-        if plain != path and (not plain.is_file() or plain.stat().st_mtime < path.stat().st_mtime):
+        if plain != path and (not plain.is_file() or plain.stat().st_mtime_ns != path.stat().st_mtime_ns):
             decompress(path, plain)
         return read_label_file(str(plain)) if "labels" in plain.name else read_image_file(str(plain))
     except (OSError, EOFError, RuntimeError, AssertionError, ValueError, TypeError) as error:

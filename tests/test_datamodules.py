@@ -304,3 +304,17 @@ def test_a_gz_file_replaced_after_it_was_decompressed_is_read_anew(synthetic_dir
     os.utime(cache / labels.stem, (1, 1))
     write_idx(cache / labels.name, torch.full((200,), 8))
     assert read_idx(locate_fashion_mnist(synthetic_dir)["test_labels"], cache).tolist() == [8] * 200
+
+
+def test_a_gz_file_put_back_with_its_older_time_is_read_anew(synthetic_dir):
+    """As `cp -p` or a package's reinstall put a file back, older than the copy of the file it replaces: that copy had
+    been read, the relabelled or corrupt file's, and the message a corrupt one gave named the restored file."""
+    labels = synthetic_dir / f"{FILES['test_labels']}.gz"
+    cache = synthetic_dir / "FashionMNIST" / "raw"
+    kept, original = labels.read_bytes(), read_idx(labels, cache)
+    write_idx(labels, torch.full((200,), 9))
+    os.utime(labels, (2, 2))
+    assert read_idx(labels, cache).tolist() == [9] * 200
+    labels.write_bytes(kept)
+    os.utime(labels, (1, 1))
+    assert torch.equal(read_idx(labels, cache), original)
