@@ -3,7 +3,9 @@ scripts/tune.py both build their runs here, so a flag means the same in both."""
 
 import contextlib
 import enum
+import fcntl
 import logging
+import os
 import pydoc
 import re
 import signal
@@ -27,6 +29,7 @@ from lightning.pytorch.callbacks import (
     ProgressBar, SpikeDetection, TQDMProgressBar
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.multiprocessing import ProcessRaisedException
 
@@ -230,19 +233,49 @@ class MLPCLI(LightningCLI):
         raise UserError(f"--ckpt_path last: no run in {where} saved a checkpoint to resume; start without --ckpt_path")
 
 
-def check_run_folder_is_free(cli: MLPCLI) -> None:
-    """Refuse a new run in a folder where a run saved checkpoints (one --trainer.logger.init_args.version names, or
-    without a logger default_root_dir): theirs and this one's would read as one run's, and its last.ckpt be
-    overwritten (Lightning only warns). One that saved none is no run to keep."""
+@contextlib.contextmanager
+def run_folder_alone(cli: MLPCLI, new: bool) -> Iterator[None]:
+    """Hold the folder the run saves in (one --trainer.logger.init_args.version names, or without a logger
+    default_root_dir) for this process alone while it trains: two runs in one folder, started at once or one resuming
+    the other, overwrite each other's checkpoints. A `new` run is refused, under the lock so that two started at once
+    cannot both pass, where a run saved checkpoints: theirs and this one's would read as one run's, and its last.ckpt
+    be overwritten (Lightning only warns). One that saved none is no run to keep."""
     folder = cli.trainer.log_dir
     # Nothing saved: no checkpoint callback (a stack of trials' Trainer, mlp.trials), or fast_dev_run.
     if not cli.trainer.checkpoint_callbacks or cli.trainer.fast_dev_run or folder is None:
+        yield
         return
     logged = cli.config.trainer.logger is not False
     choose = "--trainer.logger.init_args.version" if logged else "--trainer.default_root_dir"
-    check(not any((Path(folder) / "checkpoints").glob("*.ckpt")), f"{Path(folder).resolve()} holds a run already, "
-          f"whose checkpoints this one would mix with its own: give another {choose}, or continue that run with "
-          "--ckpt_path last")
+    with held_alone(Path(folder) / "training.lock", f"another process is training into {Path(folder).resolve()}: "
+                    f"wait for it to end, or give this run another {choose}"):
+        check(not new or not any((Path(folder) / "checkpoints").glob("*.ckpt")), f"{Path(folder).resolve()} holds a "
+              f"run already, whose checkpoints this one would mix with its own: give another {choose}, or continue "
+              "that run with --ckpt_path last")
+        yield
+
+
+@contextlib.contextmanager
+def held_alone(lock: Path, busy: str) -> Iterator[None]:
+    """Run the block while this process alone holds the kernel's lock on the file `lock`, or refuse, saying `busy`.
+    The kernel frees a dead process's lock, so a file a killed process left refuses nothing; the holder removes it as it
+    lets go. Under DDP, Lightning's processes rerun the script in step with rank 0's: only rank 0 locks, and makes the
+    folder (another's logger, started after it, numbers its run past rank 0's, which they agree on once connected)."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy) from None
+        # Unlinked: its holder let go between this process's opening it and locking it, and another may hold a new one.
+        check(os.fstat(held.fileno()).st_nlink > 0, busy)
+        try:
+            yield
+        finally:
+            lock.unlink()
 
 
 def run_folder(runs: Path, version: int | str) -> Path:
@@ -384,12 +417,10 @@ def validates_within(cli: MLPCLI, epochs: int) -> bool:
 def fit(cli: MLPCLI, ckpt_path: str | None = None) -> None:
     """cli.trainer.fit on the CLI's model and data. Lightning ends a Ctrl-C'd fit with sys.exit(1), raised here as
     KeyboardInterrupt: callers (the script's error handler, Optuna's trial bookkeeping) tell it from an exit."""
-    if ckpt_path is None:
-        check_run_folder_is_free(cli)
-    elif ckpt_path != "last":  # "last" stays only where Lightning looks for it (no log folder of ours)
+    if ckpt_path not in (None, "last"):  # "last" stays only where Lightning looks for it (no log folder of ours)
         check_resumable(ckpt_path, cli)
     try:
-        with errors_of_processes():
+        with run_folder_alone(cli, new=ckpt_path is None), errors_of_processes():
             # A checkpoint to resume from is a file the user hands over: tensors and plain values only (mlp.loading).
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except (MisconfigurationException, ValueError) as error:  # flags Lightning checks only as it fits, with the data

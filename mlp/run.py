@@ -16,7 +16,7 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
     trainer = cli.trainer
     if runs := getattr(trainer.logger, "root_dir", None):
         # The folder of all runs, not this run's: under DDP the other processes start later and would take the
-        # next version folder; Lightning creates the run's folder once they agree on it.
+        # next version folder; only rank 0 creates the run's (mlp.cli.held_alone).
         try:
             Path(runs).mkdir(parents=True, exist_ok=True)
         except OSError as error:

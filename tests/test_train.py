@@ -407,3 +407,42 @@ def test_a_new_run_in_a_named_run_folder_that_holds_a_run_is_refused_and_that_ru
     # asks, trains there.
     shutil.rmtree(folder / "checkpoints")
     assert "test/acc" in fit.main([*args, "--model.lr=0.01"])
+
+
+def test_a_run_into_a_folder_another_process_trains_into_is_refused_until_it_ends(synthetic_dir, tmp_path):
+    # Two fit.py in one run folder at once (one --trainer.logger.init_args.version, or --ckpt_path last twice) both
+    # passed the check for a run's checkpoints before either saved one, and the later overwrote the other's.
+    import fcntl
+
+    args = fit_args(synthetic_dir, tmp_path / "logs", "--model.depth=1", "--model.width=4", "--trainer.max_epochs=1",
+                    "--model.schedule=constant", "--trainer.logger.init_args.version=mine")
+    folder = tmp_path / "logs" / "fit" / "mine"
+    folder.mkdir(parents=True)
+    for tries in ([], ["--trainer.max_epochs=2", "--ckpt_path=last"]):
+        with open(folder / "training.lock", "w") as training:  # as a fit.py training there in another process holds it
+            fcntl.flock(training, fcntl.LOCK_EX)
+            before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+            with pytest.raises(UserError, match=f"another process is training into {folder}: wait for it to end"):
+                fit.main([*args, *tries])
+            assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+        # Its file, left as by a process killed there, refuses nothing, and the run that ends takes it away.
+        assert "test/acc" in fit.main([*args, *tries]) and not (folder / "training.lock").exists()
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # resumed to epoch 2
+
+
+def test_a_lock_its_holder_let_go_of_as_this_process_opened_it_is_refused(tmp_path, monkeypatch):
+    # The holder removes the file as it lets go: locked after that, it is no longer the file a third process opens.
+    import fcntl
+
+    from mlp.cli import held_alone
+
+    flock = fcntl.flock
+
+    def holder_lets_go_first(file, operation):
+        (tmp_path / "run.lock").unlink()
+        flock(file, operation)
+
+    monkeypatch.setattr(fcntl, "flock", holder_lets_go_first)
+    with pytest.raises(UserError, match="busy"):
+        with held_alone(tmp_path / "run.lock", "busy"):
+            pass
