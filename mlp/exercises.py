@@ -5,20 +5,17 @@ kept at its best epoch by val/acc; a sweep tests the run it selects on val/acc o
 the textbook chose on the test set."""
 
 import contextlib
-import fcntl
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder, LambdaCallback, LearningRateFinder
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_only
 
 import mlp.run
-from mlp.cli import LOG_DIR, build_cli, check_keeps_a_checkpoint, divergence_message, validates_within
+from mlp.cli import LOG_DIR, build_cli, check_keeps_a_checkpoint, divergence_message, held_alone, validates_within
 from mlp.errors import UserError, check
 
 D2L_SETTING = {
@@ -146,22 +143,11 @@ def run_sweep(sweep: str, save_dir: Path | str = LOG_DIR, only: list[str] | None
         return {"runs": runs, "selected": selected, "missing": [name for name in names if name not in runs]}
 
 
-@contextlib.contextmanager
-def only_sweep(folder: Path) -> Iterator[None]:
-    """The folder's sweeps one at a time (the kernel frees a dead process's lock): two at once would train the runs
-    they share (d2l's is in every sweep) into one folder, each emptying it as it starts, and each rewrite results.json
-    without the other's. Under DDP, Lightning's processes rerun the script in step with rank 0's: only rank 0 locks."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank != 0:
-        yield
-        return
-    with open(folder / "sweep.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another exercises.py is running in {folder}: wait for it to end, or give this one "
-                            "another --save_dir") from None
-        yield
+def only_sweep(folder: Path) -> contextlib.AbstractContextManager[None]:
+    """The folder's sweeps one at a time: two at once would train the runs they share (d2l's is in every sweep) into
+    one folder, each emptying it as it starts, and each rewrite results.json without the other's."""
+    return held_alone(folder / "sweep.lock", f"another exercises.py is running in {folder}: wait for it to end, or "
+                      "give this one another --save_dir")
 
 
 def markdown_table(sweep: str, outcome: dict) -> str:
