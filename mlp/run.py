@@ -1,6 +1,7 @@
 """One run, as fit.py and the d2l exercises make it: train it, keeping its best checkpoint, then test one
 checkpoint once. Training never sees the test set; a caller tests only the run it chose on validation, once."""
 
+import errno
 import warnings
 from pathlib import Path
 
@@ -34,12 +35,29 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
         if trainer.log_dir is None or not resumable_checkpoints(Path(trainer.log_dir)):
             raise KeyboardInterrupt("no checkpoint was saved to resume from; run the same command again") from None
         raise
+    except OSError as error:
+        # The script names the log folder's flag where a write fails; this path may be another flag's.
+        if not (flag := flag_choosing(cli, error.filename)):
+            raise
+        fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
+        raise UserError(f"{error}\n{fix} another path with {flag}") from None
     best = cli.checkpoint_callback.best_model_path or None
     if trainer.is_global_zero and (reason := divergence_message(trainer)):
         kept = "the best checkpoint before it is kept" if best else "no epoch ended with a finite loss to keep"
         print(f"training diverged and stopped in {reason}\n"
               f"try a lower learning rate than --model.lr {cli.model.hparams.lr}; {kept}")
     return best
+
+
+def flag_choosing(cli: MLPCLI, path: str | None) -> str | None:
+    """The flag other than the log folder's that chose `path`, where a run failed to write: --checkpoint.dirpath for
+    its checkpoints' folder or one above it (making it failed there), --trainer.default_root_dir for a run without a
+    logger."""
+    if path and (dirpath := cli.config.checkpoint.dirpath):
+        failed, chosen = Path(path).resolve(), Path(dirpath).resolve()
+        if failed.is_relative_to(chosen) or chosen.is_relative_to(failed):
+            return "--checkpoint.dirpath"
+    return "--trainer.default_root_dir" if cli.config.trainer.logger is False else None
 
 
 def test_once(cli: MLPCLI, checkpoint: str | None) -> dict[str, float]:

@@ -774,6 +774,19 @@ def test_log_folder_under_a_file_is_a_clear_error(synthetic_dir, tmp_path):
         fit.main(fit_args(synthetic_dir, blocker / "logs"))
 
 
+@pytest.mark.parametrize("flag", ["--checkpoint.dirpath", "--trainer.default_root_dir"])
+def test_an_unusable_path_names_the_flag_that_chose_it(synthetic_dir, tmp_path, flag):
+    # Both had been said to need another --trainer.logger.init_args.save_dir, which the user never gave.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    args = fit_args(synthetic_dir, tmp_path / "logs", f"{flag}={blocker / 'run'}", "--trainer.max_epochs=1",
+                    *["--trainer.logger=false"][:flag == "--trainer.default_root_dir"])
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: fit.main(args), interrupted="")
+    assert str(blocker) in str(exit.value) and str(exit.value).endswith(f"\nchoose another path with {flag}")
+    assert blocker.read_text() == ""
+
+
 def test_disk_full_while_saving_a_checkpoint_is_a_clear_error(synthetic_dir, tmp_path, monkeypatch):
     def disk_full(self, path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
