@@ -70,6 +70,32 @@ def connect(storage: str) -> BaseStorage:
         raise UserError(f"cannot open the study storage {shown(storage)}: {masked(first_line, storage)}") from None
 
 
+def stored_trials(study_name: str, storage_url: str) -> list[FrozenTrial]:
+    """The study's trials, read without creating anything (a command refused on them leaves behind no storage file,
+    no folder for it and no study): none while its file or the study does not exist."""
+    if (file := storage_file(storage_url)) and not file.exists():
+        return []
+    storage = connect(storage_url)
+    try:
+        return storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False)
+    except KeyError:  # no study of that name
+        return []
+    finally:
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()  # open_study connects on its own: no connections held twice
+
+
+def storage_file(storage: str) -> Path | None:
+    """The file of a journal or SQLite storage; None for a server's database, or for a URL `connect` refuses."""
+    if is_journal(storage):
+        return Path(storage)
+    try:
+        database = sqlalchemy.engine.make_url(storage).database
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+    return Path(database) if storage.startswith("sqlite") and database else None
+
+
 def not_a_journal(path: Path) -> str | None:
     """Why the file is no journal to append to, or None when it is new, empty or begins as Optuna's records do:
     Optuna takes a last line that is no record for one still being written, and would append to any one-line file."""

@@ -32,7 +32,9 @@ from mlp.progress import LIGHTNING_LOGGERS
 from mlp.records import TrialRecord
 from mlp.report import report
 from mlp.search import FIT_FLAGS, SearchSpace, pinned_by
-from mlp.study import connect, finished_numbers, fit_defaults, open_study, run_trials, worker_name, writes_report
+from mlp.study import (
+    connect, finished_numbers, fit_defaults, open_study, run_trials, stored_trials, worker_name, writes_report,
+)
 from mlp.trials import Trials
 
 # The callbacks of --trainer.callbacks no trial can take (by kind, or a tuple of kinds), and why. A trial's Trainer,
@@ -123,8 +125,8 @@ def run_study(config: StudyConfig,
     storage_url = config.storage or default_storage(tune_dir, len(workers), study_name)
     opening = (study_name, storage_url, config.pruner, shortest_epochs, config.sampler_seed, fit_defaults(cli, space),
                space.has_slow_starters)
+    check_folder_is_the_studys(study_name, storage_url, tune_dir / study_name)  # before open_study creates anything
     study = open_study(*opening)
-    check_folder_is_the_studys(study, tune_dir / study_name)
     # A refit trains on train + val, so its epochs take longer than its trial's.
     refit_scale = TRAIN_IMAGES / (TRAIN_IMAGES - cli.datamodule.hparams.val_size)
     deadline = started + config.timeout if config.timeout else math.inf
@@ -196,7 +198,7 @@ def check_trials_can_train_as_fit(cli: MLPCLI, shortest_epochs: int) -> None:
               f"drop the {type(callback).__name__} of --trainer.callbacks: {why}")
 
 
-def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
+def check_folder_is_the_studys(study_name: str, storage_url: str, folder: Path) -> None:
     """Refuse a study folder that holds another study's runs (the same --study-name in another or a fresh
     --storage), which its trials and report would overwrite. The folder is this study's when it holds no run (new,
     or the report of a study that trained no trial, with its plots in study/), or when one of its trials, any
@@ -204,11 +206,11 @@ def check_folder_is_the_studys(study: optuna.Study, folder: Path) -> None:
     held = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
     if not any((folder / name).is_dir() and name != "study" for name in held):
         return
-    logs = [TrialRecord.of(t).log_dir for t in study.get_trials(deepcopy=False)]
+    logs = [TrialRecord.of(t).log_dir for t in stored_trials(study_name, storage_url)]
     logged = {Path(log_dir).resolve().parent for log_dir in logs if log_dir}
     check(folder.resolve() in logged,
           f"{folder} holds another study's runs ({', '.join(held[:3])}{', ...' * (len(held) > 3)}): no trial of study "
-          f"{study.study_name!r} in this storage logged there, and its trials and report would overwrite them; "
+          f"{study_name!r} in this storage logged there, and its trials and report would overwrite them; "
           "choose another --study-name, or another log folder with --trainer.logger.init_args.save_dir")
 
 

@@ -13,6 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 import mlp.report
+import mlp.study
 from mlp.budget import Budget
 from mlp.data import FILES, FashionMNISTDataModule
 from mlp.errors import UserError, run_script
@@ -161,6 +162,25 @@ def test_bad_search_range_is_rejected_before_any_trial(synthetic_dir, tmp_path):
     with pytest.raises(UserError, match="--epochs"):
         tune.main(args)
     assert not (tmp_path / "study.db").exists()
+
+
+# A new file in a new folder, the default storage, a storage of the user's that holds another study.
+@pytest.mark.parametrize("storage", ["sqlite:///{}/new/b.db", "{}/new/b.journal", None, "sqlite:///{}/their.db",
+                                     "{}/their.journal"])
+def test_a_study_refused_for_another_studys_folder_leaves_no_storage_or_study_behind(synthetic_dir, tmp_path, storage):
+    # Refused only after Optuna had made the storage's folder and file, and the study in it: rerun with the flag
+    # fixed, a study with no trial (and a file the user never asked for) stood in the way.
+    (tmp_path / "logs" / "tune" / "test" / "trial_0").mkdir(parents=True)  # another study's run
+    theirs = [f"sqlite:///{tmp_path / 'their.db'}", str(tmp_path / "their.journal")]
+    for url in theirs:
+        optuna.create_study(study_name="theirs", storage=mlp.study.connect(url))
+    before = snapshot(tmp_path)
+    args = [arg for arg in tune_args(synthetic_dir, tmp_path, n_trials=1) if not arg.startswith("--storage")]
+    with pytest.raises(UserError, match="holds another study's runs"):
+        tune.main(args + ([f"--storage={storage.format(tmp_path)}"] if storage else []))
+    assert snapshot(tmp_path).keys() == before.keys() and not (tmp_path / "new").exists()
+    assert snapshot(tmp_path)["their.journal"] == before["their.journal"]
+    assert [optuna.get_all_study_names(mlp.study.connect(url)) for url in theirs] == [["theirs"], ["theirs"]]
 
 
 # 300 letters: a study created in the storage, then "File name too long" pointing at the log folder.
