@@ -446,7 +446,8 @@ class CtrlC:
     """While the with block runs, Ctrl-C is recorded as well as raised, and `raise_if_requested` raises it again: a
     KeyboardInterrupt raised in a weakref callback or a __del__ (the gc.collect after a stack runs them) is dropped
     as "Exception ignored". Within `held()` it is only recorded, and raised as that block ends. Within a run
-    `mlp.cli.InterruptAtBatchEnd` takes Ctrl-C over, and hands it back."""
+    `mlp.cli.InterruptAtBatchEnd` takes Ctrl-C over, and hands it back; one handed on by the handler of a run that an
+    exception stopped is only recorded."""
 
     def __enter__(self) -> Self:
         self.requested, self.holding, self.previous = False, False, None
@@ -456,7 +457,10 @@ class CtrlC:
 
     def request(self, signum: int, frame: object) -> None:
         self.requested = True
-        if not self.holding:
+        # A run an exception stopped leaves its handler installed (Lightning puts back the one of the run's start),
+        # and that one hands on each later Ctrl-C: the command is already stopping, and a second KeyboardInterrupt
+        # would cut short the failing of its trials, or be dropped noisily from the finalisers its stack's end runs.
+        if not self.holding and signal.getsignal(signal.SIGINT) == self.request:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
