@@ -6,7 +6,7 @@ N finished trials (complete or pruned, the diverged among them), and print one J
 
 The clock runs from launching the first worker to the last trial's finish in the storage: start-up counts, the
 report (once per study, however the trials trained) does not. Each worker gets cores / WORKERS threads
-(OMP_NUM_THREADS), as the README's several-workers recipe advises. A temporary SQLite file stands in for PostgreSQL.
+(OMP_NUM_THREADS), as docs/scaling.md advises. A temporary SQLite file stands in for PostgreSQL.
 """
 
 import argparse
@@ -20,9 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
-import sqlalchemy.exc
-from optuna.trial import TrialState
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import optuna  # noqa: E402
+import sqlalchemy.exc  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from mlp.errors import run_script  # noqa: E402
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -37,18 +41,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.workers < 1 or args.n_trials < 1:
         parser.error("--workers and --n-trials must be >= 1")
     flags = args.tune_flags[1:] if args.tune_flags[:1] == ["--"] else args.tune_flags
+    # The study watched is this script's: workers told to use another would seem to finish no trial.
+    if own := [flag for flag in flags if flag.split("=")[0] in ("--storage", "--study-name", "--n-trials")]:
+        parser.error(f"{own[0].split('=')[0]} is trials_per_hour.py's to set (it times a fresh study of --n-trials); "
+                     "leave it out after --")
     with tempfile.TemporaryDirectory() as logs, open(args.log or os.devnull, "w") as log:
+        # Named: tune.py on several devices (--trainer.devices 2) would take a journal file by default.
+        storage = f"sqlite:///{logs}/tune/optuna.db"
         command = [sys.executable, str(Path(__file__).with_name("tune.py")), "--quiet", "--study-name", "tph",
-                   "--n-trials", str(args.n_trials), f"--trainer.logger.init_args.save_dir={logs}", *flags]
+                   "--storage", storage, "--n-trials", str(args.n_trials),
+                   f"--trainer.logger.init_args.save_dir={logs}", *flags]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers))}
         launched = time.time()
-        workers, storage, trials = [], f"sqlite:///{logs}/tune/optuna.db", []
+        workers, trials = [], []
         try:
             for i in range(args.workers):
                 workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                 start_new_session=True))
                 if i == 0 and args.workers > 1:
-                    time.sleep(3)  # the first worker creates the SQLite tables; see README, "Starting at once"
+                    time.sleep(3)  # the first worker creates the SQLite tables; docs/scaling.md, "Starting at once"
             while sum(t.state in FINISHED for t in trials) < args.n_trials and any(w.poll() is None for w in workers):
                 time.sleep(1)
                 try:
@@ -72,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, interrupted="the workers were stopped; nothing was kept", writes_with="--log")

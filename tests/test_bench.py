@@ -39,11 +39,14 @@ def test_bench_tuning_mode_reports_model_epochs_per_second_for_each_fuse(synthet
                      printed)
 
 
-def test_trials_per_hour_counts_the_finished_trials_of_every_worker(synthetic_dir):
-    row = trials_per_hour.main(["--workers", "2", "--n-trials", "3", "--", f"--data.data_dir={synthetic_dir}",
+@pytest.mark.parametrize("workers, devices", [(2, []), (1, ["--trainer.accelerator=cpu", "--trainer.devices=2"])])
+def test_trials_per_hour_counts_the_finished_trials_of_every_worker(workers, devices, synthetic_dir):
+    # tune.py on two devices starts a worker of its own; by default the two had shared a journal file, unwatched
+    # here, and their 3 trials were reported as none finished.
+    row = trials_per_hour.main(["--workers", str(workers), "--n-trials", "3", "--", f"--data.data_dir={synthetic_dir}",
                                 "--data.val_size=100", "--pruner=none", "--model.depth=1", "--model.width=16",
-                                "--trainer.max_epochs=1"])
-    assert row["workers"] == 2 and row["finished"] >= 3 and row["failed"] == 0
+                                "--trainer.max_epochs=1", *devices])
+    assert row["workers"] == workers and row["finished"] >= 3 and row["failed"] == 0
     assert row["seconds"] > 0
     assert row["trials_per_hour"] == pytest.approx(row["finished"] / row["seconds"] * 3600, rel=0.01)
 
@@ -65,3 +68,15 @@ def test_ctrl_c_of_trials_per_hour_leaves_no_worker_running(synthetic_dir, monke
         trials_per_hour.main(["--workers", "1", "--n-trials", "1", "--", f"--data.data_dir={synthetic_dir}"])
     (worker,) = started
     assert worker.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_trials_per_hour_refuses_a_study_of_the_users_and_says_a_bad_log_path_in_one_line(synthetic_dir, tmp_path,
+                                                                                         capsys):
+    with pytest.raises(SystemExit):  # a study watched under another name would seem to finish no trial
+        trials_per_hour.main(["--n-trials", "1", "--", "--study-name=mine", f"--data.data_dir={synthetic_dir}",
+                              "--data.val_size=100", "--model.width=16", "--trainer.max_epochs=1"])
+    assert "--study-name is trials_per_hour.py's to set" in capsys.readouterr().err
+    command = [sys.executable, str(Path(trials_per_hour.__file__)), "--n-trials", "1", "--log", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: [Errno 21] Is a directory: '{tmp_path}'\nchoose another path with --log")
