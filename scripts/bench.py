@@ -133,12 +133,17 @@ def fused(flags: list[str], k: int, epochs: int) -> tuple[float, list[int]]:
     return sum(timer.models[1:]) / sum(timer.times[1:]), timer.models
 
 
+def architecture(depth: int, width: int) -> str:
+    """The net's layer sizes, as 784-256-10; with no hidden layer 784-10."""
+    return "-".join(map(str, [784, *[width] * depth, 10]))
+
+
 def tuning(args: argparse.Namespace, device: torch.device, name: str, floor: RandpermBatches,
            shared: list[str]) -> dict[str, float]:
     """Model-epochs per second of the floor and of each --fuse K, for each of the two architectures."""
     results, stack_sizes = {}, {}
     for depth, width in ((1, 256), (2, 512)):
-        arch = f"784-{'-'.join([str(width)] * depth)}-10"
+        arch = architecture(depth, width)
         flags = [f"--model.depth={depth}", f"--model.width={width}", *shared]
         seconds = plain_loop(floor, build_cli(flags).model, device, args.epochs)
         results[f"{arch} floor"] = 1 / statistics.mean(seconds[1:])
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error("--epochs must be >= 2: the first epoch is warm-up and not counted")
     if min(args.fuse) < 1:
         parser.error("--fuse: each K must be >= 1")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: torch sees no CUDA GPU here; leave the flag out to measure on the CPU")
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     shared = [f"--data.batch_size={args.batch_size}", f"--data.data_dir={args.data_dir}",
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results["floor"] = plain_loop(floor, build_cli(flags).model, device, args.epochs)
     results["ours"] = ours(flags, args.epochs)
     startup_seconds = startup(flags)
-    print(f"784-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch_size}, {name}; "
+    print(f"{architecture(args.depth, args.width)}, batch {args.batch_size}, {name}; "
           f"seconds per epoch, mean of epochs 2..{args.epochs} (epoch 1 is warm-up):")
     per_epoch = {key: statistics.mean(times[1:]) for key, times in results.items()}
     for key, seconds in per_epoch.items():

@@ -39,6 +39,14 @@ def test_bench_tuning_mode_reports_model_epochs_per_second_for_each_fuse(synthet
                      printed)
 
 
+def test_bench_names_a_net_without_hidden_layers_and_refuses_a_gpu_torch_cannot_see(monkeypatch, capsys):
+    assert bench.architecture(0, 256) == "784-10" and bench.architecture(2, 512) == "784-512-512-10"  # was 784--10
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):  # it had been torch's traceback, "Found no NVIDIA driver on your system"
+        bench.main(["--accelerator", "gpu"])
+    assert "--accelerator gpu: torch sees no CUDA GPU here" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workers, devices", [(2, []), (1, ["--trainer.accelerator=cpu", "--trainer.devices=2"])])
 def test_trials_per_hour_counts_the_finished_trials_of_every_worker(workers, devices, synthetic_dir):
     # tune.py on two devices starts a worker of its own; by default the two had shared a journal file, unwatched
