@@ -231,6 +231,8 @@ def run_workers(storage: str, study: str, workers: int, n_trials: int, kill: int
     trials = reader.trials()
     missed += [killed.pop(n) for n, when in list(killed.items()) if ended_before(trials, n, when)]
     outputs = [(folder / f"worker{i}.log").read_text() for i in range(workers)]
+    said = outputs[0].strip().splitlines()[-1:] or ["nothing"]  # a worker's error is its last line
+    check(any(t.state in FINISHED for t in trials), f"no trial finished; worker 0's output ends: {said[0]}")
     times = [json.loads(f.read_text()) for f in sorted(folder.glob("worker*.json"))]
     return dict(storage=storage, launched=launched, trials=trials, killed=killed, interrupted=interrupted,
                 processes=processes, outputs=outputs, times=times, peak_rss=peak_rss, peak_pss=peak_pss,
@@ -353,12 +355,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     check(min(args.kill, args.interrupt) >= 0, "--kill and --interrupt count workers: 0 or more")
     check(args.kill + args.interrupt < args.workers, "--kill + --interrupt must leave at least one worker")
     check(args.images > 200, "--images must be above the 200 validation images")
+    check(args.epochs >= 1 and args.baseline >= 0, "--epochs must be >= 1, --baseline >= 0")
+    check(min(args.heartbeat, args.grace, args.timeout) > 0, "--heartbeat, --grace and --timeout are seconds above 0")
     available = available_mb()
     check(args.workers * WORKER_MB < available, f"{args.workers} workers need about {args.workers * WORKER_MB} MB "
           f"({WORKER_MB} MB each) and {available:.0f} MB are free: run fewer (--workers)")
     with ExitStack() as stack:
-        root = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        check(not root.exists() or not any(root.iterdir()), f"--keep {root}: choose an empty or new folder")
+        # Resolved: the workers run in the repository's folder, where a relative path is another one.
+        root = Path(args.keep).resolve() if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        check(not root.exists() or root.is_dir() and not any(root.iterdir()),
+              f"--keep {root}: choose an empty or new folder")
         data = data_slice(root / "data", args.images)
         results = []
         for kind in args.storage:
@@ -379,4 +385,5 @@ def failed(results: list[dict[str, Any]]) -> list[str]:
 
 
 if __name__ == "__main__":
-    run_script(lambda: sys.exit(1 if failed(main()) else 0), interrupted="the load test stopped, and its workers")
+    run_script(lambda: sys.exit(1 if failed(main()) else 0), interrupted="the load test stopped, and its workers",
+               writes_with="--keep")
