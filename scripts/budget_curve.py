@@ -8,9 +8,10 @@ For each budget T and sampler seed S it runs `tune.py --timeout T --sampler-seed
 study of its own), times the whole command and reads the answer's test accuracy. The baseline is fit.py's default
 averaged over --fit-seeds (OUT/fit_sS; one fit moves by a few thousandths). Flags after `--` go to tune.py and fit.py.
 
-A finished run (its wall time in run.json) is not run again, so the same command continues an interrupted curve; an
-unfinished one starts over in an emptied folder (a resumed study's time would mean nothing): OUT must be new, empty or
-a curve's own. Writes OUT/budget_curve.json (the rows), .md (the table, with commit, hardware, goals), .png (the plot).
+A finished run (its wall time in run.json) is not run again, so the same command continues an interrupted curve (one
+with other flags is refused); an unfinished one starts over in an emptied folder (a resumed study's time would mean
+nothing): OUT must be new, empty or a curve's own. Writes OUT/budget_curve.json (the rows), .md (the table, with
+commit, hardware, goals), .png (the plot).
 """
 
 import argparse
@@ -75,7 +76,11 @@ def run_once(name: str, command: list[str], out: Path, writes: str = "output.txt
     """Wall seconds of `command` in OUT/name: as recorded if it succeeded before, else run now in an emptied folder."""
     folder, record = out / name, out / name / "run.json"
     if record.is_file():
-        return json.loads(record.read_text())["wall_seconds"]
+        recorded = json.loads(record.read_text())
+        # Another command's figure would stand in this curve's table, under this command's flags.
+        check(recorded["command"][2:] == command[2:], f"{name} was run as `{' '.join(recorded['command'][2:])}`: "
+              "run the command that made this --out to continue its curve, or give another --out")
+        return recorded["wall_seconds"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     print(f"{name}: {' '.join(command)}", flush=True)

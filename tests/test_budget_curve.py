@@ -182,20 +182,35 @@ def test_an_out_folder_holding_other_runs_is_refused_in_one_line_and_left_as_it_
     assert runs.ran == [] and snapshot(logs) == before
 
 
-def record_finished_fit(out: Path, test_acc: float, wall_seconds: float) -> None:
-    """OUT/fit_s0 as a curve leaves it once fit.py has run with seed 0: its output and its record."""
+def record_finished_fit(out: Path, test_acc: float, wall_seconds: float, flags: tuple[str, ...] = ()) -> None:
+    """OUT/fit_s0 as a curve leaves it once fit.py has run with seed 0 and `flags`: its output and its record."""
     (out / "fit_s0").mkdir(parents=True)
     (out / "fit_s0" / "output.txt").write_text(f"test accuracy {test_acc:.4f} (best checkpoint: x)\n")
-    (out / "fit_s0" / "run.json").write_text(json.dumps({"command": ["fit.py"], "wall_seconds": wall_seconds}))
+    command = [sys.executable, "fit.py", "--seed_everything=0", f"--trainer.logger.init_args.save_dir={out / 'fit_s0'}",
+               *flags]
+    (out / "fit_s0" / "run.json").write_text(json.dumps({"command": command, "wall_seconds": wall_seconds}))
+
+
+def test_a_curve_continued_with_other_flags_is_refused_and_left_as_it_was(tmp_path, monkeypatch):
+    # Its runs had been taken as the new flags' and its results overwritten: the table named the GPU for CPU runs.
+    runs = FakeRuns()
+    monkeypatch.setattr(budget_curve, "timed_run", runs)
+    curve = ["--out", str(tmp_path), "--budgets", "10", "--seeds", "0", "--fit-seeds", "0"]
+    budget_curve.main([*curve, "--", "--model.width=16"])
+    before, runs.ran = snapshot(tmp_path), []
+    with pytest.raises(UserError, match="fit_s0 was run as `--seed_everything=0 --trainer.logger.init_args.save_dir="):
+        budget_curve.main([*curve, "--", "--trainer.accelerator=gpu"])
+    assert runs.ran == [] and snapshot(tmp_path) == before
+    assert budget_curve.main([*curve, "--", "--model.width=16"])["rows"][0]["test_acc"] == 0.91  # the same continues
 
 
 def test_a_real_curve_of_one_tiny_budget(synthetic_dir, tmp_path):
     # fit.py's run is recorded as finished, as when a curve continues: a real one would double the test's time
     # (fit.py's output is the one test_train checks; FakeRuns shows how it is read).
     out = tmp_path / "curve"  # beside synthetic_dir's data/, which the curve would refuse to share a folder with
-    record_finished_fit(out, test_acc=0.8125, wall_seconds=9.5)
     tiny = [f"--data.data_dir={synthetic_dir}", "--data.val_size=100", "--data.batch_size=32", "--model.depth=1",
             "--model.width=16", "--trainer.max_epochs=1", "--trainer.accelerator=cpu"]
+    record_finished_fit(out, test_acc=0.8125, wall_seconds=9.5, flags=tuple(tiny))
     curve = ["--out", str(out), "--budgets", "30", "--seeds", "3", "--fit-seeds", "0", "--n-trials", "1"]
     result = budget_curve.main([*curve, "--", *tiny])
 
