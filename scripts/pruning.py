@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, interrupted="nothing was written")
+    run_script(main, interrupted="nothing was written", writes_with=None)

@@ -1,5 +1,7 @@
 """Pruning compares trials at the same fraction of their own schedules, whatever their epoch counts."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -141,3 +143,17 @@ def test_where_augmented_trials_compete_with_others_the_median_pruner_judges_fro
         judged.append(behind.should_prune())
     assert judged.index(True) == pruned_at // 10 - 1
     assert SearchSpace.preset("wide").has_slow_starters and not SearchSpace().has_slow_starters
+
+
+def test_an_output_that_cannot_be_written_names_no_flag_of_another_script(tmp_path):
+    # `pruning.py ... | head -3`: the table's rest meets a closed pipe. The line had said to choose another path with
+    # --trainer.logger.init_args.save_dir, a flag pruning.py does not have: it writes nothing.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=storage)
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as closed:
+        done = subprocess.run([sys.executable, pruning.__file__, "--storage", storage, "--study-name", "s"],
+                              stdout=closed, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: [Errno 32] Broken pipe")
+    assert "--trainer" not in done.stderr and "Traceback" not in done.stderr
