@@ -3,6 +3,7 @@
 import errno
 import multiprocessing
 import os
+import select
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,11 +35,24 @@ def run_script(main: Callable[[], object], interrupted: str,
     except UserError as error:
         exit_saying(f"error: {error}")
     except OSError as error:  # disk full, permission denied, a path under a file...
+        if isinstance(error, BrokenPipeError) and stdout_reader_left():  # `| head` took what it wanted: no error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's flush at exit fails again
+            sys.exit(1)
         fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
         hint = f"\n{fix} another path with {writes_with}" if writes_with else ""
         exit_saying(f"error: {error}{hint}")
     except KeyboardInterrupt as interrupt:  # its own words, where the code that stopped knows better
         exit_saying(f"interrupted: {interrupt.args[0] if interrupt.args else interrupted}")
+
+
+def stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader closed it (the kernel reports an error on its write end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), 0)
+    except (ValueError, OSError):  # stdout closed or replaced by an object without a file
+        return False
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def exit_saying(message: str) -> NoReturn:

@@ -145,9 +145,9 @@ def test_where_augmented_trials_compete_with_others_the_median_pruner_judges_fro
     assert SearchSpace.preset("wide").has_slow_starters and not SearchSpace().has_slow_starters
 
 
-def test_an_output_that_cannot_be_written_names_no_flag_of_another_script(tmp_path):
-    # `pruning.py ... | head -3`: the table's rest meets a closed pipe. The line had said to choose another path with
-    # --trainer.logger.init_args.save_dir, a flag pruning.py does not have: it writes nothing.
+def test_an_output_whose_reader_left_ends_the_script_without_a_word(tmp_path):
+    # `pruning.py ... | head -3`: the table's rest meets a closed pipe, which is no error of the user's. The line had
+    # said "error: [Errno 32] Broken pipe" and to choose another path with a flag pruning.py does not have.
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="s", storage=storage)
     read, write = os.pipe()
@@ -155,5 +155,4 @@ def test_an_output_that_cannot_be_written_names_no_flag_of_another_script(tmp_pa
     with os.fdopen(write, "w") as closed:
         done = subprocess.run([sys.executable, pruning.__file__, "--storage", storage, "--study-name", "s"],
                               stdout=closed, stderr=subprocess.PIPE, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr.startswith("error: [Errno 32] Broken pipe")
-    assert "--trainer" not in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and done.stderr == ""
