@@ -131,12 +131,13 @@ PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")  # user:password@ in a URL SQLAlch
 
 
 def masked(message: str, storage: str) -> str:
-    """A driver's error message with the storage URL's password masked."""
+    """A driver's error message with the storage URL's password masked where it stands apart from letters and
+    digits: a short one would mask pieces of words ("p" of "psycopg", "port")."""
     try:
         password = sqlalchemy.engine.make_url(storage).password
     except (sqlalchemy.exc.ArgumentError, ValueError):
         password = None
-    return message.replace(str(password), "***") if password else message
+    return re.sub(rf"(?<!\w){re.escape(str(password))}(?!\w)", "***", message) if password else message
 
 
 def heartbeat_storage(storage_url: str, attempts: int = 6) -> RDBStorage:

@@ -20,7 +20,7 @@ from mlp.errors import UserError
 from mlp.progress import StudyProgress
 from mlp.search import SearchSpace
 from mlp.study import (
-    Heartbeats, KernelLock, connect, fail_stale_trials, not_a_journal, open_study, run_trials, shown, storage_of
+    Heartbeats, KernelLock, connect, fail_stale_trials, masked, not_a_journal, open_study, run_trials, shown, storage_of
 )
 from mlp.tune import default_storage
 from tests.test_reliability import ROOT
@@ -381,6 +381,15 @@ def test_a_storage_url_is_shown_without_its_password():
     assert shown("postgresql+psycopg://tune:s3cret@db/tune") == "'postgresql+psycopg://tune:***@db/tune'"
     assert shown("postgresql://tune:s3cret@db:notaport/tune") == "'postgresql://tune:***@db:notaport/tune'"
     assert shown("lightning_logs/tune/optuna.journal") == "'lightning_logs/tune/optuna.journal'"
+
+
+def test_a_short_password_is_masked_where_it_stands_alone_not_inside_the_words_of_a_message():
+    # pruning.py --storage postgresql://u:p@127.0.0.1:1/x had printed "(***syco***g.O***erationalError) ... ***ort 1".
+    said = "(psycopg.OperationalError) connection to server at 127.0.0.1, port 1 failed"
+    assert masked(said, "postgresql://u:p@127.0.0.1:1/x") == said
+    url = "postgresql://u:p@db/x"
+    assert masked(f"to {url}, password p", url) == "to postgresql://u:***@db/x, password ***"
+    assert masked("for s3cret!", "postgresql://tune:s3cret!@db/tune") == "for ***"
 
 
 def test_an_unreachable_storage_error_names_it_without_its_password(synthetic_dir, tmp_path):
