@@ -38,11 +38,15 @@ def run_script(main: Callable[[], object], interrupted: str,
         if isinstance(error, BrokenPipeError) and stdout_reader_left():  # `| head` took what it wanted: no error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's flush at exit fails again
             sys.exit(1)
-        fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
-        hint = f"\n{fix} another path with {writes_with}" if writes_with else ""
-        exit_saying(f"error: {error}{hint}")
+        exit_saying(f"error: {write_failed(error, writes_with) if writes_with else error}")
     except KeyboardInterrupt as interrupt:  # its own words, where the code that stopped knows better
         exit_saying(f"interrupted: {interrupt.args[0] if interrupt.args else interrupted}")
+
+
+def write_failed(error: OSError, flag: str) -> str:
+    """The failed write, and what to do: choose another path with `flag`, the one that chose it."""
+    fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
+    return f"{error}\n{fix} another path with {flag}"
 
 
 def stdout_reader_left() -> bool:

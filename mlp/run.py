@@ -1,14 +1,13 @@
 """One run, as fit.py and the d2l exercises make it: train it, keeping its best checkpoint, then test one
 checkpoint once. Training never sees the test set; a caller tests only the run it chose on validation, once."""
 
-import errno
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import WeightAveraging
 
 from mlp.cli import MLPCLI, ResumableOnInterrupt, divergence_message, errors_of_processes, fit, resumable_checkpoints
-from mlp.errors import UserError, check
+from mlp.errors import UserError, check, write_failed
 
 
 def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
@@ -39,8 +38,7 @@ def train(cli: MLPCLI, ckpt_path: str | None = None) -> str | None:
         # The script names the log folder's flag where a write fails; this path may be another flag's.
         if not (flag := flag_choosing(cli, error.filename)):
             raise
-        fix = "free some space, or choose" if error.errno == errno.ENOSPC else "choose"
-        raise UserError(f"{error}\n{fix} another path with {flag}") from None
+        raise UserError(write_failed(error, flag)) from None
     best = cli.checkpoint_callback.best_model_path or None
     if trainer.is_global_zero and (reason := divergence_message(trainer)):
         kept = "the best checkpoint before it is kept" if best else "no epoch ended with a finite loss to keep"
